@@ -1,0 +1,169 @@
+"""Chains of qcow2 backups and the dirty bitmaps that tie each chain to a guest.
+
+A chain's bitmap on a disk is named ``guestvault.<chain>.<stamp>``, where ``stamp`` is the time of
+the backup the bitmap counts changes since. Each incremental backup adds the next bitmap and drops
+the previous one only once the new backup is safely on storage, so:
+
+- a failed or killed backup leaves the previous bitmap intact: nothing is lost;
+- a bitmap always says which backup it belongs to, so an incremental is taken only when the
+  newest backup of the chain on *this* storage is exactly the one the bitmap counts from (a backup
+  that was removed, or taken to another storage, shows up as a name mismatch, never as silent
+  corruption).
+
+The level decision is a pure function of what the storage and the guest report, so it can be
+tested on plain data and shown in check mode.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from .errors import ChainError, ConfigError
+
+BITMAP_PREFIX = 'guestvault'
+LEVELS = ('full', 'inc', 'auto', 'copy')
+CHAIN_PERIODS = ('none', 'monthly')
+_NAMED_CHAIN = re.compile(r'^[A-Za-z][A-Za-z0-9_-]{0,63}$')
+_STAMP = '%Y%m%dT%H%M%SZ'
+
+
+def validate_chain_name(name):
+    """Named chains start with a letter; generated ones are a time stamp, so they never clash."""
+    if not _NAMED_CHAIN.match(name or ''):
+        raise ConfigError(
+            f"chain {name!r} is not a valid chain name: use 1-64 letters, digits, '-' or '_', "
+            "starting with a letter (e.g. 'nightly')")
+    return name
+
+
+def stamp(when):
+    return when.astimezone(timezone.utc).strftime(_STAMP)
+
+
+def bitmap_name(chain, since):
+    return f"{BITMAP_PREFIX}.{chain}.{stamp(since)}"
+
+
+def parse_bitmap_name(name):
+    """(chain, stamp) of one of our bitmaps, or None for anybody else's."""
+    parts = name.split('.')
+    if len(parts) != 3 or parts[0] != BITMAP_PREFIX:
+        return None
+    return parts[1], parts[2]
+
+
+def is_generated_chain(chain):
+    return bool(chain) and chain[0].isdigit()
+
+
+@dataclass
+class ChainTip:
+    """The newest backup of a chain on the storage, as the level decision needs it."""
+    backup_time: datetime
+    chain: str
+    chain_start: datetime
+    disk_ids: tuple
+
+
+@dataclass
+class LevelDecision:
+    level: str                 # full, inc or copy: what will be taken
+    chain: str = None          # chain the backup belongs to (None for copy)
+    parent: datetime = None    # inc: the backup it builds on
+    reason: str = ''           # why this level (always set for a fallback)
+    fallback: bool = False
+    warnings: list = field(default_factory=list)
+
+    def as_dict(self):
+        return {'level': self.level, 'chain': self.chain, 'reason': self.reason,
+                'parent': self.parent.strftime('%Y-%m-%dT%H:%M:%SZ') if self.parent else None}
+
+
+def _chain_problem(tip, chain_disks, chain_period, now):
+    """Why the chain cannot be continued, or None if it can."""
+    if tip is None:
+        return "no earlier backup of this chain on this storage"
+    if chain_period == 'monthly' and (tip.chain_start.year, tip.chain_start.month) != (
+            now.year, now.month):
+        return (f"chain_period is monthly and chain {tip.chain} began in "
+                f"{tip.chain_start:%Y-%m}; a new month starts a new chain")
+    if tuple(sorted(d.id for d in chain_disks)) != tuple(sorted(tip.disk_ids)):
+        return (f"the selected disks ({', '.join(sorted(d.id for d in chain_disks))}) differ "
+                f"from those of the previous backup ({', '.join(sorted(tip.disk_ids))})")
+    wanted = bitmap_name(tip.chain, tip.backup_time)
+    for disk in chain_disks:
+        names = {b['name']: b for b in disk.bitmaps}
+        bitmap = names.get(wanted)
+        if bitmap is None:
+            ours = [n for n in names if (parse_bitmap_name(n) or ('',))[0] == tip.chain]
+            if ours:
+                return (f"disk {disk.id} has bitmap {ours[0]}, which does not belong to the "
+                        f"newest backup of chain {tip.chain} on this storage "
+                        f"({tip.backup_time:%Y-%m-%dT%H:%M:%SZ}); that backup was removed or "
+                        "the chain moved on to another storage")
+            return (f"disk {disk.id} has no bitmap {wanted}: QEMU was restarted from an image "
+                    "without it, or it was removed")
+        if bitmap.get('inconsistent'):
+            return (f"bitmap {wanted} on disk {disk.id} is inconsistent: QEMU stopped without "
+                    "saving it (crash or kill during a run)")
+    return None
+
+
+def decide_level(requested, now, disks, tip, chain_name=None, chain_period='none'):
+    """Choose the level of the next backup.
+
+    ``disks`` are the selected disks (with their current bitmaps); ``tip`` the newest backup of the
+    chain to continue (``None`` when there is none). ``level: inc`` raises ChainError where
+    ``auto`` falls back to a full backup and says why.
+    """
+    if requested not in LEVELS:
+        raise ConfigError(f"level {requested!r} is not one of {', '.join(LEVELS)}")
+    if chain_period not in CHAIN_PERIODS:
+        raise ConfigError(f"chain_period {chain_period!r} is not one of {', '.join(CHAIN_PERIODS)}")
+    if chain_period != 'none' and requested != 'auto':
+        raise ConfigError(f"chain_period {chain_period} decides between full and incremental "
+                          "backups, so it needs level auto")
+    if chain_name:
+        validate_chain_name(chain_name)
+    if requested == 'copy':
+        return LevelDecision('copy', reason='copy requested: a full backup outside any chain')
+    new_chain = chain_name or stamp(now)
+    if requested == 'full':
+        return LevelDecision('full', chain=new_chain, reason='full requested')
+    chain_disks = [d for d in disks if d.supports_bitmaps]
+    if not chain_disks:
+        problem = "none of the selected disks can hold a dirty bitmap (qcow2 v3 needed)"
+    else:
+        problem = _chain_problem(tip, chain_disks, chain_period, now)
+    if problem is None:
+        return LevelDecision('inc', chain=tip.chain, parent=tip.backup_time,
+                             reason=f"continues chain {tip.chain}")
+    if requested == 'inc':
+        raise ChainError(f"cannot take an incremental backup: {problem}. Take a full backup "
+                         "(level: full), or use level: auto to fall back to one by itself")
+    return LevelDecision('full', chain=new_chain, reason=f"auto: full because {problem}",
+                         fallback=True)
+
+
+def bitmaps_to_retire(disks, decision, backup_time):
+    """Our bitmaps that stop being useful once the new backup is safely stored.
+
+    After a full backup: every bitmap of the same named chain, or, for a generated chain, of any
+    generated chain (one unnamed chain is kept alive at a time; named chains coexist). After an
+    incremental: every other bitmap of the chain (the parent's, and leftovers of killed runs).
+    """
+    keep = bitmap_name(decision.chain, backup_time)
+    retire = []
+    for disk in disks:
+        for bitmap in disk.bitmaps:
+            parsed = parse_bitmap_name(bitmap['name'])
+            if parsed is None or bitmap['name'] == keep:
+                continue
+            chain = parsed[0]
+            same = chain == decision.chain or (
+                decision.level == 'full' and is_generated_chain(chain)
+                and is_generated_chain(decision.chain))
+            if same:
+                retire.append((disk.node, bitmap['name']))
+    return retire

@@ -1,0 +1,67 @@
+"""The engine's one exception hierarchy.
+
+Every error says what was wrong and what the user can do about it. Modules turn these into
+``fail_json(msg=str(err))``, the node command into one line on stderr and a non-zero exit.
+"""
+
+
+class GuestvaultError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class ConfigError(GuestvaultError):
+    """A configuration file, a registry entry or an option is malformed or contradictory."""
+
+
+class GuestNotFound(GuestvaultError):
+    """The vmid is not in the node's guest registry."""
+
+
+class GuestUnreachable(GuestvaultError):
+    """The guest's QMP socket is missing, refuses connections or is not QEMU."""
+
+
+class QmpCommandFailed(GuestvaultError):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, command, error_class, description):
+        super().__init__(f"QEMU refused {command}: {description} ({error_class})")
+        self.command = command
+        self.error_class = error_class
+        self.description = description
+
+
+class DiskSelectionError(GuestvaultError):
+    """include/exclude name unknown disks, or nothing is left to back up."""
+
+
+class StorageError(GuestvaultError):
+    """The storage is missing, not writable, full, or a path escapes it."""
+
+
+class LockTimeout(GuestvaultError):
+    """Another run holds the guest's lock for longer than lockwait."""
+
+
+class ChainError(GuestvaultError):
+    """An incremental backup is impossible: the chain or its bitmap is missing or invalid."""
+
+
+class BackupFailed(GuestvaultError):
+    """A backup job failed or was cancelled; nothing was kept."""
+
+
+class HookFailed(GuestvaultError):
+    """The hook script exited non-zero in a phase that aborts the backup."""
+
+
+class AgentError(GuestvaultError):
+    """The guest agent did not answer, or refused a command."""
+
+
+class ConsistencyError(GuestvaultError):
+    """The consistency mode could not be applied (e.g. the guest did not stop within stopwait)."""
+
+
+class NotesTemplateError(ConfigError):
+    """A notes template names an unknown variable or is malformed."""

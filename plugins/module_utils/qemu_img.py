@@ -1,0 +1,47 @@
+"""The few ``qemu-img`` calls the engine makes; qemu-img is the reference tool for image work."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+from .errors import GuestvaultError, StorageError
+
+
+def _qemu_img(*args):
+    binary = shutil.which('qemu-img')
+    if binary is None:
+        raise GuestvaultError("qemu-img is not installed; install Debian's qemu-utils")
+    proc = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise StorageError(f"qemu-img {args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def create_qcow2(path, size, backing=None, compression=None):
+    """A new qcow2 image; ``backing`` is stored as given (a relative path stays relative)."""
+    args = ['create', '-q', '-f', 'qcow2']
+    options = []
+    if compression:
+        options.append(f'compression_type={compression}')
+    if options:
+        args += ['-o', ','.join(options)]
+    if backing:
+        # -u: the backing file's size is known (same disk), no need to open the whole chain.
+        args += ['-u', '-b', backing, '-F', 'qcow2']
+    _qemu_img(*args, path, str(size))
+
+
+def info(path, chain=False):
+    args = ['info', '--output=json', '-U']
+    if chain:
+        args.append('--backing-chain')
+    return json.loads(_qemu_img(*args, path))
+
+
+def check(path):
+    """Run ``qemu-img check``; return (ok, message)."""
+    binary = shutil.which('qemu-img')
+    proc = subprocess.run([binary, 'check', '-U', path], capture_output=True, text=True,
+                          check=False)
+    return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
