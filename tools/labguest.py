@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Throwaway QEMU guests for the demo, the tests and the benchmarks.
 
 A lab guest is a real QEMU process in prelaunch mode (``-S``: no guest OS runs) with real qcow2
@@ -221,7 +221,7 @@ def fill_mixed(guest, disk, size, seed=1):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n', maxsplit=1)[0])
     sub = parser.add_subparsers(dest='action', required=True)
     start = sub.add_parser('start')
     start.add_argument('dir')

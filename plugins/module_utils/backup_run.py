@@ -26,17 +26,17 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 from . import chain as chains
-from .config import load_storage, load_vzdump_defaults
+from .config import load_vzdump_defaults
 from .consistency import MODES, StopMode, snapshot_mode, suspend_mode
 from .disks import discover_disks, select_disks
-from .errors import (BackupFailed, ConfigError, GuestNotFound, GuestvaultError, HookFailed,
-                     QmpCommandFailed)
+from .errors import BackupFailed, ConfigError, GuestvaultError, HookFailed, QmpCommandFailed
 from .hooks import HookScript
 from .notes import render_notes
 from .qemu_img import create_qcow2
 from .qmp import QmpSession
-from .registry import GuestEntry, load_guest, validate_vmid
-from .storage_dir import DirStorage, file_lock, format_time
+from .locate import open_storage, resolve_guest
+from .registry import GuestEntry
+from .storage_dir import DirStorage, file_lock, format_time, parse_time
 from .version import TOOL_VERSION
 
 MANIFEST_FORMAT = 1
@@ -127,30 +127,16 @@ def _resolve_options(request):
 
 
 def _open_storage(request, options):
-    if options['storage'] and options['dumpdir'] and (request.storage and request.dumpdir):
-        raise ConfigError("storage and dumpdir are mutually exclusive; give one")
-    if options['storage']:
-        cfg = load_storage(request.config_dir, options['storage'])
-        return DirStorage(cfg.path, cfg.id)
-    if options['dumpdir']:
-        return DirStorage(options['dumpdir'])
-    raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir, or a "
-                      "default storage in vzdump.conf")
+    store = open_storage(request.config_dir, options['storage'], options['dumpdir'])
+    if store is None:
+        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir, "
+                          "or a default storage in vzdump.conf")
+    return store
 
 
 def _guest_entry(request):
-    vmid = validate_vmid(request.vmid)
-    if request.qmp_socket:
-        try:
-            entry = load_guest(request.config_dir, vmid)
-        except GuestNotFound:
-            entry = GuestEntry(vmid=vmid)
-        entry = replace(entry, qmp_socket=request.qmp_socket)
-    else:
-        entry = load_guest(request.config_dir, vmid)
-    if request.agent_socket:
-        entry = replace(entry, agent_socket=request.agent_socket)
-    return entry
+    return resolve_guest(request.vmid, request.qmp_socket, request.agent_socket,
+                         request.config_dir)
 
 
 def _chain_tip(backups, chain_name):
@@ -162,13 +148,12 @@ def _chain_tip(backups, chain_name):
         return None
     tip = in_chains[-1]
     return chains.ChainTip(backup_time=tip.time, chain=tip.index['chain'],
-                           chain_start=datetime.fromisoformat(
-                               tip.index['chain_start'].replace('Z', '+00:00')),
+                           chain_start=parse_time(tip.index['chain_start']),
                            disk_ids=tuple(d['id'] for d in tip.index['disks']
                                           if d.get('bitmap')))
 
 
-def plan_backup(request, qmp, now=None, log=print):
+def plan_backup(request, qmp, now=None, log=None):
     """Validate everything and decide what a backup would do, changing nothing."""
     options = _resolve_options(request)
     guest = _guest_entry(request)
@@ -191,7 +176,7 @@ def plan_backup(request, qmp, now=None, log=print):
     tip = _chain_tip(storage.backups(guest.vmid), request.chain)
     plan.decision = chains.decide_level(request.level, now or datetime.now(timezone.utc), disks,
                                         tip, request.chain, request.chain_period or 'none')
-    if plan.decision.fallback:
+    if plan.decision.fallback and log is not None:
         log(plan.decision.reason)
     return plan
 
@@ -403,7 +388,7 @@ def _run(request, qmp, log, progress, now):
         for name in plan.storage.remove_stale(vmid):
             clog(f"removed {name}, left by an interrupted run")
         # Decide again under the lock: another run may have finished in the meantime.
-        plan = plan_backup(request, qmp, now=now, log=lambda m: None)
+        plan = plan_backup(request, qmp, now=now)
         result = _take(plan, qmp, clog, progress, started)
     return result
 
@@ -481,7 +466,6 @@ def _take(plan, qmp, clog, progress, started):
         for node, name in chains.bitmaps_to_retire(plan.disks, plan.decision, now):
             qmp.execute('block-dirty-bitmap-remove', {'node': node, 'name': name})
             clog(f"dropped bitmap {name}, superseded by this backup")
-        hook('log-end')
     except BaseException as exc:
         clog(f"backup failed: {exc}")
         capture.abort()
@@ -493,6 +477,11 @@ def _take(plan, qmp, clog, progress, started):
             except HookFailed as hook_exc:
                 clog(f"backup-abort hook failed too: {hook_exc}")
         raise
+    env.update(LOGFILE=os.path.join(staged.path, 'client.log'))
+    try:
+        hook('log-end')  # as vzdump: the backup is complete, a failing log-end only warns
+    except HookFailed as exc:
+        plan.warnings.append(str(exc))
     result = _plan_result(plan)
     bytes_written = sum(d['bytes_written'] for d in disks)
     result.update({
@@ -535,7 +524,7 @@ def _manifest(plan, when, capture, disks, report, duration):
     chain_start = when
     if decision.level == 'inc':
         parent = [b for b in plan.storage.backups(plan.guest.vmid) if b.time == decision.parent]
-        chain_start = datetime.fromisoformat(parent[0].index['chain_start'].replace('Z', '+00:00'))
+        chain_start = parse_time(parent[0].index['chain_start'])
     return {
         'format': MANIFEST_FORMAT, 'tool': f"guestvault {TOOL_VERSION}",
         'vmid': plan.guest.vmid, 'guest_name': plan.guest.name, 'node': plan.options['node'],

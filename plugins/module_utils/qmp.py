@@ -113,8 +113,8 @@ class QmpSession:
         (QEMU 7.2 refuses ``completion-mode: grouped`` together with bitmap actions, so jobs end
         one by one; ``wait_for_jobs`` returns at the first failure and the caller aborts all.)
         """
-        return self.execute('transaction', {'actions': [{'type': t, 'data': d}
-                                                         for t, d in actions]})
+        actions = [{'type': kind, 'data': data} for kind, data in actions]
+        return self.execute('transaction', {'actions': actions})
 
     def hmp(self, command_line):
         """A human monitor command (tests use it for ``qemu-io``)."""

@@ -1,0 +1,492 @@
+"""The node's configuration files, in Proxmox VE's syntax so that vzdump users feel at home.
+
+- ``vzdump.conf``: backup defaults, ``key: value`` lines (``prune-backups: keep-last=3``).
+- ``storage.cfg``: storages in Proxmox section-config syntax (``dir: <id>`` + indented options).
+- ``jobs.cfg`` (issue #4) reuses the section-config reader below.
+
+Everything here is parsing and validation on plain text; reading files is confined to the two
+``load_*`` functions so the rest can be tested on strings. Every error names the file, the line
+and the key, and says what would be accepted, because the user fixes these files by hand.
+
+Example::
+
+    >>> parse_property_string("keep-last=3,keep-daily=13", PRUNE_BACKUPS_SCHEMA, "prune-backups")
+    {'keep-last': 3, 'keep-daily': 13}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+from .errors import ConfigError
+from .notes import check_notes_template
+
+VZDUMP_CONF = "vzdump.conf"
+STORAGE_CFG = "storage.cfg"
+
+
+# --------------------------------------------------------------------------- property strings
+
+@dataclass(frozen=True)
+class Prop:
+    """One key of a property string: its type (int, bool or str) and, for ints, its range.
+
+    ``default_key`` marks the key a bare value stands for, as in Proxmox (``fleecing: 1`` means
+    ``fleecing: enabled=1``).
+    """
+
+    kind: type
+    minimum: Optional[int] = None
+    maximum: Optional[int] = None
+    default_key: bool = False
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            return "a boolean (1/0, yes/no, true/false, on/off)"
+        if self.kind is int:
+            if self.minimum is not None and self.maximum is not None:
+                return f"an integer from {self.minimum} to {self.maximum}"
+            if self.minimum is not None:
+                return f"an integer >= {self.minimum}"
+            return "an integer"
+        return "a string"
+
+
+SchemaEntry = Union[type, Prop]
+
+_KEEP = Prop(int, minimum=0)
+PRUNE_BACKUPS_SCHEMA: Dict[str, SchemaEntry] = {
+    "keep-all": Prop(bool),
+    "keep-last": _KEEP,
+    "keep-hourly": _KEEP,
+    "keep-daily": _KEEP,
+    "keep-weekly": _KEEP,
+    "keep-monthly": _KEEP,
+    "keep-yearly": _KEEP,
+}
+PERFORMANCE_SCHEMA: Dict[str, SchemaEntry] = {
+    "max-workers": Prop(int, minimum=1, maximum=256),
+    "pbs-entries-max": Prop(int, minimum=1),
+}
+FLEECING_SCHEMA: Dict[str, SchemaEntry] = {
+    "enabled": Prop(bool, default_key=True),
+    "storage": Prop(str),
+}
+
+_TRUE = ("1", "yes", "true", "on")
+_FALSE = ("0", "no", "false", "off")
+_INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_STORAGE_ID_RE = re.compile(r"^[a-z][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE)
+
+
+def parse_bool(text: str, what: str) -> bool:
+    """Proxmox's boolean spellings, case-insensitive."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{what}: '{text}' is not a boolean; use 1/0, yes/no, true/false or on/off")
+
+
+def parse_int(text: str, what: str, minimum: Optional[int] = None,
+              maximum: Optional[int] = None) -> int:
+    if not _INT_RE.match(text.strip()):
+        raise ConfigError(f"{what}: '{text}' is not an integer")
+    value = int(text)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{what}: {value} is too small, the minimum is {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{what}: {value} is too large, the maximum is {maximum}")
+    return value
+
+
+def _as_prop(entry: SchemaEntry) -> Prop:
+    return entry if isinstance(entry, Prop) else Prop(entry)
+
+
+def _convert(text: str, prop: Prop, what: str) -> Any:
+    if prop.kind is bool:
+        return parse_bool(text, what)
+    if prop.kind is int:
+        return parse_int(text, what, prop.minimum, prop.maximum)
+    return text
+
+
+def parse_property_string(text: str, schema: Mapping[str, SchemaEntry], what: str) -> Dict[str, Any]:
+    """Parse ``key=value,key=value`` into a dict typed by ``schema``.
+
+    ``schema`` maps each allowed key to ``int``, ``bool``, ``str`` or a :class:`Prop` (ranges,
+    default key). ``what`` names the option in errors (e.g. ``"vzdump.conf line 3: prune-backups"``).
+    Empty pieces are skipped, as Proxmox does; unknown or repeated keys are errors.
+    """
+    props = {key: _as_prop(entry) for key, entry in schema.items()}
+    allowed = ", ".join(sorted(props))
+    default_key = next((key for key, prop in props.items() if prop.default_key), None)
+    result: Dict[str, Any] = {}
+    for piece in text.split(","):
+        piece = piece.strip()
+        if not piece:
+            continue
+        key, sep, value = piece.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            if default_key is None:
+                raise ConfigError(f"{what}: '{piece}' is not of the form key=value; "
+                                  f"allowed keys: {allowed}")
+            key, value = default_key, piece
+        if key not in props:
+            raise ConfigError(f"{what}: unknown key '{key}'; allowed keys: {allowed}")
+        if key in result:
+            raise ConfigError(f"{what}: key '{key}' is given twice")
+        if not value:
+            raise ConfigError(f"{what}: key '{key}' has no value; it takes {props[key].describe()}")
+        result[key] = _convert(value, props[key], f"{what}: {key}")
+    return result
+
+
+def parse_prune_backups(text: str, what: str) -> Dict[str, Any]:
+    """A retention policy, normalised the way Proxmox does it.
+
+    Zero counts are dropped; when no positive count is left the policy is ``{'keep-all': True}``;
+    ``keep-all=1`` together with a positive count is a contradiction and an error.
+    """
+    raw = parse_property_string(text, PRUNE_BACKUPS_SCHEMA, what)
+    keep_all = raw.pop("keep-all", False)
+    counts = {key: value for key, value in raw.items() if value > 0}
+    if not counts:
+        return {"keep-all": True}
+    if keep_all:
+        raise ConfigError(f"{what}: keep-all=1 cannot be combined with "
+                          f"{', '.join(sorted(counts))}; remove one or the other")
+    return counts
+
+
+def check_storage_id(storage_id: str, what: str) -> str:
+    """Proxmox's storage id rule: a letter first, then letters, digits, '-', '_', '.'."""
+    if not _STORAGE_ID_RE.match(storage_id):
+        raise ConfigError(
+            f"{what}: '{storage_id}' is not a valid storage id; it must start with a letter, "
+            f"end with a letter or digit, and contain only letters, digits, '-', '_' and '.'")
+    return storage_id
+
+
+def _absolute_path(text: str, what: str) -> str:
+    if not text.startswith("/"):
+        raise ConfigError(f"{what}: '{text}' is a relative path; give an absolute path")
+    return text
+
+
+def _split_list(text: str) -> List[str]:
+    """Proxmox's split_list: items separated by commas, semicolons or whitespace."""
+    return [item for item in re.split(r"[\s,;]+", text) if item]
+
+
+# --------------------------------------------------------------------------- vzdump.conf
+
+def _enum(*choices: str) -> Callable[[str, str], str]:
+    def check(text: str, what: str) -> str:
+        if text not in choices:
+            raise ConfigError(f"{what}: '{text}' is not allowed; use one of {', '.join(choices)}")
+        return text
+    return check
+
+
+def _int_option(minimum: Optional[int] = None, maximum: Optional[int] = None):
+    return lambda text, what: parse_int(text, what, minimum, maximum)
+
+
+def _notes_template(text: str, what: str) -> str:
+    check_notes_template(text, what)
+    return text
+
+
+def _exclude_paths(text: str, what: str) -> List[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise ConfigError(f"{what}: cannot split '{text}' into paths ({err}); "
+                          f"check the quotes") from None
+
+
+# key -> converter(text, what). A converter raises ConfigError whose message starts with `what`.
+VZDUMP_OPTIONS: Dict[str, Callable[[str, str], Any]] = {
+    "bwlimit": _int_option(0),
+    "compress": _enum("0", "1", "gzip", "lzo", "zstd"),
+    "dumpdir": _absolute_path,
+    "exclude-path": _exclude_paths,
+    "fleecing": lambda text, what: parse_property_string(text, FLEECING_SCHEMA, what),
+    "ionice": _int_option(0, 8),
+    "lockwait": _int_option(0),
+    "mailto": lambda text, what: _split_list(text),
+    "mode": _enum("snapshot", "suspend", "stop"),
+    "notes-template": _notes_template,
+    "performance": lambda text, what: parse_property_string(text, PERFORMANCE_SCHEMA, what),
+    "pigz": _int_option(0),
+    "protected": parse_bool,
+    "prune-backups": parse_prune_backups,
+    "remove": parse_bool,
+    "script": _absolute_path,
+    "stdexcludes": parse_bool,
+    "stopwait": _int_option(0),
+    "storage": check_storage_id,
+    "tmpdir": _absolute_path,
+    "zstd": _int_option(0),
+}
+# Keys that may appear on several lines; their values are concatenated into one list.
+_REPEATABLE = frozenset({"exclude-path"})
+_KEY_VALUE_RE = re.compile(r"^([^\s:]+):\s*(.*)$")
+
+
+def _key_value_lines(text: str, path: str) -> Iterator[Tuple[int, str, str]]:
+    """Yield (line number, key, value) of a ``key: value`` file; skip blanks and ``#`` comments."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _KEY_VALUE_RE.match(stripped)
+        if not match:
+            raise ConfigError(f"{path} line {lineno}: cannot parse '{stripped}'; "
+                              f"expected 'key: value'")
+        yield lineno, match.group(1), match.group(2).strip()
+
+
+def parse_vzdump_conf(text: str, path: str) -> Dict[str, Any]:
+    """Parse vzdump.conf into typed values; absent keys are absent (defaults live with the caller).
+
+    Property strings become dicts (``prune-backups`` normalised by :func:`parse_prune_backups`),
+    ``mailto`` a list of addresses, ``exclude-path`` a list of shell-split globs over all its lines.
+    """
+    allowed = ", ".join(sorted(VZDUMP_OPTIONS))
+    result: Dict[str, Any] = {}
+    for lineno, key, value in _key_value_lines(text, path):
+        where = f"{path} line {lineno}"
+        if key not in VZDUMP_OPTIONS:
+            raise ConfigError(f"{where}: unknown option '{key}'; known options: {allowed}")
+        if not value:
+            raise ConfigError(f"{where}: option '{key}' has no value")
+        if key in result and key not in _REPEATABLE:
+            raise ConfigError(f"{where}: option '{key}' is set a second time; keep one line")
+        parsed = VZDUMP_OPTIONS[key](value, f"{where}: {key}")
+        if key in _REPEATABLE:
+            result.setdefault(key, []).extend(parsed)
+        else:
+            result[key] = parsed
+    return result
+
+
+def load_vzdump_defaults(config_dir: str) -> Dict[str, Any]:
+    """``<config_dir>/vzdump.conf`` parsed, or ``{}`` when the node has none (it is optional)."""
+    path = os.path.join(config_dir, VZDUMP_CONF)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    return parse_vzdump_conf(text, path)
+
+
+# --------------------------------------------------------------------------- section config
+
+@dataclass
+class Section:
+    """One ``type: id`` block of a Proxmox section-config file, options still as text."""
+
+    type: str
+    id: str
+    line: int
+    options: List[Tuple[int, str, Optional[str]]] = field(default_factory=list)
+
+
+_HEADER_RE = re.compile(r"^(\S+):\s*(\S+)\s*$")
+_OPTION_RE = re.compile(r"^\s+(\S+)(?:\s+(.*\S))?\s*$")
+
+
+def parse_sections(text: str, path: str) -> List[Section]:
+    """Split a section-config file (storage.cfg, jobs.cfg) into sections.
+
+    A section is a header ``type: id`` at the start of a line followed by indented ``key value``
+    lines; it ends at a blank line or at the next header. ``#`` lines are comments anywhere.
+    A key without a value gets ``None`` (Proxmox writes flags such as ``disable`` bare).
+    """
+    sections: List[Section] = []
+    current: Optional[Section] = None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.lstrip().startswith("#"):
+            continue
+        if not line.strip():
+            current = None
+            continue
+        if line[0] in " \t":
+            if current is None:
+                raise ConfigError(
+                    f"{path} line {lineno}: indented option '{line.strip()}' is outside a "
+                    f"section; put it directly under its 'type: id' header, with no blank line "
+                    f"in between")
+            match = _OPTION_RE.match(line)
+            # _OPTION_RE matches every indented, non-blank line.
+            current.options.append((lineno, match.group(1), match.group(2)))
+            continue
+        match = _HEADER_RE.match(line)
+        if not match:
+            raise ConfigError(f"{path} line {lineno}: cannot parse '{line.strip()}'; expected a "
+                              f"section header 'type: id' or an indented 'key value' option")
+        current = Section(type=match.group(1).lower(), id=match.group(2), line=lineno)
+        sections.append(current)
+    return sections
+
+
+# --------------------------------------------------------------------------- storage.cfg
+
+CONTENT_TYPES = ("backup", "images", "import", "iso", "none", "rootdir", "snippets", "vztmpl")
+_COMMON_STORAGE_KEYS = frozenset({
+    "path", "content", "prune-backups", "max-protected-backups", "shared", "disable", "nodes",
+    "bwlimit", "content-dirs", "create-base-path", "create-subdirs", "format", "is_mountpoint",
+    "maxfiles", "mkdir", "preallocation",
+})
+STORAGE_TYPES: Dict[str, frozenset] = {
+    "dir": _COMMON_STORAGE_KEYS,
+    "nfs": _COMMON_STORAGE_KEYS | {"server", "export", "options"},
+    "cifs": _COMMON_STORAGE_KEYS | {"server", "share", "username", "domain", "smbversion",
+                                    "subdir", "options"},
+}
+# Proxmox treats network file systems as shared whatever the config says.
+_SHARED_TYPES = frozenset({"nfs", "cifs"})
+_BOOL_STORAGE_KEYS = frozenset({"shared", "disable", "create-base-path", "create-subdirs",
+                                "mkdir"})
+DEFAULT_MAX_PROTECTED_BACKUPS = 5
+
+
+@dataclass
+class StorageConfig:
+    """A storage from storage.cfg; ``options`` keeps every option as written, for later use.
+
+    ``prune_backups`` is ``None`` when the storage sets no retention, so the caller can fall back
+    to vzdump.conf. ``max_protected_backups`` is -1 for unlimited.
+    """
+
+    id: str
+    type: str
+    path: str
+    content: List[str] = field(default_factory=lambda: ["backup"])
+    prune_backups: Optional[Dict[str, Any]] = None
+    max_protected_backups: int = DEFAULT_MAX_PROTECTED_BACKUPS
+    shared: bool = False
+    disable: bool = False
+    nodes: List[str] = field(default_factory=list)
+    options: Dict[str, Optional[str]] = field(default_factory=dict)
+    source: Optional[str] = field(default=None, compare=False)
+    line: Optional[int] = field(default=None, compare=False)
+
+
+def _parse_content(text: str, what: str) -> List[str]:
+    items = [item for item in text.split(",") if item.strip()]
+    items = [item.strip() for item in items]
+    unknown = [item for item in items if item not in CONTENT_TYPES]
+    if unknown:
+        raise ConfigError(f"{what}: unknown content type '{unknown[0]}'; "
+                          f"known types: {', '.join(CONTENT_TYPES)}")
+    if "none" in items and len(items) > 1:
+        raise ConfigError(f"{what}: 'none' cannot be combined with other content types")
+    return items
+
+
+def _storage_from_section(section: Section, path: str) -> StorageConfig:
+    header = f"{path} line {section.line}"
+    allowed_keys = STORAGE_TYPES.get(section.type)
+    if allowed_keys is None:
+        raise ConfigError(f"{header}: storage type '{section.type}' is not supported; "
+                          f"use one of {', '.join(STORAGE_TYPES)}")
+    check_storage_id(section.id, header)
+    seen: Dict[str, Optional[str]] = {}
+    storage = StorageConfig(id=section.id, type=section.type, path="", source=path,
+                            line=section.line, shared=section.type in _SHARED_TYPES)
+    for lineno, key, value in section.options:
+        what = f"{path} line {lineno}: {key}"
+        if key not in allowed_keys:
+            raise ConfigError(f"{path} line {lineno}: unknown option '{key}' for a "
+                              f"{section.type} storage; known options: "
+                              f"{', '.join(sorted(allowed_keys))}")
+        if key in seen:
+            raise ConfigError(f"{path} line {lineno}: option '{key}' is set a second time in "
+                              f"storage '{section.id}'; keep one line")
+        seen[key] = value
+        if value is None:
+            if key not in _BOOL_STORAGE_KEYS:
+                raise ConfigError(f"{what}: needs a value, as in '{key} <value>'")
+            value = "1"
+        if key == "path":
+            storage.path = _absolute_path(value, what).rstrip("/") or "/"
+        elif key == "content":
+            storage.content = _parse_content(value, what)
+        elif key == "prune-backups":
+            storage.prune_backups = parse_prune_backups(value, what)
+        elif key == "max-protected-backups":
+            storage.max_protected_backups = parse_int(value, what, minimum=-1)
+        elif key == "shared":
+            storage.shared = parse_bool(value, what) or section.type in _SHARED_TYPES
+        elif key == "disable":
+            storage.disable = parse_bool(value, what)
+        elif key == "nodes":
+            storage.nodes = _split_list(value)
+        elif key in _BOOL_STORAGE_KEYS:
+            parse_bool(value, what)
+    storage.options = seen
+    if not storage.path:
+        raise ConfigError(f"{header}: {section.type} storage '{section.id}' has no path; add an "
+                          f"indented line 'path /absolute/directory' under the header")
+    return storage
+
+
+def parse_storage_cfg(text: str, path: str) -> Dict[str, StorageConfig]:
+    """Parse storage.cfg into ``{id: StorageConfig}``, in file order."""
+    storages: Dict[str, StorageConfig] = {}
+    for section in parse_sections(text, path):
+        if section.id in storages:
+            raise ConfigError(f"{path} line {section.line}: storage '{section.id}' is defined "
+                              f"twice (first at line {storages[section.id].line}); rename or "
+                              f"remove one")
+        storages[section.id] = _storage_from_section(section, path)
+    return storages
+
+
+def load_storage(config_dir: str, storage_id: str, node: Optional[str] = None) -> StorageConfig:
+    """The storage ``storage_id`` from ``<config_dir>/storage.cfg``, checked usable for backups.
+
+    Refuses a disabled storage, one whose ``content`` excludes ``backup``, and, when ``node`` is
+    given, one whose ``nodes`` list does not name that node.
+    """
+    path = os.path.join(config_dir, STORAGE_CFG)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist; create it with a storage for backups, e.g.\n"
+            f"dir: {storage_id if _STORAGE_ID_RE.match(storage_id) else 'local'}\n"
+            f"\tpath /var/lib/guestvault\n\tcontent backup") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    storages = parse_storage_cfg(text, path)
+    storage = storages.get(storage_id)
+    if storage is None:
+        known = ", ".join(storages) or "none"
+        raise ConfigError(f"storage '{storage_id}' is not defined in {path}; defined storages: "
+                          f"{known}")
+    where = f"{path} line {storage.line}"
+    if storage.disable:
+        raise ConfigError(f"storage '{storage_id}' is disabled ({where}); remove its 'disable' "
+                          f"line to use it")
+    if "backup" not in storage.content:
+        raise ConfigError(f"storage '{storage_id}' does not allow backups ({where}); add "
+                          f"'backup' to its content line")
+    if node is not None and storage.nodes and node not in storage.nodes:
+        raise ConfigError(f"storage '{storage_id}' is not available on node '{node}' ({where}); "
+                          f"its nodes are {', '.join(storage.nodes)}")
+    return storage

@@ -1,0 +1,36 @@
+"""Find what a request names: the guest (registry entry and sockets) and the storage."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .config import load_storage
+from .errors import ConfigError, GuestNotFound
+from .registry import GuestEntry, load_guest, validate_vmid
+from .storage_dir import DirStorage
+
+
+def resolve_guest(vmid, qmp_socket=None, agent_socket=None, config_dir='/etc/guestvault'):
+    """The guest's registry entry, with sockets given by the caller taking precedence."""
+    vmid = validate_vmid(vmid)
+    if qmp_socket:
+        try:
+            entry = load_guest(config_dir, vmid)
+        except GuestNotFound:
+            entry = GuestEntry(vmid=vmid)
+        entry = replace(entry, qmp_socket=qmp_socket)
+    else:
+        entry = load_guest(config_dir, vmid)
+    if agent_socket:
+        entry = replace(entry, agent_socket=agent_socket)
+    return entry
+
+
+def open_storage(config_dir, storage=None, dumpdir=None):
+    if storage and dumpdir:
+        raise ConfigError("storage and dumpdir are mutually exclusive; give one")
+    if storage:
+        cfg = load_storage(config_dir, storage)
+        return DirStorage(cfg.path, cfg.id)
+    if dumpdir:
+        return DirStorage(dumpdir)
+    return None

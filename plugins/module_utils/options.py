@@ -1,0 +1,65 @@
+"""Option definitions shared by the modules and the node command.
+
+Plain dicts in Ansible's argument_spec shape (no Ansible import), so one definition serves the
+modules, the node command's flags and the tests.
+"""
+from __future__ import annotations
+
+
+def guest_argument_spec():
+    """How a module reaches one guest: by vmid through the registry, or by its QMP socket."""
+    return {
+        'vmid': {'type': 'int', 'required': True},
+        'qmp_socket': {'type': 'path'},
+        'agent_socket': {'type': 'path'},
+        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+    }
+
+
+def storage_argument_spec():
+    return {
+        'storage': {'type': 'str'},
+        'dumpdir': {'type': 'path'},
+    }
+
+
+def backup_argument_spec():
+    spec = guest_argument_spec()
+    spec.update(storage_argument_spec())
+    spec.update({
+        'level': {'type': 'str', 'default': 'auto', 'choices': ['full', 'inc', 'auto', 'copy']},
+        'chain': {'type': 'str'},
+        'chain_period': {'type': 'str', 'default': 'none', 'choices': ['none', 'monthly']},
+        'include': {'type': 'list', 'elements': 'str'},
+        'exclude': {'type': 'list', 'elements': 'str'},
+        'include_raw': {'type': 'bool', 'default': False},
+        'mode': {'type': 'str', 'choices': ['snapshot', 'suspend', 'stop']},
+        'stopwait': {'type': 'float'},
+        'lockwait': {'type': 'float'},
+        'freeze_timeout': {'type': 'float'},
+        'bwlimit': {'type': 'int'},
+        'performance': {'type': 'dict', 'options': {
+            'max_workers': {'type': 'int'},
+        }},
+        'compress': {'type': 'str', 'choices': ['0', '1', 'zstd', 'gzip', 'zlib']},
+        'notes_template': {'type': 'str'},
+        'protected': {'type': 'bool'},
+        'script': {'type': 'path'},
+        'cluster': {'type': 'str', 'default': ''},
+        'node': {'type': 'str'},
+    })
+    return spec
+
+
+BACKUP_MUTUALLY_EXCLUSIVE = [('storage', 'dumpdir'), ('include', 'exclude')]
+
+
+def backup_request_fields(params):
+    """Module parameters (or CLI options) as BackupRequest keyword arguments."""
+    fields = {k: params.get(k) for k in (
+        'vmid', 'qmp_socket', 'agent_socket', 'storage', 'dumpdir', 'config_dir', 'level',
+        'chain', 'chain_period', 'include', 'exclude', 'include_raw', 'mode', 'stopwait',
+        'lockwait', 'freeze_timeout', 'bwlimit', 'compress', 'notes_template', 'protected',
+        'script', 'cluster', 'node')}
+    fields['max_workers'] = (params.get('performance') or {}).get('max_workers')
+    return fields

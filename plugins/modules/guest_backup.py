@@ -1,0 +1,381 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: guest_backup
+short_description: Back up a running QEMU guest, full or incremental, over QMP
+version_added: 0.1.0
+description:
+  - Takes a consistent, live backup of all (or selected) disks of one QEMU guest at one point in
+    time, into a directory storage laid out like a Proxmox Backup Server datastore
+    (C(vm/<vmid>/<time>/)).
+  - Full and incremental backups are tied together by persistent dirty bitmaps in the guest's
+    qcow2 images, so an incremental backup copies only what changed and survives a QEMU restart.
+  - A backup becomes visible only when it is complete; a failed or interrupted run leaves the
+    chain's bitmap as it was, so the next backup loses no write.
+  - Consistency modes, naming, notes templates, protection and hook scripts follow Proxmox
+    vzdump. Defaults come from C(vzdump.conf) in O(config_dir), overridden by the options given.
+author:
+  - guestvault developers (@guestvault)
+requirements:
+  - qemu.qmp (Python) on the node
+  - qemu-img (Debian package qemu-utils) on the node
+extends_documentation_fragment: []
+attributes:
+  check_mode:
+    description: Reports the level the backup would take and why, and the disks, changing nothing.
+    support: full
+  diff_mode:
+    description: Not applicable; a backup always adds a new backup.
+    support: none
+options:
+  vmid:
+    description:
+      - The guest's numeric id (100 to 999999999). Names the backup directory C(vm/<vmid>/).
+      - Without O(qmp_socket), the guest is looked up in the node's guest registry
+        C(<config_dir>/guests.d/<vmid>.conf).
+    type: int
+    required: true
+  qmp_socket:
+    description:
+      - Path of the guest's QMP unix socket (C(-qmp unix:PATH,server=on,wait=off)). Overrides the
+        registry's C(qmp).
+    type: path
+  agent_socket:
+    description:
+      - Path of the host side of the guest agent's virtio-serial socket. With it, O(mode=snapshot)
+        freezes the guest's filesystems around the point in time. Overrides the registry's C(agent).
+    type: path
+  config_dir:
+    description: The node's guestvault configuration (C(vzdump.conf), C(storage.cfg), C(guests.d/)).
+    type: path
+    default: /etc/guestvault
+  storage:
+    description: Id of a directory storage in C(<config_dir>/storage.cfg).
+    type: str
+  dumpdir:
+    description:
+      - A directory to store backups in, instead of a configured O(storage).
+      - Without O(storage) and O(dumpdir), the C(storage) or C(dumpdir) of C(vzdump.conf) is used.
+    type: path
+  level:
+    description:
+      - V(full) starts a new chain; V(inc) copies only what changed since the chain's newest
+        backup on this storage and fails if that is impossible; V(auto) is V(inc) when the chain
+        is valid and otherwise V(full), returning why in RV(level_reason); V(copy) is a full backup
+        that neither starts nor touches a chain.
+    type: str
+    default: auto
+    choices: [full, inc, auto, copy]
+  chain:
+    description:
+      - Name of the chain to start or continue (letters, digits, C(-), C(_); starts with a letter).
+        Several named chains of one guest coexist, each with its own bitmap.
+      - Without a name, a full backup starts a new chain named after its time (and retires the
+        previous unnamed chain's bitmap), and V(inc)/V(auto) continue the guest's newest chain.
+    type: str
+  chain_period:
+    description: With O(level=auto), V(monthly) starts a new full chain when the month changes.
+    type: str
+    default: none
+    choices: [none, monthly]
+  include:
+    description: Device ids of the disks to back up (default all), e.g. C(virtio0).
+    type: list
+    elements: str
+  exclude:
+    description: Device ids of disks not to back up.
+    type: list
+    elements: str
+  include_raw:
+    description:
+      - Also back up raw-format disks. They cannot hold a dirty bitmap, so they are copied whole
+        in every backup. The UEFI variable store (C(pflash1)) is always included.
+    type: bool
+    default: false
+  mode:
+    description:
+      - V(snapshot) keeps the guest running; with a guest agent, its filesystems are frozen for the
+        instant of the point in time (thaw guaranteed). Without one the backup is crash-consistent
+        and a warning says so.
+      - V(suspend) pauses the guest's vCPUs around the point in time.
+      - V(stop) shuts the guest down (guest agent, else ACPI) within O(stopwait), fixes the point
+        in time while it is off and starts it again at once.
+      - Default from C(vzdump.conf), else V(snapshot).
+    type: str
+    choices: [snapshot, suspend, stop]
+  stopwait:
+    description: Minutes to wait for the guest to shut down in O(mode=stop). Default 10.
+    type: float
+  lockwait:
+    description: Minutes to wait for another backup of the same guest to finish. Default 180.
+    type: float
+  freeze_timeout:
+    description: Seconds the guest agent may take to freeze the filesystems. Default 60.
+    type: float
+  bwlimit:
+    description: Bandwidth limit for the whole guest in KiB/s; V(0) is unlimited.
+    type: int
+  performance:
+    description: Tuning of the copy, as vzdump's C(performance).
+    type: dict
+    suboptions:
+      max_workers:
+        description: Parallel requests per disk (QEMU's backup C(x-perf.max-workers)).
+        type: int
+  compress:
+    description:
+      - Compress the backup's images (qcow2 compressed clusters). V(zstd) (or V(1)) is fast;
+        V(gzip)/V(zlib) is much slower. V(0) stores uncompressed.
+    type: str
+    choices: ['0', '1', zstd, gzip, zlib]
+  notes_template:
+    description:
+      - Notes stored with the backup. C({{cluster}}), C({{guestname}}), C({{node}}) and
+        C({{vmid}}) are replaced, C(\n) starts a new line and C(\\) is a backslash; an unknown
+        variable is an error.
+      - Ansible would expand C({{...}}) itself, so mark the value C(!unsafe) (see examples).
+    type: str
+  protected:
+    description: Protect the new backup from removal (prune and removal refuse it).
+    type: bool
+  script:
+    description:
+      - A vzdump hook script, called as C(SCRIPT PHASE MODE VMID) in the phases C(backup-start),
+        C(pre-stop), C(pre-restart), C(post-restart), C(backup-end), C(backup-abort) and
+        C(log-end), with C(STOREID), C(DUMPDIR), C(VMTYPE), C(HOSTNAME), C(TARGET) and C(LOGFILE) in
+        its environment. A non-zero exit aborts the backup and nothing is kept.
+    type: path
+  cluster:
+    description: Value of C({{cluster}}) in O(notes_template).
+    type: str
+    default: ''
+  node:
+    description: The node's name for notes and hooks; default the host name.
+    type: str
+notes:
+  - Only disks in qcow2 v3 images can be backed up incrementally. Persistent bitmaps are written
+    to the image when QEMU closes it; after a QEMU crash they are inconsistent and V(auto) takes a
+    full backup.
+  - One backup per guest runs at a time, on the node and per storage.
+seealso:
+  - module: guestvault.backup.guest_info
+  - module: guestvault.backup.guest_bitmaps
+"""
+
+EXAMPLES = r"""
+- name: Nightly backup of guest 101, incremental when possible
+  guestvault.backup.guest_backup:
+    vmid: 101
+    storage: backup-nfs
+
+- name: Weekly full backup, protected, with notes (note the !unsafe tag)
+  guestvault.backup.guest_backup:
+    vmid: 101
+    storage: backup-nfs
+    level: full
+    protected: true
+    notes_template: !unsafe '{{guestname}} on {{node}}\nweekly full'
+
+- name: A guest that is not in the registry, straight by its QMP socket, frozen through its agent
+  guestvault.backup.guest_backup:
+    vmid: 205
+    qmp_socket: /run/qemu/205.qmp
+    agent_socket: /run/qemu/205.qga
+    dumpdir: /srv/backup
+    mode: snapshot
+    bwlimit: 102400
+    compress: zstd
+
+- name: What would a backup do? (check mode)
+  guestvault.backup.guest_backup:
+    vmid: 101
+    storage: backup-nfs
+  check_mode: true
+  register: plan
+
+- name: Say why it would take a full backup
+  ansible.builtin.debug:
+    msg: "{{ plan.level }}: {{ plan.level_reason }}"
+"""
+
+RETURN = r"""
+backup:
+  description: Id of the new backup, C(vm/<vmid>/<time>).
+  returned: changed
+  type: str
+  sample: vm/101/2026-11-22T01:00:00Z
+path:
+  description: Directory of the new backup.
+  returned: changed
+  type: str
+  sample: /srv/backup/vm/101/2026-11-22T01:00:00Z
+time:
+  description: The backup's point in time (UTC).
+  returned: changed
+  type: str
+  sample: '2026-11-22T01:00:00Z'
+vmid:
+  description: The guest's id.
+  returned: always
+  type: int
+  sample: 101
+guest_name:
+  description: The guest's name (registry, else QEMU's C(-name)).
+  returned: always
+  type: str
+  sample: web01
+level:
+  description: The level taken (or, in check mode, that would be taken), V(full), V(inc) or V(copy).
+  returned: always
+  type: str
+  sample: inc
+requested_level:
+  description: The level asked for.
+  returned: always
+  type: str
+  sample: auto
+level_reason:
+  description: Why this level; for a fallback to full, what was wrong with the chain.
+  returned: always
+  type: str
+  sample: "auto: full because disk virtio0 has no bitmap guestvault.nightly.20261121T010000Z"
+chain:
+  description: The chain the backup belongs to (null for V(copy)).
+  returned: always
+  type: str
+  sample: nightly
+parent:
+  description: The backup an incremental builds on (null otherwise).
+  returned: always
+  type: str
+  sample: '2026-11-21T01:00:00Z'
+mode:
+  description: The consistency mode used.
+  returned: always
+  type: str
+  sample: snapshot
+storage:
+  description: The storage id (null with a dumpdir).
+  returned: always
+  type: str
+  sample: backup-nfs
+storage_path:
+  description: The storage's directory.
+  returned: always
+  type: str
+  sample: /srv/backup
+disks:
+  description: The disks in the backup.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: Device id.
+      type: str
+      sample: virtio0
+    format:
+      description: Format of the guest's image.
+      type: str
+      sample: qcow2
+    virtual_size:
+      description: Size of the disk in bytes.
+      type: int
+      sample: 34359738368
+    level:
+      description: V(full) or V(inc) for this disk (raw disks are always full).
+      type: str
+      sample: inc
+    bytes_written:
+      description: Bytes of guest data the backup job covered (changed data for V(inc)).
+      type: int
+      sample: 67108864
+    size:
+      description: Size of the backup's image file in bytes.
+      type: int
+      sample: 67305472
+    sha256:
+      description: sha256 of the backup's image file, as recorded in C(index.json).
+      type: str
+bytes_written:
+  description: Sum of RV(disks[].bytes_written).
+  returned: changed
+  type: int
+  sample: 67108864
+duration:
+  description: Seconds the whole backup took.
+  returned: changed
+  type: float
+  sample: 4.2
+copy_seconds:
+  description: Seconds the data copy took (from the point in time to the last job's end).
+  returned: changed
+  type: float
+  sample: 3.1
+throughput:
+  description: RV(bytes_written) per second of RV(copy_seconds).
+  returned: changed
+  type: int
+  sample: 1073741824
+warnings:
+  description: Things the user should know, e.g. that the filesystems were not frozen.
+  returned: always
+  type: list
+  elements: str
+notes:
+  description: The rendered notes.
+  returned: always
+  type: str
+protected:
+  description: Whether the backup is protected.
+  returned: always
+  type: bool
+frozen_filesystems:
+  description: Number of filesystems the guest agent froze (null when none were).
+  returned: changed
+  type: int
+pause_seconds:
+  description: How long the vCPUs were paused (V(suspend) mode).
+  returned: changed
+  type: float
+downtime_seconds:
+  description: How long the guest was down (V(stop) mode).
+  returned: changed
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.guestvault.backup.plugins.module_utils.backup_run import (
+    BackupRequest, run_backup)
+from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+    backup_argument_spec, backup_request_fields, BACKUP_MUTUALLY_EXCLUSIVE)
+from ansible_collections.guestvault.backup.plugins.module_utils.qmp import (
+    HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
+
+
+def main():
+    module = AnsibleModule(argument_spec=backup_argument_spec(),
+                           mutually_exclusive=BACKUP_MUTUALLY_EXCLUSIVE,
+                           supports_check_mode=True)
+    if not HAS_QEMU_QMP:
+        module.fail_json(msg=missing_required_lib('qemu.qmp'), exception=str(QEMU_QMP_IMPORT_ERROR))
+    request = BackupRequest(check_mode=module.check_mode, **backup_request_fields(module.params))
+    try:
+        result = run_backup(request)
+    except GuestvaultError as exc:
+        module.fail_json(msg=str(exc), vmid=module.params['vmid'])
+    for warning in result.get('warnings', []):
+        module.warn(warning)
+    module.exit_json(**result)
+
+
+if __name__ == '__main__':
+    main()

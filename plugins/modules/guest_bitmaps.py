@@ -1,0 +1,120 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: guest_bitmaps
+short_description: Remove guestvault's dirty bitmaps from a QEMU guest
+version_added: 0.1.0
+description:
+  - Removes the persistent dirty bitmaps that guestvault keeps on a guest's disks, all of them or
+    one chain's, like qmpbackup's C(cleanup --remove-bitmaps). Bitmaps of other tools are never
+    touched.
+  - Use it to retire a chain you no longer back up (each bitmap costs a little on every guest
+    write) or before moving a guest's images elsewhere. The next V(auto) backup of a retired
+    chain is a full one.
+  - To list bitmaps, use M(guestvault.backup.guest_info).
+author:
+  - guestvault developers (@guestvault)
+requirements:
+  - qemu.qmp (Python) on the node
+attributes:
+  check_mode:
+    description: Reports which bitmaps would be removed.
+    support: full
+  diff_mode:
+    description: Shows each disk's bitmaps before and after.
+    support: full
+options:
+  vmid:
+    description: The guest's numeric id; without O(qmp_socket) it is looked up in the registry.
+    type: int
+    required: true
+  qmp_socket:
+    description: Path of the guest's QMP socket, instead of the registry's.
+    type: path
+  agent_socket:
+    description: Unused here; accepted so that the same option set works for all modules.
+    type: path
+  config_dir:
+    description: The node's guestvault configuration directory.
+    type: path
+    default: /etc/guestvault
+  chain:
+    description: Only this chain's bitmaps; default all of guestvault's.
+    type: str
+  state:
+    description: V(absent) removes the bitmaps.
+    type: str
+    default: absent
+    choices: [absent]
+"""
+
+EXAMPLES = r"""
+- name: Retire chain "nightly" of guest 101
+  guestvault.backup.guest_bitmaps:
+    vmid: 101
+    chain: nightly
+    state: absent
+
+- name: Remove every guestvault bitmap of a guest (shows what goes with --diff)
+  guestvault.backup.guest_bitmaps:
+    vmid: 101
+    state: absent
+"""
+
+RETURN = r"""
+removed:
+  description: The bitmaps removed (or, in check mode, that would be).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    disk:
+      description: Device id.
+      type: str
+      sample: virtio0
+    node:
+      description: QEMU block node name.
+      type: str
+    name:
+      description: Bitmap name.
+      type: str
+      sample: guestvault.nightly.20261121T010000Z
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils.guest_inspect import remove_bitmaps
+from ansible_collections.guestvault.backup.plugins.module_utils.options import guest_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils.qmp import (
+    HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
+
+
+def main():
+    spec = guest_argument_spec()
+    spec.update({'chain': {'type': 'str'},
+                 'state': {'type': 'str', 'default': 'absent', 'choices': ['absent']}})
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    if not HAS_QEMU_QMP:
+        module.fail_json(msg=missing_required_lib('qemu.qmp'), exception=str(QEMU_QMP_IMPORT_ERROR))
+    params = module.params
+    try:
+        removed, before, after = remove_bitmaps(params['vmid'], params['qmp_socket'],
+                                                params['config_dir'], params['chain'],
+                                                check_mode=module.check_mode)
+    except GuestvaultError as exc:
+        module.fail_json(msg=str(exc))
+    result = {'changed': bool(removed), 'removed': removed}
+    if module._diff:
+        result['diff'] = {'before': before, 'after': after}
+    module.exit_json(**result)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,218 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: guest_info
+short_description: Show a QEMU guest's disks, dirty bitmaps and backup chains
+version_added: 0.1.0
+description:
+  - Reads, over QMP, which disks a guest has, which of them can be backed up incrementally, and
+    the dirty bitmaps on each (guestvault's and any other tool's), with how much data each counts
+    as changed.
+  - With O(storage) or O(dumpdir), also lists the guest's backup chains on that storage and
+    whether each can be continued by an incremental backup (its bitmap is present and
+    consistent), like qmpbackup's C(info --show bitmaps).
+  - Changes nothing.
+author:
+  - guestvault developers (@guestvault)
+requirements:
+  - qemu.qmp (Python) on the node
+attributes:
+  check_mode:
+    description: Read-only; runs the same in check mode.
+    support: full
+  diff_mode:
+    description: Read-only.
+    support: none
+options:
+  vmid:
+    description: The guest's numeric id; without O(qmp_socket) it is looked up in the registry.
+    type: int
+    required: true
+  qmp_socket:
+    description: Path of the guest's QMP socket, instead of the registry's.
+    type: path
+  agent_socket:
+    description: Unused here; accepted so that the same option set works for all modules.
+    type: path
+  config_dir:
+    description: The node's guestvault configuration directory.
+    type: path
+    default: /etc/guestvault
+  storage:
+    description: A storage id from C(storage.cfg) whose chains to show.
+    type: str
+  dumpdir:
+    description: A backup directory whose chains to show, instead of O(storage).
+    type: path
+"""
+
+EXAMPLES = r"""
+- name: Which disks and bitmaps does guest 101 have?
+  guestvault.backup.guest_info:
+    vmid: 101
+  register: guest
+
+- name: Disks that can be backed up incrementally
+  ansible.builtin.debug:
+    msg: "{{ guest.disks | selectattr('supports_bitmaps') | map(attribute='id') | list }}"
+
+- name: Can each chain on the NFS storage be continued?
+  guestvault.backup.guest_info:
+    vmid: 101
+    storage: backup-nfs
+  register: info
+
+- name: Chains that need a full backup next
+  ansible.builtin.debug:
+    msg: "{{ info.chains | json_query('[?!can_continue].chain') }}"
+"""
+
+RETURN = r"""
+vmid:
+  description: The guest's id.
+  returned: always
+  type: int
+  sample: 101
+name:
+  description: The guest's name.
+  returned: always
+  type: str
+  sample: web01
+status:
+  description: QEMU's run state (C(running), C(paused), C(prelaunch), ...).
+  returned: always
+  type: str
+  sample: running
+qmp_socket:
+  description: The QMP socket used.
+  returned: always
+  type: str
+disks:
+  description: The guest's disks with media.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: Device id.
+      type: str
+      sample: virtio0
+    node:
+      description: QEMU block node name.
+      type: str
+    format:
+      description: Image format.
+      type: str
+      sample: qcow2
+    virtual_size:
+      description: Size in bytes.
+      type: int
+    filename:
+      description: The image file.
+      type: str
+    supports_bitmaps:
+      description: Whether the disk can be backed up incrementally (qcow2 v3).
+      type: bool
+    read_only:
+      description: Whether the disk is read-only.
+      type: bool
+    bitmaps:
+      description: Dirty bitmaps on the disk.
+      type: list
+      elements: dict
+      contains:
+        name:
+          description: Bitmap name.
+          type: str
+        guestvault:
+          description: Whether the bitmap is one of guestvault's chain bitmaps.
+          type: bool
+        chain:
+          description: The chain it belongs to (guestvault bitmaps).
+          type: str
+        since:
+          description: Time stamp of the backup it counts changes since.
+          type: str
+        dirty_bytes:
+          description: Bytes marked changed.
+          type: int
+        inconsistent:
+          description: QEMU stopped without saving it; unusable.
+          type: bool
+        busy:
+          description: In use by a running job.
+          type: bool
+        recording:
+          description: Whether it records writes.
+          type: bool
+        persistent:
+          description: Whether it is stored in the image.
+          type: bool
+        granularity:
+          description: Bytes per bit.
+          type: int
+chains:
+  description: The guest's chains on the storage, oldest first.
+  returned: when O(storage) or O(dumpdir) is given
+  type: list
+  elements: dict
+  contains:
+    chain:
+      description: Chain id.
+      type: str
+    start:
+      description: Time of the chain's full backup.
+      type: str
+    backups:
+      description: Times of the chain's backups.
+      type: list
+      elements: str
+    latest:
+      description: The newest backup of the chain.
+      type: str
+    bitmap:
+      description: Name of the bitmap that an incremental backup needs.
+      type: str
+    can_continue:
+      description: Whether that bitmap is on every disk and consistent.
+      type: bool
+storage_path:
+  description: The storage's directory.
+  returned: when O(storage) or O(dumpdir) is given
+  type: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils.guest_inspect import inspect_guest
+from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+    guest_argument_spec, storage_argument_spec)
+from ansible_collections.guestvault.backup.plugins.module_utils.qmp import (
+    HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
+
+
+def main():
+    spec = guest_argument_spec()
+    spec.update(storage_argument_spec())
+    module = AnsibleModule(argument_spec=spec, mutually_exclusive=[('storage', 'dumpdir')],
+                           supports_check_mode=True)
+    if not HAS_QEMU_QMP:
+        module.fail_json(msg=missing_required_lib('qemu.qmp'), exception=str(QEMU_QMP_IMPORT_ERROR))
+    params = module.params
+    try:
+        info = inspect_guest(params['vmid'], params['qmp_socket'], params['config_dir'],
+                             params['storage'], params['dumpdir'])
+    except GuestvaultError as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(changed=False, **info)
+
+
+if __name__ == '__main__':
+    main()
