@@ -187,6 +187,8 @@ class LabGuest:
     def snapshot_disk(self, disk_index, dest):
         """What the guest's disk holds now, as a standalone image (guest must be paused or
         not writing): a point-in-time reference for comparisons."""
+        # QEMU caches qcow2 metadata; flush it into the file before reading the file from outside.
+        self.qemu_io(self.disk_ids[disk_index], 'flush')
         subprocess.run(['qemu-img', 'convert', '-U', '-O', 'qcow2', self.disk_path(disk_index),
                         dest], check=True)
         return dest

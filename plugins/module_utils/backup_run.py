@@ -153,31 +153,33 @@ def _chain_tip(backups, chain_name):
                                           if d.get('bitmap')))
 
 
-def plan_backup(request, qmp, now=None, log=None):
-    """Validate everything and decide what a backup would do, changing nothing."""
+def prepare_backup(request, qmp):
+    """Validate the request (options, guest, storage, hook, notes), changing nothing."""
     options = _resolve_options(request)
     guest = _guest_entry(request)
     storage = _open_storage(request, options)
     hook = HookScript(options['script']) if options['script'] else None
-    node = request.node or socket.gethostname()
-    name = guest.name or _qemu_name(qmp) or f"vm{guest.vmid}"
-    guest = replace(guest, name=name)
+    options['node'] = request.node or socket.gethostname()
+    guest = replace(guest, name=guest.name or _qemu_name(qmp) or f"vm{guest.vmid}")
     notes = None
     if options['notes_template']:
         notes = render_notes(options['notes_template'], {
-            'cluster': request.cluster or '', 'guestname': name, 'node': node,
-            'vmid': str(guest.vmid)})
+            'cluster': request.cluster or '', 'guestname': guest.name,
+            'node': options['node'], 'vmid': str(guest.vmid)})
+    return Plan(request, options, guest, storage, disks=[], notes=notes, hook=hook)
+
+
+def decide_backup(plan, qmp, now=None):
+    """Fill in the disks and the level: what the backup would take, changing nothing."""
+    request, guest = plan.request, plan.guest
     include = request.include if request.include is not None else (guest.include or None)
     exclude = request.exclude if request.exclude is not None else (guest.exclude or None)
-    disks, warnings = select_disks(discover_disks(qmp), include, exclude, request.include_raw)
-    plan = Plan(request, options, guest, storage, disks, warnings=warnings, notes=notes,
-                hook=hook)
-    plan.options['node'] = node
-    tip = _chain_tip(storage.backups(guest.vmid), request.chain)
-    plan.decision = chains.decide_level(request.level, now or datetime.now(timezone.utc), disks,
-                                        tip, request.chain, request.chain_period or 'none')
-    if plan.decision.fallback and log is not None:
-        log(plan.decision.reason)
+    plan.disks, plan.warnings = select_disks(discover_disks(qmp), include, exclude,
+                                             request.include_raw)
+    tip = _chain_tip(plan.storage.backups(guest.vmid), request.chain)
+    plan.decision = chains.decide_level(request.level, now or datetime.now(timezone.utc),
+                                        plan.disks, tip, request.chain,
+                                        request.chain_period or 'none')
     return plan
 
 
@@ -296,6 +298,14 @@ class _Capture:
                 'driver': 'qcow2', 'node-name': self.targets[disk.id],
                 'file': {'driver': 'file', 'filename': path}})
 
+    def remove_colliding_bitmaps(self):
+        """A run killed within this same second left the bitmap this run is about to add; it
+        counts nothing that a stored backup needs (QEMU refuses remove+add in one transaction)."""
+        new = chains.bitmap_name(self.plan.decision.chain, self.when)
+        for disk in self.plan.disks:
+            if any(b['name'] == new for b in disk.bitmaps):
+                self.qmp.execute('block-dirty-bitmap-remove', {'node': disk.node, 'name': new})
+
     def actions(self):
         decision = self.plan.decision
         options = self.plan.options
@@ -371,9 +381,9 @@ def _socket_for(request):
 def _run(request, qmp, log, progress, now):
     started = time.monotonic()
     clog = _Log(log)
-    plan = plan_backup(request, qmp, now=now, log=clog)
-    result = _plan_result(plan)
+    plan = prepare_backup(request, qmp)
     if request.check_mode:
+        result = _plan_result(decide_backup(plan, qmp, now))
         result['changed'] = True
         return result
     vmid = plan.guest.vmid
@@ -384,13 +394,14 @@ def _run(request, qmp, log, progress, now):
         stack.enter_context(file_lock(os.path.join(RUN_DIR, f"{vmid}.lock"), lock_wait,
                                       f"guest {vmid} on this node"))
         stack.enter_context(plan.storage.guest_lock(vmid, lock_wait))
+        # Leftovers of a killed run first: its job would still hold the disks.
         _clear_leftovers(qmp, vmid, clog)
         for name in plan.storage.remove_stale(vmid):
             clog(f"removed {name}, left by an interrupted run")
-        # Decide again under the lock: another run may have finished in the meantime.
-        plan = plan_backup(request, qmp, now=now)
-        result = _take(plan, qmp, clog, progress, started)
-    return result
+        decide_backup(plan, qmp, now)
+        if plan.decision.fallback:
+            clog(plan.decision.reason)
+        return _take(plan, qmp, clog, progress, started)
 
 
 def _plan_result(plan):
@@ -436,6 +447,8 @@ def _take(plan, qmp, clog, progress, started):
              f"level {plan.decision.level} ({plan.decision.reason}), mode {mode}")
         hook('backup-start')
         capture.create_targets()
+        if plan.decision.chain:
+            capture.remove_colliding_bitmaps()
         if mode == 'snapshot':
             around = snapshot_mode(qmp, plan.guest.agent_socket,
                                    float(plan.options['freeze_timeout']), clog)

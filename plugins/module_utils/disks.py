@@ -12,6 +12,8 @@ from .errors import DiskSelectionError
 
 # Formats whose images can carry a persistent dirty bitmap (qcow2 v3, "compat 1.1").
 BITMAP_FORMATS = ('qcow2',)
+# Filters a running backup job puts on top of a disk while it copies.
+JOB_FILTERS = ('copy-before-write', 'backup-top')
 # UEFI variable stores are small raw images that must come back with the guest, or it will not
 # boot the same way; the firmware code image (pflash0) is read-only and comes from the package.
 PFLASH_VARS_IDS = ('pflash1',)
@@ -27,6 +29,7 @@ class Disk:
     read_only: bool = False
     supports_bitmaps: bool = False
     is_pflash: bool = False
+    in_job: bool = False
     bitmaps: list = field(default_factory=list)
 
     def as_dict(self):
@@ -73,6 +76,7 @@ def discover_disks(qmp):
             read_only=bool(inserted.get('ro')),
             supports_bitmaps=_bitmap_capable(image),
             is_pflash=disk_id.startswith('pflash'),
+            in_job=inserted['drv'] in JOB_FILTERS,
             bitmaps=list(inserted.get('dirty-bitmaps') or []),
         ))
     return disks
@@ -104,6 +108,10 @@ def select_disks(disks, include=None, exclude=None, include_raw=False):
             continue
         if disk.is_pflash and disk.id not in PFLASH_VARS_IDS:
             continue
+        if disk.in_job:
+            raise DiskSelectionError(
+                f"disk {disk.id} is being copied by a running block job (another backup tool, "
+                "or a run of ours on another node's behalf); wait until it ends")
         if not disk.supports_bitmaps and not disk.is_pflash and not include_raw:
             warnings.append(
                 f"disk {disk.id} ({disk.format}) skipped: it cannot hold a dirty bitmap and would "

@@ -1,0 +1,528 @@
+"""Live full and incremental backups on real QEMU: every backup is one point in time, and no
+guest write is ever lost, also when a backup fails or is killed."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from guestvault_engine import backup_run
+from guestvault_engine.backup_run import BackupRequest, run_backup
+from guestvault_engine.errors import BackupFailed, ChainError, GuestUnreachable, HookFailed
+from lab_checks import backups_in, hidden_in, same_content
+from labguest import LabGuest
+
+MiB = 1 << 20
+
+
+def backup(guest, store, config_dir, **options):
+    request = BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
+                            config_dir=config_dir, **options)
+    return run_backup(request)
+
+
+def raw_content(image, workdir):
+    """The guest-visible bytes of an image, read through its backing chain by qemu-img."""
+    out = os.path.join(workdir, 'content.raw')
+    subprocess.run(['qemu-img', 'convert', '-U', '-O', 'raw', image, out], check=True)
+    with open(out, 'rb') as handle:
+        data = handle.read()
+    os.unlink(out)
+    return data
+
+
+def bitmap_names(guest):
+    return sorted({b['name'] for dev in guest.execute('query-block')
+                   for b in dev['inserted'].get('dirty-bitmaps', [])})
+
+
+class Writer(threading.Thread):
+    """Keeps writing through the guest's block layer and records every write, in order."""
+
+    def __init__(self, guest, disk_size, pause=0.02, seed=7):
+        super().__init__(daemon=True)
+        self.guest = guest
+        self.disk_size = disk_size
+        self.pause = pause
+        self.rng = random.Random(seed)
+        self.writes = []        # (disk index, offset, length, pattern), appended before issuing
+        self.completed = 0
+        self.stop_flag = threading.Event()
+        self.error = None
+
+    def run(self):
+        try:
+            while not self.stop_flag.is_set():
+                disk = self.rng.randrange(len(self.guest.disk_ids))
+                length = self.rng.choice((4096, 65536, 3 * 65536))
+                offset = self.rng.randrange(0, (self.disk_size - length) // 4096) * 4096
+                pattern = len(self.writes) % 255 + 1
+                self.writes.append((disk, offset, length, pattern))
+                self.guest.write(self.guest.disk_ids[disk], pattern, offset, length)
+                self.completed += 1
+                time.sleep(self.pause)
+        except Exception as exc:  # surfaced by the test
+            self.error = exc
+
+    def finish(self):
+        self.stop_flag.set()
+        self.join(30)
+        assert self.error is None, self.error
+
+
+class Model:
+    """What each disk holds after the first k writes; advanced monotonically."""
+
+    def __init__(self, sizes):
+        self.disks = [bytearray(size) for size in sizes]
+        self.applied = 0
+
+    def apply(self, write):
+        disk, offset, length, pattern = write
+        self.disks[disk][offset:offset + length] = bytes([pattern]) * length
+        self.applied += 1
+
+    def find_point_in_time(self, contents, writes, lowest, highest):
+        """The k (lowest <= k <= highest) for which every disk equals the model, or None."""
+        while self.applied < lowest:
+            self.apply(writes[self.applied])
+        while True:
+            if all(model == data for model, data in zip(self.disks, contents)):
+                return self.applied
+            if self.applied >= min(highest, len(writes)):
+                return None
+            self.apply(writes[self.applied])
+
+
+def test_every_backup_is_one_point_in_time_for_all_disks_while_the_guest_writes(
+        make_guest, store, config_dir, tmp_path):
+    size = 32 * MiB
+    guest = make_guest(disks=[('qcow2', size), ('qcow2', size)])
+    model = Model([size, size])
+    writer = Writer(guest, size)
+    # Fill both disks first, so the full backup has data to copy while writes race it.
+    for disk in guest.disk_ids:
+        guest.write(disk, 0xEE, 0, size)
+    for d in model.disks:
+        d[:] = b'\xee' * size
+    writer.start()
+    found = []
+    # bwlimit makes each copy span many guest writes, which must land in this backup or the next.
+    plan = [dict(level='full', bwlimit=32 * 1024)] + [dict(level='auto', bwlimit=8 * 1024)] * 3
+    results = []
+    for options in plan:
+        lowest = writer.completed
+        result = backup(guest, store, config_dir, **options)
+        highest = len(writer.writes)
+        results.append(result)
+        contents = [raw_content(os.path.join(result['path'], f"{d}.qcow2"), str(tmp_path))
+                    for d in guest.disk_ids]
+        k = model.find_point_in_time(contents, writer.writes, lowest, highest)
+        assert k is not None, f"{result['backup']} is no single point in time of the guest"
+        found.append((result['level'], k, lowest, highest))
+    # Writes really raced the copies (otherwise this test proves nothing).
+    assert sum(high - low for _level, _k, low, high in found) > 50, found
+    writer.finish()
+    guest.pause()
+    last = backup(guest, store, config_dir, level='inc')
+    contents = [raw_content(os.path.join(last['path'], f"{d}.qcow2"), str(tmp_path))
+                for d in guest.disk_ids]
+    assert model.find_point_in_time(contents, writer.writes, len(writer.writes),
+                                    len(writer.writes)) == len(writer.writes)
+    assert [r['level'] for r in results] == ['full', 'inc', 'inc', 'inc']
+    assert last['level'] == 'inc'
+    # ... and the live disk equals the restored chain.
+    for index, disk in enumerate(guest.disk_ids):
+        ref = guest.snapshot_disk(index, str(tmp_path / f'live{index}.qcow2'))
+        ok, out = same_content(ref, os.path.join(last['path'], f'{disk}.qcow2'))
+        assert ok, out
+
+
+def test_each_backup_of_a_chain_restores_the_content_it_had(make_guest, store, config_dir,
+                                                            tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    refs, results = [], []
+    for step, (pattern, offset) in enumerate([(0x11, 0), (0x22, 4 * MiB), (0x33, 1 * MiB),
+                                              (0x44, 15 * MiB)]):
+        guest.write('vd0', pattern, offset, MiB)
+        if step == 3:
+            guest.discard('vd0', 0, 2 * MiB)  # zeroes must win over older data in the chain
+        results.append(backup(guest, store, config_dir))
+        refs.append(guest.snapshot_disk(0, str(tmp_path / f'ref{step}.qcow2')))
+    assert [r['level'] for r in results] == ['full', 'inc', 'inc', 'inc']
+    for result, ref in zip(results, refs):
+        ok, out = same_content(ref, os.path.join(result['path'], 'vd0.qcow2'))
+        assert ok, f"{result['backup']}: {out}"
+    # Incrementals hold only what changed.
+    assert [r['disks'][0]['bytes_written'] for r in results[1:]] == [MiB, MiB, 3 * MiB]
+    # The manifest ties the chain together and records what restore will verify.
+    index = json.load(open(os.path.join(results[2]['path'], 'index.json')))
+    assert index['parent'] == results[1]['time']
+    assert index['chain'] == results[0]['chain']
+    assert index['disks'][0]['backing'] == f"../{results[1]['time']}/vd0.qcow2"
+    info = json.loads(subprocess.run(
+        ['qemu-img', 'info', '--output=json', os.path.join(results[2]['path'], 'vd0.qcow2')],
+        capture_output=True, text=True, check=True).stdout)
+    assert info['backing-filename'] == f"../{results[1]['time']}/vd0.qcow2"
+    import hashlib
+    with open(os.path.join(results[2]['path'], 'vd0.qcow2'), 'rb') as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == index['disks'][0]['sha256']
+    for name in ('guest.json', 'client.log'):
+        assert os.path.exists(os.path.join(results[2]['path'], name))
+    # Only the newest backup's bitmap is left on the guest.
+    assert bitmap_names(guest) == [f"guestvault.{results[0]['chain']}."
+                                   f"{results[3]['time'].replace('-', '').replace(':', '')}"]
+
+
+def test_bitmaps_survive_a_qemu_restart_and_a_crash_makes_auto_fall_back(
+        make_guest, store, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0x10, 0, MiB)
+    full = backup(guest, store, config_dir, level='full')
+    guest.stop()                       # a clean quit stores the persistent bitmap in the image
+    guest.start()
+    guest.write('vd0', 0x20, 2 * MiB, MiB)
+    inc = backup(guest, store, config_dir, level='inc')
+    assert inc['parent'] == full['time'] and inc['disks'][0]['bytes_written'] == MiB
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'a.qcow2')),
+                           os.path.join(inc['path'], 'vd0.qcow2'))
+    assert ok, out
+    guest.stop()
+    guest.start()                      # bitmap loaded from the image, marked in use...
+    guest.kill()                       # ... and QEMU dies without storing it
+    guest.start()
+    with pytest.raises(ChainError, match='inconsistent'):
+        backup(guest, store, config_dir, level='inc')
+    fallback = backup(guest, store, config_dir, level='auto')
+    assert fallback['level'] == 'full' and 'inconsistent' in fallback['level_reason']
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'b.qcow2')),
+                           os.path.join(fallback['path'], 'vd0.qcow2'))
+    assert ok, out
+    # The new chain works: the inconsistent bitmap was retired with the old chain.
+    assert all('.' + fallback['chain'] + '.' in name for name in bitmap_names(guest))
+    assert backup(guest, store, config_dir)['level'] == 'inc'
+
+
+def _kill_mid_backup(guest, store, config_dir, tmp_path, sig):
+    """Start a slow backup in a separate process and send it ``sig`` while its job runs."""
+    script = f"""
+import sys
+sys.path.insert(0, {os.path.join(os.path.dirname(__file__), '..')!r})
+import conftest
+from guestvault_engine.backup_run import BackupRequest, run_backup
+run_backup(BackupRequest(vmid={guest.vmid}, qmp_socket={guest.qmp_socket!r}, dumpdir={store!r},
+                         config_dir={config_dir!r}, level='inc', bwlimit=512))
+"""
+    env = dict(os.environ, GUESTVAULT_RUN_DIR=str(tmp_path / 'run'))
+    proc = subprocess.Popen([sys.executable, '-c', script], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        jobs = guest.execute('query-block-jobs')
+        if jobs and jobs[0]['offset'] > 0:
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"backup job never started: {proc.communicate()}")
+    assert jobs[0]['speed'] == 512 * 1024   # bwlimit (KiB/s) reached QEMU's job
+    assert hidden_in(store, guest.vmid)       # it is writing into a hidden .tmp directory
+    os.kill(proc.pid, sig)
+    proc.communicate(timeout=30)
+    return jobs
+
+
+def test_a_killed_backup_leaves_nothing_that_looks_complete_and_loses_no_write(
+        make_guest, store, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0x31, 0, 8 * MiB)
+    full = backup(guest, store, config_dir, level='full')
+    guest.write('vd0', 0x32, 0, 8 * MiB)
+    _kill_mid_backup(guest, store, config_dir, tmp_path, signal.SIGKILL)
+    assert backups_in(store, guest.vmid) == [full['time']]
+    guest.write('vd0', 0x33, 12 * MiB, MiB)
+    # The next run clears the leftovers (job, target node, .tmp) and continues the chain.
+    nxt = backup(guest, store, config_dir, level='auto')
+    assert nxt['level'] == 'inc' and nxt['parent'] == full['time']
+    assert hidden_in(store, guest.vmid) == []
+    assert guest.execute('query-block-jobs') == []
+    assert not [n for n in guest.execute('query-named-block-nodes', flat=True)
+                if n['node-name'].startswith('gvt-')]
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
+                           os.path.join(nxt['path'], 'vd0.qcow2'))
+    assert ok, out
+
+
+def test_a_terminated_backup_cleans_up_after_itself(make_guest, store, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0x41, 0, 8 * MiB)
+    full = backup(guest, store, config_dir, level='full')
+    guest.write('vd0', 0x42, 0, 8 * MiB)
+    _kill_mid_backup(guest, store, config_dir, tmp_path, signal.SIGTERM)
+    assert backups_in(store, guest.vmid) == [full['time']]
+    assert hidden_in(store, guest.vmid) == []
+    assert guest.execute('query-block-jobs') == []
+    assert len(bitmap_names(guest)) == 1   # the parent's bitmap, still counting every write
+
+
+def test_qemu_dying_mid_backup_fails_the_backup_cleanly(make_guest, store, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0x51, 0, 8 * MiB)
+    full = backup(guest, store, config_dir, level='full')
+    guest.write('vd0', 0x52, 0, 8 * MiB)
+    killer = threading.Timer(1.0, guest.kill)
+    killer.start()
+    with pytest.raises((GuestUnreachable, BackupFailed)):
+        backup(guest, store, config_dir, level='inc', bwlimit=512)
+    killer.join()
+    assert backups_in(store, guest.vmid) == [full['time']]
+    assert hidden_in(store, guest.vmid) == []
+    guest.start()
+    nxt = backup(guest, store, config_dir, level='auto')
+    # QEMU never stored the bitmap it created at the full backup: the chain must restart.
+    assert nxt['level'] == 'full' and 'no bitmap' in nxt['level_reason']
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
+                           os.path.join(nxt['path'], 'vd0.qcow2'))
+    assert ok, out
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    path = tmp_path / 'small'
+    path.mkdir()
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=12M', 'tmpfs', str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield str(path)
+    subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def test_a_full_target_disk_fails_the_backup_and_the_chain_goes_on(
+        make_guest, small_store, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 32 * MiB)])
+    guest.write('vd0', 0x61, 0, 4 * MiB)
+    full = backup(guest, small_store, config_dir, level='full')
+    random_data = tmp_path / 'random.bin'
+    random_data.write_bytes(os.urandom(16 * MiB))
+    guest.write_file('vd0', str(random_data), 8 * MiB, 16 * MiB)
+    with pytest.raises(BackupFailed, match='No space left|space'):
+        backup(guest, small_store, config_dir, level='inc')
+    assert backups_in(small_store, guest.vmid) == [full['time']]
+    assert hidden_in(small_store, guest.vmid) == []
+    subprocess.run(['mount', '-o', 'remount,size=64M', small_store], check=True)
+    nxt = backup(guest, small_store, config_dir, level='inc')
+    assert nxt['parent'] == full['time']
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
+                           os.path.join(nxt['path'], 'vd0.qcow2'))
+    assert ok, out
+
+
+def test_hook_script_sees_vzdump_phases_and_can_abort(make_guest, store, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    record = tmp_path / 'phases.txt'
+    script = tmp_path / 'hook.sh'
+    script.write_text(f"""#!/bin/sh
+echo "$1 $2 $3 storeid=$STOREID dumpdir=$DUMPDIR vmtype=$VMTYPE target=$TARGET" >> {record}
+[ "$1" = "$FAIL_PHASE" ] && exit 3
+exit 0
+""")
+    script.chmod(0o755)
+    full = backup(guest, store, config_dir, script=str(script))
+    phases = [line.split()[0] for line in record.read_text().splitlines()]
+    assert phases == ['backup-start', 'backup-end', 'log-end']
+    assert f"snapshot {guest.vmid} storeid= dumpdir={store} vmtype=qemu " \
+           f"target={full['path']}" in record.read_text().splitlines()[1]
+    for fail_phase in ('backup-start', 'backup-end'):
+        record.write_text('')
+        os.environ['FAIL_PHASE'] = fail_phase
+        try:
+            with pytest.raises(HookFailed, match=fail_phase):
+                backup(guest, store, config_dir, script=str(script))
+        finally:
+            del os.environ['FAIL_PHASE']
+        assert record.read_text().splitlines()[-1].startswith('backup-abort')
+        assert backups_in(store, guest.vmid) == [full['time']]
+        assert hidden_in(store, guest.vmid) == []
+    # The failed runs kept the chain: the next backup is incremental on the full.
+    guest.write('vd0', 0x71, 0, MiB)
+    nxt = backup(guest, store, config_dir)
+    assert nxt['level'] == 'inc' and nxt['parent'] == full['time']
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
+                           os.path.join(nxt['path'], 'vd0.qcow2'))
+    assert ok, out
+
+
+def test_raw_disks_are_copied_whole_and_only_when_asked(make_guest, store, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB), ('raw', 8 * MiB)])
+    guest.write('vd1', 0x7A, 0, MiB)
+    plain = backup(guest, store, config_dir)
+    assert [d['id'] for d in plain['disks']] == ['vd0']
+    assert any('vd1' in w and 'include_raw' in w for w in plain['warnings'])
+    full = backup(guest, store, config_dir, include_raw=True, level='full')
+    guest.write('vd1', 0x7B, 4 * MiB, MiB)
+    guest.write('vd0', 0x7C, 0, MiB)
+    inc = backup(guest, store, config_dir, include_raw=True)
+    levels = {d['id']: d['level'] for d in inc['disks']}
+    assert inc['level'] == 'inc' and levels == {'vd0': 'inc', 'vd1': 'full'}
+    assert full['disks'][1]['bitmap'] is None
+    for index, disk in enumerate(guest.disk_ids):
+        ok, out = same_content(guest.snapshot_disk(index, str(tmp_path / f'r{index}.qcow2')),
+                               os.path.join(inc['path'], f'{disk}.qcow2'))
+        assert ok, out
+
+
+def test_uefi_variables_come_along_and_firmware_code_does_not(make_guest, store, config_dir,
+                                                              tmp_path):
+    code = '/usr/share/OVMF/OVMF_CODE.fd'
+    if not os.path.exists(code):
+        pytest.skip('ovmf not installed')
+    variables = tmp_path / 'vars.fd'
+    variables.write_bytes(open('/usr/share/OVMF/OVMF_VARS.fd', 'rb').read())
+    guest = make_guest(disks=[('qcow2', 16 * MiB)], extra_args=[
+        '-drive', f'if=pflash,format=raw,readonly=on,file={code}',
+        '-drive', f'if=pflash,format=raw,file={variables}'])
+    result = backup(guest, store, config_dir)
+    assert sorted(d['id'] for d in result['disks']) == ['pflash1', 'vd0']
+    ok, out = same_content(str(variables), os.path.join(result['path'], 'pflash1.qcow2'))
+    assert ok, out
+
+
+def test_named_chains_coexist_and_an_unnamed_full_leaves_them_alone(make_guest, store,
+                                                                    config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    daily = backup(guest, store, config_dir, level='full', chain='daily')
+    weekly = backup(guest, store, config_dir, level='full', chain='weekly')
+    unnamed1 = backup(guest, store, config_dir, level='full')
+    unnamed2 = backup(guest, store, config_dir, level='full')
+    chains = {name.split('.')[1] for name in bitmap_names(guest)}
+    assert chains == {'daily', 'weekly', unnamed2['chain']}
+    assert unnamed1['chain'] != unnamed2['chain']
+    guest.write('vd0', 0x5A, 0, MiB)
+    inc = backup(guest, store, config_dir, level='inc', chain='daily')
+    assert inc['parent'] == daily['time'] and inc['disks'][0]['bytes_written'] == MiB
+    inc = backup(guest, store, config_dir, level='inc', chain='weekly')
+    assert inc['parent'] == weekly['time'] and inc['disks'][0]['bytes_written'] == MiB
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
+                           os.path.join(inc['path'], 'vd0.qcow2'))
+    assert ok, out
+
+
+def test_monthly_chain_period_starts_a_new_chain_in_a_new_month(make_guest, store, config_dir):
+    from datetime import datetime, timedelta, timezone
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    first = backup(guest, store, config_dir, level='auto', chain_period='monthly')
+    same_month = backup(guest, store, config_dir, level='auto', chain_period='monthly')
+    assert same_month['level'] == 'inc'
+    next_month = datetime.now(timezone.utc) + timedelta(days=32)
+    later = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
+                                     config_dir=config_dir, chain_period='monthly'),
+                       now=next_month)
+    assert later['level'] == 'full' and 'monthly' in later['level_reason']
+    assert later['chain'] != first['chain']
+
+
+def test_compressed_backup_uses_zstd_and_restores_the_same(make_guest, store, config_dir,
+                                                           tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0x00, 0, 16 * MiB)
+    guest.write('vd0', 0x61, 0, 8 * MiB)
+    result = backup(guest, store, config_dir, compress='zstd')
+    image = os.path.join(result['path'], 'vd0.qcow2')
+    info = json.loads(subprocess.run(['qemu-img', 'info', '--output=json', image],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info['format-specific']['data']['compression-type'] == 'zstd'
+    assert result['disks'][0]['size'] < 2 * MiB   # 8 MiB of one byte compresses to little
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')), image)
+    assert ok, out
+
+
+def test_notes_and_protection_are_written_with_the_backup(make_guest, store, config_dir):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)], name='web01')
+    result = backup(guest, store, config_dir, protected=True, cluster='lab',
+                    notes_template='{{guestname}} ({{vmid}}) on {{node}}\\nof {{cluster}}',
+                    node='node1')
+    assert open(os.path.join(result['path'], 'notes')).read() == \
+        f'web01 ({guest.vmid}) on node1\nof lab'
+    assert os.path.exists(os.path.join(result['path'], '.protected'))
+    assert result['protected'] is True
+
+
+def test_check_mode_decides_and_changes_nothing(make_guest, store, config_dir):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    plan = backup(guest, store, config_dir, check_mode=True)
+    assert plan['level'] == 'full' and 'no earlier backup' in plan['level_reason']
+    assert [d['id'] for d in plan['disks']] == ['vd0']
+    assert not os.path.exists(os.path.join(store, 'vm'))
+    assert bitmap_names(guest) == []
+    backup(guest, store, config_dir)
+    before = sorted(os.listdir(os.path.join(store, 'vm', str(guest.vmid))))
+    plan = backup(guest, store, config_dir, check_mode=True)
+    assert plan['level'] == 'inc'
+    assert sorted(os.listdir(os.path.join(store, 'vm', str(guest.vmid)))) == before
+
+
+def test_suspend_pauses_a_running_guest_only_around_the_point_in_time(make_guest, store,
+                                                                      config_dir):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.execute('cont')
+    result = backup(guest, store, config_dir, mode='suspend')
+    assert result['pause_seconds'] is not None and result['pause_seconds'] >= 0
+    assert guest.execute('query-status')['status'] == 'running'
+
+
+def test_snapshot_without_agent_warns_that_it_is_only_crash_consistent(make_guest, store,
+                                                                       config_dir):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.execute('cont')
+    result = backup(guest, store, config_dir, mode='snapshot')
+    assert any('not frozen' in w and 'crash-consistent' in w for w in result['warnings'])
+
+
+def test_stop_mode_gives_up_after_stopwait_and_leaves_the_guest_running(make_guest, store,
+                                                                        config_dir):
+    from guestvault_engine.errors import ConsistencyError
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.execute('cont')   # no OS: nothing answers the ACPI power button
+    with pytest.raises(ConsistencyError, match='stopwait'):
+        backup(guest, store, config_dir, mode='stop', stopwait=0.03)
+    assert guest.execute('query-status')['status'] == 'running'
+    assert backups_in(store, guest.vmid) == [] and hidden_in(store, guest.vmid) == []
+    assert bitmap_names(guest) == []
+
+
+def test_stop_mode_on_a_guest_that_is_not_running_backs_up_directly(make_guest, store,
+                                                                    config_dir):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    result = backup(guest, store, config_dir, mode='stop', stopwait=0.01)
+    assert result['level'] == 'full' and result['downtime_seconds'] is None
+
+
+def test_guest_already_being_backed_up_is_refused_after_lockwait(make_guest, store, config_dir):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    from guestvault_engine.errors import LockTimeout
+    from guestvault_engine.storage_dir import file_lock
+    lock = os.path.join(backup_run.RUN_DIR, f'{guest.vmid}.lock')
+    with file_lock(lock, 0, 'test'):
+        with pytest.raises(LockTimeout, match='locked by another run'):
+            backup(guest, store, config_dir, lockwait=0.01)
+    assert backups_in(store, guest.vmid) == []
+
+
+def test_guest_restarted_as_a_new_labguest_keeps_its_bitmaps(tmp_path, store, config_dir):
+    """A guest started again from the same images (as after a host reboot) continues its chain."""
+    guest = LabGuest(str(tmp_path / 'g'), disks=[('qcow2', 16 * MiB)], vmid=9050).start()
+    try:
+        full = backup(guest, store, config_dir)
+        guest.stop()
+        guest = LabGuest(str(tmp_path / 'g'), disks=[('qcow2', 16 * MiB)], vmid=9050).start()
+        guest.write('vd0', 0x66, 0, MiB)
+        inc = backup(guest, store, config_dir)
+        assert inc['level'] == 'inc' and inc['parent'] == full['time']
+    finally:
+        guest.stop()
