@@ -372,7 +372,8 @@ def main():
         result = run_backup(request)
     except GuestvaultError as exc:
         module.fail_json(msg=str(exc), vmid=module.params['vmid'])
-    for warning in result.get('warnings', []):
+    # Ansible collects module.warn() into the result's warnings and shows them to the user.
+    for warning in result.pop('warnings', []):
         module.warn(warning)
     module.exit_json(**result)
 

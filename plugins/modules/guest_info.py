@@ -70,7 +70,7 @@ EXAMPLES = r"""
 
 - name: Chains that need a full backup next
   ansible.builtin.debug:
-    msg: "{{ info.chains | json_query('[?!can_continue].chain') }}"
+    msg: "{{ info.chains | community.general.json_query('[?!can_continue].chain') }}"
 """
 
 RETURN = r"""
