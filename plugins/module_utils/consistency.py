@@ -59,32 +59,35 @@ def snapshot_mode(qmp, agent_socket, freeze_timeout, log):
             "is only crash-consistent")
         yield report
         return
+    failed = False
     try:
         try:
             report.frozen = agent.freeze()
             log(f"froze {report.frozen} filesystem(s) through the guest agent")
         except AgentError as exc:
+            failed = True
             report.warnings.append(f"fsfreeze failed ({exc}): backup is only crash-consistent")
         yield report
     finally:
-        if report.frozen is not None:
-            _thaw(agent, report, log)
+        # A freeze that timed out may still complete inside the guest: thaw in any case, on a
+        # fresh connection since the old one may still carry the late answer.
+        if report.frozen is not None or failed:
+            _thaw(agent, report, log, reconnect=failed)
         agent.close()
 
 
-def _thaw(agent, report, log):
+def _thaw(agent, report, log, reconnect=False):
     for attempt in (1, 2, 3):
         try:
+            if reconnect:
+                agent.close()
+                agent.connect()
             agent.thaw()
             log("thawed the guest's filesystems")
             return
         except AgentError as exc:
             log(f"thaw attempt {attempt} failed: {exc}")
-            try:
-                agent.close()
-                agent.connect()
-            except AgentError:
-                pass
+            reconnect = True
     report.warnings.append(
         "could not thaw the guest's filesystems after 3 attempts: run "
         "'guest-fsfreeze-thaw' through the agent now, or the guest's writes will hang")
