@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from . import chain as chains
 from .config import load_vzdump_defaults
 from .consistency import MODES, StopMode, snapshot_mode, suspend_mode
-from .disks import discover_disks, select_disks
+from .disks import discover_disks, require_idle, select_disks
 from .errors import BackupFailed, ConfigError, GuestvaultError, HookFailed, QmpCommandFailed
 from .hooks import HookScript
 from .notes import render_notes
@@ -86,6 +86,7 @@ class Plan:
     guest: GuestEntry
     storage: DirStorage
     disks: list
+    all_disks: list = field(default_factory=list)
     decision: chains.LevelDecision = None
     warnings: list = field(default_factory=list)
     notes: str = None
@@ -166,16 +167,26 @@ def prepare_backup(request, qmp):
         notes = render_notes(options['notes_template'], {
             'cluster': request.cluster or '', 'guestname': guest.name,
             'node': options['node'], 'vmid': str(guest.vmid)})
-    return Plan(request, options, guest, storage, disks=[], notes=notes, hook=hook)
+    chains.check_level_options(request.level, request.chain, request.chain_period or 'none')
+    plan = Plan(request, options, guest, storage, disks=[], notes=notes, hook=hook)
+    _select(plan, qmp)  # unknown disk ids fail here, before any lock is taken
+    return plan
+
+
+def _select(plan, qmp):
+    request, guest = plan.request, plan.guest
+    include = request.include if request.include is not None else (guest.include or None)
+    exclude = request.exclude if request.exclude is not None else (guest.exclude or None)
+    plan.all_disks = discover_disks(qmp)
+    plan.disks, plan.warnings = select_disks(plan.all_disks, include, exclude,
+                                             request.include_raw)
 
 
 def decide_backup(plan, qmp, now=None):
     """Fill in the disks and the level: what the backup would take, changing nothing."""
     request, guest = plan.request, plan.guest
-    include = request.include if request.include is not None else (guest.include or None)
-    exclude = request.exclude if request.exclude is not None else (guest.exclude or None)
-    plan.disks, plan.warnings = select_disks(discover_disks(qmp), include, exclude,
-                                             request.include_raw)
+    _select(plan, qmp)
+    require_idle(plan.disks)
     tip = _chain_tip(plan.storage.backups(guest.vmid), request.chain)
     plan.decision = chains.decide_level(request.level, now or datetime.now(timezone.utc),
                                         plan.disks, tip, request.chain,
@@ -476,7 +487,7 @@ def _take(plan, qmp, clog, progress, started):
         _write_metadata(plan, qmp, staged, index, clog)
         staged.commit()
         hook('backup-end')
-        for node, name in chains.bitmaps_to_retire(plan.disks, plan.decision, now):
+        for node, name in chains.bitmaps_to_retire(plan.all_disks, plan.decision, now):
             qmp.execute('block-dirty-bitmap-remove', {'node': node, 'name': name})
             clog(f"dropped bitmap {name}, superseded by this backup")
     except BaseException as exc:
@@ -498,7 +509,7 @@ def _take(plan, qmp, clog, progress, started):
     result = _plan_result(plan)
     bytes_written = sum(d['bytes_written'] for d in disks)
     result.update({
-        'changed': True, 'backup': f"vm/{vmid}/{format_time(now)}", 'path': staged.path,
+        'changed': True, 'backup': f"vm/{vmid}/{format_time(now)}", 'backup_dir': staged.path,
         'time': format_time(now), 'disks': disks, 'duration': round(index['duration'], 3),
         'copy_seconds': round(copy_seconds, 3),
         'throughput': int(bytes_written / copy_seconds) if copy_seconds > 0 else 0,

@@ -24,13 +24,13 @@ from .errors import ChainError, ConfigError
 BITMAP_PREFIX = 'guestvault'
 LEVELS = ('full', 'inc', 'auto', 'copy')
 CHAIN_PERIODS = ('none', 'monthly')
-_NAMED_CHAIN = re.compile(r'^[A-Za-z][A-Za-z0-9_-]{0,63}$')
+_NAMED_CHAIN = re.compile(r'[A-Za-z][A-Za-z0-9_-]{0,63}')
 _STAMP = '%Y%m%dT%H%M%SZ'
 
 
 def validate_chain_name(name):
     """Named chains start with a letter; generated ones are a time stamp, so they never clash."""
-    if not _NAMED_CHAIN.match(name or ''):
+    if not _NAMED_CHAIN.fullmatch(name or ''):
         raise ConfigError(
             f"chain {name!r} is not a valid chain name: use 1-64 letters, digits, '-' or '_', "
             "starting with a letter (e.g. 'nightly')")
@@ -98,10 +98,11 @@ def _chain_problem(tip, chain_disks, chain_period, now):
         if bitmap is None:
             ours = [n for n in names if (parse_bitmap_name(n) or ('',))[0] == tip.chain]
             if ours:
-                return (f"disk {disk.id} has bitmap {ours[0]}, which does not belong to the "
-                        f"newest backup of chain {tip.chain} on this storage "
-                        f"({tip.backup_time:%Y-%m-%dT%H:%M:%SZ}); that backup was removed or "
-                        "the chain moved on to another storage")
+                since = datetime.strptime(parse_bitmap_name(ours[0])[1], _STAMP)
+                return (f"disk {disk.id} has bitmap {ours[0]}, which counts changes since the "
+                        f"backup of {since:%Y-%m-%dT%H:%M:%SZ}, but the newest backup of chain "
+                        f"{tip.chain} on this storage is {tip.backup_time:%Y-%m-%dT%H:%M:%SZ}; "
+                        "that later backup was removed, or the chain went on on another storage")
             return (f"disk {disk.id} has no bitmap {wanted}: QEMU was restarted from an image "
                     "without it, or it was removed")
         if bitmap.get('inconsistent'):
@@ -110,13 +111,8 @@ def _chain_problem(tip, chain_disks, chain_period, now):
     return None
 
 
-def decide_level(requested, now, disks, tip, chain_name=None, chain_period='none'):
-    """Choose the level of the next backup.
-
-    ``disks`` are the selected disks (with their current bitmaps); ``tip`` the newest backup of the
-    chain to continue (``None`` when there is none). ``level: inc`` raises ChainError where
-    ``auto`` falls back to a full backup and says why.
-    """
+def check_level_options(requested, chain_name=None, chain_period='none'):
+    """The level options on their own: checked before anything is locked or changed."""
     if requested not in LEVELS:
         raise ConfigError(f"level {requested!r} is not one of {', '.join(LEVELS)}")
     if chain_period not in CHAIN_PERIODS:
@@ -126,6 +122,16 @@ def decide_level(requested, now, disks, tip, chain_name=None, chain_period='none
                           "backups, so it needs level auto")
     if chain_name:
         validate_chain_name(chain_name)
+
+
+def decide_level(requested, now, disks, tip, chain_name=None, chain_period='none'):
+    """Choose the level of the next backup.
+
+    ``disks`` are the selected disks (with their current bitmaps); ``tip`` the newest backup of the
+    chain to continue (``None`` when there is none). ``level: inc`` raises ChainError where
+    ``auto`` falls back to a full backup and says why.
+    """
+    check_level_options(requested, chain_name, chain_period)
     if requested == 'copy':
         return LevelDecision('copy', reason='copy requested: a full backup outside any chain')
     new_chain = chain_name or stamp(now)

@@ -109,10 +109,14 @@ def select_disks(disks, include=None, exclude=None, include_raw=False):
         if disk.is_pflash and disk.id not in PFLASH_VARS_IDS:
             continue
         if disk.in_job:
-            raise DiskSelectionError(
-                f"disk {disk.id} is being copied by a running block job (another backup tool, "
-                "or a run of ours on another node's behalf); wait until it ends")
+            # Its format is hidden under the job's filter; require_idle() decides later.
+            selected.append(disk)
+            continue
         if not disk.supports_bitmaps and not disk.is_pflash and not include_raw:
+            if include:
+                raise DiskSelectionError(
+                    f"disk {disk.id} is {disk.format}: it cannot hold a dirty bitmap, so it is "
+                    "copied whole every time and only with include_raw set; set include_raw")
             warnings.append(
                 f"disk {disk.id} ({disk.format}) skipped: it cannot hold a dirty bitmap and would "
                 "be copied whole every time; set include_raw to back it up")
@@ -123,3 +127,12 @@ def select_disks(disks, include=None, exclude=None, include_raw=False):
             "no disk left to back up after include/exclude and the raw-disk rule; disks: "
             + ', '.join(f"{d.id} ({d.format})" for d in disks))
     return selected, warnings
+
+
+def require_idle(disks):
+    """A disk under another block job cannot join this backup's transaction."""
+    for disk in disks:
+        if disk.in_job:
+            raise DiskSelectionError(
+                f"disk {disk.id} is being copied by a running block job of another tool; wait "
+                "until it ends")

@@ -181,9 +181,18 @@ class DirStorage:
         gdir = self.guest_dir(vmid)
         removed = []
         for name in os.listdir(gdir) if os.path.isdir(gdir) else ():
-            if name.startswith('.') and name.endswith('.tmp'):
-                shutil.rmtree(os.path.join(gdir, name), ignore_errors=True)
-                removed.append(name)
+            path = os.path.join(gdir, name)
+            if not (name.startswith('.') and name.endswith('.tmp')):
+                continue
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            except OSError as exc:
+                raise StorageError(f"cannot remove {path}, left by an interrupted run: {exc}; "
+                                   "remove it by hand") from exc
+            removed.append(name)
         return removed
 
     def next_backup_time(self, vmid, now):

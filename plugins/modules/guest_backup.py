@@ -80,7 +80,8 @@ options:
         previous unnamed chain's bitmap), and V(inc)/V(auto) continue the guest's newest chain.
     type: str
   chain_period:
-    description: With O(level=auto), V(monthly) starts a new full chain when the month changes.
+    description:
+      - With O(level=auto), V(monthly) starts a new full chain when the month (in UTC) changes.
     type: str
     default: none
     choices: [none, monthly]
@@ -95,7 +96,9 @@ options:
   include_raw:
     description:
       - Also back up raw-format disks. They cannot hold a dirty bitmap, so they are copied whole
-        in every backup. The UEFI variable store (C(pflash1)) is always included.
+        in every backup. Naming a raw disk in O(include) without this is an error.
+      - The UEFI variable store (C(pflash1)) is included unless excluded; the firmware code
+        (C(pflash0)) is read-only and never backed up.
     type: bool
     default: false
   mode:
@@ -210,7 +213,7 @@ backup:
   returned: changed
   type: str
   sample: vm/101/2026-11-22T01:00:00Z
-path:
+backup_dir:
   description: Directory of the new backup.
   returned: changed
   type: str
@@ -325,7 +328,7 @@ throughput:
   sample: 1073741824
 warnings:
   description: Things the user should know, e.g. that the filesystems were not frozen.
-  returned: always
+  returned: when there are any
   type: list
   elements: str
 notes:

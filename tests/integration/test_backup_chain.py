@@ -120,7 +120,7 @@ def test_every_backup_is_one_point_in_time_for_all_disks_while_the_guest_writes(
         result = backup(guest, store, config_dir, **options)
         highest = len(writer.writes)
         results.append(result)
-        contents = [raw_content(os.path.join(result['path'], f"{d}.qcow2"), str(tmp_path))
+        contents = [raw_content(os.path.join(result['backup_dir'], f"{d}.qcow2"), str(tmp_path))
                     for d in guest.disk_ids]
         k = model.find_point_in_time(contents, writer.writes, lowest, highest)
         assert k is not None, f"{result['backup']} is no single point in time of the guest"
@@ -130,7 +130,7 @@ def test_every_backup_is_one_point_in_time_for_all_disks_while_the_guest_writes(
     writer.finish()
     guest.pause()
     last = backup(guest, store, config_dir, level='inc')
-    contents = [raw_content(os.path.join(last['path'], f"{d}.qcow2"), str(tmp_path))
+    contents = [raw_content(os.path.join(last['backup_dir'], f"{d}.qcow2"), str(tmp_path))
                 for d in guest.disk_ids]
     assert model.find_point_in_time(contents, writer.writes, len(writer.writes),
                                     len(writer.writes)) == len(writer.writes)
@@ -139,7 +139,7 @@ def test_every_backup_is_one_point_in_time_for_all_disks_while_the_guest_writes(
     # ... and the live disk equals the restored chain.
     for index, disk in enumerate(guest.disk_ids):
         ref = guest.snapshot_disk(index, str(tmp_path / f'live{index}.qcow2'))
-        ok, out = same_content(ref, os.path.join(last['path'], f'{disk}.qcow2'))
+        ok, out = same_content(ref, os.path.join(last['backup_dir'], f'{disk}.qcow2'))
         assert ok, out
 
 
@@ -156,24 +156,24 @@ def test_each_backup_of_a_chain_restores_the_content_it_had(make_guest, store, c
         refs.append(guest.snapshot_disk(0, str(tmp_path / f'ref{step}.qcow2')))
     assert [r['level'] for r in results] == ['full', 'inc', 'inc', 'inc']
     for result, ref in zip(results, refs):
-        ok, out = same_content(ref, os.path.join(result['path'], 'vd0.qcow2'))
+        ok, out = same_content(ref, os.path.join(result['backup_dir'], 'vd0.qcow2'))
         assert ok, f"{result['backup']}: {out}"
     # Incrementals hold only what changed.
     assert [r['disks'][0]['bytes_written'] for r in results[1:]] == [MiB, MiB, 3 * MiB]
     # The manifest ties the chain together and records what restore will verify.
-    index = json.load(open(os.path.join(results[2]['path'], 'index.json')))
+    index = json.load(open(os.path.join(results[2]['backup_dir'], 'index.json')))
     assert index['parent'] == results[1]['time']
     assert index['chain'] == results[0]['chain']
     assert index['disks'][0]['backing'] == f"../{results[1]['time']}/vd0.qcow2"
     info = json.loads(subprocess.run(
-        ['qemu-img', 'info', '--output=json', os.path.join(results[2]['path'], 'vd0.qcow2')],
+        ['qemu-img', 'info', '--output=json', os.path.join(results[2]['backup_dir'], 'vd0.qcow2')],
         capture_output=True, text=True, check=True).stdout)
     assert info['backing-filename'] == f"../{results[1]['time']}/vd0.qcow2"
     import hashlib
-    with open(os.path.join(results[2]['path'], 'vd0.qcow2'), 'rb') as handle:
+    with open(os.path.join(results[2]['backup_dir'], 'vd0.qcow2'), 'rb') as handle:
         assert hashlib.sha256(handle.read()).hexdigest() == index['disks'][0]['sha256']
     for name in ('guest.json', 'client.log'):
-        assert os.path.exists(os.path.join(results[2]['path'], name))
+        assert os.path.exists(os.path.join(results[2]['backup_dir'], name))
     # Only the newest backup's bitmap is left on the guest.
     assert bitmap_names(guest) == [f"guestvault.{results[0]['chain']}."
                                    f"{results[3]['time'].replace('-', '').replace(':', '')}"]
@@ -190,7 +190,7 @@ def test_bitmaps_survive_a_qemu_restart_and_a_crash_makes_auto_fall_back(
     inc = backup(guest, store, config_dir, level='inc')
     assert inc['parent'] == full['time'] and inc['disks'][0]['bytes_written'] == MiB
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'a.qcow2')),
-                           os.path.join(inc['path'], 'vd0.qcow2'))
+                           os.path.join(inc['backup_dir'], 'vd0.qcow2'))
     assert ok, out
     guest.stop()
     guest.start()                      # bitmap loaded from the image, marked in use...
@@ -201,7 +201,7 @@ def test_bitmaps_survive_a_qemu_restart_and_a_crash_makes_auto_fall_back(
     fallback = backup(guest, store, config_dir, level='auto')
     assert fallback['level'] == 'full' and 'inconsistent' in fallback['level_reason']
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'b.qcow2')),
-                           os.path.join(fallback['path'], 'vd0.qcow2'))
+                           os.path.join(fallback['backup_dir'], 'vd0.qcow2'))
     assert ok, out
     # The new chain works: the inconsistent bitmap was retired with the old chain.
     assert all('.' + fallback['chain'] + '.' in name for name in bitmap_names(guest))
@@ -254,7 +254,7 @@ def test_a_killed_backup_leaves_nothing_that_looks_complete_and_loses_no_write(
     assert not [n for n in guest.execute('query-named-block-nodes', flat=True)
                 if n['node-name'].startswith('gvt-')]
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
-                           os.path.join(nxt['path'], 'vd0.qcow2'))
+                           os.path.join(nxt['backup_dir'], 'vd0.qcow2'))
     assert ok, out
 
 
@@ -287,7 +287,7 @@ def test_qemu_dying_mid_backup_fails_the_backup_cleanly(make_guest, store, confi
     # QEMU never stored the bitmap it created at the full backup: the chain must restart.
     assert nxt['level'] == 'full' and 'no bitmap' in nxt['level_reason']
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
-                           os.path.join(nxt['path'], 'vd0.qcow2'))
+                           os.path.join(nxt['backup_dir'], 'vd0.qcow2'))
     assert ok, out
 
 
@@ -296,7 +296,7 @@ def small_store(tmp_path):
     path = tmp_path / 'small'
     path.mkdir()
     proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=12M', 'tmpfs', str(path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     yield str(path)
@@ -319,7 +319,7 @@ def test_a_full_target_disk_fails_the_backup_and_the_chain_goes_on(
     nxt = backup(guest, small_store, config_dir, level='inc')
     assert nxt['parent'] == full['time']
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
-                           os.path.join(nxt['path'], 'vd0.qcow2'))
+                           os.path.join(nxt['backup_dir'], 'vd0.qcow2'))
     assert ok, out
 
 
@@ -337,7 +337,7 @@ exit 0
     phases = [line.split()[0] for line in record.read_text().splitlines()]
     assert phases == ['backup-start', 'backup-end', 'log-end']
     assert f"snapshot {guest.vmid} storeid= dumpdir={store} vmtype=qemu " \
-           f"target={full['path']}" in record.read_text().splitlines()[1]
+           f"target={full['backup_dir']}" in record.read_text().splitlines()[1]
     for fail_phase in ('backup-start', 'backup-end'):
         record.write_text('')
         os.environ['FAIL_PHASE'] = fail_phase
@@ -354,7 +354,7 @@ exit 0
     nxt = backup(guest, store, config_dir)
     assert nxt['level'] == 'inc' and nxt['parent'] == full['time']
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
-                           os.path.join(nxt['path'], 'vd0.qcow2'))
+                           os.path.join(nxt['backup_dir'], 'vd0.qcow2'))
     assert ok, out
 
 
@@ -373,7 +373,7 @@ def test_raw_disks_are_copied_whole_and_only_when_asked(make_guest, store, confi
     assert full['disks'][1]['bitmap'] is None
     for index, disk in enumerate(guest.disk_ids):
         ok, out = same_content(guest.snapshot_disk(index, str(tmp_path / f'r{index}.qcow2')),
-                               os.path.join(inc['path'], f'{disk}.qcow2'))
+                               os.path.join(inc['backup_dir'], f'{disk}.qcow2'))
         assert ok, out
 
 
@@ -389,7 +389,7 @@ def test_uefi_variables_come_along_and_firmware_code_does_not(make_guest, store,
         '-drive', f'if=pflash,format=raw,file={variables}'])
     result = backup(guest, store, config_dir)
     assert sorted(d['id'] for d in result['disks']) == ['pflash1', 'vd0']
-    ok, out = same_content(str(variables), os.path.join(result['path'], 'pflash1.qcow2'))
+    ok, out = same_content(str(variables), os.path.join(result['backup_dir'], 'pflash1.qcow2'))
     assert ok, out
 
 
@@ -409,7 +409,7 @@ def test_named_chains_coexist_and_an_unnamed_full_leaves_them_alone(make_guest, 
     inc = backup(guest, store, config_dir, level='inc', chain='weekly')
     assert inc['parent'] == weekly['time'] and inc['disks'][0]['bytes_written'] == MiB
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
-                           os.path.join(inc['path'], 'vd0.qcow2'))
+                           os.path.join(inc['backup_dir'], 'vd0.qcow2'))
     assert ok, out
 
 
@@ -433,7 +433,7 @@ def test_compressed_backup_uses_zstd_and_restores_the_same(make_guest, store, co
     guest.write('vd0', 0x00, 0, 16 * MiB)
     guest.write('vd0', 0x61, 0, 8 * MiB)
     result = backup(guest, store, config_dir, compress='zstd')
-    image = os.path.join(result['path'], 'vd0.qcow2')
+    image = os.path.join(result['backup_dir'], 'vd0.qcow2')
     info = json.loads(subprocess.run(['qemu-img', 'info', '--output=json', image],
                                      capture_output=True, text=True, check=True).stdout)
     assert info['format-specific']['data']['compression-type'] == 'zstd'
@@ -447,9 +447,9 @@ def test_notes_and_protection_are_written_with_the_backup(make_guest, store, con
     result = backup(guest, store, config_dir, protected=True, cluster='lab',
                     notes_template='{{guestname}} ({{vmid}}) on {{node}}\\nof {{cluster}}',
                     node='node1')
-    assert open(os.path.join(result['path'], 'notes')).read() == \
+    assert open(os.path.join(result['backup_dir'], 'notes')).read() == \
         f'web01 ({guest.vmid}) on node1\nof lab'
-    assert os.path.exists(os.path.join(result['path'], '.protected'))
+    assert os.path.exists(os.path.join(result['backup_dir'], '.protected'))
     assert result['protected'] is True
 
 

@@ -36,11 +36,11 @@ def test_registry_storage_cfg_and_vzdump_defaults_drive_a_backup(make_guest, sto
                  guest={'vmid': 101, 'name': 'web01', 'qmp': guest.qmp_socket,
                         'extra': ['exclude: vd1', 'tags: web']})
     result = run_backup(BackupRequest(vmid=101, storage='backups', config_dir=config_dir))
-    assert result['storage'] == 'backups' and result['path'].startswith(store)
+    assert result['storage'] == 'backups' and result['backup_dir'].startswith(store)
     assert result['mode'] == 'suspend' and result['pause_seconds'] is not None
     assert [d['id'] for d in result['disks']] == ['vd0']        # registry exclude
     assert result['notes'] == 'web01 nightly'
-    guest_json = json.load(open(os.path.join(result['path'], 'guest.json')))
+    guest_json = json.load(open(os.path.join(result['backup_dir'], 'guest.json')))
     assert guest_json['registry']['tags'] == ['web']
     # An option given to the run overrides vzdump.conf.
     second = run_backup(BackupRequest(vmid=101, storage='backups', config_dir=config_dir,
@@ -57,13 +57,13 @@ def test_removing_the_newest_backup_makes_auto_fall_back_with_the_reason(
     run_backup(BackupRequest(**request))
     guest.write('vd0', 0x21, 0, MiB)
     newest = run_backup(BackupRequest(**request))
-    shutil.rmtree(newest['path'])
+    shutil.rmtree(newest['backup_dir'])
     guest.write('vd0', 0x22, MiB, MiB)
     result = run_backup(BackupRequest(**request))
     assert result['level'] == 'full'
     assert 'removed' in result['level_reason'] or 'another storage' in result['level_reason']
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
-                           os.path.join(result['path'], 'vd0.qcow2'))
+                           os.path.join(result['backup_dir'], 'vd0.qcow2'))
     assert ok, out
 
 
@@ -84,7 +84,7 @@ class FakeAgent(threading.Thread):
     def run(self):
         while True:
             try:
-                conn, _ = self.server.accept()
+                conn = self.server.accept()[0]
             except OSError:
                 return
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
