@@ -452,6 +452,7 @@ def _take(plan, qmp, clog, progress, started):
             plan.hook.run(phase, mode=mode, vmid=vmid, env=env, log=clog)
 
     capture = _Capture(qmp, plan, staged, now, clog)
+    qmp_at_start = qmp
     report = None
     try:
         clog(f"starting backup of VM {vmid} ({plan.guest.name}) to {plan.storage.label}: "
@@ -460,20 +461,9 @@ def _take(plan, qmp, clog, progress, started):
         capture.create_targets()
         if plan.decision.chain:
             capture.remove_colliding_bitmaps()
-        if mode == 'snapshot':
-            around = snapshot_mode(qmp, plan.guest.agent_socket,
-                                   float(plan.options['freeze_timeout']), clog)
-        elif mode == 'suspend':
-            around = suspend_mode(qmp, clog)
-        else:
-            stopper = StopMode(qmp, plan.guest.agent_socket,
-                               float(plan.options['stopwait']) * 60,
-                               plan.guest.start_command, hook, clog)
-            around = stopper.around_point_in_time()
-        with around as report:
-            if mode == 'stop':
-                capture.qmp = qmp = stopper.qmp
-            qmp.transaction(capture.actions())
+        with _consistency_mode(plan, capture, hook, clog) as report:
+            capture.qmp.transaction(capture.actions())
+        qmp = capture.qmp  # stop mode reconnects if QEMU exited on shutdown
         clog(f"point in time {format_time(now)} fixed for disks "
              + ', '.join(d.id for d in plan.disks))
         copy_started = time.monotonic()
@@ -487,9 +477,6 @@ def _take(plan, qmp, clog, progress, started):
         _write_metadata(plan, qmp, staged, index, clog)
         staged.commit()
         hook('backup-end')
-        for node, name in chains.bitmaps_to_retire(plan.all_disks, plan.decision, now):
-            qmp.execute('block-dirty-bitmap-remove', {'node': node, 'name': name})
-            clog(f"dropped bitmap {name}, superseded by this backup")
     except BaseException as exc:
         clog(f"backup failed: {exc}")
         capture.abort()
@@ -501,11 +488,23 @@ def _take(plan, qmp, clog, progress, started):
             except HookFailed as hook_exc:
                 clog(f"backup-abort hook failed too: {hook_exc}")
         raise
+    # The backup is stored and complete: from here on, problems are warnings, never a reason to
+    # drop it. A bitmap not retired now is retired by the chain's next backup.
+    try:
+        for node, name in chains.bitmaps_to_retire(plan.all_disks, plan.decision, now):
+            qmp.execute('block-dirty-bitmap-remove', {'node': node, 'name': name})
+            clog(f"dropped bitmap {name}, superseded by this backup")
+    except GuestvaultError as exc:
+        plan.warnings.append(f"could not drop the chain's previous bitmap ({exc}); the next "
+                             "backup of the chain will")
     env.update(LOGFILE=os.path.join(staged.path, 'client.log'))
     try:
-        hook('log-end')  # as vzdump: the backup is complete, a failing log-end only warns
+        hook('log-end')  # as vzdump: a failing log-end only warns
     except HookFailed as exc:
         plan.warnings.append(str(exc))
+    staged.write('client.log', clog.text())
+    if capture.qmp is not qmp_at_start:
+        capture.qmp.close()
     result = _plan_result(plan)
     bytes_written = sum(d['bytes_written'] for d in disks)
     result.update({
@@ -520,6 +519,26 @@ def _take(plan, qmp, clog, progress, started):
         'downtime_seconds': report.downtime_seconds if report else None,
     })
     return result
+
+
+@contextmanager
+def _consistency_mode(plan, capture, hook, clog):
+    """Enter the plan's mode around the point in time; stop mode may swap ``capture.qmp``."""
+    mode = plan.options['mode']
+    if mode == 'snapshot':
+        with snapshot_mode(capture.qmp, plan.guest.agent_socket,
+                           float(plan.options['freeze_timeout']), clog) as report:
+            yield report
+    elif mode == 'suspend':
+        with suspend_mode(capture.qmp, clog) as report:
+            yield report
+    else:
+        stopper = StopMode(capture.qmp, plan.guest.agent_socket,
+                           float(plan.options['stopwait']) * 60, plan.guest.start_command,
+                           hook, clog)
+        with stopper.around_point_in_time() as report:
+            capture.qmp = stopper.qmp
+            yield report
 
 
 def _finish_disks(plan, capture, outcomes, staged):
