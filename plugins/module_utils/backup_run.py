@@ -32,7 +32,7 @@ from .disks import discover_disks, require_idle, select_disks
 from .errors import BackupFailed, ConfigError, GuestvaultError, HookFailed, QmpCommandFailed
 from .hooks import HookScript
 from .notes import render_notes
-from .qemu_img import create_qcow2
+from .qemu_img import allocated_bytes, create_qcow2
 from .qmp import QmpSession
 from .locate import open_storage, resolve_guest
 from .registry import GuestEntry
@@ -220,13 +220,13 @@ class _Log:
 
 
 def _sha256(path):
-    digest = hashlib.sha256()
     with open(path, 'rb', buffering=0) as handle:
-        while True:
-            chunk = handle.read(8 << 20)
-            if not chunk:
-                return digest.hexdigest()
+        if hasattr(hashlib, 'file_digest'):  # Python 3.11+: no copy through Python objects
+            return hashlib.file_digest(handle, 'sha256').hexdigest()
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: handle.read(8 << 20), b''):
             digest.update(chunk)
+        return digest.hexdigest()
 
 
 def _hash_and_sync(paths):
@@ -552,7 +552,8 @@ def _finish_disks(plan, capture, outcomes, staged):
         disks.append({
             'id': disk.id, 'node': disk.node, 'format': disk.format,
             'virtual_size': disk.virtual_size, 'file': os.path.basename(path),
-            'level': level, 'bytes_written': outcome.offset,
+            'level': level, 'bytes_written': allocated_bytes(path),
+            'bytes_processed': outcome.offset,
             'size': os.path.getsize(path), 'sha256': digest,
             'bitmap': chains.bitmap_name(decision.chain, capture.when)
             if decision.level != 'copy' and disk.supports_bitmaps else None,

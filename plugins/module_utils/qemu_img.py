@@ -39,6 +39,12 @@ def info(path, chain=False):
     return json.loads(_qemu_img(*args, path))
 
 
+def allocated_bytes(path):
+    """Bytes of guest data stored in this image itself (not in its backing files)."""
+    extents = json.loads(_qemu_img('map', '-U', '--output=json', path))
+    return sum(e['length'] for e in extents if e.get('data') and e.get('depth', 0) == 0)
+
+
 def check(path):
     """Run ``qemu-img check``; return (ok, message)."""
     binary = shutil.which('qemu-img')

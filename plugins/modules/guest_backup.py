@@ -296,9 +296,15 @@ disks:
       type: str
       sample: inc
     bytes_written:
-      description: Bytes of guest data the backup job covered (changed data for V(inc)).
+      description:
+        - Bytes of guest data stored in this backup's image (for V(inc), the changed data; holes
+          and zeroes take no space and do not count).
       type: int
       sample: 67108864
+    bytes_processed:
+      description: Bytes of the disk the backup job went through (the disk size for V(full)).
+      type: int
+      sample: 34359738368
     size:
       description: Size of the backup's image file in bytes.
       type: int
