@@ -296,6 +296,17 @@ class _Capture:
             self.jobs[disk.id] = f"{JOB_PREFIX}{vmid}-{run}-{disk.id}"
 
     def create_targets(self):
+        """Create the target images and open them in QEMU."""
+        self._create_images()
+        self.open_targets()
+
+    def open_targets(self):
+        for disk in self.plan.disks:
+            self.qmp.execute('blockdev-add', {
+                'driver': 'qcow2', 'node-name': self.targets[disk.id],
+                'file': {'driver': 'file', 'filename': self.staged.file(f"{disk.id}.qcow2")}})
+
+    def _create_images(self):
         decision = self.plan.decision
         compression = COMPRESSIONS[self.plan.options['compress']]
         parent = format_time(decision.parent) if decision.parent else None
@@ -305,9 +316,6 @@ class _Capture:
             path = self.staged.file(f"{disk.id}.qcow2")
             backing = f"../{parent}/{disk.id}.qcow2" if chained else None
             create_qcow2(path, disk.virtual_size, backing=backing, compression=compression)
-            self.qmp.execute('blockdev-add', {
-                'driver': 'qcow2', 'node-name': self.targets[disk.id],
-                'file': {'driver': 'file', 'filename': path}})
 
     def remove_colliding_bitmaps(self):
         """A run killed within this same second left the bitmap this run is about to add; it
@@ -521,24 +529,26 @@ def _take(plan, qmp, clog, progress, started):
     return result
 
 
-@contextmanager
 def _consistency_mode(plan, capture, hook, clog):
-    """Enter the plan's mode around the point in time; stop mode may swap ``capture.qmp``."""
+    """The context manager of the plan's mode, entered around the point in time."""
     mode = plan.options['mode']
     if mode == 'snapshot':
-        with snapshot_mode(capture.qmp, plan.guest.agent_socket,
-                           float(plan.options['freeze_timeout']), clog) as report:
-            yield report
-    elif mode == 'suspend':
-        with suspend_mode(capture.qmp, clog) as report:
-            yield report
-    else:
-        stopper = StopMode(capture.qmp, plan.guest.agent_socket,
-                           float(plan.options['stopwait']) * 60, plan.guest.start_command,
-                           hook, clog)
-        with stopper.around_point_in_time() as report:
-            capture.qmp = stopper.qmp
-            yield report
+        return snapshot_mode(capture.qmp, plan.guest.agent_socket,
+                             float(plan.options['freeze_timeout']), clog)
+    if mode == 'suspend':
+        return suspend_mode(capture.qmp, clog)
+
+    def reconnected(session):
+        # QEMU exited on shutdown and was started again: node names may differ, and the
+        # target nodes opened in the old process are gone.
+        capture.qmp = session
+        current = {d.id: d.node for d in discover_disks(session)}
+        for disk in plan.disks:
+            disk.node = current[disk.id]
+        capture.open_targets()
+    return StopMode(capture.qmp, plan.guest.agent_socket, float(plan.options['stopwait']) * 60,
+                    plan.guest.start_command, hook, clog,
+                    on_reconnect=reconnected).around_point_in_time()
 
 
 def _finish_disks(plan, capture, outcomes, staged):

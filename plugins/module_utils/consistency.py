@@ -110,10 +110,13 @@ def suspend_mode(qmp, log):
 
 
 class StopMode:
-    """Stop mode needs to swap the QMP session if QEMU exits on shutdown, so it is a class."""
+    """Stop mode must swap the QMP session if QEMU exits on shutdown, so it is a class that
+    tells its caller about the new session (``on_reconnect``)."""
 
-    def __init__(self, qmp, agent_socket, stopwait_seconds, start_command, hooks, log):
+    def __init__(self, qmp, agent_socket, stopwait_seconds, start_command, hooks, log,
+                 on_reconnect=None):
         self.qmp = qmp
+        self.on_reconnect = on_reconnect
         self.agent_socket = agent_socket
         self.stopwait = stopwait_seconds
         self.start_command = start_command
@@ -185,6 +188,8 @@ class StopMode:
         wait_for_socket(self.qmp.socket_path, timeout=30)
         self.qmp.close()
         self.qmp = QmpSession(self.qmp.socket_path).connect()
+        if self.on_reconnect:
+            self.on_reconnect(self.qmp)
         if self.qmp.status() == RUNNING:
             self.report.warnings.append(
                 "the start command let the guest run before the backup's point in time: the "

@@ -79,6 +79,13 @@ class QmpSession:
         except Exception:  # closing a dead connection must not hide the original error
             pass
         finally:
+            # A connection that died leaves the client's reader tasks behind: end them here,
+            # or they complain when the loop is garbage-collected.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
     def __enter__(self):

@@ -527,3 +527,45 @@ def test_guest_restarted_as_a_new_labguest_keeps_its_bitmaps(tmp_path, store, co
         assert inc['level'] == 'inc' and inc['parent'] == full['time']
     finally:
         guest.stop()
+
+
+def test_stop_mode_brings_back_a_guest_whose_qemu_exits_on_shutdown(make_guest, store,
+                                                                    config_dir, tmp_path):
+    """The guest "powers off" (QEMU quits on the ACPI request, as without -no-shutdown); the
+    registry's start command starts it again paused, the point in time is fixed while it is
+    off, and it runs again right after, with the stop-mode hook phases in vzdump's order."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    guest = make_guest(disks=[('qcow2', 16 * MiB)], vmid=777)
+    guest.write('vd0', 0x3C, 0, 2 * MiB)
+    guest.execute('cont')
+    tools = os.path.join(os.path.dirname(__file__), '..', '..', 'tools', 'labguest.py')
+    start = f"{sys.executable} {tools} start {guest.workdir} --disks 1 --size 16M --vmid 777"
+    with open(os.path.join(config_dir, 'guests.d', '777.conf'), 'w') as handle:
+        handle.write(f"name: stopper\nqmp: {guest.qmp_socket}\nstart: {start}\n")
+    record = tmp_path / 'phases.txt'
+    hook = tmp_path / 'hook.sh'
+    hook.write_text(f'#!/bin/sh\necho "$1" >> {record}\n')
+    hook.chmod(0o755)
+
+    def power_off_on_request():
+        monitor = QEMUMonitorProtocol(guest.control_socket)
+        monitor.connect()
+        while True:
+            event = monitor.pull_event(wait=True)
+            if event and event['event'] == 'POWERDOWN':
+                monitor.cmd('quit')
+                break
+    guest._close_qmp()  # the thread uses its own control connection; QEMU serves one at a time
+    watcher = threading.Thread(target=power_off_on_request, daemon=True)
+    watcher.start()
+    result = run_backup(BackupRequest(vmid=777, dumpdir=store, config_dir=config_dir,
+                                      mode='stop', stopwait=0.5, script=str(hook)))
+    watcher.join(10)
+    assert result['downtime_seconds'] is not None and result['level'] == 'full'
+    assert record.read_text().split() == ['backup-start', 'pre-stop', 'pre-restart',
+                                          'post-restart', 'backup-end', 'log-end']
+    assert guest.execute('query-status')['status'] == 'running'
+    guest.pause()
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
+                           os.path.join(result['backup_dir'], 'vd0.qcow2'))
+    assert ok, out
