@@ -75,6 +75,7 @@ class BackupRequest:
     script: str = None
     cluster: str = ''
     node: str = None
+    max_age: str = None          # skip when a backup younger than this exists ("12h", "1d")
     check_mode: bool = False
 
 
@@ -401,6 +402,9 @@ def _run(request, qmp, log, progress, now):
     started = time.monotonic()
     clog = _Log(log)
     plan = prepare_backup(request, qmp)
+    skip = _recent_enough(plan, now or datetime.now(timezone.utc))
+    if skip is not None:
+        return skip
     if request.check_mode:
         result = _plan_result(decide_backup(plan, qmp, now))
         result['changed'] = True
@@ -421,6 +425,57 @@ def _run(request, qmp, log, progress, now):
         if plan.decision.fallback:
             clog(plan.decision.reason)
         return _take(plan, qmp, clog, progress, started)
+
+
+_AGE_UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
+
+
+def parse_age(text):
+    """Seconds in an age such as ``90``, ``90s``, ``30m``, ``12h``, ``1d`` or ``2w``."""
+    value = str(text).strip().lower()
+    unit = _AGE_UNITS.get(value[-1:], None)
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = -1
+    if seconds <= 0:
+        raise ConfigError(f"max_age {text!r} is not an age: use a positive number of seconds or "
+                          "a number with s, m, h, d or w (e.g. 12h)")
+    return seconds
+
+
+def _recent_enough(plan, now):
+    """With max_age: the result of a skipped run when a recent enough backup exists, else None.
+
+    This is what makes a playbook that takes backups idempotent: running it twice within
+    max_age takes one backup.
+    """
+    if not plan.request.max_age:
+        return None
+    limit = parse_age(plan.request.max_age)
+    backups = plan.storage.backups(plan.guest.vmid)
+    if plan.request.chain:
+        backups = [b for b in backups if b.index.get('chain') == plan.request.chain]
+    if not backups:
+        return None
+    newest = backups[-1]
+    age = (now - newest.time).total_seconds()
+    if age >= limit:
+        return None
+    index = newest.index
+    reason = f"backup {newest.id} is {age:.0f} s old, younger than max_age {plan.request.max_age}"
+    notes_path = os.path.join(newest.path, 'notes')
+    return {
+        'changed': False, 'vmid': plan.guest.vmid, 'guest_name': plan.guest.name,
+        'backup': newest.id, 'backup_dir': newest.path, 'time': index['time'],
+        'level': index['level'], 'requested_level': plan.request.level, 'level_reason': reason,
+        'skipped_reason': reason, 'chain': index.get('chain'), 'parent': index.get('parent'),
+        'mode': index.get('mode'), 'storage': plan.storage.id,
+        'storage_path': plan.storage.path, 'disks': index['disks'],
+        'notes': open(notes_path).read() if os.path.exists(notes_path) else None,
+        'protected': newest.protected, 'warnings': [],
+    }
 
 
 def _plan_result(plan):

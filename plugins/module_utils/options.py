@@ -47,6 +47,7 @@ def backup_argument_spec():
         'script': {'type': 'path'},
         'cluster': {'type': 'str', 'default': ''},
         'node': {'type': 'str'},
+        'max_age': {'type': 'str'},
     })
     return spec
 
@@ -60,6 +61,6 @@ def backup_request_fields(params):
         'vmid', 'qmp_socket', 'agent_socket', 'storage', 'dumpdir', 'config_dir', 'level',
         'chain', 'chain_period', 'include', 'exclude', 'include_raw', 'mode', 'stopwait',
         'lockwait', 'freeze_timeout', 'bwlimit', 'compress', 'notes_template', 'protected',
-        'script', 'cluster', 'node')}
+        'script', 'cluster', 'node', 'max_age')}
     fields['max_workers'] = (params.get('performance') or {}).get('max_workers')
     return fields

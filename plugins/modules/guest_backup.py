@@ -161,6 +161,13 @@ options:
   node:
     description: The node's name for notes and hooks; default the host name.
     type: str
+  max_age:
+    description:
+      - Take no backup when the guest's newest backup on the storage (of O(chain), if given) is
+        younger than this; the task then reports V(changed=false) and RV(skipped_reason). Makes
+        a playbook that takes backups idempotent.
+      - Seconds, or a number with C(s), C(m), C(h), C(d) or C(w), e.g. C(12h).
+    type: str
 notes:
   - Only disks in qcow2 v3 images can be backed up incrementally. Persistent bitmaps are written
     to the image when QEMU closes it; after a QEMU crash they are inconsistent and V(auto) takes a
@@ -195,6 +202,12 @@ EXAMPLES = r"""
     bwlimit: 102400
     compress: zstd
 
+- name: At most one backup a day, however often the playbook runs
+  guestvault.backup.guest_backup:
+    vmid: 101
+    storage: backup-nfs
+    max_age: 20h
+
 - name: What would a backup do? (check mode)
   guestvault.backup.guest_backup:
     vmid: 101
@@ -209,10 +222,15 @@ EXAMPLES = r"""
 
 RETURN = r"""
 backup:
-  description: Id of the new backup, C(vm/<vmid>/<time>).
-  returned: changed
+  description: Id of the new backup, C(vm/<vmid>/<time>) (with O(max_age), of the recent one).
+  returned: changed or skipped by O(max_age)
   type: str
   sample: vm/101/2026-11-22T01:00:00Z
+skipped_reason:
+  description: Why no backup was taken (O(max_age)).
+  returned: when skipped
+  type: str
+  sample: backup vm/101/2026-11-22T01:00:00Z is 3600 s old, younger than max_age 20h
 backup_dir:
   description: Directory of the new backup.
   returned: changed

@@ -569,3 +569,19 @@ def test_stop_mode_brings_back_a_guest_whose_qemu_exits_on_shutdown(make_guest, 
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
                            os.path.join(result['backup_dir'], 'vd0.qcow2'))
     assert ok, out
+
+
+def test_max_age_makes_a_second_run_change_nothing(make_guest, store, config_dir):
+    from guestvault_engine.errors import ConfigError
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    first = backup(guest, store, config_dir, max_age='1h')
+    again = backup(guest, store, config_dir, max_age='1h')
+    assert first['changed'] is True and again['changed'] is False
+    assert again['backup'] == first['backup'] and 'max_age' in again['skipped_reason']
+    assert backups_in(store, guest.vmid) == [first['time']]
+    # Another chain has no recent backup yet, and an expired age takes a new one.
+    assert backup(guest, store, config_dir, max_age='1h', chain='weekly')['changed'] is True
+    time.sleep(1.1)
+    assert backup(guest, store, config_dir, max_age='1s')['changed'] is True
+    with pytest.raises(ConfigError, match='max_age'):
+        backup(guest, store, config_dir, max_age='soon')

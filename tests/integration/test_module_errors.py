@@ -528,3 +528,13 @@ def test_guest_bitmaps_retires_one_chain_idempotently(ansible, make_guest, store
     assert 'removed' in fallback['level_reason']
     assert backup_dirs(store) == sorted(['.lock', nightly['time'], unnamed['time'],
                                          fallback['time']])
+
+
+def test_a_second_run_with_max_age_changes_nothing(ansible, make_guest, store):
+    guest = make_guest()
+    args = {'vmid': VMID, 'qmp_socket': guest.qmp_socket, 'dumpdir': store, 'max_age': '1d'}
+    first = ansible.module(BACKUP, args)
+    second = ansible.module(BACKUP, args)
+    assert first['_status'] == 'ok' and first['changed'] is True
+    assert second['_status'] == 'ok' and second['changed'] is False
+    assert second['backup'] == first['backup'] and 'max_age' in second['skipped_reason']
