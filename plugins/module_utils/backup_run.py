@@ -36,7 +36,7 @@ from .qemu_img import allocated_bytes, create_qcow2
 from .qmp import QmpSession
 from .locate import open_storage, resolve_guest
 from .registry import GuestEntry
-from .storage_dir import DirStorage, file_lock, format_time, parse_time
+from .storage_dir import DirStorage, file_lock, format_time, fsync_path, parse_time
 from .version import TOOL_VERSION
 
 MANIFEST_FORMAT = 1
@@ -233,11 +233,7 @@ def _sha256(path):
 def _hash_and_sync(paths):
     """sha256 and fsync of every image, concurrently: hashing is CPU, fsync is I/O."""
     def one(path):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
         return _sha256(path)
     with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
         return list(pool.map(one, paths))

@@ -25,7 +25,8 @@ author:
 requirements:
   - qemu.qmp (Python) on the node
   - qemu-img (Debian package qemu-utils) on the node
-extends_documentation_fragment: []
+extends_documentation_fragment:
+  - guestvault.backup.guest
 attributes:
   check_mode:
     description: Reports the level the backup would take and why, and the disks, changing nothing.
@@ -34,27 +35,6 @@ attributes:
     description: Not applicable; a backup always adds a new backup.
     support: none
 options:
-  vmid:
-    description:
-      - The guest's numeric id (100 to 999999999). Names the backup directory C(vm/<vmid>/).
-      - Without O(qmp_socket), the guest is looked up in the node's guest registry
-        C(<config_dir>/guests.d/<vmid>.conf).
-    type: int
-    required: true
-  qmp_socket:
-    description:
-      - Path of the guest's QMP unix socket (C(-qmp unix:PATH,server=on,wait=off)). Overrides the
-        registry's C(qmp).
-    type: path
-  agent_socket:
-    description:
-      - Path of the host side of the guest agent's virtio-serial socket. With it, O(mode=snapshot)
-        freezes the guest's filesystems around the point in time. Overrides the registry's C(agent).
-    type: path
-  config_dir:
-    description: The node's guestvault configuration (C(vzdump.conf), C(storage.cfg), C(guests.d/)).
-    type: path
-    default: /etc/guestvault
   storage:
     description: Id of a directory storage in C(<config_dir>/storage.cfg).
     type: str

@@ -20,6 +20,8 @@ description:
   - Changes nothing.
 author:
   - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.guest
 requirements:
   - qemu.qmp (Python) on the node
 attributes:
@@ -30,20 +32,6 @@ attributes:
     description: Read-only.
     support: none
 options:
-  vmid:
-    description: The guest's numeric id; without O(qmp_socket) it is looked up in the registry.
-    type: int
-    required: true
-  qmp_socket:
-    description: Path of the guest's QMP socket, instead of the registry's.
-    type: path
-  agent_socket:
-    description: Unused here; accepted so that the same option set works for all modules.
-    type: path
-  config_dir:
-    description: The node's guestvault configuration directory.
-    type: path
-    default: /etc/guestvault
   storage:
     description: A storage id from C(storage.cfg) whose chains to show.
     type: str
