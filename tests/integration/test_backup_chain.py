@@ -555,6 +555,10 @@ def test_stop_mode_brings_back_a_guest_whose_qemu_exits_on_shutdown(make_guest, 
             if event and event['event'] == 'POWERDOWN':
                 monitor.cmd('quit')
                 break
+        try:
+            monitor.close()
+        except EOFError:  # QEMU is gone, as intended
+            pass
     guest._close_qmp()  # the thread uses its own control connection; QEMU serves one at a time
     watcher = threading.Thread(target=power_off_on_request, daemon=True)
     watcher.start()
