@@ -232,7 +232,7 @@ class Instrument:
     """Time stamps for the engine's phases, without touching the engine's files.
 
     The log callback stamps each log line; wrappers around ``backup_run._hash_and_sync`` and
-    ``backup_run._sha256`` (module globals, looked up at call time) split the finishing step into
+    ``backup_run.sha256_file`` (module globals, looked up at call time) split the finishing step into
     fsync and hashing.
     """
 
@@ -240,9 +240,9 @@ class Instrument:
         self.backup_run = backup_run
         self.reset()
         original_hs = getattr(backup_run, '_hash_and_sync', None)
-        original_sha = getattr(backup_run, '_sha256', None)
+        original_sha = getattr(backup_run, 'sha256_file', None)
         if original_hs is None or original_sha is None:
-            say("note: backup_run._hash_and_sync/_sha256 not found; the hash/fsync split of the "
+            say("note: backup_run._hash_and_sync/sha256_file not found; the hash/fsync split of the "
                 "finishing phase is not measured")
             return
 
@@ -260,7 +260,7 @@ class Instrument:
             finally:
                 self.marks['sha256'] = self.marks.get('sha256', 0.0) + time.monotonic() - t0
         backup_run._hash_and_sync = hash_and_sync
-        backup_run._sha256 = sha256
+        backup_run.sha256_file = sha256
 
     def reset(self):
         self.t0 = time.monotonic()

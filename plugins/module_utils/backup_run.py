@@ -14,7 +14,6 @@ The order of steps is what makes a backup safe:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -36,7 +35,8 @@ from .qemu_img import allocated_bytes, create_qcow2
 from .qmp import QmpSession
 from .locate import open_storage, resolve_guest
 from .registry import GuestEntry
-from .storage_dir import DirStorage, file_lock, format_time, fsync_path, parse_time
+from .storage_dir import (DirStorage, file_lock, format_time, fsync_path, parse_time,
+                          sha256_file)
 from .version import TOOL_VERSION
 
 MANIFEST_FORMAT = 1
@@ -220,21 +220,11 @@ class _Log:
         return '\n'.join(self.lines) + '\n'
 
 
-def _sha256(path):
-    with open(path, 'rb', buffering=0) as handle:
-        if hasattr(hashlib, 'file_digest'):  # Python 3.11+: no copy through Python objects
-            return hashlib.file_digest(handle, 'sha256').hexdigest()
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: handle.read(8 << 20), b''):
-            digest.update(chunk)
-        return digest.hexdigest()
-
-
 def _hash_and_sync(paths):
     """sha256 and fsync of every image, concurrently: hashing is CPU, fsync is I/O."""
     def one(path):
         fsync_path(path)
-        return _sha256(path)
+        return sha256_file(path)
     with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
         return list(pool.map(one, paths))
 

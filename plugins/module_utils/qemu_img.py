@@ -8,11 +8,16 @@ import subprocess
 from .errors import GuestvaultError, StorageError
 
 
-def _qemu_img(*args):
+def qemu_img_binary():
     binary = shutil.which('qemu-img')
     if binary is None:
         raise GuestvaultError("qemu-img is not installed; install Debian's qemu-utils")
-    proc = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
+    return binary
+
+
+def _qemu_img(*args):
+    proc = subprocess.run([qemu_img_binary(), *args], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         raise StorageError(f"qemu-img {args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
@@ -47,7 +52,6 @@ def allocated_bytes(path):
 
 def check(path):
     """Run ``qemu-img check``; return (ok, message)."""
-    binary = shutil.which('qemu-img')
-    proc = subprocess.run([binary, 'check', '-U', path], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run([qemu_img_binary(), 'check', '-U', path], capture_output=True,
+                          text=True, check=False)
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +37,17 @@ def fsync_path(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path):
+    """sha256 of a file, as the manifest records it for every image."""
+    with open(path, 'rb', buffering=0) as handle:
+        if hasattr(hashlib, 'file_digest'):  # Python 3.11+: no copy through Python objects
+            return hashlib.file_digest(handle, 'sha256').hexdigest()
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: handle.read(8 << 20), b''):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def write_file_atomic(path, data):

@@ -1,0 +1,275 @@
+"""Restore: new standalone images of a backup's disks, verified, never touching the backups.
+
+A chain restores in one pass: ``qemu-img convert`` of the backup's newest image reads through
+its backing chain (FACTS.md: 4-5x faster than copying the full and committing each incremental).
+The chain's files are checked against their manifests while the images are written, and the
+images appear under their final names only once both have succeeded, so nothing unverified ever
+stands at a target path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from . import catalog
+from .errors import ConfigError, StorageError
+from .locate import open_storage
+from .qemu_img import allocated_bytes, qemu_img_binary
+from .registry import GuestEntry, guest_path, render_guest, validate_vmid
+from .storage_dir import fsync_path, sha256_file, write_file_atomic
+
+FORMATS = ('qcow2', 'raw')
+
+
+class VerifyFailed(StorageError):
+    """A backup file does not match its manifest."""
+
+
+@dataclass
+class RestoreRequest:
+    vmid: int
+    target_dir: str
+    backup: str = 'latest'
+    until: object = None
+    storage: str = None
+    dumpdir: str = None
+    config_dir: str = '/etc/guestvault'
+    disks: list = None
+    format: str = 'qcow2'
+    snapshots: bool = False
+    bwlimit: int = 0             # KiB/s read from the storage, 0 = unlimited
+    force: bool = False
+    new_vmid: int = None
+    new_qmp_socket: str = None
+    check_mode: bool = False
+
+
+def verify_chain_files(chain, disk_ids=None):
+    """sha256 of every image a restore reads, against each backup's manifest."""
+    jobs = []
+    for record in chain:
+        for disk in record.index['disks']:
+            if disk_ids is None or disk['id'] in disk_ids:
+                jobs.append((record, disk))
+    if not jobs:
+        return []
+
+    def check(job):
+        record, disk = job
+        path = os.path.join(record.path, disk['file'])
+        if not os.path.exists(path):
+            return f"{record.id}: {disk['file']} is missing"
+        actual = sha256_file(path)
+        if actual != disk['sha256']:
+            return (f"{record.id}: {disk['file']} has sha256 {actual[:16]}..., its manifest "
+                    f"says {disk['sha256'][:16]}...: the file changed or is damaged")
+        return None
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        return [problem for problem in pool.map(check, jobs) if problem]
+
+
+def _image_in_use(path):
+    """True if a running QEMU (or another tool) holds a write lock on the image."""
+    proc = subprocess.run([qemu_img_binary(), 'info', '--output=json', path],
+                          capture_output=True, text=True, check=False)
+    return proc.returncode != 0 and 'lock' in proc.stderr
+
+
+def _check_target_dir(request, storage):
+    target = request.target_dir
+    if not target or not os.path.isabs(target):
+        raise ConfigError(f"target_dir {target!r} must be an absolute path")
+    real = os.path.realpath(target)
+    for forbidden, what in ((storage.path, 'the backup storage'),
+                            (request.config_dir, 'the guestvault configuration')):
+        root = os.path.realpath(forbidden)
+        if os.path.commonpath([real, root]) == root:
+            raise ConfigError(f"target_dir {target} lies inside {what} ({forbidden}); restore "
+                              "to a directory outside it")
+    return real
+
+
+def plan_restore(request):
+    """What a restore would write, where and how big; changes nothing."""
+    if request.format not in FORMATS:
+        raise ConfigError(f"format {request.format!r} is not one of {', '.join(FORMATS)}")
+    if request.snapshots and request.format != 'qcow2':
+        raise ConfigError("snapshots needs format qcow2: only qcow2 holds internal snapshots")
+    vmid = validate_vmid(request.vmid)
+    storage = open_storage(request.config_dir, request.storage, request.dumpdir)
+    if storage is None:
+        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir")
+    target_dir = _check_target_dir(request, storage)
+    record = catalog.resolve(storage, vmid, request.backup, request.until)
+    chain = catalog.chain_of(storage, record)
+    by_id = {d['id']: d for d in record.index['disks']}
+    wanted = list(request.disks) if request.disks else list(by_id)
+    unknown = [d for d in wanted if d not in by_id]
+    if unknown:
+        raise ConfigError(f"backup {record.id} has no disk(s) {', '.join(unknown)}; it has "
+                          f"{', '.join(by_id)}")
+    new_vmid = validate_vmid(request.new_vmid) if request.new_vmid is not None else None
+    if new_vmid is not None and os.path.exists(guest_path(request.config_dir, new_vmid)) \
+            and not request.force:
+        raise ConfigError(f"guest {new_vmid} is already registered "
+                          f"({guest_path(request.config_dir, new_vmid)}); choose another "
+                          "new_vmid or set force")
+    disks, problems = [], []
+    for disk_id in wanted:
+        disk = by_id[disk_id]
+        source = os.path.join(record.path, disk['file'])
+        target = os.path.join(target_dir, f"{disk_id}.{request.format}")
+        if os.path.exists(target):
+            if _image_in_use(target):
+                problems.append(f"{target} is in use by a running QEMU; stop that guest first "
+                                "(force does not override this)")
+            elif not request.force:
+                problems.append(f"{target} exists; set force to overwrite it")
+        disks.append({'id': disk_id, 'source': source, 'target': target,
+                      'format': request.format, 'virtual_size': disk['virtual_size'],
+                      'data_bytes': _chain_data_bytes(chain, disk_id)})
+    if problems:
+        raise StorageError('; '.join(problems))
+    return {'storage': storage, 'record': record, 'chain': chain, 'disks': disks,
+            'target_dir': target_dir, 'new_vmid': new_vmid}
+
+
+def _chain_data_bytes(chain, disk_id):
+    """Upper bound of the guest data a restore writes (sum over the chain's images)."""
+    return sum(d.get('bytes_written') or 0 for r in chain for d in r.index['disks']
+               if d['id'] == disk_id)
+
+
+def _convert(source, target, fmt, bwlimit_kib):
+    args = [qemu_img_binary(), 'convert', '-q', '-O', fmt, '-W', '-m', '16']
+    if fmt == 'raw':
+        args += ['-S', '4k']  # keep holes: a thin image
+    if bwlimit_kib:
+        args += ['-r', str(int(bwlimit_kib) * 1024)]
+    return subprocess.Popen(args + [source, target], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _snapshot_image(chain, disk_id, target, log):
+    """One qcow2 holding every backup of the chain as an internal snapshot, newest active.
+
+    Each incremental's own clusters are committed into the growing image through a throwaway
+    copy of it, so the backups stay untouched and each step costs only what changed.
+    """
+    binary = qemu_img_binary()
+    first = True
+    for record in chain:
+        disk = next((d for d in record.index['disks'] if d['id'] == disk_id), None)
+        if disk is None:
+            continue
+        source = os.path.join(record.path, disk['file'])
+        if first or not disk.get('backing'):
+            subprocess.run([binary, 'convert', '-q', '-O', 'qcow2', source, target],
+                           check=True, capture_output=True)
+            first = False
+        else:
+            layer = f"{target}.layer"
+            shutil.copyfile(source, layer)
+            subprocess.run([binary, 'rebase', '-q', '-u', '-b', os.path.basename(target),
+                            '-F', 'qcow2', layer], check=True, capture_output=True)
+            subprocess.run([binary, 'commit', '-q', '-d', layer], check=True,
+                           capture_output=True)
+            os.unlink(layer)
+        subprocess.run([binary, 'snapshot', '-c', record.index['time'], target], check=True,
+                       capture_output=True)
+        log(f"{disk_id}: snapshot {record.index['time']} added")
+
+
+def run_restore(request, log=None):
+    log = log or (lambda message: None)
+    started = time.monotonic()
+    plan = plan_restore(request)
+    record, chain = plan['record'], plan['chain']
+    result = {
+        'changed': True, 'backup': record.id, 'time': record.index['time'],
+        'level': record.index['level'], 'chain_length': len(chain),
+        'target_dir': plan['target_dir'], 'new_vmid': plan['new_vmid'],
+        'snapshots': bool(request.snapshots),
+        'disks': [{k: d[k] for k in ('id', 'target', 'format', 'virtual_size', 'data_bytes')}
+                  for d in plan['disks']],
+    }
+    if request.check_mode:
+        return result
+    os.makedirs(plan['target_dir'], exist_ok=True)
+    temps = {d['id']: os.path.join(plan['target_dir'], f".{d['id']}.{d['format']}.restoring")
+             for d in plan['disks']}
+    disk_ids = {d['id'] for d in plan['disks']}
+    try:
+        if request.snapshots:
+            problems = verify_chain_files(chain, disk_ids)
+            if problems:
+                raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
+            for disk in plan['disks']:
+                _snapshot_image(chain, disk['id'], temps[disk['id']], log)
+        else:
+            converts = {d['id']: _convert(d['source'], temps[d['id']], d['format'],
+                                          request.bwlimit) for d in plan['disks']}
+            # Verify while qemu-img writes: both read the same files, from the page cache.
+            problems = verify_chain_files(chain, disk_ids)
+            failed = []
+            for disk_id, proc in converts.items():
+                if problems:
+                    proc.kill()
+                _out, err = proc.communicate()
+                if proc.returncode != 0 and not problems:
+                    failed.append(f"{disk_id}: {err.strip()}")
+            if problems:
+                raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
+            if failed:
+                raise StorageError("qemu-img convert failed: " + '; '.join(failed))
+        for disk in plan['disks']:
+            fsync_path(temps[disk['id']])
+            os.replace(temps[disk['id']], disk['target'])
+        fsync_path(plan['target_dir'])
+    except BaseException:
+        for temp in temps.values():
+            for leftover in (temp, f"{temp}.layer"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+        raise
+    for disk in result['disks']:
+        disk['size'] = os.path.getsize(disk['target'])
+        disk['data_bytes'] = allocated_bytes(disk['target']) if disk['format'] == 'qcow2' \
+            else disk['data_bytes']
+    _write_guest_config(plan, request, result)
+    result['duration'] = round(time.monotonic() - started, 3)
+    result['verified'] = True
+    log(f"restored {record.id} to {plan['target_dir']} in {result['duration']:.2f} s")
+    return result
+
+
+def _write_guest_config(plan, request, result):
+    """The captured configuration beside the images, and the new guest's registry entry."""
+    record = plan['record']
+    source = os.path.join(record.path, 'guest.json')
+    try:
+        with open(source) as handle:
+            guest = json.load(handle)
+    except (OSError, ValueError):
+        guest = {}
+    guest['restored_from'] = record.id
+    guest['images'] = {d['id']: d['target'] for d in result['disks']}
+    config_path = os.path.join(plan['target_dir'], 'guest.json')
+    write_file_atomic(config_path, json.dumps(guest, indent=2, sort_keys=True) + '\n')
+    result['guest_config'] = config_path
+    if plan['new_vmid'] is None:
+        return
+    entry = GuestEntry(
+        vmid=plan['new_vmid'],
+        name=f"{record.index.get('guest_name') or 'vm'}-restored",
+        qmp_socket=request.new_qmp_socket or os.path.join(plan['target_dir'], 'qmp.sock'),
+        description=f"restored from {record.id} ({', '.join(guest['images'].values())})")
+    path = guest_path(request.config_dir, plan['new_vmid'])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_file_atomic(path, render_guest(entry))
+    result['registry_entry'] = path
