@@ -27,8 +27,4 @@ options:
         registry's C(agent). Backups use it to freeze the guest's filesystems and to shut the
         guest down.
     type: path
-  config_dir:
-    description: The node's guestvault configuration (C(vzdump.conf), C(storage.cfg), C(guests.d/)).
-    type: path
-    default: /etc/guestvault
 """

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 from . import chain as chains
-from .config import load_vzdump_defaults
+from .config import load_storage, load_vzdump_defaults
 from .consistency import MODES, StopMode, snapshot_mode, suspend_mode
 from .disks import discover_disks, require_idle, select_disks
 from .errors import BackupFailed, ConfigError, GuestvaultError, HookFailed, QmpCommandFailed
@@ -169,6 +169,8 @@ def prepare_backup(request, qmp):
             'cluster': request.cluster or '', 'guestname': guest.name,
             'node': options['node'], 'vmid': str(guest.vmid)})
     chains.check_level_options(request.level, request.chain, request.chain_period or 'none')
+    if options['protected'] and storage.id:
+        _check_protected_room(request.config_dir, storage, guest.vmid)
     plan = Plan(request, options, guest, storage, disks=[], notes=notes, hook=hook)
     _select(plan, qmp)  # unknown disk ids fail here, before any lock is taken
     return plan
@@ -193,6 +195,16 @@ def decide_backup(plan, qmp, now=None):
                                         plan.disks, tip, request.chain,
                                         request.chain_period or 'none')
     return plan
+
+
+def _check_protected_room(config_dir, storage, vmid):
+    """vzdump refuses a protected backup beyond the storage's max-protected-backups."""
+    limit = load_storage(config_dir, storage.id).max_protected_backups
+    count = sum(1 for b in storage.backups(vmid) if b.protected)
+    if 0 <= limit <= count:
+        raise ConfigError(f"guest {vmid} already has {count} protected backup(s) on "
+                          f"{storage.label}, its max-protected-backups is {limit}; unprotect "
+                          "one (guestvault.backup.protect) or raise the limit in storage.cfg")
 
 
 def _qemu_name(qmp):

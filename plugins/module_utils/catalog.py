@@ -200,4 +200,3 @@ def recover_pending(storage, vmid, hasher):
             os.unlink(pending)
         done.append((record.id, matches))
     return done
-

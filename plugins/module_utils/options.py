@@ -52,6 +52,33 @@ def backup_argument_spec():
     return spec
 
 
+def stored_backup_argument_spec():
+    """How a module names backups on a storage: the guest, and where its backups live."""
+    spec = storage_argument_spec()
+    spec.update({
+        'vmid': {'type': 'int', 'required': True},
+        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+    })
+    return spec
+
+
+def restore_argument_spec():
+    spec = stored_backup_argument_spec()
+    spec.update({
+        'backup': {'type': 'str'},
+        'until': {'type': 'str'},
+        'target_dir': {'type': 'path', 'required': True},
+        'disks': {'type': 'list', 'elements': 'str'},
+        'format': {'type': 'str', 'default': 'qcow2', 'choices': ['qcow2', 'raw']},
+        'snapshots': {'type': 'bool', 'default': False},
+        'bwlimit': {'type': 'int', 'default': 0},
+        'force': {'type': 'bool', 'default': False},
+        'new_vmid': {'type': 'int'},
+        'new_qmp_socket': {'type': 'path'},
+    })
+    return spec
+
+
 BACKUP_MUTUALLY_EXCLUSIVE = [('storage', 'dumpdir'), ('include', 'exclude')]
 
 

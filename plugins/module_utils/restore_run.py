@@ -34,7 +34,7 @@ class VerifyFailed(StorageError):
 class RestoreRequest:
     vmid: int
     target_dir: str
-    backup: str = 'latest'
+    backup: str = None           # None or 'latest': the newest
     until: object = None
     storage: str = None
     dumpdir: str = None

@@ -27,6 +27,7 @@ requirements:
   - qemu-img (Debian package qemu-utils) on the node
 extends_documentation_fragment:
   - guestvault.backup.guest
+  - guestvault.backup.storage
 attributes:
   check_mode:
     description: Reports the level the backup would take and why, and the disks, changing nothing.

@@ -32,6 +32,10 @@ attributes:
     description: Shows each disk's bitmaps before and after.
     support: full
 options:
+  config_dir:
+    description: The node's guestvault configuration (C(guests.d/) holds the guest registry).
+    type: path
+    default: /etc/guestvault
   chain:
     description: Only this chain's bitmaps; default all of guestvault's.
     type: str

@@ -22,6 +22,7 @@ author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.guest
+  - guestvault.backup.storage
 requirements:
   - qemu.qmp (Python) on the node
 attributes:

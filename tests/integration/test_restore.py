@@ -26,7 +26,7 @@ def chain(make_guest, store, config_dir, tmp_path):
                                           dumpdir=store, config_dir=config_dir))
         refs = [guest.snapshot_disk(i, str(tmp_path / f'ref{step}-{i}.qcow2')) for i in (0, 1)]
         points.append((result, refs))
-    assert [r['level'] for r, _ in points] == ['full', 'inc', 'inc']
+    assert [point[0]['level'] for point in points] == ['full', 'inc', 'inc']
     return guest, points
 
 

@@ -1,0 +1,213 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: restore
+short_description: Restore a guest's backup as new standalone disk images
+version_added: 0.1.0
+description:
+  - Writes new, standalone images (qcow2 or thin raw) of all or selected disks of one backup into
+    a target directory, with the guest's captured configuration (C(guest.json)) beside them.
+    Optionally registers them as a new guest in the node's registry.
+  - An incremental backup restores in one pass, reading through its chain. Every file the
+    restore reads is checked against its backup's manifest (sha256); the new images appear
+    under their final names only when the check and the copy both succeeded.
+  - Backups are never altered by a restore.
+author:
+  - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.storage
+requirements:
+  - qemu-img (Debian package qemu-utils) on the node
+attributes:
+  check_mode:
+    description: Reports what would be written, where, and how big.
+    support: full
+  diff_mode:
+    description: Not applicable.
+    support: none
+options:
+  vmid:
+    description: The guest whose backup to restore.
+    type: int
+    required: true
+  backup:
+    description:
+      - Which backup, V(latest) or its time (C(2026-11-22T01:00:00Z)) or id
+        (C(vm/101/2026-11-22T01:00:00Z)). Without O(backup) and O(until), the latest.
+    type: str
+  until:
+    description:
+      - Instead of O(backup), the newest backup at or before this time (ISO 8601 or epoch
+        seconds).
+    type: str
+  target_dir:
+    description:
+      - Absolute directory for the new images (C(<disk>.qcow2) or C(<disk>.raw)); created if
+        missing. It may not lie inside the storage or the configuration directory.
+    type: path
+    required: true
+  disks:
+    description: Device ids of the disks to restore; default all of the backup's.
+    type: list
+    elements: str
+  format:
+    description: Format of the new images. V(raw) images are sparse (thin).
+    type: str
+    default: qcow2
+    choices: [qcow2, raw]
+  snapshots:
+    description:
+      - Write one qcow2 per disk that holds every backup of the chain up to the chosen one as an
+        internal snapshot named by its time, the chosen one being the active state; switch with
+        C(qemu-img snapshot -a TIME) while the guest is off.
+    type: bool
+    default: false
+  bwlimit:
+    description: Read-side bandwidth limit in KiB/s per disk; V(0) is unlimited.
+    type: int
+    default: 0
+  force:
+    description:
+      - Overwrite existing target images, and an existing registry entry of O(new_vmid). An
+        image that a running QEMU holds open is never overwritten.
+    type: bool
+    default: false
+  new_vmid:
+    description:
+      - Register the restored images as this new guest (C(<config_dir>/guests.d/<new_vmid>.conf)).
+    type: int
+  new_qmp_socket:
+    description: The QMP socket path to record for the new guest; default C(<target_dir>/qmp.sock).
+    type: path
+seealso:
+  - module: guestvault.backup.backup_info
+  - module: guestvault.backup.verify
+"""
+
+EXAMPLES = r"""
+- name: Restore guest 101's latest backup next to the broken one
+  guestvault.backup.restore:
+    vmid: 101
+    storage: backup-nfs
+    target_dir: /var/lib/qemu/101-restored
+
+- name: The state of last Friday night, as thin raw images of the system disk only
+  guestvault.backup.restore:
+    vmid: 101
+    storage: backup-nfs
+    until: "2026-11-20T23:59:59Z"
+    disks: [virtio0]
+    format: raw
+    target_dir: /srv/restore/101
+
+- name: Every point of the chain in one image per disk, as a new guest 9101
+  guestvault.backup.restore:
+    vmid: 101
+    storage: backup-nfs
+    snapshots: true
+    new_vmid: 9101
+    target_dir: /var/lib/qemu/9101
+"""
+
+RETURN = r"""
+backup:
+  description: Id of the restored backup.
+  returned: always
+  type: str
+  sample: vm/101/2026-11-22T01:00:00Z
+time:
+  description: The backup's point in time.
+  returned: always
+  type: str
+level:
+  description: The backup's level.
+  returned: always
+  type: str
+chain_length:
+  description: How many backups the restore reads (1 for a full backup).
+  returned: always
+  type: int
+target_dir:
+  description: Where the images are (or would be) written.
+  returned: always
+  type: str
+disks:
+  description: The images written (or, in check mode, that would be).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: Device id.
+      type: str
+    target:
+      description: Path of the new image.
+      type: str
+    format:
+      description: Its format.
+      type: str
+    virtual_size:
+      description: Disk size in bytes.
+      type: int
+    data_bytes:
+      description: Guest data in the new image (in check mode, at most this much).
+      type: int
+    size:
+      description: Size of the image file.
+      type: int
+      returned: changed
+verified:
+  description: Whether every file read was checked against its manifest (always true on success).
+  returned: changed
+  type: bool
+snapshots:
+  description: Whether the images hold the chain as internal snapshots.
+  returned: always
+  type: bool
+new_vmid:
+  description: The new guest's id, if registered.
+  returned: always
+  type: int
+registry_entry:
+  description: The new guest's registry file.
+  returned: when O(new_vmid) is set
+  type: str
+guest_config:
+  description: Path of the captured guest configuration written beside the images.
+  returned: changed
+  type: str
+duration:
+  description: Seconds the restore took.
+  returned: changed
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+    restore_argument_spec)
+from ansible_collections.guestvault.backup.plugins.module_utils.restore_run import (
+    RestoreRequest, run_restore)
+
+
+def main():
+    module = AnsibleModule(argument_spec=restore_argument_spec(),
+                           mutually_exclusive=[('storage', 'dumpdir'), ('backup', 'until')],
+                           supports_check_mode=True)
+    request = RestoreRequest(check_mode=module.check_mode, **module.params)
+    try:
+        result = run_restore(request)
+    except GuestvaultError as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(**result)
+
+
+if __name__ == '__main__':
+    main()

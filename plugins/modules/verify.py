@@ -1,0 +1,101 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: verify
+short_description: Re-read a backup and check it against its manifest
+version_added: 0.1.0
+description:
+  - Reads every image a restore of the backup would read (its whole chain) and compares each
+    with the sha256 in its backup's C(index.json), runs C(qemu-img check) on the backup's own
+    images, and checks that each incremental image reads through the parent image its manifest
+    names.
+  - Records the outcome as the backup's verify state (C(verify.json)), shown by
+    M(guestvault.backup.backup_info). Fails when the backup is damaged, so a playbook stops.
+author:
+  - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.storage
+requirements:
+  - qemu-img (Debian package qemu-utils) on the node
+attributes:
+  check_mode:
+    description: Checks, but does not record the verify state.
+    support: full
+  diff_mode:
+    description: Not applicable.
+    support: none
+options:
+  vmid:
+    description: The guest whose backup to verify.
+    type: int
+    required: true
+  backup:
+    description: V(latest), or the backup's time or id.
+    type: str
+    default: latest
+"""
+
+EXAMPLES = r"""
+- name: Verify last night's backup of every guest in the group
+  guestvault.backup.verify:
+    vmid: "{{ item }}"
+    storage: backup-nfs
+  loop: "{{ guest_vmids }}"
+"""
+
+RETURN = r"""
+backup:
+  description: Id of the verified backup.
+  returned: always
+  type: str
+verify_state:
+  description: V(ok) or V(failed).
+  returned: always
+  type: str
+previous_state:
+  description: The verify state before this run (V(none) if never verified).
+  returned: always
+  type: str
+problems:
+  description: What was wrong, one line each.
+  returned: always
+  type: list
+  elements: str
+chain:
+  description: Times of the backups that were read, full first.
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.guestvault.backup.plugins.module_utils.backup_admin import verify_backup
+from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+    stored_backup_argument_spec)
+
+
+def main():
+    spec = stored_backup_argument_spec()
+    spec['backup'] = {'type': 'str', 'default': 'latest'}
+    module = AnsibleModule(argument_spec=spec, mutually_exclusive=[('storage', 'dumpdir')],
+                           supports_check_mode=True)
+    try:
+        result = verify_backup(check_mode=module.check_mode, **module.params)
+    except GuestvaultError as exc:
+        module.fail_json(msg=str(exc))
+    if result['verify_state'] != 'ok':
+        module.fail_json(msg=f"backup {result['backup']} failed verification: "
+                             + '; '.join(result['problems']), **result)
+    module.exit_json(**result)
+
+
+if __name__ == '__main__':
+    main()
