@@ -1,0 +1,474 @@
+"""Which backups a retention policy keeps: Proxmox VE's prune semantics, as a pure function.
+
+The decision is made on plain data (a time, a protected flag and an id per backup), so the same
+code prunes a real storage, answers a dry run and drives the prune simulator. Deleting is the
+caller's business.
+
+The rules are those of Proxmox VE (``PVE::Storage::prune_mark_backup_group``) and Proxmox Backup
+Server (``compute_prune_info``), which agree:
+
+- Backups are looked at newest first. Protected backups are marked ``protected`` before any rule
+  runs: they are never removed, and no rule counts them or treats their period as covered.
+- The rules run in the order keep-last, keep-hourly, keep-daily, keep-weekly, keep-monthly,
+  keep-yearly. Each rule sorts backups into periods (keep-last: each backup time is a period of
+  its own; hourly, daily, monthly, yearly: the local calendar hour, day, month, year; weekly: the
+  ISO year and week, so 2020-12-31 and 2021-01-03 both are week 53 of 2020).
+- A period that already holds a backup kept by an earlier rule is covered: the rule skips it.
+  Otherwise the rule keeps the newest backup of each new period that no earlier rule has marked,
+  marks the other unmarked backups of that period ``remove``, and stops at the first new period
+  once it has kept ``n``. A backup an earlier rule marked ``remove`` stays removed.
+- Whatever no rule marked is removed. With ``keep-all=1``, or without any positive count,
+  everything is kept.
+- Periods are wall-clock periods in the local time of a time zone (the system's by default, as
+  Proxmox uses ``localtime``). In the hour repeated when daylight saving time ends, both passes
+  of the hour are one hourly period, as with Proxmox.
+
+Example::
+
+    >>> policy = RetentionPolicy.parse("keep-last=1,keep-daily=2")
+    >>> marks = select_for_prune([
+    ...     {"id": "a", "time": "2024-05-01T20:00:00Z", "protected": False},
+    ...     {"id": "b", "time": "2024-05-02T08:00:00Z", "protected": False},
+    ...     {"id": "c", "time": "2024-05-02T20:00:00Z", "protected": False},
+    ... ], policy, tz="UTC")
+    >>> [(mark.id, mark.describe()) for mark in marks]
+    [('c', 'keep (last #1)'), ('b', 'remove'), ('a', 'keep (daily #1)')]
+
+``b`` goes although keep-daily=2: its day is covered by ``c``, which keep-last already kept.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone, tzinfo
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple, Union
+
+from .config import parse_bool, parse_int, parse_prune_backups
+from .errors import ConfigError
+
+try:  # Python 3.9+; the import is guarded so that loading the engine never fails on it.
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+except ImportError:  # pragma: no cover
+    ZoneInfo = None  # type: ignore[assignment,misc]
+    ZoneInfoNotFoundError = KeyError  # type: ignore[assignment,misc]
+
+KEEP = "keep"
+REMOVE = "remove"
+PROTECTED = "protected"
+KEEP_ALL = "keep-all"
+
+# (option, rule name in explanations), in the order Proxmox applies them.
+RULES: Tuple[Tuple[str, str], ...] = (
+    ("keep-last", "last"),
+    ("keep-hourly", "hourly"),
+    ("keep-daily", "daily"),
+    ("keep-weekly", "weekly"),
+    ("keep-monthly", "monthly"),
+    ("keep-yearly", "yearly"),
+)
+COUNT_OPTIONS: Tuple[str, ...] = tuple(rule[0] for rule in RULES)
+OPTIONS: Tuple[str, ...] = (KEEP_ALL,) + COUNT_OPTIONS
+
+TimeValue = Union[datetime, int, float, str]
+TimeZoneArg = Union[None, str, tzinfo]
+
+
+# --------------------------------------------------------------------------- the policy
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """A ``prune-backups`` setting: how many periods each rule keeps, or keep everything.
+
+    Counts of 0 mean "rule not used". Build it with :meth:`from_options` (a dict, e.g. module
+    parameters) or :meth:`parse` (a Proxmox property string); both validate. Constructing it
+    directly validates too, with a generic error prefix.
+    """
+
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+    keep_all: bool = False
+
+    def __post_init__(self) -> None:
+        for option in COUNT_OPTIONS:
+            value = getattr(self, _attr(option))
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"retention policy: {option} must be an integer >= 0, "
+                                  f"not {value!r}")
+        if not isinstance(self.keep_all, bool):
+            raise ConfigError(f"retention policy: keep-all must be a boolean, "
+                              f"not {self.keep_all!r}")
+        _check_keep_all(self.keep_all, self.counts(), "retention policy")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any],
+                     what: str = "prune-backups") -> "RetentionPolicy":
+        """From a dict such as ``{'keep-last': 3, 'keep_daily': '13'}``.
+
+        Keys may be spelled with dashes (Proxmox) or underscores (Ansible); a value of ``None``
+        counts as absent, because Ansible passes unset sub-options that way. Counts may be
+        integers or integer strings, ``keep-all`` a boolean or one of Proxmox's boolean
+        spellings. ``what`` starts every error message, e.g. ``"vzdump.conf line 3: prune-backups"``.
+        """
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{what}: expected a mapping of retention options such as "
+                              f"{{'keep-last': 3}}, got {type(options).__name__}")
+        spelled: Dict[str, str] = {}
+        values: Dict[str, Any] = {}
+        for raw_key, value in options.items():
+            key = raw_key.replace("_", "-") if isinstance(raw_key, str) else raw_key
+            if key not in OPTIONS:
+                raise ConfigError(f"{what}: unknown retention option '{raw_key}'; allowed: "
+                                  f"{', '.join(OPTIONS)}")
+            if key in spelled:
+                raise ConfigError(f"{what}: retention option '{key}' is given twice (as "
+                                  f"'{spelled[key]}' and '{raw_key}'); keep one")
+            spelled[key] = raw_key
+            if value is not None:
+                values[key] = value
+        keep_all = _keep_all_value(values.pop(KEEP_ALL, False), f"{what}: {KEEP_ALL}")
+        counts = {key: _count_value(value, f"{what}: {key}") for key, value in values.items()}
+        _check_keep_all(keep_all, {key: n for key, n in counts.items() if n > 0}, what)
+        return cls(keep_all=keep_all, **{_attr(key): n for key, n in counts.items()})
+
+    @classmethod
+    def parse(cls, text: str, what: str = "prune-backups") -> "RetentionPolicy":
+        """From a Proxmox property string such as ``keep-last=3,keep-daily=13``."""
+        if not isinstance(text, str):
+            raise ConfigError(f"{what}: expected a property string such as "
+                              f"'keep-last=3,keep-daily=13', got {type(text).__name__}")
+        return cls.from_options(parse_prune_backups(text, what), what)
+
+    @property
+    def is_keep_all(self) -> bool:
+        """True when nothing is ever removed: keep-all=1, or no positive count (as in Proxmox)."""
+        return self.keep_all or not self.counts()
+
+    def counts(self) -> Dict[str, int]:
+        """The positive counts, ``{'keep-last': 3, ...}``, in the order the rules run."""
+        counts = {option: getattr(self, _attr(option)) for option in COUNT_OPTIONS}
+        return {option: n for option, n in counts.items() if n > 0}
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Normalised as Proxmox stores it: ``{'keep-all': True}`` or the positive counts."""
+        if self.is_keep_all:
+            return {KEEP_ALL: True}
+        return self.counts()
+
+    def as_property_string(self) -> str:
+        """``keep-last=3,keep-daily=13`` (rule order), or ``keep-all=1``; :meth:`parse` reads it."""
+        if self.is_keep_all:
+            return f"{KEEP_ALL}=1"
+        return ",".join(f"{option}={n}" for option, n in self.counts().items())
+
+    def __str__(self) -> str:
+        return self.as_property_string()
+
+
+def _attr(option: str) -> str:
+    return option.replace("-", "_")
+
+
+def _count_value(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value} is a boolean; give a number of backups to keep "
+                          f"(0 turns the rule off)")
+    if isinstance(value, int):
+        return parse_int(str(value), what, minimum=0)
+    if isinstance(value, str):
+        return parse_int(value, what, minimum=0)
+    raise ConfigError(f"{what}: {value!r} is not an integer; give a number of backups to keep "
+                      f"(0 turns the rule off)")
+
+
+def _keep_all_value(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return parse_bool(value, what)
+    raise ConfigError(f"{what}: {value!r} is not a boolean; use 1/0, yes/no, true/false or on/off")
+
+
+def _check_keep_all(keep_all: bool, positive: Mapping[str, int], what: str) -> None:
+    # Proxmox refuses the contradiction instead of silently preferring one side.
+    if keep_all and positive:
+        raise ConfigError(f"{what}: keep-all=1 cannot be combined with "
+                          f"{', '.join(sorted(positive))}; remove one or the other")
+
+
+def as_policy(policy: Union[RetentionPolicy, Mapping[str, Any], str],
+              what: str = "prune-backups") -> RetentionPolicy:
+    """A :class:`RetentionPolicy` from a policy, an options dict or a property string."""
+    if isinstance(policy, RetentionPolicy):
+        return policy
+    if isinstance(policy, str):
+        return RetentionPolicy.parse(policy, what)
+    return RetentionPolicy.from_options(policy, what)
+
+
+# --------------------------------------------------------------------------- times
+
+_EPOCH_RE = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?$")
+_TIME_EXAMPLE = "an ISO 8601 time with a UTC offset such as 2024-05-01T02:00:00Z, or epoch seconds"
+
+
+def to_datetime(value: TimeValue, what: str = "time") -> datetime:
+    """An aware ``datetime`` in UTC from an aware datetime, epoch seconds or an ISO 8601 string.
+
+    A time without a UTC offset is refused rather than guessed: the same wall-clock time means
+    different instants on different nodes. ``Z`` is accepted as the UTC offset (it is how backup
+    directories are named), and so are epoch seconds written as a string.
+    """
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ConfigError(f"{what}: {value.isoformat()} has no time zone; give an aware "
+                              f"datetime (e.g. tzinfo=timezone.utc)")
+        return value.astimezone(timezone.utc)
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value} is not a time; give {_TIME_EXAMPLE}")
+    if isinstance(value, (int, float)):
+        return _from_epoch(value, what)
+    if isinstance(value, str):
+        text = value.strip()
+        if _EPOCH_RE.match(text):
+            return _from_epoch(float(text) if "." in text else int(text), what)
+        iso = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
+        try:
+            parsed = datetime.fromisoformat(iso)
+        except ValueError:
+            raise ConfigError(f"{what}: '{value}' is not a time; give {_TIME_EXAMPLE}") from None
+        if parsed.tzinfo is None:
+            raise ConfigError(f"{what}: '{value}' has no UTC offset; append Z (UTC) or an offset "
+                              f"such as +02:00")
+        return parsed.astimezone(timezone.utc)
+    raise ConfigError(f"{what}: {value!r} ({type(value).__name__}) is not a time; "
+                      f"give {_TIME_EXAMPLE}")
+
+
+def _from_epoch(seconds: Union[int, float], what: str) -> datetime:
+    if isinstance(seconds, float) and not math.isfinite(seconds):
+        raise ConfigError(f"{what}: {seconds} is not a time; give {_TIME_EXAMPLE}")
+    try:
+        return datetime.fromtimestamp(seconds, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise ConfigError(f"{what}: {seconds} seconds since the epoch is out of range") from None
+
+
+def format_utc(moment: datetime) -> str:
+    """``2024-05-01T02:00:00Z``: the UTC form backup directories are named with."""
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def get_timezone(tz: TimeZoneArg) -> Optional[tzinfo]:
+    """``None`` (the system's local time), a ``tzinfo``, or the tzinfo of an IANA name."""
+    if tz is None or isinstance(tz, tzinfo):
+        return tz
+    if isinstance(tz, str):
+        if ZoneInfo is None:  # pragma: no cover - Python < 3.9
+            raise ConfigError(f"time zone '{tz}': this Python has no zoneinfo; use Python 3.9+")
+        try:
+            return ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"unknown time zone '{tz}'; use an IANA name such as "
+                              f"Europe/Berlin or UTC") from None
+    raise ConfigError(f"time zone: {tz!r} is neither an IANA name nor a tzinfo")
+
+
+# --------------------------------------------------------------------------- periods
+
+def _local(moment: datetime, zone: Optional[tzinfo]) -> datetime:
+    # astimezone() without argument is the system's local time, what Proxmox's localtime() uses.
+    return moment.astimezone(zone) if zone is not None else moment.astimezone()
+
+
+# Period keys from local wall-clock fields, as Proxmox builds them with localtime()/strftime;
+# keep-last's period is the backup's own time (Proxmox: its ctime).
+_PERIODS: Dict[str, Callable[[datetime, datetime], Hashable]] = {
+    "keep-last": lambda utc, local: utc,
+    "keep-hourly": lambda utc, local: (local.year, local.month, local.day, local.hour),
+    "keep-daily": lambda utc, local: (local.year, local.month, local.day),
+    "keep-weekly": lambda utc, local: tuple(local.isocalendar())[:2],
+    "keep-monthly": lambda utc, local: (local.year, local.month),
+    "keep-yearly": lambda utc, local: local.year,
+}
+
+
+# --------------------------------------------------------------------------- the selection
+
+@dataclass(frozen=True)
+class PruneMark:
+    """The decision for one backup.
+
+    ``mark`` is ``keep``, ``remove`` or ``protected``. ``rule`` says why a backup stays:
+    ``last #1``, ``daily #3`` (the third day kept by keep-daily), ``keep-all`` or ``protected``;
+    it is ``None`` for a removed backup. ``time`` is aware, in UTC.
+    """
+
+    id: Any
+    time: datetime
+    mark: str
+    rule: Optional[str]
+
+    @property
+    def keep(self) -> bool:
+        """True unless the backup is to be removed (protected backups are kept)."""
+        return self.mark != REMOVE
+
+    def describe(self) -> str:
+        """``keep (daily #3)``, ``keep (keep-all)``, ``protected`` or ``remove``."""
+        if self.mark == KEEP:
+            return f"keep ({self.rule})"
+        return self.mark
+
+
+@dataclass(frozen=True)
+class _Entry:
+    id: Any
+    time: datetime
+    protected: bool
+
+
+def _field(entry: Any, name: str, default: Any = None) -> Any:
+    if isinstance(entry, Mapping):
+        return entry.get(name, default)
+    return getattr(entry, name, default)
+
+
+def _protected_value(value: Any, what: str) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return parse_bool(value, what)
+    raise ConfigError(f"{what}: {value!r} is not a boolean")
+
+
+def _entries(entries: Iterable[Any]) -> List[_Entry]:
+    result: List[_Entry] = []
+    seen: Dict[Any, int] = {}
+    for index, entry in enumerate(entries, start=1):
+        raw_id = _field(entry, "id")
+        label = f"backup #{index}" if raw_id is None else f"backup '{raw_id}'"
+        raw_time = _field(entry, "time")
+        if raw_time is None:
+            raise ConfigError(f"{label}: has no time; give {_TIME_EXAMPLE}")
+        moment = to_datetime(raw_time, f"{label}: time")
+        entry_id = format_utc(moment) if raw_id is None else raw_id
+        try:
+            first = seen.setdefault(entry_id, index)
+        except TypeError:
+            raise ConfigError(f"{label}: id {raw_id!r} is not usable as an id; use a string "
+                              f"or a number") from None
+        if first != index:
+            how = "id" if raw_id is not None else "time (and no id)"
+            raise ConfigError(f"backup #{index} has the same {how} as backup #{first}: "
+                              f"'{entry_id}'; each backup must appear once")
+        protected = _protected_value(_field(entry, "protected", False), f"{label}: protected")
+        result.append(_Entry(entry_id, moment, protected))
+    return result
+
+
+def select_for_prune(entries: Iterable[Any], policy: RetentionPolicy,
+                     tz: TimeZoneArg = None) -> List[PruneMark]:
+    """Mark every backup ``keep``, ``remove`` or ``protected``; newest first.
+
+    ``entries`` are dicts or objects with ``time`` (aware datetime, epoch seconds or ISO 8601
+    with an offset), ``protected`` (bool, default False) and ``id`` (default: the UTC time as
+    ``2024-05-01T02:00:00Z``, a backup directory's name). ``tz`` (an IANA name or a tzinfo;
+    default the system's local time) decides which hour, day, week, month and year a backup
+    falls in. The result is sorted newest first, the order the rules walk; backups with the same
+    time keep their input order, as in Proxmox's stable sort. Ids must be unique.
+    """
+    if not isinstance(policy, RetentionPolicy):
+        raise TypeError("policy must be a RetentionPolicy; use as_policy() for dicts or strings")
+    zone = get_timezone(tz)
+    backups = sorted(_entries(entries), key=lambda backup: backup.time, reverse=True)
+    marks: List[Optional[str]] = [None] * len(backups)
+    rules: List[Optional[str]] = [None] * len(backups)
+
+    for i, backup in enumerate(backups):
+        if backup.protected:
+            marks[i], rules[i] = PROTECTED, PROTECTED
+
+    if policy.is_keep_all:
+        for i in range(len(backups)):
+            if marks[i] is None:
+                marks[i], rules[i] = KEEP, KEEP_ALL
+    else:
+        local = [_local(backup.time, zone) for backup in backups]
+        for option, name in RULES:
+            count = getattr(policy, _attr(option))
+            if count > 0:
+                period = _PERIODS[option]
+                keys = [period(backup.time, local[i]) for i, backup in enumerate(backups)]
+                _apply_rule(keys, marks, rules, count, name)
+        for i in range(len(backups)):
+            if marks[i] is None:
+                marks[i] = REMOVE
+
+    return [PruneMark(backup.id, backup.time, marks[i], rules[i])  # type: ignore[arg-type]
+            for i, backup in enumerate(backups)]
+
+
+def _apply_rule(keys: List[Hashable], marks: List[Optional[str]], rules: List[Optional[str]],
+                count: int, name: str) -> None:
+    """One rule over the newest-first list; ``keys[i]`` is backup i's period under this rule.
+
+    Only ``keep`` covers a period: a protected backup does not, so the rule still keeps one
+    backup in that period (Proxmox counts only its own ``keep`` marks as already included).
+    """
+    covered = {key for key, mark in zip(keys, marks) if mark == KEEP}
+    kept: Dict[Hashable, int] = {}
+    for i, key in enumerate(keys):
+        if marks[i] is not None or key in covered:
+            continue
+        if key in kept:
+            marks[i] = REMOVE
+            continue
+        if len(kept) >= count:
+            break
+        kept[key] = len(kept) + 1
+        marks[i], rules[i] = KEEP, f"{name} #{kept[key]}"
+
+
+# --------------------------------------------------------------------------- the simulator
+
+_SIMULATE_KEYS = ("id", "protected", "time")
+
+
+def simulate(backups: Iterable[Mapping[str, Any]],
+             policy_or_options: Union[RetentionPolicy, Mapping[str, Any], str],
+             timezone: TimeZoneArg = None) -> List[Dict[str, Any]]:
+    """The prune simulator: plain dicts in, plain dicts out, newest first.
+
+    ``backups``: ``[{'time': epoch or ISO 8601, 'protected': bool, 'id': optional}, ...]``.
+    ``policy_or_options``: a :class:`RetentionPolicy`, an options dict or a property string.
+    Returns ``[{'id', 'time' (UTC, ``2024-05-01T02:00:00Z``), 'mark', 'rule'}, ...]``; a backup
+    without an id gets its UTC time as id. Unknown keys, bad times and duplicates (the same id,
+    or the same time without ids) are a :class:`ConfigError` naming the backup.
+    """
+    policy = as_policy(policy_or_options)
+    if isinstance(backups, (str, bytes)) or isinstance(backups, Mapping):
+        raise ConfigError("backups: expected a list of {time, protected, id} entries")
+    checked = []
+    for index, backup in enumerate(backups, start=1):
+        if not isinstance(backup, Mapping):
+            raise ConfigError(f"backup #{index}: expected a mapping with 'time' (and optionally "
+                              f"'protected', 'id'), got {type(backup).__name__}")
+        unknown = sorted(str(key) for key in backup if key not in _SIMULATE_KEYS)
+        if unknown:
+            raise ConfigError(f"backup #{index}: unknown key '{unknown[0]}'; allowed keys: "
+                              f"{', '.join(_SIMULATE_KEYS)}")
+        checked.append(backup)
+    return [{"id": mark.id, "time": format_utc(mark.time), "mark": mark.mark, "rule": mark.rule}
+            for mark in select_for_prune(checked, policy, timezone)]
