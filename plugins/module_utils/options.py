@@ -79,6 +79,33 @@ def restore_argument_spec():
     return spec
 
 
+KEEP_PARAMETERS = ('keep_all', 'keep_last', 'keep_hourly', 'keep_daily', 'keep_weekly',
+                   'keep_monthly', 'keep_yearly')
+
+
+def prune_argument_spec():
+    spec = storage_argument_spec()
+    spec.update({
+        'vmid': {'type': 'int'},
+        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+        'prune_backups': {'type': 'str'},
+        'timezone': {'type': 'str'},
+        'lockwait': {'type': 'float', 'default': 180},
+        'simulate': {'type': 'list', 'elements': 'dict'},
+    })
+    for key in KEEP_PARAMETERS:
+        spec[key] = {'type': 'bool' if key == 'keep_all' else 'int'}
+    return spec
+
+
+def prune_policy_from_params(params):
+    """The policy the user gave (property string or keep_* options), or None for the default."""
+    if params.get('prune_backups'):
+        return params['prune_backups']
+    given = {key: params[key] for key in KEEP_PARAMETERS if params.get(key) is not None}
+    return given or None
+
+
 BACKUP_MUTUALLY_EXCLUSIVE = [('storage', 'dumpdir'), ('include', 'exclude')]
 
 

@@ -23,6 +23,7 @@ from .qemu_img import allocated_bytes, qemu_img_binary
 from .retention import RetentionPolicy, as_policy, select_for_prune
 from .storage_dir import fsync_path, sha256_file
 
+
 @dataclass
 class PruneRequest:
     vmid: int = None             # None: every guest on the storage

@@ -67,8 +67,8 @@ def test_pruning_the_middle_of_a_chain_keeps_every_kept_backup_bit_exact(
     result = prune(guest, store, config_dir, 'keep-last=1')
     assert {b['time']: b['mark'] for b in result['backups']} == {
         t: ('protected' if t in plan[:-1] else marks[t]) for t in times}
-    assert sorted(result['removed']) == sorted(f"vm/{guest.vmid}/{t}" for t in times
-                                              if marks[t] == 'remove')
+    removed = [f"vm/{guest.vmid}/{t}" for t in times if marks[t] == 'remove']
+    assert sorted(result['removed']) == sorted(removed)
     assert backups_in(store, guest.vmid) == plan and hidden_in(store, guest.vmid) == []
     assert result['bytes_freed'] > 0
     assert [f['new_parent'] for f in result['folded']] == [None, plan[0]]
