@@ -10,6 +10,7 @@ Command line (used by ``make demo``)::
 
     labguest.py start DIR [--disks N] [--size 256M] [--vmid 9001] [--fill]
     labguest.py write DIR DISK PATTERN OFFSET LENGTH
+    labguest.py pause DIR
     labguest.py stop DIR
 """
 from __future__ import annotations
@@ -239,6 +240,8 @@ def main(argv=None):
     write.add_argument('length')
     stop = sub.add_parser('stop')
     stop.add_argument('dir')
+    pause = sub.add_parser('pause', help='pause the vCPUs and flush the disks to their files')
+    pause.add_argument('dir')
     args = parser.parse_args(argv)
     state_file = os.path.join(os.path.abspath(args.dir), 'labguest.json')
     if args.action == 'start':
@@ -257,6 +260,10 @@ def main(argv=None):
     guest = LabGuest(args.dir, disks=[tuple(d) for d in state['disks']], vmid=state['vmid'])
     if args.action == 'write':
         guest.write(args.disk, args.pattern, parse_size(args.offset), parse_size(args.length))
+    elif args.action == 'pause':
+        guest.pause()
+        for disk in guest.disk_ids:
+            guest.qemu_io(disk, 'flush')
     else:
         guest.stop()
     return 0
