@@ -325,6 +325,39 @@ def engine_backup(backup_run, inst, guest, store, config_dir, level, compress, w
 
 
 # ------------------------------------------------------------------------------------- report
+def restore_chain(store, config_dir, newest, outdir, repeat, warm, size):
+    """The newest incremental restored by the engine (verify + one-pass convert + fsync) and by a
+    plain ``qemu-img convert`` of the same chain + fsync, ``repeat`` times each."""
+    from guestvault_engine.restore_run import RestoreRequest, run_restore
+    samples = {'qemu-img convert (chain)': [], 'guestvault restore': []}
+    for rnd in range(repeat):
+        out = os.path.join(outdir, 'chain.qcow2')
+        warm(size)
+        samples['qemu-img convert (chain)'].append(
+            timed_tool(['qemu-img', 'convert', '-U', '-O', 'qcow2', newest, out], out))
+        target = os.path.join(outdir, f'restore{rnd}')
+        warm(size)
+        t0 = time.monotonic()
+        result = run_restore(RestoreRequest(vmid=VMID, dumpdir=store, config_dir=config_dir,
+                                            target_dir=target))
+        samples['guestvault restore'].append({'seconds_sync': time.monotonic() - t0,
+                                              'size': result['disks'][0]['size'],
+                                              'chain': result['chain_length']})
+        shutil.rmtree(target)
+    return samples
+
+
+def print_restores(samples, incs):
+    convert = statistics.median(s['seconds_sync'] for s in samples['qemu-img convert (chain)'])
+    restore = statistics.median(s['seconds_sync'] for s in samples['guestvault restore'])
+    say(f"restore of the newest incremental (chain of 1 full + {incs} incs), medians, with fsync")
+    say(f"  qemu-img convert of the chain      {convert:8.2f} s")
+    say(f"  guestvault restore (verify+convert) {restore:7.2f} s")
+    verdict = 'MET' if restore <= 1.1 * convert else 'MISSED'
+    say(f"  restore / convert                   {restore / convert:7.2f}x   (target <= 1.10x) "
+        f"{verdict}")
+
+
 def med(samples, key):
     return statistics.median(s[key] for s in samples)
 
@@ -565,6 +598,8 @@ def main(argv=None):
                                f"{proc.stdout.strip()} {proc.stderr.strip()}")
         check = (f"newest incremental (chain of 1 full + {args.repeat * len(changes)} incs) "
                  f"matches the disk: {proc.stdout.strip()}")
+        restores = restore_chain(store, config_dir, newest, outdir, args.repeat, warm,
+                                 allocated(image))
         info['bench time'] = f"{time.monotonic() - started:.0f} s"
         info['load'] = (f"{load_start} at start, {loadavg()} at end (1/5/15 min, "
                         "including other users' jobs)")
@@ -575,6 +610,7 @@ def main(argv=None):
         else:
             info['warm-up'] = "off (--no-warm-up)"
         print_report(info, setup, base, fulls, fullz, base_full, incs, args, check)
+        print_restores(restores, args.repeat * len(changes))
         if args.json:
             with open(args.json, 'w') as handle:
                 json.dump({'info': info, 'setup': setup, 'baselines': base, 'full': fulls,

@@ -146,7 +146,7 @@ def _chain_data_bytes(chain, disk_id):
 
 
 def _convert(source, target, fmt, bwlimit_kib):
-    args = [qemu_img_binary(), 'convert', '-q', '-O', fmt, '-W', '-m', '16']
+    args = [qemu_img_binary(), 'convert', '-q', '-O', fmt]
     if fmt == 'raw':
         args += ['-S', '4k']  # keep holes: a thin image
     if bwlimit_kib:
