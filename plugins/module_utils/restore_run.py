@@ -49,8 +49,12 @@ class RestoreRequest:
     check_mode: bool = False
 
 
-def verify_chain_files(chain, disk_ids=None):
-    """sha256 of every image a restore reads, against each backup's manifest."""
+def verify_chain_files(chain, disk_ids=None, workers=None):
+    """sha256 of every image a restore reads, against each backup's manifest.
+
+    ``workers`` threads hash at once (default one per core); a restore that converts at the
+    same time leaves a core to qemu-img.
+    """
     jobs = []
     for record in chain:
         for disk in record.index['disks']:
@@ -69,7 +73,7 @@ def verify_chain_files(chain, disk_ids=None):
             return (f"{record.id}: {disk['file']} has sha256 {actual[:16]}..., its manifest "
                     f"says {disk['sha256'][:16]}...: the file changed or is damaged")
         return None
-    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(jobs), workers or os.cpu_count() or 1)) as pool:
         return [problem for problem in pool.map(check, jobs) if problem]
 
 
@@ -215,7 +219,8 @@ def run_restore(request, log=None):
             converts = {d['id']: _convert(d['source'], temps[d['id']], d['format'],
                                           request.bwlimit) for d in plan['disks']}
             # Verify while qemu-img writes: both read the same files, from the page cache.
-            problems = verify_chain_files(chain, disk_ids)
+            problems = verify_chain_files(chain, disk_ids,
+                                          workers=max(1, (os.cpu_count() or 2) - len(converts)))
             failed = []
             for disk_id, proc in converts.items():
                 if problems:

@@ -172,3 +172,19 @@ def test_a_target_inside_the_storage_is_refused(chain, store, config_dir):
         restore(guest, store, config_dir, os.path.join(store, 'vm', 'x'))
     with pytest.raises(ConfigError, match='absolute'):
         restore(guest, store, config_dir, 'relative/dir')
+
+
+def test_a_full_target_disk_fails_cleanly(chain, store, config_dir, tmp_path):
+    guest, points = chain
+    target = tmp_path / 'tiny'
+    target.mkdir()
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2M', 'tmpfs', str(target)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        with pytest.raises(StorageError, match='No space left|space'):
+            restore(guest, store, config_dir, target)
+        assert os.listdir(target) == []
+    finally:
+        subprocess.run(['umount', '-l', str(target)], check=False)
