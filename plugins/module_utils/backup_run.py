@@ -117,7 +117,11 @@ def _resolve_options(request):
         if float(options[key]) < 0:
             raise ConfigError(f"{key} must not be negative")
     perf = defaults.get('performance') or {}
-    options['max_workers'] = request.max_workers or perf.get('max-workers')
+    options['max_workers'] = (request.max_workers if request.max_workers is not None
+                              else perf.get('max-workers'))
+    if options['max_workers'] is not None and not 1 <= int(options['max_workers']) <= 256:
+        raise ConfigError(f"performance max_workers {options['max_workers']} is out of range: "
+                          "use 1 to 256 parallel requests per disk")
     options['notes_template'] = request.notes_template or defaults.get('notes-template')
     options['script'] = request.script or defaults.get('script')
     options['storage'] = request.storage

@@ -589,3 +589,17 @@ def test_max_age_makes_a_second_run_change_nothing(make_guest, store, config_dir
     assert backup(guest, store, config_dir, max_age='1s')['changed'] is True
     with pytest.raises(ConfigError, match='max_age'):
         backup(guest, store, config_dir, max_age='soon')
+
+
+def test_performance_max_workers_reaches_qemu_and_the_backup_is_exact(make_guest, store,
+                                                                      config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0x6D, 0, 4 * MiB)
+    result = backup(guest, store, config_dir, max_workers=4)
+    ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
+                           os.path.join(result['backup_dir'], 'vd0.qcow2'))
+    assert ok, out
+    from guestvault_engine.errors import ConfigError
+    with pytest.raises(ConfigError, match='max_workers'):
+        backup(guest, store, config_dir, max_workers=0)
+    assert hidden_in(store, guest.vmid) == []
