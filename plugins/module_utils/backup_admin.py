@@ -23,7 +23,7 @@ def _storage(config_dir, storage, dumpdir):
 
 
 def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
-                  config_dir='/etc/guestvault', check_mode=False):
+                  config_dir='/etc/guestvault', check_mode=False, lockwait=180):
     """Re-read a backup's chain and check it; record the outcome in the backup's verify state.
 
     Checks: every image of the chain against its manifest's sha256; ``qemu-img check`` of each
@@ -32,6 +32,11 @@ def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
     """
     vmid = validate_vmid(vmid)
     store = _storage(config_dir, storage, dumpdir)
+    with store.guest_lock(vmid, lockwait * 60, shared=True):
+        return _verify(store, vmid, backup, check_mode)
+
+
+def _verify(store, vmid, backup, check_mode):
     record = catalog.resolve(store, vmid, backup)
     problems = []
     try:
@@ -44,10 +49,10 @@ def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
         path = os.path.join(record.path, disk['file'])
         if not os.path.exists(path):
             continue  # already reported
-        ok, message = qemu_img_check(path)
+        ok, message = qemu_img_check(path, fmt='qcow2')
         if not ok:
             problems.append(f"{record.id}: qemu-img check of {disk['file']}: {message}")
-        backing = qemu_img_info(path).get('backing-filename')
+        backing = qemu_img_info(path, fmt='qcow2').get('backing-filename')
         if backing != disk.get('backing'):
             problems.append(f"{record.id}: {disk['file']} reads through {backing!r}, its "
                             f"manifest says {disk.get('backing')!r}")
@@ -70,10 +75,15 @@ def _max_protected(config_dir, storage):
 
 
 def protect_backup(vmid, backup='latest', protected=None, notes=None, storage=None,
-                   dumpdir=None, config_dir='/etc/guestvault', check_mode=False):
+                   dumpdir=None, config_dir='/etc/guestvault', check_mode=False, lockwait=180):
     """Set or clear a backup's protection and notes; changed only when the state differs."""
     vmid = validate_vmid(vmid)
     store = _storage(config_dir, storage, dumpdir)
+    with store.guest_lock(vmid, lockwait * 60, shared=check_mode):
+        return _protect(store, vmid, backup, protected, notes, storage, config_dir, check_mode)
+
+
+def _protect(store, vmid, backup, protected, notes, storage, config_dir, check_mode):
     record = catalog.resolve(store, vmid, backup)
     before = {'protected': record.protected, 'notes': catalog.read_notes(record) or ''}
     after = dict(before)

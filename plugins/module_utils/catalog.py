@@ -68,7 +68,10 @@ def resolve(storage, vmid, backup='latest', until=None):
     if backup in (None, '', 'latest'):
         return backups[-1]
     match = _ID.match(str(backup))
-    if not match or (match.group(1) and int(match.group(1)) != int(vmid)):
+    if match and match.group(1) and int(match.group(1)) != int(vmid):
+        raise ConfigError(f"backup {backup} belongs to guest {match.group(1)}, not to guest "
+                          f"{vmid}; set vmid {match.group(1)} or name one of {vmid}'s backups")
+    if not match:
         raise ConfigError(f"backup {backup!r} is not a backup id of guest {vmid}: use 'latest', "
                           f"a time like {backups[-1].index['time']} or vm/{vmid}/<time>")
     wanted = match.group(2)

@@ -58,6 +58,7 @@ def stored_backup_argument_spec():
     spec.update({
         'vmid': {'type': 'int', 'required': True},
         'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+        'lockwait': {'type': 'float', 'default': 180},
     })
     return spec
 

@@ -21,7 +21,7 @@ from .errors import ConfigError, StorageError
 from .locate import open_storage
 from .qemu_img import allocated_bytes, qemu_img_binary
 from .retention import RetentionPolicy, as_policy, select_for_prune
-from .storage_dir import fsync_path, sha256_file
+from .storage_dir import PROTECTED, fsync_path, sha256_file
 
 
 @dataclass
@@ -39,7 +39,8 @@ class PruneRequest:
 def resolve_policy(request, storage):
     """The retention to apply: given, else the storage's prune-backups, else vzdump.conf's."""
     if request.prune_backups not in (None, '', {}):
-        return as_policy(request.prune_backups), 'given'
+        what = 'prune_backups' if isinstance(request.prune_backups, str) else 'keep options'
+        return as_policy(request.prune_backups, what=what), 'given'
     if storage.id:
         configured = load_storage(request.config_dir, storage.id).prune_backups
         if configured:
@@ -113,7 +114,8 @@ def fold(record, new_parent, log):
 
 def remove_backup(storage, record):
     """Make the backup invisible in one rename, then delete it."""
-    if record.protected:
+    # Asked on disk, not from the listing: protection may have been set since.
+    if record.protected or os.path.exists(os.path.join(record.path, PROTECTED)):
         raise StorageError(f"backup {record.id} is protected and is not removed")
     storage.inside(record.path)
     hidden = os.path.join(os.path.dirname(record.path),
@@ -128,7 +130,8 @@ def _guest_bytes(backups):
 
 
 def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
-    with storage.guest_lock(vmid, lockwait_seconds):
+    # Check mode only reads, so it shares the lock (and creates nothing).
+    with storage.guest_lock(vmid, lockwait_seconds, shared=check_mode):
         if not check_mode:
             for backup_id, applied in catalog.recover_pending(storage, vmid, sha256_file):
                 log(f"{'completed' if applied else 'dropped'} an interrupted manifest update of "
@@ -167,6 +170,10 @@ def run_prune(request, log=None):
     result = {'policy': policy.as_property_string(), 'policy_source': source, 'backups': [],
               'folded': [], 'bytes_freed': 0, 'storage': storage.id,
               'storage_path': storage.path}
+    result['warnings'] = []
+    if request.vmid is not None and not storage.backups(request.vmid):
+        result['warnings'].append(f"guest {request.vmid} has no backups on {storage.label}; "
+                                  "is the vmid right?")
     for vmid in vmids:
         report, folds, freed = prune_guest(storage, vmid, policy, request.timezone,
                                            request.check_mode, float(request.lockwait) * 60,

@@ -37,8 +37,8 @@ def create_qcow2(path, size, backing=None, compression=None):
     _qemu_img(*args, path, str(size))
 
 
-def info(path, chain=False):
-    args = ['info', '--output=json', '-U']
+def info(path, chain=False, fmt=None):
+    args = ['info', '--output=json', '-U'] + (['-f', fmt] if fmt else [])
     if chain:
         args.append('--backing-chain')
     return json.loads(_qemu_img(*args, path))
@@ -50,8 +50,8 @@ def allocated_bytes(path):
     return sum(e['length'] for e in extents if e.get('data') and e.get('depth', 0) == 0)
 
 
-def check(path):
+def check(path, fmt=None):
     """Run ``qemu-img check``; return (ok, message)."""
-    proc = subprocess.run([qemu_img_binary(), 'check', '-U', path], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run([qemu_img_binary(), 'check', '-U'] + (['-f', fmt] if fmt else [])
+                          + [path], capture_output=True, text=True, check=False)
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()

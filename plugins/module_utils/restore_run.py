@@ -46,6 +46,7 @@ class RestoreRequest:
     force: bool = False
     new_vmid: int = None
     new_qmp_socket: str = None
+    lockwait: float = 180        # minutes to wait while a backup or prune of the guest runs
     check_mode: bool = False
 
 
@@ -89,6 +90,8 @@ def _check_target_dir(request, storage):
     if not target or not os.path.isabs(target):
         raise ConfigError(f"target_dir {target!r} must be an absolute path")
     real = os.path.realpath(target)
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise ConfigError(f"target_dir {target} exists and is not a directory; give a directory")
     for forbidden, what in ((storage.path, 'the backup storage'),
                             (request.config_dir, 'the guestvault configuration')):
         root = os.path.realpath(forbidden)
@@ -113,6 +116,9 @@ def plan_restore(request):
     chain = catalog.chain_of(storage, record)
     by_id = {d['id']: d for d in record.index['disks']}
     wanted = list(request.disks) if request.disks else list(by_id)
+    twice = sorted({d for d in wanted if wanted.count(d) > 1})
+    if twice:
+        raise ConfigError(f"disks names {', '.join(twice)} more than once; name each disk once")
     unknown = [d for d in wanted if d not in by_id]
     if unknown:
         raise ConfigError(f"backup {record.id} has no disk(s) {', '.join(unknown)}; it has "
@@ -190,6 +196,16 @@ def _snapshot_image(chain, disk_id, target, log):
 
 
 def run_restore(request, log=None):
+    """Restore as ``request`` says; holds the guest's storage lock shared (prune waits)."""
+    storage = open_storage(request.config_dir, request.storage, request.dumpdir)
+    if storage is None:
+        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir")
+    with storage.guest_lock(validate_vmid(request.vmid), float(request.lockwait) * 60,
+                            shared=True):
+        return _restore(request, log)
+
+
+def _restore(request, log):
     log = log or (lambda message: None)
     started = time.monotonic()
     plan = plan_restore(request)

@@ -63,14 +63,18 @@ def write_file_atomic(path, data):
 
 
 @contextmanager
-def file_lock(path, wait_seconds, what):
-    """Hold an exclusive flock on ``path``; the kernel drops it if the holder dies."""
+def file_lock(path, wait_seconds, what, shared=False):
+    """Hold a flock on ``path``; the kernel drops it if the holder dies.
+
+    Readers (restore, verify) share the lock; writers (backup, prune, protect) hold it alone.
+    """
     handle = open(path, 'a+')
     deadline = time.monotonic() + max(0.0, wait_seconds)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         while True:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
@@ -160,11 +164,14 @@ class DirStorage:
         return real
 
     @contextmanager
-    def guest_lock(self, vmid, wait_seconds):
+    def guest_lock(self, vmid, wait_seconds, shared=False):
         gdir = self.guest_dir(vmid)
+        if shared and not os.path.isdir(gdir):
+            yield  # a reader of a guest without backups: nothing to lock, nothing to create
+            return
         os.makedirs(gdir, mode=0o750, exist_ok=True)
         with file_lock(os.path.join(gdir, '.lock'), wait_seconds,
-                       f"guest {vmid} on {self.label}"):
+                       f"guest {vmid} on {self.label}", shared=shared):
             yield
 
     def backups(self, vmid):

@@ -43,6 +43,10 @@ options:
   notes:
     description: The backup's notes; an empty string removes them; unchanged when not given.
     type: str
+  lockwait:
+    description: Minutes to wait while a backup, prune or restore of the guest holds its lock on the storage.
+    type: float
+    default: 180
 """
 
 EXAMPLES = r"""

@@ -190,6 +190,8 @@ def main():
             lockwait=params['lockwait'], check_mode=module.check_mode))
     except GuestvaultError as exc:
         module.fail_json(msg=str(exc))
+    for warning in result.pop('warnings', []):
+        module.warn(warning)
     module.exit_json(**result)
 
 

@@ -85,6 +85,10 @@ options:
   new_qmp_socket:
     description: The QMP socket path to record for the new guest; default C(<target_dir>/qmp.sock).
     type: path
+  lockwait:
+    description: Minutes to wait while a backup or prune of the guest holds its lock on the storage.
+    type: float
+    default: 180
 seealso:
   - module: guestvault.backup.backup_info
   - module: guestvault.backup.verify
@@ -161,10 +165,10 @@ disks:
     size:
       description: Size of the image file.
       type: int
-      returned: changed
+      returned: success, not in check mode
 verified:
   description: Whether every file read was checked against its manifest (always true on success).
-  returned: changed
+  returned: success, not in check mode
   type: bool
 snapshots:
   description: Whether the images hold the chain as internal snapshots.
@@ -180,11 +184,11 @@ registry_entry:
   type: str
 guest_config:
   description: Path of the captured guest configuration written beside the images.
-  returned: changed
+  returned: success, not in check mode
   type: str
 duration:
   description: Seconds the restore took.
-  returned: changed
+  returned: success, not in check mode
   type: float
 """
 

@@ -39,6 +39,10 @@ options:
     description: V(latest), or the backup's time or id.
     type: str
     default: latest
+  lockwait:
+    description: Minutes to wait while a backup or prune of the guest holds its lock on the storage.
+    type: float
+    default: 180
 """
 
 EXAMPLES = r"""

@@ -3,7 +3,10 @@ import shutil
 
 import pytest
 
-from labguest import LabGuest
+pytest.register_assert_rewrite('ansible_runner')
+
+from ansible_runner import COLLECTIONS, INSTALLED, Ansible, stale_collection_files, write_callback  # noqa: E402
+from labguest import LabGuest  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which('qemu-system-x86_64') is None,
                                 reason='needs qemu-system-x86_64 (make deps)')
@@ -52,3 +55,31 @@ def config_dir(tmp_path):
     path = tmp_path / 'etc'
     (path / 'guests.d').mkdir(parents=True)
     return str(path)
+
+
+# ----------------------------------------------------------------------------- running ansible
+
+@pytest.fixture(scope='session')
+def callback_dir(tmp_path_factory):
+    """The JSON-lines stdout callback through which ``Ansible`` reads task results."""
+    return write_callback(tmp_path_factory.mktemp('ansible-callbacks'))
+
+
+@pytest.fixture(scope='session')
+def installed_collection():
+    """The tests run the shipped files: refuse an install that differs from the source tree."""
+    stale = stale_collection_files()
+    if stale is None:
+        pytest.fail(f"guestvault.backup is not installed in {COLLECTIONS}; run 'make collection'")
+    if stale:
+        pytest.fail(f"the collection in {COLLECTIONS} is older than the source "
+                    f"({', '.join(stale)}); run 'make collection'")
+    return INSTALLED
+
+
+@pytest.fixture
+def ansible(tmp_path, callback_dir, installed_collection):
+    """Runs modules as users do: ``ansible.module(name, args)``, ``ansible.playbook(tasks)``."""
+    workdir = tmp_path / 'ansible'
+    workdir.mkdir()
+    return Ansible(str(workdir), callback_dir)

@@ -7,192 +7,26 @@ chains, guest_bitmaps retires one chain idempotently.
 
 The modules run from the installed collection (``make collection``), in a real ``ansible``
 process, against lab guests. Results are read through a small stdout callback that writes each
-task result as one JSON line (ansible-core 2.19 no longer ships a ``json`` callback).
+task result as one JSON line (ansible-core 2.19 no longer ships a ``json`` callback); see
+ansible_runner.py and the ``ansible`` fixture in conftest.py.
 """
-import ast
 import fcntl
 import hashlib
-import json
 import os
-import pathlib
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-COLLECTIONS = os.environ.get('ANSIBLE_COLLECTIONS_PATH') or str(ROOT / '.build' / 'collections')
-INSTALLED = pathlib.Path(COLLECTIONS.split(os.pathsep)[0]) / 'ansible_collections' / 'guestvault' \
-    / 'backup'
-BIN = pathlib.Path(sys.executable).parent
-PYTHON = str(ROOT / '.venv' / 'bin' / 'python') if (ROOT / '.venv').is_dir() else sys.executable
+from ansible_runner import Unsafe, assert_failed_with, documented_return, tree
+
 VMID = 9001
 BACKUP = 'guestvault.backup.guest_backup'
 INFO = 'guestvault.backup.guest_info'
 BITMAPS = 'guestvault.backup.guest_bitmaps'
 
-CALLBACK = '''
-from __future__ import annotations
-
-DOCUMENTATION = """
-    name: gv_result_lines
-    type: stdout
-    short_description: each task result as one JSON line in $GV_RESULT_FILE (guestvault tests)
-    description: For tests; warnings and deprecations are flattened to their messages.
-"""
-
-import json
-import os
-
-from ansible.plugins.callback import CallbackBase
-
-
-def _messages(items):
-    return [getattr(getattr(item, 'event', None), 'msg', None) or str(item) for item in items]
-
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = 'stdout'
-    CALLBACK_NAME = 'gv_result_lines'
-
-    def _record(self, result, status):
-        data = dict(result.result)
-        if 'warnings' in data:
-            data['warnings'] = _messages(result.warnings)
-        data['deprecations'] = _messages(result.deprecations)
-        data['_status'] = status
-        data['_task'] = result.task_name
-        with open(os.environ['GV_RESULT_FILE'], 'a') as handle:
-            handle.write(json.dumps(data, default=str) + '\\n')
-
-    def v2_runner_on_ok(self, result):
-        self._record(result, 'ok')
-
-    def v2_runner_on_failed(self, result, ignore_errors=False):
-        self._record(result, 'failed')
-
-    def v2_runner_on_unreachable(self, result):
-        self._record(result, 'unreachable')
-
-    def v2_runner_on_skipped(self, result):
-        self._record(result, 'skipped')
-'''
-
-
-# ----------------------------------------------------------------------------- running ansible
-
-@pytest.fixture(scope='session')
-def callback_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp('ansible-callbacks')
-    (path / 'gv_result_lines.py').write_text(CALLBACK)
-    return str(path)
-
-
-@pytest.fixture(scope='session')
-def installed_collection():
-    """The tests run the shipped files: refuse an install that differs from the source tree."""
-    if not INSTALLED.is_dir():
-        pytest.fail(f"guestvault.backup is not installed in {COLLECTIONS}; run 'make collection'")
-    stale = [str(src.relative_to(ROOT)) for src in sorted((ROOT / 'plugins').rglob('*.py'))
-             if not (INSTALLED / src.relative_to(ROOT)).is_file()
-             or (INSTALLED / src.relative_to(ROOT)).read_bytes() != src.read_bytes()]
-    if stale:
-        pytest.fail(f"the collection in {COLLECTIONS} is older than the source "
-                    f"({', '.join(stale)}); run 'make collection'")
-    return INSTALLED
-
-
-class Unsafe(str):
-    """A playbook value Ansible must not template (written as ``!unsafe``)."""
-
-
-class _PlaybookDumper(yaml.SafeDumper):
-    pass
-
-
-_PlaybookDumper.add_representer(
-    Unsafe, lambda dumper, value: dumper.represent_scalar('!unsafe', str(value), style="'"))
-
-
-class Ansible:
-    """Runs modules the way users do, each call a fresh ``ansible``/``ansible-playbook``."""
-
-    def __init__(self, workdir, callback_dir):
-        self.workdir = workdir
-        self.callback_dir = callback_dir
-        self.calls = 0
-
-    def _env(self, result_file):
-        env = dict(os.environ)
-        # The autouse private_run_dir fixture puts the node locks in this test's directory.
-        assert env.get('GUESTVAULT_RUN_DIR'), 'GUESTVAULT_RUN_DIR must reach the module'
-        env.update(ANSIBLE_COLLECTIONS_PATH=COLLECTIONS, ANSIBLE_CALLBACK_PLUGINS=self.callback_dir,
-                   ANSIBLE_STDOUT_CALLBACK='gv_result_lines', ANSIBLE_LOAD_CALLBACK_PLUGINS='1',
-                   ANSIBLE_NOCOLOR='1', ANSIBLE_LOCALHOST_WARNING='0',
-                   ANSIBLE_INVENTORY_UNPARSED_WARNING='0', GV_RESULT_FILE=result_file)
-        env.pop('ANSIBLE_CONFIG', None)
-        return env
-
-    def _run(self, argv):
-        self.calls += 1
-        result_file = os.path.join(self.workdir, f'results-{self.calls}.jsonl')
-        proc = subprocess.run(argv, cwd=self.workdir, env=self._env(result_file),
-                              capture_output=True, text=True, timeout=120, check=False)
-        try:
-            with open(result_file) as handle:
-                results = [json.loads(line) for line in handle]
-        except FileNotFoundError:
-            results = []
-        assert results, f"no task result (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        for result in results:
-            result['_rc'] = proc.returncode
-            result['_stderr'] = proc.stderr
-        return results
-
-    def module(self, name, args, check=False, diff=False):
-        """``ansible localhost -m NAME -a JSON``; the task's result."""
-        argv = [str(BIN / 'ansible'), 'localhost', '-i', 'localhost,', '-c', 'local',
-                '-e', f'ansible_python_interpreter={PYTHON}', '-m', name, '-a', json.dumps(args)]
-        argv += ['--check'] if check else []
-        argv += ['--diff'] if diff else []
-        (result,) = self._run(argv)
-        return result
-
-    def playbook(self, tasks):
-        """One play on localhost with ``tasks``; the results of the tasks that ran."""
-        path = os.path.join(self.workdir, f'play-{self.calls + 1}.yml')
-        with open(path, 'w') as handle:
-            yaml.dump([{'hosts': 'localhost', 'gather_facts': False, 'tasks': tasks}], handle,
-                      Dumper=_PlaybookDumper, sort_keys=False)
-        return self._run([str(BIN / 'ansible-playbook'), '-i', 'localhost,', '-c', 'local',
-                          '-e', f'ansible_python_interpreter={PYTHON}', path])
-
-
-@pytest.fixture
-def ansible(tmp_path, callback_dir, installed_collection):
-    workdir = tmp_path / 'ansible'
-    workdir.mkdir()
-    return Ansible(str(workdir), callback_dir)
-
 
 # ----------------------------------------------------------------------------- what must not change
-
-def tree(path):
-    """Every file and directory under ``path``, relative, with file sizes; None if absent."""
-    if not os.path.exists(path):
-        return None
-    found = []
-    for base, dirs, files in os.walk(path):
-        rel = os.path.relpath(base, path)
-        rel = '' if rel == '.' else rel
-        found += [(os.path.join(rel, d), 'dir') for d in dirs]
-        found += [(os.path.join(rel, f), os.path.getsize(os.path.join(base, f))) for f in files]
-    return sorted(found)
-
 
 def storage_contents(store):
     """What a storage holds besides lock files (and the vm/<vmid>/ directories they live in)."""
@@ -210,15 +44,6 @@ def guest_bitmaps(guest):
             disk = entry['qdev'].split('/')[3] if entry.get('qdev') else entry['device']
             found[disk] = sorted(b['name'] for b in inserted.get('dirty-bitmaps', []))
     return found
-
-
-def assert_failed_with(result, *words):
-    """A deliberate failure (fail_json, not a crash) whose message has all of ``words``."""
-    assert result['_status'] == 'failed', result
-    assert result['_rc'] != 0
-    assert 'module_stderr' not in result and 'Traceback' not in result['_stderr'], result
-    for word in words:
-        assert word in result['msg'], f"{word!r} not in {result['msg']!r}"
 
 
 def backup_dirs(store, vmid=VMID):
@@ -392,14 +217,6 @@ def test_check_mode_predicts_level_reason_and_disks_and_changes_nothing(
     assert guest_bitmaps(guest) == {'vd0': [], 'vd1': []}
 
 
-def _documented_return(module):
-    source = (INSTALLED / 'plugins' / 'modules' / f'{module}.py').read_text()
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and node.targets[0].id == 'RETURN':
-            return yaml.safe_load(node.value.value)
-    raise AssertionError(f'{module} has no RETURN')
-
-
 def test_a_backup_returns_what_the_module_documents(ansible, make_guest, store, config_dir,
                                                     private_run_dir):
     guest = make_guest(name='web01')
@@ -409,7 +226,7 @@ def test_a_backup_returns_what_the_module_documents(ansible, make_guest, store, 
         'vmid': VMID, 'config_dir': config_dir, 'storage': 'local',
         'notes_template': Unsafe('{{guestname}} ({{vmid}})\\nnightly')}}])
     assert result['_status'] == 'ok' and result['changed'] is True, result
-    documented = _documented_return('guest_backup')
+    documented = documented_return('guest_backup')
     expected = {key for key, doc in documented.items() if doc['returned'] in ('always', 'changed')}
     # Ansible itself owns 'warnings' since the module hands them to module.warn(): the key is
     # there only when there is a warning (see test_warnings_are_shown_once_...).
