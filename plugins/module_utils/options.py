@@ -107,6 +107,47 @@ def prune_policy_from_params(params):
     return given or None
 
 
+# backup_job parameters and the jobs.cfg keys they are written as.
+JOB_OPTION_KEYS = {
+    'schedule': 'schedule', 'vmid': 'vmid', 'all': 'all', 'pool': 'pool', 'exclude': 'exclude',
+    'node': 'node', 'storage': 'storage', 'dumpdir': 'dumpdir', 'mode': 'mode',
+    'level': 'level', 'chain': 'chain', 'compress': 'compress',
+    'prune_backups': 'prune-backups', 'notes_template': 'notes-template', 'bwlimit': 'bwlimit',
+    'script': 'script', 'protected': 'protected', 'repeat_missed': 'repeat-missed',
+    'enabled': 'enabled', 'comment': 'comment',
+}
+
+
+def job_argument_spec():
+    spec = storage_argument_spec()
+    spec.update({
+        'id': {'type': 'str', 'required': True},
+        'state': {'type': 'str', 'default': 'present', 'choices': ['present', 'absent']},
+        'schedule': {'type': 'str'},
+        'vmid': {'type': 'list', 'elements': 'int'},
+        'all': {'type': 'bool'},
+        'pool': {'type': 'str'},
+        'exclude': {'type': 'list', 'elements': 'int'},
+        'node': {'type': 'list', 'elements': 'str'},
+        'mode': {'type': 'str', 'choices': ['snapshot', 'suspend', 'stop']},
+        'level': {'type': 'str', 'choices': ['full', 'inc', 'auto', 'copy']},
+        'chain': {'type': 'str'},
+        'compress': {'type': 'str', 'choices': ['0', '1', 'zstd', 'gzip']},
+        'prune_backups': {'type': 'str'},
+        'notes_template': {'type': 'str'},
+        'bwlimit': {'type': 'int'},
+        'script': {'type': 'path'},
+        'protected': {'type': 'bool'},
+        'repeat_missed': {'type': 'bool', 'default': False},
+        'enabled': {'type': 'bool', 'default': True},
+        'comment': {'type': 'str'},
+        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+        'unit_dir': {'type': 'path', 'default': '/etc/systemd/system'},
+        'command': {'type': 'path', 'default': '/usr/local/sbin/guestvault-dump'},
+    })
+    return spec
+
+
 BACKUP_MUTUALLY_EXCLUSIVE = [('storage', 'dumpdir'), ('include', 'exclude')]
 
 

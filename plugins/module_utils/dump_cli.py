@@ -1,0 +1,236 @@
+"""guestvault-dump: the node command, with vzdump's flags; what scheduled jobs run.
+
+Guests are backed up one after another. Each successful backup is followed by a prune of that
+guest on the storage; a failing guest does not stop the others, but the command exits non-zero.
+Job-level hook phases (``job-init``, ``job-start``, ``job-end``, ``job-abort``) run around the
+guests, and a job's state (last run, result, per-guest outcome) is written for ``--job`` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+
+from .backup_run import BackupRequest, run_backup
+from .errors import ConfigError, GuestvaultError
+from .hooks import HookScript
+from .jobs import load_jobs
+from .locate import open_storage
+from .prune_run import PruneRequest, resolve_policy, prune_guest
+from .registry import list_guests
+from .storage_dir import format_time, write_file_atomic
+
+STATE_DIR = os.environ.get('GUESTVAULT_STATE_DIR', '/var/lib/guestvault/jobs')
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='guestvault-dump',
+        description="Back up QEMU guests of this node, as Proxmox's vzdump does.")
+    parser.add_argument('vmid', nargs='*', type=int, help='guests to back up')
+    parser.add_argument('--all', action='store_true', help='every guest in the registry')
+    parser.add_argument('--exclude', default='', help='vmids to leave out (with --all/--pool)')
+    parser.add_argument('--pool', help="guests of this pool (registry 'pool:')")
+    parser.add_argument('--job', help='run the job with this id from jobs.cfg')
+    parser.add_argument('--mode', choices=('snapshot', 'suspend', 'stop'))
+    parser.add_argument('--storage')
+    parser.add_argument('--dumpdir')
+    parser.add_argument('--compress', choices=('0', '1', 'gzip', 'zstd'))
+    parser.add_argument('--level', choices=('full', 'inc', 'auto', 'copy'))
+    parser.add_argument('--chain')
+    parser.add_argument('--prune-backups', help='e.g. keep-last=3,keep-daily=7')
+    parser.add_argument('--notes-template')
+    parser.add_argument('--protected', type=int, choices=(0, 1))
+    parser.add_argument('--script', help='hook script')
+    parser.add_argument('--bwlimit', type=int, help='KiB/s')
+    parser.add_argument('--lockwait', type=float, help='minutes')
+    parser.add_argument('--stopwait', type=float, help='minutes')
+    parser.add_argument('--config-dir', default=os.environ.get('GUESTVAULT_CONFIG_DIR',
+                                                               '/etc/guestvault'))
+    parser.add_argument('--node', default=socket.gethostname())
+    parser.add_argument('--quiet', action='store_true', help='no progress, errors only')
+    return parser
+
+
+def _job_settings(args):
+    """Options of ``--job`` from jobs.cfg, with command-line flags taking precedence."""
+    jobs = load_jobs(args.config_dir)
+    if args.job not in jobs:
+        raise ConfigError(f"no job '{args.job}' in {os.path.join(args.config_dir, 'jobs.cfg')}; "
+                          f"jobs: {', '.join(sorted(jobs)) or 'none'}")
+    job = jobs[args.job].options
+    settings = {
+        'vmid': args.vmid or job.get('vmid') or [], 'all': args.all or job.get('all', False),
+        'pool': args.pool or job.get('pool'),
+        'exclude': _vmids(args.exclude) or job.get('exclude') or [],
+        'node': job.get('node'), 'enabled': job.get('enabled', True),
+    }
+    for key in ('mode', 'storage', 'dumpdir', 'compress', 'level', 'chain', 'bwlimit',
+                'script', 'lockwait', 'stopwait'):
+        value = getattr(args, key)
+        settings[key] = value if value is not None else job.get(key)
+    settings['notes_template'] = args.notes_template or job.get('notes-template')
+    settings['prune_backups'] = args.prune_backups or job.get('prune-backups')
+    settings['protected'] = bool(args.protected) if args.protected is not None \
+        else job.get('protected')
+    settings['chain_period'] = job.get('chain-period', 'none')
+    return settings
+
+
+def _say(message):
+    sys.stdout.write(message + '\n')
+    sys.stdout.flush()
+
+
+def _vmids(text):
+    return [int(v) for v in str(text or '').replace(';', ',').split(',') if v.strip()]
+
+
+def _plain_settings(args):
+    settings = {key: getattr(args, key) for key in (
+        'mode', 'storage', 'dumpdir', 'compress', 'level', 'chain', 'bwlimit', 'script',
+        'lockwait', 'stopwait', 'pool', 'all')}
+    settings.update(vmid=args.vmid, exclude=_vmids(args.exclude), node=None, enabled=True,
+                    notes_template=args.notes_template, prune_backups=args.prune_backups,
+                    protected=None if args.protected is None else bool(args.protected),
+                    chain_period='none')
+    return settings
+
+
+def select_guests(config_dir, settings):
+    """The vmids to back up, in order; ConfigError if the selection names nobody."""
+    registered = {g.vmid: g for g in list_guests(config_dir)}
+    if settings['vmid']:
+        chosen = list(settings['vmid'])
+    elif settings['all']:
+        chosen = sorted(registered)
+    elif settings['pool']:
+        chosen = sorted(v for v, g in registered.items() if g.pool == settings['pool'])
+    else:
+        raise ConfigError("no guests selected: give vmids, --all or --pool")
+    both = sorted(set(chosen) & set(settings['exclude'])) if settings['vmid'] else []
+    if both:
+        raise ConfigError(f"guest(s) {', '.join(map(str, both))} are both selected and "
+                          "excluded; name each guest once")
+    chosen = [v for v in chosen if v not in settings['exclude']]
+    if not chosen:
+        raise ConfigError("the selection leaves no guest to back up")
+    return chosen
+
+
+class Progress:
+    """A percentage on a terminal; silent otherwise (timers, pipes)."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.last = -1
+
+    def __call__(self, done, total):
+        if not self.enabled or not total:
+            return
+        percent = int(done * 100 / total)
+        if percent != self.last:
+            self.last = percent
+            sys.stderr.write(f"\r  {percent:3d}% of {total / (1 << 20):.0f} MiB")
+            sys.stderr.flush()
+
+    def end(self):
+        if self.enabled and self.last >= 0:
+            sys.stderr.write('\n')
+        self.last = -1
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    say = (lambda message: None) if args.quiet else _say
+    settings = _job_settings(args) if args.job else _plain_settings(args)
+    if args.job and settings['node'] and args.node not in settings['node']:
+        say(f"job {args.job} does not run on node {args.node}; nothing to do")
+        return 0
+    if args.job and not settings['enabled']:
+        say(f"job {args.job} is disabled; nothing to do")
+        return 0
+    vmids = select_guests(args.config_dir, settings)
+    hook = HookScript(settings['script']) if settings['script'] else None
+    store = open_storage(args.config_dir, settings['storage'], settings['dumpdir'])
+    env = {'STOREID': settings['storage'] or '', 'DUMPDIR': store.path if store else ''}
+    started = datetime.now(timezone.utc)
+    outcomes = {}
+    if hook:
+        hook.run('job-init', env=env, log=say)
+        hook.run('job-start', env=env, log=say)
+    progress = Progress(not args.quiet)
+    try:
+        for vmid in vmids:
+            outcomes[vmid] = _one_guest(args, settings, vmid, say, progress)
+    except BaseException:
+        if hook:
+            hook.run('job-abort', env=env, log=say)
+        raise
+    failed = [v for v, o in outcomes.items() if o['result'] != 'ok']
+    if hook:
+        hook.run('job-abort' if failed else 'job-end', env=env, log=say)
+    if args.job:
+        _write_state(args.job, started, outcomes)
+    say(f"{len(vmids) - len(failed)} of {len(vmids)} guest(s) backed up"
+        + (f"; failed: {', '.join(map(str, failed))}" if failed else ''))
+    return 1 if failed else 0
+
+
+def _one_guest(args, settings, vmid, say, progress):
+    request = BackupRequest(
+        vmid=vmid, storage=settings['storage'], dumpdir=settings['dumpdir'],
+        config_dir=args.config_dir, level=settings['level'] or 'auto', chain=settings['chain'],
+        chain_period=settings['chain_period'], mode=settings['mode'],
+        bwlimit=settings['bwlimit'], compress=settings['compress'],
+        notes_template=settings['notes_template'], protected=settings['protected'],
+        script=settings['script'], lockwait=settings['lockwait'],
+        stopwait=settings['stopwait'], node=args.node)
+    t0 = time.monotonic()
+    try:
+        result = run_backup(request, log=lambda m: say(f"  {vmid}: {m}"), progress=progress)
+    except GuestvaultError as exc:
+        progress.end()
+        say(f"ERROR: backup of guest {vmid} failed: {exc}")
+        return {'result': 'error', 'error': str(exc), 'seconds': round(time.monotonic() - t0, 3)}
+    progress.end()
+    outcome = {'result': 'ok', 'backup': result['backup'], 'level': result['level'],
+               'seconds': round(time.monotonic() - t0, 3), 'warnings': result['warnings']}
+    try:
+        storage = open_storage(args.config_dir, settings['storage'], settings['dumpdir'])
+        policy, source = resolve_policy(PruneRequest(
+            storage=settings['storage'], dumpdir=settings['dumpdir'],
+            config_dir=args.config_dir, prune_backups=settings['prune_backups']), storage)
+        report, _folds, freed = prune_guest(storage, vmid, policy, None, False,
+                                            float(settings['lockwait'] or 180) * 60,
+                                            lambda m: say(f"  {vmid}: {m}"))
+        outcome['pruned'] = [b['id'] for b in report if b['mark'] == 'remove']
+        say(f"  {vmid}: prune ({policy.as_property_string()} from {source}) removed "
+            f"{len(outcome['pruned'])} backup(s), freed {freed} bytes")
+    except GuestvaultError as exc:
+        outcome.update(result='error', error=f"backup kept, but prune failed: {exc}")
+        say(f"ERROR: prune of guest {vmid} failed: {exc}")
+    return outcome
+
+
+def _write_state(job_id, started, outcomes):
+    state = {'job': job_id, 'started': format_time(started),
+             'ended': format_time(datetime.now(timezone.utc)),
+             'result': 'ok' if all(o['result'] == 'ok' for o in outcomes.values()) else 'error',
+             'guests': {str(v): o for v, o in outcomes.items()}}
+    os.makedirs(STATE_DIR, exist_ok=True)
+    write_file_atomic(os.path.join(STATE_DIR, f"{job_id}.json"),
+                      json.dumps(state, indent=2, sort_keys=True) + '\n')
+
+
+def main(argv=None):
+    """Entry point: one line on stderr and exit 2 for a usage or configuration error."""
+    try:
+        return run(argv)
+    except GuestvaultError as exc:
+        sys.stderr.write(f"guestvault-dump: {exc}\n")
+        return 2

@@ -1,0 +1,148 @@
+"""Declare backup jobs: the ``jobs.cfg`` section and the systemd timer + service that run it.
+
+Each enabled job becomes ``guestvault-job-<id>.timer`` (``OnCalendar=`` from the job's Proxmox
+schedule, ``Persistent=`` from ``repeat-missed``) and ``guestvault-job-<id>.service`` (runs the
+node command for the job). The node runs its jobs by itself, whether or not a controller is up.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from .errors import ConfigError
+from .jobs import Job, load_jobs, render_job, save_jobs, validate_job
+from .storage_dir import write_file_atomic
+
+UNIT_DIR = '/etc/systemd/system'
+NODE_COMMAND = '/usr/local/sbin/guestvault-dump'
+
+
+def unit_names(job_id):
+    return f"guestvault-job-{job_id}.timer", f"guestvault-job-{job_id}.service"
+
+
+def render_units(job, command=NODE_COMMAND, config_dir='/etc/guestvault'):
+    """(timer text, service text) of a job."""
+    from .calendar import CalendarEvent, to_systemd_oncalendar
+    schedule = job.options['schedule']
+    calendars = to_systemd_oncalendar(CalendarEvent.parse(schedule))
+    timer_name, service_name = unit_names(job.id)
+    persistent = 'true' if job.options.get('repeat-missed') else 'false'
+    timer = '\n'.join([
+        '[Unit]',
+        f"Description=guestvault backup job {job.id} ({schedule})",
+        '',
+        '[Timer]',
+        *[f"OnCalendar={c}" for c in calendars],
+        # A run missed while the node was down happens once when it is back (repeat-missed).
+        f"Persistent={persistent}",
+        f"Unit={service_name}",
+        '',
+        '[Install]',
+        'WantedBy=timers.target',
+        ''])
+    config = '' if config_dir == '/etc/guestvault' else f" --config-dir {config_dir}"
+    service = '\n'.join([
+        '[Unit]',
+        f"Description=guestvault backup job {job.id}",
+        f"Documentation=file://{config_dir}/jobs.cfg",
+        '',
+        '[Service]',
+        'Type=oneshot',
+        f"ExecStart={command} --job {job.id}{config}",
+        # vzdump's default: best-effort I/O priority 7, so guests keep their disks.
+        'IOSchedulingClass=best-effort',
+        'IOSchedulingPriority=7',
+        'Nice=10',
+        ''])
+    return timer, service
+
+
+def schedule_warning(schedule):
+    """A warning when a schedule looks like Proxmox's lone-number-is-a-minute trap."""
+    from .calendar import looks_like_hour_mistake
+    return looks_like_hour_mistake(schedule)
+
+
+def _read(path):
+    try:
+        with open(path, encoding='utf-8') as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ''
+
+
+def systemd_running():
+    return os.path.isdir('/run/systemd/system') and shutil.which('systemctl') is not None
+
+
+def _systemctl(*args):
+    proc = subprocess.run(['systemctl', *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ConfigError(f"systemctl {' '.join(args)} failed: {proc.stderr.strip()}")
+
+
+def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault',
+              unit_dir=UNIT_DIR, command=NODE_COMMAND, check_mode=False, manage_systemd=None):
+    """Make the job (and its units) exist as declared, or not at all; idempotent.
+
+    ``options`` are jobs.cfg keys (``schedule``, ``vmid``, ``storage``, ...). Returns
+    ``{'changed', 'diff': {'before', 'after'}, 'units': [...]}``; nothing is written in check
+    mode. Everything is validated before anything is written.
+    """
+    jobs = load_jobs(config_dir)
+    before_job = render_job(jobs[job_id]) if job_id in jobs else ''
+    timer_name, service_name = unit_names(job_id)
+    timer_path = os.path.join(unit_dir, timer_name)
+    service_path = os.path.join(unit_dir, service_name)
+    before = {'job': before_job, 'timer': _read(timer_path), 'service': _read(service_path)}
+    if state == 'absent':
+        after = {'job': '', 'timer': '', 'service': ''}
+        enabled = False
+    else:
+        raw = {k: v for k, v in (options or {}).items() if v is not None}
+        job = Job(job_id, validate_job(job_id, _as_text(raw), f"job {job_id}"))
+        timer, service = render_units(job, command, config_dir)
+        enabled = job.enabled
+        after = {'job': render_job(job),
+                 'timer': timer if enabled else '', 'service': service if enabled else ''}
+    changed = after != before
+    result = {'changed': changed, 'diff': {'before': before, 'after': after},
+              'units': [p for p in (timer_path, service_path) if after['timer']],
+              'enabled': enabled, 'systemd': False}
+    if not changed or check_mode:
+        return result
+    if state == 'absent':
+        jobs.pop(job_id, None)
+    else:
+        jobs[job_id] = job
+    save_jobs(config_dir, jobs)
+    os.makedirs(unit_dir, exist_ok=True)
+    manage = systemd_running() if manage_systemd is None else manage_systemd
+    if manage and before['timer'] and not after['timer']:
+        _systemctl('disable', '--now', timer_name)
+    for path, text in ((timer_path, after['timer']), (service_path, after['service'])):
+        if text:
+            write_file_atomic(path, text)
+        elif os.path.exists(path):
+            os.unlink(path)
+    if manage:
+        _systemctl('daemon-reload')
+        if after['timer']:
+            _systemctl('enable', '--now', timer_name)
+        result['systemd'] = True
+    return result
+
+
+def _as_text(raw):
+    """Module values (lists, bools, ints) as the jobs.cfg text the parser checks."""
+    text = {}
+    for key, value in raw.items():
+        if isinstance(value, bool):
+            text[key] = '1' if value else '0'
+        elif isinstance(value, (list, tuple)):
+            text[key] = ','.join(str(v) for v in value)
+        else:
+            text[key] = str(value)
+    return text

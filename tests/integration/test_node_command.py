@@ -1,0 +1,86 @@
+"""guestvault-dump, the node command that scheduled jobs run, on real guests."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lab_checks import backups_in, same_content
+
+MiB = 1 << 20
+ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
+COMMAND = os.path.join(ROOT, 'bin', 'guestvault-dump')
+
+
+def register(config_dir, vmid, qmp, **extra):
+    lines = [f"name: g{vmid}", f"qmp: {qmp}"] + [f"{k}: {v}" for k, v in extra.items()]
+    with open(os.path.join(config_dir, 'guests.d', f'{vmid}.conf'), 'w') as handle:
+        handle.write('\n'.join(lines) + '\n')
+
+
+@pytest.fixture
+def node(make_guest, config_dir, store, tmp_path):
+    guests = {vmid: make_guest(disks=[('qcow2', 8 * MiB)], vmid=vmid) for vmid in (301, 302)}
+    for vmid, guest in guests.items():
+        register(config_dir, vmid, guest.qmp_socket, pool='web')
+    register(config_dir, 303, str(tmp_path / 'nobody.sock'))   # registered, but not running
+    state_dir = tmp_path / 'state'
+    env = dict(os.environ, GUESTVAULT_STATE_DIR=str(state_dir))
+
+    def dump(*args):
+        return subprocess.run([sys.executable, COMMAND, '--config-dir', config_dir, *args],
+                              capture_output=True, text=True, env=env, timeout=120, check=False)
+    return guests, dump, state_dir
+
+
+def test_all_guests_one_after_another_a_failure_does_not_stop_the_others(node, store, tmp_path):
+    guests, dump, _state = node
+    proc = dump('--all', '--dumpdir', store, '--quiet')
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert backups_in(store, 301) and backups_in(store, 302) and not backups_in(store, 303)
+    for vmid, guest in guests.items():
+        guest.write('vd0', vmid % 256, 0, MiB)
+    proc = dump('--pool', 'web', '--dumpdir', store, '--prune-backups', 'keep-last=1')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '2 of 2 guest(s) backed up' in proc.stdout
+    for vmid, guest in guests.items():
+        assert len(backups_in(store, vmid)) == 1            # pruned after the backup
+        newest = os.path.join(store, 'vm', str(vmid), backups_in(store, vmid)[0], 'vd0.qcow2')
+        ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / f'{vmid}.qcow2')), newest)
+        assert ok, out
+
+
+def test_a_job_from_jobs_cfg_runs_with_its_hooks_and_records_its_state(node, store, config_dir,
+                                                                       tmp_path):
+    guests, dump, state_dir = node
+    record = tmp_path / 'phases.txt'
+    hook = tmp_path / 'hook.sh'
+    hook.write_text(f'#!/bin/sh\necho "$1 $3" >> {record}\n')
+    hook.chmod(0o755)
+    with open(os.path.join(config_dir, 'jobs.cfg'), 'w') as handle:
+        handle.write(f"vzdump: nightly\n\tschedule mon..fri 23:00\n\tvmid 301\n"
+                     f"\tdumpdir {store}\n\tscript {hook}\n\tprune-backups keep-last=3\n\n"
+                     f"vzdump: elsewhere\n\tschedule daily\n\tall 1\n\tnode othernode\n"
+                     f"\tdumpdir {store}\n")
+    proc = dump('--job', 'nightly', '--node', 'node1')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    phases = [line.split()[0] for line in record.read_text().splitlines()]
+    assert phases == ['job-init', 'job-start', 'backup-start', 'backup-end', 'log-end', 'job-end']
+    state = json.loads((state_dir / 'nightly.json').read_text())
+    assert state['result'] == 'ok' and state['guests']['301']['level'] == 'full'
+    assert backups_in(store, 302) == []
+    proc = dump('--job', 'elsewhere', '--node', 'node1')
+    assert proc.returncode == 0 and 'does not run on node node1' in proc.stdout
+    assert backups_in(store, 302) == []
+
+
+def test_configuration_errors_are_one_line_and_exit_2(node, store):
+    _guests, dump, _state = node
+    proc = dump('--job', 'missing')
+    assert proc.returncode == 2 and proc.stderr.count('\n') == 1
+    assert "no job 'missing'" in proc.stderr
+    proc = dump('301', '--exclude', '301', '--dumpdir', store)
+    assert proc.returncode == 2 and 'both selected and excluded' in proc.stderr
+    proc = dump('--dumpdir', store)
+    assert proc.returncode == 2 and 'no guests selected' in proc.stderr
