@@ -54,6 +54,7 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError
+from .times import TimeValue, to_datetime
 
 try:  # Python 3.9+; guarded so that loading the engine never fails on it.
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -62,7 +63,6 @@ except ImportError:  # pragma: no cover
     ZoneInfoNotFoundError = KeyError  # type: ignore[assignment,misc]
 
 TimeZoneArg = Union[None, str, tzinfo]
-TimeValue = Union[datetime, str, int, float]
 
 FORMAT = "[WEEKDAY] [[YEARS-]MONTHS-DAYS] [HOURS:MINUTES[:SECONDS]] [UTC]"
 
@@ -770,35 +770,9 @@ def _zone_name(zone: tzinfo) -> Optional[str]:
     return getattr(zone, "key", None)
 
 
-_TIME_EXAMPLE = "an aware datetime, an ISO 8601 time with offset (2024-05-01T02:00:00Z) or epoch seconds"
-
-
 def to_instant(value: TimeValue, what: str = "time") -> datetime:
-    """An aware datetime in UTC from an aware datetime, an ISO 8601 time with offset or epoch seconds."""
-    if isinstance(value, datetime):
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ConfigError(f"{what}: {value.isoformat()} has no time zone; give an aware datetime")
-        return value.astimezone(timezone.utc)
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: {value!r} is not a time; give {_TIME_EXAMPLE}")
-    if isinstance(value, (int, float)):
-        try:
-            return datetime.fromtimestamp(value, timezone.utc)
-        except (OverflowError, OSError, ValueError):
-            raise ConfigError(f"{what}: {value} seconds since the epoch is out of range") from None
-    if isinstance(value, str):
-        text = value.strip()
-        if re.fullmatch(r"[+-]?[0-9]+(\.[0-9]+)?", text):
-            return to_instant(float(text) if "." in text else int(text), what)
-        iso = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
-        try:
-            parsed = datetime.fromisoformat(iso)
-        except ValueError:
-            raise ConfigError(f"{what}: '{value}' is not a time; give {_TIME_EXAMPLE}") from None
-        if parsed.tzinfo is None:
-            raise ConfigError(f"{what}: '{value}' has no UTC offset; append Z or e.g. +02:00")
-        return parsed.astimezone(timezone.utc)
-    raise ConfigError(f"{what}: {value!r} is not a time; give {_TIME_EXAMPLE}")
+    """An aware datetime in UTC (times.to_datetime: one parser for every time option)."""
+    return to_datetime(value, what)
 
 
 # ------------------------------------------------------------------------------ systemd

@@ -8,32 +8,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import datetime, timezone
 
 from .errors import ConfigError, StorageError
 from .storage_dir import INDEX, PROTECTED, format_time, write_file_atomic
+from .times import to_datetime
 
 VERIFY = 'verify.json'
 NOTES = 'notes'
 PENDING_INDEX = 'index.json.new'
 _ID = re.compile(r'^(?:vm/(\d+)/)?(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)$')
-
-
-def to_datetime(value, what='time'):
-    """An aware UTC datetime from a datetime, epoch seconds or an ISO 8601 string."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, timezone.utc)
-    text = str(value).strip()
-    if re.fullmatch(r'\d+(\.\d+)?', text):
-        return datetime.fromtimestamp(float(text), timezone.utc)
-    try:
-        parsed = datetime.fromisoformat(text.replace('Z', '+00:00'))
-    except ValueError:
-        raise ConfigError(f"{what} {value!r} is not a time: use ISO 8601 (2026-11-22T01:00:00Z) "
-                          "or epoch seconds") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def guest_ids(storage):

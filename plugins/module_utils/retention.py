@@ -39,14 +39,14 @@ Example::
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
-from datetime import datetime, timezone, tzinfo
+from datetime import datetime, tzinfo
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple, Union
 
 from .config import parse_bool, parse_int, parse_prune_backups
 from .errors import ConfigError
+from .times import TIME_EXAMPLE as _TIME_EXAMPLE
+from .times import format_utc, to_datetime
 
 try:  # Python 3.9+; the import is guarded so that loading the engine never fails on it.
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -71,7 +71,6 @@ RULES: Tuple[Tuple[str, str], ...] = (
 COUNT_OPTIONS: Tuple[str, ...] = tuple(rule[0] for rule in RULES)
 OPTIONS: Tuple[str, ...] = (KEEP_ALL,) + COUNT_OPTIONS
 
-TimeValue = Union[datetime, int, float, str]
 TimeZoneArg = Union[None, str, tzinfo]
 
 
@@ -214,57 +213,6 @@ def as_policy(policy: Union[RetentionPolicy, Mapping[str, Any], str],
 
 
 # --------------------------------------------------------------------------- times
-
-_EPOCH_RE = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?$")
-_TIME_EXAMPLE = "an ISO 8601 time with a UTC offset such as 2024-05-01T02:00:00Z, or epoch seconds"
-
-
-def to_datetime(value: TimeValue, what: str = "time") -> datetime:
-    """An aware ``datetime`` in UTC from an aware datetime, epoch seconds or an ISO 8601 string.
-
-    A time without a UTC offset is refused rather than guessed: the same wall-clock time means
-    different instants on different nodes. ``Z`` is accepted as the UTC offset (it is how backup
-    directories are named), and so are epoch seconds written as a string.
-    """
-    if isinstance(value, datetime):
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ConfigError(f"{what}: {value.isoformat()} has no time zone; give an aware "
-                              f"datetime (e.g. tzinfo=timezone.utc)")
-        return value.astimezone(timezone.utc)
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: {value} is not a time; give {_TIME_EXAMPLE}")
-    if isinstance(value, (int, float)):
-        return _from_epoch(value, what)
-    if isinstance(value, str):
-        text = value.strip()
-        if _EPOCH_RE.match(text):
-            return _from_epoch(float(text) if "." in text else int(text), what)
-        iso = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
-        try:
-            parsed = datetime.fromisoformat(iso)
-        except ValueError:
-            raise ConfigError(f"{what}: '{value}' is not a time; give {_TIME_EXAMPLE}") from None
-        if parsed.tzinfo is None:
-            raise ConfigError(f"{what}: '{value}' has no UTC offset; append Z (UTC) or an offset "
-                              f"such as +02:00")
-        return parsed.astimezone(timezone.utc)
-    raise ConfigError(f"{what}: {value!r} ({type(value).__name__}) is not a time; "
-                      f"give {_TIME_EXAMPLE}")
-
-
-def _from_epoch(seconds: Union[int, float], what: str) -> datetime:
-    if isinstance(seconds, float) and not math.isfinite(seconds):
-        raise ConfigError(f"{what}: {seconds} is not a time; give {_TIME_EXAMPLE}")
-    try:
-        return datetime.fromtimestamp(seconds, timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        raise ConfigError(f"{what}: {seconds} seconds since the epoch is out of range") from None
-
-
-def format_utc(moment: datetime) -> str:
-    """``2024-05-01T02:00:00Z``: the UTC form backup directories are named with."""
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
 
 def get_timezone(tz: TimeZoneArg) -> Optional[tzinfo]:
     """``None`` (the system's local time), a ``tzinfo``, or the tzinfo of an IANA name."""
