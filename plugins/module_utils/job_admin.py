@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 
+from .calendar import CalendarEvent, looks_like_hour_mistake, to_systemd_oncalendar
 from .errors import ConfigError
 from .jobs import Job, load_jobs, render_job, save_jobs, validate_job
 from .storage_dir import write_file_atomic
@@ -24,7 +25,6 @@ def unit_names(job_id):
 
 def render_units(job, command=NODE_COMMAND, config_dir='/etc/guestvault'):
     """(timer text, service text) of a job."""
-    from .calendar import CalendarEvent, to_systemd_oncalendar
     schedule = job.options['schedule']
     calendars = to_systemd_oncalendar(CalendarEvent.parse(schedule))
     timer_name, service_name = unit_names(job.id)
@@ -61,7 +61,6 @@ def render_units(job, command=NODE_COMMAND, config_dir='/etc/guestvault'):
 
 def schedule_warning(schedule):
     """A warning when a schedule looks like Proxmox's lone-number-is-a-minute trap."""
-    from .calendar import looks_like_hour_mistake
     return looks_like_hour_mistake(schedule)
 
 

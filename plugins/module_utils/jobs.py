@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .calendar import CalendarEvent
 from .config import VZDUMP_OPTIONS, parse_bool, parse_sections
 from .errors import ConfigError
 from .storage_dir import write_file_atomic
@@ -30,7 +31,6 @@ def _vmid_list(text, what):
 
 
 def _schedule(text, what):
-    from .calendar import CalendarEvent  # noqa: E402 - calendar is only needed for jobs
     try:
         CalendarEvent.parse(text)
     except ConfigError as exc:
