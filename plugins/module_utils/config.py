@@ -490,3 +490,166 @@ def load_storage(config_dir: str, storage_id: str, node: Optional[str] = None) -
         raise ConfigError(f"storage '{storage_id}' is not available on node '{node}' ({where}); "
                           f"its nodes are {', '.join(storage.nodes)}")
     return storage
+
+
+# --------------------------------------------------------------------------- rendering
+
+# The inverse of the parsers above: parse_vzdump_conf(render_vzdump_conf(x)) == x and
+# parse_storage_cfg(render_storage_cfg(x)) == x for whatever those parsers return. Output is
+# stable: vzdump.conf keys and a storage's options in sorted order (``path`` first), storages in
+# the order given, so the same configuration always gives the same bytes.
+
+def _check_one_line(text: str, what: str) -> str:
+    if "\n" in text or "\r" in text:
+        raise ConfigError(f"{what}: the value must be one line; it contains a line break")
+    return text
+
+
+def render_property_string(values: Mapping[str, Any], schema: Mapping[str, SchemaEntry],
+                           what: str) -> str:
+    """``{'keep-last': 3, 'keep-daily': 13}`` -> ``keep-last=3,keep-daily=13``, in schema order.
+
+    Keys unknown to ``schema`` are an error; booleans are written 1/0.
+    """
+    unknown = [key for key in values if key not in schema]
+    if unknown:
+        raise ConfigError(f"{what}: unknown key '{unknown[0]}'; allowed keys: "
+                          f"{', '.join(sorted(schema))}")
+    return ",".join(f"{key}={_render_scalar(values[key], f'{what}: {key}')}"
+                    for key in schema if key in values)
+
+
+def _render_scalar(value: Any, what: str) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, str)):
+        return _check_one_line(str(value), what)
+    raise ConfigError(f"{what}: cannot write a {type(value).__name__} here; give a string, "
+                      f"an integer or a boolean")
+
+
+# Property-string options of vzdump.conf and the schema their dicts are written with.
+_VZDUMP_PROPERTY_SCHEMAS: Dict[str, Mapping[str, SchemaEntry]] = {
+    "fleecing": FLEECING_SCHEMA,
+    "performance": PERFORMANCE_SCHEMA,
+    "prune-backups": PRUNE_BACKUPS_SCHEMA,
+}
+
+
+def render_vzdump_value(key: str, value: Any, what: Optional[str] = None) -> List[str]:
+    """The text of option ``key`` as vzdump.conf lines' values (one, or several for exclude-path).
+
+    ``value`` is what :func:`parse_vzdump_conf` returns for the key (dict for property strings,
+    list for ``mailto``/``exclude-path``, bool, int, str), or already the option's text.
+    """
+    what = what or key
+    if key in _VZDUMP_PROPERTY_SCHEMAS and isinstance(value, Mapping):
+        text = render_property_string(value, _VZDUMP_PROPERTY_SCHEMAS[key], what)
+        # An empty property string would read back as "no value"; a lone comma is empty too.
+        return [text or ","]
+    if key == "exclude-path" and isinstance(value, (list, tuple)):
+        return [shlex.quote(_check_one_line(str(path), what)) for path in value]
+    if key == "mailto" and isinstance(value, (list, tuple)):
+        return [",".join(_render_scalar(item, what) for item in value) or ","]
+    return [_render_scalar(value, what)]
+
+
+def render_vzdump_conf(options: Mapping[str, Any]) -> str:
+    """vzdump.conf text of ``options`` (keys as in the file: ``prune-backups``), sorted by key."""
+    lines = []
+    for key in sorted(options):
+        if key not in VZDUMP_OPTIONS:
+            raise ConfigError(f"vzdump.conf: unknown option '{key}'; known options: "
+                              f"{', '.join(sorted(VZDUMP_OPTIONS))}")
+        lines += [f"{key}: {text}" for text in render_vzdump_value(key, options[key], key)]
+    return "".join(line + "\n" for line in lines)
+
+
+_STORAGE_PROPERTY_SCHEMAS: Dict[str, Mapping[str, SchemaEntry]] = {
+    "prune-backups": PRUNE_BACKUPS_SCHEMA,
+}
+
+
+def render_storage_value(key: str, value: Any, what: Optional[str] = None) -> Optional[str]:
+    """The text of storage option ``key`` (``None`` for a bare flag line such as ``disable``)."""
+    what = what or key
+    if value is None:
+        return None
+    if key in _STORAGE_PROPERTY_SCHEMAS and isinstance(value, Mapping):
+        return render_property_string(value, _STORAGE_PROPERTY_SCHEMAS[key], what) or ","
+    if isinstance(value, (list, tuple)):
+        return ",".join(_render_scalar(item, what) for item in value)
+    return _render_scalar(value, what)
+
+
+def _storage_field_options(storage: StorageConfig) -> Dict[str, Any]:
+    """The typed fields of ``storage`` that differ from what an absent option would give."""
+    defaults = StorageConfig(id=storage.id, type=storage.type, path="",
+                             shared=storage.type in _SHARED_TYPES)
+    fields: Dict[str, Any] = {"path": storage.path}
+    for key, attr in (("content", "content"), ("prune-backups", "prune_backups"),
+                      ("max-protected-backups", "max_protected_backups"), ("shared", "shared"),
+                      ("disable", "disable"), ("nodes", "nodes")):
+        value = getattr(storage, attr)
+        if value != getattr(defaults, attr):
+            fields[key] = value
+    return fields
+
+
+def _reads_back_as(storage: StorageConfig, key: str, text: Optional[str]) -> bool:
+    """Whether option text ``text`` gives ``storage`` its current typed value for ``key``."""
+    probe = f"{storage.type}: {storage.id}\n\tpath /\n"
+    if key != "path":
+        probe += f"\t{key}" + ("" if text is None else f" {text}") + "\n"
+    else:
+        probe = f"{storage.type}: {storage.id}\n\tpath {text}\n"
+    try:
+        parsed = parse_storage_cfg(probe, "probe")[storage.id]
+    except ConfigError:
+        return False
+    return _storage_field_options(parsed).get(key) == _storage_field_options(storage).get(key)
+
+
+def _storage_options(storage: Union[StorageConfig, Mapping[str, Any]]) -> Tuple[str, Dict]:
+    """(type, {key: text or None}) of a storage given as a StorageConfig or a plain dict."""
+    if isinstance(storage, StorageConfig):
+        options: Dict[str, Any] = {}
+        # Options as written win when they still mean the typed value (they keep the user's
+        # spelling: 'path /mnt/b/', 'shared yes'); typed fields win when they were changed.
+        for key, text in storage.options.items():
+            if key in _BOOL_STORAGE_KEYS | {"path", "content", "prune-backups",
+                                            "max-protected-backups", "nodes"} \
+                    and not _reads_back_as(storage, key, text):
+                continue
+            options[key] = text
+        for key, value in _storage_field_options(storage).items():
+            if key not in options:
+                options[key] = render_storage_value(key, value, key)
+        return storage.type, options
+    values = dict(storage)
+    kind = values.pop("type", "dir")
+    return kind, {key: render_storage_value(key, value, key) for key, value in values.items()}
+
+
+def render_storage_cfg(storages: Mapping[str, Union[StorageConfig, Mapping[str, Any]]]) -> str:
+    """storage.cfg text of ``{id: StorageConfig or dict}``, one blank line between storages.
+
+    A dict holds option text or typed values keyed as in the file (``type`` defaults to
+    ``dir``; ``prune-backups`` may be a dict). Options are written ``path`` first, then sorted.
+    """
+    blocks = []
+    for storage_id, storage in storages.items():
+        what = f"storage '{storage_id}'"
+        kind, options = _storage_options(storage)
+        check_storage_id(str(storage_id), what)
+        if not isinstance(kind, str) or not re.match(r"^[a-z][a-z0-9]*$", kind):
+            raise ConfigError(f"{what}: '{kind}' is not a storage type; use one of "
+                              f"{', '.join(STORAGE_TYPES)}")
+        lines = [f"{kind}: {storage_id}"]
+        for key in sorted(options, key=lambda k: (k != "path", k)):
+            if not re.match(r"^[A-Za-z][A-Za-z0-9_\-]*$", key):
+                raise ConfigError(f"{what}: '{key}' is not an option name")
+            text = options[key]
+            lines.append(f"\t{key}" if text is None else f"\t{key} {text}")
+        blocks.append("".join(line + "\n" for line in lines))
+    return "\n".join(blocks)

@@ -1,0 +1,141 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: node_config
+short_description: Declare a node's backup defaults (vzdump.conf) and storages (storage.cfg)
+version_added: 0.1.0
+description:
+  - Writes the node's C(vzdump.conf) and C(storage.cfg) in Proxmox VE syntax from dictionaries,
+    so the backup modules and the node command find their defaults and storages there.
+  - Every value is checked by the same parser the backup engine uses when it reads the files;
+    a value it would refuse (an unknown key, a negative C(bwlimit), a storage without
+    C(path), a malformed C(prune-backups)) fails the task with a message naming the key, and
+    nothing is written.
+  - A file is rewritten, atomically, only when its text changes; the same input always gives
+    the same text (keys sorted, C(path) first in a storage), so a second run changes nothing.
+  - The missing directory of an enabled C(dir) storage is created with mode C(0750), as Proxmox
+    does when it activates the storage (not when C(create-base-path) or C(mkdir) is false, or
+    when the storage's C(nodes) does not name this host).
+  - Omitting O(vzdump) or O(storages) leaves that file alone; an empty dictionary empties it.
+author:
+  - guestvault developers (@guestvault)
+attributes:
+  check_mode:
+    description: Reports whether a file or a storage directory would change, writing nothing.
+    support: full
+  diff_mode:
+    description: Each changed file's text before and after, and each directory to be created.
+    support: full
+options:
+  config_dir:
+    description: The node's guestvault configuration directory (created if missing).
+    type: path
+    default: /etc/guestvault
+  vzdump:
+    description:
+      - The whole of C(vzdump.conf), key by key, as in Proxmox's C(vzdump.conf) (C(mode),
+        C(bwlimit), C(prune-backups), C(performance), C(notes-template), C(mailto), ...).
+      - Keys may be written with C(_) or C(-) (C(prune_backups) or C(prune-backups)).
+      - Property strings (C(prune-backups), C(performance), C(fleecing)) may be given as a
+        string (C(keep-daily=3,keep-weekly=2)) or as a dictionary of the same keys, again with
+        C(_) or C(-); booleans are written C(1)/C(0); C(mailto) and C(exclude-path) may be
+        lists. A key whose value is null is left out.
+      - Mark a C(notes-template) value C(!unsafe) in playbooks, its C({{guestname}}) is not Jinja.
+    type: dict
+  storages:
+    description:
+      - The whole of C(storage.cfg) as a dictionary of storage id to its options, in Proxmox's
+        storage.cfg vocabulary - C(type) (V(dir), V(nfs), V(cifs); default V(dir)), C(path)
+        (required), C(content) (a list or a comma-separated string; default C(backup)),
+        C(prune-backups) (a string or a dictionary), C(max-protected-backups) (C(-1) for
+        unlimited), C(shared), C(disable), C(nodes), ...
+      - Keys may be written with C(_) or C(-). Storages are written in the order given.
+    type: dict
+"""
+
+EXAMPLES = r"""
+- name: Backup defaults and a backup storage on every node
+  guestvault.backup.node_config:
+    vzdump:
+      mode: snapshot
+      prune_backups: keep-daily=3,keep-weekly=2,keep-monthly=1
+      performance:
+        max_workers: 4
+      notes_template: !unsafe '{{guestname}} on {{node}}'
+    storages:
+      backup-nfs:
+        type: dir
+        path: /mnt/backup
+        content: [backup]
+        prune_backups:
+          keep_last: 3
+          keep_daily: 13
+        max_protected_backups: 10
+
+- name: Only the storages; vzdump.conf stays as it is
+  guestvault.backup.node_config:
+    storages:
+      local:
+        path: /var/lib/guestvault
+"""
+
+RETURN = r"""
+files:
+  description: The files declared by this task, by name, with their path and whether each changed.
+  returned: always
+  type: dict
+  sample:
+    vzdump.conf: {path: /etc/guestvault/vzdump.conf, changed: true}
+    storage.cfg: {path: /etc/guestvault/storage.cfg, changed: false}
+created_dirs:
+  description: Directories created (or, in check mode, that would be) - storage paths, and the
+    configuration directory when it was missing.
+  returned: always
+  type: list
+  elements: str
+  sample: [/mnt/backup]
+storages:
+  description: The ids of the declared storages, in C(storage.cfg) order (empty without O(storages)).
+  returned: always
+  type: list
+  elements: str
+  sample: [backup-nfs]
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils.node_config import (
+    apply_node_config)
+
+
+def node_config_argument_spec():
+    return dict(
+        config_dir=dict(type='path', default='/etc/guestvault'),
+        vzdump=dict(type='dict'),
+        storages=dict(type='dict'),
+    )
+
+
+def main():
+    module = AnsibleModule(argument_spec=node_config_argument_spec(), supports_check_mode=True)
+    params = module.params
+    try:
+        result = apply_node_config(params['config_dir'], vzdump=params['vzdump'],
+                                   storages=params['storages'], check_mode=module.check_mode)
+    except (GuestvaultError, OSError) as exc:
+        module.fail_json(msg=str(exc))
+    diff = result.pop('diff')
+    if module._diff:
+        result['diff'] = diff
+    module.exit_json(**result)
+
+
+if __name__ == '__main__':
+    main()
