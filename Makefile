@@ -12,12 +12,12 @@ export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_NOCOLOR := 1
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils python3-venv git shellcheck zstd ovmf systemd
 
-.PHONY: demo test deps venv collection unit integration sanity bench clean
+.PHONY: demo test deps venv collection unit integration sanity molecule bench clean
 
 demo: deps venv collection
 	$(VENV)/bin/ansible-playbook -i playbooks/inventory/localhost.yml playbooks/demo.yml
 
-test: deps venv collection unit integration sanity
+test: deps venv collection unit integration molecule sanity
 
 deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
@@ -51,6 +51,12 @@ unit: venv
 
 integration: venv collection
 	$(PYTEST) tests/integration
+
+# Each role's molecule scenario: converge, idempotence, verify on this machine.
+molecule: venv collection
+	for role in node backup_schedule; do \
+	  (cd roles/$$role && PATH=$(CURDIR)/$(VENV)/bin:$$PATH molecule test); \
+	done
 
 sanity: venv
 	VENV=$(VENV) tests/sanity/run-sanity.sh

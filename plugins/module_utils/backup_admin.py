@@ -6,20 +6,13 @@ from datetime import datetime, timezone
 
 from . import catalog
 from .config import load_storage
-from .errors import ConfigError, StorageError
-from .locate import open_storage
+from .errors import StorageError
+from .locate import require_storage
 from .qemu_img import check as qemu_img_check
 from .qemu_img import info as qemu_img_info
 from .registry import validate_vmid
 from .restore_run import verify_chain_files
 from .storage_dir import format_time
-
-
-def _storage(config_dir, storage, dumpdir):
-    store = open_storage(config_dir, storage, dumpdir)
-    if store is None:
-        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir")
-    return store
 
 
 def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
@@ -31,7 +24,7 @@ def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
     manifest names. Returns the state written (``ok`` or ``failed``) with the problems found.
     """
     vmid = validate_vmid(vmid)
-    store = _storage(config_dir, storage, dumpdir)
+    store = require_storage(config_dir, storage, dumpdir)
     with store.guest_lock(vmid, lockwait * 60, shared=True):
         return _verify(store, vmid, backup, check_mode)
 
@@ -78,7 +71,7 @@ def protect_backup(vmid, backup='latest', protected=None, notes=None, storage=No
                    dumpdir=None, config_dir='/etc/guestvault', check_mode=False, lockwait=180):
     """Set or clear a backup's protection and notes; changed only when the state differs."""
     vmid = validate_vmid(vmid)
-    store = _storage(config_dir, storage, dumpdir)
+    store = require_storage(config_dir, storage, dumpdir)
     with store.guest_lock(vmid, lockwait * 60, shared=check_mode):
         return _protect(store, vmid, backup, protected, notes, storage, config_dir, check_mode)
 
@@ -110,7 +103,7 @@ def _protect(store, vmid, backup, protected, notes, storage, config_dir, check_m
 
 
 def list_backups(vmid=None, storage=None, dumpdir=None, config_dir='/etc/guestvault'):
-    store = _storage(config_dir, storage, dumpdir)
+    store = require_storage(config_dir, storage, dumpdir)
     if vmid is not None:
         vmid = validate_vmid(vmid)
     return {'storage': store.id, 'storage_path': store.path,

@@ -33,7 +33,7 @@ from .hooks import HookScript
 from .notes import render_notes
 from .qemu_img import allocated_bytes, create_qcow2
 from .qmp import QmpSession
-from .locate import open_storage, resolve_guest
+from .locate import require_storage, resolve_guest
 from .registry import GuestEntry
 from .storage_dir import (DirStorage, file_lock, format_time, fsync_path, parse_time,
                           sha256_file)
@@ -132,14 +132,6 @@ def _resolve_options(request):
     return options
 
 
-def _open_storage(request, options):
-    store = open_storage(request.config_dir, options['storage'], options['dumpdir'])
-    if store is None:
-        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir, "
-                          "or a default storage in vzdump.conf")
-    return store
-
-
 def _guest_entry(request):
     return resolve_guest(request.vmid, request.qmp_socket, request.agent_socket,
                          request.config_dir)
@@ -163,7 +155,7 @@ def prepare_backup(request, qmp):
     """Validate the request (options, guest, storage, hook, notes), changing nothing."""
     options = _resolve_options(request)
     guest = _guest_entry(request)
-    storage = _open_storage(request, options)
+    storage = require_storage(request.config_dir, options['storage'], options['dumpdir'])
     hook = HookScript(options['script']) if options['script'] else None
     options['node'] = request.node or socket.gethostname()
     guest = replace(guest, name=guest.name or _qemu_name(qmp) or f"vm{guest.vmid}")

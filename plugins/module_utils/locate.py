@@ -34,3 +34,12 @@ def open_storage(config_dir, storage=None, dumpdir=None):
     if dumpdir:
         return DirStorage(dumpdir)
     return None
+
+
+def require_storage(config_dir, storage=None, dumpdir=None):
+    """The storage a request names; ConfigError when it names none."""
+    store = open_storage(config_dir, storage, dumpdir)
+    if store is None:
+        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir "
+                          "(a backup using the defaults of vzdump.conf may also set them there)")
+    return store

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from . import catalog
 from .config import load_storage, load_vzdump_defaults
-from .errors import ConfigError, StorageError
-from .locate import open_storage
+from .errors import StorageError
+from .locate import require_storage
 from .qemu_img import allocated_bytes, qemu_img_binary
 from .retention import RetentionPolicy, as_policy, select_for_prune
 from .storage_dir import PROTECTED, fsync_path, sha256_file
@@ -162,9 +162,7 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
 
 def run_prune(request, log=None):
     log = log or (lambda message: None)
-    storage = open_storage(request.config_dir, request.storage, request.dumpdir)
-    if storage is None:
-        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir")
+    storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     policy, source = resolve_policy(request, storage)
     vmids = [request.vmid] if request.vmid is not None else catalog.guest_ids(storage)
     result = {'policy': policy.as_property_string(), 'policy_source': source, 'backups': [],

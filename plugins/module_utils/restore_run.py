@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import catalog
 from .errors import ConfigError, StorageError
-from .locate import open_storage
+from .locate import require_storage
 from .qemu_img import allocated_bytes, qemu_img_binary
 from .registry import GuestEntry, guest_path, render_guest, validate_vmid
 from .storage_dir import fsync_path, sha256_file, write_file_atomic
@@ -108,9 +108,7 @@ def plan_restore(request):
     if request.snapshots and request.format != 'qcow2':
         raise ConfigError("snapshots needs format qcow2: only qcow2 holds internal snapshots")
     vmid = validate_vmid(request.vmid)
-    storage = open_storage(request.config_dir, request.storage, request.dumpdir)
-    if storage is None:
-        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir")
+    storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     target_dir = _check_target_dir(request, storage)
     record = catalog.resolve(storage, vmid, request.backup, request.until)
     chain = catalog.chain_of(storage, record)
@@ -197,9 +195,7 @@ def _snapshot_image(chain, disk_id, target, log):
 
 def run_restore(request, log=None):
     """Restore as ``request`` says; holds the guest's storage lock shared (prune waits)."""
-    storage = open_storage(request.config_dir, request.storage, request.dumpdir)
-    if storage is None:
-        raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir")
+    storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     with storage.guest_lock(validate_vmid(request.vmid), float(request.lockwait) * 60,
                             shared=True):
         return _restore(request, log)

@@ -268,7 +268,7 @@ BAD_RESTORES = {
          'its first backup is {t0}']),
     'until that is no time': (
         {'until': 'last friday'},
-        ["until 'last friday' is not a time", 'ISO 8601', 'epoch seconds']),
+        ["until: 'last friday' is not a time", 'ISO 8601', 'epoch seconds']),
     'unknown disk': (
         {'disks': ['vd0', 'vd7']},
         [f'backup vm/{VMID}/{{t3}} has no disk(s) vd7; it has vd0, vd1']),

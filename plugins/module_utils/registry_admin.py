@@ -1,0 +1,150 @@
+"""Declare registry entries: make ``<config_dir>/guests.d/<vmid>.conf`` say what the user declared.
+
+The text is produced by :func:`registry.render_guest` and read back with
+:func:`registry.parse_guest` before anything is written, so a file this module writes always
+loads. Writes are atomic (temporary file, fsync, rename); a second run with the same declaration
+changes nothing. An entry is compared by its parsed content, so a hand-written file with the same
+meaning (comments, other spacing) is left alone.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Optional
+
+from .errors import ConfigError, GuestvaultError
+from .registry import (GUESTS_DIR, GuestEntry, _known_vmids, guest_path, parse_guest,
+                       render_guest, validate_vmid)
+from .storage_dir import write_file_atomic
+
+# Module option -> GuestEntry field.
+ENTRY_FIELDS = {
+    'name': 'name', 'qmp': 'qmp_socket', 'agent': 'agent_socket', 'pool': 'pool',
+    'tags': 'tags', 'include': 'include', 'exclude': 'exclude', 'start': 'start_command',
+    'description': 'description',
+}
+
+
+def registry_argument_spec() -> Dict[str, Dict[str, Any]]:
+    """The guest_registry module's options, in Ansible's argument_spec shape."""
+    return {
+        'vmid': {'type': 'int', 'required': True},
+        'state': {'type': 'str', 'default': 'present', 'choices': ['present', 'absent']},
+        'name': {'type': 'str'},
+        'qmp': {'type': 'path'},
+        'agent': {'type': 'path'},
+        'pool': {'type': 'str'},
+        'tags': {'type': 'list', 'elements': 'str'},
+        'include': {'type': 'list', 'elements': 'str'},
+        'exclude': {'type': 'list', 'elements': 'str'},
+        'start': {'type': 'str'},
+        'description': {'type': 'str'},
+        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+    }
+
+
+def entry_from_options(vmid: Any, options: Dict[str, Any]) -> GuestEntry:
+    """A :class:`GuestEntry` from module options (``qmp``, ``tags`` as a list, ...), checked."""
+    vmid = validate_vmid(vmid)
+    values: Dict[str, Any] = {}
+    for option, value in options.items():
+        if option not in ENTRY_FIELDS:
+            raise ConfigError(f"guest {vmid}: unknown option '{option}'; known: "
+                              f"{', '.join(ENTRY_FIELDS)}")
+        if value is None:
+            continue
+        if option in ('tags', 'include', 'exclude'):
+            items = [value] if isinstance(value, str) else list(value)
+            values[ENTRY_FIELDS[option]] = tuple(str(item).strip() for item in items)
+        else:
+            values[ENTRY_FIELDS[option]] = str(value)
+    if 'description' in values:
+        # A trailing newline from a YAML block scalar (|) is not a description line.
+        values['description'] = values['description'].rstrip('\n')
+    return GuestEntry(vmid=vmid, **values)
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding='utf-8') as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _current(path: str, vmid: int) -> Optional[GuestEntry]:
+    """The entry in ``path`` or None; an unreadable entry counts as different (it is replaced)."""
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        return parse_guest(text, vmid, path)
+    except GuestvaultError:
+        return None
+
+
+def entry_as_dict(entry: Optional[GuestEntry]) -> Dict[str, Any]:
+    """An entry as module options (what the module returns as ``entry``); {} for none."""
+    if entry is None:
+        return {}
+    result: Dict[str, Any] = {'vmid': entry.vmid}
+    for option, attribute in ENTRY_FIELDS.items():
+        value = getattr(entry, attribute)
+        if isinstance(value, tuple):
+            value = list(value)
+        result[option] = value
+    return result
+
+
+def apply_guest(vmid: Any, options: Optional[Dict[str, Any]] = None, state: str = 'present',
+                config_dir: str = '/etc/guestvault', check_mode: bool = False) -> Dict[str, Any]:
+    """Make guest ``vmid``'s registry entry exist as declared, or not at all; idempotent.
+
+    Returns ``{'changed', 'path', 'entry', 'diff': {'before', 'after'}}``; everything is
+    validated before anything is written, and nothing is written in check mode.
+    """
+    vmid = validate_vmid(vmid)
+    path = guest_path(config_dir, vmid)
+    before_text = _read(path) or ''
+    if state == 'absent':
+        after_text, entry = '', None
+        changed = os.path.lexists(path)
+    elif state == 'present':
+        entry = entry_from_options(vmid, options or {})
+        after_text = render_guest(entry)
+        # The rendered text must load back as the same entry before it replaces anything.
+        if parse_guest(after_text, vmid, path) != entry:
+            raise ConfigError(f"guest {vmid}: the entry would not read back as declared; "
+                              f"check name, description and start for unusual characters")
+        changed = _current(path, vmid) != entry
+    else:
+        raise ConfigError(f"state '{state}' is not one of present, absent")
+    result = {'changed': changed, 'path': path, 'entry': entry_as_dict(entry),
+              'diff': {'before': before_text, 'after': after_text if changed else before_text,
+                       'before_header': path, 'after_header': path}}
+    if not changed or check_mode:
+        return result
+    if state == 'absent':
+        os.unlink(path)
+    else:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        write_file_atomic(path, after_text)
+    return result
+
+
+def registered_vmids(config_dir: str) -> List[int]:
+    """The vmids that have an entry in ``<config_dir>/guests.d``, sorted."""
+    return _known_vmids(config_dir)
+
+
+def remove_undeclared(config_dir: str, declared: Iterable[Any],
+                      check_mode: bool = False) -> Dict[str, Any]:
+    """Remove every registry entry whose vmid is not in ``declared``; ``{'changed', 'removed'}``."""
+    keep = {validate_vmid(vmid) for vmid in declared}
+    removed = [vmid for vmid in registered_vmids(config_dir) if vmid not in keep]
+    if not check_mode:
+        for vmid in removed:
+            os.unlink(guest_path(config_dir, vmid))
+    return {'changed': bool(removed), 'removed': removed,
+            'directory': os.path.join(config_dir, GUESTS_DIR)}
