@@ -290,15 +290,8 @@ def _field(entry: Any, name: str, default: Any = None) -> Any:
 
 
 def _protected_value(value: Any, what: str) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        return parse_bool(value, what)
-    raise ConfigError(f"{what}: {value!r} is not a boolean")
+    """A backup's ``protected`` flag: absent means unprotected, else as ``keep-all`` reads it."""
+    return False if value is None else _keep_all_value(value, what)
 
 
 def _entries(entries: Iterable[Any]) -> List[_Entry]:
