@@ -14,7 +14,7 @@ import pytest
 from guestvault_engine import backup_run
 from guestvault_engine.backup_run import BackupRequest, run_backup
 from guestvault_engine.errors import BackupFailed, ChainError, GuestUnreachable, HookFailed
-from lab_checks import backups_in, hidden_in, same_content
+from lab_checks import backups_in, hidden_in, same_content, small_tmpfs
 from labguest import LabGuest
 
 MiB = 1 << 20
@@ -294,14 +294,8 @@ def test_qemu_dying_mid_backup_fails_the_backup_cleanly(make_guest, store, confi
 
 @pytest.fixture
 def small_store(tmp_path):
-    path = tmp_path / 'small'
-    path.mkdir()
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=12M', 'tmpfs', str(path)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield str(path)
-    subprocess.run(['umount', '-l', str(path)], check=False)
+    with small_tmpfs(tmp_path / 'small', '12M') as path:
+        yield path
 
 
 def test_a_full_target_disk_fails_the_backup_and_the_chain_goes_on(

@@ -8,7 +8,7 @@ import pytest
 from guestvault_engine.backup_run import BackupRequest, run_backup
 from guestvault_engine.errors import ConfigError, StorageError
 from guestvault_engine.restore_run import RestoreRequest, VerifyFailed, run_restore
-from lab_checks import same_content
+from lab_checks import same_content, small_tmpfs
 from labguest import LabGuest
 
 MiB = 1 << 20
@@ -176,15 +176,7 @@ def test_a_target_inside_the_storage_is_refused(chain, store, config_dir):
 
 def test_a_full_target_disk_fails_cleanly(chain, store, config_dir, tmp_path):
     guest, points = chain
-    target = tmp_path / 'tiny'
-    target.mkdir()
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2M', 'tmpfs', str(target)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / 'tiny', '2M') as target:
         with pytest.raises(StorageError, match='No space left|space'):
             restore(guest, store, config_dir, target)
         assert os.listdir(target) == []
-    finally:
-        subprocess.run(['umount', '-l', str(target)], check=False)
