@@ -456,12 +456,9 @@ def parse_storage_cfg(text: str, path: str) -> Dict[str, StorageConfig]:
     return storages
 
 
-def load_storage(config_dir: str, storage_id: str, node: Optional[str] = None) -> StorageConfig:
-    """The storage ``storage_id`` from ``<config_dir>/storage.cfg``, checked usable for backups.
-
-    Refuses a disabled storage, one whose ``content`` excludes ``backup``, and, when ``node`` is
-    given, one whose ``nodes`` list does not name that node.
-    """
+def find_storage(config_dir: str, storage_id: str) -> StorageConfig:
+    """The storage ``storage_id`` as ``<config_dir>/storage.cfg`` defines it; ConfigError when
+    the file or the id is missing, naming the storages that are defined."""
     path = os.path.join(config_dir, STORAGE_CFG)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -479,7 +476,17 @@ def load_storage(config_dir: str, storage_id: str, node: Optional[str] = None) -
         known = ", ".join(storages) or "none"
         raise ConfigError(f"storage '{storage_id}' is not defined in {path}; defined storages: "
                           f"{known}")
-    where = f"{path} line {storage.line}"
+    return storage
+
+
+def load_storage(config_dir: str, storage_id: str, node: Optional[str] = None) -> StorageConfig:
+    """The storage ``storage_id`` from ``<config_dir>/storage.cfg``, checked usable for backups.
+
+    Refuses a disabled storage, one whose ``content`` excludes ``backup``, and, when ``node`` is
+    given, one whose ``nodes`` list does not name that node.
+    """
+    storage = find_storage(config_dir, storage_id)
+    where = f"{os.path.join(config_dir, STORAGE_CFG)} line {storage.line}"
     if storage.disable:
         raise ConfigError(f"storage '{storage_id}' is disabled ({where}); remove its 'disable' "
                           f"line to use it")

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 
 from .calendar import CalendarEvent, looks_like_hour_mistake, to_systemd_oncalendar
+from .config import find_storage
 from .errors import ConfigError
 from .jobs import Job, load_jobs, render_job, save_jobs, validate_job
 from .storage_dir import write_file_atomic
@@ -87,10 +88,12 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
     """Make the job (and its units) exist as declared, or not at all; idempotent.
 
     ``options`` are jobs.cfg keys (``schedule``, ``vmid``, ``storage``, ...). Returns
-    ``{'changed', 'diff': {'before', 'after'}, 'units': [...]}``; nothing is written in check
+    ``{'changed', 'diff': {'before', 'after'}, 'units': [...], 'warnings': [...]}``; nothing is
+    written in check
     mode. Everything is validated before anything is written.
     """
     jobs = load_jobs(config_dir)
+    warnings = []
     before_job = render_job(jobs[job_id]) if job_id in jobs else ''
     timer_name, service_name = unit_names(job_id)
     timer_path = os.path.join(unit_dir, timer_name)
@@ -102,6 +105,7 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
     else:
         raw = {k: v for k, v in (options or {}).items() if v is not None}
         job = Job(job_id, validate_job(job_id, _as_text(raw), f"job {job_id}"))
+        _check_storage(job, config_dir, check_mode, warnings)
         timer, service = render_units(job, command, config_dir)
         enabled = job.enabled
         after = {'job': render_job(job),
@@ -109,7 +113,7 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
     changed = after != before
     result = {'changed': changed, 'diff': {'before': before, 'after': after},
               'units': [p for p in (timer_path, service_path) if after['timer']],
-              'enabled': enabled, 'systemd': False}
+              'enabled': enabled, 'systemd': False, 'warnings': warnings}
     if not changed or check_mode:
         return result
     if state == 'absent':
@@ -132,6 +136,23 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
             _systemctl('enable', '--now', timer_name)
         result['systemd'] = True
     return result
+
+
+def _check_storage(job, config_dir, check_mode, warnings):
+    """A job's storage must be one the node defines, or every run would fail at night.
+
+    In check mode the storage may be one that an earlier task of the same play (the
+    vzdump_config role) would add, so there it is a warning instead of an error.
+    """
+    storage_id = job.options.get('storage')
+    if not storage_id:
+        return
+    try:
+        find_storage(config_dir, storage_id)
+    except ConfigError as exc:
+        if not check_mode:
+            raise ConfigError(f"job {job.id}: {exc}") from None
+        warnings.append(f"job {job.id}: {exc} (check mode: an earlier task may still add it)")
 
 
 def _as_text(raw):

@@ -171,18 +171,23 @@ class QmpSession:
         """
         pending = set(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
+        sizes = {}   # job -> its length, so a job that has ended still counts as done
         while True:
             self._drain_job_events(0.0)
             pending -= set(self._finished)
             ended = {j: self._finished[j] for j in job_ids if j in self._finished}
             if not pending or any(not o.ok for o in ended.values()):
+                if progress is not None and sizes and all(o.ok for o in ended.values()):
+                    progress(sum(sizes.values()), sum(sizes.values()))
                 return ended
             if deadline is not None and time.monotonic() > deadline:
                 raise BackupFailed(f"block jobs {sorted(pending)} did not finish within {timeout} s")
-            running = self.execute('query-block-jobs')
+            running = {j['device']: j for j in self.execute('query-block-jobs')}
             if progress is not None:
-                mine = [j for j in running if j['device'] in job_ids]
-                progress(sum(j['offset'] for j in mine), sum(j['len'] for j in mine))
+                sizes.update({j: running[j]['len'] for j in job_ids if j in running})
+                done = sum(running[j]['offset'] if j in running else sizes.get(j, 0)
+                           for j in job_ids)
+                progress(done, sum(sizes.values()))
             self._drain_job_events(1.0)
 
     def cancel_job(self, job_id):

@@ -62,7 +62,9 @@ options:
     type: list
     elements: str
   storage:
-    description: Storage id from C(storage.cfg).
+    description:
+      - Storage id from C(storage.cfg) of the node (see the M(guestvault.backup.node_config) module).
+      - A storage that C(storage.cfg) does not define is refused and nothing is written; in check mode it is a warning, since an earlier task may still add it.
     type: str
   dumpdir:
     description: Backup directory instead of O(storage).
@@ -195,8 +197,8 @@ def main():
         warning = schedule_warning(params['schedule']) if params['schedule'] else None
     except GuestvaultError as exc:
         module.fail_json(msg=str(exc))
-    if warning:
-        module.warn(warning)
+    for text in result.pop('warnings') + ([warning] if warning else []):
+        module.warn(text)
     diff = result.pop('diff')
     if module._diff:
         result['diff'] = {'before': '\n'.join(v for v in diff['before'].values() if v),

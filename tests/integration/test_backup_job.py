@@ -20,6 +20,7 @@ WEEKNIGHTS = {'schedule': 'mon..fri 23:00', 'all': True, 'storage': 'backup-nfs'
 def dirs(tmp_path):
     config_dir, unit_dir = tmp_path / 'etc', tmp_path / 'units'
     config_dir.mkdir()
+    (config_dir / 'storage.cfg').write_text(f"dir: backup-nfs\n\tpath {tmp_path / 'nfs'}\n")
     return str(config_dir), str(unit_dir)
 
 
@@ -80,6 +81,8 @@ def test_check_mode_reports_and_writes_nothing(dirs):
     (dict(WEEKNIGHTS, schedule='mon..fri 25:00'), 'schedule'),
     (dict(WEEKNIGHTS, all=None, vmid=[101], exclude=[101]), 'both in vmid and in exclude'),
     ({'schedule': 'daily', 'storage': 'backup-nfs'}, 'selects no guest'),
+    (dict(WEEKNIGHTS, storage='backup-s3'),
+     "storage 'backup-s3' is not defined in"),
 ])
 def test_bad_jobs_are_refused_and_nothing_is_written(dirs, options, words):
     with pytest.raises(ConfigError) as err:
@@ -87,6 +90,15 @@ def test_bad_jobs_are_refused_and_nothing_is_written(dirs, options, words):
     assert words in str(err.value)
     assert not os.path.exists(os.path.join(dirs[0], 'jobs.cfg'))
     assert not os.path.exists(dirs[1])
+
+
+def test_an_unknown_storage_is_only_a_warning_in_check_mode(dirs):
+    # In a check-mode run of site.yml, vzdump_config has not written the storage yet.
+    result = apply(dirs, 'nightly', dict(WEEKNIGHTS, storage='backup-s3'), check_mode=True)
+    assert result['changed'] is True
+    assert any("storage 'backup-s3' is not defined" in w and 'check mode' in w
+               for w in result['warnings'])
+    assert not os.path.exists(os.path.join(dirs[0], 'jobs.cfg'))
 
 
 def test_the_backup_job_module_is_idempotent_and_warns_about_the_minute_trap(ansible, dirs):
@@ -105,4 +117,7 @@ def test_the_backup_job_module_is_idempotent_and_warns_about_the_minute_trap(ans
     assert trap['changed'] is True and any('minute' in w for w in trap['warnings'])
     bad = ansible.module('guestvault.backup.backup_job', dict(args, schedule='mon..fri 25:00'))
     assert bad['_status'] == 'failed' and 'schedule' in bad['msg']
+    unknown = ansible.module('guestvault.backup.backup_job', dict(args, storage='backup-s3'))
+    assert unknown['_status'] == 'failed'
+    assert "storage 'backup-s3' is not defined" in unknown['msg'] and 'backup-nfs' in unknown['msg']
     assert 'mon..fri 23:00' in open(os.path.join(config_dir, 'jobs.cfg')).read()

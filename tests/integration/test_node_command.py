@@ -1,6 +1,8 @@
 """guestvault-dump, the node command that scheduled jobs run, on real guests."""
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
 
@@ -84,3 +86,31 @@ def test_configuration_errors_are_one_line_and_exit_2(node, store):
     assert proc.returncode == 2 and 'both selected and excluded' in proc.stderr
     proc = dump('--dumpdir', store)
     assert proc.returncode == 2 and 'no guests selected' in proc.stderr
+
+
+def test_progress_shows_on_a_terminal_and_stays_out_of_pipes(node, store, config_dir):
+    guests, dump, state_dir = node
+    guests[301].write('vd0', 0x3c, 0, 8 * MiB)
+    # Half of the disk per second: a few progress updates before the backup ends.
+    argv = [sys.executable, COMMAND, '--config-dir', config_dir, '301', '--dumpdir', store,
+            '--bwlimit', '4096']
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=terminal, env=dict(os.environ, GUESTVAULT_STATE_DIR=str(state_dir)))
+    os.close(terminal)
+    shown = b''
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:       # EIO: the command closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.wait(timeout=60) == 0, proc.stdout.read()
+    percents = [int(p) for p in re.findall(rb'\r\s*(\d+)% of 8 MiB', shown)]
+    assert len(set(percents)) >= 2 and percents[-1] == 100, shown
+    assert percents == sorted(percents), shown
+    piped = dump('301', '--dumpdir', store)
+    assert piped.returncode == 0 and '%' not in piped.stderr, piped.stderr

@@ -31,6 +31,8 @@ JOBS = [
     {'id': 'elsewhere', 'schedule': 'sun 02:00', 'vmid': [103], 'node': ['othernode'],
      'storage': 'backup'},
 ]
+# backup_schedule's jobs name storages, which vzdump_config defines first (as in site.yml).
+SCHEDULE_ROLES = ('vzdump_config', 'backup_schedule')
 
 
 @pytest.fixture(scope='module')
@@ -64,9 +66,12 @@ class Node:
             'guestvault_sbin_dir': self.sbin_dir,
             'guestvault_install_packages': False,
             'guestvault_install_python_deps': False,
+            # The storages the jobs name: backup_job refuses a storage storage.cfg lacks.
+            'guestvault_storages': {name: {'path': os.path.join(self.base, name)}
+                                    for name in ('backup', 'backup-nfs')},
         }, **extra)
 
-    def converge(self, roles=('node', 'backup_schedule'), check=False, playbook=None, **extra):
+    def converge(self, roles=('node', 'vzdump_config', 'backup_schedule'), check=False, playbook=None, **extra):
         """Run the roles (or a playbook of the collection with the node's paths as extra vars);
         (return code, output, recap dict of localhost)."""
         self.runs += 1
@@ -199,30 +204,30 @@ def test_jobs_cfg_and_timers_exist_as_declared_and_systemd_accepts_them(deployed
 
 
 def test_a_job_meant_for_another_node_is_not_deployed_and_leaves_when_moved(node):
-    converged(node, roles=('backup_schedule',), guestvault_jobs=JOBS)
+    converged(node, roles=SCHEDULE_ROLES, guestvault_jobs=JOBS)
     assert 'elsewhere' not in load_jobs(node.config_dir)
     assert not [u for u in node.units() if 'elsewhere' in u]
     moved = [dict(job, node=['othernode']) if job['id'] == 'here' else job for job in JOBS]
-    converged(node, roles=('backup_schedule',), guestvault_jobs=moved)
+    converged(node, roles=SCHEDULE_ROLES, guestvault_jobs=moved)
     assert sorted(load_jobs(node.config_dir)) == ['weeknights']
     assert not [u for u in node.units() if 'here' in u]
 
 
 def test_exclusive_jobs_removes_jobs_not_declared(node):
-    converged(node, roles=('backup_schedule',), guestvault_jobs=JOBS)
+    converged(node, roles=SCHEDULE_ROLES, guestvault_jobs=JOBS)
     apply_job('handmade', {'schedule': 'daily', 'all': True, 'storage': 'backup'},
               config_dir=node.config_dir, unit_dir=node.unit_dir, command=node.command,
               manage_systemd=False)
-    converged(node, roles=('backup_schedule',), guestvault_jobs=JOBS)
+    converged(node, roles=SCHEDULE_ROLES, guestvault_jobs=JOBS)
     assert 'handmade' in load_jobs(node.config_dir)
-    converged(node, roles=('backup_schedule',), guestvault_jobs=JOBS,
+    converged(node, roles=SCHEDULE_ROLES, guestvault_jobs=JOBS,
               guestvault_jobs_exclusive=True)
     assert sorted(load_jobs(node.config_dir)) == ['here', 'weeknights']
     assert not [u for u in node.units() if 'handmade' in u]
 
 
 def test_the_default_policy_is_weeknights_at_23_and_sundays_at_01(node):
-    converged(node, roles=('backup_schedule',), guestvault_backup_storage='backup-nfs')
+    converged(node, roles=SCHEDULE_ROLES, guestvault_backup_storage='backup-nfs')
     jobs = load_jobs(node.config_dir)
     assert {job_id: job.options['schedule'] for job_id, job in jobs.items()} == {
         'weeknights': 'mon..fri 23:00', 'sundays': 'sun 01:00'}
@@ -243,14 +248,13 @@ def test_check_mode_on_a_fresh_node_reports_changes_and_writes_no_configuration(
 
 
 def test_site_playbook_deploys_a_whole_node_and_a_second_run_changes_nothing(node):
-    storages = {'backup': {'path': os.path.join(node.base, 'backup')}}
     rc, output, first = node.converge(playbook='site.yml', guestvault_guests=GUESTS,
-                                      guestvault_jobs=JOBS, guestvault_storages=storages)
+                                      guestvault_jobs=JOBS)
     assert rc == 0 and first['changed'] > 0, output
     for name in ('vzdump.conf', 'storage.cfg', 'jobs.cfg', 'guests.d/101.conf'):
         assert os.path.isfile(os.path.join(node.config_dir, name)), name
     rc, output, second = node.converge(playbook='site.yml', guestvault_guests=GUESTS,
-                                       guestvault_jobs=JOBS, guestvault_storages=storages)
+                                       guestvault_jobs=JOBS)
     assert rc == 0 and second['changed'] == 0, output
 
 
