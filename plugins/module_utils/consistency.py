@@ -21,6 +21,9 @@ from .qmp import QmpSession, wait_for_socket
 
 MODES = ('snapshot', 'suspend', 'stop')
 RUNNING = 'running'
+# How long a thaw keeps trying after a failed or late freeze (each try waits up to the freeze
+# timeout for an answer); the copy is already running meanwhile, so only the end is delayed.
+THAW_PATIENCE = 60.0
 
 
 class ModeReport:
@@ -76,8 +79,13 @@ def snapshot_mode(qmp, agent_socket, freeze_timeout, log):
         agent.close()
 
 
-def _thaw(agent, report, log, reconnect=False):
-    for attempt in (1, 2, 3):
+def _thaw(agent, report, log, reconnect=False, patience=THAW_PATIENCE):
+    """Thaw, retrying for ``patience`` seconds: an agent that hangs in a freeze (a slow fsfreeze
+    hook, a busy guest) answers only after it has frozen, and must not be left frozen."""
+    deadline = time.monotonic() + patience
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             if reconnect:
                 agent.close()
@@ -86,10 +94,13 @@ def _thaw(agent, report, log, reconnect=False):
             log("thawed the guest's filesystems")
             return
         except AgentError as exc:
-            log(f"thaw attempt {attempt} failed: {exc}")
+            if time.monotonic() >= deadline:
+                break
+            log(f"thaw attempt {attempt} failed ({exc}); trying again")
             reconnect = True
+            time.sleep(1)
     report.warnings.append(
-        "could not thaw the guest's filesystems after 3 attempts: run "
+        f"could not thaw the guest's filesystems within {patience:g} s: run "
         "'guest-fsfreeze-thaw' through the agent now, or the guest's writes will hang")
 
 
@@ -196,8 +207,21 @@ class StopMode:
                 "backup is not from the stopped state; start QEMU with -S in the start command")
 
     def _resume(self):
-        status = self.qmp.status()
-        if status == 'shutdown':
+        if self.qmp.status() == 'shutdown':
             self.qmp.execute('system_reset')
+            self._wait_for_reset()
         if self.qmp.status() != RUNNING:
             self.qmp.execute('cont')
+
+    def _wait_for_reset(self, timeout=10.0):
+        # QEMU carries out a reset request in its main loop, after the command has returned;
+        # 'cont' before that is refused ("Resetting the Virtual Machine is required").
+        deadline = time.monotonic() + timeout
+        while self.qmp.status() == 'shutdown':
+            if time.monotonic() > deadline:
+                raise ConsistencyError(
+                    "the guest was shut down for the backup but QEMU did not reset it: QEMU "
+                    "runs with -no-reboot (or -action reboot=shutdown), which turns system_reset "
+                    "into another shutdown; the guest is left off. Start it by hand, and drop "
+                    "-no-reboot from its QEMU command line for stop mode")
+            time.sleep(0.05)

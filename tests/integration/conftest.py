@@ -43,6 +43,32 @@ def make_guest(tmp_path):
             pass
 
 
+@pytest.fixture(scope='session')
+def image():
+    """The real Linux test guest (tools/linuxguest.py), built once per key and cached in
+    .build/linuxguest/ (a cold build downloads ~80 MB of Debian packages)."""
+    from linuxguest import build_image
+    return build_image()
+
+
+@pytest.fixture
+def linux_guest(image, tmp_path):
+    """Boot Linux guests: linux_guest(**LinuxGuest options), ready and answering on their agent
+    when it returns; every one is stopped at the end."""
+    from linuxguest import LinuxGuest
+    started = []
+
+    def start(**options):
+        options.setdefault('vmid', 9101 + len(started))
+        guest = LinuxGuest(str(tmp_path / f'linux{len(started)}'), image, **options)
+        started.append(guest)
+        return guest.start().wait_ready(120)
+
+    yield start
+    for guest in started:
+        guest.stop()
+
+
 @pytest.fixture
 def store(tmp_path):
     path = tmp_path / 'store'
