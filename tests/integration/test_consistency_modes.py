@@ -8,7 +8,6 @@ a frozen or cleanly unmounted point in time from a crash-consistent one; ``inspe
 runs ``e2fsck -fn``, and checks every file the restored journal lists (size and sha256). Every
 backup copies with a bandwidth limit, so the copy spans seconds of guest writes.
 """
-import os
 import time
 
 import pytest

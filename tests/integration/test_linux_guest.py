@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from linuxguest import LinuxGuest, agent_call, build_image, inspect_ext4, parse_journal
+from linuxguest import agent_call, inspect_ext4, parse_journal
 
 pytestmark = pytest.mark.skipif(shutil.which('qemu-system-x86_64') is None,
                                 reason='needs qemu-system-x86_64 (make deps)')
