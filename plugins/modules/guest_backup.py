@@ -89,7 +89,9 @@ options:
         and a warning says so.
       - V(suspend) pauses the guest's vCPUs around the point in time.
       - V(stop) shuts the guest down (guest agent, else ACPI) within O(stopwait), fixes the point
-        in time while it is off and starts it again at once.
+        in time while it is off and starts it again at once. A guest whose QEMU stays after
+        shutdown (C(-no-shutdown)) is restarted with C(system_reset), so its QEMU must not run
+        with C(-no-reboot); one whose QEMU exits is started with the registry's C(start) command.
       - Default from C(vzdump.conf), else V(snapshot).
     type: str
     choices: [snapshot, suspend, stop]
@@ -100,7 +102,10 @@ options:
     description: Minutes to wait for another backup of the same guest to finish. Default 180.
     type: float
   freeze_timeout:
-    description: Seconds the guest agent may take to freeze the filesystems. Default 60.
+    description:
+      - Seconds the guest agent may take to freeze the filesystems. Default 60.
+      - After a freeze that timed out the backup goes on crash-consistent (with a warning) and a
+        thaw is retried for up to 60 s, so a freeze that completes late is undone.
     type: float
   bwlimit:
     description: Bandwidth limit for the whole guest in KiB/s; V(0) is unlimited.
