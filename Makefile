@@ -50,7 +50,7 @@ unit: venv
 	$(PYTEST) tests/unit
 
 integration: venv collection
-	$(PYTEST) tests/integration
+	$(PYTEST) --durations=15 tests/integration
 
 # Each role's molecule scenario: converge, idempotence, verify on this machine.
 molecule: venv collection

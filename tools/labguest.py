@@ -47,7 +47,32 @@ def parse_size(text):
     return int(text)
 
 
-class LabGuest:
+class ControlMonitor:
+    """The lab's own QMP connection to a guest's ``control_socket`` (QEMU serves one client per
+    QMP socket, so guestvault keeps ``qmp_socket`` for itself)."""
+
+    control_socket = None
+    _qmp = None
+
+    def qmp(self):
+        if self._qmp is None:
+            self._qmp = QEMUMonitorProtocol(self.control_socket)
+            self._qmp.connect()
+        return self._qmp
+
+    def execute(self, command, **arguments):
+        return self.qmp().cmd(command, **arguments)
+
+    def _close_qmp(self):
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception:
+                pass
+            self._qmp = None
+
+
+class LabGuest(ControlMonitor):
     """A prelaunch QEMU guest whose disks are ``vd0``, ``vd1``, ... (device ids)."""
 
     def __init__(self, workdir, disks=(('qcow2', '256M'),), vmid=9001, name='labguest',
@@ -113,15 +138,6 @@ class LabGuest:
             time.sleep(0.05)
         return self
 
-    def qmp(self):
-        if self._qmp is None:
-            self._qmp = QEMUMonitorProtocol(self.control_socket)
-            self._qmp.connect()
-        return self._qmp
-
-    def execute(self, command, **arguments):
-        return self.qmp().cmd(command, **arguments)
-
     def write(self, disk, pattern, offset, length):
         """Write ``pattern`` (a byte) to a disk through the guest's block device."""
         self.qemu_io(disk, f"write -P {pattern:#x} {offset} {length}")
@@ -162,14 +178,6 @@ class LabGuest:
                     break
             time.sleep(0.05)
         self._close_qmp()
-
-    def _close_qmp(self):
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except Exception:
-                pass
-            self._qmp = None
 
     def stop(self):
         """Quit QEMU cleanly, so persistent bitmaps are written to the qcow2 images."""

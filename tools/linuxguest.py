@@ -43,6 +43,8 @@ import sys
 import tempfile
 import time
 
+from labguest import ControlMonitor
+
 QEMU = shutil.which('qemu-system-x86_64') or '/usr/bin/qemu-system-x86_64'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'linuxguest')
@@ -633,7 +635,7 @@ def choose_accel(image):
 
 # ----------------------------------------------------------------------------- the runner
 
-class LinuxGuest:
+class LinuxGuest(ControlMonitor):
     """A QEMU process booting the guest image, with its ext4 data disk as device ``vd0``.
 
     Sockets: ``qmp_socket`` for guestvault (one client), ``control_socket`` for the test's own
@@ -770,16 +772,6 @@ class LinuxGuest:
 
     # --- QMP (control socket)
 
-    def qmp(self):
-        if self._qmp is None:
-            from qemu.qmp.legacy import QEMUMonitorProtocol
-            self._qmp = QEMUMonitorProtocol(self.control_socket)
-            self._qmp.connect()
-        return self._qmp
-
-    def execute(self, command, **arguments):
-        return self.qmp().cmd(command, **arguments)
-
     def status(self):
         return self.execute('query-status')['status']
 
@@ -829,14 +821,6 @@ class LinuxGuest:
     def pid(self):
         with open(self.pidfile) as handle:
             return int(handle.read().strip())
-
-    def _close_qmp(self):
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except Exception:
-                pass
-            self._qmp = None
 
     def kill(self):
         """SIGKILL QEMU: the guest's disk is left as a crash leaves it."""
