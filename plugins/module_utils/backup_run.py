@@ -572,6 +572,7 @@ def _take(plan, qmp, clog, progress, started):
         'bytes_written': bytes_written,
         'warnings': result['warnings'] + (report.warnings if report else []),
         'frozen_filesystems': report.frozen if report else None,
+        'freeze_seconds': report.freeze_seconds if report else None,
         'pause_seconds': report.pause_seconds if report else None,
         'downtime_seconds': report.downtime_seconds if report else None,
     })

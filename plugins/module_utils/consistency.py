@@ -32,6 +32,7 @@ class ModeReport:
     def __init__(self, mode):
         self.mode = mode
         self.frozen = None          # filesystems frozen (snapshot with agent), else None
+        self.freeze_seconds = None  # snapshot: from the freeze request to the thaw's answer
         self.pause_seconds = None   # suspend: how long the vCPUs were paused
         self.downtime_seconds = None  # stop: guest off from shutdown request to running again
         self.warnings = []
@@ -63,6 +64,7 @@ def snapshot_mode(qmp, agent_socket, freeze_timeout, log):
         yield report
         return
     failed = False
+    started = time.monotonic()
     try:
         try:
             report.frozen = agent.freeze()
@@ -75,7 +77,10 @@ def snapshot_mode(qmp, agent_socket, freeze_timeout, log):
         # A freeze that timed out may still complete inside the guest: thaw in any case, on a
         # fresh connection since the old one may still carry the late answer.
         if report.frozen is not None or failed:
-            _thaw(agent, report, log, reconnect=failed)
+            if _thaw(agent, report, log, reconnect=failed):
+                report.freeze_seconds = round(time.monotonic() - started, 3)
+                log(f"the guest's filesystems were frozen for at most "
+                    f"{report.freeze_seconds:.3f} s")
         agent.close()
 
 
@@ -92,7 +97,7 @@ def _thaw(agent, report, log, reconnect=False, patience=THAW_PATIENCE):
                 agent.connect()
             agent.thaw()
             log("thawed the guest's filesystems")
-            return
+            return True
         except AgentError as exc:
             if time.monotonic() >= deadline:
                 break
@@ -102,6 +107,7 @@ def _thaw(agent, report, log, reconnect=False, patience=THAW_PATIENCE):
     report.warnings.append(
         f"could not thaw the guest's filesystems within {patience:g} s: run "
         "'guest-fsfreeze-thaw' through the agent now, or the guest's writes will hang")
+    return False
 
 
 @contextmanager

@@ -353,6 +353,10 @@ frozen_filesystems:
   description: Number of filesystems the guest agent froze (null when none were).
   returned: changed
   type: int
+freeze_seconds:
+  description: How long the guest's filesystems were frozen, from the freeze to the thaw (V(snapshot) mode with an agent).
+  returned: changed
+  type: float
 pause_seconds:
   description: How long the vCPUs were paused (V(suspend) mode).
   returned: changed

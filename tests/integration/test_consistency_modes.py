@@ -86,6 +86,8 @@ def test_snapshot_with_the_agent_restores_a_clean_filesystem_with_every_finished
     before = written_files(agent_guest, 5)
     run = Run(agent_guest, store, config_dir, mode='snapshot')
     assert run.result['frozen_filesystems'] >= 1, run.log
+    frozen_for = run.result['freeze_seconds']
+    assert 0 < frozen_for < run.result['duration'] and f"frozen for at most {frozen_for:.3f} s" in run.log
     assert 'froze' in run.log and 'thawed' in run.log
     assert not [w for w in run.result['warnings'] if 'frozen' in w], run.result['warnings']
     assert agent_guest.agent_call('guest-fsfreeze-status') == 'thawed'
