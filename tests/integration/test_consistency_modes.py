@@ -75,8 +75,10 @@ def writes_go_on(guest, seconds=2.0):
     return writes() > first
 
 
-def agent_log(guest):
-    return guest.read_file('/run/qemu-ga.log').decode(errors='replace')
+def hook_calls(guest):
+    """The phases qemu-ga ran its fsfreeze hook for, in order, from the guest's console."""
+    return [line.split()[-1] for line in guest.console().splitlines()
+            if 'GUESTVAULT-FSFREEZE-HOOK' in line]
 
 
 # --------------------------------------------------------------------------- snapshot mode
@@ -89,6 +91,9 @@ def test_snapshot_with_the_agent_restores_a_clean_filesystem_with_every_finished
     frozen_for = run.result['freeze_seconds']
     assert 0 < frozen_for < run.result['duration'] and f"frozen for at most {frozen_for:.3f} s" in run.log
     assert 'froze' in run.log and 'thawed' in run.log
+    # qemu-ga itself ran its fsfreeze hook for both (tools/linuxguest/fsfreeze-hook).
+    assert hook_calls(agent_guest) == ['freeze', 'thaw'] * (len(hook_calls(agent_guest)) // 2)
+    assert hook_calls(agent_guest)[-2:] == ['freeze', 'thaw']
     assert not [w for w in run.result['warnings'] if 'frozen' in w], run.result['warnings']
     assert agent_guest.agent_call('guest-fsfreeze-status') == 'thawed'
     after = agent_guest.journal()
@@ -117,6 +122,7 @@ def test_a_backup_failing_while_the_guest_is_frozen_still_thaws_it(
                                  config_dir=config_dir, mode='snapshot'), log=lines.append)
     log = '\n'.join(lines)
     assert 'froze' in log and 'thawed' in log, log
+    assert hook_calls(agent_guest)[-2:] == ['freeze', 'thaw']
     assert agent_guest.agent_call('guest-fsfreeze-status') == 'thawed'
     assert writes_go_on(agent_guest)
     assert backups_in(store, 9201) == []
@@ -240,3 +246,14 @@ def _wait_for_second(guest, marker, timeout):
     while guest.console().count(marker) < 2:
         assert time.monotonic() < deadline, f"no second {marker} within {timeout} s"
         time.sleep(0.5)
+
+
+def test_stop_mode_says_so_when_qemu_runs_with_no_reboot_and_cannot_restart_the_guest(
+        linux_guest, store, config_dir):
+    # -no-reboot turns system_reset into another shutdown: the guest cannot be started again.
+    guest = linux_guest(vmid=9206, workload=False, extra_args=['-no-reboot'])
+    with pytest.raises(ConsistencyError) as err:
+        Run(guest, store, config_dir, mode='stop', stopwait=1)
+    assert '-no-reboot' in str(err.value) and 'left off' in str(err.value)
+    assert guest.status() == 'shutdown'
+    assert backups_in(store, 9206) == []
