@@ -1,0 +1,540 @@
+"""Build the real Linux test guest's image (see linuxguest.py) from Debian packages only.
+
+``apt-get download`` + ``dpkg -x`` (nothing is installed): Debian's kernel, busybox-static,
+qemu-guest-agent and the libraries qemu-ga needs (from its ELF NEEDED entries and the packages'
+Depends), the kernel modules the guest loads (in the order their ``.modinfo`` dependencies give,
+as the package has no modules.dep), and the guest-side files of ``tools/linuxguest/``, written as
+a gzip'd newc cpio by Python. Cached under ``.build/linuxguest/<key>/``; the key hashes the
+packages' versions, the guest-side files and this builder, so any change rebuilds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import tempfile
+import time
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'linuxguest')
+DEFAULT_CACHE = os.path.join(ROOT, '.build', 'linuxguest')
+
+# What the initramfs needs from Debian; the libraries qemu-ga needs are found from its ELF
+# NEEDED entries and the Depends of the packages that hold the binaries.
+BASE_PACKAGES = ('busybox-static', 'qemu-guest-agent')
+AGENT_BINARY = 'usr/sbin/qemu-ga'
+LIB_DIRS = ('lib/x86_64-linux-gnu', 'usr/lib/x86_64-linux-gnu', 'lib64', 'lib', 'usr/lib')
+LOADER = 'lib64/ld-linux-x86-64.so.2'
+# Modules the guest loads; their own dependencies are added from .modinfo. crc32c_generic is
+# only a soft dependency of ext4 (through the crypto API), so it has to be named.
+WANTED_MODULES = ('virtio_pci', 'virtio_blk', 'virtio_console', 'crc32c_generic', 'ext4',
+                  'button', 'evdev')
+class BuildError(RuntimeError):
+    pass
+
+
+
+# ----------------------------------------------------------------------------- ELF reading
+
+def _elf_sections(data):
+    """{name: (offset, size, offset of the linked section)} of an ELF64 little-endian file."""
+    if data[:4] != b'\x7fELF' or data[4] != 2:
+        return {}
+    shoff, = struct.unpack_from('<Q', data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from('<HHH', data, 0x3A)
+    # (name index, offset, size, link) of each section header
+    headers = [struct.unpack_from('<I20xQQI', data, shoff + i * shentsize) for i in range(shnum)]
+    names_offset = headers[shstrndx][1]
+    sections = {}
+    for name_index, offset, size, link in headers:
+        start = names_offset + name_index
+        name = data[start:data.index(b'\0', start)].decode()
+        sections[name] = (offset, size, headers[link][1] if link < shnum else 0)
+    return sections
+
+
+def elf_needed(path):
+    """The DT_NEEDED sonames of a shared object or executable ([] for a non-ELF file)."""
+    with open(path, 'rb') as handle:
+        data = handle.read()
+    sections = _elf_sections(data)
+    if '.dynamic' not in sections:
+        return []
+    offset, size, strtab = sections['.dynamic']
+    needed = []
+    for index in range(0, size, 16):
+        tag, value = struct.unpack_from('<qQ', data, offset + index)
+        if tag == 0:
+            break
+        if tag == 1:  # DT_NEEDED
+            start = strtab + value
+            needed.append(data[start:data.index(b'\0', start)].decode())
+    return needed
+
+
+def module_depends(path):
+    """A kernel module's hard dependencies, from its .modinfo (there is no modules.dep)."""
+    with open(path, 'rb') as handle:
+        data = handle.read()
+    sections = _elf_sections(data)
+    if '.modinfo' not in sections:
+        return []
+    offset, size, _link = sections['.modinfo']
+    for entry in data[offset:offset + size].split(b'\0'):
+        if entry.startswith(b'depends='):
+            return [name for name in entry[8:].decode().split(',') if name]
+    return []
+
+
+# ----------------------------------------------------------------------------- Debian packages
+
+def _apt_env():
+    return dict(os.environ, DEBIAN_FRONTEND='noninteractive', LC_ALL='C')
+
+
+def _candidate_versions(packages):
+    """{package: candidate version} from apt's lists; packages apt doesn't know are left out."""
+    result = subprocess.run(['apt-cache', 'policy', *packages], capture_output=True, text=True,
+                            check=False, env=_apt_env())
+    versions = {}
+    current = None
+    for line in result.stdout.splitlines():
+        if line and not line.startswith(' ') and line.endswith(':'):
+            current = line[:-1]
+        elif line.strip().startswith('Candidate:') and current:
+            version = line.split(':', 1)[1].strip()
+            if version != '(none)':
+                versions[current] = version
+    return versions
+
+
+def _apt_depends(packages):
+    """{package: [Depends names]} from apt's lists (one apt-cache call: each costs ~0.4 s)."""
+    result = subprocess.run(['apt-cache', 'depends', '--important', *packages], capture_output=True,
+                            text=True, check=False, env=_apt_env())
+    depends, current = {}, None
+    for line in result.stdout.splitlines():
+        if line and not line.startswith(' '):
+            current = depends.setdefault(line.strip(), [])
+        elif current is not None:
+            match = re.match(r'\s*\|?Depends:\s*([^\s<>]+)', line)
+            if match:
+                current.append(match.group(1))
+    return depends if result.returncode == 0 else {}
+
+
+def _root_depends():
+    """Depends of linux-image-amd64 and qemu-guest-agent; a clean CI machine may have no apt
+    lists yet: then they are fetched once (needs root)."""
+    wanted = ['linux-image-amd64', 'qemu-guest-agent']
+    depends = _apt_depends(wanted)
+    if set(wanted) <= set(depends):
+        return depends
+    if os.geteuid() != 0:
+        raise BuildError("apt knows no linux-image-amd64 or qemu-guest-agent and we are not root: run 'apt-get update'")
+    subprocess.run(['apt-get', 'update', '-qq'], capture_output=True, check=True, env=_apt_env())
+    depends = _apt_depends(wanted)
+    if not set(wanted) <= set(depends):
+        raise BuildError("apt knows no linux-image-amd64 or qemu-guest-agent even after apt-get update")
+    return depends
+
+
+def kernel_package(depends=None):
+    """The versioned kernel package that Debian's linux-image-amd64 depends on."""
+    depends = depends or _root_depends()
+    for name in depends['linux-image-amd64']:
+        if re.match(r'linux-image-[0-9].*-amd64$', name):
+            return name
+    raise BuildError(f"no linux-image-*-amd64 among the Depends of linux-image-amd64: {depends}")
+
+
+def _package_depends(deb):
+    """Names of a .deb's Depends (first alternative of each, no version constraints)."""
+    result = subprocess.run(['dpkg-deb', '-f', deb, 'Depends'], capture_output=True, text=True,
+                            check=True)
+    names = []
+    for item in result.stdout.split(','):
+        name = item.split('|')[0].strip().split(' ')[0].split(':')[0]
+        if name:
+            names.append(name)
+    return names
+
+
+def _download(packages, debdir):
+    """apt-get download into debdir: {package: deb path}."""
+    before = set(os.listdir(debdir))
+    # The sandbox user _apt cannot write into our private temp dir; download as root quietly.
+    subprocess.run(['apt-get', 'download', '-q=2', '-o', 'APT::Sandbox::User=root', *packages],
+                   cwd=debdir, capture_output=True, check=True, env=_apt_env())
+    debs = {}
+    for name in sorted(set(os.listdir(debdir)) - before):
+        debs[name.split('_', 1)[0]] = os.path.join(debdir, name)
+    missing = set(packages) - set(debs)
+    if missing:
+        raise BuildError(f"apt-get download did not fetch {sorted(missing)}")
+    return debs
+
+
+def _download_some(packages, debdir):
+    """Like _download, but a Depends that cannot be downloaded (a virtual package) is skipped."""
+    try:
+        return _download(packages, debdir)
+    except (subprocess.CalledProcessError, BuildError):
+        debs = {}
+        for package in packages:
+            try:
+                debs.update(_download([package], debdir))
+            except (subprocess.CalledProcessError, BuildError):
+                pass
+        return debs
+
+
+# ----------------------------------------------------------------------------- the build
+
+@dataclasses.dataclass
+class GuestImage:
+    """A built guest: a kernel and an initramfs (gzip'd newc cpio)."""
+    directory: str
+    kernel: str      # vmlinux (ELF, PVH boot); vmlinuz, Debian's bzImage, is next to it
+    initrd: str
+    key: str
+    manifest: dict
+
+    @classmethod
+    def load(cls, directory):
+        with open(os.path.join(directory, 'manifest.json')) as handle:
+            manifest = json.load(handle)
+        return cls(directory, os.path.join(directory, 'vmlinux'),
+                   os.path.join(directory, 'initrd.gz'), manifest['key'], manifest)
+
+
+def _guest_file_digest():
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(GUEST_FILES)):
+        path = os.path.join(GUEST_FILES, name)
+        if os.path.isfile(path):
+            with open(path, 'rb') as handle:
+                digest.update(name.encode() + b'\0' + handle.read() + b'\0')
+    with open(os.path.abspath(__file__), 'rb') as handle:
+        digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def cache_key():
+    """(key, versions): a hash of the packages' candidate versions, guest files and this builder.
+    qemu-ga's direct library packages count too: a libc or glib update changes the image."""
+    depends = _root_depends()
+    kernel = kernel_package(depends)
+    names = [kernel, *BASE_PACKAGES]
+    versions = _candidate_versions(sorted(set(names + depends['qemu-guest-agent'])))
+    missing = [name for name in names if name not in versions]
+    if missing:
+        raise BuildError(f"apt has no candidate for {missing}")
+    text = json.dumps(versions, sort_keys=True) + _guest_file_digest()
+    return hashlib.sha256(text.encode()).hexdigest()[:16], versions
+
+
+def build_image(cache_dir=None):
+    """The guest image, built once per key (package versions, guest files, this builder)."""
+    cache_dir = os.path.abspath(cache_dir or os.environ.get('GUESTVAULT_LINUXGUEST_CACHE', DEFAULT_CACHE))
+    key, versions = cache_key()
+    final = os.path.join(cache_dir, key)
+    if os.path.exists(os.path.join(final, 'manifest.json')):
+        return GuestImage.load(final)
+    os.makedirs(cache_dir, exist_ok=True)
+    # One builder at a time (parallel test runs): the second one finds the first one's result.
+    with open(os.path.join(cache_dir, '.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(final, 'manifest.json')):
+            return GuestImage.load(final)
+        scratch = tempfile.mkdtemp(prefix=f'.build-{key}-', dir=cache_dir)
+        try:
+            _build_into(scratch, key, versions)
+            os.chmod(scratch, 0o755)
+            os.rename(scratch, final)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        _prune_old_builds(cache_dir, keep=key)
+    return GuestImage.load(final)
+
+
+def _prune_old_builds(cache_dir, keep):
+    """Builds of older keys are ~80 MB each and never used again."""
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if name != keep and re.fullmatch(r'[0-9a-f]{16}', name) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _build_into(outdir, key, versions):
+    started = time.monotonic()
+    work = os.path.join(outdir, 'work')
+    debdir = os.path.join(work, 'debs')
+    os.makedirs(debdir)
+    kernel = next(name for name in versions if name.startswith('linux-image-'))
+    debs = _download([kernel, *BASE_PACKAGES], debdir)
+    trees = {name: _extract(deb, work) for name, deb in debs.items()}
+    files = {}   # path in the initramfs -> (host path or bytes, mode)
+    kernel_tree = trees[kernel]
+    release, vmlinuz = _kernel_release(kernel_tree)
+    shutil.copyfile(vmlinuz, os.path.join(outdir, 'vmlinuz'))
+    _write_vmlinux(vmlinuz, os.path.join(outdir, 'vmlinux'))
+    modules = _module_order(kernel_tree, release)
+    for relpath in modules:
+        files[f'lib/modules/{os.path.basename(relpath)}'] = (os.path.join(kernel_tree, relpath), 0o644)
+    files['etc/guestvault/modules'] = (''.join(os.path.basename(p) + '\n' for p in modules).encode(), 0o644)
+    libraries, host_copies = _resolve_libraries(trees, debs, debdir, work)
+    files[AGENT_BINARY] = (os.path.join(trees['qemu-guest-agent'], AGENT_BINARY), 0o755)
+    for guest_path, host_path in libraries.items():
+        files[guest_path] = (host_path, 0o755)
+    busybox = os.path.join(trees['busybox-static'], 'bin', 'busybox')
+    files['bin/busybox'] = (busybox, 0o755)
+    _add_guest_files(files)
+    symlinks = _busybox_links(busybox, files)
+    with gzip.open(os.path.join(outdir, 'initrd.gz'), 'wb', compresslevel=6) as out:
+        write_newc(out, files, symlinks)
+    manifest = {'key': key, 'versions': versions, 'kernel_release': release, 'modules': modules,
+                'libraries': sorted(libraries), 'host_library_copies': host_copies,
+                'packages': sorted(os.path.basename(deb) for deb in os.listdir(debdir)),
+                'build_seconds': round(time.monotonic() - started, 1)}
+    shutil.rmtree(work)
+    with open(os.path.join(outdir, 'manifest.json'), 'w') as handle:
+        json.dump(manifest, handle, indent=1, sort_keys=True)
+
+
+def _write_vmlinux(vmlinuz, target):
+    """The uncompressed ELF kernel out of the bzImage. QEMU boots it through its PVH entry
+    (CONFIG_PVH): no real-mode set-up and no decompression, ~2 s less under TCG."""
+    import lzma
+    data = _read(vmlinuz)
+    start = data.find(b'\xfd7zXZ\x00')
+    if start < 0:
+        raise BuildError("the kernel image is not xz-compressed (CONFIG_KERNEL_XZ); cannot unpack vmlinux")
+    elf = lzma.LZMADecompressor().decompress(data[start:])
+    if elf[:4] != b'\x7fELF':
+        raise BuildError("the xz payload of the kernel image is not an ELF file")
+    with open(target, 'wb') as handle:
+        handle.write(elf)
+
+
+def _extract(deb, work):
+    target = os.path.join(work, 'tree', os.path.basename(deb).split('_', 1)[0])
+    os.makedirs(target, exist_ok=True)
+    subprocess.run(['dpkg-deb', '-x', deb, target], check=True)
+    return target
+
+
+def _kernel_release(tree):
+    releases = os.listdir(os.path.join(tree, 'lib', 'modules'))
+    if len(releases) != 1:
+        raise BuildError(f"expected one kernel release in the package, found {releases}")
+    return releases[0], os.path.join(tree, 'boot', f'vmlinuz-{releases[0]}')
+
+
+def _module_order(tree, release):
+    """Paths (relative to the tree) of the wanted modules and their dependencies, dependencies
+    first, for insmod in that order. Built-in options need no module: none of these is
+    built into Debian's 6.1 kernel, but the order is computed rather than assumed."""
+    base = os.path.join('lib', 'modules', release)
+    index = {}
+    for directory, _dirs, names in os.walk(os.path.join(tree, base)):
+        for name in names:
+            if name.endswith('.ko'):
+                index[name[:-3].replace('-', '_')] = os.path.relpath(os.path.join(directory, name), tree)
+    builtin = _builtin_modules(tree, release)
+    order = []
+
+    def visit(name, chain):
+        name = name.replace('-', '_')
+        if name in chain:
+            raise BuildError(f"module dependency loop: {chain + [name]}")
+        if index.get(name) in order or (name not in index and name in builtin):
+            return
+        if name not in index:
+            raise BuildError(f"kernel module {name} is neither a module nor built in")
+        for dependency in module_depends(os.path.join(tree, index[name])):
+            visit(dependency, chain + [name])
+        order.append(index[name])
+
+    for wanted in WANTED_MODULES:
+        visit(wanted, [])
+    return order
+
+
+def _builtin_modules(tree, release):
+    path = os.path.join(tree, 'lib', 'modules', release, 'modules.builtin')
+    if not os.path.exists(path):
+        return set()
+    with open(path) as handle:
+        return {os.path.basename(line.strip())[:-3].replace('-', '_') for line in handle if line.strip()}
+
+
+def _soname_index(trees):
+    """{soname: host path} over the unpacked packages' library directories."""
+    index = {}
+    for tree in trees.values():
+        for libdir in LIB_DIRS:
+            directory = os.path.join(tree, libdir)
+            if not os.path.isdir(directory):
+                continue
+            for name in os.listdir(directory):
+                path = os.path.join(directory, name)
+                if '.so' in name and os.path.isfile(path):
+                    index.setdefault(name, (path, libdir))
+    return index
+
+
+def _owner(path, trees):
+    for name, tree in trees.items():
+        if path.startswith(tree + os.sep):
+            return name
+    return None
+
+
+def _needed_closure(binary, index):
+    """({soname: (path, libdir)} found, {soname: binary that needs it} missing) for a binary
+    and, transitively, the libraries it loads."""
+    wanted, missing = {}, {}
+    pending, seen = [binary], set()
+    while pending:
+        current = pending.pop()
+        for soname in elf_needed(current):
+            if soname in seen:
+                continue
+            seen.add(soname)
+            if soname in index:
+                wanted[soname] = index[soname]
+                pending.append(index[soname][0])
+            else:
+                missing[soname] = current
+    return wanted, missing
+
+
+def _resolve_libraries(trees, debs, debdir, work):
+    """{guest path: host file} of qemu-ga's shared libraries (and the dynamic loader).
+
+    A missing soname is looked for in the Depends of the package that holds the binary that
+    needs it; only if no package has it, the host's own copy is taken (and recorded)."""
+    agent = os.path.join(trees['qemu-guest-agent'], AGENT_BINARY)
+    host_copies = []
+    tried = set()
+    while True:
+        wanted, missing = _needed_closure(agent, _soname_index(trees))
+        if not missing:
+            break
+        candidates = set()
+        for binary in missing.values():
+            owner = _owner(binary, trees)
+            if owner in debs:
+                candidates.update(name for name in _package_depends(debs[owner]) if name not in debs and name not in tried)
+        tried.update(candidates)
+        new = _download_some(sorted(candidates), debdir) if candidates else {}
+        if new:
+            debs.update(new)
+            trees.update({name: _extract(deb, work) for name, deb in new.items()})
+            continue
+        for soname in missing:
+            host = _host_library(soname)
+            trees.setdefault('host', os.path.join(work, 'host'))
+            target = os.path.join(trees['host'], 'lib', 'x86_64-linux-gnu')
+            os.makedirs(target, exist_ok=True)
+            shutil.copyfile(host, os.path.join(target, soname))
+            host_copies.append(host)
+    libraries = {os.path.join(libdir, soname): path for soname, (path, libdir) in wanted.items()}
+    loader = os.path.join(trees['libc6'], LOADER) if 'libc6' in trees else None
+    if not loader or not os.path.exists(loader):
+        raise BuildError("no dynamic loader (libc6) among the fetched packages")
+    libraries[LOADER] = os.path.realpath(loader)
+    return libraries, host_copies
+
+
+def _host_library(soname):
+    for libdir in ('/lib/x86_64-linux-gnu', '/usr/lib/x86_64-linux-gnu', '/lib64', '/usr/lib64'):
+        path = os.path.join(libdir, soname)
+        if os.path.exists(path):
+            return os.path.realpath(path)
+    raise BuildError(f"no package and no host file provides {soname}")
+
+
+def _add_guest_files(files):
+    def guest_file(name):
+        return os.path.join(GUEST_FILES, name)
+    files['etc/inittab'] = (guest_file('inittab'), 0o644)
+    files['etc/guestvault/rc'] = (guest_file('rc'), 0o755)
+    files['etc/guestvault/stop'] = (guest_file('stop'), 0o755)
+    files['etc/guestvault/workload'] = (guest_file('workload'), 0o755)
+    files['etc/guestvault/fsfreeze-hook'] = (guest_file('fsfreeze-hook'), 0o755)
+    files['sbin/shutdown'] = (guest_file('shutdown'), 0o755)
+    # busybox acpid's default action for the power button (PWRF) is this path.
+    files['etc/acpi/PWRF/00000080'] = (guest_file('power-button'), 0o755)
+
+
+def _busybox_links(busybox, files):
+    """{link: target} for each busybox applet (not where a guest file takes the name)."""
+    result = subprocess.run([busybox, '--list-full'], capture_output=True, text=True, check=True)
+    links = {'init': 'bin/busybox'}
+    for applet in result.stdout.split():
+        if applet not in files and applet != 'bin/busybox':
+            links[applet] = 'bin/busybox'
+    return links
+
+
+# ----------------------------------------------------------------------------- newc cpio
+
+def write_newc(out, files, symlinks):
+    """A newc cpio archive (what the kernel unpacks as initramfs), made without a cpio tool.
+
+    ``files``: {path: (host path | bytes, mode)}; ``symlinks``: {path: target path}, made
+    relative. Directories are implied; /dev/console is a device node so that init has a
+    console before devtmpfs is mounted. Owner root, mtime 0: the same input, the same bytes."""
+    entries = {}
+    for path, (source, mode) in files.items():
+        entries[path] = ('file', source, mode)
+    for path, target in symlinks.items():
+        relative = os.path.relpath(target, os.path.dirname(path) or '.')
+        entries.setdefault(path, ('link', relative, 0o777))
+    entries['dev/console'] = ('char', (5, 1), 0o600)
+    directories = {'proc', 'sys', 'dev', 'run', 'tmp', 'data', 'root'}
+    for path in entries:
+        parent = os.path.dirname(path)
+        while parent:
+            directories.add(parent)
+            parent = os.path.dirname(parent)
+    inode = 1
+    for path in sorted(directories):
+        _newc_entry(out, inode, path, stat.S_IFDIR | 0o755, b'')
+        inode += 1
+    for path in sorted(entries):
+        kind, source, mode = entries[path]
+        if kind == 'file':
+            data = source if isinstance(source, bytes) else _read(source)
+            _newc_entry(out, inode, path, stat.S_IFREG | mode, data)
+        elif kind == 'link':
+            _newc_entry(out, inode, path, stat.S_IFLNK | mode, source.encode())
+        else:
+            _newc_entry(out, inode, path, stat.S_IFCHR | mode, b'', rdev=source)
+        inode += 1
+    _newc_entry(out, 0, 'TRAILER!!!', 0, b'')
+
+
+def _read(path):
+    with open(path, 'rb') as handle:
+        return handle.read()
+
+
+def _newc_entry(out, inode, name, mode, data, rdev=(0, 0)):
+    encoded = name.encode() + b'\0'
+    fields = (inode, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+    header = b'070701' + b''.join(b'%08X' % value for value in fields)
+    out.write(header + encoded + b'\0' * (-(len(header) + len(encoded)) % 4))
+    out.write(data + b'\0' * (-len(data) % 4))
