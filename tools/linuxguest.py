@@ -49,7 +49,6 @@ KERNEL_APPEND = 'console=ttyS0 quiet edd=off rdinit=/init'
 READY_MARKER = 'GUESTVAULT-READY'
 
 
-
 # ----------------------------------------------------------------------------- data disk
 
 def make_data_disk(path, size='64M'):

@@ -38,9 +38,10 @@ LOADER = 'lib64/ld-linux-x86-64.so.2'
 # only a soft dependency of ext4 (through the crypto API), so it has to be named.
 WANTED_MODULES = ('virtio_pci', 'virtio_blk', 'virtio_console', 'crc32c_generic', 'ext4',
                   'button', 'evdev')
+
+
 class BuildError(RuntimeError):
     pass
-
 
 
 # ----------------------------------------------------------------------------- ELF reading
