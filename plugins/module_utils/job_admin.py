@@ -89,8 +89,7 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
 
     ``options`` are jobs.cfg keys (``schedule``, ``vmid``, ``storage``, ...). Returns
     ``{'changed', 'diff': {'before', 'after'}, 'units': [...], 'warnings': [...]}``; nothing is
-    written in check
-    mode. Everything is validated before anything is written.
+    written in check mode. Everything is validated before anything is written.
     """
     jobs = load_jobs(config_dir)
     warnings = []
