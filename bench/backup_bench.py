@@ -48,7 +48,7 @@ VMID = 9901
 def load_engine(run_dir):
     """The engine as package ``guestvault_engine`` (as tests/conftest.py does)."""
     os.environ['GUESTVAULT_RUN_DIR'] = run_dir  # read at import time by backup_run
-    engine_dir = os.path.join(ROOT, 'plugins', 'module_utils')
+    engine_dir = os.path.join(ROOT, 'plugins', 'module_utils', '_engine')
     if 'guestvault_engine' not in sys.modules:
         spec = importlib.util.spec_from_file_location(
             'guestvault_engine', os.path.join(engine_dir, '__init__.py'),
@@ -57,7 +57,7 @@ def load_engine(run_dir):
         sys.modules['guestvault_engine'] = package
         spec.loader.exec_module(package)
     sys.path.insert(0, os.path.join(ROOT, 'tools'))
-    from guestvault_engine import backup_run
+    from guestvault_engine.run import backup as backup_run
     backup_run.RUN_DIR = run_dir
     return backup_run
 
@@ -328,7 +328,7 @@ def engine_backup(backup_run, inst, guest, store, config_dir, level, compress, w
 def restore_chain(store, config_dir, newest, outdir, repeat, warm, size):
     """The newest incremental restored by the engine (verify + one-pass convert + fsync) and by a
     plain ``qemu-img convert`` of the same chain + fsync, ``repeat`` times each."""
-    from guestvault_engine.restore_run import RestoreRequest, run_restore
+    from guestvault_engine.run.restore import RestoreRequest, run_restore
     samples = {'qemu-img convert (chain)': [], 'guestvault restore': []}
     for rnd in range(repeat):
         out = os.path.join(outdir, 'chain.qcow2')

@@ -1,6 +1,6 @@
 """Shared test set-up: the engine as ``guestvault_engine``, the lab tools on sys.path.
 
-``plugins/module_utils`` uses relative imports only, so loading it as a package under a short
+``plugins/module_utils/_engine`` uses relative imports only, so loading it as a package under a short
 name lets tests import it without Ansible's collection loader, exactly as the node command does.
 """
 import importlib.util
@@ -8,7 +8,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENGINE_DIR = ROOT / "plugins" / "module_utils"
+ENGINE_DIR = ROOT / "plugins" / "module_utils" / "_engine"
 
 if "guestvault_engine" not in sys.modules:
     _spec = importlib.util.spec_from_file_location(

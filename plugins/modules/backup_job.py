@@ -176,10 +176,10 @@ systemd:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.job_admin import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.job import (
     apply_job, schedule_warning)
-from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
     JOB_OPTION_KEYS, job_argument_spec)
 
 

@@ -369,12 +369,12 @@ downtime_seconds:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.guestvault.backup.plugins.module_utils.backup_run import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.backup import (
     BackupRequest, run_backup)
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
     backup_argument_spec, backup_request_fields, BACKUP_MUTUALLY_EXCLUSIVE)
-from ansible_collections.guestvault.backup.plugins.module_utils.qmp import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.guest.qmp import (
     HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
 
 

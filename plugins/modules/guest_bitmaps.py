@@ -81,10 +81,10 @@ removed:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.guest_inspect import remove_bitmaps
-from ansible_collections.guestvault.backup.plugins.module_utils.options import guest_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils.qmp import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.inspect import remove_bitmaps
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.guest.qmp import (
     HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
 
 

@@ -179,11 +179,11 @@ storage_path:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.guest_inspect import inspect_guest
-from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.inspect import inspect_guest
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
     guest_argument_spec, storage_argument_spec)
-from ansible_collections.guestvault.backup.plugins.module_utils.qmp import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.guest.qmp import (
     HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
 
 

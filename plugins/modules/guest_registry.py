@@ -108,8 +108,8 @@ entry:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.registry_admin import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.register import (
     ENTRY_FIELDS, apply_guest, registry_argument_spec)
 
 

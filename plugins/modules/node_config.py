@@ -110,8 +110,8 @@ storages:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.node_config import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.node_config import (
     apply_node_config)
 
 

@@ -161,12 +161,12 @@ policy_source:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
     KEEP_PARAMETERS, prune_argument_spec, prune_policy_from_params)
-from ansible_collections.guestvault.backup.plugins.module_utils.prune_run import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.prune import (
     PruneRequest, run_prune)
-from ansible_collections.guestvault.backup.plugins.module_utils.retention import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.policy.retention import (
     as_policy, simulate)
 
 

@@ -194,10 +194,10 @@ duration:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
     restore_argument_spec)
-from ansible_collections.guestvault.backup.plugins.module_utils.restore_run import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.restore import (
     RestoreRequest, run_restore)
 
 

@@ -88,9 +88,9 @@ normalized:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.guestvault.backup.plugins.module_utils.calendar import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.policy.calendar import (
     CalendarEvent, looks_like_hour_mistake, simulate, to_systemd_oncalendar)
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import (
     ConfigError, GuestvaultError)
 
 

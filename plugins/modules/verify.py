@@ -80,9 +80,9 @@ chain:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.guestvault.backup.plugins.module_utils.backup_admin import verify_backup
-from ansible_collections.guestvault.backup.plugins.module_utils.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils.options import (
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.admin import verify_backup
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
     stored_backup_argument_spec)
 
 

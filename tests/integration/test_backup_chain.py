@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from guestvault_engine import backup_run
-from guestvault_engine.backup_run import BackupRequest, run_backup
+from guestvault_engine.run import backup as backup_run
+from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.errors import BackupFailed, ChainError, GuestUnreachable, HookFailed
 from lab_checks import backups_in, hidden_in, same_content, small_tmpfs
 from labguest import LabGuest
@@ -215,7 +215,7 @@ def _kill_mid_backup(guest, store, config_dir, tmp_path, sig):
 import sys
 sys.path.insert(0, {os.path.join(os.path.dirname(__file__), '..')!r})
 import conftest
-from guestvault_engine.backup_run import BackupRequest, run_backup
+from guestvault_engine.run.backup import BackupRequest, run_backup
 run_backup(BackupRequest(vmid={guest.vmid}, qmp_socket={guest.qmp_socket!r}, dumpdir={store!r},
                          config_dir={config_dir!r}, level='inc', bwlimit=512))
 """
@@ -501,7 +501,7 @@ def test_stop_mode_on_a_guest_that_is_not_running_backs_up_directly(make_guest, 
 def test_guest_already_being_backed_up_is_refused_after_lockwait(make_guest, store, config_dir):
     guest = make_guest(disks=[('qcow2', 16 * MiB)])
     from guestvault_engine.errors import LockTimeout
-    from guestvault_engine.storage_dir import file_lock
+    from guestvault_engine.storage.directory import file_lock
     lock = os.path.join(backup_run.RUN_DIR, f'{guest.vmid}.lock')
     with file_lock(lock, 0, 'test'):
         with pytest.raises(LockTimeout, match='locked by another run'):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from guestvault_engine.backup_run import BackupRequest, run_backup
+from guestvault_engine.run.backup import BackupRequest, run_backup
 from lab_checks import backups_in, same_content
 
 MiB = 1 << 20

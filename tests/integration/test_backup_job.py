@@ -7,8 +7,8 @@ import subprocess
 import pytest
 
 from guestvault_engine.errors import ConfigError
-from guestvault_engine.job_admin import apply_job
-from guestvault_engine.jobs import load_jobs
+from guestvault_engine.run.job import apply_job
+from guestvault_engine.policy.jobs_cfg import load_jobs
 
 COMMAND = os.path.realpath(os.path.join(os.path.dirname(__file__), '..', '..', 'bin',
                                         'guestvault-dump'))
@@ -45,7 +45,7 @@ def test_a_job_becomes_jobs_cfg_and_units_and_a_second_run_changes_nothing(dirs)
 
 @pytest.mark.skipif(shutil.which('systemd-analyze') is None, reason='needs systemd-analyze')
 def test_systemd_accepts_the_units_and_fires_when_the_engine_says(dirs):
-    from guestvault_engine.calendar import CalendarEvent
+    from guestvault_engine.policy.calendar import CalendarEvent
     result = apply(dirs, 'weeknights', WEEKNIGHTS)
     proc = subprocess.run(['systemd-analyze', 'verify', *result['units']],
                           capture_output=True, text=True, check=False)

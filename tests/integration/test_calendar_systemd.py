@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from guestvault_engine.calendar import CalendarEvent, to_systemd_oncalendar
+from guestvault_engine.policy.calendar import CalendarEvent, to_systemd_oncalendar
 from guestvault_engine.errors import ConfigError
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")

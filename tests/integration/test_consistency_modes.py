@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from guestvault_engine import qmp as engine_qmp
-from guestvault_engine.backup_run import BackupRequest, run_backup
+from guestvault_engine.guest import qmp as engine_qmp
+from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.errors import ConsistencyError, QmpCommandFailed
-from guestvault_engine.restore_run import RestoreRequest, run_restore
+from guestvault_engine.run.restore import RestoreRequest, run_restore
 from lab_checks import backups_in
 from linuxguest import LinuxGuest, inspect_ext4
 

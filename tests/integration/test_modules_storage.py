@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 import pytest
 
 from ansible_runner import Unsafe, assert_failed_with, documented_return, tree
-from guestvault_engine import backup_run
-from guestvault_engine.backup_run import BackupRequest, run_backup
+from guestvault_engine.run import backup as backup_run
+from guestvault_engine.run.backup import BackupRequest, run_backup
 from lab_checks import backups_in, same_content
 from labguest import LabGuest
 

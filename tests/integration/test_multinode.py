@@ -19,7 +19,7 @@ import pytest
 
 from ansible_runner import BIN, PYTHON, ROOT
 from cluster import Cluster, ensure_sshd, unavailable
-from guestvault_engine.jobs import load_jobs
+from guestvault_engine.policy.jobs_cfg import load_jobs
 from lab_checks import backups_in
 
 MiB = 1 << 20

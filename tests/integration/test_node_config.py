@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from ansible_runner import BIN, PYTHON, Unsafe, assert_failed_with, documented_return, tree
-from guestvault_engine.config import parse_storage_cfg, parse_vzdump_conf
+from guestvault_engine.policy.config import parse_storage_cfg, parse_vzdump_conf
 
 MiB = 1 << 20
 NODE_CONFIG = 'guestvault.backup.node_config'

@@ -5,12 +5,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from guestvault_engine import catalog
-from guestvault_engine.backup_admin import protect_backup, verify_backup
-from guestvault_engine.backup_run import BackupRequest, run_backup
+from guestvault_engine.storage import catalog
+from guestvault_engine.run.admin import protect_backup, verify_backup
+from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.errors import ConfigError
-from guestvault_engine.prune_run import PruneRequest, run_prune
-from guestvault_engine.restore_run import RestoreRequest, run_restore
+from guestvault_engine.run.prune import PruneRequest, run_prune
+from guestvault_engine.run.restore import RestoreRequest, run_restore
 from lab_checks import backups_in, hidden_in, same_content
 
 MiB = 1 << 20
@@ -80,7 +80,7 @@ def test_pruning_the_middle_of_a_chain_keeps_every_kept_backup_bit_exact(
 
 
 def catalog_storage(store):
-    from guestvault_engine.storage_dir import DirStorage
+    from guestvault_engine.storage.directory import DirStorage
     return DirStorage(store)
 
 

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from guestvault_engine.backup_run import BackupRequest, run_backup
+from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.errors import ConfigError, StorageError
-from guestvault_engine.restore_run import RestoreRequest, VerifyFailed, run_restore
+from guestvault_engine.run.restore import RestoreRequest, VerifyFailed, run_restore
 from lab_checks import same_content, small_tmpfs
 from labguest import LabGuest
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from ansible_runner import BIN, PYTHON, ROOT, assert_failed_with
-from guestvault_engine.job_admin import apply_job
-from guestvault_engine.jobs import load_jobs
-from guestvault_engine.registry import list_guests, load_guest
+from guestvault_engine.run.job import apply_job
+from guestvault_engine.policy.jobs_cfg import load_jobs
+from guestvault_engine.guest.registry import list_guests, load_guest
 
 PLAYBOOKS = ROOT / 'playbooks'
 POLICY = 'keep-daily=3,keep-weekly=2,keep-monthly=1'

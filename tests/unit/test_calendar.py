@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from guestvault_engine.calendar import (
+from guestvault_engine.policy.calendar import (
     CalendarEvent,
     looks_like_hour_mistake,
     roll_overs,

@@ -8,10 +8,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from guestvault_engine import chain
-from guestvault_engine.chain import (ChainTip, LevelDecision, bitmap_name, bitmaps_to_retire,
+from guestvault_engine.policy import chain
+from guestvault_engine.policy.chain import (ChainTip, LevelDecision, bitmap_name, bitmaps_to_retire,
                                      decide_level, parse_bitmap_name, validate_chain_name)
-from guestvault_engine.disks import Disk
+from guestvault_engine.guest.disks import Disk
 from guestvault_engine.errors import ChainError, ConfigError
 
 UTC = timezone.utc

@@ -2,8 +2,8 @@
 
 import pytest
 
-from guestvault_engine import config
-from guestvault_engine.config import (
+from guestvault_engine.policy import config
+from guestvault_engine.policy.config import (
     PERFORMANCE_SCHEMA,
     PRUNE_BACKUPS_SCHEMA,
     load_storage,

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from guestvault_engine.config import (
+from guestvault_engine.policy.config import (
     VZDUMP_OPTIONS,
     StorageConfig,
     parse_storage_cfg,
@@ -14,7 +14,7 @@ from guestvault_engine.config import (
     render_vzdump_conf,
 )
 from guestvault_engine.errors import ConfigError
-from guestvault_engine.node_config import apply_node_config
+from guestvault_engine.run.node_config import apply_node_config
 
 # One text per vzdump.conf option (every key the parser knows), in Proxmox's own spellings.
 VZDUMP_SAMPLES = {

@@ -2,7 +2,7 @@
 
 import pytest
 
-from guestvault_engine.disks import Disk, select_disks
+from guestvault_engine.guest.disks import Disk, select_disks
 from guestvault_engine.errors import DiskSelectionError
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from guestvault_engine.errors import ConfigError, HookFailed
-from guestvault_engine.hooks import GUEST_PHASES, JOB_PHASES, HookScript
+from guestvault_engine.run.hooks import GUEST_PHASES, JOB_PHASES, HookScript
 
 RECORDER = """\
 #!/bin/sh

@@ -2,7 +2,7 @@
 import pytest
 
 from guestvault_engine.errors import ConfigError
-from guestvault_engine.jobs import Job, parse_jobs_cfg, render_jobs_cfg, validate_job
+from guestvault_engine.policy.jobs_cfg import Job, parse_jobs_cfg, render_jobs_cfg, validate_job
 
 JOBS = """# nightly backups
 vzdump: weeknights

@@ -2,7 +2,7 @@
 
 import pytest
 
-from guestvault_engine import notes
+from guestvault_engine.policy import notes
 from guestvault_engine.errors import ConfigError, NotesTemplateError
 
 VALUES = {"cluster": "prod", "guestname": "mail", "node": "kvm1", "vmid": 105}

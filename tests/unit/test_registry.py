@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from guestvault_engine import registry
+from guestvault_engine.guest import registry
 from guestvault_engine.errors import ConfigError, GuestNotFound
-from guestvault_engine.registry import GuestEntry, list_guests, load_guest, render_guest
+from guestvault_engine.guest.registry import GuestEntry, list_guests, load_guest, render_guest
 
 FULL = """\
 # mail server

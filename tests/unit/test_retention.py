@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from guestvault_engine.errors import ConfigError
-from guestvault_engine.retention import (
+from guestvault_engine.policy.retention import (
     PruneMark,
     RetentionPolicy,
     as_policy,

@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from guestvault_engine import storage_dir
+from guestvault_engine.storage import directory as storage_dir
 from guestvault_engine.errors import LockTimeout, StorageError
-from guestvault_engine.storage_dir import DirStorage, file_lock, format_time, write_file_atomic
+from guestvault_engine.storage.directory import DirStorage, file_lock, format_time, write_file_atomic
 
 UTC = timezone.utc
 T = datetime(2026, 3, 10, 1, 0, 0, tzinfo=UTC)

@@ -10,11 +10,11 @@ import os
 import shutil
 import subprocess
 
-from .calendar import CalendarEvent, looks_like_hour_mistake, to_systemd_oncalendar
-from .config import find_storage
-from .errors import ConfigError
-from .jobs import Job, load_jobs, render_job, save_jobs, validate_job
-from .storage_dir import write_file_atomic
+from ..policy.calendar import CalendarEvent, looks_like_hour_mistake, to_systemd_oncalendar
+from ..policy.config import find_storage
+from ..errors import ConfigError
+from ..policy.jobs_cfg import Job, load_jobs, render_job, save_jobs, validate_job
+from ..storage.directory import write_file_atomic
 
 UNIT_DIR = '/etc/systemd/system'
 NODE_COMMAND = '/usr/local/sbin/guestvault-dump'

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import load_storage
-from .errors import ConfigError, GuestNotFound
-from .registry import GuestEntry, load_guest, validate_vmid
-from .storage_dir import DirStorage
+from ..policy.config import load_storage
+from ..errors import ConfigError, GuestNotFound
+from ..guest.registry import GuestEntry, load_guest, validate_vmid
+from ..storage.directory import DirStorage
 
 
 def resolve_guest(vmid, qmp_socket=None, agent_socket=None, config_dir='/etc/guestvault'):

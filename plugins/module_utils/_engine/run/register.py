@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Iterable, List, Optional
 
-from .errors import ConfigError, GuestvaultError
-from .registry import (GUESTS_DIR, GuestEntry, _known_vmids, guest_path, parse_guest,
+from ..errors import ConfigError, GuestvaultError
+from ..guest.registry import (GUESTS_DIR, GuestEntry, _known_vmids, guest_path, parse_guest,
                        render_guest, validate_vmid)
-from .storage_dir import write_file_atomic
+from ..storage.directory import write_file_atomic
 
 # Module option -> GuestEntry field.
 ENTRY_FIELDS = {

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .errors import ChainError, ConfigError
+from ..errors import ChainError, ConfigError
 
 BITMAP_PREFIX = 'guestvault'
 LEVELS = ('full', 'inc', 'auto', 'copy')

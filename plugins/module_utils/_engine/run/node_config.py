@@ -18,11 +18,11 @@ import re
 import socket
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .config import (STORAGE_CFG, STORAGE_TYPES, VZDUMP_CONF, VZDUMP_OPTIONS, StorageConfig,
+from ..policy.config import (STORAGE_CFG, STORAGE_TYPES, VZDUMP_CONF, VZDUMP_OPTIONS, StorageConfig,
                      check_storage_id, parse_bool, parse_storage_cfg, parse_vzdump_conf,
                      render_storage_cfg, render_vzdump_conf)
-from .errors import ConfigError
-from .storage_dir import write_file_atomic
+from ..errors import ConfigError
+from ..storage.directory import write_file_atomic
 
 STORAGE_DIR_MODE = 0o750
 CONFIG_DIR_MODE = 0o755

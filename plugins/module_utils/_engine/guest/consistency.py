@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 
 from .agent import GuestAgent
-from .errors import AgentError, ConsistencyError, GuestUnreachable
+from ..errors import AgentError, ConsistencyError, GuestUnreachable
 from .qmp import QmpSession, wait_for_socket
 
 MODES = ('snapshot', 'suspend', 'stop')

@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 
-from .errors import BackupFailed, GuestUnreachable, QmpCommandFailed
+from ..errors import BackupFailed, GuestUnreachable, QmpCommandFailed
 
 try:
     from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError

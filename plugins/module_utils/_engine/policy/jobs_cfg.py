@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from .calendar import CalendarEvent
 from .config import VZDUMP_OPTIONS, parse_bool, parse_sections
-from .errors import ConfigError
-from .storage_dir import write_file_atomic
+from ..errors import ConfigError
+from ..storage.directory import write_file_atomic
 
 JOBS_CFG = 'jobs.cfg'
 _JOB_ID = re.compile(r'[A-Za-z][A-Za-z0-9_-]{0,63}')

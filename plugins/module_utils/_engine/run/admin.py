@@ -4,15 +4,15 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 
-from . import catalog
-from .config import load_storage
-from .errors import StorageError
+from ..storage import catalog
+from ..policy.config import load_storage
+from ..errors import StorageError
 from .locate import require_storage
-from .qemu_img import check as qemu_img_check
-from .qemu_img import info as qemu_img_info
-from .registry import validate_vmid
-from .restore_run import verify_chain_files
-from .storage_dir import format_time
+from ..format.qemu_img import check as qemu_img_check
+from ..format.qemu_img import info as qemu_img_info
+from ..guest.registry import validate_vmid
+from .restore import verify_chain_files
+from ..storage.directory import format_time
 
 
 def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,

@@ -15,14 +15,14 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from .backup_run import BackupRequest, run_backup
-from .errors import ConfigError, GuestvaultError
+from .backup import BackupRequest, run_backup
+from ..errors import ConfigError, GuestvaultError
 from .hooks import HookScript
-from .jobs import load_jobs
+from ..policy.jobs_cfg import load_jobs
 from .locate import open_storage
-from .prune_run import PruneRequest, resolve_policy, prune_guest
-from .registry import list_guests
-from .storage_dir import format_time, write_file_atomic
+from .prune import PruneRequest, resolve_policy, prune_guest
+from ..guest.registry import list_guests
+from ..storage.directory import format_time, write_file_atomic
 
 STATE_DIR = os.environ.get('GUESTVAULT_STATE_DIR', '/var/lib/guestvault/jobs')
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Optional
 
-from .errors import NotesTemplateError
+from ..errors import NotesTemplateError
 
 NOTES_VARIABLES = ("cluster", "guestname", "node", "vmid")
 # Proxmox's schema limit for notes-template.

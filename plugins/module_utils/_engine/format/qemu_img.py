@@ -5,7 +5,7 @@ import json
 import shutil
 import subprocess
 
-from .errors import GuestvaultError, StorageError
+from ..errors import GuestvaultError, StorageError
 
 
 def qemu_img_binary():

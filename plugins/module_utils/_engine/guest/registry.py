@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import ConfigError, GuestNotFound
+from ..errors import ConfigError, GuestNotFound
 
 GUESTS_DIR = "guests.d"
 VMID_MIN = 100

@@ -22,7 +22,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .notes import check_notes_template
 
 VZDUMP_CONF = "vzdump.conf"

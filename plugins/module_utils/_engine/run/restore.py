@@ -16,12 +16,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import catalog
-from .errors import ConfigError, StorageError
+from ..storage import catalog
+from ..errors import ConfigError, StorageError
 from .locate import require_storage
-from .qemu_img import allocated_bytes, qemu_img_binary
-from .registry import GuestEntry, guest_path, render_guest, validate_vmid
-from .storage_dir import fsync_path, sha256_file, write_file_atomic
+from ..format.qemu_img import allocated_bytes, qemu_img_binary
+from ..guest.registry import GuestEntry, guest_path, render_guest, validate_vmid
+from ..storage.directory import fsync_path, sha256_file, write_file_atomic
 
 FORMATS = ('qcow2', 'raw')
 

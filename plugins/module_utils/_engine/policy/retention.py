@@ -44,9 +44,9 @@ from datetime import datetime, tzinfo
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple, Union
 
 from .config import parse_bool, parse_int, parse_prune_backups
-from .errors import ConfigError
-from .times import TIME_EXAMPLE as _TIME_EXAMPLE
-from .times import format_utc, to_datetime
+from ..errors import ConfigError
+from ..times import TIME_EXAMPLE as _TIME_EXAMPLE
+from ..times import format_utc, to_datetime
 
 try:  # Python 3.9+; the import is guarded so that loading the engine never fails on it.
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError

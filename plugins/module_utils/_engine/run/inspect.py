@@ -4,11 +4,11 @@ The counterparts of qmpbackup's ``info --show bitmaps`` and ``cleanup --remove-b
 """
 from __future__ import annotations
 
-from . import chain as chains
-from .disks import discover_disks
+from ..policy import chain as chains
+from ..guest.disks import discover_disks
 from .locate import open_storage, resolve_guest
-from .qmp import QmpSession
-from .storage_dir import format_time
+from ..guest.qmp import QmpSession
+from ..storage.directory import format_time
 
 
 def _bitmap_view(bitmap):

@@ -24,20 +24,20 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
-from . import chain as chains
-from .config import load_storage, load_vzdump_defaults
-from .consistency import MODES, StopMode, snapshot_mode, suspend_mode
-from .disks import discover_disks, require_idle, select_disks
-from .errors import BackupFailed, ConfigError, GuestvaultError, HookFailed, QmpCommandFailed
+from ..policy import chain as chains
+from ..policy.config import load_storage, load_vzdump_defaults
+from ..guest.consistency import MODES, StopMode, snapshot_mode, suspend_mode
+from ..guest.disks import discover_disks, require_idle, select_disks
+from ..errors import BackupFailed, ConfigError, GuestvaultError, HookFailed, QmpCommandFailed
 from .hooks import HookScript
-from .notes import render_notes
-from .qemu_img import allocated_bytes, create_qcow2
-from .qmp import QmpSession
+from ..policy.notes import render_notes
+from ..format.qemu_img import allocated_bytes, create_qcow2
+from ..guest.qmp import QmpSession
 from .locate import require_storage, resolve_guest
-from .registry import GuestEntry
-from .storage_dir import (DirStorage, file_lock, format_time, fsync_path, parse_time,
+from ..guest.registry import GuestEntry
+from ..storage.directory import (DirStorage, file_lock, format_time, fsync_path, parse_time,
                           sha256_file)
-from .version import TOOL_VERSION
+from ..version import TOOL_VERSION
 
 MANIFEST_FORMAT = 1
 COMPRESSIONS = {'0': None, '1': 'zstd', 'zstd': 'zstd', 'gzip': 'zlib', 'zlib': 'zlib'}

@@ -9,9 +9,9 @@ import json
 import os
 import re
 
-from .errors import ConfigError, StorageError
-from .storage_dir import INDEX, PROTECTED, format_time, write_file_atomic
-from .times import to_datetime
+from ..errors import ConfigError, StorageError
+from .directory import INDEX, PROTECTED, format_time, write_file_atomic
+from ..times import to_datetime
 
 VERIFY = 'verify.json'
 NOTES = 'notes'

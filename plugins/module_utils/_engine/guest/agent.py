@@ -11,7 +11,7 @@ import random
 import socket
 import time
 
-from .errors import AgentError
+from ..errors import AgentError
 
 
 class GuestAgent:

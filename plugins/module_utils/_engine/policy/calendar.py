@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import ConfigError
-from .times import TimeValue, to_datetime
+from ..errors import ConfigError
+from ..times import TimeValue, to_datetime
 
 try:  # Python 3.9+; guarded so that loading the engine never fails on it.
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError

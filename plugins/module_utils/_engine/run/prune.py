@@ -15,13 +15,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from . import catalog
-from .config import load_storage, load_vzdump_defaults
-from .errors import StorageError
+from ..storage import catalog
+from ..policy.config import load_storage, load_vzdump_defaults
+from ..errors import StorageError
 from .locate import require_storage
-from .qemu_img import allocated_bytes, qemu_img_binary
-from .retention import RetentionPolicy, as_policy, select_for_prune
-from .storage_dir import PROTECTED, fsync_path, sha256_file
+from ..format.qemu_img import allocated_bytes, qemu_img_binary
+from ..policy.retention import RetentionPolicy, as_policy, select_for_prune
+from ..storage.directory import PROTECTED, fsync_path, sha256_file
 
 
 @dataclass

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable, List, Mapping, Optional, Tuple
 
-from .errors import ConfigError, HookFailed
+from ..errors import ConfigError, HookFailed
 
 JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
 GUEST_PHASES = ("backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end",

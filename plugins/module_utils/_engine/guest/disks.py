@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import DiskSelectionError
+from ..errors import DiskSelectionError
 
 # Formats whose images can carry a persistent dirty bitmap (qcow2 v3, "compat 1.1").
 BITMAP_FORMATS = ('qcow2',)

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-from .errors import LockTimeout, StorageError
+from ..errors import LockTimeout, StorageError
 
 TIME_FORMAT = '%Y-%m-%dT%H:%M:%SZ'
 INDEX = 'index.json'
