@@ -231,25 +231,20 @@ def python_zstd(image, out):
 class Instrument:
     """Time stamps for the engine's phases, without touching the engine's files.
 
-    The log callback stamps each log line; wrappers around ``backup_run._hash_and_sync`` and
-    ``backup_run.sha256_file`` (module globals, looked up at call time) split the finishing step into
-    fsync and hashing.
+    The log callback stamps each log line; wrappers around the qcow2 format's ``finish_disks``
+    (fsync + hash of the images) and ``sha256_file`` (module globals, looked up at call time)
+    split the finishing step into fsync and hashing.
     """
 
-    def __init__(self, backup_run):
-        self.backup_run = backup_run
+    def __init__(self, qcow2):
         self.reset()
-        original_hs = getattr(backup_run, '_hash_and_sync', None)
-        original_sha = getattr(backup_run, 'sha256_file', None)
-        if original_hs is None or original_sha is None:
-            say("note: backup_run._hash_and_sync/sha256_file not found; the hash/fsync split of the "
-                "finishing phase is not measured")
-            return
+        original_finish = qcow2.Qcow2Chain.finish_disks
+        original_sha = qcow2.sha256_file
 
-        def hash_and_sync(paths):
+        def finish_disks(*args, **kwargs):
             t0 = time.monotonic()
             try:
-                return original_hs(paths)
+                return original_finish(*args, **kwargs)
             finally:
                 self.marks['hash_and_sync'] = time.monotonic() - t0
 
@@ -259,8 +254,8 @@ class Instrument:
                 return original_sha(path)
             finally:
                 self.marks['sha256'] = self.marks.get('sha256', 0.0) + time.monotonic() - t0
-        backup_run._hash_and_sync = hash_and_sync
-        backup_run.sha256_file = sha256
+        qcow2.Qcow2Chain.finish_disks = finish_disks
+        qcow2.sha256_file = sha256
 
     def reset(self):
         self.t0 = time.monotonic()
@@ -523,7 +518,8 @@ def main(argv=None):
         os.makedirs(path)
     backup_run = load_engine(run_dir)
     from labguest import LabGuest
-    inst = Instrument(backup_run)
+    from guestvault_engine.format import qcow2
+    inst = Instrument(qcow2)
     warm = Warmer(run, enabled=not args.no_warm_up)
     zstd_cli = shutil.which('zstd')
     started = time.monotonic()

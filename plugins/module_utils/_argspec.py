@@ -1,9 +1,17 @@
-"""Option definitions shared by the modules and the node command.
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Every module's options, in Ansible's argument_spec shape (plain dicts, no Ansible import).
 
-Plain dicts in Ansible's argument_spec shape (no Ansible import), so one definition serves the
-modules, the node command's flags and the tests.
+Choices come from the engine's vocabulary (``_engine/vocabulary.py``), which the node command's
+flags and the configuration parsers read too, so a word means the same everywhere.
 """
 from __future__ import annotations
+
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.vocabulary import (
+    CHAIN_PERIODS, COMPRESS, LEVELS, MODES, RESTORE_FORMATS)
+
+CONFIG_DIR = {'type': 'path', 'default': '/etc/guestvault'}
 
 
 def guest_argument_spec():
@@ -12,7 +20,7 @@ def guest_argument_spec():
         'vmid': {'type': 'int', 'required': True},
         'qmp_socket': {'type': 'path'},
         'agent_socket': {'type': 'path'},
-        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+        'config_dir': CONFIG_DIR,
     }
 
 
@@ -27,13 +35,13 @@ def backup_argument_spec():
     spec = guest_argument_spec()
     spec.update(storage_argument_spec())
     spec.update({
-        'level': {'type': 'str', 'default': 'auto', 'choices': ['full', 'inc', 'auto', 'copy']},
+        'level': {'type': 'str', 'default': 'auto', 'choices': list(LEVELS)},
         'chain': {'type': 'str'},
-        'chain_period': {'type': 'str', 'default': 'none', 'choices': ['none', 'monthly']},
+        'chain_period': {'type': 'str', 'default': 'none', 'choices': list(CHAIN_PERIODS)},
         'include': {'type': 'list', 'elements': 'str'},
         'exclude': {'type': 'list', 'elements': 'str'},
         'include_raw': {'type': 'bool', 'default': False},
-        'mode': {'type': 'str', 'choices': ['snapshot', 'suspend', 'stop']},
+        'mode': {'type': 'str', 'choices': list(MODES)},
         'stopwait': {'type': 'float'},
         'lockwait': {'type': 'float'},
         'freeze_timeout': {'type': 'float'},
@@ -41,7 +49,7 @@ def backup_argument_spec():
         'performance': {'type': 'dict', 'options': {
             'max_workers': {'type': 'int'},
         }},
-        'compress': {'type': 'str', 'choices': ['0', '1', 'zstd', 'gzip', 'zlib']},
+        'compress': {'type': 'str', 'choices': list(COMPRESS)},
         'notes_template': {'type': 'str'},
         'protected': {'type': 'bool'},
         'script': {'type': 'path'},
@@ -57,7 +65,7 @@ def stored_backup_argument_spec():
     spec = storage_argument_spec()
     spec.update({
         'vmid': {'type': 'int', 'required': True},
-        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+        'config_dir': CONFIG_DIR,
         'lockwait': {'type': 'float', 'default': 180},
     })
     return spec
@@ -70,7 +78,7 @@ def restore_argument_spec():
         'until': {'type': 'str'},
         'target_dir': {'type': 'path', 'required': True},
         'disks': {'type': 'list', 'elements': 'str'},
-        'format': {'type': 'str', 'default': 'qcow2', 'choices': ['qcow2', 'raw']},
+        'format': {'type': 'str', 'default': 'qcow2', 'choices': list(RESTORE_FORMATS)},
         'snapshots': {'type': 'bool', 'default': False},
         'bwlimit': {'type': 'int', 'default': 0},
         'force': {'type': 'bool', 'default': False},
@@ -88,7 +96,7 @@ def prune_argument_spec():
     spec = storage_argument_spec()
     spec.update({
         'vmid': {'type': 'int'},
-        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+        'config_dir': CONFIG_DIR,
         'prune_backups': {'type': 'str'},
         'timezone': {'type': 'str'},
         'lockwait': {'type': 'float', 'default': 180},
@@ -111,7 +119,7 @@ def prune_policy_from_params(params):
 JOB_OPTION_KEYS = {
     'schedule': 'schedule', 'vmid': 'vmid', 'all': 'all', 'pool': 'pool', 'exclude': 'exclude',
     'node': 'node', 'storage': 'storage', 'dumpdir': 'dumpdir', 'mode': 'mode',
-    'level': 'level', 'chain': 'chain', 'compress': 'compress',
+    'level': 'level', 'chain': 'chain', 'chain_period': 'chain-period', 'compress': 'compress',
     'prune_backups': 'prune-backups', 'notes_template': 'notes-template', 'bwlimit': 'bwlimit',
     'script': 'script', 'protected': 'protected', 'repeat_missed': 'repeat-missed',
     'enabled': 'enabled', 'comment': 'comment',
@@ -129,10 +137,11 @@ def job_argument_spec():
         'pool': {'type': 'str'},
         'exclude': {'type': 'list', 'elements': 'int'},
         'node': {'type': 'list', 'elements': 'str'},
-        'mode': {'type': 'str', 'choices': ['snapshot', 'suspend', 'stop']},
-        'level': {'type': 'str', 'choices': ['full', 'inc', 'auto', 'copy']},
+        'mode': {'type': 'str', 'choices': list(MODES)},
+        'level': {'type': 'str', 'choices': list(LEVELS)},
         'chain': {'type': 'str'},
-        'compress': {'type': 'str', 'choices': ['0', '1', 'zstd', 'gzip']},
+        'chain_period': {'type': 'str', 'choices': list(CHAIN_PERIODS)},
+        'compress': {'type': 'str', 'choices': list(COMPRESS)},
         'prune_backups': {'type': 'str'},
         'notes_template': {'type': 'str'},
         'bwlimit': {'type': 'int'},
@@ -141,7 +150,7 @@ def job_argument_spec():
         'repeat_missed': {'type': 'bool', 'default': False},
         'enabled': {'type': 'bool', 'default': True},
         'comment': {'type': 'str'},
-        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
+        'config_dir': CONFIG_DIR,
         'unit_dir': {'type': 'path', 'default': '/etc/systemd/system'},
         'command': {'type': 'path', 'default': '/usr/local/sbin/guestvault-dump'},
     })
@@ -160,3 +169,67 @@ def backup_request_fields(params):
         'script', 'cluster', 'node', 'max_age')}
     fields['max_workers'] = (params.get('performance') or {}).get('max_workers')
     return fields
+
+
+def backup_info_argument_spec():
+    spec = storage_argument_spec()
+    spec.update({'vmid': {'type': 'int'}, 'config_dir': CONFIG_DIR})
+    return spec
+
+
+def verify_argument_spec():
+    spec = stored_backup_argument_spec()
+    spec['backup'] = {'type': 'str', 'default': 'latest'}
+    return spec
+
+
+def protect_argument_spec():
+    spec = stored_backup_argument_spec()
+    spec.update({'backup': {'type': 'str', 'default': 'latest'},
+                 'protected': {'type': 'bool'}, 'notes': {'type': 'str'}})
+    return spec
+
+
+def guest_info_argument_spec():
+    spec = guest_argument_spec()
+    spec.update(storage_argument_spec())
+    spec['chain_period'] = {'type': 'str', 'default': 'none', 'choices': list(CHAIN_PERIODS)}
+    return spec
+
+
+def guest_bitmaps_argument_spec():
+    spec = guest_argument_spec()
+    spec.update({'chain': {'type': 'str'},
+                 'state': {'type': 'str', 'default': 'absent', 'choices': ['absent']}})
+    return spec
+
+
+def node_config_argument_spec():
+    return {'config_dir': CONFIG_DIR, 'vzdump': {'type': 'dict'}, 'storages': {'type': 'dict'}}
+
+
+def schedule_info_argument_spec():
+    return {
+        'schedule': {'type': 'str', 'required': True},
+        'start_time': {'type': 'str'},
+        'iterations': {'type': 'int', 'default': 10},
+        'timezone': {'type': 'str'},
+    }
+
+
+def registry_argument_spec():
+    """The guest_registry module's options (keys of a guests.d/<vmid>.conf entry)."""
+    return {
+        'vmid': {'type': 'int', 'required': True},
+        'state': {'type': 'str', 'default': 'present', 'choices': ['present', 'absent']},
+        'name': {'type': 'str'},
+        'qmp': {'type': 'path'},
+        'agent': {'type': 'path'},
+        'pool': {'type': 'str'},
+        'tags': {'type': 'list', 'elements': 'str'},
+        'include': {'type': 'list', 'elements': 'str'},
+        'exclude': {'type': 'list', 'elements': 'str'},
+        'start': {'type': 'str'},
+        'description': {'type': 'str'},
+        'config_dir': CONFIG_DIR,
+    }

@@ -113,25 +113,16 @@ backups:
       elements: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.admin import list_backups
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    storage_argument_spec)
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import backup_info_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.info import list_backups
 
 
 def main():
-    spec = storage_argument_spec()
-    spec.update({'vmid': {'type': 'int'},
-                 'config_dir': {'type': 'path', 'default': '/etc/guestvault'}})
-    module = AnsibleModule(argument_spec=spec, mutually_exclusive=[('storage', 'dumpdir')],
-                           required_one_of=[('storage', 'dumpdir')], supports_check_mode=True)
-    try:
-        result = list_backups(**module.params)
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    module.exit_json(changed=False, **result)
+    run_module(backup_info_argument_spec(),
+               lambda params, check_mode: dict(list_backups(**params), changed=False),
+               mutually_exclusive=[('storage', 'dumpdir')],
+               required_one_of=[('storage', 'dumpdir')])
 
 
 if __name__ == '__main__':

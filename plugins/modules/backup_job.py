@@ -80,10 +80,16 @@ options:
   chain:
     description: Chain name.
     type: str
-  compress:
-    description: Compression.
+  chain_period:
+    description:
+      - V(monthly) starts a new chain (a full backup) when a calendar month begins; needs O(level=auto)
+        (the default of the node command). Written as C(chain-period) in jobs.cfg.
     type: str
-    choices: ['0', '1', zstd, gzip]
+    choices: [none, monthly]
+  compress:
+    description: Compression, as vzdump's C(compress) (see M(guestvault.backup.guest_backup)).
+    type: str
+    choices: ['0', '1', gzip, lzo, zstd]
   prune_backups:
     description: Retention after each guest's backup, e.g. C(keep-daily=3,keep-weekly=2,keep-monthly=1).
     type: str
@@ -174,36 +180,19 @@ systemd:
   type: bool
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.job import (
-    apply_job, schedule_warning)
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    JOB_OPTION_KEYS, job_argument_spec)
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import JOB_OPTION_KEYS, job_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.job import declare_job
 
 
 def main():
-    module = AnsibleModule(argument_spec=job_argument_spec(),
-                           mutually_exclusive=[('storage', 'dumpdir'), ('vmid', 'all'),
-                                               ('vmid', 'pool')],
-                           required_if=[('state', 'present', ('schedule',))],
-                           supports_check_mode=True)
-    params = module.params
-    options = {cfg_key: params[param] for param, cfg_key in JOB_OPTION_KEYS.items()}
-    try:
-        result = apply_job(params['id'], options, params['state'], params['config_dir'],
-                           params['unit_dir'], params['command'], module.check_mode)
-        warning = schedule_warning(params['schedule']) if params['schedule'] else None
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    for text in result.pop('warnings') + ([warning] if warning else []):
-        module.warn(text)
-    diff = result.pop('diff')
-    if module._diff:
-        result['diff'] = {'before': '\n'.join(v for v in diff['before'].values() if v),
-                          'after': '\n'.join(v for v in diff['after'].values() if v)}
-    module.exit_json(**result)
+    run_module(job_argument_spec(),
+               lambda params, check_mode: declare_job(
+                   params['id'], {key: params[param] for param, key in JOB_OPTION_KEYS.items()},
+                   params['state'], params['config_dir'], params['unit_dir'], params['command'],
+                   check_mode),
+               mutually_exclusive=[('storage', 'dumpdir'), ('vmid', 'all'), ('vmid', 'pool')],
+               required_if=[('state', 'present', ('schedule',))])
 
 
 if __name__ == '__main__':

@@ -119,10 +119,11 @@ options:
         type: int
   compress:
     description:
-      - Compress the backup's images (qcow2 compressed clusters). V(zstd) (or V(1)) is fast;
-        V(gzip)/V(zlib) is much slower. V(0) stores uncompressed.
+      - Compress the backup's images (qcow2 compressed clusters), with vzdump's values. V(zstd) (or
+        V(1)) is fast; V(gzip) (zlib clusters) is much slower. V(0) stores uncompressed.
+      - V(lzo) is vzdump syntax with no qcow2 equivalent; it is refused with the advice to use V(zstd).
     type: str
-    choices: ['0', '1', zstd, gzip, zlib]
+    choices: ['0', '1', gzip, lzo, zstd]
   notes_template:
     description:
       - Notes stored with the backup. C({{cluster}}), C({{guestname}}), C({{node}}) and
@@ -367,32 +368,17 @@ downtime_seconds:
   type: float
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.backup import (
-    BackupRequest, run_backup)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    backup_argument_spec, backup_request_fields, BACKUP_MUTUALLY_EXCLUSIVE)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.guest.qmp import (
-    HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
+    BACKUP_MUTUALLY_EXCLUSIVE, backup_argument_spec, backup_request_fields)
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.backup import BackupRequest, run_backup
 
 
 def main():
-    module = AnsibleModule(argument_spec=backup_argument_spec(),
-                           mutually_exclusive=BACKUP_MUTUALLY_EXCLUSIVE,
-                           supports_check_mode=True)
-    if not HAS_QEMU_QMP:
-        module.fail_json(msg=missing_required_lib('qemu.qmp'), exception=str(QEMU_QMP_IMPORT_ERROR))
-    request = BackupRequest(check_mode=module.check_mode, **backup_request_fields(module.params))
-    try:
-        result = run_backup(request)
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc), vmid=module.params['vmid'])
-    # Ansible collects module.warn() into the result's warnings and shows them to the user.
-    for warning in result.pop('warnings', []):
-        module.warn(warning)
-    module.exit_json(**result)
+    run_module(backup_argument_spec(),
+               lambda params, check_mode: run_backup(
+                   BackupRequest(check_mode=check_mode, **backup_request_fields(params))),
+               needs_qmp=True, mutually_exclusive=BACKUP_MUTUALLY_EXCLUSIVE)
 
 
 if __name__ == '__main__':

@@ -79,33 +79,17 @@ removed:
       sample: guestvault.nightly.20261121T010000Z
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_bitmaps_argument_spec
 from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.inspect import remove_bitmaps
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.guest.qmp import (
-    HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
 
 
 def main():
-    spec = guest_argument_spec()
-    spec.update({'chain': {'type': 'str'},
-                 'state': {'type': 'str', 'default': 'absent', 'choices': ['absent']}})
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
-    if not HAS_QEMU_QMP:
-        module.fail_json(msg=missing_required_lib('qemu.qmp'), exception=str(QEMU_QMP_IMPORT_ERROR))
-    params = module.params
-    try:
-        removed, before, after = remove_bitmaps(params['vmid'], params['qmp_socket'],
-                                                params['config_dir'], params['chain'],
-                                                check_mode=module.check_mode)
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    result = {'changed': bool(removed), 'removed': removed}
-    if module._diff:
-        result['diff'] = {'before': before, 'after': after}
-    module.exit_json(**result)
+    run_module(guest_bitmaps_argument_spec(),
+               lambda params, check_mode: remove_bitmaps(
+                   params['vmid'], params['qmp_socket'], params['config_dir'], params['chain'],
+                   check_mode=check_mode),
+               needs_qmp=True)
 
 
 if __name__ == '__main__':

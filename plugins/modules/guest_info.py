@@ -39,6 +39,13 @@ options:
   dumpdir:
     description: A backup directory whose chains to show, instead of O(storage).
     type: path
+  chain_period:
+    description:
+      - The O(guestvault.backup.guest_backup#module:chain_period) the next backup would use, so that
+        RV(chains[].can_continue) answers for it (V(monthly) ends a chain when a month begins).
+    type: str
+    choices: [none, monthly]
+    default: none
 """
 
 EXAMPLES = r"""
@@ -169,38 +176,31 @@ chains:
       description: Name of the bitmap that an incremental backup needs.
       type: str
     can_continue:
-      description: Whether that bitmap is on every disk and consistent.
+      description:
+        - Whether the next O(guestvault.backup.guest_backup#module:level=auto) backup (with the
+          registry's disk selection) would be incremental in this chain. The same rule as the
+          backup's own level decision; RV(chains[].reason) says why not.
       type: bool
+    reason:
+      description: Why the chain cannot continue (null when it can).
+      type: str
 storage_path:
   description: The storage's directory.
   returned: when O(storage) or O(dumpdir) is given
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_info_argument_spec
 from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.inspect import inspect_guest
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    guest_argument_spec, storage_argument_spec)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.guest.qmp import (
-    HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
 
 
 def main():
-    spec = guest_argument_spec()
-    spec.update(storage_argument_spec())
-    module = AnsibleModule(argument_spec=spec, mutually_exclusive=[('storage', 'dumpdir')],
-                           supports_check_mode=True)
-    if not HAS_QEMU_QMP:
-        module.fail_json(msg=missing_required_lib('qemu.qmp'), exception=str(QEMU_QMP_IMPORT_ERROR))
-    params = module.params
-    try:
-        info = inspect_guest(params['vmid'], params['qmp_socket'], params['config_dir'],
-                             params['storage'], params['dumpdir'])
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    module.exit_json(changed=False, **info)
+    run_module(guest_info_argument_spec(),
+               lambda params, check_mode: dict(inspect_guest(
+                   params['vmid'], params['qmp_socket'], params['config_dir'],
+                   params['storage'], params['dumpdir'], params['chain_period']), changed=False),
+               needs_qmp=True, mutually_exclusive=[('storage', 'dumpdir')])
 
 
 if __name__ == '__main__':

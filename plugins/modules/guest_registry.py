@@ -106,29 +106,18 @@ entry:
            tags: [web], include: [], exclude: [virtio2], start: null, description: null}
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.register import (
-    ENTRY_FIELDS, apply_guest, registry_argument_spec)
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import registry_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.register import ENTRY_FIELDS, apply_guest
 
 
 def main():
-    module = AnsibleModule(argument_spec=registry_argument_spec(),
-                           mutually_exclusive=[('include', 'exclude')],
-                           required_if=[('state', 'present', ('qmp',))],
-                           supports_check_mode=True)
-    params = module.params
-    options = {key: params[key] for key in ENTRY_FIELDS}
-    try:
-        result = apply_guest(params['vmid'], options, params['state'], params['config_dir'],
-                             module.check_mode)
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    diff = result.pop('diff')
-    if module._diff:
-        result['diff'] = diff
-    module.exit_json(**result)
+    run_module(registry_argument_spec(),
+               lambda params, check_mode: apply_guest(
+                   params['vmid'], {key: params[key] for key in ENTRY_FIELDS}, params['state'],
+                   params['config_dir'], check_mode),
+               mutually_exclusive=[('include', 'exclude')],
+               required_if=[('state', 'present', ('qmp',))])
 
 
 if __name__ == '__main__':

@@ -108,33 +108,16 @@ storages:
   sample: [backup-nfs]
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.node_config import (
-    apply_node_config)
-
-
-def node_config_argument_spec():
-    return dict(
-        config_dir=dict(type='path', default='/etc/guestvault'),
-        vzdump=dict(type='dict'),
-        storages=dict(type='dict'),
-    )
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import node_config_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.node_config import apply_node_config
 
 
 def main():
-    module = AnsibleModule(argument_spec=node_config_argument_spec(), supports_check_mode=True)
-    params = module.params
-    try:
-        result = apply_node_config(params['config_dir'], vzdump=params['vzdump'],
-                                   storages=params['storages'], check_mode=module.check_mode)
-    except (GuestvaultError, OSError) as exc:
-        module.fail_json(msg=str(exc))
-    diff = result.pop('diff')
-    if module._diff:
-        result['diff'] = diff
-    module.exit_json(**result)
+    run_module(node_config_argument_spec(),
+               lambda params, check_mode: apply_node_config(
+                   params['config_dir'], vzdump=params['vzdump'], storages=params['storages'],
+                   check_mode=check_mode))
 
 
 if __name__ == '__main__':

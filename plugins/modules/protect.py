@@ -82,28 +82,16 @@ notes:
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.admin import protect_backup
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    stored_backup_argument_spec)
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import protect_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.protect import protect_backup
 
 
 def main():
-    spec = stored_backup_argument_spec()
-    spec.update({'backup': {'type': 'str', 'default': 'latest'},
-                 'protected': {'type': 'bool'}, 'notes': {'type': 'str'}})
-    module = AnsibleModule(argument_spec=spec, mutually_exclusive=[('storage', 'dumpdir')],
-                           required_one_of=[('protected', 'notes')], supports_check_mode=True)
-    try:
-        result = protect_backup(check_mode=module.check_mode, **module.params)
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    diff = result.pop('diff')
-    if module._diff:
-        result['diff'] = diff
-    module.exit_json(**result)
+    run_module(protect_argument_spec(),
+               lambda params, check_mode: protect_backup(check_mode=check_mode, **params),
+               mutually_exclusive=[('storage', 'dumpdir')],
+               required_one_of=[('protected', 'notes')])
 
 
 if __name__ == '__main__':

@@ -159,40 +159,27 @@ policy_source:
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
     KEEP_PARAMETERS, prune_argument_spec, prune_policy_from_params)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.prune import (
-    PruneRequest, run_prune)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.policy.retention import (
-    as_policy, simulate)
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.prune import PruneRequest, run_prune, simulate_prune
+
+
+def prune(params, check_mode):
+    policy = prune_policy_from_params(params)
+    if params['simulate'] is not None:
+        return simulate_prune(params['simulate'], policy, params['timezone'])
+    return run_prune(PruneRequest(
+        vmid=params['vmid'], storage=params['storage'], dumpdir=params['dumpdir'],
+        config_dir=params['config_dir'], prune_backups=policy, timezone=params['timezone'],
+        lockwait=params['lockwait'], check_mode=check_mode))
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec=prune_argument_spec(),
-        mutually_exclusive=[('storage', 'dumpdir'), ('storage', 'simulate'),
-                            ('dumpdir', 'simulate')] + [('prune_backups', k) for k in KEEP_PARAMETERS],
-        supports_check_mode=True)
-    params = module.params
-    try:
-        policy = prune_policy_from_params(params)
-        if params['simulate'] is not None:
-            policy = as_policy(policy or {})
-            marks = simulate(params['simulate'], policy, params['timezone'])
-            module.exit_json(changed=False, backups=marks, policy=policy.as_property_string(),
-                             removed=[m['id'] for m in marks if m['mark'] == 'remove'])
-        result = run_prune(PruneRequest(
-            vmid=params['vmid'], storage=params['storage'], dumpdir=params['dumpdir'],
-            config_dir=params['config_dir'], prune_backups=policy, timezone=params['timezone'],
-            lockwait=params['lockwait'], check_mode=module.check_mode))
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    for warning in result.pop('warnings', []):
-        module.warn(warning)
-    module.exit_json(**result)
+    run_module(prune_argument_spec(), prune,
+               mutually_exclusive=[('storage', 'dumpdir'), ('storage', 'simulate'),
+                                   ('dumpdir', 'simulate')]
+               + [('prune_backups', key) for key in KEEP_PARAMETERS])
 
 
 if __name__ == '__main__':

@@ -192,25 +192,16 @@ duration:
   type: float
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    restore_argument_spec)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.restore import (
-    RestoreRequest, run_restore)
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import restore_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.restore import RestoreRequest, run_restore
 
 
 def main():
-    module = AnsibleModule(argument_spec=restore_argument_spec(),
-                           mutually_exclusive=[('storage', 'dumpdir'), ('backup', 'until')],
-                           supports_check_mode=True)
-    request = RestoreRequest(check_mode=module.check_mode, **module.params)
-    try:
-        result = run_restore(request)
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    module.exit_json(**result)
+    run_module(restore_argument_spec(),
+               lambda params, check_mode: run_restore(
+                   RestoreRequest(check_mode=check_mode, **params)),
+               mutually_exclusive=[('storage', 'dumpdir'), ('backup', 'until')])
 
 
 if __name__ == '__main__':

@@ -86,40 +86,16 @@ normalized:
   sample: mon..fri *-*-* 23:00:00
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.policy.calendar import (
-    CalendarEvent, looks_like_hour_mistake, simulate, to_systemd_oncalendar)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import (
-    ConfigError, GuestvaultError)
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import schedule_info_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.policy.calendar import describe_schedule
 
 
 def main():
-    module = AnsibleModule(argument_spec={
-        'schedule': {'type': 'str', 'required': True},
-        'start_time': {'type': 'str'},
-        'iterations': {'type': 'int', 'default': 10},
-        'timezone': {'type': 'str'},
-    }, supports_check_mode=True)
-    params = module.params
-    result = {'changed': False}
-    try:
-        event = CalendarEvent.parse(params['schedule'])
-        result['normalized'] = event.normalized
-        result['events'] = simulate(event, params['start_time'], params['iterations'],
-                                    params['timezone'])
-        try:
-            result['systemd_oncalendar'] = to_systemd_oncalendar(event, params['timezone'])
-        except ConfigError as exc:
-            result['systemd_oncalendar'] = []
-            result['systemd_error'] = str(exc)
-            module.warn(str(exc))
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    warning = looks_like_hour_mistake(params['schedule'])
-    if warning:
-        module.warn(warning)
-    module.exit_json(**result)
+    run_module(schedule_info_argument_spec(),
+               lambda params, check_mode: describe_schedule(
+                   params['schedule'], params['start_time'], params['iterations'],
+                   params['timezone']))
 
 
 if __name__ == '__main__':

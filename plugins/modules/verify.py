@@ -78,27 +78,16 @@ chain:
   elements: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.admin import verify_backup
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import GuestvaultError
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    stored_backup_argument_spec)
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import verify_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.verify import verify_backup
 
 
 def main():
-    spec = stored_backup_argument_spec()
-    spec['backup'] = {'type': 'str', 'default': 'latest'}
-    module = AnsibleModule(argument_spec=spec, mutually_exclusive=[('storage', 'dumpdir')],
-                           supports_check_mode=True)
-    try:
-        result = verify_backup(check_mode=module.check_mode, **module.params)
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc))
-    if result['verify_state'] != 'ok':
-        module.fail_json(msg=f"backup {result['backup']} failed verification: "
-                             + '; '.join(result['problems']), **result)
-    module.exit_json(**result)
+    run_module(verify_argument_spec(),
+               lambda params, check_mode: verify_backup(check_mode=check_mode, fail=True,
+                                                        **params),
+               mutually_exclusive=[('storage', 'dumpdir')])
 
 
 if __name__ == '__main__':

@@ -579,17 +579,33 @@ def test_max_age_makes_a_second_run_change_nothing(make_guest, store, config_dir
     assert backups_in(store, guest.vmid) == [first['time']]
     # Another chain has no recent backup yet, and an expired age takes a new one.
     assert backup(guest, store, config_dir, max_age='1h', chain='weekly')['changed'] is True
-    time.sleep(1.1)
+    # Two backups within one second are named a second apart, so the newest name may lie up
+    # to a second ahead of the clock: wait past that before an age of 1 s has passed.
+    time.sleep(2.1)
     assert backup(guest, store, config_dir, max_age='1s')['changed'] is True
     with pytest.raises(ConfigError, match='max_age'):
         backup(guest, store, config_dir, max_age='soon')
 
 
 def test_performance_max_workers_reaches_qemu_and_the_backup_is_exact(make_guest, store,
-                                                                      config_dir, tmp_path):
+                                                                      config_dir, tmp_path,
+                                                                      monkeypatch):
+    from guestvault_engine.guest import qmp as engine_qmp
+    sent = []
+    original = engine_qmp.QmpSession.execute
+
+    def recording(self, command, arguments=None, timeout=None):
+        sent.append((command, arguments))
+        return original(self, command, arguments, timeout)
+    monkeypatch.setattr(engine_qmp.QmpSession, 'execute', recording)
     guest = make_guest(disks=[('qcow2', 16 * MiB)])
     guest.write('vd0', 0x6D, 0, 4 * MiB)
     result = backup(guest, store, config_dir, max_workers=4)
+    # The job QEMU accepted (QEMU validates x-perf) is the one that carried the setting.
+    (transaction,) = [args for command, args in sent if command == 'transaction']
+    jobs = [a['data'] for a in transaction['actions'] if a['type'] == 'blockdev-backup']
+    assert [job['x-perf'] for job in jobs] == [{'max-workers': 4}]
+    assert result['disks'][0]['bytes_processed'] == 16 * MiB
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
                            os.path.join(result['backup_dir'], 'vd0.qcow2'))
     assert ok, out

@@ -171,3 +171,19 @@ def test_an_agent_that_hangs_on_freeze_times_out_and_is_thawed(make_guest, store
     # A freeze that may have happened in the guest after all is undone.
     assert 'guest-fsfreeze-thaw' in agent.calls
     assert result['level'] == 'full'
+
+
+def test_vzdump_options_without_effect_are_named_in_a_warning_and_lzo_gets_advice(
+        make_guest, store, config_dir):
+    guest = make_guest(disks=[('qcow2', 8 * MiB)], vmid=101)
+    write_config(config_dir, store, vzdump='mailto: root\nionice: 7\nmode: snapshot\n',
+                 guest={'vmid': 101, 'name': 'web01', 'qmp': guest.qmp_socket})
+    result = run_backup(BackupRequest(vmid=101, storage='backups', config_dir=config_dir))
+    inert = [w for w in result['warnings'] if 'no effect' in w]
+    assert len(inert) == 1 and 'ionice, mailto' in inert[0] and 'mode' not in inert[0]
+    from guestvault_engine.errors import ConfigError
+    before = backups_in(store, 101)
+    with pytest.raises(ConfigError, match='lzo has no qcow2 equivalent.*use compress zstd'):
+        run_backup(BackupRequest(vmid=101, storage='backups', config_dir=config_dir,
+                                 compress='lzo'))
+    assert backups_in(store, 101) == before

@@ -121,3 +121,17 @@ def test_the_backup_job_module_is_idempotent_and_warns_about_the_minute_trap(ans
     assert unknown['_status'] == 'failed'
     assert "storage 'backup-s3' is not defined" in unknown['msg'] and 'backup-nfs' in unknown['msg']
     assert 'mon..fri 23:00' in open(os.path.join(config_dir, 'jobs.cfg')).read()
+
+
+def test_the_module_sets_chain_period_which_the_node_command_reads(ansible, dirs):
+    config_dir, unit_dir = dirs
+    args = {'id': 'monthly', 'schedule': 'sun 01:00', 'vmid': [101], 'storage': 'backup-nfs',
+            'level': 'auto', 'chain_period': 'monthly', 'config_dir': config_dir,
+            'unit_dir': unit_dir, 'command': COMMAND}
+    first = ansible.module('guestvault.backup.backup_job', args)
+    assert first['_status'] == 'ok' and first['changed'] is True, first
+    assert '\tchain-period monthly\n' in open(os.path.join(config_dir, 'jobs.cfg')).read()
+    assert load_jobs(config_dir)['monthly'].options['chain-period'] == 'monthly'
+    assert ansible.module('guestvault.backup.backup_job', args)['changed'] is False
+    bad = ansible.module('guestvault.backup.backup_job', dict(args, chain_period='weekly'))
+    assert bad['_status'] == 'failed' and 'chain_period' in bad['msg']

@@ -302,7 +302,8 @@ def test_guest_info_lists_disks_bitmaps_and_chains(ansible, make_guest, store):
     assert bitmap['dirty_bytes'] == 0
     assert info['chains'] == [{
         'chain': backup['chain'], 'start': backup['time'], 'backups': [backup['time']],
-        'latest': backup['time'], 'bitmap': bitmap['name'], 'can_continue': True}]
+        'latest': backup['time'], 'bitmap': bitmap['name'], 'can_continue': True,
+        'reason': None}]
 
 
 def test_guest_bitmaps_retires_one_chain_idempotently(ansible, make_guest, store):

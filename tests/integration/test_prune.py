@@ -6,7 +6,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from guestvault_engine.storage import catalog
-from guestvault_engine.run.admin import protect_backup, verify_backup
+from guestvault_engine.run.protect import protect_backup
+from guestvault_engine.run.verify import verify_backup
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.errors import ConfigError
 from guestvault_engine.run.prune import PruneRequest, run_prune
@@ -131,17 +132,18 @@ def test_bad_retention_input_is_refused_before_anything_changes(chain6, store, c
 
 def test_an_interrupted_manifest_update_is_completed_or_dropped(chain6, store, config_dir):
     guest, points = chain6
-    record = catalog.resolve(catalog_storage(store), guest.vmid, points[1][0]['time'])
+    storage = catalog_storage(store)
+    record = catalog.resolve(storage, guest.vmid, points[1][0]['time'])
     good = dict(record.index, notes_marker=True)
-    catalog.write_index(record, good)                    # matches the files: completed
+    storage.stage_manifest(record, good)                 # matches the files: completed
     bad = dict(record.index)
     bad['disks'] = [dict(d, sha256='0' * 64) for d in bad['disks']]
-    other = catalog.resolve(catalog_storage(store), guest.vmid, points[2][0]['time'])
-    catalog.write_index(other, bad)                      # does not match: dropped
+    other = catalog.resolve(storage, guest.vmid, points[2][0]['time'])
+    storage.stage_manifest(other, bad)                   # does not match: dropped
     prune(guest, store, config_dir, None)
-    assert catalog.resolve(catalog_storage(store), guest.vmid,
+    assert catalog.resolve(storage, guest.vmid,
                            points[1][0]['time']).index.get('notes_marker') is True
-    assert not os.path.exists(os.path.join(other.path, catalog.PENDING_INDEX))
+    assert not os.path.exists(os.path.join(other.path, 'index.json.new'))
     assert verify_backup(guest.vmid, points[2][0]['time'], dumpdir=store,
                          config_dir=config_dir)['verify_state'] == 'ok'
 
@@ -160,7 +162,7 @@ def test_daily_retention_over_real_backup_directories(make_guest, store, config_
         when = base + timedelta(days=i // 2, hours=i % 2)
         stamp = when.strftime('%Y-%m-%dT%H:%M:%SZ')
         index = dict(record.index, time=stamp)
-        catalog.commit_index(record, catalog.write_index(record, index))
+        storage.commit_manifest(record, storage.stage_manifest(record, index))
         os.rename(record.path, os.path.join(os.path.dirname(record.path), stamp))
     result = prune(guest, store, config_dir, 'keep-daily=3')
     kept = sorted(b['time'] for b in result['backups'] if b['mark'] == 'keep')

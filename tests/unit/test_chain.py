@@ -10,7 +10,7 @@ import pytest
 
 from guestvault_engine.policy import chain
 from guestvault_engine.policy.chain import (ChainTip, LevelDecision, bitmap_name, bitmaps_to_retire,
-                                     decide_level, parse_bitmap_name, validate_chain_name)
+                                            decide_level, parse_bitmap_name, validate_chain_name)
 from guestvault_engine.guest.disks import Disk
 from guestvault_engine.errors import ChainError, ConfigError
 
@@ -337,3 +337,48 @@ def test_retired_bitmaps_are_named_with_their_disks_node():
              raw('virtio2')]
     retired = bitmaps_to_retire(disks, LevelDecision('inc', chain='nightly', parent=LAST), NOW)
     assert sorted(retired) == [('drive-a', NIGHTLY), ('drive-b', NIGHTLY)]
+
+
+# ----------------------------------------------------------------------------- the chain tip
+
+def stored(time, chain_name, level='inc', chain_start='2026-03-01T01:00:00Z', disks=('virtio0',)):
+    """A backup as the storage lists it (only what chain_tip reads)."""
+    from guestvault_engine.storage.base import BackupRecord
+    return BackupRecord(f'/s/{time}', {
+        'time': time, 'vmid': 100, 'level': level, 'chain': chain_name,
+        'chain_start': chain_start,
+        'disks': [{'id': d, 'bitmap': f'b-{d}' if d.startswith('virtio') else None}
+                  for d in disks]}, False)
+
+
+def test_the_tip_is_the_newest_backup_of_the_newest_chain_unless_a_chain_is_named():
+    backups = [stored('2026-03-01T01:00:00Z', 'nightly', 'full'),
+               stored('2026-03-02T01:00:00Z', 'weekly', 'full',
+                      chain_start='2026-03-02T01:00:00Z'),
+               stored('2026-03-03T01:00:00Z', 'nightly')]
+    newest = chain.chain_tip(backups)
+    assert (newest.chain, newest.backup_time) == ('nightly', datetime(2026, 3, 3, 1, tzinfo=UTC))
+    assert newest.chain_start == START
+    weekly = chain.chain_tip(backups, 'weekly')
+    assert (weekly.chain, weekly.backup_time) == ('weekly', datetime(2026, 3, 2, 1, tzinfo=UTC))
+    assert chain.chain_tip(backups, 'monthly') is None
+    assert chain.chain_tip([]) is None
+
+
+def test_copies_never_continue_a_chain_and_only_bitmap_disks_count():
+    backups = [stored('2026-03-01T01:00:00Z', 'nightly', 'full', disks=('virtio0', 'pflash1')),
+               stored('2026-03-04T01:00:00Z', None, 'copy')]
+    newest = chain.chain_tip(backups)
+    assert newest.backup_time == datetime(2026, 3, 1, 1, tzinfo=UTC)
+    assert newest.disk_ids == ('virtio0',)
+
+
+def test_one_rule_says_why_a_chain_cannot_continue():
+    """chain_problem is what guest_info's can_continue and the level decision both use."""
+    good = tip()
+    disks = [qcow2('virtio0', bitmap_name('nightly', LAST))]
+    assert chain.chain_problem(good, disks, 'none', NOW) is None
+    assert 'differ' in chain.chain_problem(good, disks + [qcow2('virtio1')], 'none', NOW)
+    assert 'monthly' in chain.chain_problem(good, disks, 'monthly',
+                                            datetime(2026, 4, 1, tzinfo=UTC))
+    assert 'qcow2 v3' in chain.chain_problem(good, [raw('virtio0')], 'none', NOW)

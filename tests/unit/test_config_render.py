@@ -25,6 +25,7 @@ VZDUMP_SAMPLES = {
     "fleecing": "1,storage=fast",
     "ionice": "7",
     "lockwait": "180",
+    "mailnotification": "failure",
     "mailto": "root@localhost, ops@example.com;x@y",
     "mode": "suspend",
     "notes-template": "{{guestname}} on {{node}}\\nsecond line",

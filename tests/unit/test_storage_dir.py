@@ -10,9 +10,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from guestvault_engine.storage import directory as storage_dir
 from guestvault_engine.errors import LockTimeout, StorageError
-from guestvault_engine.storage.directory import DirStorage, file_lock, format_time, write_file_atomic
+from guestvault_engine.storage.directory import DirStorage, file_lock
+from guestvault_engine.storage.files import write_file_atomic
+from guestvault_engine.times import format_time, parse_time
 
 UTC = timezone.utc
 T = datetime(2026, 3, 10, 1, 0, 0, tzinfo=UTC)
@@ -384,13 +385,20 @@ def test_next_backup_time_is_now_to_the_second_in_utc(store):
 @pytest.mark.parametrize('now, expected', [
     (T, T + timedelta(seconds=1)),                                  # same second
     (T + timedelta(microseconds=700000), T + timedelta(seconds=1)),
-    (T - timedelta(hours=1), T + timedelta(seconds=1)),              # clock went back
+    (T - timedelta(seconds=90), T + timedelta(seconds=1)),           # clock a little behind
     (T + timedelta(seconds=5), T + timedelta(seconds=5)),
 ])
 def test_next_backup_time_is_later_than_the_newest_backup(store, now, expected):
     commit_backup(store, 100, T - timedelta(days=1))
     commit_backup(store, 100, T)
     assert store.next_backup_time(100, now) == expected
+
+
+def test_a_clock_stepped_back_by_an_hour_is_refused_instead_of_misdating_the_backup(store):
+    commit_backup(store, 100, T)
+    with pytest.raises(StorageError, match=r"3600 s after this node's clock .*stepped back.*NTP"):
+        store.next_backup_time(100, T - timedelta(hours=1))
+    assert len(store.backups(100)) == 1
 
 
 def test_backups_taken_in_the_same_second_never_collide(store):
@@ -409,5 +417,5 @@ def test_next_backup_time_of_one_guest_ignores_other_guests(store):
 
 
 def test_time_format_round_trips():
-    assert storage_dir.parse_time(format_time(T)) == T
+    assert parse_time(format_time(T)) == T
     assert format_time(T) == '2026-03-10T01:00:00Z'

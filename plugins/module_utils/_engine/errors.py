@@ -39,6 +39,14 @@ class StorageError(GuestvaultError):
     """The storage is missing, not writable, full, or a path escapes it."""
 
 
+class VerifyFailed(StorageError):
+    """A backup's files do not match its manifest; ``result`` holds what verify found."""
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
+
+
 class LockTimeout(GuestvaultError):
     """Another run holds the guest's lock for longer than lockwait."""
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Union
 
 from .errors import ConfigError
+from .vocabulary import BACKUP_TIME_FORMAT
 
 TimeValue = Union[datetime, int, float, str]
 _EPOCH_RE = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?$")
@@ -62,3 +63,31 @@ def _from_epoch(seconds: Union[int, float], what: str) -> datetime:
 def format_utc(moment: datetime) -> str:
     """``2024-05-01T02:00:00Z``: the UTC form backup directories are named with."""
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def format_time(when: datetime) -> str:
+    """A backup's name: the UTC time of its point in time, to the second."""
+    return when.astimezone(timezone.utc).strftime(BACKUP_TIME_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    """The point in time a backup's name stands for; ValueError for any other text."""
+    return datetime.strptime(text, BACKUP_TIME_FORMAT).replace(tzinfo=timezone.utc)
+
+
+_AGE_UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
+
+
+def parse_age(text, what: str = 'max_age') -> float:
+    """Seconds in an age such as ``90``, ``90s``, ``30m``, ``12h``, ``1d`` or ``2w``."""
+    value = str(text).strip().lower()
+    unit = _AGE_UNITS.get(value[-1:], None)
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = -1
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{what} {text!r} is not an age: use a positive number of seconds or "
+                          "a number with s, m, h, d or w (e.g. 12h)")
+    return seconds

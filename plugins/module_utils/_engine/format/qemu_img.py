@@ -1,4 +1,7 @@
-"""The few ``qemu-img`` calls the engine makes; qemu-img is the reference tool for image work."""
+"""Every ``qemu-img`` call the engine makes; qemu-img is the reference tool for image work.
+
+Nothing outside ``format/`` builds a qemu-img argument list.
+"""
 from __future__ import annotations
 
 import json
@@ -15,22 +18,20 @@ def qemu_img_binary():
     return binary
 
 
-def _qemu_img(*args):
+def _qemu_img(*args, what=None):
     proc = subprocess.run([qemu_img_binary(), *args], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
-        raise StorageError(f"qemu-img {args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise StorageError(f"{what or 'qemu-img ' + args[0]} failed: "
+                           f"{proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
 
 
 def create_qcow2(path, size, backing=None, compression=None):
     """A new qcow2 image; ``backing`` is stored as given (a relative path stays relative)."""
     args = ['create', '-q', '-f', 'qcow2']
-    options = []
     if compression:
-        options.append(f'compression_type={compression}')
-    if options:
-        args += ['-o', ','.join(options)]
+        args += ['-o', f'compression_type={compression}']
     if backing:
         # -u: the backing file's size is known (same disk), no need to open the whole chain.
         args += ['-u', '-b', backing, '-F', 'qcow2']
@@ -44,6 +45,13 @@ def info(path, chain=False, fmt=None):
     return json.loads(_qemu_img(*args, path))
 
 
+def in_use(path):
+    """True if a running QEMU (or another tool) holds a write lock on the image."""
+    proc = subprocess.run([qemu_img_binary(), 'info', '--output=json', path],
+                          capture_output=True, text=True, check=False)
+    return proc.returncode != 0 and 'lock' in proc.stderr
+
+
 def allocated_bytes(path):
     """Bytes of guest data stored in this image itself (not in its backing files)."""
     extents = json.loads(_qemu_img('map', '-U', '--output=json', path))
@@ -55,3 +63,39 @@ def check(path, fmt=None):
     proc = subprocess.run([qemu_img_binary(), 'check', '-U'] + (['-f', fmt] if fmt else [])
                           + [path], capture_output=True, text=True, check=False)
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+def start_convert(source, target, fmt, bwlimit_kib=0):
+    """``qemu-img convert`` of ``source`` (read through its backing chain) as a running process.
+
+    Raw targets keep their holes (thin); ``bwlimit_kib`` limits the read rate.
+    """
+    args = [qemu_img_binary(), 'convert', '-q', '-O', fmt]
+    if fmt == 'raw':
+        args += ['-S', '4k']
+    if bwlimit_kib:
+        args += ['-r', str(int(bwlimit_kib) * 1024)]
+    return subprocess.Popen(args + [source, target], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def convert(source, target, fmt='qcow2'):
+    _qemu_img('convert', '-q', '-O', fmt, source, target)
+
+
+def rebase(path, backing, safe=True):
+    """Make ``path`` read through ``backing`` ('' for none). Safe mode writes in every cluster
+    whose content would otherwise change, so the image keeps its content."""
+    args = ['rebase', '-q', '-f', 'qcow2'] + ([] if safe else ['-u']) + ['-b', backing]
+    if backing:
+        args += ['-F', 'qcow2']
+    _qemu_img(*args, path, what=f"qemu-img rebase of {path}")
+
+
+def commit(path):
+    """Write ``path``'s own clusters into its backing file; ``path`` is dropped."""
+    _qemu_img('commit', '-q', '-d', path)
+
+
+def create_snapshot(path, name):
+    _qemu_img('snapshot', '-c', name, path)

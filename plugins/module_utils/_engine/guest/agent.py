@@ -115,9 +115,6 @@ class GuestAgent:
     def thaw(self):
         return self.execute('guest-fsfreeze-thaw')
 
-    def freeze_status(self):
-        return self.execute('guest-fsfreeze-status')
-
     def shutdown(self):
         # qemu-ga answers guest-shutdown with nothing: the caller watches QEMU's status instead.
         self._send('guest-shutdown', {'mode': 'powerdown'})

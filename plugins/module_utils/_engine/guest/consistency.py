@@ -15,11 +15,10 @@ import subprocess
 import time
 from contextlib import contextmanager
 
-from .agent import GuestAgent
 from ..errors import AgentError, ConsistencyError, GuestUnreachable
+from .agent import GuestAgent
 from .qmp import QmpSession, wait_for_socket
 
-MODES = ('snapshot', 'suspend', 'stop')
 RUNNING = 'running'
 # How long a thaw keeps trying after a failed or late freeze (each try waits up to the freeze
 # timeout for an answer); the copy is already running meanwhile, so only the end is delayed.

@@ -123,12 +123,28 @@ class QmpSession:
         actions = [{'type': kind, 'data': data} for kind, data in actions]
         return self.execute('transaction', {'actions': actions})
 
-    def hmp(self, command_line):
-        """A human monitor command (tests use it for ``qemu-io``)."""
-        return self.execute('human-monitor-command', {'command-line': command_line})
-
     def status(self):
         return self.execute('query-status')['status']
+
+    def guest_name(self):
+        """The name QEMU was started with (-name), or '' when it has none."""
+        try:
+            return self.execute('query-name').get('name', '')
+        except QmpCommandFailed:
+            return ''
+
+    def describe(self):
+        """QEMU's version and the guest's run state, as a backup records them."""
+        return {'qemu': self.execute('query-version'), 'status': self.execute('query-status')}
+
+    def remove_bitmap(self, node, name, missing_ok=True):
+        """Remove a dirty bitmap; one that is already gone is fine unless ``missing_ok`` is
+        False."""
+        try:
+            self.execute('block-dirty-bitmap-remove', {'node': node, 'name': name})
+        except QmpCommandFailed:
+            if not missing_ok:
+                raise
 
     # -- jobs ---------------------------------------------------------------------------------
     def _drain_job_events(self, wait):

@@ -51,7 +51,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
-from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError
 from ..times import TimeValue, to_datetime
@@ -1042,19 +1042,20 @@ def simulate(spec: Union[CalendarEvent, str], start: Optional[TimeValue] = None,
     return [moment.isoformat() for moment in event.next_events(begin, iterations, tz)]
 
 
-def next_event_after(spec: Union[CalendarEvent, str], when: TimeValue,
-                     tz: TimeZoneArg = None) -> Optional[datetime]:
-    """Shorthand for ``CalendarEvent.parse(spec).next_after(when, tz)``."""
-    return CalendarEvent.parse(spec).next_after(when, tz)
-
-
-def iter_events(spec: Union[CalendarEvent, str], start: TimeValue,
-                tz: TimeZoneArg = None) -> Iterator[datetime]:
-    """Every run after ``start``, lazily."""
+def describe_schedule(spec: str, start: Optional[TimeValue] = None, iterations: int = 10,
+                      tz: TimeZoneArg = None) -> dict:
+    """What the schedule_info module reports: the normalized spec, the next events, the
+    ``OnCalendar=`` lines (or why there are none) and a warning for a likely mistake."""
     event = CalendarEvent.parse(spec)
-    moment: Optional[datetime] = to_instant(start, "start")
-    while True:
-        moment = event.next_after(moment, tz)
-        if moment is None:
-            return
-        yield moment
+    result = {'changed': False, 'normalized': event.normalized,
+              'events': simulate(event, start, iterations, tz), 'warnings': []}
+    try:
+        result['systemd_oncalendar'] = to_systemd_oncalendar(event, tz)
+    except ConfigError as exc:
+        result['systemd_oncalendar'] = []
+        result['systemd_error'] = str(exc)
+        result['warnings'].append(str(exc))
+    warning = looks_like_hour_mistake(spec)
+    if warning:
+        result['warnings'].append(warning)
+    return result

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from ..errors import ChainError, ConfigError
+from ..times import format_time, parse_time
+from ..vocabulary import CHAIN_PERIODS, LEVELS
 
 BITMAP_PREFIX = 'guestvault'
-LEVELS = ('full', 'inc', 'auto', 'copy')
-CHAIN_PERIODS = ('none', 'monthly')
 _NAMED_CHAIN = re.compile(r'[A-Za-z][A-Za-z0-9_-]{0,63}')
 _STAMP = '%Y%m%dT%H%M%SZ'
 
@@ -77,11 +77,35 @@ class LevelDecision:
 
     def as_dict(self):
         return {'level': self.level, 'chain': self.chain, 'reason': self.reason,
-                'parent': self.parent.strftime('%Y-%m-%dT%H:%M:%SZ') if self.parent else None}
+                'parent': format_time(self.parent) if self.parent else None}
 
 
-def _chain_problem(tip, chain_disks, chain_period, now):
-    """Why the chain cannot be continued, or None if it can."""
+def chain_tip(backups, chain_name=None):
+    """The newest backup of the chain to continue: of the named chain, else of the newest chain.
+
+    ``backups`` are a guest's backups on one storage, oldest first; copies (no chain) never
+    start or continue one. Returns None when there is no chain to continue.
+    """
+    in_chains = [b for b in backups if b.index.get('chain') and b.index['level'] in ('full', 'inc')]
+    if chain_name:
+        in_chains = [b for b in in_chains if b.index['chain'] == chain_name]
+    if not in_chains:
+        return None
+    tip = in_chains[-1]
+    return ChainTip(backup_time=tip.time, chain=tip.index['chain'],
+                    chain_start=parse_time(tip.index['chain_start']),
+                    disk_ids=tuple(d['id'] for d in tip.index['disks'] if d.get('bitmap')))
+
+
+def chain_problem(tip, disks, chain_period, now):
+    """Why the chain cannot be continued by a backup of ``disks``, or None if it can.
+
+    The one rule behind both ``guest_backup``'s level decision and ``guest_info``'s
+    ``can_continue``. ``disks`` are the disks a backup would take.
+    """
+    chain_disks = [d for d in disks if d.supports_bitmaps]
+    if not chain_disks:
+        return "none of the selected disks can hold a dirty bitmap (qcow2 v3 needed)"
     if tip is None:
         return "no earlier backup of this chain on this storage"
     if chain_period == 'monthly' and (tip.chain_start.year, tip.chain_start.month) != (
@@ -101,7 +125,7 @@ def _chain_problem(tip, chain_disks, chain_period, now):
                 since = datetime.strptime(parse_bitmap_name(ours[0])[1], _STAMP)
                 return (f"disk {disk.id} has bitmap {ours[0]}, which counts changes since the "
                         f"backup of {since:%Y-%m-%dT%H:%M:%SZ}, but the newest backup of chain "
-                        f"{tip.chain} on this storage is {tip.backup_time:%Y-%m-%dT%H:%M:%SZ}; "
+                        f"{tip.chain} on this storage is {format_time(tip.backup_time)}; "
                         "that later backup was removed, or the chain went on on another storage")
             return (f"disk {disk.id} has no bitmap {wanted}: QEMU was restarted from an image "
                     "without it, or it was removed")
@@ -137,11 +161,7 @@ def decide_level(requested, now, disks, tip, chain_name=None, chain_period='none
     new_chain = chain_name or stamp(now)
     if requested == 'full':
         return LevelDecision('full', chain=new_chain, reason='full requested')
-    chain_disks = [d for d in disks if d.supports_bitmaps]
-    if not chain_disks:
-        problem = "none of the selected disks can hold a dirty bitmap (qcow2 v3 needed)"
-    else:
-        problem = _chain_problem(tip, chain_disks, chain_period, now)
+    problem = chain_problem(tip, disks, chain_period, now)
     if problem is None:
         return LevelDecision('inc', chain=tip.chain, parent=tip.backup_time,
                              reason=f"continues chain {tip.chain}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from ..errors import ConfigError
+from ..vocabulary import COMPRESS, MODES
 from .notes import check_notes_template
 
 VZDUMP_CONF = "vzdump.conf"
@@ -216,14 +217,15 @@ def _exclude_paths(text: str, what: str) -> List[str]:
 # key -> converter(text, what). A converter raises ConfigError whose message starts with `what`.
 VZDUMP_OPTIONS: Dict[str, Callable[[str, str], Any]] = {
     "bwlimit": _int_option(0),
-    "compress": _enum("0", "1", "gzip", "lzo", "zstd"),
+    "compress": _enum(*COMPRESS),
     "dumpdir": _absolute_path,
     "exclude-path": _exclude_paths,
     "fleecing": lambda text, what: parse_property_string(text, FLEECING_SCHEMA, what),
     "ionice": _int_option(0, 8),
     "lockwait": _int_option(0),
     "mailto": lambda text, what: _split_list(text),
-    "mode": _enum("snapshot", "suspend", "stop"),
+    "mailnotification": _enum("always", "failure"),
+    "mode": _enum(*MODES),
     "notes-template": _notes_template,
     "performance": lambda text, what: parse_property_string(text, PERFORMANCE_SCHEMA, what),
     "pigz": _int_option(0),
@@ -237,6 +239,24 @@ VZDUMP_OPTIONS: Dict[str, Callable[[str, str], Any]] = {
     "tmpdir": _absolute_path,
     "zstd": _int_option(0),
 }
+# vzdump options that are read (so vzdump.conf files from Proxmox load) but do nothing yet; a
+# user who sets ``mailto`` must not believe mail will come, so each run names them once.
+INERT_OPTIONS = ("exclude-path", "fleecing", "ionice", "mailnotification", "mailto", "pigz",
+                 "remove", "stdexcludes", "tmpdir", "zstd")
+INERT_PROPERTIES = {"performance": ("pbs-entries-max",)}
+
+
+def inert_option_warning(options: Mapping[str, Any], source: str) -> Optional[str]:
+    """A warning naming the options in ``options`` that guestvault accepts but ignores, or None."""
+    inert = [key for key in INERT_OPTIONS if key in options]
+    for key, subkeys in INERT_PROPERTIES.items():
+        inert += [f"{key} {sub}" for sub in subkeys if sub in (options.get(key) or {})]
+    if not inert:
+        return None
+    return (f"{source} sets {', '.join(inert)}, which guestvault reads but does not act on yet; "
+            "they have no effect (remove them to silence this warning)")
+
+
 # Keys that may appear on several lines; their values are concatenated into one list.
 _REPEATABLE = frozenset({"exclude-path"})
 _KEY_VALUE_RE = re.compile(r"^([^\s:]+):\s*(.*)$")

@@ -11,10 +11,11 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+from ..storage.files import write_file_atomic
+from ..vocabulary import CHAIN_PERIODS, LEVELS
 from .calendar import CalendarEvent
 from .config import VZDUMP_OPTIONS, parse_bool, parse_sections
-from ..errors import ConfigError
-from ..storage.directory import write_file_atomic
 
 JOBS_CFG = 'jobs.cfg'
 _JOB_ID = re.compile(r'[A-Za-z][A-Za-z0-9_-]{0,63}')
@@ -63,9 +64,9 @@ JOB_OPTIONS.update({
     'all': parse_bool,
     'pool': _text,
     'repeat-missed': parse_bool,
-    'level': _choice('full', 'inc', 'auto', 'copy'),
+    'level': _choice(*LEVELS),
     'chain': _text,
-    'chain-period': _choice('none', 'monthly'),
+    'chain-period': _choice(*CHAIN_PERIODS),
 })
 # The order options are written in: the schedule and selection first, then alphabetical.
 _FIRST = ('schedule', 'enabled', 'comment', 'node', 'all', 'vmid', 'pool', 'exclude')

@@ -28,11 +28,11 @@ import time
 from typing import Callable, List, Mapping, Optional, Tuple
 
 from ..errors import ConfigError, HookFailed
+from ..vocabulary import MODES
 
 JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
 GUEST_PHASES = ("backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end",
                 "backup-abort", "log-end")
-MODES = ("snapshot", "suspend", "stop")
 # Variables vzdump defines for hooks. They are removed from the inherited environment so that a
 # phase never sees a stale value, e.g. a TARGET from the environment guestvault was started in.
 HOOK_ENV_VARS = ("STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "LOGFILE")

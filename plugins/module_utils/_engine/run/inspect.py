@@ -4,11 +4,14 @@ The counterparts of qmpbackup's ``info --show bitmaps`` and ``cleanup --remove-b
 """
 from __future__ import annotations
 
-from ..policy import chain as chains
-from ..guest.disks import discover_disks
-from .locate import open_storage, resolve_guest
+from datetime import datetime, timezone
+
+from ..errors import DiskSelectionError
+from ..guest.disks import discover_disks, select_disks
 from ..guest.qmp import QmpSession
-from ..storage.directory import format_time
+from ..policy import chain as chains
+from ..times import format_time
+from .locate import open_storage, resolve_guest
 
 
 def _bitmap_view(bitmap):
@@ -22,38 +25,40 @@ def _bitmap_view(bitmap):
     }
 
 
-def _chains_on_storage(storage, vmid, disks):
-    by_chain = {}
-    for backup in storage.backups(vmid):
-        chain = backup.index.get('chain')
-        if chain:
-            by_chain.setdefault(chain, []).append(backup)
+def _chains_on_storage(storage, entry, disks, chain_period, now):
+    """Each chain on the storage, and whether a backup (with the registry's disk selection)
+    could continue it: the same rule as guest_backup's level decision."""
+    try:
+        selected, _warnings = select_disks(disks, entry.include or None, entry.exclude or None)
+        selection_problem = None
+    except DiskSelectionError as exc:
+        selected, selection_problem = [], str(exc)
+    backups = storage.backups(entry.vmid)
+    names = sorted({b.index['chain'] for b in backups if b.index.get('chain')},
+                   key=lambda name: chains.chain_tip(backups, name).backup_time)
     views = []
-    for chain, backups in sorted(by_chain.items(), key=lambda kv: kv[1][-1].time):
-        tip = backups[-1]
-        wanted = chains.bitmap_name(chain, tip.time)
-        chained = [d for d in disks if d.supports_bitmaps
-                   and d.id in {x['id'] for x in tip.index['disks'] if x.get('bitmap')}]
-        valid = bool(chained) and all(
-            any(b['name'] == wanted and not b.get('inconsistent') for b in d.bitmaps)
-            for d in chained)
+    for name in names:
+        tip = chains.chain_tip(backups, name)
+        members = [b for b in backups if b.index.get('chain') == name]
+        problem = selection_problem or chains.chain_problem(tip, selected, chain_period, now)
         views.append({
-            'chain': chain, 'start': tip.index.get('chain_start'),
-            'backups': [format_time(b.time) for b in backups],
-            'latest': format_time(tip.time), 'bitmap': wanted,
-            'can_continue': valid,
+            'chain': name, 'start': format_time(tip.chain_start),
+            'backups': [format_time(b.time) for b in members],
+            'latest': format_time(tip.backup_time),
+            'bitmap': chains.bitmap_name(name, tip.backup_time),
+            'can_continue': problem is None, 'reason': problem,
         })
     return views
 
 
 def inspect_guest(vmid, qmp_socket=None, config_dir='/etc/guestvault', storage=None,
-                  dumpdir=None):
+                  dumpdir=None, chain_period='none', now=None):
     entry = resolve_guest(vmid, qmp_socket, None, config_dir)
     store = open_storage(config_dir, storage, dumpdir)
     with QmpSession(entry.qmp_socket) as qmp:
         status = qmp.status()
         disks = discover_disks(qmp)
-        name = entry.name or qmp.execute('query-name').get('name', '')
+        name = entry.name or qmp.guest_name()
     result = {
         'vmid': entry.vmid, 'name': name, 'status': status, 'qmp_socket': entry.qmp_socket,
         'disks': [dict(d.as_dict(), supports_bitmaps=d.supports_bitmaps,
@@ -61,14 +66,15 @@ def inspect_guest(vmid, qmp_socket=None, config_dir='/etc/guestvault', storage=N
                   for d in disks],
     }
     if store is not None:
-        result['chains'] = _chains_on_storage(store, entry.vmid, disks)
+        result['chains'] = _chains_on_storage(store, entry, disks, chain_period,
+                                              now or datetime.now(timezone.utc))
         result['storage_path'] = store.path
     return result
 
 
 def remove_bitmaps(vmid, qmp_socket=None, config_dir='/etc/guestvault', chain=None,
                    check_mode=False):
-    """Remove guestvault's bitmaps (all, or one chain's); returns (removed, before, after).
+    """Remove guestvault's bitmaps (all, or one chain's): ``{'changed', 'removed', 'diff'}``.
 
     Other tools' bitmaps are never touched. Afterwards the next ``auto`` backup of the affected
     chains is a full one.
@@ -86,8 +92,8 @@ def remove_bitmaps(vmid, qmp_socket=None, config_dir='/etc/guestvault', chain=No
                     removed.append({'disk': disk.id, 'node': disk.node, 'name': name})
         if not check_mode:
             for item in removed:
-                qmp.execute('block-dirty-bitmap-remove', {'node': item['node'],
-                                                          'name': item['name']})
+                qmp.remove_bitmap(item['node'], item['name'], missing_ok=False)
     gone = {(r['disk'], r['name']) for r in removed}
     after = {disk: [n for n in names if (disk, n) not in gone] for disk, names in before.items()}
-    return removed, before, after
+    return {'changed': bool(removed), 'removed': removed,
+            'diff': {'before': before, 'after': after}}

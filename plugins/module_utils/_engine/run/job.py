@@ -10,11 +10,11 @@ import os
 import shutil
 import subprocess
 
+from ..errors import ConfigError
 from ..policy.calendar import CalendarEvent, looks_like_hour_mistake, to_systemd_oncalendar
 from ..policy.config import find_storage
-from ..errors import ConfigError
 from ..policy.jobs_cfg import Job, load_jobs, render_job, save_jobs, validate_job
-from ..storage.directory import write_file_atomic
+from ..storage.files import write_file_atomic
 
 UNIT_DIR = '/etc/systemd/system'
 NODE_COMMAND = '/usr/local/sbin/guestvault-dump'
@@ -134,6 +134,21 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
         if after['timer']:
             _systemctl('enable', '--now', timer_name)
         result['systemd'] = True
+    return result
+
+
+def declare_job(job_id, options=None, state='present', config_dir='/etc/guestvault',
+                unit_dir=UNIT_DIR, command=NODE_COMMAND, check_mode=False):
+    """``apply_job`` as the backup_job module reports it: the diff as the files' texts, and a
+    warning when the schedule looks like Proxmox's lone-number-is-a-minute trap."""
+    result = apply_job(job_id, options, state, config_dir, unit_dir, command, check_mode)
+    schedule = (options or {}).get('schedule')
+    warning = schedule_warning(schedule) if schedule else None
+    if warning:
+        result['warnings'].append(warning)
+    diff = result['diff']
+    result['diff'] = {'before': '\n'.join(v for v in diff['before'].values() if v),
+                      'after': '\n'.join(v for v in diff['after'].values() if v)}
     return result
 
 

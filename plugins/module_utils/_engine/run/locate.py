@@ -1,12 +1,22 @@
-"""Find what a request names: the guest (registry entry and sockets) and the storage."""
+"""Find what a request names: the guest (registry entry and sockets), the storage and its format.
+
+This is where a storage id from ``storage.cfg`` becomes a Storage with the Format it holds, so
+the verbs above never branch on the kind of storage.
+"""
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 
-from ..policy.config import load_storage
 from ..errors import ConfigError, GuestNotFound
+from ..format.qcow2 import Qcow2Chain
 from ..guest.registry import GuestEntry, load_guest, validate_vmid
+from ..policy.config import load_storage
 from ..storage.directory import DirStorage
+
+# Storage kind -> the format of the backups it holds (dir, nfs and cifs storages are all
+# directories of qcow2 chains).
+_FORMATS = {'dir': Qcow2Chain}
 
 
 def resolve_guest(vmid, qmp_socket=None, agent_socket=None, config_dir='/etc/guestvault'):
@@ -25,21 +35,33 @@ def resolve_guest(vmid, qmp_socket=None, agent_socket=None, config_dir='/etc/gue
     return entry
 
 
-def open_storage(config_dir, storage=None, dumpdir=None):
+def open_storage(config_dir, storage=None, dumpdir=None, node=None):
+    """The storage a request names (None when it names none).
+
+    A storage restricted to some nodes (``nodes`` in storage.cfg) is refused on any other node,
+    as Proxmox does; ``node`` defaults to this host's name.
+    """
     if storage and dumpdir:
         raise ConfigError("storage and dumpdir are mutually exclusive; give one")
     if storage:
-        cfg = load_storage(config_dir, storage)
+        cfg = load_storage(config_dir, storage, node=node or socket.gethostname())
         return DirStorage(cfg.path, cfg.id)
     if dumpdir:
+        if not str(dumpdir).startswith('/'):
+            raise ConfigError(f"dumpdir {dumpdir!r} is a relative path; give an absolute path")
         return DirStorage(dumpdir)
     return None
 
 
-def require_storage(config_dir, storage=None, dumpdir=None):
+def require_storage(config_dir, storage=None, dumpdir=None, node=None):
     """The storage a request names; ConfigError when it names none."""
-    store = open_storage(config_dir, storage, dumpdir)
+    store = open_storage(config_dir, storage, dumpdir, node)
     if store is None:
         raise ConfigError("no storage given: set storage (an id from storage.cfg) or dumpdir "
                           "(a backup using the defaults of vzdump.conf may also set them there)")
     return store
+
+
+def format_of(storage):
+    """The Format of the backups on ``storage``."""
+    return _FORMATS[storage.kind]()

@@ -15,14 +15,17 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from .backup import BackupRequest, run_backup
 from ..errors import ConfigError, GuestvaultError
-from .hooks import HookScript
-from ..policy.jobs_cfg import load_jobs
-from .locate import open_storage
-from .prune import PruneRequest, resolve_policy, prune_guest
 from ..guest.registry import list_guests
-from ..storage.directory import format_time, write_file_atomic
+from ..policy.config import inert_option_warning, load_vzdump_defaults
+from ..policy.jobs_cfg import load_jobs
+from ..storage.files import write_file_atomic
+from ..times import format_time
+from ..vocabulary import CHAIN_PERIODS, COMPRESS, LEVELS, MODES
+from .backup import BackupRequest, run_backup
+from .hooks import HookScript
+from .locate import open_storage
+from .prune import PruneRequest, prune_guest, resolve_policy
 
 STATE_DIR = os.environ.get('GUESTVAULT_STATE_DIR', '/var/lib/guestvault/jobs')
 
@@ -36,12 +39,13 @@ def build_parser():
     parser.add_argument('--exclude', default='', help='vmids to leave out (with --all/--pool)')
     parser.add_argument('--pool', help="guests of this pool (registry 'pool:')")
     parser.add_argument('--job', help='run the job with this id from jobs.cfg')
-    parser.add_argument('--mode', choices=('snapshot', 'suspend', 'stop'))
+    parser.add_argument('--mode', choices=MODES)
     parser.add_argument('--storage')
     parser.add_argument('--dumpdir')
-    parser.add_argument('--compress', choices=('0', '1', 'gzip', 'zstd'))
-    parser.add_argument('--level', choices=('full', 'inc', 'auto', 'copy'))
+    parser.add_argument('--compress', choices=COMPRESS)
+    parser.add_argument('--level', choices=LEVELS)
     parser.add_argument('--chain')
+    parser.add_argument('--chain-period', choices=CHAIN_PERIODS)
     parser.add_argument('--prune-backups', help='e.g. keep-last=3,keep-daily=7')
     parser.add_argument('--notes-template')
     parser.add_argument('--protected', type=int, choices=(0, 1))
@@ -62,12 +66,13 @@ def _job_settings(args):
     if args.job not in jobs:
         raise ConfigError(f"no job '{args.job}' in {os.path.join(args.config_dir, 'jobs.cfg')}; "
                           f"jobs: {', '.join(sorted(jobs)) or 'none'}")
-    job = jobs[args.job].options
+    declared = jobs[args.job]
+    job = declared.options
     settings = {
         'vmid': args.vmid or job.get('vmid') or [], 'all': args.all or job.get('all', False),
         'pool': args.pool or job.get('pool'),
         'exclude': _vmids(args.exclude) or job.get('exclude') or [],
-        'node': job.get('node'), 'enabled': job.get('enabled', True),
+        'job': declared,
     }
     for key in ('mode', 'storage', 'dumpdir', 'compress', 'level', 'chain', 'bwlimit',
                 'script', 'lockwait', 'stopwait'):
@@ -77,7 +82,7 @@ def _job_settings(args):
     settings['prune_backups'] = args.prune_backups or job.get('prune-backups')
     settings['protected'] = bool(args.protected) if args.protected is not None \
         else job.get('protected')
-    settings['chain_period'] = job.get('chain-period', 'none')
+    settings['chain_period'] = args.chain_period or job.get('chain-period', 'none')
     return settings
 
 
@@ -94,10 +99,10 @@ def _plain_settings(args):
     settings = {key: getattr(args, key) for key in (
         'mode', 'storage', 'dumpdir', 'compress', 'level', 'chain', 'bwlimit', 'script',
         'lockwait', 'stopwait', 'pool', 'all')}
-    settings.update(vmid=args.vmid, exclude=_vmids(args.exclude), node=None, enabled=True,
+    settings.update(vmid=args.vmid, exclude=_vmids(args.exclude), job=None,
                     notes_template=args.notes_template, prune_backups=args.prune_backups,
                     protected=None if args.protected is None else bool(args.protected),
-                    chain_period='none')
+                    chain_period=args.chain_period or 'none')
     return settings
 
 
@@ -148,15 +153,21 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     say = (lambda message: None) if args.quiet else _say
     settings = _job_settings(args) if args.job else _plain_settings(args)
-    if args.job and settings['node'] and args.node not in settings['node']:
+    job = settings['job']
+    if job and not job.runs_on(args.node):
         say(f"job {args.job} does not run on node {args.node}; nothing to do")
         return 0
-    if args.job and not settings['enabled']:
+    if job and not job.enabled:
         say(f"job {args.job} is disabled; nothing to do")
         return 0
     vmids = select_guests(args.config_dir, settings)
+    # Once per run, not once per guest: options read but not acted on yet.
+    for warning in (inert_option_warning(load_vzdump_defaults(args.config_dir), 'vzdump.conf'),
+                    job and inert_option_warning(job.options, f"job {job.id} (jobs.cfg)")):
+        if warning:
+            say(f"WARNING: {warning}")
     hook = HookScript(settings['script']) if settings['script'] else None
-    store = open_storage(args.config_dir, settings['storage'], settings['dumpdir'])
+    store = open_storage(args.config_dir, settings['storage'], settings['dumpdir'], args.node)
     env = {'STOREID': settings['storage'] or '', 'DUMPDIR': store.path if store else ''}
     started = datetime.now(timezone.utc)
     outcomes = {}
@@ -189,7 +200,7 @@ def _one_guest(args, settings, vmid, say, progress):
         bwlimit=settings['bwlimit'], compress=settings['compress'],
         notes_template=settings['notes_template'], protected=settings['protected'],
         script=settings['script'], lockwait=settings['lockwait'],
-        stopwait=settings['stopwait'], node=args.node)
+        stopwait=settings['stopwait'], node=args.node, warn_inert=False)
     t0 = time.monotonic()
     try:
         result = run_backup(request, log=lambda m: say(f"  {vmid}: {m}"), progress=progress)
@@ -201,7 +212,8 @@ def _one_guest(args, settings, vmid, say, progress):
     outcome = {'result': 'ok', 'backup': result['backup'], 'level': result['level'],
                'seconds': round(time.monotonic() - t0, 3), 'warnings': result['warnings']}
     try:
-        storage = open_storage(args.config_dir, settings['storage'], settings['dumpdir'])
+        storage = open_storage(args.config_dir, settings['storage'], settings['dumpdir'],
+                               args.node)
         policy, source = resolve_policy(PruneRequest(
             storage=settings['storage'], dumpdir=settings['dumpdir'],
             config_dir=args.config_dir, prune_backups=settings['prune_backups']), storage)

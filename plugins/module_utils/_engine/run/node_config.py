@@ -18,11 +18,11 @@ import re
 import socket
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..policy.config import (STORAGE_CFG, STORAGE_TYPES, VZDUMP_CONF, VZDUMP_OPTIONS, StorageConfig,
-                     check_storage_id, parse_bool, parse_storage_cfg, parse_vzdump_conf,
-                     render_storage_cfg, render_vzdump_conf)
-from ..errors import ConfigError
-from ..storage.directory import write_file_atomic
+from ..errors import ConfigError, StorageError
+from ..policy.config import (STORAGE_CFG, STORAGE_TYPES, VZDUMP_CONF, VZDUMP_OPTIONS,
+                             StorageConfig, check_storage_id, parse_bool, parse_storage_cfg,
+                             parse_vzdump_conf, render_storage_cfg, render_vzdump_conf)
+from ..storage.files import write_file_atomic
 
 STORAGE_DIR_MODE = 0o750
 CONFIG_DIR_MODE = 0o755
@@ -223,11 +223,16 @@ def apply_node_config(config_dir: str, vzdump: Optional[Mapping[str, Any]] = Non
               "storages": storage_ids, "diff": diff}
     if check_mode:
         return result
-    for path in created_dirs:
-        os.makedirs(path, mode=STORAGE_DIR_MODE)
-        os.chmod(path, STORAGE_DIR_MODE)  # makedirs' mode is filtered by the umask
-    if make_config_dir:
-        os.makedirs(config_dir, mode=CONFIG_DIR_MODE)
-    for path, text in to_write:
-        write_file_atomic(path, text)
+    try:
+        for path in created_dirs:
+            os.makedirs(path, mode=STORAGE_DIR_MODE)
+            os.chmod(path, STORAGE_DIR_MODE)  # makedirs' mode is filtered by the umask
+        if make_config_dir:
+            os.makedirs(config_dir, mode=CONFIG_DIR_MODE)
+        for path, text in to_write:
+            write_file_atomic(path, text)
+    except OSError as err:
+        raise StorageError(f"cannot write the node configuration: {err.filename or config_dir}: "
+                           f"{err.strerror}; check that the directory exists and is writable "
+                           "by the user Ansible runs the module as") from None
     return result

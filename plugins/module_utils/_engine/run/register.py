@@ -9,12 +9,11 @@ meaning (comments, other spacing) is left alone.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Optional
 
 from ..errors import ConfigError, GuestvaultError
-from ..guest.registry import (GUESTS_DIR, GuestEntry, _known_vmids, guest_path, parse_guest,
-                       render_guest, validate_vmid)
-from ..storage.directory import write_file_atomic
+from ..guest.registry import GuestEntry, guest_path, parse_guest, render_guest, validate_vmid
+from ..storage.files import write_file_atomic
 
 # Module option -> GuestEntry field.
 ENTRY_FIELDS = {
@@ -22,24 +21,6 @@ ENTRY_FIELDS = {
     'tags': 'tags', 'include': 'include', 'exclude': 'exclude', 'start': 'start_command',
     'description': 'description',
 }
-
-
-def registry_argument_spec() -> Dict[str, Dict[str, Any]]:
-    """The guest_registry module's options, in Ansible's argument_spec shape."""
-    return {
-        'vmid': {'type': 'int', 'required': True},
-        'state': {'type': 'str', 'default': 'present', 'choices': ['present', 'absent']},
-        'name': {'type': 'str'},
-        'qmp': {'type': 'path'},
-        'agent': {'type': 'path'},
-        'pool': {'type': 'str'},
-        'tags': {'type': 'list', 'elements': 'str'},
-        'include': {'type': 'list', 'elements': 'str'},
-        'exclude': {'type': 'list', 'elements': 'str'},
-        'start': {'type': 'str'},
-        'description': {'type': 'str'},
-        'config_dir': {'type': 'path', 'default': '/etc/guestvault'},
-    }
 
 
 def entry_from_options(vmid: Any, options: Dict[str, Any]) -> GuestEntry:
@@ -131,20 +112,3 @@ def apply_guest(vmid: Any, options: Optional[Dict[str, Any]] = None, state: str 
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         write_file_atomic(path, after_text)
     return result
-
-
-def registered_vmids(config_dir: str) -> List[int]:
-    """The vmids that have an entry in ``<config_dir>/guests.d``, sorted."""
-    return _known_vmids(config_dir)
-
-
-def remove_undeclared(config_dir: str, declared: Iterable[Any],
-                      check_mode: bool = False) -> Dict[str, Any]:
-    """Remove every registry entry whose vmid is not in ``declared``; ``{'changed', 'removed'}``."""
-    keep = {validate_vmid(vmid) for vmid in declared}
-    removed = [vmid for vmid in registered_vmids(config_dir) if vmid not in keep]
-    if not check_mode:
-        for vmid in removed:
-            os.unlink(guest_path(config_dir, vmid))
-    return {'changed': bool(removed), 'removed': removed,
-            'directory': os.path.join(config_dir, GUESTS_DIR)}

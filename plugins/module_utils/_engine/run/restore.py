@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..storage import catalog
-from ..errors import ConfigError, StorageError
-from .locate import require_storage
-from ..format.qemu_img import allocated_bytes, qemu_img_binary
+from ..errors import ConfigError, StorageError, VerifyFailed
+from ..format import qemu_img
 from ..guest.registry import GuestEntry, guest_path, render_guest, validate_vmid
-from ..storage.directory import fsync_path, sha256_file, write_file_atomic
-
-FORMATS = ('qcow2', 'raw')
-
-
-class VerifyFailed(StorageError):
-    """A backup file does not match its manifest."""
+from ..storage import catalog
+from ..storage.files import fsync_path, write_file_atomic
+from ..vocabulary import RESTORE_FORMATS
+from .locate import format_of, require_storage
 
 
 @dataclass
@@ -50,41 +42,6 @@ class RestoreRequest:
     check_mode: bool = False
 
 
-def verify_chain_files(chain, disk_ids=None, workers=None):
-    """sha256 of every image a restore reads, against each backup's manifest.
-
-    ``workers`` threads hash at once (default one per core); a restore that converts at the
-    same time leaves a core to qemu-img.
-    """
-    jobs = []
-    for record in chain:
-        for disk in record.index['disks']:
-            if disk_ids is None or disk['id'] in disk_ids:
-                jobs.append((record, disk))
-    if not jobs:
-        return []
-
-    def check(job):
-        record, disk = job
-        path = os.path.join(record.path, disk['file'])
-        if not os.path.exists(path):
-            return f"{record.id}: {disk['file']} is missing"
-        actual = sha256_file(path)
-        if actual != disk['sha256']:
-            return (f"{record.id}: {disk['file']} has sha256 {actual[:16]}..., its manifest "
-                    f"says {disk['sha256'][:16]}...: the file changed or is damaged")
-        return None
-    with ThreadPoolExecutor(max_workers=min(len(jobs), workers or os.cpu_count() or 1)) as pool:
-        return [problem for problem in pool.map(check, jobs) if problem]
-
-
-def _image_in_use(path):
-    """True if a running QEMU (or another tool) holds a write lock on the image."""
-    proc = subprocess.run([qemu_img_binary(), 'info', '--output=json', path],
-                          capture_output=True, text=True, check=False)
-    return proc.returncode != 0 and 'lock' in proc.stderr
-
-
 def _check_target_dir(request, storage):
     target = request.target_dir
     if not target or not os.path.isabs(target):
@@ -103,15 +60,17 @@ def _check_target_dir(request, storage):
 
 def plan_restore(request):
     """What a restore would write, where and how big; changes nothing."""
-    if request.format not in FORMATS:
-        raise ConfigError(f"format {request.format!r} is not one of {', '.join(FORMATS)}")
+    if request.format not in RESTORE_FORMATS:
+        raise ConfigError(f"format {request.format!r} is not one of "
+                          f"{', '.join(RESTORE_FORMATS)}")
     if request.snapshots and request.format != 'qcow2':
         raise ConfigError("snapshots needs format qcow2: only qcow2 holds internal snapshots")
     vmid = validate_vmid(request.vmid)
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     target_dir = _check_target_dir(request, storage)
+    fmt = format_of(storage)
     record = catalog.resolve(storage, vmid, request.backup, request.until)
-    chain = catalog.chain_of(storage, record)
+    chain = fmt.dependencies(storage, record)
     by_id = {d['id']: d for d in record.index['disks']}
     wanted = list(request.disks) if request.disks else list(by_id)
     twice = sorted({d for d in wanted if wanted.count(d) > 1})
@@ -130,67 +89,20 @@ def plan_restore(request):
     disks, problems = [], []
     for disk_id in wanted:
         disk = by_id[disk_id]
-        source = os.path.join(record.path, disk['file'])
         target = os.path.join(target_dir, f"{disk_id}.{request.format}")
         if os.path.exists(target):
-            if _image_in_use(target):
+            if qemu_img.in_use(target):
                 problems.append(f"{target} is in use by a running QEMU; stop that guest first "
                                 "(force does not override this)")
             elif not request.force:
                 problems.append(f"{target} exists; set force to overwrite it")
-        disks.append({'id': disk_id, 'source': source, 'target': target,
+        disks.append({'id': disk_id, 'target': target,
                       'format': request.format, 'virtual_size': disk['virtual_size'],
-                      'data_bytes': _chain_data_bytes(chain, disk_id)})
+                      'data_bytes': fmt.restored_bytes(chain, disk_id)})
     if problems:
         raise StorageError('; '.join(problems))
-    return {'storage': storage, 'record': record, 'chain': chain, 'disks': disks,
-            'target_dir': target_dir, 'new_vmid': new_vmid}
-
-
-def _chain_data_bytes(chain, disk_id):
-    """Upper bound of the guest data a restore writes (sum over the chain's images)."""
-    return sum(d.get('bytes_written') or 0 for r in chain for d in r.index['disks']
-               if d['id'] == disk_id)
-
-
-def _convert(source, target, fmt, bwlimit_kib):
-    args = [qemu_img_binary(), 'convert', '-q', '-O', fmt]
-    if fmt == 'raw':
-        args += ['-S', '4k']  # keep holes: a thin image
-    if bwlimit_kib:
-        args += ['-r', str(int(bwlimit_kib) * 1024)]
-    return subprocess.Popen(args + [source, target], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _snapshot_image(chain, disk_id, target, log):
-    """One qcow2 holding every backup of the chain as an internal snapshot, newest active.
-
-    Each incremental's own clusters are committed into the growing image through a throwaway
-    copy of it, so the backups stay untouched and each step costs only what changed.
-    """
-    binary = qemu_img_binary()
-    first = True
-    for record in chain:
-        disk = next((d for d in record.index['disks'] if d['id'] == disk_id), None)
-        if disk is None:
-            continue
-        source = os.path.join(record.path, disk['file'])
-        if first or not disk.get('backing'):
-            subprocess.run([binary, 'convert', '-q', '-O', 'qcow2', source, target],
-                           check=True, capture_output=True)
-            first = False
-        else:
-            layer = f"{target}.layer"
-            shutil.copyfile(source, layer)
-            subprocess.run([binary, 'rebase', '-q', '-u', '-b', os.path.basename(target),
-                            '-F', 'qcow2', layer], check=True, capture_output=True)
-            subprocess.run([binary, 'commit', '-q', '-d', layer], check=True,
-                           capture_output=True)
-            os.unlink(layer)
-        subprocess.run([binary, 'snapshot', '-c', record.index['time'], target], check=True,
-                       capture_output=True)
-        log(f"{disk_id}: snapshot {record.index['time']} added")
+    return {'storage': storage, 'format': fmt, 'record': record, 'chain': chain,
+            'disks': disks, 'target_dir': target_dir, 'new_vmid': new_vmid}
 
 
 def run_restore(request, log=None):
@@ -220,21 +132,23 @@ def _restore(request, log):
     temps = {d['id']: os.path.join(plan['target_dir'], f".{d['id']}.{d['format']}.restoring")
              for d in plan['disks']}
     disk_ids = {d['id'] for d in plan['disks']}
+    storage, fmt = plan['storage'], plan['format']
     try:
         if request.snapshots:
-            problems = verify_chain_files(chain, disk_ids)
+            problems = fmt.verify_files(storage, chain, disk_ids)
             if problems:
                 raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
             for disk in plan['disks']:
-                _snapshot_image(chain, disk['id'], temps[disk['id']], log)
+                fmt.restore_with_snapshots(storage, chain, disk['id'], temps[disk['id']], log)
         else:
-            converts = {d['id']: _convert(d['source'], temps[d['id']], d['format'],
-                                          request.bwlimit) for d in plan['disks']}
-            # Verify while qemu-img writes: both read the same files, from the page cache.
-            problems = verify_chain_files(chain, disk_ids,
-                                          workers=max(1, (os.cpu_count() or 2) - len(converts)))
+            copies = {d['id']: fmt.start_restore(storage, record, d['id'], temps[d['id']],
+                                                 d['format'], request.bwlimit)
+                      for d in plan['disks']}
+            # Verify while the copies run: both read the same files, from the page cache.
+            problems = fmt.verify_files(storage, chain, disk_ids,
+                                        workers=max(1, (os.cpu_count() or 2) - len(copies)))
             failed = []
-            for disk_id, proc in converts.items():
+            for disk_id, proc in copies.items():
                 if problems:
                     proc.kill()
                 _out, err = proc.communicate()
@@ -250,14 +164,14 @@ def _restore(request, log):
         fsync_path(plan['target_dir'])
     except BaseException:
         for temp in temps.values():
-            for leftover in (temp, f"{temp}.layer"):
+            for leftover in fmt.leftovers(temp):
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         raise
     for disk in result['disks']:
         disk['size'] = os.path.getsize(disk['target'])
-        disk['data_bytes'] = allocated_bytes(disk['target']) if disk['format'] == 'qcow2' \
-            else disk['data_bytes']
+        if disk['format'] == 'qcow2':
+            disk['data_bytes'] = qemu_img.allocated_bytes(disk['target'])
     _write_guest_config(plan, request, result)
     result['duration'] = round(time.monotonic() - started, 3)
     result['verified'] = True
@@ -268,12 +182,7 @@ def _restore(request, log):
 def _write_guest_config(plan, request, result):
     """The captured configuration beside the images, and the new guest's registry entry."""
     record = plan['record']
-    source = os.path.join(record.path, 'guest.json')
-    try:
-        with open(source) as handle:
-            guest = json.load(handle)
-    except (OSError, ValueError):
-        guest = {}
+    guest = plan['storage'].read_guest_config(record)
     guest['restored_from'] = record.id
     guest['images'] = {d['id']: d['target'] for d in result['disks']}
     config_path = os.path.join(plan['target_dir'], 'guest.json')

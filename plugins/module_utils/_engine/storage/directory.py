@@ -1,4 +1,4 @@
-"""A directory storage laid out like a Proxmox Backup Server datastore (see DESIGN.md).
+"""A directory storage laid out like a Proxmox Backup Server datastore (docs/architecture.md).
 
 ``<path>/vm/<vmid>/<time>/`` holds one backup. It is written as ``.<time>.tmp/`` and renamed only
 once every file in it is on disk, so a backup directory that exists is complete; anything a crash
@@ -8,58 +8,27 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import time
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta, timezone
 
 from ..errors import LockTimeout, StorageError
+from ..times import format_time, parse_time
+from .base import BackupRecord, Storage
+from .files import fsync_path, write_file_atomic
 
-TIME_FORMAT = '%Y-%m-%dT%H:%M:%SZ'
 INDEX = 'index.json'
+PENDING_INDEX = 'index.json.new'
 PROTECTED = '.protected'
-
-
-def format_time(when):
-    return when.astimezone(timezone.utc).strftime(TIME_FORMAT)
-
-
-def parse_time(text):
-    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=timezone.utc)
-
-
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path):
-    """sha256 of a file, as the manifest records it for every image."""
-    with open(path, 'rb', buffering=0) as handle:
-        if hasattr(hashlib, 'file_digest'):  # Python 3.11+: no copy through Python objects
-            return hashlib.file_digest(handle, 'sha256').hexdigest()
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: handle.read(8 << 20), b''):
-            digest.update(chunk)
-        return digest.hexdigest()
-
-
-def write_file_atomic(path, data):
-    """Write bytes or text under a temporary name, fsync, rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    mode = 'wb' if isinstance(data, bytes) else 'w'
-    with open(tmp, mode) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(os.path.dirname(path) or '.')
+NOTES = 'notes'
+GUEST_CONFIG = 'guest.json'
+CLIENT_LOG = 'client.log'
+VERIFY = 'verify.json'
+# How far the newest backup's name may lie ahead of the clock before a backup is refused.
+CLOCK_SKEW_LIMIT = 120
 
 
 @contextmanager
@@ -90,26 +59,6 @@ def file_lock(path, wait_seconds, what, shared=False):
         handle.close()
 
 
-class BackupRecord:
-    """A complete backup as found on storage."""
-
-    def __init__(self, path, index, protected):
-        self.path = path
-        self.index = index
-        self.protected = protected
-
-    @property
-    def time(self):
-        return parse_time(self.index['time'])
-
-    @property
-    def id(self):
-        return f"vm/{self.index['vmid']}/{self.index['time']}"
-
-    def __repr__(self):
-        return f"BackupRecord({self.id!r}, level={self.index.get('level')!r})"
-
-
 class StagedBackup:
     """A backup being written: a hidden directory that becomes visible on ``commit``."""
 
@@ -127,6 +76,26 @@ class StagedBackup:
     def write_json(self, name, obj):
         self.write(name, json.dumps(obj, indent=2, sort_keys=True) + '\n')
 
+    @property
+    def log_path(self):
+        """Where the run's log is (hooks get it as LOGFILE)."""
+        return self.file(CLIENT_LOG)
+
+    def write_manifest(self, index):
+        self.write_json(INDEX, index)
+
+    def write_guest_config(self, guest):
+        self.write_json(GUEST_CONFIG, guest)
+
+    def write_log(self, text):
+        self.write(CLIENT_LOG, text)
+
+    def set_notes(self, notes):
+        self.write(NOTES, notes)
+
+    def set_protected(self):
+        self.write(PROTECTED, '')
+
     def commit(self):
         """Make every file durable, then make the backup visible in one rename."""
         for name in os.listdir(self.path):
@@ -140,7 +109,11 @@ class StagedBackup:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class DirStorage:
+class DirStorage(Storage):
+    """Backups as directories on a local or mounted file system."""
+
+    kind = 'dir'
+
     def __init__(self, path, storage_id=None):
         self.id = storage_id
         self.path = os.path.abspath(path)
@@ -215,10 +188,22 @@ class DirStorage:
         return removed
 
     def next_backup_time(self, vmid, now):
-        """``now`` to the second, made later than the newest backup so names never collide."""
+        """``now`` to the second, made later than the newest backup so names never collide.
+
+        Names are times to the second, so a second backup within the same second is named one
+        second later. A newest backup far ahead of the clock means the clock was stepped back:
+        naming this backup after it would misdate it, so that is refused.
+        """
         when = now.astimezone(timezone.utc).replace(microsecond=0)
         existing = self.backups(vmid)
         if existing and when <= existing[-1].time:
+            ahead = (existing[-1].time - when).total_seconds()
+            if ahead > CLOCK_SKEW_LIMIT:
+                raise StorageError(
+                    f"the newest backup of guest {vmid} on {self.label} is "
+                    f"{existing[-1].index['time']}, {ahead:.0f} s after this node's clock "
+                    f"({format_time(when)}): the clock was stepped back or is wrong. Fix the "
+                    "time (NTP), or move that backup away, before taking another backup")
             when = existing[-1].time + timedelta(seconds=1)
         return when
 
@@ -232,3 +217,113 @@ class DirStorage:
             return StagedBackup(os.path.join(gdir, f".{name}.tmp"), final)
         except OSError as exc:
             raise StorageError(f"cannot create a backup directory in {gdir}: {exc}") from exc
+
+    def guest_ids(self):
+        root = os.path.join(self.path, 'vm')
+        if not os.path.isdir(root):
+            return []
+        return sorted(int(name) for name in os.listdir(root) if name.isdigit())
+
+    def remove(self, record):
+        """Make the backup invisible in one rename, then delete it."""
+        # Asked on disk, not from the listing: protection may have been set since.
+        if record.protected or os.path.exists(os.path.join(record.path, PROTECTED)):
+            raise StorageError(f"backup {record.id} is protected and is not removed")
+        self.inside(record.path)
+        hidden = os.path.join(os.path.dirname(record.path),
+                              f".{os.path.basename(record.path)}.removing.tmp")
+        os.rename(record.path, hidden)
+        fsync_path(os.path.dirname(record.path))
+        shutil.rmtree(hidden)
+
+    # -- the small mutable state of one backup ---------------------------------------------
+    def set_protected(self, record, protected):
+        _set_or_remove(os.path.join(record.path, PROTECTED), '' if protected else None)
+        record.protected = protected
+
+    def read_notes(self, record):
+        return _read_text(os.path.join(record.path, NOTES))
+
+    def set_notes(self, record, notes):
+        _set_or_remove(os.path.join(record.path, NOTES), notes or None)
+
+    def read_guest_config(self, record):
+        """The guest as the backup captured it ({} when unreadable)."""
+        try:
+            return json.loads(_read_text(os.path.join(record.path, GUEST_CONFIG)) or '{}')
+        except ValueError:
+            return {}
+
+    def read_verify_state(self, record):
+        text = _read_text(os.path.join(record.path, VERIFY))
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            return None
+
+    def write_verify_state(self, record, state):
+        write_file_atomic(os.path.join(record.path, VERIFY),
+                          json.dumps(state, indent=2, sort_keys=True) + '\n')
+
+    def backup_size(self, record):
+        total = 0
+        for name in os.listdir(record.path):
+            try:
+                total += os.path.getsize(os.path.join(record.path, name))
+            except OSError:
+                pass
+        return total
+
+    def file(self, record, name):
+        """The path of one of a backup's files (formats read their images through this)."""
+        return os.path.join(record.path, name)
+
+    # -- replacing a manifest ----------------------------------------------------------------
+    def stage_manifest(self, record, index):
+        """Write the new manifest beside the old one; ``commit_manifest`` swaps it in.
+
+        A crash in between leaves the pending manifest, which ``pending_manifests`` lists for
+        the format to complete or drop (it alone can tell whether its files already match).
+        """
+        pending = os.path.join(record.path, PENDING_INDEX)
+        write_file_atomic(pending, json.dumps(index, indent=2, sort_keys=True) + '\n')
+        return pending
+
+    def commit_manifest(self, record, pending):
+        os.replace(pending, os.path.join(record.path, INDEX))
+        fsync_path(record.path)
+        with open(os.path.join(record.path, INDEX)) as handle:
+            record.index = json.load(handle)
+
+    def pending_manifests(self, vmid):
+        """[(record, pending manifest dict or None if unreadable, pending path)]."""
+        found = []
+        for record in self.backups(vmid):
+            pending = os.path.join(record.path, PENDING_INDEX)
+            if not os.path.exists(pending):
+                continue
+            try:
+                with open(pending) as handle:
+                    index = json.load(handle)
+            except (OSError, ValueError):
+                index = None
+            found.append((record, index, pending))
+        return found
+
+    def drop_pending_manifest(self, pending):
+        os.unlink(pending)
+
+
+def _read_text(path):
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _set_or_remove(path, text):
+    if text is not None:
+        write_file_atomic(path, text)
+    elif os.path.exists(path):
+        os.unlink(path)

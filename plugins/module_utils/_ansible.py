@@ -1,0 +1,40 @@
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The modules' shared tail: argument parsing, one engine call, and the Ansible result.
+
+The only file under module_utils that imports Ansible; ``_engine`` stays plain Python so the
+node command runs the same code without Ansible.
+"""
+from __future__ import annotations
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors import (
+    GuestvaultError)
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.guest.qmp import (
+    HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
+
+
+def run_module(argument_spec, engine_call, needs_qmp=False, **module_options):
+    """Run one module: ``engine_call(params, check_mode)`` returns the result dict.
+
+    A ``GuestvaultError`` becomes ``fail_json(msg=...)`` (with the error's ``result``, if it
+    carries one); ``warnings`` in the result become Ansible warnings; ``diff`` is returned only
+    when the user asked for it (``--diff``). Every module supports check mode.
+    """
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
+                           **module_options)
+    if needs_qmp and not HAS_QEMU_QMP:
+        module.fail_json(msg=missing_required_lib('qemu.qmp'),
+                         exception=str(QEMU_QMP_IMPORT_ERROR))
+    try:
+        result = engine_call(module.params, module.check_mode)
+    except GuestvaultError as exc:
+        module.fail_json(msg=str(exc), **(getattr(exc, 'result', None) or {}))
+    for warning in result.pop('warnings', None) or []:
+        module.warn(warning)
+    diff = result.pop('diff', None)
+    if module._diff and diff is not None:
+        result['diff'] = diff
+    module.exit_json(**result)

@@ -1,0 +1,266 @@
+"""The qcow2 chain format: each backup's disks as qcow2 images, incrementals reading through
+their parent's image, so that plain ``qemu-img convert`` restores any backup.
+
+On disk (``docs/architecture.md``, "On-disk formats")::
+
+    vm/<vmid>/<time>/<disk>.qcow2   full: standalone; inc: backing file ../<parent>/<disk>.qcow2
+    vm/<vmid>/<time>/index.json     manifest; per disk: file, level, backing, size, sha256, ...
+
+Removing a backup that a kept one reads through would break the kept one, so first its data is
+folded into it: ``qemu-img rebase`` (safe mode) of a copy of the kept image onto its nearest kept
+ancestor (or onto nothing, making it a full) writes in exactly the clusters that differ. The
+kept backup's manifest is swapped in through a pending file that ``recover`` completes or drops
+after a crash, depending on whether the images already match it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import StorageError
+from ..storage.files import fsync_path, sha256_file
+from ..times import format_time
+from ..version import TOOL_VERSION
+from . import qemu_img
+from .base import Format, TargetImage
+
+MANIFEST_FORMAT = 1
+
+
+def image_name(disk_id):
+    return f"{disk_id}.qcow2"
+
+
+def backing_path(parent_time, disk_id):
+    """How an incremental image names its parent's image: relative, so a storage can move."""
+    return f"../{parent_time}/{image_name(disk_id)}"
+
+
+def _parallel(function, items, workers=None):
+    items = list(items)
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(items), workers or os.cpu_count() or 1)) as pool:
+        return list(pool.map(function, items))
+
+
+class Qcow2Chain(Format):
+    name = 'qcow2'
+    capture = 'push'
+
+    # -- backup ---------------------------------------------------------------------------------
+    def create_targets(self, staged, disks, decision, compression):
+        """A new qcow2 per disk; an incremental's reads through the parent backup's image."""
+        parent = format_time(decision.parent) if decision.parent else None
+        targets = {}
+        for disk in disks:
+            chained = decision.level == 'inc' and disk.supports_bitmaps
+            path = staged.file(image_name(disk.id))
+            backing = backing_path(parent, disk.id) if chained else None
+            qemu_img.create_qcow2(path, disk.virtual_size, backing=backing,
+                                  compression=compression)
+            targets[disk.id] = TargetImage(disk.id, path, 'inc' if chained else 'full', backing)
+        return targets
+
+    def finish_disks(self, staged, disks, targets, processed, bitmaps):
+        """Each disk's manifest entry; its image hashed and fsynced (concurrently: hashing is
+        CPU, fsync is I/O)."""
+        def one(path):
+            fsync_path(path)
+            return sha256_file(path)
+        hashes = _parallel(one, [targets[d.id].path for d in disks])
+        entries = []
+        for disk, digest in zip(disks, hashes):
+            target = targets[disk.id]
+            entries.append({
+                'id': disk.id, 'node': disk.node, 'format': disk.format,
+                'virtual_size': disk.virtual_size, 'file': os.path.basename(target.path),
+                'level': target.level, 'bytes_written': qemu_img.allocated_bytes(target.path),
+                'bytes_processed': processed[disk.id],
+                'size': os.path.getsize(target.path), 'sha256': digest,
+                'bitmap': bitmaps.get(disk.id), 'backing': target.backing,
+            })
+        return entries
+
+    def manifest(self, fields):
+        """``index.json``: the run's fields plus the format's version and the tool's."""
+        return dict(fields, format=MANIFEST_FORMAT, tool=f"guestvault {TOOL_VERSION}")
+
+    # -- reading --------------------------------------------------------------------------------
+    def dependencies(self, storage, record):
+        """The backups a restore of ``record`` reads, full first; StorageError if one is gone."""
+        by_time = {b.index['time']: b for b in storage.backups(record.index['vmid'])}
+        chain = [record]
+        while chain[0].index.get('parent'):
+            parent = by_time.get(chain[0].index['parent'])
+            if parent is None:
+                raise StorageError(f"backup {chain[0].id} builds on {chain[0].index['parent']}, "
+                                   "which is missing from the storage: it cannot be restored")
+            chain.insert(0, parent)
+        return chain
+
+    def source(self, storage, record, disk_id):
+        """The image a restore of one disk of ``record`` reads (through its backing chain)."""
+        disk = next(d for d in record.index['disks'] if d['id'] == disk_id)
+        return storage.file(record, disk['file'])
+
+    def restored_bytes(self, chain, disk_id):
+        """Upper bound of the guest data a restore writes (sum over the chain's images)."""
+        return sum(d.get('bytes_written') or 0 for r in chain for d in r.index['disks']
+                   if d['id'] == disk_id)
+
+    def verify_files(self, storage, records, disk_ids=None, workers=None):
+        """sha256 of every image of ``records`` against each backup's manifest; the problems.
+
+        ``workers`` threads hash at once (default one per core); a restore that converts at the
+        same time leaves a core to qemu-img.
+        """
+        jobs = [(record, disk) for record in records for disk in record.index['disks']
+                if disk_ids is None or disk['id'] in disk_ids]
+
+        def check(job):
+            record, disk = job
+            path = storage.file(record, disk['file'])
+            if not os.path.exists(path):
+                return f"{record.id}: {disk['file']} is missing"
+            actual = sha256_file(path)
+            if actual != disk['sha256']:
+                return (f"{record.id}: {disk['file']} has sha256 {actual[:16]}..., its manifest "
+                        f"says {disk['sha256'][:16]}...: the file changed or is damaged")
+            return None
+        return [problem for problem in _parallel(check, jobs, workers) if problem]
+
+    def verify(self, storage, record):
+        """(the chain's backups, problems): every image of the chain against its manifest,
+        ``qemu-img check`` of the backup's own images, and each incremental's backing link."""
+        problems = []
+        try:
+            chain = self.dependencies(storage, record)
+        except StorageError as exc:
+            chain = [record]
+            problems.append(str(exc))
+        problems += self.verify_files(storage, chain)
+        for disk in record.index['disks']:
+            path = storage.file(record, disk['file'])
+            if not os.path.exists(path):
+                continue  # already reported
+            ok, message = qemu_img.check(path, fmt='qcow2')
+            if not ok:
+                problems.append(f"{record.id}: qemu-img check of {disk['file']}: {message}")
+            backing = qemu_img.info(path, fmt='qcow2').get('backing-filename')
+            if backing != disk.get('backing'):
+                problems.append(f"{record.id}: {disk['file']} reads through {backing!r}, its "
+                                f"manifest says {disk.get('backing')!r}")
+        return chain, problems
+
+    def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
+        """A running copy of one disk into ``target``; ``.communicate()`` ends it."""
+        return qemu_img.start_convert(self.source(storage, record, disk_id), target,
+                                      target_format, bwlimit_kib)
+
+    def restore_with_snapshots(self, storage, chain, disk_id, target, log):
+        """One qcow2 holding every backup of the chain as an internal snapshot, newest active.
+
+        Each incremental's own clusters are committed into the growing image through a throwaway
+        copy of it, so the backups stay untouched and each step costs only what changed.
+        """
+        first = True
+        for record in chain:
+            disk = next((d for d in record.index['disks'] if d['id'] == disk_id), None)
+            if disk is None:
+                continue
+            source = storage.file(record, disk['file'])
+            if first or not disk.get('backing'):
+                qemu_img.convert(source, target)
+                first = False
+            else:
+                layer = f"{target}.layer"
+                shutil.copyfile(source, layer)
+                qemu_img.rebase(layer, os.path.basename(target), safe=False)
+                qemu_img.commit(layer)
+                os.unlink(layer)
+            qemu_img.create_snapshot(target, record.index['time'])
+            log(f"{disk_id}: snapshot {record.index['time']} added")
+
+    def leftovers(self, target):
+        """Files a failed restore into ``target`` may leave."""
+        return (target, f"{target}.layer")
+
+    # -- pruning --------------------------------------------------------------------------------
+    def plan_removal(self, backups, removed):
+        """Kept backups whose parent goes: [(kept record, new parent time or None)], oldest
+        first; ``removed`` is a set of backup times."""
+        by_time = {b.index['time']: b for b in backups}
+        folds = []
+        for record in backups:
+            parent = record.index.get('parent')
+            if record.index['time'] in removed or parent is None or parent not in removed:
+                continue
+            while parent is not None and parent in removed:
+                parent = by_time[parent].index.get('parent')
+            folds.append((record, parent))
+        return folds
+
+    def apply_removal_plan(self, storage, plan, log):
+        for record, new_parent in plan:
+            self.fold(storage, record, new_parent, log)
+
+    def fold(self, storage, record, new_parent, log):
+        """Make ``record`` read through ``new_parent`` (or stand alone) with the same content."""
+        index = dict(record.index)
+        disks = []
+        temps = {}
+        try:
+            for disk in index['disks']:
+                disk = dict(disk)
+                if disk.get('backing'):
+                    image = storage.file(record, disk['file'])
+                    temp = storage.file(record, f".{disk['file']}.folding")
+                    temps[image] = temp
+                    shutil.copyfile(image, temp)
+                    backing = backing_path(new_parent, disk['id']) if new_parent else ''
+                    try:
+                        qemu_img.rebase(temp, backing)
+                    except StorageError as exc:
+                        raise StorageError(f"folding {record.id} ({disk['id']}) failed: "
+                                           f"{exc}") from None
+                    fsync_path(temp)
+                    disk.update(backing=backing or None, sha256=sha256_file(temp),
+                                size=os.path.getsize(temp),
+                                bytes_written=qemu_img.allocated_bytes(temp),
+                                level='inc' if backing else 'full')
+                disks.append(disk)
+            index.update(disks=disks, parent=new_parent, level='inc' if new_parent else 'full')
+            pending = storage.stage_manifest(record, index)
+            for image, temp in temps.items():
+                os.replace(temp, image)
+            storage.commit_manifest(record, pending)
+        except BaseException:
+            for temp in temps.values():
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            raise
+        log(f"folded the data {record.id} read from removed backups into it; it now "
+            + (f"builds on {new_parent}" if new_parent else "stands alone (full)"))
+
+    def recover(self, storage, vmid):
+        """Finish or drop manifest updates a crashed fold left: [(backup id, completed)].
+
+        A pending manifest whose image hashes match the files describes them and replaces the
+        old manifest; otherwise the fold had not swapped the images yet and it is dropped.
+        """
+        done = []
+        for record, index, pending in storage.pending_manifests(vmid):
+            try:
+                matches = index is not None and all(
+                    sha256_file(storage.file(record, d['file'])) == d['sha256']
+                    for d in index['disks'])
+            except (OSError, KeyError):
+                matches = False
+            if matches:
+                storage.commit_manifest(record, pending)
+            else:
+                storage.drop_pending_manifest(pending)
+            done.append((record.id, matches))
+        return done

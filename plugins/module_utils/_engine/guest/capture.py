@@ -1,0 +1,138 @@
+"""The QEMU side of a backup: target nodes, the transaction that fixes the point in time, the
+block jobs, and the clean-up of what a killed run left behind.
+
+Push capture (the qcow2 chain): QEMU's ``blockdev-backup`` copies each disk into a target image
+the format created. One QMP ``transaction`` adds the chain's next persistent bitmap and starts
+every disk's job, so all disks share one point in time and the bitmap hand-off is atomic with
+it. Callers give names and levels; this module knows nothing of chains or files' meaning.
+"""
+from __future__ import annotations
+
+import uuid
+
+from ..errors import BackupFailed, GuestvaultError, QmpCommandFailed
+
+JOB_PREFIX = 'guestvault-'
+TARGET_PREFIX = 'gvt-'
+
+
+class DiskJob:
+    """What the transaction does for one disk.
+
+    ``new_bitmap``: the persistent bitmap added at the point in time (None: none, as for a copy
+    or a raw disk); ``since_bitmap``: for an incremental, the bitmap whose changes are copied.
+    """
+
+    def __init__(self, disk, target_path, new_bitmap=None, since_bitmap=None):
+        self.disk = disk
+        self.target_path = target_path
+        self.new_bitmap = new_bitmap
+        self.since_bitmap = since_bitmap
+
+
+def clear_leftovers(qmp, vmid, log):
+    """Cancel jobs and close target nodes that a killed run of this guest left in QEMU."""
+    prefix = f"{JOB_PREFIX}{vmid}-"
+    jobs = [j['device'] for j in qmp.execute('query-block-jobs') if j['device'].startswith(prefix)]
+    for job in jobs:
+        log(f"cancelling block job {job} left by an interrupted run")
+        qmp.cancel_job(job)
+    if jobs:
+        qmp.wait_for_jobs(jobs, timeout=60)
+    for node in qmp.execute('query-named-block-nodes', {'flat': True}):
+        if node['node-name'].startswith(f"{TARGET_PREFIX}{vmid}-"):
+            log(f"closing target node {node['node-name']} left by an interrupted run")
+            try:
+                qmp.execute('blockdev-del', {'node-name': node['node-name']})
+            except QmpCommandFailed:
+                pass
+
+
+class PushCapture:
+    """Target nodes, the transaction and the jobs of one backup of one guest."""
+
+    def __init__(self, qmp, vmid, jobs, log):
+        self.qmp = qmp
+        self.log = log
+        self.disk_jobs = list(jobs)
+        run = uuid.uuid4().hex[:6]
+        self.targets = {}      # disk id -> target node name
+        self.jobs = {}         # disk id -> block job id
+        self.new_bitmaps = []  # (node, name) added by the transaction
+        for index, job in enumerate(self.disk_jobs):
+            self.targets[job.disk.id] = f"{TARGET_PREFIX}{vmid}-{run}-{index}"
+            self.jobs[job.disk.id] = f"{JOB_PREFIX}{vmid}-{run}-{job.disk.id}"
+
+    def open_targets(self):
+        """Open the target images in QEMU (again, after QEMU was restarted by stop mode)."""
+        for job in self.disk_jobs:
+            self.qmp.execute('blockdev-add', {
+                'driver': 'qcow2', 'node-name': self.targets[job.disk.id],
+                'file': {'driver': 'file', 'filename': job.target_path}})
+
+    def remove_colliding_bitmaps(self):
+        """A run killed within this same second left the bitmap this run is about to add; it
+        counts nothing that a stored backup needs (QEMU refuses remove+add in one transaction)."""
+        for job in self.disk_jobs:
+            if job.new_bitmap and any(b['name'] == job.new_bitmap for b in job.disk.bitmaps):
+                self.qmp.remove_bitmap(job.disk.node, job.new_bitmap, missing_ok=False)
+
+    def actions(self, speed_per_disk=0, max_workers=None, compress=False):
+        actions = []
+        for job in self.disk_jobs:
+            spec = {'job-id': self.jobs[job.disk.id], 'device': job.disk.node,
+                    'target': self.targets[job.disk.id], 'sync': 'full'}
+            if speed_per_disk:
+                spec['speed'] = speed_per_disk
+            if max_workers:
+                spec['x-perf'] = {'max-workers': int(max_workers)}
+            if compress:
+                spec['compress'] = True
+            if job.new_bitmap:
+                actions.append(('block-dirty-bitmap-add',
+                                {'node': job.disk.node, 'name': job.new_bitmap,
+                                 'persistent': True}))
+                self.new_bitmaps.append((job.disk.node, job.new_bitmap))
+            if job.since_bitmap:
+                # bitmap-mode never: the previous bitmap is dropped only after the backup is
+                # safely stored, so a failure here loses nothing.
+                spec.update({'sync': 'bitmap', 'bitmap-mode': 'never',
+                             'bitmap': job.since_bitmap})
+            actions.append(('blockdev-backup', spec))
+        return actions
+
+    def start(self, **job_options):
+        """Fix the point in time: one transaction for every disk."""
+        self.qmp.transaction(self.actions(**job_options))
+
+    def run_jobs(self, progress=None):
+        """Wait for every job; {disk id: bytes it went through}. BackupFailed on any failure."""
+        outcomes = self.qmp.wait_for_jobs(list(self.jobs.values()), progress=progress)
+        failed = [o for o in outcomes.values() if not o.ok]
+        if failed or len(outcomes) < len(self.jobs):
+            real = [o for o in failed if o.error != 'cancelled'] or failed
+            raise BackupFailed("backup job failed: " + '; '.join(
+                f"{o.job_id}: {o.error}" for o in real))
+        return {disk: outcomes[job].offset for disk, job in self.jobs.items()}
+
+    def close_targets(self):
+        for node in self.targets.values():
+            try:
+                self.qmp.execute('blockdev-del', {'node-name': node})
+            except QmpCommandFailed:
+                pass  # never added, or already closed
+
+    def abort(self):
+        """Undo the QEMU side after a failure: stop jobs, close targets, drop new bitmaps."""
+        try:
+            running = {j['device'] for j in self.qmp.execute('query-block-jobs')}
+            mine = [j for j in self.jobs.values() if j in running]
+            for job in mine:
+                self.qmp.cancel_job(job)
+            if mine:
+                self.qmp.wait_for_jobs(mine, timeout=60)
+            self.close_targets()
+            for node, name in self.new_bitmaps:
+                self.qmp.remove_bitmap(node, name)
+        except GuestvaultError as exc:  # QEMU gone: its bitmaps went with it
+            self.log(f"cleanup in QEMU incomplete: {exc}")
