@@ -1,0 +1,68 @@
+"""The engine's layers point down only (docs/architecture.md): run -> policy | guest -> format ->
+storage, with errors, vocabulary, times and version below everything. QMP command names live
+only in guest/, qemu-img only in format/, and nothing in the engine imports Ansible."""
+import ast
+import pathlib
+import re
+
+import pytest
+
+ENGINE = pathlib.Path(__file__).resolve().parents[2] / 'plugins' / 'module_utils' / '_engine'
+RANK = {'run': 3, 'policy': 2, 'guest': 2, 'format': 1, 'storage': 0}
+BASE = {'errors', 'vocabulary', 'times', 'version'}
+FILES = sorted(p for p in ENGINE.rglob('*.py'))
+
+
+def layer(path):
+    parts = path.relative_to(ENGINE).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def imported_layers(path):
+    """The layers (or base modules) a file imports, from its relative imports."""
+    tree = ast.parse(path.read_text())
+    here = layer(path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                assert not (node.module or '').startswith('ansible'), f"{path}: imports Ansible"
+                continue
+            if node.level == 1 and here is not None:
+                found.add(here)
+                continue
+            target = (node.module or '').split('.')[0] or node.names[0].name
+            found.add(target)
+        elif isinstance(node, ast.Import):
+            assert not any(a.name.startswith('ansible') for a in node.names), path
+    return found
+
+
+@pytest.mark.parametrize('path', FILES, ids=lambda p: str(p.relative_to(ENGINE)))
+def test_imports_point_down_only(path):
+    here = layer(path)
+    for target in imported_layers(path) - BASE - {here}:
+        assert here is not None, f"base module {path.name} imports layer {target}"
+        assert RANK[target] < RANK[here], f"{path.relative_to(ENGINE)} ({here}) imports {target}"
+
+
+def test_base_modules_import_only_base_modules():
+    for name in BASE:
+        assert imported_layers(ENGINE / f'{name}.py') <= BASE, name
+
+
+# QMP command names as string literals ('stop' and 'cont' are left out: 'stop' is also a mode).
+QMP_COMMAND = re.compile(r"""['"](query-[a-z-]+|block-[a-z-]+|blockdev-[a-z-]+|transaction|"""
+                         r"""system_[a-z]+|nbd-server-[a-z]+|human-monitor-command)['"]""")
+
+
+@pytest.mark.parametrize('path', [p for p in FILES if layer(p) != 'guest'],
+                         ids=lambda p: str(p.relative_to(ENGINE)))
+def test_no_qmp_command_outside_guest_and_no_qemu_img_outside_format(path):
+    text = path.read_text()
+    assert not re.search(r"\.execute\(", text), f"{path}: talks QMP outside guest/"
+    if layer(path) != 'format':
+        assert 'qemu_img_binary' not in text and "'qemu-img'" not in text, \
+            f"{path}: runs qemu-img outside format/"
+    match = QMP_COMMAND.search(text)
+    assert match is None, f"{path}: names the QMP command {match.group(1)}"
