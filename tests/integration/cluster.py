@@ -5,6 +5,13 @@ Each node is one sshd on 127.0.0.1N port 2222, started inside
 files stay its own) and its own host name. Everything else (``/tmp``, ``/run``, ``/usr``) is shared,
 so the lab guests' QMP sockets in the test's tmp dir are reachable from every node.
 
+A login gets a clean environment, whatever the host's start-up files do (on one image root's
+``.bashrc`` runs ``pyenv init``, ~0.75 s for every ssh command, so every Ansible task): the node's
+``/etc/passwd`` (in its overlay) gives root a home of its own, an empty directory in the node's
+dir, and ``/bin/sh`` as its shell, which reads no rc file for ``sh -c``; sshd runs no
+``~/.ssh/rc`` and no ``/etc/ssh/sshrc``. Root's real home is not hidden, as a mount over it would
+do: the venv's interpreter (``interpreter_python``) may live there, under pyenv.
+
 Teardown (``Cluster.stop``) closes ansible's ControlPersist masters, kills each sshd by its pidfile
 and then every process left in that node's mount namespace (its sessions), by pid; the mounts go
 with the namespace's last process. Nothing is mounted in the caller's namespace.
@@ -84,6 +91,7 @@ class NodeProcess:
         self.pidfile = os.path.join(self.dir, 'sshd.pid')
         self.log = os.path.join(self.dir, 'sshd.log')
         self.config = os.path.join(self.dir, 'sshd_config')
+        self.home = os.path.join(self.dir, 'home')
         self.pid = None
         self.namespace = None
 
@@ -92,9 +100,29 @@ class NodeProcess:
         full = os.path.join(self.upper_etc, path.lstrip('/').removeprefix('etc/'))
         return open(full).read() if os.path.isfile(full) else None
 
+    def _clean_login(self):
+        """Root's entry in the node's own /etc/passwd: an empty home and a shell without rc files
+        (written into the overlay's upper dir before the mount, so the host's file is untouched)."""
+        os.makedirs(self.home, mode=0o700, exist_ok=True)
+        lines, found = [], False
+        with open('/etc/passwd') as handle:
+            for line in handle:
+                fields = line.rstrip('\n').split(':')
+                if len(fields) == 7 and fields[0] == 'root':
+                    fields[5:7] = [self.home, '/bin/sh']
+                    line, found = ':'.join(fields) + '\n', True
+                lines.append(line)
+        if not found:
+            raise RuntimeError('/etc/passwd has no root entry')
+        path = os.path.join(self.upper_etc, 'passwd')
+        with open(path, 'w') as handle:
+            handle.writelines(lines)
+        os.chmod(path, 0o644)
+
     def start(self, host_key, authorized_keys):
         for sub in ('etc-upper', 'etc-work', 'varlib-upper', 'varlib-work'):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        self._clean_login()
         with open(self.config, 'w') as handle:
             handle.write(f"""\
 Port {PORT}
@@ -107,6 +135,8 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
+PermitUserRC no
+PermitUserEnvironment no
 StrictModes no
 UseDNS no
 Subsystem sftp internal-sftp
@@ -115,6 +145,7 @@ Subsystem sftp internal-sftp
             'set -e; '
             f'mount -t overlay overlay -o lowerdir=/etc,upperdir={self.dir}/etc-upper,'
             f'workdir={self.dir}/etc-work /etc; '
+            'rm -f /etc/ssh/sshrc; '      # sshd would run it for every session
             f'mount -t overlay overlay -o lowerdir=/var/lib,upperdir={self.dir}/varlib-upper,'
             f'workdir={self.dir}/varlib-work /var/lib; '
             f'hostname {self.name}; '
