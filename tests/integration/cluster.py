@@ -1,6 +1,6 @@
 """Several "nodes" on one machine for the multi-node test (FACTS.md: several nodes on one machine).
 
-Each node is one sshd on 127.0.0.1N port 2222, started inside
+Each node is one sshd on 127.0.0.1N, started inside
 ``unshare --mount --uts --propagation private`` with overlayfs over ``/etc`` and ``/var/lib`` (its
 files stay its own) and its own host name. Everything else (``/tmp``, ``/run``, ``/usr``) is shared,
 so the lab guests' QMP sockets in the test's tmp dir are reachable from every node.
@@ -23,7 +23,6 @@ import socket
 import subprocess
 import time
 
-PORT = 2222
 SSHD = shutil.which('sshd') or '/usr/sbin/sshd'
 # Connections reused (ControlPersist, closed with `ssh -O exit` on teardown); throwaway host keys.
 SSH_ARGS = ('-o ControlMaster=auto -o ControlPersist=60s -o StrictHostKeyChecking=no '
@@ -64,6 +63,23 @@ def ensure_sshd():
     return None
 
 
+def free_port(addresses):
+    """A TCP port free on every one of ``addresses`` now: the nodes of concurrent test runs (other
+    worktrees, other users of the machine) must not meet on a fixed port."""
+    for _attempt in range(50):
+        with socket.socket() as first:
+            first.bind((addresses[0], 0))
+            port = first.getsockname()[1]
+        try:
+            for address in addresses[1:]:
+                with socket.socket() as other:
+                    other.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f'no TCP port free on all of {", ".join(addresses)}')
+
+
 def _mnt_ns(pid):
     try:
         return os.readlink(f'/proc/{pid}/ns/mnt')
@@ -92,6 +108,7 @@ class NodeProcess:
         self.log = os.path.join(self.dir, 'sshd.log')
         self.config = os.path.join(self.dir, 'sshd_config')
         self.home = os.path.join(self.dir, 'home')
+        self.port = None
         self.pid = None
         self.namespace = None
 
@@ -119,13 +136,14 @@ class NodeProcess:
             handle.writelines(lines)
         os.chmod(path, 0o644)
 
-    def start(self, host_key, authorized_keys):
+    def start(self, host_key, authorized_keys, port):
+        self.port = port
         for sub in ('etc-upper', 'etc-work', 'varlib-upper', 'varlib-work'):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         self._clean_login()
         with open(self.config, 'w') as handle:
             handle.write(f"""\
-Port {PORT}
+Port {port}
 ListenAddress {self.address}
 HostKey {host_key}
 PidFile {self.pidfile}
@@ -165,13 +183,13 @@ Subsystem sftp internal-sftp
                 if self.pid:
                     self.namespace = _mnt_ns(self.pid)
                     try:
-                        socket.create_connection((self.address, PORT), timeout=1).close()
+                        socket.create_connection((self.address, port), timeout=1).close()
                         return self
                     except OSError:
                         pass
             time.sleep(0.1)
         log = open(self.log).read() if os.path.exists(self.log) else ''
-        raise RuntimeError(f'{self.name}: sshd not listening on {self.address}:{PORT}\n{log}')
+        raise RuntimeError(f'{self.name}: sshd not listening on {self.address}:{port}\n{log}')
 
     def stop(self):
         """Kill the sshd by its pidfile, then what is left in its mount namespace, by pid."""
@@ -212,7 +230,7 @@ class Cluster:
         self.authorized_keys = os.path.join(base, 'authorized_keys')
         self.control_path_dir = os.path.join(base, 'cp')
         self.ansible_cfg = os.path.join(base, 'ansible.cfg')
-        self.created_run_sshd = False
+        self.port = None
 
     def start(self):
         for path in (self.key, self.host_key):
@@ -241,11 +259,12 @@ control_path_dir = {self.control_path_dir}
 ssh_args = {SSH_ARGS}
 pipelining = True
 """)
-        if not os.path.isdir('/run/sshd'):     # sshd's privilege separation directory
-            os.makedirs('/run/sshd', mode=0o755)
-            self.created_run_sshd = True
+        # sshd's privilege separation directory, as openssh-server's own start-up makes it. Left
+        # in place on teardown: the sshd of a concurrent run may need it for its next login.
+        os.makedirs('/run/sshd', mode=0o755, exist_ok=True)
+        self.port = free_port([node.address for node in self.nodes])
         for node in self.nodes:
-            node.start(self.host_key, self.authorized_keys)
+            node.start(self.host_key, self.authorized_keys, self.port)
         return self
 
     def inventory(self, path, host_vars, group_vars):
@@ -253,7 +272,7 @@ pipelining = True
         hosts = {node.name: dict({'ansible_host': node.address}, **host_vars.get(node.name, {}))
                  for node in self.nodes}
         data = {'all': {'children': {'kvm_nodes': {'hosts': hosts}},
-                        'vars': dict({'ansible_port': PORT, 'ansible_user': 'root',
+                        'vars': dict({'ansible_port': self.port, 'ansible_user': 'root',
                                       'ansible_ssh_private_key_file': self.key,
                                       'ansible_become': False}, **group_vars)}}
         with open(path, 'w') as handle:
@@ -273,7 +292,5 @@ pipelining = True
                 node.stop()
             except Exception as exc:  # keep stopping the others
                 errors.append(f'{node.name}: {exc}')
-        if self.created_run_sshd:
-            shutil.rmtree('/run/sshd', ignore_errors=True)
         if errors:
             raise RuntimeError('; '.join(errors))
