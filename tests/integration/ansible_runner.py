@@ -16,7 +16,12 @@ import sys
 
 import yaml
 
+from procs import run_bounded
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+# One ansible/ansible-playbook call on localhost took 3-5 s on a busy day here, a playbook of
+# several tasks longer; the limit only stops a hung one (and its whole process tree).
+TIMEOUT = 300
 COLLECTIONS = os.environ.get('ANSIBLE_COLLECTIONS_PATH') or str(ROOT / '.build' / 'collections')
 INSTALLED = pathlib.Path(COLLECTIONS.split(os.pathsep)[0]) / 'ansible_collections' / 'guestvault' \
     / 'backup'
@@ -122,8 +127,12 @@ class Ansible:
     def _run(self, argv):
         self.calls += 1
         result_file = os.path.join(self.workdir, f'results-{self.calls}.jsonl')
-        proc = subprocess.run(argv, cwd=self.workdir, env=self._env(result_file),
-                              capture_output=True, text=True, timeout=120, check=False)
+        try:
+            proc = run_bounded(argv, TIMEOUT, cwd=self.workdir, env=self._env(result_file),
+                               capture_output=True, text=True)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"{' '.join(argv)}: still running after {TIMEOUT} s, its "
+                                 f"processes killed:\n{exc.output or ''}\n{exc.stderr or ''}") from None
         try:
             with open(result_file) as handle:
                 results = [json.loads(line) for line in handle]

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from lab_checks import backups_in
+from procs import kill_tree, run_bounded
 
 BIN = os.path.dirname(sys.executable)
 RUNNER = os.path.join(BIN, 'ansible-runner')
@@ -38,16 +39,24 @@ def test_a_scheduled_template_backs_up_and_prunes_through_ansible_runner(
     outputs = []
     for _run in range(2):
         # AWX: the control node transmits, an execution node works, the controller processes.
+        # The worker runs ansible-playbook in a session of its own: on a timeout (a run took
+        # ~8 s on a busy day here) or a failure, every stage's whole tree is killed.
         transmit = subprocess.Popen([RUNNER, 'transmit', str(data), '-p', 'backup.yml'],
-                                    stdout=subprocess.PIPE, env=env)
+                                    stdout=subprocess.PIPE, env=env, start_new_session=True)
         worker = subprocess.Popen([RUNNER, 'worker'], stdin=transmit.stdout,
-                                  stdout=subprocess.PIPE, env=env)
+                                  stdout=subprocess.PIPE, env=env, start_new_session=True)
         transmit.stdout.close()
-        process = subprocess.run([RUNNER, 'process', str(data)], stdin=worker.stdout,
-                                 capture_output=True, text=True, env=env, timeout=300,
-                                 check=False)
-        worker.wait(30)
-        transmit.wait(30)
+        try:
+            process = run_bounded([RUNNER, 'process', str(data)], 300, stdin=worker.stdout,
+                                  capture_output=True, text=True, env=env)
+            worker.wait(30)
+            transmit.wait(30)
+        finally:
+            worker.stdout.close()
+            for stage in (worker, transmit):
+                if stage.poll() is None:
+                    kill_tree(stage.pid)
+                    stage.wait()
         assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
         outputs.append(process.stdout)
     # Both runs backed up; the second one's retention removed the first backup.

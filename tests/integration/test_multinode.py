@@ -21,6 +21,7 @@ from ansible_runner import BIN, PYTHON, ROOT
 from cluster import Cluster, ensure_sshd, unavailable
 from guestvault_engine.policy.jobs_cfg import load_jobs
 from lab_checks import backups_in
+from procs import run_bounded
 
 MiB = 1 << 20
 NODES = ('node1', 'node2', 'node3')
@@ -61,13 +62,21 @@ def cluster(tmp_path_factory, installed_collection, sshd):
         nodes.stop()
 
 
-def run(cluster, argv, timeout=120):
+def run(cluster, argv, timeout=600):
+    """(return code, output) of ``ansible``/``ansible-playbook`` against the nodes. The limit only
+    stops a hung run, and its whole process tree: one site.yml run over the three nodes took
+    ~125 s on a fresh machine (before the nodes' logins skipped the host's .bashrc), and speed
+    varies 3x between days."""
     env = dict(os.environ, ANSIBLE_CONFIG=cluster.ansible_cfg, ANSIBLE_NOCOLOR='1',
                ANSIBLE_COLLECTIONS_PATH=str(ROOT / '.build' / 'collections'))
     for key in ('ANSIBLE_STDOUT_CALLBACK', 'ANSIBLE_CALLBACK_PLUGINS', 'GV_RESULT_FILE'):
         env.pop(key, None)
-    proc = subprocess.run(argv, cwd=cluster.base, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    try:
+        proc = run_bounded(argv, timeout, cwd=cluster.base, env=env, capture_output=True,
+                           text=True)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(argv)}: still running after {timeout} s, its processes killed; "
+                    f"output so far:\n{exc.output or ''}{exc.stderr or ''}")
     return proc.returncode, proc.stdout + proc.stderr
 
 

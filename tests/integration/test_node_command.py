@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from lab_checks import backups_in, same_content
+from procs import run_bounded
 
 MiB = 1 << 20
 ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
@@ -31,8 +32,9 @@ def node(make_guest, config_dir, store, tmp_path):
     env = dict(os.environ, GUESTVAULT_STATE_DIR=str(state_dir))
 
     def dump(*args):
-        return subprocess.run([sys.executable, COMMAND, '--config-dir', config_dir, *args],
-                              capture_output=True, text=True, env=env, timeout=120, check=False)
+        # The command runs hooks and qemu-img: a timeout ends them too.
+        return run_bounded([sys.executable, COMMAND, '--config-dir', config_dir, *args], 120,
+                           capture_output=True, text=True, env=env)
     return guests, dump, state_dir
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from ansible_runner import BIN, PYTHON, ROOT, assert_failed_with
+from procs import run_bounded
 from guestvault_engine.run.job import apply_job
 from guestvault_engine.policy.jobs_cfg import load_jobs
 from guestvault_engine.guest.registry import list_guests, load_guest
@@ -97,8 +98,13 @@ class Node:
         argv = [str(BIN / 'ansible-playbook'), '-i', 'localhost,', '-c', 'local',
                 '-e', f'ansible_python_interpreter={PYTHON}', *play_args]
         argv += ['--check', '--diff'] if check else []
-        proc = subprocess.run(argv, cwd=self.base, env=env, capture_output=True, text=True,
-                              timeout=300, check=False)
+        try:
+            # A converge took up to 27 s on a busy day here (and speed varies 3x between days):
+            # the limit only stops a hung one, and its whole process tree.
+            proc = run_bounded(argv, 600, cwd=self.base, env=env, capture_output=True, text=True)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"{' '.join(argv)}: still running after 600 s, its processes killed; "
+                        f"output so far:\n{exc.output or ''}{exc.stderr or ''}")
         output = proc.stdout + proc.stderr
         match = re.search(r'^localhost\s*:\s*(.*)$', output, re.MULTILINE)
         recap = {k: int(v) for k, v in re.findall(r'(\w+)=(\d+)', match.group(1))} if match else {}
