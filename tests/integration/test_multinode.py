@@ -101,7 +101,7 @@ def deployed(cluster):
     jobs.append({'id': 'everywhere', 'schedule': 'mon..fri 23:00', 'all': True,
                  'storage': 'store', 'repeat_missed': True})
     group_vars = {
-        'guestvault_engine_dir': node_dir + '/usr/lib/guestvault/guestvault_engine',
+        'guestvault_engine_archive': node_dir + '/usr/lib/guestvault/guestvault-engine.pyz',
         'guestvault_sbin_dir': node_dir + '/usr/local/sbin',
         'guestvault_install_packages': False,
         'guestvault_install_python_deps': False,

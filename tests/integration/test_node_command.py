@@ -116,3 +116,36 @@ def test_progress_shows_on_a_terminal_and_stays_out_of_pipes(node, store, config
     assert percents == sorted(percents), shown
     piped = dump('301', '--dumpdir', store)
     assert piped.returncode == 0 and '%' not in piped.stderr, piped.stderr
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+def engine_loaded_by(launcher, **env):
+    """(where the launcher's lookup loads node_command from, stderr, exit status)."""
+    environ = {k: v for k, v in os.environ.items() if k != 'GUESTVAULT_ENGINE'}
+    environ.update(env)
+    proc = subprocess.run([sys.executable, '-c', 'import runpy, sys; '
+                           'print(runpy.run_path(sys.argv[1])["load_engine"]().__file__)', launcher],
+                          cwd='/', env=environ, capture_output=True, text=True, check=False)
+    return proc.stdout.strip(), proc.stderr, proc.returncode
+
+
+def test_the_launcher_finds_the_checkout_an_archive_or_the_override(tmp_path):
+    engine = os.path.realpath(os.path.join(ROOT, 'plugins', 'module_utils', '_engine'))
+    assert engine_loaded_by(COMMAND)[0] == os.path.join(engine, 'run', 'node_command.py')
+    archive = str(tmp_path / 'engine.pyz')
+    subprocess.run([sys.executable, os.path.join(ROOT, 'roles', 'node', 'files', 'build_engine.py'),
+                    engine, archive], check=True, capture_output=True)
+    assert engine_loaded_by(COMMAND, GUESTVAULT_ENGINE=archive)[0] == os.path.join(
+        archive, 'guestvault_engine', 'run', 'node_command.py')
+    # Away from a checkout, as on a node: only the override or the installed archive.
+    elsewhere = str(tmp_path / 'guestvault-dump')
+    with open(COMMAND) as source, open(elsewhere, 'w') as copy:
+        copy.write(source.read().replace('/usr/lib/guestvault/guestvault-engine.pyz', archive))
+    assert engine_loaded_by(elsewhere)[0].startswith(archive + os.sep)
+    assert engine_loaded_by(elsewhere, GUESTVAULT_ENGINE=engine)[0].startswith(engine + os.sep)
+    where, stderr, status = engine_loaded_by(elsewhere, GUESTVAULT_ENGINE=str(tmp_path / 'nothing'))
+    assert status == 2 and where == '' and 'GUESTVAULT_ENGINE=' in stderr and 'neither' in stderr
+    os.unlink(archive)
+    where, stderr, status = engine_loaded_by(elsewhere)
+    assert status == 2 and 'engine is not installed' in stderr and archive in stderr

@@ -6,6 +6,8 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
+import zipfile
 
 import pytest
 import yaml
@@ -17,6 +19,8 @@ from guestvault_engine.policy.jobs_cfg import load_jobs
 from guestvault_engine.guest.registry import list_guests, load_guest
 
 PLAYBOOKS = ROOT / 'playbooks'
+BUILD_ENGINE = ROOT / 'roles' / 'node' / 'files' / 'build_engine.py'
+ENGINE_SOURCE = ROOT / 'plugins' / 'module_utils' / '_engine'
 POLICY = 'keep-daily=3,keep-weekly=2,keep-monthly=1'
 GUESTS = [
     {'vmid': 101, 'name': 'web01', 'qmp': '/run/qemu/101.qmp', 'agent': '/run/qemu/101.qga',
@@ -54,7 +58,9 @@ class Node:
         self.collections = collections
         self.config_dir = os.path.join(base, 'etc', 'guestvault')
         self.unit_dir = os.path.join(base, 'etc', 'systemd', 'system')
-        self.engine_dir = os.path.join(base, 'usr', 'lib', 'guestvault', 'guestvault_engine')
+        self.engine_archive = os.path.join(base, 'usr', 'lib', 'guestvault', 'guestvault-engine.pyz')
+        # The controller's scratch space (TMPDIR of ansible-playbook): the engine's build goes there.
+        self.controller_tmp = os.path.join(base, 'controller-tmp')
         self.sbin_dir = os.path.join(base, 'usr', 'local', 'sbin')
         self.command = os.path.join(self.sbin_dir, 'guestvault-dump')
         self.runs = 0
@@ -63,7 +69,7 @@ class Node:
         return dict({
             'guestvault_config_dir': self.config_dir,
             'guestvault_unit_dir': self.unit_dir,
-            'guestvault_engine_dir': self.engine_dir,
+            'guestvault_engine_archive': self.engine_archive,
             'guestvault_sbin_dir': self.sbin_dir,
             'guestvault_install_packages': False,
             'guestvault_install_python_deps': False,
@@ -91,7 +97,9 @@ class Node:
             with open(path, 'w') as handle:
                 yaml.safe_dump(play, handle, sort_keys=False)
             play_args = [path]
+        os.makedirs(self.controller_tmp, exist_ok=True)
         env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=self.collections, ANSIBLE_NOCOLOR='1',
+                   TMPDIR=self.controller_tmp,
                    ANSIBLE_LOCALHOST_WARNING='0', ANSIBLE_INVENTORY_UNPARSED_WARNING='0',
                    ANSIBLE_STDOUT_CALLBACK='default', ANSIBLE_RETRY_FILES_ENABLED='0')
         env.pop('ANSIBLE_CONFIG', None)
@@ -124,6 +132,7 @@ def node(tmp_path, collections):
 def converged(node, **extra):
     rc, output, recap = node.converge(**extra)
     assert rc == 0 and recap.get('failed') == 0, output
+    assert os.listdir(node.controller_tmp) == [], 'the engine build stays behind on the controller'
     return output, recap
 
 
@@ -142,27 +151,93 @@ def test_roles_converge_and_a_second_run_changes_nothing(deployed):
     assert second['changed'] == 0, output
 
 
-def test_the_installed_command_runs_from_the_copied_engine(deployed):
+def test_the_engine_on_the_node_is_one_archive_of_the_engine_package(deployed):
+    node = deployed[0]
+    assert os.listdir(os.path.dirname(node.engine_archive)) == ['guestvault-engine.pyz']
+    assert os.stat(node.engine_archive).st_mode & 0o777 == 0o644
+    with zipfile.ZipFile(node.engine_archive) as archive:
+        names = archive.namelist()
+        assert archive.testzip() is None
+    sources = sorted('guestvault_engine/' + str(path.relative_to(ENGINE_SOURCE))
+                     for path in ENGINE_SOURCE.rglob('*.py') if '__pycache__' not in path.parts)
+    assert names == ['__main__.py'] + sources
+    assert {'guestvault_engine/__init__.py', 'guestvault_engine/run/node_command.py',
+            'guestvault_engine/guest/registry.py', 'guestvault_engine/policy/calendar.py'} <= set(names)
+
+
+def test_the_installed_command_runs_from_the_engine_archive(deployed):
     node = deployed[0]
     assert os.stat(node.command).st_mode & 0o777 == 0o755
     launcher = open(node.command).read()
     assert launcher.startswith(f'#!{PYTHON}\n')
-    assert node.engine_dir in launcher
-    assert '/usr/lib/guestvault/guestvault_engine' not in launcher.replace(node.engine_dir, '')
-    engine = sorted(os.listdir(node.engine_dir))
-    assert {'__init__.py', 'dump_cli.py', 'registry.py', 'calendar.py'} <= set(engine)
+    assert f'\nARCHIVE = "{node.engine_archive}"\n' in launcher
+    assert '/usr/lib/guestvault/' not in launcher.replace(node.engine_archive, '')
     env = {k: v for k, v in os.environ.items() if k != 'GUESTVAULT_ENGINE'}
+    # The launcher's own lookup, asked where the node command comes from: the archive.
+    proc = subprocess.run([PYTHON, '-c', 'import runpy, sys; '
+                           'print(runpy.run_path(sys.argv[1])["load_engine"]().__file__)',
+                           node.command], cwd='/', env=env, capture_output=True, text=True,
+                          check=False)
+    assert proc.stdout.strip() == os.path.join(node.engine_archive, 'guestvault_engine', 'run',
+                                               'node_command.py'), proc.stderr
     # Run from elsewhere by its path, as a timer's service does: no source tree nearby.
     proc = subprocess.run([node.command, '--help'], cwd='/', env=env, capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0 and 'usage: guestvault-dump' in proc.stdout, proc.stderr
-    # The copied engine reads the deployed configuration.
+    # The archive's engine reads the deployed configuration.
     proc = subprocess.run([node.command, '--job', 'nosuchjob', '--config-dir', node.config_dir],
                           cwd='/', env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and 'jobs: here, weeknights' in proc.stderr, proc.stderr
     proc = subprocess.run([node.command, '--job', 'elsewhere', '--config-dir', node.config_dir],
                           cwd='/', env=env, capture_output=True, text=True, check=False)
     assert "no job 'elsewhere'" in proc.stderr
+    # The archive runs as a zipapp too, with any interpreter.
+    proc = subprocess.run([sys.executable, node.engine_archive, '--help'], cwd='/', env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and 'usage: guestvault-dump' in proc.stdout, proc.stderr
+
+
+def test_a_job_runs_from_the_engine_archive(node, make_guest, store):
+    guest = make_guest(vmid=9102)
+    converged(node, guestvault_guests=[{'vmid': 9102, 'qmp': guest.qmp_socket}],
+              guestvault_jobs=[{'id': 'now', 'schedule': 'daily', 'vmid': [9102],
+                                'storage': 'backup'}])
+    env = {k: v for k, v in os.environ.items() if k != 'GUESTVAULT_ENGINE'}
+    env['GUESTVAULT_STATE_DIR'] = os.path.join(node.base, 'state')
+    proc = subprocess.run([node.command, '--job', 'now', '--config-dir', node.config_dir],
+                          cwd='/', env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len([b for b in os.listdir(os.path.join(node.base, 'backup', 'vm', '9102'))
+                if b[0] != '.']) == 1
+
+
+def test_the_engine_archive_has_the_same_bytes_for_the_same_sources(tmp_path):
+    """What makes the role's copy idempotent: file times, build directory and caches do not matter."""
+    copy = tmp_path / 'engine'
+    shutil.copytree(ENGINE_SOURCE, copy, ignore=shutil.ignore_patterns('__pycache__'))
+    (copy / 'run' / '__pycache__').mkdir()
+    (copy / 'run' / '__pycache__' / 'job.cpython-311.pyc').write_bytes(b'stale')
+    (copy / 'notes.txt').write_text('not engine code')
+    for path in copy.rglob('*.py'):
+        os.utime(path, (1234567890, 1234567890))
+    archives = []
+    for source, target in ((ENGINE_SOURCE, tmp_path / 'a.pyz'), (copy, tmp_path / 'b.pyz')):
+        proc = subprocess.run([sys.executable, str(BUILD_ENGINE), str(source), str(target)],
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0 and proc.stdout.strip() == str(target), proc.stderr
+        archives.append(target.read_bytes())
+    assert archives[0] == archives[1]
+    proc = subprocess.run([sys.executable, str(BUILD_ENGINE), str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and 'is not the engine' in proc.stderr
+
+
+def test_the_old_engine_directory_variable_is_refused_with_advice(node):
+    rc, output, _recap = node.converge(roles=('node',),
+                                       guestvault_engine_dir='/usr/lib/guestvault/guestvault_engine')
+    assert rc != 0 and 'guestvault_engine_archive' in output, output
+    assert not os.path.exists(node.engine_archive)
 
 
 def test_the_registry_holds_the_inventorys_guests(deployed):
@@ -251,6 +326,8 @@ def test_check_mode_on_a_fresh_node_reports_changes_and_writes_no_configuration(
     rc, output, recap = node.converge(check=True, guestvault_guests=GUESTS, guestvault_jobs=JOBS)
     assert rc == 0 and recap['changed'] > 0, output
     assert not os.path.exists(node.config_dir) and node.units() == []
+    assert not os.path.exists(node.engine_archive)
+    assert os.listdir(node.controller_tmp) == []
 
 
 def test_site_playbook_deploys_a_whole_node_and_a_second_run_changes_nothing(node):
