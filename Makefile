@@ -65,6 +65,7 @@ sanity: venv
 	VENV=$(VENV) tests/sanity/run-sanity.sh
 
 bench: deps venv
+	$(PY) bench/prune_bench.py
 	$(PY) bench/backup_bench.py
 
 clean:

@@ -6,12 +6,16 @@ proxmox-backup ``tests/prune.rs`` (the tests of PBS's ``compute_prune_info``). B
 the build host's local time, which is UTC; here they run with ``tz="UTC"``.
 """
 
+import functools
+import random
 import time
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from guestvault_engine.errors import ConfigError
+from guestvault_engine.times import format_utc
 from guestvault_engine.policy.retention import (
     PruneMark,
     RetentionPolicy,
@@ -577,3 +581,258 @@ def test_pbs_prune_simple_example(policy, expected_removed):
     backups = pbs("2019-12-02T11:59:15Z", "2019-12-03T11:59:15Z", "2019-12-04T11:59:15Z",
                   "2019-12-04T12:59:15Z")
     assert removed(backups, policy) == expected_removed
+
+
+# ------------------------------------------------------------------ fast paths against a reference
+
+# The selection works a list at a time and sorts and names by epoch seconds, for speed (see
+# bench/prune_bench.py). These tests hold it to a plain transcription of Proxmox's
+# prune_mark_backup_group: one backup at a time, local time by astimezone(), periods as the
+# strftime strings Proxmox builds, on randomized backups in zones with summer time, half- and
+# quarter-hour offsets, skipped days and negative DST.
+
+REFERENCE_PERIODS = {
+    "keep-last": lambda utc, local: utc,
+    "keep-hourly": lambda utc, local: local.strftime("%H/%d/%m/%Y"),
+    "keep-daily": lambda utc, local: local.strftime("%d/%m/%Y"),
+    "keep-weekly": lambda utc, local: local.strftime("%V/%G"),
+    "keep-monthly": lambda utc, local: local.strftime("%m/%Y"),
+    "keep-yearly": lambda utc, local: local.strftime("%Y"),
+}
+REFERENCE_RULE_ORDER = ("keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly",
+                        "keep-yearly")
+PROTECTED_SPELLINGS = {None: False, False: False, True: True, "no": False, "yes": True,
+                       "0": False, "1": True}
+
+
+def reference_marks(entries, policy, tz):
+    """[(id, utc time, mark, rule)] newest first, computed as plainly as possible."""
+    zone = ZoneInfo(tz) if isinstance(tz, str) else tz
+    parsed = []
+    for entry in entries:
+        get = entry.get if isinstance(entry, dict) else lambda name: getattr(entry, name, None)
+        moment = to_datetime(get("time"))
+        parsed.append({"id": format_utc(moment) if get("id") is None else get("id"),
+                       "time": moment, "protected": PROTECTED_SPELLINGS[get("protected")],
+                       "local": moment.astimezone(zone) if zone else moment.astimezone(),
+                       "mark": None, "rule": None})
+    parsed.sort(key=lambda backup: backup["time"], reverse=True)
+    for backup in parsed:
+        if backup["protected"]:
+            backup["mark"] = backup["rule"] = "protected"
+    counts = as_policy(policy).counts()
+    if not counts:
+        for backup in parsed:
+            if backup["mark"] is None:
+                backup["mark"], backup["rule"] = "keep", "keep-all"
+    for option in REFERENCE_RULE_ORDER:
+        if option not in counts:
+            continue
+        period = REFERENCE_PERIODS[option]
+        already = {period(b["time"], b["local"]) for b in parsed if b["mark"] == "keep"}
+        newly = []
+        for backup in parsed:
+            if backup["mark"] is not None:
+                continue
+            key = period(backup["time"], backup["local"])
+            if key in already:
+                continue
+            if key in newly:
+                backup["mark"] = "remove"
+                continue
+            if len(newly) >= counts[option]:
+                break
+            newly.append(key)
+            backup["mark"] = "keep"
+            backup["rule"] = f"{option[len('keep-'):]} #{len(newly)}"
+    for backup in parsed:
+        if backup["mark"] is None:
+            backup["mark"] = "remove"
+    return [(b["id"], b["time"], b["mark"], b["rule"]) for b in parsed]
+
+
+@functools.lru_cache(maxsize=None)
+def utc_offset_changes(zone, year):
+    """UTC instants (epoch, to 3 hours) at which ``zone``'s offset changes during ``year``."""
+    start = int(datetime(year, 1, 1, tzinfo=timezone.utc).timestamp())
+    changes, before = [], None
+    for moment in range(start, start + 366 * DAY, 3 * HOUR):
+        offset = datetime.fromtimestamp(moment, zone).utcoffset()
+        if before is not None and offset != before:
+            changes.append(moment)
+        before = offset
+    return changes
+
+
+GAPS = [(0, 0), (1, 59), (60, 90 * 60), (HOUR, 30 * HOUR), (DAY, 10 * DAY), (7 * DAY, 60 * DAY)]
+
+
+def random_backups(rng, zone):
+    """Up to 300 backups in clusters around offset changes, year ends and random times."""
+    year = rng.choice([1975, 1996, 2011, 2018, 2020, 2024, 2031])
+    centres = utc_offset_changes(zone, year) if zone is not None else []
+    centres += [int(datetime(year, 12, 31, 23, tzinfo=timezone.utc).timestamp()),
+                rng.randint(-10 ** 9, 2 * 10 ** 9)]
+    weights = [rng.random() for gap in GAPS]
+    seconds = []
+    for cluster in range(rng.randint(1, 4)):
+        moment = rng.choice(centres) - rng.randint(0, 3 * DAY)
+        for backup in range(rng.randint(0, 100)):
+            low, high = rng.choices(GAPS, weights)[0]
+            moment += rng.randint(low, high)
+            seconds.append(moment)
+    fractional = rng.random() < 0.2
+    times = [t + rng.choice([0, 0.25, 0.999999]) if fractional else t for t in seconds]
+    with_ids = rng.choice(["all", "none", "some"])
+    if with_ids != "all":  # without an id, the time is the id: keep it unique
+        times = sorted(set(times))
+    form = rng.choice(["epoch", "float", "iso-z", "iso-offset", "datetime", "mixed"])
+    protected_rate = rng.choice([0, 0.1, 0.5])
+    spellings = [True, False] if rng.random() < 0.8 else list(PROTECTED_SPELLINGS)
+    backups = []
+    for index, t in enumerate(times):
+        backup = {"time": time_in_form(rng, t, form)}
+        if with_ids == "all" or (with_ids == "some" and rng.random() < 0.5):
+            backup["id"] = f"b{index}"
+        if rng.random() < protected_rate:
+            backup["protected"] = rng.choice(spellings)
+        elif rng.random() < 0.5:
+            backup["protected"] = False
+        backups.append(backup)
+    order = rng.choice(["shuffled", "oldest first", "newest first"])
+    if order == "shuffled":
+        rng.shuffle(backups)
+    elif order == "newest first":
+        backups.reverse()
+    return backups
+
+
+def time_in_form(rng, t, form):
+    if form == "mixed":
+        form = rng.choice(["epoch", "float", "iso-z", "iso-offset", "datetime"])
+    moment = datetime.fromtimestamp(t, timezone.utc)
+    if form == "epoch":
+        return t
+    if form == "float":
+        return float(t)
+    if form == "iso-z":
+        return format_utc(moment)
+    offset = timezone(timedelta(minutes=rng.choice([-570, -300, 0, 60, 345, 780])))
+    if form == "iso-offset":
+        return moment.astimezone(offset).isoformat()
+    return moment.astimezone(offset)
+
+
+def random_policy(rng):
+    if rng.random() < 0.1:
+        return "keep-all=1"
+    counts = {option: rng.choice([0, 0, 1, 2, 3, 5, 50]) for option in REFERENCE_RULE_ORDER}
+    return ",".join(f"{option}={n}" for option, n in counts.items())
+
+
+REFERENCE_ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe",
+                   "Asia/Kathmandu", "America/St_Johns", "Pacific/Apia", "Africa/Casablanca",
+                   "Europe/Dublin", "America/Sao_Paulo", "Pacific/Chatham",
+                   timezone(timedelta(hours=-9, minutes=-30))]
+
+
+@pytest.mark.parametrize("tz", REFERENCE_ZONES, ids=str)
+def test_the_selection_marks_random_backups_as_the_reference_does(tz):
+    rng = random.Random(f"prune-{tz}")
+    zone = ZoneInfo(tz) if isinstance(tz, str) else tz
+    for case in range(25):
+        backups = random_backups(rng, zone)
+        policy = random_policy(rng)
+        expected = reference_marks(backups, policy, tz)
+        marks = select_for_prune(backups, as_policy(policy), tz=tz)
+        assert [(m.id, m.time, m.mark, m.rule) for m in marks] == expected, policy
+        assert [m.time.tzinfo for m in marks] == [timezone.utc] * len(marks)
+        assert simulate(backups, policy, timezone=tz) == [
+            {"id": backup_id, "time": format_utc(moment), "mark": mark, "rule": rule}
+            for backup_id, moment, mark, rule in expected]
+
+
+@pytest.mark.parametrize("system_zone", ["Europe/Berlin", "Australia/Lord_Howe",
+                                         "America/Sao_Paulo"])
+def test_random_backups_in_the_systems_local_time_match_the_reference(monkeypatch, system_zone):
+    monkeypatch.setenv("TZ", system_zone)
+    time.tzset()
+    try:
+        rng = random.Random(f"prune-local-{system_zone}")
+        for case in range(15):
+            backups = random_backups(rng, ZoneInfo(system_zone))
+            policy = random_policy(rng)
+            assert simulate(backups, policy) == [
+                {"id": backup_id, "time": format_utc(moment), "mark": mark, "rule": rule}
+                for backup_id, moment, mark, rule in reference_marks(backups, policy, None)]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_every_rule_alone_and_all_together_match_the_reference_on_a_long_history():
+    # A year and a half of backups 5-10 minutes or 1-12 hours apart, some protected: every
+    # rule walks far, past summer time changes and a year end.
+    rng = random.Random(9)
+    moment, backups = 1600000000, []
+    for index in range(4000):
+        moment += rng.choice([rng.randint(300, 600), rng.randint(HOUR, 12 * HOUR)])
+        backups.append({"id": index, "time": moment, "protected": rng.random() < 0.01})
+    rng.shuffle(backups)
+    policies = [f"{option}=40" for option in REFERENCE_RULE_ORDER] + [
+        "keep-last=3,keep-hourly=24,keep-daily=7,keep-weekly=4,keep-monthly=12,keep-yearly=5",
+        "keep-hourly=2000,keep-monthly=30", "keep-all=1"]
+    for policy in policies:
+        expected = reference_marks(backups, policy, "Europe/Berlin")
+        assert simulate(backups, policy, timezone="Europe/Berlin") == [
+            {"id": backup_id, "time": format_utc(t), "mark": mark, "rule": rule}
+            for backup_id, t, mark, rule in expected], policy
+
+
+def test_objects_generators_and_protected_spellings_take_the_checked_path_with_equal_results():
+    class Backup:
+        def __init__(self, entry):
+            self.id, self.time = entry.get("id"), entry["time"]
+            self.protected = entry.get("protected")
+
+    rng = random.Random(3)
+    for case in range(20):
+        backups = random_backups(rng, ZoneInfo("Europe/Berlin"))
+        policy = random_policy(rng)
+        as_dicts = select_for_prune(backups, as_policy(policy), tz="Europe/Berlin")
+        as_objects = select_for_prune([Backup(b) for b in backups], as_policy(policy),
+                                      tz="Europe/Berlin")
+        from_generator = simulate((b for b in backups), policy, timezone="Europe/Berlin")
+        assert as_dicts == as_objects
+        assert from_generator == simulate(backups, policy, timezone="Europe/Berlin")
+        assert [(m.id, m.time, m.mark, m.rule) for m in as_dicts] == reference_marks(
+            backups, policy, "Europe/Berlin")
+
+
+@pytest.mark.parametrize("when", [
+    -62135596800,            # 0001-01-01T00:00:00Z, the first second a datetime holds
+    253402300799,            # 9999-12-31T23:59:59Z, the last
+    -1, 0, 86399, 86400, 951782400, 1709164800,  # around the epoch and two leap days
+    1714593600.5, "2024-05-01T20:00:00.000001Z",
+])
+def test_simulated_times_are_named_as_format_utc_names_them(when):
+    [entry] = simulate([{"time": when}, ], "keep-last=1", timezone="UTC")
+    assert entry["time"] == entry["id"] == format_utc(to_datetime(when))
+
+
+def test_errors_name_the_first_bad_backup_whichever_path_finds_it():
+    # The fast path gives up on the whole list; the checked one reports in input order.
+    with pytest.raises(ConfigError, match=r"backup #2 has the same id as backup #1: 'a'"):
+        simulate([{"id": "a", "time": 1}, {"id": "a", "time": 2}, {"id": "c", "time": "no"}],
+                 "keep-last=1")
+    with pytest.raises(ConfigError, match=r"backup 'b': time: 'no' is not a time"):
+        simulate([{"id": "a", "time": 1}, {"id": "b", "time": "no"}, {"id": "a", "time": 3}],
+                 "keep-last=1")
+    with pytest.raises(ConfigError, match=r"backup 'b': protected: 'maybe' is not a boolean"):
+        simulate([{"id": "a", "time": 1}, {"id": "b", "time": 2, "protected": "maybe"},
+                  {"id": "c", "time": 10 ** 20}], "keep-last=1")
+    with pytest.raises(ConfigError, match=r"backup 'c': time: .* out of range"):
+        simulate([{"id": "a", "time": 1}, {"id": "c", "time": 10 ** 20}], "keep-last=1")
+    with pytest.raises(ConfigError, match=r"backup '\[1\]': id \[1\] is not usable as an id"):
+        select_for_prune([{"id": "a", "time": 1}, {"id": [1], "time": 2}],
+                         RetentionPolicy(keep_last=1))
