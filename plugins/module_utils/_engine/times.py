@@ -6,14 +6,22 @@ schedule simulator), so they accept and refuse the same things with the same mes
 from __future__ import annotations
 
 import math
+import os
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from typing import Union
 
 from .errors import ConfigError
 from .vocabulary import BACKUP_TIME_FORMAT
 
+try:  # Python 3.9+; guarded so that loading the engine never fails on it.
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+except ImportError:  # pragma: no cover
+    ZoneInfo = None  # type: ignore[assignment,misc]
+    ZoneInfoNotFoundError = KeyError  # type: ignore[assignment,misc]
+
 TimeValue = Union[datetime, int, float, str]
+TimeZoneArg = Union[None, str, tzinfo]
 _EPOCH_RE = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?$")
 TIME_EXAMPLE = "an ISO 8601 time with a UTC offset such as 2024-05-01T02:00:00Z, or epoch seconds"
 
@@ -91,3 +99,58 @@ def parse_age(text, what: str = 'max_age') -> float:
         raise ConfigError(f"{what} {text!r} is not an age: use a positive number of seconds or "
                           "a number with s, m, h, d or w (e.g. 12h)")
     return seconds
+
+
+def resolve_timezone(tz: TimeZoneArg = None) -> tzinfo:
+    """A ``tzinfo`` from None (the system's local time, as libc finds it), an IANA name or a tzinfo.
+
+    The one resolver behind every option that takes a time zone (the schedule engine, the
+    prune simulator, retention), so that "no zone given" means the same everywhere.
+    """
+    if isinstance(tz, tzinfo):
+        return tz
+    if isinstance(tz, str):
+        return _zone_by_name(tz.strip(), "time zone")
+    if tz is not None:
+        raise ConfigError(f"time zone: {tz!r} is neither an IANA name nor a tzinfo")
+    return _system_zone()
+
+
+def _zone_by_name(name: str, what: str) -> tzinfo:
+    if ZoneInfo is None:  # pragma: no cover - Python < 3.9
+        raise ConfigError(f"{what}: this Python has no zoneinfo; use Python 3.9+")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ConfigError(f"{what}: unknown time zone '{name}'; use an IANA name such as "
+                          "Europe/Berlin or UTC") from None
+
+
+def _system_zone() -> tzinfo:
+    """libc's local zone: ``TZ`` (a zone name or ``:name``), else ``/etc/localtime``, else UTC."""
+    env = os.environ.get("TZ")
+    if env:
+        name = env[1:] if env.startswith(":") else env
+        if name.startswith("/"):
+            return _zone_from_file(name, f"TZ={env}")
+        return _zone_by_name(name, f"TZ={env}")
+    if os.path.exists("/etc/localtime"):
+        target = os.path.realpath("/etc/localtime")
+        marker = "/zoneinfo/"
+        if marker in target:
+            try:
+                return _zone_by_name(target.split(marker, 1)[1], "/etc/localtime")
+            except ConfigError:
+                pass
+        return _zone_from_file("/etc/localtime", "/etc/localtime")
+    return timezone.utc
+
+
+def _zone_from_file(path: str, what: str) -> tzinfo:
+    if ZoneInfo is None:  # pragma: no cover - Python < 3.9
+        raise ConfigError(f"{what}: this Python has no zoneinfo; use Python 3.9+")
+    try:
+        with open(path, "rb") as handle:
+            return ZoneInfo.from_file(handle)
+    except (OSError, ValueError):
+        raise ConfigError(f"{what}: {path} is not a readable time zone file") from None

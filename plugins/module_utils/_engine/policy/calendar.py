@@ -47,22 +47,14 @@ and the roll-overs above (the message says how to write the schedule instead).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError
-from ..times import TimeValue, to_datetime
+from ..times import TimeValue, TimeZoneArg, resolve_timezone, to_datetime
 
-try:  # Python 3.9+; guarded so that loading the engine never fails on it.
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-except ImportError:  # pragma: no cover
-    ZoneInfo = None  # type: ignore[assignment,misc]
-    ZoneInfoNotFoundError = KeyError  # type: ignore[assignment,misc]
-
-TimeZoneArg = Union[None, str, tzinfo]
 
 FORMAT = "[WEEKDAY] [[YEARS-]MONTHS-DAYS] [HOURS:MINUTES[:SECONDS]] [UTC]"
 
@@ -712,57 +704,6 @@ def _compute_next_event(event: CalendarEvent, after: datetime, zone: tzinfo) -> 
 
 
 # ------------------------------------------------------------------------------ times and zones
-
-def resolve_timezone(tz: TimeZoneArg = None) -> tzinfo:
-    """A ``tzinfo`` from None (the system's local time, as libc finds it), an IANA name or a tzinfo."""
-    if isinstance(tz, tzinfo):
-        return tz
-    if isinstance(tz, str):
-        return _zone_by_name(tz.strip(), f"time zone '{tz}'")
-    if tz is not None:
-        raise ConfigError(f"time zone: {tz!r} is neither an IANA name nor a tzinfo")
-    return _system_zone()
-
-
-def _zone_by_name(name: str, what: str) -> tzinfo:
-    if ZoneInfo is None:  # pragma: no cover - Python < 3.9
-        raise ConfigError(f"{what}: this Python has no zoneinfo; use Python 3.9+")
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ConfigError(f"{what}: unknown time zone; use an IANA name such as Europe/Berlin "
-                          f"or UTC") from None
-
-
-def _system_zone() -> tzinfo:
-    """libc's local zone: ``TZ`` (a zone name or ``:name``), else ``/etc/localtime``, else UTC."""
-    env = os.environ.get("TZ")
-    if env:
-        name = env[1:] if env.startswith(":") else env
-        if name.startswith("/"):
-            return _zone_from_file(name, f"TZ={env}")
-        return _zone_by_name(name, f"TZ={env}")
-    if os.path.exists("/etc/localtime"):
-        target = os.path.realpath("/etc/localtime")
-        marker = "/zoneinfo/"
-        if marker in target:
-            try:
-                return _zone_by_name(target.split(marker, 1)[1], "/etc/localtime")
-            except ConfigError:
-                pass
-        return _zone_from_file("/etc/localtime", "/etc/localtime")
-    return timezone.utc
-
-
-def _zone_from_file(path: str, what: str) -> tzinfo:
-    if ZoneInfo is None:  # pragma: no cover - Python < 3.9
-        raise ConfigError(f"{what}: this Python has no zoneinfo; use Python 3.9+")
-    try:
-        with open(path, "rb") as handle:
-            return ZoneInfo.from_file(handle)
-    except (OSError, ValueError):
-        raise ConfigError(f"{what}: {path} is not a readable time zone file") from None
-
 
 def _zone_name(zone: tzinfo) -> Optional[str]:
     if zone is timezone.utc:

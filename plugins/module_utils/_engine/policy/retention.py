@@ -46,16 +46,10 @@ from itertools import repeat
 from operator import attrgetter, methodcaller
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple, Union
 
-from .config import parse_bool, parse_int, parse_prune_backups
 from ..errors import ConfigError
 from ..times import TIME_EXAMPLE as _TIME_EXAMPLE
-from ..times import format_utc, to_datetime
-
-try:  # Python 3.9+; the import is guarded so that loading the engine never fails on it.
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-except ImportError:  # pragma: no cover
-    ZoneInfo = None  # type: ignore[assignment,misc]
-    ZoneInfoNotFoundError = KeyError  # type: ignore[assignment,misc]
+from ..times import TimeZoneArg, format_utc, resolve_timezone, to_datetime
+from .config import parse_bool, parse_int, parse_prune_backups
 
 KEEP = "keep"
 REMOVE = "remove"
@@ -74,7 +68,6 @@ RULES: Tuple[Tuple[str, str], ...] = (
 COUNT_OPTIONS: Tuple[str, ...] = tuple(rule[0] for rule in RULES)
 OPTIONS: Tuple[str, ...] = (KEEP_ALL,) + COUNT_OPTIONS
 
-TimeZoneArg = Union[None, str, tzinfo]
 _UTC = timezone.utc
 
 
@@ -218,28 +211,12 @@ def as_policy(policy: Union[RetentionPolicy, Mapping[str, Any], str],
 
 # --------------------------------------------------------------------------- times
 
-def get_timezone(tz: TimeZoneArg) -> Optional[tzinfo]:
-    """``None`` (the system's local time), a ``tzinfo``, or the tzinfo of an IANA name."""
-    if tz is None or isinstance(tz, tzinfo):
-        return tz
-    if isinstance(tz, str):
-        if ZoneInfo is None:  # pragma: no cover - Python < 3.9
-            raise ConfigError(f"time zone '{tz}': this Python has no zoneinfo; use Python 3.9+")
-        try:
-            return ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(f"unknown time zone '{tz}'; use an IANA name such as "
-                              f"Europe/Berlin or UTC") from None
-    raise ConfigError(f"time zone: {tz!r} is neither an IANA name nor a tzinfo")
-
-
 # --------------------------------------------------------------------------- periods
 
-def _local_times(backups: _Backups, zone: Optional[tzinfo]) -> List[datetime]:
-    """Each backup's time in ``zone``, or in the system's local time (what Proxmox's localtime()
-    uses) without one; map() converts 100k times without a Python call per time."""
-    if zone is None:
-        return list(map(methodcaller("astimezone"), backups.utc_times()))
+def _local_times(backups: _Backups, zone: tzinfo) -> List[datetime]:
+    """Each backup's time in ``zone`` (``times.resolve_timezone``: the system's local time, as
+    Proxmox's localtime() uses, when none is given); map() converts 100k times without a Python
+    call per time."""
     if backups.times is None:
         # The same zone.fromutc() call as astimezone() makes, without the UTC datetime.
         return list(map(datetime.fromtimestamp, backups.seconds, repeat(zone)))
@@ -449,7 +426,7 @@ def _select(entries: Iterable[Any], policy: RetentionPolicy, tz: TimeZoneArg) ->
     """The backups newest first, with their marks and rules."""
     if not isinstance(policy, RetentionPolicy):
         raise TypeError("policy must be a RetentionPolicy; use as_policy() for dicts or strings")
-    zone = get_timezone(tz)
+    zone = resolve_timezone(tz)
     given = _entries(entries)
     # A stable sort, reverse=True included: backups with the same time keep their input order.
     keys: List[Any] = given.utc_times() if given.seconds is None else given.seconds
