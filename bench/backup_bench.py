@@ -47,7 +47,7 @@ VMID = 9901
 # --------------------------------------------------------------------------------------- set-up
 def load_engine(run_dir):
     """The engine as package ``guestvault_engine`` (as tests/conftest.py does)."""
-    os.environ['GUESTVAULT_RUN_DIR'] = run_dir  # read at import time by backup_run
+    os.environ['GUESTVAULT_RUN_DIR'] = run_dir  # where the engine keeps its node locks
     engine_dir = os.path.join(ROOT, 'plugins', 'module_utils', '_engine')
     if 'guestvault_engine' not in sys.modules:
         spec = importlib.util.spec_from_file_location(
@@ -58,7 +58,6 @@ def load_engine(run_dir):
         spec.loader.exec_module(package)
     sys.path.insert(0, os.path.join(ROOT, 'tools'))
     from guestvault_engine.run import backup as backup_run
-    backup_run.RUN_DIR = run_dir
     return backup_run
 
 

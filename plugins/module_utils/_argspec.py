@@ -190,17 +190,25 @@ def protect_argument_spec():
     return spec
 
 
+LOCKWAIT = {'type': 'float', 'default': 180}
+
+
 def guest_info_argument_spec():
     spec = guest_argument_spec()
     spec.update(storage_argument_spec())
     spec['chain_period'] = {'type': 'str', 'default': 'none', 'choices': list(CHAIN_PERIODS)}
+    spec['lockwait'] = LOCKWAIT
     return spec
 
 
 def guest_bitmaps_argument_spec():
     spec = guest_argument_spec()
+    spec.update(storage_argument_spec())
     spec.update({'chain': {'type': 'str'},
-                 'state': {'type': 'str', 'default': 'absent', 'choices': ['absent']}})
+                 'orphans': {'type': 'bool', 'default': False},
+                 'cleanup': {'type': 'bool', 'default': False},
+                 'state': {'type': 'str', 'default': 'absent', 'choices': ['absent']},
+                 'lockwait': LOCKWAIT})
     return spec
 
 

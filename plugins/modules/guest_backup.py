@@ -18,6 +18,11 @@ description:
     qcow2 images, so an incremental backup copies only what changed and survives a QEMU restart.
   - A backup becomes visible only when it is complete; a failed or interrupted run leaves the
     chain's bitmap as it was, so the next backup loses no write.
+  - Before it starts, a backup clears what killed runs of the guest left (a block job still
+    copying, its target node, its hidden directory, and bitmaps no stored backup needs) and says
+    so in its log.
+  - Backups are private whatever the umask (directories 0700, files 0600), since they hold whole
+    disks.
   - Consistency modes, naming, notes templates, protection and hook scripts follow Proxmox
     vzdump. Defaults come from C(vzdump.conf) in O(config_dir), overridden by the options given.
 author:
@@ -99,7 +104,10 @@ options:
     description: Minutes to wait for the guest to shut down in O(mode=stop). Default 10.
     type: float
   lockwait:
-    description: Minutes to wait for another backup of the same guest to finish. Default 180.
+    description:
+      - Minutes to wait while another run holds the guest (a scheduled job, an ad-hoc backup, a
+        prune of its backups). Default 180. The run waits before it connects to QEMU (which serves
+        one QMP client at a time), and its log says whom it waits for.
     type: float
   freeze_timeout:
     description:

@@ -17,11 +17,17 @@ description:
   - Use it to retire a chain you no longer back up (each bitmap costs a little on every guest
     write) or before moving a guest's images elsewhere. The next V(auto) backup of a retired
     chain is a full one.
+  - With O(orphans), only the bitmaps no stored backup and no live chain needs; with O(cleanup),
+    also everything a killed run left (a block job still copying, its target node, the hidden
+    directory it was writing). M(guestvault.backup.guest_info) lists both as RV(guestvault.backup.guest_info#module:leftovers).
+  - Every backup of the guest clears the same leftovers by itself first; O(cleanup) is for
+    doing it now, for example after an engine was killed and the next backup is hours away.
   - To list bitmaps, use M(guestvault.backup.guest_info).
 author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.guest
+  - guestvault.backup.storage
 requirements:
   - qemu.qmp (Python) on the node
 attributes:
@@ -39,6 +45,24 @@ options:
   chain:
     description: Only this chain's bitmaps; default all of guestvault's.
     type: str
+  orphans:
+    description:
+      - Only the orphan bitmaps, whose removal never changes what the next backup does. Those are
+        the ones a killed run added, inconsistent ones, and (with O(storage) or O(dumpdir)) ones
+        superseded by a newer backup of their chain on that storage.
+    type: bool
+    default: false
+  cleanup:
+    description:
+      - Clear what killed runs left instead of removing bitmaps. Their block jobs are cancelled,
+        their target nodes closed, their hidden directories removed (the one the run recorded,
+        and any on O(storage) or O(dumpdir)), and orphan bitmaps removed (see O(orphans)).
+    type: bool
+    default: false
+  lockwait:
+    description: Minutes to wait while another run (a backup) holds the guest on this node.
+    type: float
+    default: 180
   state:
     description: V(absent) removes the bitmaps.
     type: str
@@ -57,6 +81,12 @@ EXAMPLES = r"""
   guestvault.backup.guest_bitmaps:
     vmid: 101
     state: absent
+
+- name: Clear what a killed backup left (job, target node, hidden directory, its bitmap)
+  guestvault.backup.guest_bitmaps:
+    vmid: 101
+    storage: backup-nfs
+    cleanup: true
 """
 
 RETURN = r"""
@@ -77,6 +107,12 @@ removed:
       description: Bitmap name.
       type: str
       sample: guestvault.nightly.20261121T010000Z
+cleared:
+  description:
+    - With O(cleanup), the leftovers found and cleared (null otherwise), shaped as
+      RV(guestvault.backup.guest_info#module:leftovers).
+  returned: always
+  type: dict
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
@@ -88,8 +124,11 @@ def main():
     run_module(guest_bitmaps_argument_spec(),
                lambda params, check_mode: remove_bitmaps(
                    params['vmid'], params['qmp_socket'], params['config_dir'], params['chain'],
-                   check_mode=check_mode),
-               needs_qmp=True)
+                   orphans=params['orphans'], cleanup=params['cleanup'],
+                   storage=params['storage'], dumpdir=params['dumpdir'], check_mode=check_mode,
+                   lockwait=params['lockwait']),
+               needs_qmp=True, mutually_exclusive=[('storage', 'dumpdir'), ('chain', 'cleanup'),
+                                                   ('chain', 'orphans')])
 
 
 if __name__ == '__main__':

@@ -39,6 +39,10 @@ options:
   dumpdir:
     description: A backup directory whose chains to show, instead of O(storage).
     type: path
+  lockwait:
+    description: Minutes to wait while another run (a backup) holds the guest on this node.
+    type: float
+    default: 180
   chain_period:
     description:
       - The O(guestvault.backup.guest_backup#module:chain_period) the next backup would use, so that
@@ -118,6 +122,9 @@ disks:
     read_only:
       description: Whether the disk is read-only.
       type: bool
+    in_job:
+      description: Whether a block job (ours or another tool's) is copying the disk now.
+      type: bool
     bitmaps:
       description: Dirty bitmaps on the disk.
       type: list
@@ -141,6 +148,16 @@ disks:
         inconsistent:
           description: QEMU stopped without saving it; unusable.
           type: bool
+        orphan:
+          description:
+            - Whether no stored backup and no live chain needs this guestvault bitmap. That is so
+              when a killed run added it, when it is inconsistent, or (with O(storage)/O(dumpdir))
+              when a newer backup of its chain on that storage has superseded it. The next backup of the guest removes
+              it, or M(guestvault.backup.guest_bitmaps) with O(guestvault.backup.guest_bitmaps#module:orphans) now.
+          type: bool
+        orphan_reason:
+          description: Why it is an orphan (null when it is not).
+          type: str
         busy:
           description: In use by a running job.
           type: bool
@@ -184,6 +201,33 @@ chains:
     reason:
       description: Why the chain cannot continue (null when it can).
       type: str
+leftovers:
+  description:
+    - What killed runs of guestvault left for this guest; all empty after a clean run. Every
+      backup of the guest clears them first; M(guestvault.backup.guest_bitmaps) with
+      O(guestvault.backup.guest_bitmaps#module:cleanup) clears them now.
+  returned: always
+  type: dict
+  contains:
+    jobs:
+      description: guestvault block jobs still known to QEMU (still copying into a hidden directory).
+      type: list
+      elements: str
+    targets:
+      description: guestvault target nodes still open in QEMU.
+      type: list
+      elements: str
+    interrupted_run:
+      description: The run that was killed, as it recorded itself (pid, since, backup_dir, storage_path); null when none was.
+      type: dict
+    hidden_dirs:
+      description: Staging directories of killed runs (the recorded one, and any on O(storage)/O(dumpdir)).
+      type: list
+      elements: str
+    orphan_bitmaps:
+      description: The orphan bitmaps (disk, name, reason); see RV(disks[].bitmaps[].orphan).
+      type: list
+      elements: dict
 storage_path:
   description: The storage's directory.
   returned: when O(storage) or O(dumpdir) is given
@@ -199,7 +243,8 @@ def main():
     run_module(guest_info_argument_spec(),
                lambda params, check_mode: dict(inspect_guest(
                    params['vmid'], params['qmp_socket'], params['config_dir'],
-                   params['storage'], params['dumpdir'], params['chain_period']), changed=False),
+                   params['storage'], params['dumpdir'], params['chain_period'],
+                   lockwait=params['lockwait']), changed=False),
                needs_qmp=True, mutually_exclusive=[('storage', 'dumpdir')])
 
 

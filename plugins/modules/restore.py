@@ -18,6 +18,8 @@ description:
     restore reads is checked against its backup's manifest (sha256); the new images appear
     under their final names only when the check and the copy both succeeded.
   - Backups are never altered by a restore.
+  - The restored images and C(guest.json) are private (0600, a new target directory 0700)
+    whatever the umask, since they hold a guest's whole disks.
 author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:

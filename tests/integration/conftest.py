@@ -15,10 +15,8 @@ pytestmark = pytest.mark.skipif(shutil.which('qemu-system-x86_64') is None,
 @pytest.fixture(autouse=True)
 def private_run_dir(tmp_path, monkeypatch):
     """Node locks of each test in its own directory, so tests never see each other's locks."""
-    from guestvault_engine.run import backup as backup_run
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
-    monkeypatch.setattr(backup_run, 'RUN_DIR', str(run_dir))
     monkeypatch.setenv('GUESTVAULT_RUN_DIR', str(run_dir))
     return run_dir
 

@@ -3,6 +3,7 @@ guest write is ever lost, also when a backup fails or is killed."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import time
 
 import pytest
 
-from guestvault_engine.run import backup as backup_run
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.errors import BackupFailed, ChainError, GuestUnreachable, HookFailed
 from lab_checks import backups_in, hidden_in, same_content, small_tmpfs
@@ -278,9 +278,13 @@ def test_qemu_dying_mid_backup_fails_the_backup_cleanly(make_guest, store, confi
     guest.write('vd0', 0x52, 0, 8 * MiB)
     killer = threading.Timer(1.0, guest.kill)
     killer.start()
-    with pytest.raises((GuestUnreachable, BackupFailed)):
+    with pytest.raises((GuestUnreachable, BackupFailed)) as err:
         backup(guest, store, config_dir, level='inc', bwlimit=512)
     killer.join()
+    # Said in our words, not the QMP library's ("Call disconnect() to return to IDLE state").
+    assert 'disconnect()' not in str(err.value) and 'IDLE' not in str(err.value)
+    if isinstance(err.value, GuestUnreachable):
+        assert 'QEMU went away' in str(err.value), err.value
     assert backups_in(store, guest.vmid) == [full['time']]
     assert hidden_in(store, guest.vmid) == []
     guest.start()
@@ -306,8 +310,15 @@ def test_a_full_target_disk_fails_the_backup_and_the_chain_goes_on(
     random_data = tmp_path / 'random.bin'
     random_data.write_bytes(os.urandom(16 * MiB))
     guest.write_file('vd0', str(random_data), 8 * MiB, 16 * MiB)
-    with pytest.raises(BackupFailed, match='No space left|space'):
+    warned = backup(guest, small_store, config_dir, level='inc', check_mode=True)
+    assert any('may run out of space' in w for w in warned['warnings']), warned['warnings']
+    with pytest.raises(BackupFailed) as err:
         backup(guest, small_store, config_dir, level='inc')
+    # The path, the free and the needed bytes, and what to do.
+    message = str(err.value)
+    assert f'dumpdir {small_store} is full: ' in message and ' bytes free, ' in message
+    assert re.search(r'needed about [1-9][0-9]{6,} bytes', message), message
+    assert 'prune older backups' in message
     assert backups_in(small_store, guest.vmid) == [full['time']]
     assert hidden_in(small_store, guest.vmid) == []
     subprocess.run(['mount', '-o', 'remount,size=64M', small_store], check=True)
@@ -321,10 +332,11 @@ def test_a_full_target_disk_fails_the_backup_and_the_chain_goes_on(
 def test_hook_script_sees_vzdump_phases_and_can_abort(make_guest, store, config_dir, tmp_path):
     guest = make_guest(disks=[('qcow2', 16 * MiB)])
     record = tmp_path / 'phases.txt'
+    fail_phase = tmp_path / 'fail-phase'   # a file: the hook sees no variable of ours
     script = tmp_path / 'hook.sh'
     script.write_text(f"""#!/bin/sh
 echo "$1 $2 $3 storeid=$STOREID dumpdir=$DUMPDIR vmtype=$VMTYPE target=$TARGET" >> {record}
-[ "$1" = "$FAIL_PHASE" ] && exit 3
+[ "$1" = "$(cat {fail_phase} 2>/dev/null)" ] && exit 3
 exit 0
 """)
     script.chmod(0o755)
@@ -333,14 +345,11 @@ exit 0
     assert phases == ['backup-start', 'backup-end', 'log-end']
     assert f"snapshot {guest.vmid} storeid= dumpdir={store} vmtype=qemu " \
            f"target={full['backup_dir']}" in record.read_text().splitlines()[1]
-    for fail_phase in ('backup-start', 'backup-end'):
+    for phase in ('backup-start', 'backup-end'):
         record.write_text('')
-        os.environ['FAIL_PHASE'] = fail_phase
-        try:
-            with pytest.raises(HookFailed, match=fail_phase):
-                backup(guest, store, config_dir, script=str(script))
-        finally:
-            del os.environ['FAIL_PHASE']
+        fail_phase.write_text(phase)
+        with pytest.raises(HookFailed, match=phase):
+            backup(guest, store, config_dir, script=str(script))
         assert record.read_text().splitlines()[-1].startswith('backup-abort')
         assert backups_in(store, guest.vmid) == [full['time']]
         assert hidden_in(store, guest.vmid) == []
@@ -502,7 +511,7 @@ def test_guest_already_being_backed_up_is_refused_after_lockwait(make_guest, sto
     guest = make_guest(disks=[('qcow2', 16 * MiB)])
     from guestvault_engine.errors import LockTimeout
     from guestvault_engine.storage.directory import file_lock
-    lock = os.path.join(backup_run.RUN_DIR, f'{guest.vmid}.lock')
+    lock = os.path.join(os.environ['GUESTVAULT_RUN_DIR'], f'{guest.vmid}.lock')
     with file_lock(lock, 0, 'test'):
         with pytest.raises(LockTimeout, match='locked by another run'):
             backup(guest, store, config_dir, lockwait=0.01)

@@ -35,7 +35,10 @@ def test_a_job_becomes_jobs_cfg_and_units_and_a_second_run_changes_nothing(dirs)
     assert first['changed'] is True and len(first['units']) == 2
     timer = open(first['units'][0]).read()
     assert 'OnCalendar=' in timer and 'Persistent=true' in timer
-    assert 'ExecStart=' + COMMAND + ' --job weeknights' in open(first['units'][1]).read()
+    service = open(first['units'][1]).read()
+    assert 'ExecStart=' + COMMAND + ' --job weeknights ' in service
+    # A killed run is cleaned up when its service stops, not at the next night's run.
+    assert 'ExecStopPost=' + COMMAND + ' --job weeknights --cleanup ' in service
     assert load_jobs(dirs[0])['weeknights'].options['repeat-missed'] is True
     assert apply(dirs, 'weeknights', WEEKNIGHTS)['changed'] is False
     changed = apply(dirs, 'weeknights', dict(WEEKNIGHTS, schedule='mon..fri 22:30'))

@@ -85,8 +85,8 @@ def test_unknown_vmid_says_how_to_register_the_guest(ansible, config_dir, store,
 def test_a_dead_qmp_socket_says_no_qemu_serves_it(ansible, store, dead_socket):
     before = tree(store)
     result = ansible.module(BACKUP, {'vmid': VMID, 'qmp_socket': dead_socket, 'dumpdir': store})
-    assert_failed_with(result, f'cannot talk QMP on {dead_socket}', 'refused',
-                       'QEMU process serves this socket')
+    assert_failed_with(result, f'cannot connect to the QMP socket {dead_socket}', 'refused',
+                       'A QEMU process must serve it')
     assert tree(store) == before
 
 

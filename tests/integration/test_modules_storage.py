@@ -21,7 +21,6 @@ from datetime import datetime, timezone
 import pytest
 
 from ansible_runner import Unsafe, assert_failed_with, documented_return, tree
-from guestvault_engine.run import backup as backup_run
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from lab_checks import backups_in, same_content
 from labguest import LabGuest
@@ -70,7 +69,7 @@ def lab(tmp_path_factory):
                      name='web01')
     times, refs, results = [], [], []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backup_run, 'RUN_DIR', str(run_dir))
+        patch.setenv('GUESTVAULT_RUN_DIR', str(run_dir))
         guest.start()
         try:
             for step, writes in enumerate(WRITES):

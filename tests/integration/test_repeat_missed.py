@@ -77,6 +77,9 @@ def test_missed_runs_of_a_repeat_missed_job_happen_once_as_soon_as_the_node_is_b
     started, args = job['runs'][0]
     assert started - node_back['booted_at'] < 5, 'the catch-up run is at once, not at the next scheduled time'
     assert args == f"--job caughtup --config-dir {node_back['config_dir']}"
+    # ExecStopPost ran the clean-up once the run had ended (what clears a killed run's leftovers).
+    assert [a for _t, a in job['cleanups']] == [
+        f"--job caughtup --cleanup --config-dir {node_back['config_dir']}"]
     assert job['service']['Result'] == 'success' and job['service']['ExecMainStatus'] == '0'
     # Nothing else is queued: the next run is the next scheduled one, and the stamp moved on, so the next boot (or
     # restart) does not repeat this run.
@@ -155,7 +158,9 @@ def _observe(node, runs, booted_at):
         timer, service = unit_names(job_id)
         stamp = node.stamp_path(timer)
         jobs[job_id] = {
-            'runs': per_job[job_id],
+            # ExecStopPost's clean-up after each run is recorded too; it is not a backup run.
+            'runs': [run for run in per_job[job_id] if '--cleanup' not in run[1].split()],
+            'cleanups': [run for run in per_job[job_id] if '--cleanup' in run[1].split()],
             'timer': node.show(timer, 'Persistent', 'ActiveState', 'SubState', 'LastTriggerUSec', 'NextElapseUSecRealtime'),
             'service': node.show(service, 'ActiveState', 'Result', 'ExecMainStatus'),
             'stamp_mtime': os.stat(stamp).st_mtime if stamp.exists() else None,

@@ -30,22 +30,32 @@ class DiskJob:
         self.since_bitmap = since_bitmap
 
 
-def clear_leftovers(qmp, vmid, log):
-    """Cancel jobs and close target nodes that a killed run of this guest left in QEMU."""
+def our_jobs(qmp, vmid):
+    """Block jobs of guestvault runs of this guest still known to QEMU."""
     prefix = f"{JOB_PREFIX}{vmid}-"
-    jobs = [j['device'] for j in qmp.execute('query-block-jobs') if j['device'].startswith(prefix)]
+    return [j['device'] for j in qmp.execute('query-block-jobs') if j['device'].startswith(prefix)]
+
+
+def our_targets(qmp, vmid):
+    """Target nodes of guestvault runs of this guest still open in QEMU."""
+    prefix = f"{TARGET_PREFIX}{vmid}-"
+    return [n['node-name'] for n in qmp.execute('query-named-block-nodes', {'flat': True})
+            if n['node-name'].startswith(prefix)]
+
+
+def cancel_jobs(qmp, jobs):
     for job in jobs:
-        log(f"cancelling block job {job} left by an interrupted run")
         qmp.cancel_job(job)
     if jobs:
         qmp.wait_for_jobs(jobs, timeout=60)
-    for node in qmp.execute('query-named-block-nodes', {'flat': True}):
-        if node['node-name'].startswith(f"{TARGET_PREFIX}{vmid}-"):
-            log(f"closing target node {node['node-name']} left by an interrupted run")
-            try:
-                qmp.execute('blockdev-del', {'node-name': node['node-name']})
-            except QmpCommandFailed:
-                pass
+
+
+def close_targets(qmp, nodes):
+    for node in nodes:
+        try:
+            qmp.execute('blockdev-del', {'node-name': node})
+        except QmpCommandFailed:
+            pass  # never added, or already closed
 
 
 class PushCapture:
@@ -69,13 +79,6 @@ class PushCapture:
             self.qmp.execute('blockdev-add', {
                 'driver': 'qcow2', 'node-name': self.targets[job.disk.id],
                 'file': {'driver': 'file', 'filename': job.target_path}})
-
-    def remove_colliding_bitmaps(self):
-        """A run killed within this same second left the bitmap this run is about to add; it
-        counts nothing that a stored backup needs (QEMU refuses remove+add in one transaction)."""
-        for job in self.disk_jobs:
-            if job.new_bitmap and any(b['name'] == job.new_bitmap for b in job.disk.bitmaps):
-                self.qmp.remove_bitmap(job.disk.node, job.new_bitmap, missing_ok=False)
 
     def actions(self, speed_per_disk=0, max_workers=None, compress=False):
         actions = []
@@ -116,21 +119,13 @@ class PushCapture:
         return {disk: outcomes[job].offset for disk, job in self.jobs.items()}
 
     def close_targets(self):
-        for node in self.targets.values():
-            try:
-                self.qmp.execute('blockdev-del', {'node-name': node})
-            except QmpCommandFailed:
-                pass  # never added, or already closed
+        close_targets(self.qmp, self.targets.values())
 
     def abort(self):
         """Undo the QEMU side after a failure: stop jobs, close targets, drop new bitmaps."""
         try:
             running = {j['device'] for j in self.qmp.execute('query-block-jobs')}
-            mine = [j for j in self.jobs.values() if j in running]
-            for job in mine:
-                self.qmp.cancel_job(job)
-            if mine:
-                self.qmp.wait_for_jobs(mine, timeout=60)
+            cancel_jobs(self.qmp, [j for j in self.jobs.values() if j in running])
             self.close_targets()
             for node, name in self.new_bitmaps:
                 self.qmp.remove_bitmap(node, name)

@@ -31,6 +31,7 @@ class Disk:
     is_pflash: bool = False
     in_job: bool = False
     bitmaps: list = field(default_factory=list)
+    allocated: int = 0           # bytes the image takes on the host (about what a full copies)
 
     def as_dict(self):
         return {'id': self.id, 'node': self.node, 'format': self.format,
@@ -59,25 +60,43 @@ def _bitmap_capable(image):
 
 
 def discover_disks(qmp):
-    """All block devices with a medium, in QEMU's order, with their bitmaps."""
+    """All block devices with a medium, in QEMU's order, with their bitmaps.
+
+    While a block job copies a disk, QEMU shows its filter on top: the disk's own node, format
+    and bitmaps are then read from the node under the filter, so a disk looks the same during
+    a job as outside one (only ``in_job`` says otherwise).
+    """
     disks = []
+    nodes = None
     for entry in qmp.execute('query-block'):
         inserted = entry.get('inserted')
         if not inserted or entry.get('removable'):
             continue  # empty drives and CD-ROMs hold no guest data worth a backup
         image = inserted['image']
+        node, bitmaps = inserted['node-name'], inserted.get('dirty-bitmaps') or []
+        in_job = inserted['drv'] in JOB_FILTERS
+        if in_job and image.get('backing-image'):
+            image = image['backing-image']
+            if nodes is None:
+                nodes = qmp.execute('query-named-block-nodes', {'flat': True})
+            below = next((n for n in nodes if n.get('file') == image.get('filename')
+                          and n['drv'] == image.get('format')), None)
+            if below is not None:
+                node, bitmaps = below['node-name'], below.get('dirty-bitmaps') or []
         disk_id = _device_id(entry)
         disks.append(Disk(
             id=disk_id,
-            node=inserted['node-name'],
+            node=node,
             format=image['format'],
             virtual_size=image['virtual-size'],
             filename=image.get('filename', inserted.get('file', '')),
             read_only=bool(inserted.get('ro')),
             supports_bitmaps=_bitmap_capable(image),
             is_pflash=disk_id.startswith('pflash'),
-            in_job=inserted['drv'] in JOB_FILTERS,
-            bitmaps=list(inserted.get('dirty-bitmaps') or []),
+            in_job=in_job,
+            allocated=image.get('actual-size') or 0,
+            # A running block job's own bitmaps have no name: they are the job's, not the disk's.
+            bitmaps=[b for b in bitmaps if b.get('name')],
         ))
     return disks
 

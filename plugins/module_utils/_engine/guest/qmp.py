@@ -67,9 +67,9 @@ class QmpSession:
             self._run(self._client.connect(self.socket_path), self.timeout)
         except (ConnectError, OSError, asyncio.TimeoutError) as exc:
             raise GuestUnreachable(
-                f"cannot talk QMP on {self.socket_path}: {exc}. Check that a QEMU process serves "
-                "this socket (-qmp unix:PATH,server=on,wait=off) and that no other client holds it"
-            ) from exc
+                f"cannot connect to the QMP socket {self.socket_path}: {_cause(exc)}. A QEMU "
+                "process must serve it (-qmp unix:PATH,server=on,wait=off), and QEMU serves one "
+                "QMP client at a time: check that no other tool is connected to it") from exc
         return self
 
     def close(self):
@@ -111,8 +111,8 @@ class QmpSession:
                 f"{timeout or self.timeout:.0f} s") from exc
         except (QMPError, OSError, EOFError) as exc:
             raise GuestUnreachable(
-                f"lost the QMP connection to {self.socket_path} during {command} "
-                f"({type(exc).__name__}: {exc}): did QEMU exit?") from exc
+                f"QEMU went away: the QMP connection {self.socket_path} closed during {command}. "
+                "Did QEMU exit or crash? Check that the guest is still running") from exc
 
     def transaction(self, actions):
         """Run QMP actions atomically: all take effect at one point in time, or none does.
@@ -211,6 +211,17 @@ class QmpSession:
             self.execute('block-job-cancel', {'device': job_id, 'force': True})
         except QmpCommandFailed:
             pass  # already gone
+
+
+def _cause(exc):
+    """What went wrong connecting, in words (qemu.qmp's ConnectError often has no text)."""
+    inner = getattr(exc, 'exc', None) or exc.__cause__ or exc
+    if isinstance(inner, asyncio.TimeoutError):
+        return "no answer (QEMU is busy, or another client holds the socket)"
+    if isinstance(inner, ConnectionRefusedError):
+        return "connection refused (no QEMU listens on it: the guest is not running)"
+    text = getattr(inner, 'strerror', None) or str(inner)
+    return text or f"{type(inner).__name__} (the connection was closed at once)"
 
 
 def wait_for_socket(path, timeout=10.0):

@@ -193,3 +193,50 @@ def bitmaps_to_retire(disks, decision, backup_time):
             if same:
                 retire.append((disk.node, bitmap['name']))
     return retire
+
+
+def orphan_bitmaps(disks, backups, interrupted_bitmaps=()):
+    """Our bitmaps that no stored backup and no live chain needs: [(disk, bitmap name, why)].
+
+    ``backups`` are the guest's backups on the storage at hand; ``interrupted_bitmaps`` the
+    (node, name) pairs a killed run added before its backup was stored. A bitmap is an orphan
+    when that killed run added it, when it is inconsistent (it can never continue a chain), or
+    when its chain has a newer backup on this storage than the one it counts from (superseded:
+    the chain's own bitmap is the newer one). A chain with no backups on this storage may live
+    on another storage, so its bitmaps are left alone.
+    """
+    interrupted = {tuple(pair) for pair in interrupted_bitmaps}
+    tips = {}
+    orphans = []
+    for disk in disks:
+        for bitmap in disk.bitmaps:
+            parsed = parse_bitmap_name(bitmap['name'])
+            if parsed is None:
+                continue
+            chain, since = parsed
+            if (disk.node, bitmap['name']) in interrupted:
+                why = "added by a run that was killed before its backup was stored"
+            elif bitmap.get('inconsistent'):
+                why = "inconsistent (QEMU stopped without saving it): it can never continue a chain"
+            else:
+                if chain not in tips:
+                    tips[chain] = chain_tip(backups, chain)
+                tip = tips[chain]
+                if tip is None or since == stamp(tip.backup_time):
+                    continue
+                why = (f"superseded: the newest backup of chain {chain} on this storage is "
+                       f"{format_time(tip.backup_time)}, which has its own bitmap")
+            orphans.append((disk, bitmap['name'], why))
+    return orphans
+
+
+def expected_bytes(decision, disks):
+    """About how many bytes a backup writes: the disks' allocated size for a full, the dirty
+    bytes of the bitmap an incremental copies from (raw disks are always whole)."""
+    total = 0
+    for disk in disks:
+        since = bitmap_name(decision.chain, decision.parent) \
+            if decision.level == 'inc' and disk.supports_bitmaps else None
+        dirty = next((b.get('count', 0) for b in disk.bitmaps if b['name'] == since), None)
+        total += dirty if dirty is not None else disk.allocated
+    return total

@@ -14,6 +14,7 @@ The order of steps is what makes a backup safe:
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 from ..errors import BackupFailed, ConfigError, GuestvaultError, HookFailed
-from ..guest.capture import DiskJob, PushCapture, clear_leftovers
+from ..guest.capture import DiskJob, PushCapture
 from ..guest.consistency import StopMode, snapshot_mode, suspend_mode
 from ..guest.disks import discover_disks, require_idle, select_disks
 from ..guest.qmp import QmpSession
@@ -31,9 +32,10 @@ from ..guest.registry import GuestEntry
 from ..policy import chain as chains
 from ..policy.config import inert_option_warning, load_vzdump_defaults
 from ..policy.notes import render_notes
-from ..storage.directory import file_lock
+from ..storage.files import private_files
 from ..times import format_time, parse_age, parse_time
 from ..vocabulary import COMPRESS, LZO_ADVICE, MODES, QCOW2_COMPRESSION, normalize_compress
+from . import guest_runs, leftovers
 from .hooks import HookScript
 from .locate import format_of, require_storage, resolve_guest
 from .protect import check_protected_room
@@ -41,7 +43,6 @@ from .protect import check_protected_room
 # Built-in defaults, overridden by vzdump.conf, overridden by the caller (as vzdump does).
 DEFAULTS = {'mode': 'snapshot', 'bwlimit': 0, 'lockwait': 180, 'stopwait': 10,
             'compress': '0', 'protected': False, 'freeze_timeout': 60}
-RUN_DIR = os.environ.get('GUESTVAULT_RUN_DIR', '/run/lock/guestvault')
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Plan:
     notes: str = None
     hook: HookScript = None
     when: datetime = None        # the backup's name: its point in time, to the second
+    expected_bytes: int = 0      # about what the backup will write
 
 
 def _resolve_options(request):
@@ -137,10 +139,10 @@ def _guest_entry(request):
                          request.config_dir)
 
 
-def prepare_backup(request, qmp):
+def prepare_backup(request, qmp, options=None, guest=None):
     """Validate the request (options, guest, storage, hook, notes), changing nothing."""
-    options = _resolve_options(request)
-    guest = _guest_entry(request)
+    options = options or _resolve_options(request)
+    guest = guest or _guest_entry(request)
     options['node'] = request.node or socket.gethostname()
     storage = require_storage(request.config_dir, options['storage'], options['dumpdir'],
                               options['node'])
@@ -173,7 +175,7 @@ def decide_backup(plan, qmp, now=None):
     """Fill in the disks, the backup's name and its level: what the backup would take,
     changing nothing."""
     request, guest = plan.request, plan.guest
-    _select(plan, qmp)
+    _select(plan, qmp)  # again: a clean-up may have just ended a job or removed bitmaps
     require_idle(plan.disks)
     # The name first: a new generated chain is named after its full backup, so two backups
     # within one second (named a second apart) never share a chain name.
@@ -219,41 +221,39 @@ def _terminate_as_error():
 
 
 def run_backup(request, log=None, progress=None, now=None):
-    """Take one backup as ``request`` says; returns a result dict (see guest_backup RETURN)."""
-    with QmpSession(_socket_for(request)) as qmp:
-        return _run(request, qmp, log, progress, now)
+    """Take one backup as ``request`` says; returns a result dict (see guest_backup RETURN).
 
-
-def _socket_for(request):
-    return request.qmp_socket or _guest_entry(request).qmp_socket
-
-
-def _run(request, qmp, log, progress, now):
+    The guest is held on this node before its QMP socket is opened (QEMU serves one client at a
+    time), so a second run of the same guest waits for the first, up to ``lockwait``.
+    """
     started = time.monotonic()
     clog = _Log(log)
-    plan = prepare_backup(request, qmp)
-    skip = _recent_enough(plan, now or datetime.now(timezone.utc))
-    if skip is not None:
-        return skip
-    if request.check_mode:
-        result = _plan_result(decide_backup(plan, qmp, now))
-        result['changed'] = True
-        return result
-    vmid = plan.guest.vmid
-    lock_wait = float(plan.options['lockwait']) * 60
-    os.makedirs(RUN_DIR, exist_ok=True)
+    options = _resolve_options(request)
+    guest = _guest_entry(request)
     with ExitStack() as stack:
         stack.enter_context(_terminate_as_error())
-        stack.enter_context(file_lock(os.path.join(RUN_DIR, f"{vmid}.lock"), lock_wait,
-                                      f"guest {vmid} on this node"))
-        stack.enter_context(plan.storage.guest_lock(vmid, lock_wait))
-        # Leftovers of a killed run first: its job would still hold the disks.
-        clear_leftovers(qmp, vmid, clog)
-        for name in plan.storage.remove_stale(vmid):
-            clog(f"removed {name}, left by an interrupted run")
+        stack.enter_context(private_files())
+        stack.enter_context(guest_runs.hold(guest.vmid, 'backup',
+                                            float(options['lockwait']) * 60, clog))
+        qmp = stack.enter_context(QmpSession(guest.qmp_socket))
+        plan = prepare_backup(request, qmp, options, guest)
+        skip = _recent_enough(plan, now or datetime.now(timezone.utc))
+        if skip is not None:
+            return skip
+        if request.check_mode:
+            decide_backup(plan, qmp, now)
+            _check_room(plan, clog)
+            return dict(_plan_result(plan), changed=True)
+        vmid = plan.guest.vmid
+        stack.enter_context(plan.storage.guest_lock(vmid, float(options['lockwait']) * 60))
+        # Leftovers of killed runs first: their jobs would still hold the disks.
+        leftovers.clear(qmp, vmid, plan.all_disks, plan.storage, clog)
         decide_backup(plan, qmp, now)
         if plan.decision.fallback:
             clog(plan.decision.reason)
+        # Decided, so the reason could still name them: now the bitmaps nobody needs go.
+        leftovers.remove_orphans(qmp, vmid, plan.all_disks, plan.storage, clog)
+        _check_room(plan, clog)
         return _take(plan, qmp, clog, progress, started)
 
 
@@ -334,10 +334,9 @@ def _take(plan, qmp, clog, progress, started):
         targets = plan.format.create_targets(staged, plan.disks, decision, compression)
         capture = PushCapture(qmp, vmid, [_disk_job(plan, disk, targets[disk.id], now)
                                           for disk in plan.disks], clog)
+        _journal(plan, staged, capture)
         capture.open_targets()
-        if decision.chain:
-            capture.remove_colliding_bitmaps()
-        with _consistency_mode(plan, capture, hook, clog) as report:
+        with _consistency_mode(plan, capture, staged, hook, clog) as report:
             capture.start(speed_per_disk=int(plan.options['bwlimit']) * 1024 // len(plan.disks),
                           max_workers=plan.options['max_workers'], compress=bool(compression))
         qmp = capture.qmp  # stop mode reconnects if QEMU exited on shutdown
@@ -360,6 +359,8 @@ def _take(plan, qmp, clog, progress, started):
         clog(f"backup failed: {exc}")
         if capture is not None:
             capture.abort()
+        guest_runs.forget(vmid)
+        full = _storage_full(plan, exc)
         # Also after the rename: a backup whose backup-end hook failed is not kept.
         staged.discard()
         if plan.hook and not isinstance(exc, KeyboardInterrupt):
@@ -367,16 +368,20 @@ def _take(plan, qmp, clog, progress, started):
                 hook('backup-abort')
             except HookFailed as hook_exc:
                 clog(f"backup-abort hook failed too: {hook_exc}")
+        if full:
+            raise full from exc
         raise
     # The backup is stored and complete: from here on, problems are warnings, never a reason to
-    # drop it. A bitmap not retired now is retired by the chain's next backup.
+    # drop it. A bitmap not retired now is an orphan the next run of the guest removes.
+    _stop_here_for_tests('after-commit')
     try:
         for node, name in chains.bitmaps_to_retire(plan.all_disks, decision, now):
             qmp.remove_bitmap(node, name, missing_ok=False)
             clog(f"dropped bitmap {name}, superseded by this backup")
     except GuestvaultError as exc:
         plan.warnings.append(f"could not drop the chain's previous bitmap ({exc}); the next "
-                             "backup of the chain will")
+                             "run of the guest will")
+    guest_runs.forget(vmid)
     env.update(LOGFILE=staged.log_path)
     try:
         hook('log-end')  # as vzdump: a failing log-end only warns
@@ -402,6 +407,54 @@ def _take(plan, qmp, clog, progress, started):
     return result
 
 
+def _check_room(plan, clog):
+    """Warn before starting when the storage has less room than the backup will need."""
+    plan.expected_bytes = chains.expected_bytes(plan.decision, plan.disks)
+    free = plan.storage.free_bytes()
+    if free < plan.expected_bytes:
+        warning = (f"{plan.storage.label} has {free} bytes free, and this {plan.decision.level} "
+                   f"backup will write about {plan.expected_bytes} bytes (the disks' "
+                   + ("dirty bytes" if plan.decision.level == 'inc' else "allocated size")
+                   + "); it may run out of space: prune older backups or free space first")
+        plan.warnings.append(warning)
+        clog(f"WARNING: {warning}")
+
+
+def _storage_full(plan, exc):
+    """The error to raise when the backup failed because the storage filled up, else None."""
+    text = str(exc)
+    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) \
+            and 'No space left on device' not in text:
+        return None
+    return BackupFailed(
+        f"{plan.storage.label} is full: {plan.storage.free_bytes()} bytes free, and this "
+        f"backup needed about {plan.expected_bytes} bytes; nothing was kept. Free space on it "
+        "or prune older backups (guestvault.backup.prune), then run the backup again "
+        f"({text})")
+
+
+def _journal(plan, staged, capture):
+    """What a kill from here on would leave behind, for the next run to clear."""
+    guest_runs.record(
+        plan.guest.vmid, storage_path=plan.storage.path, staged_dir=staged.path,
+        final_dir=staged.final_path, jobs=sorted(capture.jobs.values()),
+        targets=sorted(capture.targets.values()),
+        new_bitmaps=[[job.disk.node, job.new_bitmap] for job in capture.disk_jobs
+                     if job.new_bitmap])
+
+
+def _stop_here_for_tests(point):
+    """A test stops a run at ``point`` (GUESTVAULT_TEST_STOP=point:marker): the run creates the
+    marker file and waits to be killed, so a test can kill it in a window that is otherwise a
+    few milliseconds wide."""
+    wanted, marker = (os.environ.get('GUESTVAULT_TEST_STOP', '') + ':').split(':')[:2]
+    if wanted == point and marker:
+        with open(marker, 'w'):
+            pass
+        while True:
+            time.sleep(1)
+
+
 def _disk_job(plan, disk, target, when):
     """The transaction's part for one disk: the chain's next bitmap, and for an incremental the
     bitmap it copies the changes of."""
@@ -414,7 +467,7 @@ def _disk_job(plan, disk, target, when):
         if target.level == 'inc' else None)
 
 
-def _consistency_mode(plan, capture, hook, clog):
+def _consistency_mode(plan, capture, staged, hook, clog):
     """The context manager of the plan's mode, entered around the point in time."""
     mode = plan.options['mode']
     if mode == 'snapshot':
@@ -430,6 +483,7 @@ def _consistency_mode(plan, capture, hook, clog):
         current = {d.id: d.node for d in discover_disks(session)}
         for disk in plan.disks:
             disk.node = current[disk.id]
+        _journal(plan, staged, capture)
         capture.open_targets()
     return StopMode(capture.qmp, plan.guest.agent_socket, float(plan.options['stopwait']) * 60,
                     plan.guest.start_command, hook, clog,

@@ -12,9 +12,11 @@ variable                  set in
 ``LOGFILE``               ``log-end``: the backup's log file
 ========================  =================================================================
 
-The caller decides which of these to pass in which phase, and which phases' failures abort the
-backup (vzdump ignores failures in ``backup-abort`` and ``log-end``); this module only runs the
-script, streams its output and reports failure.
+Besides these and ``PATH``, a hook sees nothing of the environment guestvault runs in (an
+Ansible run's ``ANSIBLE_*`` variables, a controller's secrets). The caller decides which of
+these to pass in which phase, and which phases' failures abort the backup (vzdump ignores
+failures in ``backup-abort`` and ``log-end``); this module only runs the script, streams its
+output and reports failure.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from ..vocabulary import MODES
 JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
 GUEST_PHASES = ("backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end",
                 "backup-abort", "log-end")
-# Variables vzdump defines for hooks. They are removed from the inherited environment so that a
-# phase never sees a stale value, e.g. a TARGET from the environment guestvault was started in.
+# Variables vzdump defines for hooks: with PATH, the whole environment a hook gets.
 HOOK_ENV_VARS = ("STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "LOGFILE")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # How many of the last output lines a HookFailed message quotes.
 TAIL_LINES = 5
 
@@ -77,11 +79,14 @@ class HookScript:
         when ``timeout`` seconds pass (the script and its children are then killed).
         """
         argv = [self.path, phase] + _phase_arguments(phase, mode, vmid)
-        environment = {key: value for key, value in os.environ.items()
-                       if key not in HOOK_ENV_VARS}
+        # A clean environment: the caller's (an Ansible run's ANSIBLE_* and whatever secrets
+        # the controller had) is none of the hook's business.
+        environment = {'PATH': os.environ.get('PATH') or DEFAULT_PATH}
         for key, value in (env or {}).items():
+            if key not in HOOK_ENV_VARS:
+                raise ValueError(f"{key} is not one of vzdump's hook variables {HOOK_ENV_VARS}")
             if value is not None:
-                environment[str(key)] = str(value)
+                environment[key] = str(value)
         try:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -11,12 +11,14 @@ from ..guest.disks import discover_disks, select_disks
 from ..guest.qmp import QmpSession
 from ..policy import chain as chains
 from ..times import format_time
+from . import guest_runs, leftovers
 from .locate import open_storage, resolve_guest
 
 
-def _bitmap_view(bitmap):
+def _bitmap_view(bitmap, orphan_reason=None):
     parsed = chains.parse_bitmap_name(bitmap['name'])
     return {
+        'orphan': orphan_reason is not None, 'orphan_reason': orphan_reason,
         'name': bitmap['name'], 'chain': parsed[0] if parsed else None,
         'since': parsed[1] if parsed else None, 'guestvault': parsed is not None,
         'dirty_bytes': bitmap.get('count', 0), 'granularity': bitmap.get('granularity'),
@@ -52,18 +54,26 @@ def _chains_on_storage(storage, entry, disks, chain_period, now):
 
 
 def inspect_guest(vmid, qmp_socket=None, config_dir='/etc/guestvault', storage=None,
-                  dumpdir=None, chain_period='none', now=None):
+                  dumpdir=None, chain_period='none', now=None, lockwait=180):
+    """A guest's disks, bitmaps (orphans flagged), chains on a storage, and what killed runs
+    left behind. Waits, up to ``lockwait`` minutes, while another run holds the guest."""
     entry = resolve_guest(vmid, qmp_socket, None, config_dir)
     store = open_storage(config_dir, storage, dumpdir)
-    with QmpSession(entry.qmp_socket) as qmp:
-        status = qmp.status()
-        disks = discover_disks(qmp)
-        name = entry.name or qmp.guest_name()
+    with guest_runs.hold(entry.vmid, 'inspect', float(lockwait) * 60):
+        with QmpSession(entry.qmp_socket) as qmp:
+            status = qmp.status()
+            disks = discover_disks(qmp)
+            name = entry.name or qmp.guest_name()
+            left = leftovers.find(qmp, entry.vmid, disks, store)
+    orphans = {(o['disk'], o['name']): o['reason'] for o in left['orphan_bitmaps']}
     result = {
         'vmid': entry.vmid, 'name': name, 'status': status, 'qmp_socket': entry.qmp_socket,
-        'disks': [dict(d.as_dict(), supports_bitmaps=d.supports_bitmaps,
-                       read_only=d.read_only, bitmaps=[_bitmap_view(b) for b in d.bitmaps])
+        'disks': [dict(d.as_dict(), supports_bitmaps=d.supports_bitmaps, read_only=d.read_only,
+                       in_job=d.in_job,
+                       bitmaps=[_bitmap_view(b, orphans.get((d.id, b['name'])))
+                                for b in d.bitmaps])
                   for d in disks],
+        'leftovers': left,
     }
     if store is not None:
         result['chains'] = _chains_on_storage(store, entry, disks, chain_period,
@@ -73,27 +83,55 @@ def inspect_guest(vmid, qmp_socket=None, config_dir='/etc/guestvault', storage=N
 
 
 def remove_bitmaps(vmid, qmp_socket=None, config_dir='/etc/guestvault', chain=None,
-                   check_mode=False):
-    """Remove guestvault's bitmaps (all, or one chain's): ``{'changed', 'removed', 'diff'}``.
+                   orphans=False, cleanup=False, storage=None, dumpdir=None, check_mode=False,
+                   lockwait=180):
+    """Remove guestvault's bitmaps (all, one chain's, or with ``orphans`` only those nobody
+    needs) or, with ``cleanup``, what killed runs left (their block jobs, target nodes, hidden
+    directories and orphan bitmaps): ``{'changed', 'removed', 'cleared', 'diff'}``.
 
-    Other tools' bitmaps are never touched. Afterwards the next ``auto`` backup of the affected
-    chains is a full one.
+    Other tools' bitmaps are never touched. After removing a chain's bitmap the next ``auto``
+    backup of that chain is a full one; removing orphans never changes what the next backup
+    does.
     """
     entry = resolve_guest(vmid, qmp_socket, None, config_dir)
-    with QmpSession(entry.qmp_socket) as qmp:
-        disks = discover_disks(qmp)
-        before, removed = {}, []
-        for disk in disks:
-            names = [b['name'] for b in disk.bitmaps]
-            before[disk.id] = names
-            for name in names:
-                parsed = chains.parse_bitmap_name(name)
-                if parsed and (chain is None or parsed[0] == chain):
-                    removed.append({'disk': disk.id, 'node': disk.node, 'name': name})
-        if not check_mode:
-            for item in removed:
-                qmp.remove_bitmap(item['node'], item['name'], missing_ok=False)
+    store = open_storage(config_dir, storage, dumpdir)
+    with guest_runs.hold(entry.vmid, 'bitmaps', float(lockwait) * 60):
+        with QmpSession(entry.qmp_socket) as qmp:
+            disks = discover_disks(qmp)
+            before = {d.id: [b['name'] for b in d.bitmaps] for d in disks}
+            if cleanup:
+                cleared = leftovers.clear(qmp, entry.vmid, disks, store, lambda m: None,
+                                          check_mode=check_mode)
+                more = leftovers.remove_orphans(qmp, entry.vmid, disks, store, lambda m: None,
+                                                check_mode=check_mode)
+                seen = {(o['disk'], o['name']) for o in cleared['orphan_bitmaps']}
+                cleared['orphan_bitmaps'] += [o for o in more if (o['disk'], o['name']) not in seen]
+                removed = [{'disk': o['disk'], 'name': o['name']} for o in cleared['orphan_bitmaps']]
+            else:
+                cleared = None
+                removed = _select_bitmaps(qmp, entry.vmid, disks, store, chain, orphans)
+                if not check_mode:
+                    for item in removed:
+                        qmp.remove_bitmap(item['node'], item['name'], missing_ok=False)
     gone = {(r['disk'], r['name']) for r in removed}
     after = {disk: [n for n in names if (disk, n) not in gone] for disk, names in before.items()}
-    return {'changed': bool(removed), 'removed': removed,
-            'diff': {'before': before, 'after': after}}
+    cleared_anything = bool(cleared and (cleared['jobs'] or cleared['targets']
+                                         or cleared['hidden_dirs'] or cleared['interrupted_run']))
+    return {'changed': bool(removed) or cleared_anything, 'removed': removed,
+            'cleared': cleared, 'diff': {'before': before, 'after': after}}
+
+
+def _select_bitmaps(qmp, vmid, disks, store, chain, orphans):
+    """Our bitmaps to remove: one chain's, the orphans, or all."""
+    wanted = {(o['disk'], o['name']) for o in
+              leftovers.find(qmp, vmid, disks, store)['orphan_bitmaps']} if orphans else None
+    selected = []
+    for disk in disks:
+        for bitmap in disk.bitmaps:
+            parsed = chains.parse_bitmap_name(bitmap['name'])
+            if parsed is None or (chain is not None and parsed[0] != chain):
+                continue
+            if wanted is not None and (disk.id, bitmap['name']) not in wanted:
+                continue
+            selected.append({'disk': disk.id, 'node': disk.node, 'name': bitmap['name']})
+    return selected

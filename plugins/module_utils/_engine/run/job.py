@@ -52,6 +52,9 @@ def render_units(job, command=NODE_COMMAND, config_dir='/etc/guestvault'):
         '[Service]',
         'Type=oneshot',
         f"ExecStart={command} --job {job.id}{config}",
+        # Also after a kill (SIGKILL, a stop timeout): clear what the run left in QEMU and on
+        # the storage now, not at the next night's run.
+        f"ExecStopPost={command} --job {job.id} --cleanup{config}",
         # vzdump's default: best-effort I/O priority 7, so guests keep their disks.
         'IOSchedulingClass=best-effort',
         'IOSchedulingPriority=7',

@@ -23,6 +23,7 @@ from ..storage.files import write_file_atomic
 from ..times import format_time
 from ..vocabulary import CHAIN_PERIODS, COMPRESS, LEVELS, MODES
 from .backup import BackupRequest, run_backup
+from . import leftovers
 from .hooks import HookScript
 from .locate import open_storage
 from .prune import PruneRequest, prune_guest, resolve_policy
@@ -57,6 +58,9 @@ def build_parser():
                                                                '/etc/guestvault'))
     parser.add_argument('--node', default=socket.gethostname())
     parser.add_argument('--quiet', action='store_true', help='no progress, errors only')
+    parser.add_argument('--cleanup', action='store_true',
+                        help="clear what killed runs left (block jobs, target nodes, hidden "
+                             "directories, orphan bitmaps) instead of backing up")
     return parser
 
 
@@ -157,6 +161,8 @@ def run(argv=None):
     if job and not job.runs_on(args.node):
         say(f"job {args.job} does not run on node {args.node}; nothing to do")
         return 0
+    if args.cleanup:
+        return _cleanup(args, settings, say)
     if job and not job.enabled:
         say(f"job {args.job} is disabled; nothing to do")
         return 0
@@ -189,6 +195,21 @@ def run(argv=None):
         _write_state(args.job, started, outcomes)
     say(f"{len(vmids) - len(failed)} of {len(vmids)} guest(s) backed up"
         + (f"; failed: {', '.join(map(str, failed))}" if failed else ''))
+    return 1 if failed else 0
+
+
+def _cleanup(args, settings, say):
+    """--cleanup: each selected guest's leftovers of killed runs, cleared; 1 if one failed."""
+    store = open_storage(args.config_dir, settings['storage'], settings['dumpdir'], args.node)
+    failed = []
+    for vmid in select_guests(args.config_dir, settings):
+        try:
+            if not leftovers.clear_guest(vmid, args.config_dir, store,
+                                         lambda m, v=vmid: say(f"  {v}: {m}")):
+                say(f"  {vmid}: nothing left over")
+        except GuestvaultError as exc:
+            say(f"ERROR: clean-up of guest {vmid} failed: {exc}")
+            failed.append(vmid)
     return 1 if failed else 0
 
 

@@ -5,6 +5,7 @@ from ..errors import StorageError
 from ..guest.registry import validate_vmid
 from ..policy.config import load_storage
 from ..storage import catalog
+from ..storage.files import private_files
 from .locate import require_storage
 
 
@@ -27,7 +28,7 @@ def protect_backup(vmid, backup='latest', protected=None, notes=None, storage=No
     """Set or clear a backup's protection and notes; changed only when the state differs."""
     vmid = validate_vmid(vmid)
     store = require_storage(config_dir, storage, dumpdir)
-    with store.guest_lock(vmid, lockwait * 60, shared=check_mode):
+    with private_files(), store.guest_lock(vmid, lockwait * 60, shared=check_mode):
         return _protect(store, vmid, backup, protected, notes, config_dir, check_mode)
 
 

@@ -1,10 +1,10 @@
 """Restore: new standalone images of a backup's disks, verified, never touching the backups.
 
-A chain restores in one pass: ``qemu-img convert`` of the backup's newest image reads through
-its backing chain (FACTS.md: 4-5x faster than copying the full and committing each incremental).
-The chain's files are checked against their manifests while the images are written, and the
-images appear under their final names only once both have succeeded, so nothing unverified ever
-stands at a target path.
+The format writes each disk in one pass (the qcow2 chain: ``qemu-img convert`` of the backup's
+image, read through its backing chain, 4-5x faster than copying the full and committing each
+incremental). The files the restore reads are checked against their manifests while the images
+are written, and the images appear under their final names only once both have succeeded, so
+nothing unverified ever stands at a target path.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..errors import ConfigError, StorageError, VerifyFailed
 from ..format import qemu_img
 from ..guest.registry import GuestEntry, guest_path, render_guest, validate_vmid
 from ..storage import catalog
-from ..storage.files import fsync_path, write_file_atomic
+from ..storage.files import fsync_path, private_files, write_file_atomic
 from ..vocabulary import RESTORE_FORMATS
 from .locate import format_of, require_storage
 
@@ -108,8 +108,8 @@ def plan_restore(request):
 def run_restore(request, log=None):
     """Restore as ``request`` says; holds the guest's storage lock shared (prune waits)."""
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
-    with storage.guest_lock(validate_vmid(request.vmid), float(request.lockwait) * 60,
-                            shared=True):
+    with private_files(), storage.guest_lock(validate_vmid(request.vmid),
+                                             float(request.lockwait) * 60, shared=True):
         return _restore(request, log)
 
 

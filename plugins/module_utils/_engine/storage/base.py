@@ -16,6 +16,7 @@ method                 contract
 ``remove(record)``     make a backup invisible in one step, then delete it; refuses protected ones
 ``remove_stale``       delete what killed runs left (hidden staging areas); call under the lock
 ``next_backup_time``   a free name for a backup taken at ``now``
+``free_bytes()``       room left for backups
 ``set_protected`` ...  protection, notes, verify state, size of one backup
 ``stage_manifest``     replace a manifest in two steps that a crash cannot leave half-done
 =====================  ===========================================================================

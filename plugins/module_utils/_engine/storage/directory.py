@@ -32,14 +32,18 @@ CLOCK_SKEW_LIMIT = 120
 
 
 @contextmanager
-def file_lock(path, wait_seconds, what, shared=False):
+def file_lock(path, wait_seconds, what, shared=False, holder=None, on_wait=None):
     """Hold a flock on ``path``; the kernel drops it if the holder dies.
 
     Readers (restore, verify) share the lock; writers (backup, prune, protect) hold it alone.
+    An exclusive holder may describe itself (``holder``, one line), which is kept in the lock
+    file while it holds the lock; a run that has to wait is told once, through ``on_wait``,
+    who it waits for.
     """
     handle = open(path, 'a+')
     deadline = time.monotonic() + max(0.0, wait_seconds)
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    told = False
     try:
         while True:
             try:
@@ -48,15 +52,38 @@ def file_lock(path, wait_seconds, what, shared=False):
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
+                held_by = _holder(path)
                 if time.monotonic() >= deadline:
                     raise LockTimeout(
-                        f"{what} is locked by another run (lock {path}) and stayed locked for "
-                        f"lockwait ({wait_seconds / 60:g} min); wait for it to finish or raise "
-                        "lockwait") from None
+                        f"{what} is locked by another run ({held_by or f'lock {path}'}) and "
+                        f"stayed locked for lockwait ({wait_seconds / 60:g} min); wait for it to "
+                        "finish or raise lockwait") from None
+                if on_wait and not told:
+                    on_wait(f"{held_by or f'another run holds {path}'}; waiting up to lockwait "
+                            f"{wait_seconds / 60:g} min")
+                    told = True
                 time.sleep(0.2)
+        if holder and not shared:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(holder + '\n')
+            handle.flush()
         yield
     finally:
+        if holder and not shared:
+            try:
+                handle.truncate(0)
+            except OSError:
+                pass
         handle.close()
+
+
+def _holder(path):
+    try:
+        with open(path) as handle:
+            return handle.readline().strip()
+    except OSError:
+        return ''
 
 
 class StagedBackup:
@@ -65,7 +92,7 @@ class StagedBackup:
     def __init__(self, tmp_path, final_path):
         self.path = tmp_path
         self.final_path = final_path
-        os.mkdir(tmp_path, 0o750)
+        os.mkdir(tmp_path, 0o700)
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -142,7 +169,7 @@ class DirStorage(Storage):
         if shared and not os.path.isdir(gdir):
             yield  # a reader of a guest without backups: nothing to lock, nothing to create
             return
-        os.makedirs(gdir, mode=0o750, exist_ok=True)
+        os.makedirs(gdir, mode=0o700, exist_ok=True)
         with file_lock(os.path.join(gdir, '.lock'), wait_seconds,
                        f"guest {vmid} on {self.label}", shared=shared):
             yield
@@ -168,14 +195,18 @@ class DirStorage(Storage):
         found.sort(key=lambda b: b.time)
         return found
 
+    def stale_paths(self, vmid):
+        """What killed runs left in the guest's directory: hidden ``.tmp`` entries."""
+        gdir = self.guest_dir(vmid)
+        if not os.path.isdir(gdir):
+            return []
+        return [os.path.join(gdir, name) for name in sorted(os.listdir(gdir))
+                if name.startswith('.') and name.endswith('.tmp')]
+
     def remove_stale(self, vmid):
         """Remove what killed runs left (call with the guest's lock held); return the names."""
-        gdir = self.guest_dir(vmid)
         removed = []
-        for name in os.listdir(gdir) if os.path.isdir(gdir) else ():
-            path = os.path.join(gdir, name)
-            if not (name.startswith('.') and name.endswith('.tmp')):
-                continue
+        for path in self.stale_paths(vmid):
             try:
                 if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)
@@ -184,7 +215,7 @@ class DirStorage(Storage):
             except OSError as exc:
                 raise StorageError(f"cannot remove {path}, left by an interrupted run: {exc}; "
                                    "remove it by hand") from exc
-            removed.append(name)
+            removed.append(os.path.basename(path))
         return removed
 
     def next_backup_time(self, vmid, now):
@@ -217,6 +248,11 @@ class DirStorage(Storage):
             return StagedBackup(os.path.join(gdir, f".{name}.tmp"), final)
         except OSError as exc:
             raise StorageError(f"cannot create a backup directory in {gdir}: {exc}") from exc
+
+    def free_bytes(self):
+        """Bytes a backup can still write here (what an unprivileged writer may use)."""
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
 
     def guest_ids(self):
         root = os.path.join(self.path, 'vm')

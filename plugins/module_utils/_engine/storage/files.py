@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 
 
 def fsync_path(path):
@@ -33,3 +34,18 @@ def write_file_atomic(path, data):
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_path(os.path.dirname(path) or '.')
+
+
+# Backups hold whole disks, so they are private whatever the caller's umask: directories 0700,
+# files 0600. (vzdump leaves its archives to the umask, usually 0644 under a 0755 dump dir.)
+PRIVATE_UMASK = 0o077
+
+
+@contextmanager
+def private_files():
+    """Everything created inside (by the engine, qemu-img or a hook) is the owner's alone."""
+    previous = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(previous)
