@@ -23,7 +23,6 @@ same filesystem. The guest runs in prelaunch mode and nothing writes to it while
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -46,17 +45,11 @@ VMID = 9901
 
 # --------------------------------------------------------------------------------------- set-up
 def load_engine(run_dir):
-    """The engine as package ``guestvault_engine`` (as tests/conftest.py does)."""
+    """The engine as package ``guestvault_engine`` (tools/engine_loader.py, as the tests do)."""
     os.environ['GUESTVAULT_RUN_DIR'] = run_dir  # where the engine keeps its node locks
-    engine_dir = os.path.join(ROOT, 'plugins', 'module_utils', '_engine')
-    if 'guestvault_engine' not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            'guestvault_engine', os.path.join(engine_dir, '__init__.py'),
-            submodule_search_locations=[engine_dir])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules['guestvault_engine'] = package
-        spec.loader.exec_module(package)
     sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    from engine_loader import load_engine as load
+    load()
     from guestvault_engine.run import backup as backup_run
     return backup_run
 

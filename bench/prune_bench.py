@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import io
 import json
 import os
@@ -51,15 +50,10 @@ SHORT = {'simulate, epoch times, ids': 'epoch', 'simulate, ISO times, no ids': '
 
 # --------------------------------------------------------------------------------------- set-up
 def load_engine():
-    """The engine as package ``guestvault_engine`` (as tests/conftest.py does)."""
-    engine_dir = os.path.join(ROOT, 'plugins', 'module_utils', '_engine')
-    if 'guestvault_engine' not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            'guestvault_engine', os.path.join(engine_dir, '__init__.py'),
-            submodule_search_locations=[engine_dir])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules['guestvault_engine'] = package
-        spec.loader.exec_module(package)
+    """The engine as package ``guestvault_engine`` (tools/engine_loader.py, as the tests do)."""
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    from engine_loader import load_engine as load
+    load()
     from guestvault_engine.policy import retention
     return retention
 

@@ -37,6 +37,12 @@ def bitmap_names(guest):
                    for b in node.get('dirty-bitmaps', []) if b.get('name')})
 
 
+def backup(guest, store, config_dir, log=None, **options):
+    """A backup in this process, as a module runs it."""
+    return run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
+                                    config_dir=config_dir, **options), log=log)
+
+
 def start_backup(guest, store, config_dir, env=None, **options):
     """A backup in its own process (as a second run or a job would be), its log on stdout."""
     request = dict(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
@@ -96,15 +102,13 @@ def test_a_killed_full_leaves_a_job_and_a_bitmap_that_the_next_incremental_remov
         make_guest, store, config_dir, tmp_path):
     guest = make_guest(disks=[('qcow2', 8 * MiB)])
     guest.write('vd0', 0x42, 0, 8 * MiB)
-    base = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
-                                    config_dir=config_dir, level='full'))
+    base = backup(guest, store, config_dir, level='full')
     kill_mid_full(guest, store, config_dir)
     assert len(bitmap_names(guest)) == 2             # the chain's, and the killed run's new one
     assert hidden_in(store, guest.vmid)
     guest.write('vd0', 0x43, 0, MiB)
     log = []
-    inc = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
-                                   config_dir=config_dir, level='inc'), log=log.append)
+    inc = backup(guest, store, config_dir, log=log.append, level='inc')
     assert inc['parent'] == base['time']
     assert any(line.startswith('removed orphan bitmap ') and 'killed' in line for line in log), log
     assert any(line.startswith('cancelling block job guestvault-') for line in log), log
@@ -119,8 +123,7 @@ def test_a_kill_after_the_rename_before_the_old_bitmap_goes_leaves_a_correct_cha
         make_guest, store, config_dir, tmp_path):
     guest = make_guest(disks=[('qcow2', 8 * MiB)])
     guest.write('vd0', 0x44, 0, 4 * MiB)
-    base = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
-                                    config_dir=config_dir, level='full'))
+    base = backup(guest, store, config_dir, level='full')
     guest.write('vd0', 0x45, 0, MiB)
     marker = tmp_path / 'stopped'
     proc = start_backup(guest, store, config_dir, level='inc',
@@ -136,8 +139,7 @@ def test_a_kill_after_the_rename_before_the_old_bitmap_goes_leaves_a_correct_cha
     assert len(bitmap_names(guest)) == 2              # the old bitmap was not dropped yet
     guest.write('vd0', 0x46, 2 * MiB, MiB)
     log = []
-    nxt = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
-                                   config_dir=config_dir), log=log.append)
+    nxt = backup(guest, store, config_dir, log=log.append)
     assert nxt['level'] == 'inc' and nxt['parent'] == stored[1] != base['time']
     assert any('superseded' in line for line in log), log
     assert bitmap_names(guest) == [nxt['disks'][0]['bitmap']]
@@ -202,9 +204,7 @@ def test_backups_and_restores_are_private_whatever_the_umask(make_guest, store, 
     guest.write('vd0', 0x49, 0, MiB)
     previous = os.umask(0)
     try:
-        result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                          dumpdir=store, config_dir=config_dir,
-                                          notes_template='{{vmid}}', protected=True))
+        result = backup(guest, store, config_dir, notes_template='{{vmid}}', protected=True)
         restored = run_restore(RestoreRequest(vmid=guest.vmid, dumpdir=store,
                                               config_dir=config_dir,
                                               target_dir=str(tmp_path / 'restored' / 'a')))
