@@ -87,6 +87,9 @@ def test_a_second_backup_waits_for_the_first_and_says_for_whom(make_guest, store
     guest.write('vd0', 0x41, 0, 12 * MiB)
     started = time.monotonic()
     first = start_backup(guest, store, config_dir, level='full', bwlimit=512)  # ~24 s
+    # Once the first is copying (a loaded machine may take longer than 0.5 s to start a Python
+    # process, and then the second would simply be first), the second starts 0.5 s later.
+    wait_for_job(guest, first)
     time.sleep(0.5)
     second = start_backup(guest, store, config_dir)
     (one, one_log), (two, two_log) = finished(first), finished(second)
