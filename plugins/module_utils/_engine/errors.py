@@ -73,3 +73,27 @@ class ConsistencyError(GuestvaultError):
 
 class NotesTemplateError(ConfigError):
     """A notes template names an unknown variable or is malformed."""
+
+
+class MissingLibrary(GuestvaultError):
+    """A Python library the requested feature needs is not installed; the message names it."""
+
+    def __init__(self, library, feature, debian_package=None, error=None):
+        ways = f"'pip install {library}'"
+        if debian_package:
+            ways = f"'apt-get install {debian_package}' or {ways}"
+        detail = f" ({error})" if error else ""
+        super().__init__(f"{feature} needs the Python library {library}, which is not installed"
+                         f"{detail}; install it with {ways} for the interpreter that runs "
+                         "guestvault")
+        self.library = library
+
+
+class EncryptionKeyError(ConfigError):
+    """An encryption key is missing, malformed, locked by another passphrase, or not the key the
+    data was written with. Messages name keys by fingerprint only, never by their bytes."""
+
+
+class CorruptData(StorageError):
+    """A stored file is damaged or not in the format it claims: unknown magic, bad checksum,
+    wrong size, a digest that does not match its data."""

@@ -1,0 +1,219 @@
+"""The chunk store of a datastore: ``<base>/.chunks/XXXX/<digest hex>`` (chunk_store.rs).
+
+Each chunk is one DataBlob named by the lower-case hex of its 32-byte digest, in one of 65536
+subdirectories named by the first two digest bytes in hex (``0000`` .. ``ffff``), all created with
+the store, beside an empty ``<base>/.lock``. Rules kept from PBS:
+
+- inserting a chunk that exists with the same size only touches it; an empty file is replaced;
+  an encrypted chunk never replaces an unencrypted one of the same digest (the keyed digest makes
+  that impossible unless something is wrong), nor two uncompressed encrypted copies each other;
+  otherwise the smaller copy is kept (two zstd versions may compress the same data differently);
+- a new chunk is written under a hidden temporary name and renamed into place, so a reader or a
+  crash never sees half a chunk (PBS's own iterator skips any name that is not a digest);
+- garbage collection marks a chunk by setting its access time (``touch``) and sweeps chunks whose
+  atime is older than the cutoff; mtime is left alone;
+- verify renames a corrupt chunk to ``<digest>.<n>.bad`` (n = 0..9, the first free one), so the
+  next backup writes a fresh copy while the bad one stays for inspection until GC.
+
+The digest of a 4 MiB chunk of zeroes (unencrypted) is ``ZERO_CHUNK_DIGEST``: a hole or a zero
+run in an image maps to it without reading or hashing anything.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+
+from ...errors import CorruptData, StorageError
+from ...storage.files import fsync_path, write_file_hidden
+from .blob import blob_kind, encode_chunk
+from .file_formats import (COMPRESSED_BLOB_MAGIC, DEFAULT_CHUNK_SIZE, DIGEST_SIZE,
+                           ENCRYPTED_BLOB_MAGIC, UNCOMPRESSED_BLOB_MAGIC)
+
+CHUNK_DIR = '.chunks'
+LOCK_FILE = '.lock'
+SUBDIR_COUNT = 1 << 16
+MAX_BAD_COPIES = 10
+
+# sha256 of 4 MiB of zero bytes: every all-zero chunk of an unencrypted backup has this name
+ZERO_CHUNK_DIGEST = bytes.fromhex(
+    'bb9f8df61474d25e71fa00722318cd387396ca1736605e1248821cc0de3d3af8')
+
+_CHUNK_NAME = re.compile(r'[0-9a-fA-F]{64}(\.[0-9]\.bad)?\Z')
+
+
+def digest_hex(digest):
+    """The file name of a digest (32 bytes, or its 64-character hex)."""
+    if isinstance(digest, str):
+        text = digest.lower()
+        if len(text) != 2 * DIGEST_SIZE or not all(c in '0123456789abcdef' for c in text):
+            raise ValueError(f"not a chunk digest: {digest!r}")
+        return text
+    if len(digest) != DIGEST_SIZE:
+        raise ValueError(f"a chunk digest has {DIGEST_SIZE} bytes, not {len(digest)}")
+    return bytes(digest).hex()
+
+
+def chunk_relpath(digest):
+    """``.chunks/XXXX/<hex>`` relative to the datastore's base."""
+    name = digest_hex(digest)
+    return os.path.join(CHUNK_DIR, name[:4], name)
+
+
+def is_chunk_name(name):
+    """Whether a file name in a chunk subdirectory is a chunk (or a chunk marked bad), as PBS's
+    iterator decides: 64 hex digits, optionally ``.<n>.bad``."""
+    return _CHUNK_NAME.match(name) is not None
+
+
+def zero_chunk(chunk_size=DEFAULT_CHUNK_SIZE, crypt=None):
+    """``(blob, digest)`` of a chunk of zeroes. Encrypted, the blob differs per call (a fresh IV)
+    but the digest does not; a store writes it once and refers to it by digest."""
+    return encode_chunk(bytes(chunk_size), crypt)
+
+
+class ChunkStore:
+    """The ``.chunks`` directory of one datastore on a local (or mounted) file system."""
+
+    def __init__(self, base):
+        self.base = os.fspath(base)
+        self.chunk_dir = os.path.join(self.base, CHUNK_DIR)
+
+    def __repr__(self):
+        return f"ChunkStore({self.base!r})"
+
+    # -- the store -----------------------------------------------------------------------------
+
+    def exists(self):
+        return os.path.isdir(self.chunk_dir)
+
+    def create(self):
+        """Make ``.chunks`` with its 65536 subdirectories and ``.lock``, as PBS does. Finishes a
+        creation that was interrupted; the directories are not fsynced one by one (they hold
+        nothing yet), the parent is once at the end."""
+        try:
+            os.makedirs(self.chunk_dir, exist_ok=True)
+            present = set(os.listdir(self.chunk_dir))
+            for number in range(SUBDIR_COUNT):
+                name = f"{number:04x}"
+                if name not in present:
+                    os.mkdir(os.path.join(self.chunk_dir, name))
+            lock = os.path.join(self.base, LOCK_FILE)
+            if not os.path.exists(lock):
+                write_file_hidden(lock, b'')
+            fsync_path(self.chunk_dir)
+            fsync_path(self.base)
+        except OSError as exc:
+            raise StorageError(f"cannot create the chunk store in {self.base}: "
+                               f"{exc.strerror or exc}") from None
+
+    def check(self):
+        if not self.exists():
+            raise StorageError(f"{self.base} is not a datastore: {CHUNK_DIR} is missing")
+
+    # -- one chunk -----------------------------------------------------------------------------
+
+    def chunk_path(self, digest):
+        return os.path.join(self.base, chunk_relpath(digest))
+
+    def contains(self, digest):
+        return os.path.isfile(self.chunk_path(digest))
+
+    def read(self, digest):
+        """The raw blob of a chunk; ``CorruptData`` when it is missing (an index names it)."""
+        path = self.chunk_path(digest)
+        try:
+            with open(path, 'rb') as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.chunk_dir}") \
+                from None
+
+    def insert(self, digest, blob, durable=True):
+        """Store a chunk unless it is there already: ``(duplicate, size on disk)``.
+
+        ``durable`` fsyncs the chunk and its directory; without it the caller makes the store
+        durable at once (a sync of the file system) before writing an index that names it.
+        """
+        path = self.chunk_path(digest)
+        try:
+            old = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            if not stat.S_ISREG(old.st_mode):
+                raise StorageError(f"{path} is not a regular file; the chunk store is damaged")
+            if self._keep_existing(path, digest, blob, old.st_size):
+                self.touch(digest)
+                return True, old.st_size
+        try:
+            write_file_hidden(path, blob, durable=durable)
+        except OSError as exc:
+            raise StorageError(f"cannot store chunk {digest_hex(digest)} in {self.chunk_dir}: "
+                               f"{exc.strerror or exc}") from None
+        return False, len(blob)
+
+    def _keep_existing(self, path, digest, blob, old_size):
+        """Whether the chunk on disk stays (True) or the new copy replaces it (False)."""
+        if old_size == len(blob):
+            return True
+        if old_size == 0:
+            return False
+        encrypted, compressed = blob_kind(blob, f"chunk {digest_hex(digest)}")
+        if encrypted:
+            with open(path, 'rb') as handle:
+                old_magic = handle.read(8)
+            if old_magic in (UNCOMPRESSED_BLOB_MAGIC, COMPRESSED_BLOB_MAGIC):
+                raise StorageError(
+                    f"chunk {digest_hex(digest)}: an encrypted chunk would replace an "
+                    "unencrypted one of the same digest; refused (keyed digests cannot collide "
+                    "with plain ones unless a chunk is forged or damaged)")
+            if old_magic == ENCRYPTED_BLOB_MAGIC and not compressed:
+                raise StorageError(
+                    f"chunk {digest_hex(digest)}: two uncompressed encrypted copies of different "
+                    "sizes; one of them is invalid, the stored one is kept and the new refused")
+            return True
+        return old_size < len(blob)
+
+    def touch(self, digest, must_exist=True):
+        """Set a chunk's access time to now (GC's mark), leaving mtime; False if it is missing
+        and ``must_exist`` is false."""
+        path = self.chunk_path(digest)
+        try:
+            mtime_ns = os.stat(path, follow_symlinks=False).st_mtime_ns
+            os.utime(path, ns=(time.time_ns(), mtime_ns), follow_symlinks=False)
+        except FileNotFoundError:
+            if must_exist:
+                raise CorruptData(f"chunk {digest_hex(digest)} is missing from "
+                                  f"{self.chunk_dir}") from None
+            return False
+        return True
+
+    def mark_bad(self, digest):
+        """Rename a corrupt chunk to ``<hex>.<n>.bad`` as PBS's verify does; the new path, or
+        None if the chunk is not there."""
+        path = self.chunk_path(digest)
+        if not os.path.lexists(path):
+            return None
+        for counter in range(MAX_BAD_COPIES):
+            target = f"{path}.{counter}.bad"
+            if not os.path.lexists(target) or counter == MAX_BAD_COPIES - 1:
+                break
+        os.replace(path, target)
+        return target
+
+    # -- every chunk ---------------------------------------------------------------------------
+
+    def chunk_files(self):
+        """``(path, name, bad)`` for every chunk file, subdirectory by subdirectory (what GC
+        sweeps); names that are not chunks, such as hidden temporary files, are skipped."""
+        for number in range(SUBDIR_COUNT):
+            folder = os.path.join(self.chunk_dir, f"{number:04x}")
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if is_chunk_name(name):
+                    yield os.path.join(folder, name), name, name.endswith('.bad')
