@@ -78,7 +78,7 @@ def test_insert_once_then_duplicate_touches(store):
 def test_insert_rules_for_a_copy_of_another_size(store):
     data = bytes(10_000)
     compressed, digest = blob.encode_chunk(data)
-    plain, _ = blob.encode_chunk(data, compress=False)
+    plain = blob.encode_chunk(data, compress=False)[0]
     path = store.chunk_path(digest)
     os.makedirs(os.path.dirname(path))
     open(path, 'wb').close()                                       # an empty file is replaced
@@ -90,7 +90,7 @@ def test_insert_rules_for_a_copy_of_another_size(store):
 
 def test_encrypted_chunk_never_replaces_an_unencrypted_one(store):
     config = CryptConfig(KEY)
-    raw, digest, _ = put(store, b'x' * 5000)
+    raw, digest, _inserted = put(store, b'x' * 5000)
     encrypted = blob.encode_blob(b'x' * 5000, config)
     with pytest.raises(StorageError, match='encrypted chunk would replace an unencrypted'):
         store.insert(digest, encrypted)
@@ -103,7 +103,7 @@ def test_encrypted_chunk_never_replaces_an_unencrypted_one(store):
 
 
 def test_touch_sets_atime_only_and_reports_missing(store):
-    raw, digest, _ = put(store, b'abc' * 50)
+    raw, digest, _inserted = put(store, b'abc' * 50)
     path = store.chunk_path(digest)
     os.utime(path, (1000, 2000))
     assert store.touch(digest) is True
@@ -117,7 +117,7 @@ def test_touch_sets_atime_only_and_reports_missing(store):
 
 
 def test_mark_bad_renames_as_pbs_verify_does(store):
-    raw, digest, _ = put(store, b'bad' * 30)
+    raw, digest, _inserted = put(store, b'bad' * 30)
     path = store.chunk_path(digest)
     assert store.mark_bad(digest) == f"{path}.0.bad"
     put(store, b'bad' * 30)
@@ -126,7 +126,7 @@ def test_mark_bad_renames_as_pbs_verify_does(store):
     put(store, b'bad' * 30)
     folder = os.path.dirname(path)
     open(os.path.join(folder, f".{digest.hex()}.123.abc.tmp"), 'wb').close()
-    found = sorted((name, bad) for _, name, bad in store.chunk_files())
+    found = sorted((name, bad) for _path, name, bad in store.chunk_files())
     assert found == [(digest.hex(), False), (f"{digest.hex()}.0.bad", True),
                      (f"{digest.hex()}.1.bad", True)]
 

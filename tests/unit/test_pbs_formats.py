@@ -61,7 +61,7 @@ MAGIC_SENTENCES = [
 
 
 @pytest.mark.parametrize('magic, sentence, literal', MAGIC_SENTENCES,
-                         ids=[s.decode() for _, s, _ in MAGIC_SENTENCES])
+                         ids=[sentence.decode() for _magic, sentence, _bytes in MAGIC_SENTENCES])
 def test_magic_is_the_first_8_bytes_of_the_sha256_of_its_sentence(magic, sentence, literal):
     assert magic == hashlib.sha256(sentence).digest()[:8]
     assert magic == bytes(literal)
@@ -331,7 +331,7 @@ def test_fixed_index_round_trip_and_chunk_geometry():
     assert index.uuid == b'u' * 16
     assert index.index_csum == hashlib.sha256(b''.join(digests)).digest() == index.compute_csum()
     assert [index.digest(n) for n in range(3)] == digests
-    assert [(p, start, length) for p, start, length, _ in index] == [
+    assert [(p, start, length) for p, start, length, _digest in index] == [
         (0, 0, 4 * MiB), (1, 4 * MiB, 4 * MiB), (2, 8 * MiB, 2 * MiB + 1)]
     assert index.chunk_range(2) == (8 * MiB, 10 * MiB + 1)
     assert index.chunk_at(4 * MiB + 7) == (1, 7)

@@ -126,8 +126,8 @@ def test_created_scrypt_key_file_uses_pbs_parameters_and_round_trips(tmp_path):
 
 def test_save_never_replaces_unless_asked(tmp_path):
     path = str(tmp_path / 'backup.key')
-    _, first = key_file.KeyFile.create(kdf='none')
-    _, second = key_file.KeyFile.create(kdf='none')
+    first = key_file.KeyFile.create(kdf='none')[1]
+    second = key_file.KeyFile.create(kdf='none')[1]
     key_file.save_key_file(path, first)
     with pytest.raises(EncryptionKeyError, match='exists already'):
         key_file.save_key_file(path, second)

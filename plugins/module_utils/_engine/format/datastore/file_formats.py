@@ -66,7 +66,8 @@ DYNAMIC_INDEX_ENTRY_SIZE = 40
 CHUNK_SIZES = tuple(64 * 1024 << shift for shift in range(7))
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 
-assert FIXED_INDEX_HEADER.size == INDEX_HEADER_SIZE == DYNAMIC_INDEX_HEADER.size
+if not FIXED_INDEX_HEADER.size == INDEX_HEADER_SIZE == DYNAMIC_INDEX_HEADER.size:
+    raise AssertionError("an index header is not the 4096 bytes PBS's readers expect")
 
 
 def blob_header_size(magic, name='blob'):
