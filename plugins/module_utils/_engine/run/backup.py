@@ -3,8 +3,9 @@
 The order of steps is what makes a backup safe:
 
 1. every option is validated and the notes template rendered before anything changes;
-2. the guest is locked on the node and on the storage (``lockwait``), leftovers of killed runs are
-   cleared, and the level is decided from what the storage and the guest's bitmaps say;
+2. the guest is held on the node before its QMP socket is opened (a second run waits, up to
+   ``lockwait``), then locked on the storage; what killed runs left is cleared, the level is
+   decided from what the storage and the guest's bitmaps say, and orphan bitmaps are removed;
 3. target images are created in a hidden ``.tmp`` directory; one QMP transaction fixes the point
    in time for all disks at once and adds the next bitmap of the chain;
 4. when every job has succeeded the images are closed, hashed and fsynced, the manifest written,
