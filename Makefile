@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^version: *//p' galaxy.yml)
 TARBALL := $(BUILD)/guestvault-backup-$(VERSION).tar.gz
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_NOCOLOR := 1
-SYSTEM_PACKAGES := qemu-system-x86 qemu-utils python3-venv git shellcheck zstd ovmf systemd openssh-server e2fsprogs
+SYSTEM_PACKAGES := qemu-system-x86 qemu-utils python3-venv git shellcheck zstd ovmf systemd openssh-server e2fsprogs python3-libnbd
 
 .PHONY: demo test deps venv collection unit integration sanity molecule bench clean
 
@@ -33,6 +33,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	# libnbd (pull capture over NBD) is not on PyPI: link Debian's binding, only it, when its ABI fits.
+	$(PYTHON) tools/link_debian_nbd.py $(PY)
 	touch $@
 
 # Build the collection and install it as users do, so the demo and tests run the shipped files.
