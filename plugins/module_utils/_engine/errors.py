@@ -78,10 +78,10 @@ class NotesTemplateError(ConfigError):
 class MissingLibrary(GuestvaultError):
     """A Python library the requested feature needs is not installed; the message names it."""
 
-    def __init__(self, library, feature, debian_package=None, error=None):
-        ways = f"'pip install {library}'"
+    def __init__(self, library, feature, debian_package=None, error=None, on_pypi=True):
+        ways = f"'pip install {library}'" if on_pypi else ''
         if debian_package:
-            ways = f"'apt-get install {debian_package}' or {ways}"
+            ways = f"'apt-get install {debian_package}'" + (f" or {ways}" if ways else '')
         detail = f" ({error})" if error else ""
         super().__init__(f"{feature} needs the Python library {library}, which is not installed"
                          f"{detail}; install it with {ways} for the interpreter that runs "

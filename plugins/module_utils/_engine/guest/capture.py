@@ -121,6 +121,15 @@ class PushCapture:
     def close_targets(self):
         close_targets(self.qmp, self.targets.values())
 
+    def journal_entries(self):
+        """What a kill from the start on would leave, for ``guest_runs.record(**entries)``."""
+        return {
+            'jobs': sorted(self.jobs.values()),
+            'targets': sorted(self.targets.values()),
+            'new_bitmaps': [[job.disk.node, job.new_bitmap] for job in self.disk_jobs
+                            if job.new_bitmap],
+        }
+
     def abort(self):
         """Undo the QEMU side after a failure: stop jobs, close targets, drop new bitmaps."""
         try:

@@ -115,8 +115,7 @@ def remove_bitmaps(vmid, qmp_socket=None, config_dir='/etc/guestvault', chain=No
                         qmp.remove_bitmap(item['node'], item['name'], missing_ok=False)
     gone = {(r['disk'], r['name']) for r in removed}
     after = {disk: [n for n in names if (disk, n) not in gone] for disk, names in before.items()}
-    cleared_anything = bool(cleared and (cleared['jobs'] or cleared['targets']
-                                         or cleared['hidden_dirs'] or cleared['interrupted_run']))
+    cleared_anything = bool(cleared and leftovers.anything(dict(cleared, orphan_bitmaps=None)))
     return {'changed': bool(removed) or cleared_anything, 'removed': removed,
             'cleared': cleared, 'diff': {'before': before, 'after': after}}
 

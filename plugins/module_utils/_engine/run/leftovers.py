@@ -1,5 +1,6 @@
 """What killed runs leave behind, found and cleared: block jobs still copying, target nodes
-still open, hidden directories growing on the storage, and bitmaps nobody needs.
+still open, hidden directories growing on the storage, and bitmaps nobody needs; of a pull run
+(the datastore) also its NBD exports and NBD server, its frozen bitmaps and its fleecing images.
 
 A run killed with SIGKILL cannot clean up after itself; QEMU goes on copying into the hidden
 directory and counting writes in the run's new bitmap. Every run of the guest (and
@@ -8,6 +9,7 @@ the guest (``guest_runs.hold``), so the run that made it is known to be gone.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -15,6 +17,8 @@ import shutil
 from ..errors import LockTimeout
 from ..guest.capture import cancel_jobs, close_targets, our_jobs, our_targets
 from ..guest.disks import discover_disks
+from ..guest.pull import (delete_exports, fleecing_root, our_exports, our_frozen_bitmaps,
+                          stop_nbd_server)
 from ..guest.qmp import QmpSession
 from ..policy.chain import orphan_bitmaps
 from . import guest_runs
@@ -43,7 +47,19 @@ def find(qmp, vmid, disks, storage=None):
         'hidden_dirs': _hidden_dirs(vmid, journal, storage),
         'orphan_bitmaps': [{'disk': d.id, 'name': name, 'reason': why}
                            for d, name, why in orphans],
+        'exports': our_exports(qmp, vmid),
+        'nbd_server': (journal or {}).get('nbd_socket'),
+        'frozen_bitmaps': [{'disk': _disk_id(disks, node), 'name': name}
+                           for node, name in our_frozen_bitmaps(disks, vmid)],
+        'fleecing': _fleecing(vmid, journal),
     }
+
+
+def anything(found):
+    """Whether ``find``/``clear`` found anything a killed run left."""
+    return any(found.get(key) for key in ('jobs', 'targets', 'interrupted_run', 'hidden_dirs',
+                                          'orphan_bitmaps', 'exports', 'nbd_server',
+                                          'frozen_bitmaps', 'fleecing'))
 
 
 def clear(qmp, vmid, disks, storage, log, check_mode=False):
@@ -60,13 +76,28 @@ def clear(qmp, vmid, disks, storage, log, check_mode=False):
                                if (_node(disks, o['disk']), o['name']) in added]
     if check_mode:
         return found
+    # A pull run's point in time comes down in the order it went up: exports (they hold the
+    # fleecing nodes), the sync=none jobs, the NBD server, the nodes, the frozen bitmaps.
+    for export in found['exports']:
+        log(f"removing NBD export {export} left by an interrupted run")
+    delete_exports(qmp, found['exports'])
     if found['jobs']:
         for job in found['jobs']:
             log(f"cancelling block job {job} left by an interrupted run")
         cancel_jobs(qmp, found['jobs'])
+    if found['nbd_server'] or found['exports']:
+        log("stopping the NBD server left by an interrupted run")
+        stop_nbd_server(qmp, found['nbd_server'])
     for node in found['targets']:
         log(f"closing target node {node} left by an interrupted run")
     close_targets(qmp, found['targets'])
+    for frozen in found['frozen_bitmaps']:
+        qmp.remove_bitmap(_node(disks, frozen['disk']), frozen['name'])
+        log(f"removed frozen bitmap {frozen['name']} of disk {frozen['disk']}, left by an "
+            "interrupted run")
+    for path in found['fleecing']:
+        _remove_path(path)
+        log(f"removed fleecing image {path}, left by an interrupted run")
     staged = _journal_dir(vmid, journal)
     if staged:
         shutil.rmtree(staged, ignore_errors=True)
@@ -104,12 +135,46 @@ def clear_guest(vmid, config_dir, storage, log):
     except LockTimeout:
         log("another run holds the guest; it clears its own leftovers")
         return False
-    return bool(found['jobs'] or found['targets'] or found['hidden_dirs']
-                or found['interrupted_run'] or found['orphan_bitmaps'] or orphans)
+    return anything(found) or bool(orphans)
 
 
 def _node(disks, disk_id):
     return next(d.node for d in disks if d.id == disk_id)
+
+
+def _disk_id(disks, node):
+    return next(d.id for d in disks if d.node == node)
+
+
+def _fleecing_dir_pattern(vmid):
+    """``<vmid>-<time>``: a capture's directory under the fleecing root."""
+    return re.compile(rf'^{vmid}-\d{{4}}-?\d\d-?\d\dT\d\d:?\d\d:?\d\dZ$')
+
+
+def _fleecing(vmid, journal):
+    """Fleecing images of killed pull runs: the journal's, and any capture directory of this
+    guest under the fleecing root (a run of the guest holds it, so none of them is live)."""
+    found = []
+    pattern = _fleecing_dir_pattern(vmid)
+    for image in (journal or {}).get('fleecing_images') or ():
+        if os.path.isfile(image) and image.endswith('.qcow2'):
+            parent = os.path.dirname(image)
+            found.append(parent if pattern.match(os.path.basename(parent)) else image)
+    root = fleecing_root()
+    for path in sorted(glob.glob(os.path.join(glob.escape(root), f'{vmid}-*'))):
+        if pattern.match(os.path.basename(path)) and os.path.isdir(path):
+            found.append(path)
+    return sorted(set(found))
+
+
+def _remove_path(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _remove(qmp, disks, orphans, log):

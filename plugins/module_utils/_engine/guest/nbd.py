@@ -1,0 +1,184 @@
+"""One disk's point in time, read over NBD: the chunk source a pull capture hands the format.
+
+QEMU exports each disk's fleece node read-only on a unix socket (``guest/pull.py``). An
+``NbdSource`` is a libnbd client of one such export: its size, its extents (``base:allocation``:
+where it reads as zeros), for an incremental the dirty extents of the frozen bitmap the export
+carries (``qemu:dirty-bitmap:<name>``), and ``reader()``, an independent connection per worker
+thread. The format reads chunks through it by duck typing; ``format/datastore/sources.py`` has
+the same interface over a raw file.
+
+libnbd is not on PyPI: Debian ships it as ``python3-libnbd``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from ..errors import BackupFailed, MissingLibrary
+
+try:
+    import nbd
+    HAS_LIBNBD = True
+    LIBNBD_IMPORT_ERROR = None
+except ImportError as exc:  # reported when a source is opened, naming the package
+    HAS_LIBNBD = False
+    LIBNBD_IMPORT_ERROR = exc
+
+ALLOCATION = 'base:allocation'
+DIRTY_BITMAP = 'qemu:dirty-bitmap:'
+# NBD's block status request carries a 32-bit length; ask for at most this much at once (QEMU
+# answers with less when it likes, and each answer is followed on from where it ended).
+STATUS_REQUEST = 1 << 31
+# QEMU's NBD server takes reads up to 32 MiB; larger preads are split.
+MAX_READ = 32 << 20
+STATE_ZERO = 2     # base:allocation: the range reads as zeros (holes included)
+STATE_DIRTY = 1    # qemu:dirty-bitmap: the range is dirty
+
+
+def require_libnbd(feature='pull capture over NBD'):
+    if not HAS_LIBNBD:
+        raise MissingLibrary('libnbd', feature, 'python3-libnbd', LIBNBD_IMPORT_ERROR,
+                             on_pypi=False)
+
+
+def _connect(socket_path, export_name, contexts=()):
+    require_libnbd()
+    handle = nbd.NBD()
+    handle.set_export_name(export_name)
+    for context in contexts:
+        handle.add_meta_context(context)
+    try:
+        handle.connect_unix(socket_path)
+    except nbd.Error as exc:
+        raise BackupFailed(f"cannot read export {export_name} over NBD at {socket_path}: "
+                           f"{exc}") from exc
+    return handle
+
+
+def _close(handle):
+    try:
+        handle.shutdown()
+    except nbd.Error:
+        pass  # the server is gone already: the handle is closed when dropped
+
+
+def merge_extents(pieces, size):
+    """Adjacent (offset, length, flag) pieces with the same flag joined, clipped to ``size``;
+    the pieces must follow each other from 0 (as block status answers do)."""
+    merged = []
+    for offset, length, flag in pieces:
+        length = min(length, size - offset)
+        if length <= 0:
+            continue
+        if merged and merged[-1][2] == flag and merged[-1][0] + merged[-1][1] == offset:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length, flag)
+        else:
+            merged.append((offset, length, flag))
+    return merged
+
+
+def block_status_walk(query, size, context, what):
+    """Walk a whole export's block status for ``context``: [(offset, length, flags)] covering
+    [0, size) in order.
+
+    ``query(count, offset, callback)`` is one block status request (``handle.block_status``); a
+    server may answer for less than was asked (or, for the last extent, more), so requests go on
+    from where each answer ended until the export is covered.
+    """
+    pieces = []
+    offset = 0
+    while offset < size:
+        answer = []
+
+        def collect(metacontext, start, entries, error, answer=answer):
+            if metacontext == context:
+                answer.append((start, list(entries)))
+            return 0
+
+        query(min(size - offset, STATUS_REQUEST), offset, collect)
+        position = offset
+        for start, entries in answer:
+            position = start
+            for index in range(0, len(entries) - 1, 2):
+                length, flags = entries[index], entries[index + 1]
+                pieces.append((position, length, flags))
+                position += length
+        if position <= offset:
+            raise BackupFailed(f"the NBD server gave no {context} status for {what} at offset "
+                               f"{offset}")
+        offset = position
+    return pieces
+
+
+class NbdReader:
+    """One connection of one worker thread."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def pread(self, length, offset):
+        if length <= MAX_READ:
+            return self._handle.pread(length, offset)
+        return b''.join(self._handle.pread(min(MAX_READ, length - done), offset + done)
+                        for done in range(0, length, MAX_READ))
+
+
+class NbdSource:
+    """One disk's point in time, exported read-only over NBD."""
+
+    def __init__(self, socket_path, export_name, incremental=False, bitmap_name=None):
+        self.socket_path = socket_path
+        self.export_name = export_name
+        self.incremental = bool(incremental)
+        self.bitmap_name = bitmap_name
+        if self.incremental and not bitmap_name:
+            raise BackupFailed(f"an incremental NBD source ({export_name}) needs the name of its "
+                               "frozen bitmap")
+        contexts = [ALLOCATION] + ([DIRTY_BITMAP + bitmap_name] if bitmap_name else [])
+        self._handle = _connect(socket_path, export_name, contexts)
+        for context in contexts:
+            if not self._handle.can_meta_context(context):
+                _close(self._handle)
+                raise BackupFailed(f"the NBD export {export_name} does not offer {context}")
+        self.size = self._handle.get_size()
+
+    def _walk(self, context):
+        if self._handle is None:
+            raise BackupFailed(f"the NBD source {self.export_name} is closed")
+        return block_status_walk(self._handle.block_status, self.size, context,
+                                 f"export {self.export_name}")
+
+    def extents(self):
+        """[(offset, length, zero)] covering [0, size): zero where the export reads as zeros."""
+        return [(offset, length, zero) for offset, length, zero in merge_extents(
+            ((o, n, bool(f & STATE_ZERO)) for o, n, f in self._walk(ALLOCATION)), self.size)]
+
+    def dirty_extents(self):
+        """[(offset, length)] the frozen bitmap marks dirty: what changed since the previous
+        backup of the chain."""
+        if not self.incremental:
+            raise BackupFailed(f"the NBD source {self.export_name} is a full one: it has no "
+                               "dirty bitmap")
+        return [(offset, length) for offset, length, dirty in merge_extents(
+            ((o, n, bool(f & STATE_DIRTY)) for o, n, f in self._walk(DIRTY_BITMAP
+                                                                      + self.bitmap_name)),
+            self.size) if dirty]
+
+    @contextlib.contextmanager
+    def reader(self):
+        """An independent connection: ``with source.reader() as r: r.pread(length, offset)``."""
+        handle = _connect(self.socket_path, self.export_name)
+        try:
+            yield NbdReader(handle)
+        finally:
+            _close(handle)
+
+    def close(self):
+        if self._handle is not None:
+            _close(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
