@@ -8,8 +8,6 @@ point in time (``qemu-img compare``).
 import os
 import subprocess
 
-import pytest
-
 from guestvault_engine.guest.capture import DiskJob
 from guestvault_engine.guest.disks import discover_disks
 from guestvault_engine.guest.pull import PullCapture
@@ -92,7 +90,7 @@ def test_full_point_in_time_and_holes(make_guest, tmp_path):
         source = capture.sources()['vd0']
         assert source.size == 64 * MiB and not source.incremental
         extents = source.extents()
-        assert extents[0][0] == 0 and sum(length for _, length, _ in extents) == source.size
+        assert extents[0][0] == 0 and sum(extent[1] for extent in extents) == source.size
         assert all(a[0] + a[1] == b[0] for a, b in zip(extents, extents[1:]))
         data = [(o, n) for o, n, zero in extents if not zero]
         assert data == [(0, 4 * MiB), (20 * MiB, 3 * MiB + 512 * KiB), (60 * MiB, 4 * MiB)]
@@ -135,7 +133,7 @@ def test_incremental_frozen_bitmap(make_guest, tmp_path):
         # The previous bitmap went on counting; the new one counts from the point in time.
         counts = {b['name']: b['count'] for b in discover_disks(qmp)[0].bitmaps}
         assert counts[NEXT] == 1 * MiB
-        assert counts[CHAIN] == sum(length for _, length in written) + 1 * MiB
+        assert counts[CHAIN] == sum(w[1] for w in written) + 1 * MiB
         entries = second.journal_entries()
         assert entries['frozen_bitmaps'] == [[source_node(qmp), second.frozen['vd0']]]
         second.close_targets()

@@ -76,6 +76,16 @@ def merge_extents(pieces, size):
     return merged
 
 
+def _collector(context, answer):
+    """A block status callback keeping ``context``'s answers: (offset, [length, flags, ...])."""
+    def collect(metacontext, start, entries, error):
+        del error  # an earlier error of the same request; libnbd raises it after the callbacks
+        if metacontext == context:
+            answer.append((start, list(entries)))
+        return 0
+    return collect
+
+
 def block_status_walk(query, size, context, what):
     """Walk a whole export's block status for ``context``: [(offset, length, flags)] covering
     [0, size) in order.
@@ -88,13 +98,7 @@ def block_status_walk(query, size, context, what):
     offset = 0
     while offset < size:
         answer = []
-
-        def collect(metacontext, start, entries, error, answer=answer):
-            if metacontext == context:
-                answer.append((start, list(entries)))
-            return 0
-
-        query(min(size - offset, STATUS_REQUEST), offset, collect)
+        query(min(size - offset, STATUS_REQUEST), offset, _collector(context, answer))
         position = offset
         for start, entries in answer:
             position = start
@@ -149,8 +153,8 @@ class NbdSource:
 
     def extents(self):
         """[(offset, length, zero)] covering [0, size): zero where the export reads as zeros."""
-        return [(offset, length, zero) for offset, length, zero in merge_extents(
-            ((o, n, bool(f & STATE_ZERO)) for o, n, f in self._walk(ALLOCATION)), self.size)]
+        return merge_extents(((o, n, bool(f & STATE_ZERO)) for o, n, f in self._walk(ALLOCATION)),
+                             self.size)
 
     def dirty_extents(self):
         """[(offset, length)] the frozen bitmap marks dirty: what changed since the previous
@@ -158,10 +162,9 @@ class NbdSource:
         if not self.incremental:
             raise BackupFailed(f"the NBD source {self.export_name} is a full one: it has no "
                                "dirty bitmap")
+        pieces = self._walk(DIRTY_BITMAP + self.bitmap_name)
         return [(offset, length) for offset, length, dirty in merge_extents(
-            ((o, n, bool(f & STATE_DIRTY)) for o, n, f in self._walk(DIRTY_BITMAP
-                                                                      + self.bitmap_name)),
-            self.size) if dirty]
+            ((o, n, bool(f & STATE_DIRTY)) for o, n, f in pieces), self.size) if dirty]
 
     @contextlib.contextmanager
     def reader(self):

@@ -161,8 +161,14 @@ class PullCapture:
         self.transaction_seconds = time.monotonic() - started
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)  # a killed run's; QEMU cannot bind over it
-        self.qmp.execute('nbd-server-start', {
-            'addr': {'type': 'unix', 'data': {'path': self.socket_path}}})
+        try:
+            self.qmp.execute('nbd-server-start', {
+                'addr': {'type': 'unix', 'data': {'path': self.socket_path}}})
+        except QmpCommandFailed as exc:
+            raise BackupFailed(
+                f"cannot start QEMU's NBD server on {self.socket_path}: {exc}. QEMU runs one NBD "
+                "server at a time: if another tool runs one in this guest's QEMU, stop it "
+                "(nbd-server-stop) first") from exc
         self._server_started = True
         for job in self.disk_jobs:
             disk_id = job.disk.id
