@@ -228,6 +228,23 @@ leftovers:
       description: The orphan bitmaps (disk, name, reason); see RV(disks[].bitmaps[].orphan).
       type: list
       elements: dict
+    exports:
+      description: NBD exports of guestvault pull captures (datastore backups) still known to QEMU.
+      type: list
+      elements: str
+    nbd_server:
+      description: The unix socket of the NBD server a killed pull capture started (null when none was recorded).
+      type: str
+    frozen_bitmaps:
+      description: Frozen copies of bitmaps (disk, name) a killed pull capture left on the disks.
+      type: list
+      elements: dict
+    fleecing:
+      description: >-
+        Fleecing images (or their capture directories under C(GUESTVAULT_FLEECING_DIR), default
+        C(/var/lib/guestvault/fleecing)) of killed pull captures.
+      type: list
+      elements: str
 storage_path:
   description: The storage's directory.
   returned: when O(storage) or O(dumpdir) is given

@@ -181,7 +181,8 @@ def test_guest_info_reports_a_leftover_job_and_guest_bitmaps_clears_it(
     assert again['changed'] is False
     info = ansible.module('guestvault.backup.guest_info', dict(base, dumpdir=store))
     assert info['leftovers'] == {'jobs': [], 'targets': [], 'interrupted_run': None,
-                                 'hidden_dirs': [], 'orphan_bitmaps': []}
+                                 'hidden_dirs': [], 'orphan_bitmaps': [], 'exports': [],
+                                 'nbd_server': None, 'frozen_bitmaps': [], 'fleecing': []}
 
 
 def test_the_node_command_cleanup_clears_a_killed_run(make_guest, store, config_dir):

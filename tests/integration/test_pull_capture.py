@@ -5,7 +5,9 @@ The guest's disks are written through its block device (qemu-io over human-monit
 as a guest's own writes arrive; what NBD serves is compared with the disk as it was at the
 point in time (``qemu-img compare``).
 """
+import json
 import os
+import random
 import subprocess
 
 from guestvault_engine.guest.capture import DiskJob
@@ -218,3 +220,30 @@ def test_leftovers_of_a_killed_pull_run(make_guest, tmp_path, monkeypatch):
         assert again.sources()['vd0'].extents()[0] == (0, 4 * MiB, False)
         again.close_targets()
         assert_nothing_left(qmp, again)
+
+
+def test_extents_of_a_fragmented_disk_match_qemu_img_map(make_guest, tmp_path):
+    """Many extents over a large export: every block status answer is followed on to the end."""
+    size = 4 << 30
+    guest = make_guest(disks=[('qcow2', str(size))], vmid=VMID)
+    rng = random.Random(7)
+    for offset in sorted(rng.sample(range(0, size // MiB), 300)):
+        guest.write('vd0', 0x5a, offset * MiB, 64 * KiB * rng.randint(1, 4))
+    reference = guest.snapshot_disk(0, str(tmp_path / 'reference.qcow2'))
+    mapped = json.loads(subprocess.run(['qemu-img', 'map', '--output=json', reference],
+                                       check=True, capture_output=True, text=True).stdout)
+    expected = []
+    for entry in mapped:
+        if entry['data'] and not entry['zero']:
+            if expected and expected[-1][0] + expected[-1][1] == entry['start']:
+                expected[-1] = (expected[-1][0], expected[-1][1] + entry['length'])
+            else:
+                expected.append((entry['start'], entry['length']))
+    with QmpSession(guest.qmp_socket) as qmp:
+        capture = capture_of(qmp, guest, tmp_path)
+        capture.open_targets()
+        capture.start()
+        extents = capture.sources()['vd0'].extents()
+        capture.close_targets()
+    assert [(o, n) for o, n, zero in extents if not zero] == expected
+    assert sum(extent[1] for extent in extents) == size and len(expected) > 200
