@@ -30,10 +30,10 @@ deps:
 
 venv: $(VENV)/.installed
 
+# libnbd (pull capture over NBD) is not on PyPI: link Debian's binding, only it, when its ABI fits.
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
-	# libnbd (pull capture over NBD) is not on PyPI: link Debian's binding, only it, when its ABI fits.
 	$(PYTHON) tools/link_debian_nbd.py $(PY)
 	touch $@
 

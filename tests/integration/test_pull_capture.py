@@ -186,9 +186,10 @@ def test_leftovers_of_a_killed_pull_run(make_guest, tmp_path, monkeypatch):
                       **capture.journal_entries())
     capture.open_targets()
     capture.start()
-    capture.sources()['vd0'].dirty_extents()
-    for source in capture.sources().values():
-        source.close()
+    # A client still connected (as a reader of a run that is not quite dead yet would be):
+    # the clean-up drops it.
+    connected = capture.sources()['vd0']
+    connected.dirty_extents()
     qmp.close()
     del capture, qmp
 
@@ -213,6 +214,7 @@ def test_leftovers_of_a_killed_pull_run(make_guest, tmp_path, monkeypatch):
         assert not stray.exists()
         assert guest_runs.leftover(VMID) is None
         assert not leftovers.anything(leftovers.find(qmp, VMID, discover_disks(qmp)))
+        connected.close()
         # The NBD server is gone too: a new pull capture can start its own.
         again = capture_of(qmp, guest, tmp_path, new_bitmap=None, name='again')
         again.open_targets()
@@ -247,3 +249,35 @@ def test_extents_of_a_fragmented_disk_match_qemu_img_map(make_guest, tmp_path):
         capture.close_targets()
     assert [(o, n) for o, n, zero in extents if not zero] == expected
     assert sum(extent[1] for extent in extents) == size and len(expected) > 200
+
+
+def test_two_disks_share_one_point_in_time(make_guest, tmp_path):
+    """A full of one disk and an incremental of another in one transaction."""
+    guest = make_guest(disks=[('qcow2', '64M'), ('qcow2', '32M')], vmid=VMID)
+    guest.write('vd0', 0x11, 0, 8 * MiB)
+    guest.write('vd1', 0x12, 4 * MiB, 8 * MiB)
+    with QmpSession(guest.qmp_socket) as qmp:
+        disks = discover_disks(qmp)
+        qmp.execute('block-dirty-bitmap-add', {'node': disks[1].node, 'name': CHAIN,
+                                               'persistent': True})
+        guest.write('vd1', 0x13, 16 * MiB, 2 * MiB)
+        references = [guest.snapshot_disk(i, str(tmp_path / f'reference{i}.qcow2'))
+                      for i in (0, 1)]
+        jobs = [DiskJob(disks[0], fleece_image(str(tmp_path / 'f0.qcow2'), disks[0].virtual_size),
+                        new_bitmap=NEXT),
+                DiskJob(disks[1], fleece_image(str(tmp_path / 'f1.qcow2'), disks[1].virtual_size),
+                        new_bitmap=NEXT, since_bitmap=CHAIN)]
+        capture = PullCapture(qmp, VMID, jobs, lambda m: None,
+                              os.path.join(guest_runs.run_dir(), f'{VMID}.nbd'))
+        capture.open_targets()
+        capture.start()
+        guest.write('vd0', 0x21, 0, 1 * MiB)
+        guest.write('vd1', 0x22, 16 * MiB, 1 * MiB)
+        sources = capture.sources()
+        assert not sources['vd0'].incremental and sources['vd1'].incremental
+        assert sources['vd1'].dirty_extents() == [(16 * MiB, 2 * MiB)]
+        for index, disk_id in enumerate(('vd0', 'vd1')):
+            pulled = read_to_raw(sources[disk_id], str(tmp_path / f'pulled{index}.raw'))
+            assert same_image(pulled, references[index]), disk_id
+        capture.close_targets()
+        assert_nothing_left(qmp, capture)

@@ -69,3 +69,15 @@ def test_missing_libnbd_names_the_debian_package(monkeypatch):
     with pytest.raises(MissingLibrary) as info:
         gnbd.NbdSource('/nonexistent.sock', 'x')
     assert 'python3-libnbd' in str(info.value) and 'pip install' not in str(info.value)
+
+
+def test_fleecing_space_warning_names_the_directory(tmp_path):
+    from guestvault_engine.guest.capture import DiskJob
+    from guestvault_engine.guest.disks import Disk
+    from guestvault_engine.guest.pull import fleecing_space_warnings
+
+    def job(size):
+        return DiskJob(Disk('vd0', 'disk0', 'qcow2', size, '/x'), str(tmp_path / 'vd0.qcow2'))
+    assert fleecing_space_warnings([job(MiB)]) == []
+    [warning] = fleecing_space_warnings([job(1 << 60)])
+    assert str(tmp_path) in warning and 'GUESTVAULT_FLEECING_DIR' in warning

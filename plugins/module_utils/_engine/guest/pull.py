@@ -12,6 +12,12 @@ the point in time; an NBD server on a unix socket exports it, carrying the froze
 incremental. The sync=none job is never rate-limited (a slow job would slow the guest's writes);
 the reader applies the bandwidth limit.
 
+The fleecing images need room: a cluster the guest overwrites during the backup is copied into
+them first, up to each disk's size. In QEMU 7.2 a copy the fleecing image cannot take (ENOSPC)
+fails the guest's own write (blockdev-backup's filter breaks the guest write; only an explicit
+``copy-before-write`` node has ``on-cbw-error: break-snapshot``), so ``open_targets`` warns when
+a fleecing filesystem has less free space than the disks on it could need.
+
 Every name is ours and carries the vmid, so what a killed run leaves can be found in QEMU by
 prefix (``run/leftovers.py``): jobs ``guestvault-<vmid>-``, fleecing nodes ``gvt-<vmid>-``,
 exports ``gvx-<vmid>-``, frozen bitmaps ``gvfrozen-<vmid>-``.
@@ -84,6 +90,28 @@ def stop_nbd_server(qmp, socket_path=None):
             pass
 
 
+def fleecing_space_warnings(disk_jobs):
+    """One line per fleecing filesystem with less free space than its disks' sizes (what the
+    images take if the guest rewrote every disk whole while the backup reads it)."""
+    needed, free, where = {}, {}, {}
+    for job in disk_jobs:
+        directory = os.path.dirname(os.path.abspath(job.target_path))
+        try:
+            device = os.stat(directory).st_dev
+            stats = os.statvfs(directory)
+        except OSError:
+            continue  # blockdev-add reports a missing image
+        needed[device] = needed.get(device, 0) + int(job.disk.virtual_size)
+        free[device] = stats.f_bavail * stats.f_frsize
+        where.setdefault(device, directory)
+    gib = float(1 << 30)
+    return [f"WARNING: the fleecing images in {where[device]} have {free[device] / gib:.1f} GiB "
+            f"free, and could need up to {needed[device] / gib:.1f} GiB if the guest rewrote its "
+            "disks during the backup; a copy they cannot take fails the guest's write (set "
+            "GUESTVAULT_FLEECING_DIR to a larger local filesystem)"
+            for device in sorted(needed) if free[device] < needed[device]]
+
+
 class PullCapture:
     """Fleecing nodes, the transaction, the sync=none jobs and the NBD exports of one backup of
     one guest. ``socket_path``: where QEMU's NBD server listens (a unix socket in the run
@@ -122,6 +150,8 @@ class PullCapture:
     def open_targets(self):
         """Open each fleecing image with its disk's node as backing (again, after QEMU was
         restarted by stop mode)."""
+        for warning in fleecing_space_warnings(self.disk_jobs):
+            self.log(warning)
         for job in self.disk_jobs:
             self.qmp.execute('blockdev-add', {
                 'driver': 'qcow2', 'node-name': self.targets[job.disk.id],
