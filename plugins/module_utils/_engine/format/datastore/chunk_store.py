@@ -189,6 +189,11 @@ class ChunkStore:
             raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.chunk_dir}")
         return False
 
+    @staticmethod
+    def touch_path(path):
+        """``touch`` by path (a chunk's ``.bad`` copy, or GC's mark); False if it is missing."""
+        return touch_atime(path)
+
     def touch_if_present(self, digest):
         """Whether a usable copy of the chunk is in the store (a non-empty regular file, so not
         one renamed ``.bad``), touching it when it is: what a backup does before it refers to a
