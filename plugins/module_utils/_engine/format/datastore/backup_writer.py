@@ -184,11 +184,13 @@ def write_disk_index(source, index_path, chunks, *, crypt=None, previous=None, w
         else:
             kind = None
             digest = chunk_digest(data_read, crypt)
-            if digest not in known and not chunks.touch_if_present(digest):
+            with lock:                       # one worker stores a chunk that repeats
+                claimed = digest in known
+                known.add(digest)
+            if not claimed and not chunks.touch_if_present(digest):
                 blob = encode_blob(data_read, crypt, compress, compressor)
                 duplicate, stored = chunks.insert(digest, blob, durable=False)
                 new = 0 if duplicate else 1
-            known.add(digest)
         writer.add_digest(position, digest)
         with lock:
             stats['read_chunks'] += 1
