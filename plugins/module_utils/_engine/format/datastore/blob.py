@@ -83,13 +83,18 @@ def verify_crc(raw, name='blob'):
                           f"{computed:08x}); the file is damaged")
 
 
-def encode_blob(data, crypt=None, compress=True):
-    """The blob of ``data``: compressed when that is smaller, encrypted when ``crypt`` is given."""
+def encode_blob(data, crypt=None, compress=True, compressor=None):
+    """The blob of ``data``: compressed when that is smaller, encrypted when ``crypt`` is given.
+
+    ``compressor`` is a ``zstandard.ZstdCompressor`` at ``ZSTD_LEVEL`` to reuse (one per thread:
+    they are not thread-safe); by default one is made for the call."""
     if len(data) > MAX_BLOB_SIZE:
         raise ValueError(f"a data blob holds at most {MAX_BLOB_SIZE} bytes, not {len(data)}")
     payload, compressed = data, False
     if compress:
-        packed = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+        if compressor is None:
+            compressor = new_compressor()
+        packed = compressor.compress(data)
         if len(packed) < len(data):
             payload, compressed = packed, True
     if crypt is None:
@@ -100,9 +105,14 @@ def encode_blob(data, crypt=None, compress=True):
     return b''.join((magic, _CRC.pack(zlib.crc32(ciphertext)), iv, tag, ciphertext))
 
 
-def encode_chunk(data, crypt=None, compress=True):
+def new_compressor():
+    """A zstd compressor as PBS compresses blobs (level 1)."""
+    return _zstd().ZstdCompressor(level=ZSTD_LEVEL)
+
+
+def encode_chunk(data, crypt=None, compress=True, compressor=None):
     """``(blob, digest)`` of one chunk: the digest names it in the store and in indexes."""
-    return encode_blob(data, crypt, compress), chunk_digest(data, crypt)
+    return encode_blob(data, crypt, compress, compressor), chunk_digest(data, crypt)
 
 
 def decode_blob(raw, crypt=None, digest=None, name='blob', check_crc=True, size=None):

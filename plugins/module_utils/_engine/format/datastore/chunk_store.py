@@ -23,10 +23,9 @@ from __future__ import annotations
 import os
 import re
 import stat
-import time
 
 from ...errors import CorruptData, StorageError
-from ...storage.files import fsync_path, write_file_hidden
+from ...storage.files import fsync_path, touch_atime, write_file_hidden
 from .blob import blob_kind, encode_chunk
 from .file_formats import (COMPRESSED_BLOB_MAGIC, DEFAULT_CHUNK_SIZE, DIGEST_SIZE,
                            ENCRYPTED_BLOB_MAGIC, UNCOMPRESSED_BLOB_MAGIC)
@@ -148,7 +147,12 @@ class ChunkStore:
                 self.touch(digest)
                 return True, old.st_size
         try:
-            write_file_hidden(path, blob, durable=durable)
+            try:
+                write_file_hidden(path, blob, durable=durable)
+            except FileNotFoundError:
+                # a prefix directory removed by hand (or a store created without them)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_file_hidden(path, blob, durable=durable)
         except OSError as exc:
             raise StorageError(f"cannot store chunk {digest_hex(digest)} in {self.chunk_dir}: "
                                f"{exc.strerror or exc}") from None
@@ -179,16 +183,29 @@ class ChunkStore:
     def touch(self, digest, must_exist=True):
         """Set a chunk's access time to now (GC's mark), leaving mtime; False if it is missing
         and ``must_exist`` is false."""
+        if touch_atime(self.chunk_path(digest)):
+            return True
+        if must_exist:
+            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.chunk_dir}")
+        return False
+
+    @staticmethod
+    def touch_path(path):
+        """``touch`` by path (a chunk's ``.bad`` copy, or GC's mark); False if it is missing."""
+        return touch_atime(path)
+
+    def touch_if_present(self, digest):
+        """Whether a usable copy of the chunk is in the store (a non-empty regular file, so not
+        one renamed ``.bad``), touching it when it is: what a backup does before it refers to a
+        chunk it did not write, so a garbage collection running meanwhile keeps it."""
         path = self.chunk_path(digest)
         try:
-            mtime_ns = os.stat(path, follow_symlinks=False).st_mtime_ns
-            os.utime(path, ns=(time.time_ns(), mtime_ns), follow_symlinks=False)
+            found = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
-            if must_exist:
-                raise CorruptData(f"chunk {digest_hex(digest)} is missing from "
-                                  f"{self.chunk_dir}") from None
             return False
-        return True
+        if not stat.S_ISREG(found.st_mode) or found.st_size == 0:
+            return False
+        return touch_atime(path)
 
     def mark_bad(self, digest):
         """Rename a corrupt chunk to ``<hex>.<n>.bad`` as PBS's verify does; the new path, or

@@ -1,0 +1,218 @@
+"""Garbage collection of a chunk store, in PBS's two phases (datastore.rs, chunk_store.rs).
+
+- **mark**: set the access time of every chunk any index names (``utimensat``, mtime left
+  alone). A chunk that is missing has its ``.bad`` copies touched instead, so they stay while
+  something still needs them.
+- **sweep**: scan ``.chunks/XXXX`` one prefix directory at a time (``os.scandir``, one ``lstat``
+  per entry) and remove every chunk, and every ``.bad`` copy, whose atime is older than the
+  cutoff ``min(mark start, oldest_writer_start) - grace``. A backup refers to a chunk only after
+  it has written or touched it (``ChunkStore.touch_if_present``), so a backup that started before
+  the mark is covered by ``oldest_writer_start`` and one that starts later touches what it reuses
+  after the mark started: neither loses a chunk. Hidden temporary files of crashed writers older
+  than the cutoff go too.
+
+Check mode touches and removes nothing, and reports what a real run would: a chunk an index names
+counts as kept (the mark would have touched it), its ``.bad`` copies as kept when it is missing.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+from ...errors import CorruptData, StorageError
+from . import chunk_store as chunk_store_module
+from .file_formats import DIGEST_SIZE, INDEX_HEADER_SIZE
+from .fixed_index import read_fixed_index
+
+
+def _referenced(index_paths, warnings):
+    """``(digests as hex, index files read, logical bytes)`` of every index that can be read.
+
+    An index that vanished (a prune ran meanwhile) is skipped; a damaged one has the complete
+    digests it holds marked anyway, and a warning is recorded."""
+    digests = set()
+    files = 0
+    logical = 0
+    for path in index_paths:
+        path = str(path)
+        try:
+            index = read_fixed_index(path, check_csum=False)
+        except StorageError as exc:
+            if not isinstance(exc, CorruptData):
+                continue                         # gone: nothing to keep for it
+            warnings.append(f"{exc}; the digests it holds are kept")
+            try:
+                with open(path, 'rb') as handle:
+                    raw = handle.read()
+            except OSError:
+                continue
+            body = raw[INDEX_HEADER_SIZE:]
+            for start in range(0, len(body) - DIGEST_SIZE + 1, DIGEST_SIZE):
+                digests.add(body[start:start + DIGEST_SIZE].hex())
+            files += 1
+            continue
+        files += 1
+        logical += index.size
+        raw = index.digests
+        for start in range(0, len(raw), DIGEST_SIZE):
+            digests.add(raw[start:start + DIGEST_SIZE].hex())
+    return digests, files, logical
+
+
+def _mark(chunks, referenced):
+    """Touch every referenced chunk; the digests (hex) that are missing."""
+    missing = set()
+    chunk_dir = chunks.chunk_dir
+    for name in referenced:
+        path = os.path.join(chunk_dir, name[:4], name)
+        if chunks.touch_path(path):
+            continue
+        missing.add(name)
+        for counter in range(chunk_store_module.MAX_BAD_COPIES):
+            chunks.touch_path(f"{path}.{counter}.bad")
+    return missing
+
+
+def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=None,
+                    check_mode=False, now=None, progress=None):
+    """Mark the chunks ``index_paths`` (fixed index files) name, then sweep the store ``chunks``.
+
+    ``now`` is the mark's start (epoch seconds; default the clock); ``oldest_writer_start`` the
+    start of the oldest backup still running, if any. ``progress(phase, done, total)`` is called
+    with phase 'mark' (index files) and 'sweep' (prefix directories). Returns ``{index_files,
+    referenced_chunks, missing_chunks, removed_chunks, removed_bytes, kept_chunks, kept_bytes,
+    bad_chunks_removed, bad_chunks_kept, pending_chunks, removed_temporaries, referenced_bytes,
+    logical_bytes, dedup_factor, cutoff, check_mode, warnings, duration}``.
+
+    ``kept_*`` count the chunks (not ``.bad`` copies) left in the store, ``pending_chunks`` those
+    of them no index names that a later run removes; ``removed_bytes`` includes ``.bad`` copies;
+    ``dedup_factor`` is ``logical_bytes`` (the image bytes all the indexes describe) over
+    ``referenced_bytes`` (what their chunks take on disk).
+    """
+    started = time.monotonic()
+    chunks.check()
+    mark_start = time.time() if now is None else float(now)
+    cutoff = mark_start
+    if oldest_writer_start is not None:
+        cutoff = min(cutoff, float(oldest_writer_start))
+    cutoff -= float(grace_seconds)
+    protect_from = min(mark_start, float(oldest_writer_start)) \
+        if oldest_writer_start is not None else mark_start
+    warnings = []
+    paths = list(index_paths)
+    if progress is not None:
+        progress('mark', 0, len(paths))
+    referenced, index_files, logical = _referenced(paths, warnings)
+    missing = None if check_mode else _mark(chunks, referenced)
+    if progress is not None:
+        progress('mark', len(paths), len(paths))
+    result = {'removed_chunks': 0, 'removed_bytes': 0, 'kept_chunks': 0, 'kept_bytes': 0,
+              'bad_chunks_removed': 0, 'bad_chunks_kept': 0, 'pending_chunks': 0,
+              'removed_temporaries': 0, 'referenced_bytes': 0}
+    present = set()
+    folders = _prefix_folders(chunks.chunk_dir)
+    total = len(folders)
+    cutoff_ns = int(cutoff * 1e9)
+    protect_ns = int(protect_from * 1e9)
+    for number, folder in enumerate(folders):
+        _sweep_folder(folder, referenced, check_mode, cutoff_ns, protect_ns, result, present)
+        if progress is not None and (number & 0xfff == 0xfff or number == total - 1):
+            progress('sweep', number + 1, total)
+    if missing is None:
+        missing = referenced - present
+    kept = result['referenced_bytes']
+    result.update(
+        index_files=index_files, referenced_chunks=len(referenced), missing_chunks=len(missing),
+        logical_bytes=logical, dedup_factor=round(logical / kept, 3) if kept else 0.0,
+        cutoff=cutoff, check_mode=bool(check_mode), warnings=warnings,
+        duration=round(time.monotonic() - started, 3))
+    return result
+
+
+def _prefix_folders(chunk_dir):
+    """The ``XXXX`` directories of ``.chunks`` (all 65536 in a store PBS or ``create`` made)."""
+    try:
+        names = os.listdir(chunk_dir)
+    except OSError as exc:
+        raise StorageError(f"cannot list {chunk_dir}: {exc.strerror or exc}") from None
+    return [os.path.join(chunk_dir, name) for name in sorted(names)
+            if len(name) == 4 and all(c in '0123456789abcdef' for c in name)]
+
+
+def _sweep_folder(folder, referenced, check_mode, cutoff_ns, protect_ns, result, present):
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    bad = []
+    for entry in entries:
+        name = entry.name
+        if name.startswith('.'):
+            _sweep_temporary(entry, check_mode, cutoff_ns, result)
+            continue
+        if not chunk_store_module.is_chunk_name(name):
+            continue
+        if len(name) > 64:
+            bad.append(entry)
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        name = name.lower()
+        present.add(name)
+        if name in referenced or info.st_atime_ns >= cutoff_ns:
+            result['kept_chunks'] += 1
+            result['kept_bytes'] += info.st_size
+            if name in referenced:
+                result['referenced_bytes'] += info.st_size
+            elif info.st_atime_ns < protect_ns:
+                result['pending_chunks'] += 1
+            continue
+        if _remove(entry, check_mode):
+            result['removed_chunks'] += 1
+            result['removed_bytes'] += info.st_size
+    for entry in bad:
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        digest = entry.name[:64].lower()
+        needed = digest in referenced and digest not in present
+        if needed or info.st_atime_ns >= cutoff_ns:
+            result['bad_chunks_kept'] += 1
+            continue
+        if _remove(entry, check_mode):
+            result['bad_chunks_removed'] += 1
+            result['removed_bytes'] += info.st_size
+
+
+def _sweep_temporary(entry, check_mode, cutoff_ns, result):
+    """A writer's hidden temporary (``.<digest>.<pid>.<random>.tmp``) left by a crash."""
+    if not entry.name.endswith('.tmp'):
+        return
+    try:
+        info = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_mtime_ns < cutoff_ns:
+        if _remove(entry, check_mode):
+            result['removed_temporaries'] += 1
+
+
+def _remove(entry, check_mode):
+    if check_mode:
+        return True
+    try:
+        os.unlink(entry.path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot remove the chunk {entry.path}: {exc.strerror or exc}") \
+            from None
+    return True

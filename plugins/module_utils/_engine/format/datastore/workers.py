@@ -1,0 +1,79 @@
+"""Threads for the chunk pipelines (backup, restore, verify), and the bandwidth limit they share.
+
+The work per chunk (pread/pwrite, SHA-256, CRC32, zstd, AES-GCM) runs in C with the GIL released,
+so plain threads use every core. Each thread gets its own state (a reader on the source, a zstd
+compressor) from ``setup``; items are handed out in order from one shared iterator, so a slow
+chunk never holds the others back. The first error stops every thread and is raised.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+
+class RateLimiter:
+    """A token bucket over bytes, shared by threads: ``take(n)`` sleeps until ``n`` more bytes
+    fit in ``kib_per_second`` (0: no limit). Bursts are at most one request per thread."""
+
+    def __init__(self, kib_per_second):
+        self.rate = float(kib_per_second or 0) * 1024
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()
+
+    def take(self, amount):
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._free_at)
+            self._free_at = start + amount / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+class _Stop(Exception):
+    """Raised in a worker when another one failed."""
+
+
+def run_parallel(items, workers, work, setup=None):
+    """Call ``work(state, item)`` for every item on ``workers`` threads; ``state`` is what the
+    context manager ``setup()`` gives each thread (None without one). Returns when all are done;
+    raises the first exception any call raised (the other threads stop at their next item)."""
+    iterator = iter(items)
+    lock = threading.Lock()
+    errors = []
+
+    def next_item():
+        with lock:
+            if errors:
+                raise _Stop()
+            return next(iterator)
+
+    def thread_main():
+        try:
+            with (setup() if setup is not None else contextlib.nullcontext()) as state:
+                while True:
+                    try:
+                        item = next_item()
+                    except StopIteration:
+                        return
+                    work(state, item)
+        except _Stop:
+            return
+        except BaseException as exc:  # pylint: disable=broad-except
+            with lock:
+                errors.append(exc)
+
+    count = max(1, int(workers or 1))
+    if count == 1:
+        thread_main()
+    else:
+        threads = [threading.Thread(target=thread_main, name=f"chunk-worker-{number}",
+                                    daemon=True) for number in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
