@@ -207,3 +207,12 @@ def test_a_key_that_is_not_the_one_data_was_encrypted_with_names_both(tmp_path):
         check_crypt_matches(one, other.fingerprint, 'vm/100/2024-01-01T00:00:00Z')
     assert other.short_fingerprint in str(caught.value)
     assert one.short_fingerprint in str(caught.value)
+
+
+def test_an_existing_scrypt_key_is_described_without_its_passphrase(tmp_path):
+    path = str(tmp_path / 'pbs.json')
+    made = create_key(path, passphrase=PASSPHRASE)
+    again = create_key(path)
+    assert not again['changed'] and again['fingerprint'] == made['fingerprint']
+    with pytest.raises(EncryptionKeyError, match='kdf scrypt protects the key'):
+        create_key(path, force=True)

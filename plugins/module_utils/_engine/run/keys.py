@@ -107,9 +107,9 @@ def create_key(path, kdf=KDF_SCRYPT, passphrase=None, passphrase_file=None, hint
     """Create a PBS key file at ``path`` (0600, written whole or not at all) unless one exists.
 
     Returns :func:`key_info`'s fields plus ``changed`` and ``created_file`` (whether this call
-    wrote the file). An existing key file is described and left alone (``changed`` false);
-    when a passphrase is given it must unlock that key, so a playbook learns of a mismatch now
-    rather than at the first backup. ``force`` replaces the file with a new key. In check mode
+    wrote the file). An existing key file is described and left alone (``changed`` false; no
+    passphrase is needed for that); when a passphrase is given it must unlock that key, so a
+    playbook learns of a mismatch now rather than at the first backup. ``force`` replaces the file with a new key. In check mode
     nothing is written and a new key's fingerprint is ``None`` (it does not exist yet).
     """
     path = _check_path(path)
@@ -121,22 +121,22 @@ def create_key(path, kdf=KDF_SCRYPT, passphrase=None, passphrase_file=None, hint
         raise EncryptionKeyError("kdf none stores the key unprotected and takes no passphrase; "
                                  "use kdf scrypt to protect the key with one, or drop the "
                                  "passphrase")
-    if kdf == KDF_SCRYPT:
-        if secret is None:
-            raise EncryptionKeyError("kdf scrypt protects the key with a passphrase; give "
-                                     "passphrase or passphrase_file (or use kdf none for a key "
-                                     "stored unprotected)")
-        if len(secret.encode('utf-8')) < MIN_PASSPHRASE_LENGTH:
-            raise EncryptionKeyError(f"the passphrase {where} is too short: a key file's "
-                                     f"passphrase has at least {MIN_PASSPHRASE_LENGTH} bytes, "
-                                     "as Proxmox Backup Server asks")
+    if secret is not None and len(secret.encode('utf-8')) < MIN_PASSPHRASE_LENGTH:
+        raise EncryptionKeyError(f"the passphrase {where} is too short: a key file's "
+                                 f"passphrase has at least {MIN_PASSPHRASE_LENGTH} bytes, "
+                                 "as Proxmox Backup Server asks")
+    exists = os.path.lexists(path)
+    if kdf == KDF_SCRYPT and secret is None and (force or not exists):
+        raise EncryptionKeyError("kdf scrypt protects the key with a passphrase; give "
+                                 "passphrase or passphrase_file (or use kdf none for a key "
+                                 "stored unprotected)")
     folder = os.path.dirname(path) or '/'
     if not os.path.isdir(folder):
         raise EncryptionKeyError(f"cannot create the key file {path}: the directory {folder} "
                                  "does not exist; create it first (mode 0700)")
 
     warnings = []
-    if os.path.lexists(path) and not force:
+    if exists and not force:
         try:
             existing = load_key_file(path)
         except EncryptionKeyError as exc:
