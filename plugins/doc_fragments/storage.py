@@ -10,7 +10,13 @@ class ModuleDocFragment:
     DOCUMENTATION = r"""
 options:
   storage:
-    description: Id of a directory storage in C(<config_dir>/storage.cfg).
+    description:
+      - Id of a storage in C(<config_dir>/storage.cfg) - a directory storage (V(dir), V(nfs),
+        V(cifs)), which holds qcow2 chains, or a V(datastore), which holds Proxmox Backup
+        Server's deduplicating chunk store.
+      - A datastore whose C(encryption-key) names a key file (see
+        M(guestvault.backup.encryption_key)) encrypts its backups with that key, unlocked with
+        its C(encryption-passphrase-file).
     type: str
   dumpdir:
     description: A directory holding backups (C(<dumpdir>/vm/<vmid>/<time>/)), instead of O(storage).

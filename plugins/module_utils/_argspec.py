@@ -216,6 +216,29 @@ def node_config_argument_spec():
     return {'config_dir': CONFIG_DIR, 'vzdump': {'type': 'dict'}, 'storages': {'type': 'dict'}}
 
 
+def encryption_key_argument_spec():
+    """A Proxmox Backup Server key file to create (or describe, when it exists)."""
+    return {
+        'path': {'type': 'path', 'required': True},
+        'kdf': {'type': 'str', 'default': 'scrypt', 'choices': ['scrypt', 'none']},
+        'passphrase': {'type': 'str', 'no_log': True},
+        'passphrase_file': {'type': 'path'},
+        'hint': {'type': 'str'},
+        'force': {'type': 'bool', 'default': False},
+    }
+
+
+ENCRYPTION_KEY_MUTUALLY_EXCLUSIVE = [('passphrase', 'passphrase_file')]
+
+
+def garbage_collect_argument_spec():
+    return {
+        'storage': {'type': 'str', 'required': True},
+        'grace': {'type': 'str', 'default': '24h5m'},
+        'config_dir': CONFIG_DIR,
+    }
+
+
 def schedule_info_argument_spec():
     return {
         'schedule': {'type': 'str', 'required': True},

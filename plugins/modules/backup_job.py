@@ -63,7 +63,7 @@ options:
     elements: str
   storage:
     description:
-      - Storage id from C(storage.cfg) of the node (see the M(guestvault.backup.node_config) module).
+      - Storage id from C(storage.cfg) of the node (see the M(guestvault.backup.node_config) module), a directory storage or a V(datastore).
       - A storage that C(storage.cfg) does not define is refused and nothing is written; in check mode it is a warning, since an earlier task may still add it.
     type: str
   dumpdir:

@@ -42,7 +42,11 @@ attributes:
     support: none
 options:
   storage:
-    description: Id of a directory storage in C(<config_dir>/storage.cfg).
+    description:
+      - Id of a storage in C(<config_dir>/storage.cfg) - a directory storage (V(dir), V(nfs),
+        V(cifs)), which holds qcow2 chains, or a V(datastore), which holds Proxmox Backup
+        Server's deduplicating chunk store (encrypted with its C(encryption-key), see
+        M(guestvault.backup.encryption_key)).
     type: str
   dumpdir:
     description:

@@ -34,7 +34,7 @@ attributes:
     support: none
 options:
   storage:
-    description: A storage id from C(storage.cfg) whose chains to show.
+    description: A storage id from C(storage.cfg) (a directory storage or a V(datastore)) whose chains to show.
     type: str
   dumpdir:
     description: A backup directory whose chains to show, instead of O(storage).

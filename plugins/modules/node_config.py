@@ -21,7 +21,8 @@ description:
     the same text (keys sorted, C(path) first in a storage), so a second run changes nothing.
   - The missing directory of an enabled C(dir) storage is created with mode C(0750), as Proxmox
     does when it activates the storage (not when C(create-base-path) or C(mkdir) is false, or
-    when the storage's C(nodes) does not name this host).
+    when the storage's C(nodes) does not name this host). A V(datastore) storage's directory is
+    left to its first backup.
   - Omitting O(vzdump) or O(storages) leaves that file alone; an empty dictionary empties it.
 author:
   - guestvault developers (@guestvault)
@@ -51,10 +52,18 @@ options:
   storages:
     description:
       - The whole of C(storage.cfg) as a dictionary of storage id to its options, in Proxmox's
-        storage.cfg vocabulary - C(type) (V(dir), V(nfs), V(cifs); default V(dir)), C(path)
-        (required), C(content) (a list or a comma-separated string; default C(backup)),
-        C(prune-backups) (a string or a dictionary), C(max-protected-backups) (C(-1) for
-        unlimited), C(shared), C(disable), C(nodes), ...
+        storage.cfg vocabulary - C(type) (V(dir), V(nfs), V(cifs), V(datastore); default
+        V(dir)), C(path) (required), C(content) (a list or a comma-separated string; default
+        C(backup)), C(prune-backups) (a string or a dictionary), C(max-protected-backups)
+        (C(-1) for unlimited), C(shared), C(disable), C(nodes), ...
+      - A V(datastore) storage holds backups in Proxmox Backup Server's datastore format (a
+        deduplicating chunk store) at C(path). It takes C(path), C(content),
+        C(prune-backups), C(max-protected-backups), C(nodes), C(disable), and for encrypted
+        backups C(encryption-key) (the absolute path of a Proxmox Backup Server key file, as
+        M(guestvault.backup.encryption_key) creates it) and, for a key protected by a
+        passphrase, C(encryption-passphrase-file) (the absolute path of a file whose first
+        line is the passphrase). The passphrase itself is never written to C(storage.cfg).
+        The datastore's directory is created by its first backup, not by this module.
       - Keys may be written with C(_) or C(-). Storages are written in the order given.
     type: dict
 """
@@ -77,6 +86,18 @@ EXAMPLES = r"""
           keep_last: 3
           keep_daily: 13
         max_protected_backups: 10
+
+- name: An encrypted datastore beside a directory storage
+  guestvault.backup.node_config:
+    storages:
+      local:
+        path: /var/lib/guestvault
+      pbs:
+        type: datastore
+        path: /srv/datastore
+        encryption_key: /etc/guestvault/keys/pbs.json
+        encryption_passphrase_file: /etc/guestvault/keys/pbs.pass
+        prune_backups: keep-daily=7,keep-weekly=4
 
 - name: Only the storages; vzdump.conf stays as it is
   guestvault.backup.node_config:

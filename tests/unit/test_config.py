@@ -429,3 +429,79 @@ def test_load_storage_refuses_a_storage_not_meant_for_this_node(tmp_path):
     assert load_storage(str(tmp_path), "local", node="kvm2").id == "local"
     with pytest.raises(ConfigError, match="not available on node 'kvm3'.*kvm1, kvm2"):
         load_storage(str(tmp_path), "local", node="kvm3")
+
+
+# ------------------------------------------------------------------ datastore storages
+
+DATASTORE_CFG = """\
+dir: local
+\tpath /var/lib/guestvault
+
+datastore: pbs
+\tpath /srv/pbs/
+\tencryption-key /etc/guestvault/keys/pbs.json
+\tencryption-passphrase-file /etc/guestvault/keys/pbs.pass
+\tprune-backups keep-daily=7
+\tmax-protected-backups 2
+\tnodes kvm1
+"""
+
+
+def test_a_datastore_section_is_a_datastore_with_its_key():
+    storages = parse_storage_cfg(DATASTORE_CFG, "storage.cfg")
+    pbs = storages["pbs"]
+    assert (pbs.type, pbs.kind, pbs.path) == ("datastore", "datastore", "/srv/pbs")
+    assert pbs.encryption_key == "/etc/guestvault/keys/pbs.json"
+    assert pbs.encryption_passphrase_file == "/etc/guestvault/keys/pbs.pass"
+    assert pbs.prune_backups == {"keep-daily": 7} and pbs.max_protected_backups == 2
+    assert pbs.nodes == ["kvm1"] and pbs.content == ["backup"] and not pbs.shared
+    local = storages["local"]
+    assert (local.kind, local.encryption_key, local.encryption_passphrase_file) == (
+        "dir", None, None)
+
+
+@pytest.mark.parametrize("storage_type", ["dir", "nfs", "cifs"])
+def test_directory_storages_of_every_type_hold_qcow2_chains(storage_type):
+    assert config.StorageConfig(id="a", type=storage_type, path="/a").kind == "dir"
+
+
+def test_an_unencrypted_datastore_needs_only_a_path():
+    pbs = parse_storage_cfg("datastore: pbs\n\tpath /srv/pbs\n", "storage.cfg")["pbs"]
+    assert pbs.kind == "datastore" and pbs.encryption_key is None
+
+
+@pytest.mark.parametrize("line, words", [
+    ("encryption-key keys/pbs.json", r"line 3: encryption-key: 'keys/pbs.json' is a relative path"),
+    ("encryption-key /etc/keys/", r"encryption-key: '/etc/keys/' names a directory"),
+    ("encryption-key", r"encryption-key: needs a value"),
+    ("encryption-passphrase-file pass.txt", r"encryption-passphrase-file: 'pass.txt' is a relative"),
+    ("mkdir 0", r"line 3: unknown option 'mkdir' for a datastore storage; known options: "
+                r"content, disable, encryption-key, encryption-passphrase-file"),
+    ("shared 1", r"unknown option 'shared' for a datastore"),
+])
+def test_a_malformed_datastore_option_names_the_line_and_what_to_write(line, words):
+    text = f"datastore: pbs\n\tpath /srv/pbs\n\t{line}\n"
+    with pytest.raises(ConfigError, match=words):
+        parse_storage_cfg(text, "storage.cfg")
+
+
+def test_a_datastore_needs_a_path():
+    with pytest.raises(ConfigError, match="datastore storage 'pbs' has no path"):
+        parse_storage_cfg("datastore: pbs\n\tencryption-key /k.json\n", "storage.cfg")
+
+
+def test_a_passphrase_file_without_a_key_is_refused():
+    text = "datastore: pbs\n\tpath /srv/pbs\n\tencryption-passphrase-file /etc/pass\n"
+    with pytest.raises(ConfigError, match="line 1: datastore 'pbs' has an "
+                                          "encryption-passphrase-file but no encryption-key"):
+        parse_storage_cfg(text, "storage.cfg")
+
+
+def test_a_dir_storage_takes_no_encryption_key():
+    with pytest.raises(ConfigError, match="unknown option 'encryption-key' for a dir storage"):
+        parse_storage_cfg("dir: local\n\tpath /a\n\tencryption-key /k.json\n", "storage.cfg")
+
+
+def test_load_storage_returns_a_datastore(tmp_path):
+    (tmp_path / "storage.cfg").write_text(DATASTORE_CFG)
+    assert load_storage(str(tmp_path), "pbs", node="kvm1").kind == "datastore"

@@ -285,3 +285,71 @@ def test_dirs_are_created_only_where_proxmox_would_create_them(tmp_path):
     }
     result = apply_node_config(str(tmp_path / "etc"), storages=storages, node="here")
     assert result["created_dirs"] == [str(tmp_path / "etc"), str(tmp_path / "mine")]
+
+
+# ------------------------------------------------------------------ datastores
+
+DATASTORE = ("datastore: pbs\n\tpath /srv/pbs\n\tencryption-key /etc/gv/pbs.json\n"
+             "\tencryption-passphrase-file /etc/gv/pbs.pass\n\tmax-protected-backups 2\n"
+             "\tprune-backups keep-last=3\n")
+
+
+def test_a_datastore_reads_back_as_written():
+    parsed = parse_storage_cfg(DATASTORE, "in")
+    assert render_storage_cfg(parsed) == DATASTORE
+    assert parse_storage_cfg(render_storage_cfg(parsed), "out") == parsed
+
+
+def test_a_changed_datastore_key_is_written_and_a_removed_one_dropped():
+    pbs = parse_storage_cfg(DATASTORE, "in")["pbs"]
+    pbs.encryption_key = "/etc/gv/new.json"
+    pbs.encryption_passphrase_file = None
+    text = render_storage_cfg({"pbs": pbs})
+    assert "\tencryption-key /etc/gv/new.json\n" in text
+    assert "encryption-passphrase-file" not in text
+    again = parse_storage_cfg(text, "out")["pbs"]
+    assert (again.kind, again.encryption_key, again.encryption_passphrase_file) == (
+        "datastore", "/etc/gv/new.json", None)
+
+
+def test_a_datastore_built_in_code_is_written_with_its_key():
+    storage = StorageConfig(id="pbs", type="datastore", path="/srv/pbs",
+                            encryption_key="/k.json")
+    assert render_storage_cfg({"pbs": storage}) == (
+        "datastore: pbs\n\tpath /srv/pbs\n\tencryption-key /k.json\n")
+
+
+def test_node_config_declares_a_datastore_with_underscored_keys(tmp_path):
+    etc = str(tmp_path / "etc")
+    result = apply_node_config(etc, storages={"pbs": {
+        "type": "datastore", "path": str(tmp_path / "pbs"),
+        "encryption_key": "/etc/gv/pbs.json", "encryption_passphrase_file": "/etc/gv/pbs.pass",
+        "prune_backups": {"keep_daily": 7}}})
+    assert result["storages"] == ["pbs"]
+    # the chunk store is created by its first backup (65536 directories), not here
+    assert result["created_dirs"] == [etc]
+    pbs = parse_storage_cfg(open(os.path.join(etc, "storage.cfg")).read(), "x")["pbs"]
+    assert (pbs.kind, pbs.encryption_key, pbs.encryption_passphrase_file) == (
+        "datastore", "/etc/gv/pbs.json", "/etc/gv/pbs.pass")
+    assert not apply_node_config(etc, storages={"pbs": {
+        "type": "datastore", "path": str(tmp_path / "pbs"),
+        "encryption-key": "/etc/gv/pbs.json", "encryption-passphrase-file": "/etc/gv/pbs.pass",
+        "prune-backups": "keep-daily=7"}})["changed"]
+
+
+@pytest.mark.parametrize("storage, words", [
+    ({"type": "datastore", "path": "/x", "encryption_key": "pbs.json"},
+     ["storage 'pbs': encryption-key", "relative path"]),
+    ({"type": "datastore", "path": "/x", "encryption_passphrase_file": "/p"},
+     ["datastore 'pbs' has an encryption-passphrase-file but no encryption-key"]),
+    ({"type": "datastore", "path": "/x", "mkdir": False},
+     ["storage 'pbs': unknown option 'mkdir'", "encryption-key"]),
+    ({"type": "datastore", "path": "/x", "encryption_passphrase": "secret"},
+     ["unknown option 'encryption_passphrase'"]),
+])
+def test_node_config_refuses_a_malformed_datastore(tmp_path, storage, words):
+    with pytest.raises(ConfigError) as caught:
+        apply_node_config(str(tmp_path / "etc"), storages={"pbs": storage})
+    for word in words:
+        assert word in str(caught.value)
+    assert not os.path.exists(tmp_path / "etc")

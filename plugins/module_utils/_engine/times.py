@@ -84,20 +84,29 @@ def parse_time(text: str) -> datetime:
 
 
 _AGE_UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
+_AGE_NUMBER = r'(?:[0-9]+\.?[0-9]*|\.[0-9]+)'
+_AGE_PART_RE = re.compile(rf'({_AGE_NUMBER})([smhdw])')
+_AGE_RE = re.compile(rf'{_AGE_NUMBER}|(?:{_AGE_NUMBER}[smhdw])+')
 
 
-def parse_age(text, what: str = 'max_age') -> float:
-    """Seconds in an age such as ``90``, ``90s``, ``30m``, ``12h``, ``1d`` or ``2w``."""
+def parse_age(text, what: str = 'max_age', allow_zero: bool = False) -> float:
+    """Seconds in an age such as ``90``, ``90s``, ``30m``, ``12h``, ``1d``, ``2w`` or ``24h5m``.
+
+    ``allow_zero`` admits ``0`` (``0s``): a garbage collection's grace may be none at all.
+    """
     value = str(text).strip().lower()
-    unit = _AGE_UNITS.get(value[-1:], None)
-    number = value[:-1] if unit else value
-    try:
-        seconds = float(number) * (unit or 1)
-    except ValueError:
-        seconds = -1
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{what} {text!r} is not an age: use a positive number of seconds or "
-                          "a number with s, m, h, d or w (e.g. 12h)")
+    seconds = -1.0
+    if _AGE_RE.fullmatch(value):
+        if value[-1:] in _AGE_UNITS:
+            seconds = sum(float(number) * _AGE_UNITS[unit]
+                          for number, unit in _AGE_PART_RE.findall(value))
+        else:
+            seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        smallest = 'a number of seconds (0 or more)' if allow_zero else \
+            'a positive number of seconds'
+        raise ConfigError(f"{what} {text!r} is not an age: use {smallest} or a number with s, "
+                          "m, h, d or w (e.g. 12h, 24h5m)")
     return seconds
 
 

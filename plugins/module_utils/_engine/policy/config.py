@@ -1,7 +1,8 @@
 """The node's configuration files, in Proxmox VE's syntax so that vzdump users feel at home.
 
 - ``vzdump.conf``: backup defaults, ``key: value`` lines (``prune-backups: keep-last=3``).
-- ``storage.cfg``: storages in Proxmox section-config syntax (``dir: <id>`` + indented options).
+- ``storage.cfg``: storages in Proxmox section-config syntax (``dir: <id>`` + indented options);
+  ``datastore: <id>`` is a Proxmox Backup Server datastore (a chunk store) at ``path``.
 - ``jobs.cfg`` (issue #4) reuses the section-config reader below.
 
 Everything here is parsing and validation on plain text; reading files is confined to the two
@@ -370,12 +371,23 @@ _COMMON_STORAGE_KEYS = frozenset({
     "bwlimit", "content-dirs", "create-base-path", "create-subdirs", "format", "is_mountpoint",
     "maxfiles", "mkdir", "preallocation",
 })
+# A datastore holds Proxmox Backup Server's chunk store, not a Proxmox VE directory, so it
+# takes only what means something for one: no content-dirs, format, mkdir, ... The key's
+# passphrase is never written here, only the file that holds it.
+_DATASTORE_KEYS = frozenset({
+    "path", "content", "prune-backups", "max-protected-backups", "disable", "nodes",
+    "encryption-key", "encryption-passphrase-file",
+})
 STORAGE_TYPES: Dict[str, frozenset] = {
     "dir": _COMMON_STORAGE_KEYS,
     "nfs": _COMMON_STORAGE_KEYS | {"server", "export", "options"},
     "cifs": _COMMON_STORAGE_KEYS | {"server", "share", "username", "domain", "smbversion",
                                     "subdir", "options"},
+    "datastore": _DATASTORE_KEYS,
 }
+# What a storage type holds: directories of qcow2 chains, or a PBS chunk store.
+STORAGE_KINDS: Dict[str, str] = {"dir": "dir", "nfs": "dir", "cifs": "dir",
+                                 "datastore": "datastore"}
 # Proxmox treats network file systems as shared whatever the config says.
 _SHARED_TYPES = frozenset({"nfs", "cifs"})
 _BOOL_STORAGE_KEYS = frozenset({"shared", "disable", "create-base-path", "create-subdirs",
@@ -388,7 +400,10 @@ class StorageConfig:
     """A storage from storage.cfg; ``options`` keeps every option as written, for later use.
 
     ``prune_backups`` is ``None`` when the storage sets no retention, so the caller can fall back
-    to vzdump.conf. ``max_protected_backups`` is -1 for unlimited.
+    to vzdump.conf. ``max_protected_backups`` is -1 for unlimited. ``type`` is the section's
+    type as written (``dir``, ``nfs``, ``cifs``, ``datastore``); :attr:`kind` says what it holds.
+    ``encryption_key`` (a PBS key file) and ``encryption_passphrase_file`` (the passphrase of a
+    scrypt key, first line) are set only on a datastore.
     """
 
     id: str
@@ -400,9 +415,16 @@ class StorageConfig:
     shared: bool = False
     disable: bool = False
     nodes: List[str] = field(default_factory=list)
+    encryption_key: Optional[str] = None
+    encryption_passphrase_file: Optional[str] = None
     options: Dict[str, Optional[str]] = field(default_factory=dict)
     source: Optional[str] = field(default=None, compare=False)
     line: Optional[int] = field(default=None, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """``dir`` (a directory of qcow2 chains: dir, nfs, cifs) or ``datastore`` (PBS's format)."""
+        return STORAGE_KINDS.get(self.type, "dir")
 
 
 def _parse_content(text: str, what: str) -> List[str]:
@@ -455,13 +477,30 @@ def _storage_from_section(section: Section, path: str) -> StorageConfig:
             storage.disable = parse_bool(value, what)
         elif key == "nodes":
             storage.nodes = _split_list(value)
+        elif key == "encryption-key":
+            storage.encryption_key = _file_path(value, what)
+        elif key == "encryption-passphrase-file":
+            storage.encryption_passphrase_file = _file_path(value, what)
         elif key in _BOOL_STORAGE_KEYS:
             parse_bool(value, what)
     storage.options = seen
     if not storage.path:
         raise ConfigError(f"{header}: {section.type} storage '{section.id}' has no path; add an "
                           f"indented line 'path /absolute/directory' under the header")
+    if storage.encryption_passphrase_file and not storage.encryption_key:
+        raise ConfigError(f"{header}: datastore '{section.id}' has an "
+                          f"encryption-passphrase-file but no encryption-key; add "
+                          f"'encryption-key /path/to/key.json' (the passphrase unlocks that key "
+                          f"file), or remove the passphrase file line")
     return storage
+
+
+def _file_path(text: str, what: str) -> str:
+    """An absolute path of a file (a key file, a passphrase file): not a directory name."""
+    _absolute_path(text, what)
+    if text.endswith("/"):
+        raise ConfigError(f"{what}: '{text}' names a directory; give the path of the file")
+    return text
 
 
 def parse_storage_cfg(text: str, path: str) -> Dict[str, StorageConfig]:
@@ -609,14 +648,21 @@ def render_storage_value(key: str, value: Any, what: Optional[str] = None) -> Op
     return _render_scalar(value, what)
 
 
+# storage.cfg keys with a typed StorageConfig field, and the field (``path`` aside).
+_TYPED_STORAGE_FIELDS = (
+    ("content", "content"), ("prune-backups", "prune_backups"),
+    ("max-protected-backups", "max_protected_backups"), ("shared", "shared"),
+    ("disable", "disable"), ("nodes", "nodes"), ("encryption-key", "encryption_key"),
+    ("encryption-passphrase-file", "encryption_passphrase_file"),
+)
+
+
 def _storage_field_options(storage: StorageConfig) -> Dict[str, Any]:
     """The typed fields of ``storage`` that differ from what an absent option would give."""
     defaults = StorageConfig(id=storage.id, type=storage.type, path="",
                              shared=storage.type in _SHARED_TYPES)
     fields: Dict[str, Any] = {"path": storage.path}
-    for key, attr in (("content", "content"), ("prune-backups", "prune_backups"),
-                      ("max-protected-backups", "max_protected_backups"), ("shared", "shared"),
-                      ("disable", "disable"), ("nodes", "nodes")):
+    for key, attr in _TYPED_STORAGE_FIELDS:
         value = getattr(storage, attr)
         if value != getattr(defaults, attr):
             fields[key] = value
@@ -644,8 +690,8 @@ def _storage_options(storage: Union[StorageConfig, Mapping[str, Any]]) -> Tuple[
         # Options as written win when they still mean the typed value (they keep the user's
         # spelling: 'path /mnt/b/', 'shared yes'); typed fields win when they were changed.
         for key, text in storage.options.items():
-            if key in _BOOL_STORAGE_KEYS | {"path", "content", "prune-backups",
-                                            "max-protected-backups", "nodes"} \
+            if (key == "path" or key in _BOOL_STORAGE_KEYS
+                    or key in dict(_TYPED_STORAGE_FIELDS)) \
                     and not _reads_back_as(storage, key, text):
                 continue
             options[key] = text

@@ -1,0 +1,147 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: guestvault contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: garbage_collect
+short_description: Remove the chunks of a datastore that no backup uses any more
+version_added: 0.1.0
+description:
+  - Frees the space of pruned backups on a V(datastore) storage. Prune removes backups
+    (snapshot directories) only; their chunks stay until a garbage collection finds that no
+    remaining backup references them. This is Proxmox Backup Server's garbage collection, in
+    its two phases.
+  - Mark - the access time of every chunk that any index of any backup references is set to
+    now.
+  - Sweep - every chunk whose access time is older than the cutoff is removed, with chunks
+    marked bad by verify. The cutoff is the start of the mark (or of the oldest backup still
+    running, if it started earlier) minus O(grace).
+  - Backups may run during a garbage collection; a chunk a running backup reuses or writes is
+    never removed.
+  - Reports the chunks and bytes removed and kept, and the datastore's deduplication factor.
+author:
+  - guestvault developers (@guestvault)
+attributes:
+  check_mode:
+    description: Marks nothing and removes nothing; reports the numbers a real run would.
+    support: full
+  diff_mode:
+    description: Not applicable; the result counts the chunks.
+    support: none
+options:
+  storage:
+    description: Id of a V(datastore) storage in C(<config_dir>/storage.cfg).
+    type: str
+    required: true
+  grace:
+    description:
+      - How much older than the cutoff a chunk's access time must be before it is removed, as
+        an age such as V(24h5m), V(1h), V(30m) or V(0s).
+      - The default is Proxmox Backup Server's - a file system mounted C(relatime) updates an
+        access time at most once a day, so a shorter grace is safe only where access times are
+        always updated (C(strictatime)), or when no backup runs.
+    type: str
+    default: 24h5m
+  config_dir:
+    description: The node's guestvault configuration (C(storage.cfg)).
+    type: path
+    default: /etc/guestvault
+seealso:
+  - module: guestvault.backup.prune
+    description: Removes backups; a garbage collection then frees their chunks.
+  - module: guestvault.backup.node_config
+    description: Declares the V(datastore) storage.
+"""
+
+EXAMPLES = r"""
+- name: Prune, then free the space of the pruned backups
+  guestvault.backup.prune:
+    storage: pbs
+    keep_daily: 7
+- name: Collect the garbage of the datastore
+  guestvault.backup.garbage_collect:
+    storage: pbs
+  register: gc
+
+- name: Show what it freed
+  ansible.builtin.debug:
+    msg: "removed {{ gc.removed_chunks }} chunks ({{ gc.removed_bytes | filesizeformat }}), dedup factor {{ gc.dedup_factor }}"
+
+- name: What would a collection without grace remove? (check mode)
+  guestvault.backup.garbage_collect:
+    storage: pbs
+    grace: 0s
+  check_mode: true
+"""
+
+RETURN = r"""
+index_files:
+  description: Index files (one per disk of each backup) read in the mark phase.
+  returned: always
+  type: int
+referenced_chunks:
+  description: Distinct chunks that the indexes reference.
+  returned: always
+  type: int
+removed_chunks:
+  description: Chunks removed (in check mode, that would be).
+  returned: always
+  type: int
+removed_bytes:
+  description: Bytes the removed chunks took (their stored, compressed or encrypted, size).
+  returned: always
+  type: int
+kept_chunks:
+  description: Chunks left in the store.
+  returned: always
+  type: int
+kept_bytes:
+  description: Bytes the kept chunks take.
+  returned: always
+  type: int
+bad_chunks_removed:
+  description: Copies of chunks that verify found corrupt (C(.bad) files) removed.
+  returned: always
+  type: int
+logical_bytes:
+  description: Bytes the backups hold when restored - the size of every chunk every index references, counted once per reference.
+  returned: always
+  type: int
+dedup_factor:
+  description: RV(logical_bytes) divided by the bytes the referenced chunks take in the store (1.0 for an empty store).
+  returned: always
+  type: float
+  sample: 7.25
+cutoff:
+  description: Chunks whose access time was older than this (UTC, ISO 8601) were removed.
+  returned: always
+  type: str
+  sample: "2026-03-09T02:55:00Z"
+duration:
+  description: Seconds the collection took.
+  returned: always
+  type: float
+changed:
+  description: Whether a chunk was removed (in check mode, would be).
+  returned: always
+  type: bool
+"""
+
+from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import garbage_collect_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.gc import GcRequest, run_gc
+
+
+def main():
+    run_module(garbage_collect_argument_spec(),
+               lambda params, check_mode: run_gc(GcRequest(
+                   storage=params['storage'], grace=params['grace'],
+                   config_dir=params['config_dir'], check_mode=check_mode)))
+
+
+if __name__ == '__main__':
+    main()
