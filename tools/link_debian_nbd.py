@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Make Debian's libnbd Python binding (``python3-libnbd``) importable from a venv.
 
 libnbd is not on PyPI. Debian ships it for its own ``/usr/bin/python3`` under

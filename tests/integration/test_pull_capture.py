@@ -10,6 +10,9 @@ import os
 import random
 import subprocess
 
+import pytest
+
+from guestvault_engine.errors import BackupFailed
 from guestvault_engine.guest.capture import DiskJob
 from guestvault_engine.guest.disks import discover_disks
 from guestvault_engine.guest.pull import PullCapture
@@ -159,6 +162,11 @@ def test_abort_removes_the_new_bitmap(make_guest, tmp_path):
         capture.open_targets()
         capture.start()
         capture.sources()['vd0'].dirty_extents()
+        capture.check_jobs()
+        qmp.cancel_job(capture.jobs['vd0'])   # the job ends behind the capture's back
+        qmp.wait_for_jobs([capture.jobs['vd0']], timeout=30)
+        with pytest.raises(BackupFailed, match='vd0: its job .* has ended'):
+            capture.check_jobs()
         capture.abort()
         assert_nothing_left(qmp, capture)
         assert bitmaps(qmp) == [CHAIN]
@@ -281,3 +289,23 @@ def test_two_disks_share_one_point_in_time(make_guest, tmp_path):
             assert same_image(pulled, references[index]), disk_id
         capture.close_targets()
         assert_nothing_left(qmp, capture)
+
+
+def test_leftovers_of_a_pull_run_killed_before_its_point_in_time(make_guest, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
+    guest = make_guest(disks=[('qcow2', '64M')], vmid=VMID)
+    qmp = QmpSession(guest.qmp_socket).connect()
+    capture = capture_of(qmp, guest, tmp_path, new_bitmap=NEXT, name='killed')
+    guest_runs.record(VMID, storage_path=None, staged_dir=None, final_dir=None,
+                      **capture.journal_entries())
+    capture.open_targets()
+    qmp.close()
+    with QmpSession(guest.qmp_socket) as qmp:
+        found = leftovers.find(qmp, VMID, discover_disks(qmp))
+        assert found['nbd_server'] is None and found['exports'] == [] and found['jobs'] == []
+        assert found['targets'] == list(capture.targets.values())
+        assert len(found['fleecing']) == 1
+        leftovers.clear(qmp, VMID, discover_disks(qmp), None, lambda m: None)
+        assert not leftovers.anything(leftovers.find(qmp, VMID, discover_disks(qmp)))
+        assert not os.listdir(tmp_path / 'fleecing')

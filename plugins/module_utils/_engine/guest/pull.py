@@ -219,6 +219,23 @@ class PullCapture:
                     incremental=disk_id in self.frozen, bitmap_name=self.frozen.get(disk_id))
         return dict(self._sources)
 
+    def check_jobs(self):
+        """Raise BackupFailed unless every sync=none job still runs without error: a job that
+        ended stopped keeping the point in time, so what was read after it may be newer data.
+        Call after reading every disk, before the backup is stored."""
+        running = {j['device']: j for j in self.qmp.execute('query-block-jobs')}
+        broken = []
+        for disk_id, job in sorted(self.jobs.items()):
+            state = running.get(job)
+            if state is None:
+                broken.append(f"{disk_id}: its job {job} has ended")
+            elif state.get('status') != 'running' or state.get('io-status', 'ok') != 'ok':
+                broken.append(f"{disk_id}: its job {job} is {state.get('status')} (I/O status "
+                              f"{state.get('io-status', 'ok')})")
+        if broken:
+            raise BackupFailed("the point in time was not kept for every disk, the backup is "
+                               "not consistent: " + '; '.join(broken))
+
     def _close_sources(self):
         for source in self._sources.values():
             source.close()

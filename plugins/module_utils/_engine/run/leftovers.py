@@ -40,6 +40,8 @@ def find(qmp, vmid, disks, storage=None):
     journal = guest_runs.leftover(vmid)
     backups = storage.backups(vmid) if storage is not None else []
     orphans = orphan_bitmaps(disks, backups, interrupted_bitmaps(journal))
+    exports = our_exports(qmp, vmid)
+    socket = (journal or {}).get('nbd_socket')
     return {
         'jobs': our_jobs(qmp, vmid),
         'targets': our_targets(qmp, vmid),
@@ -47,8 +49,10 @@ def find(qmp, vmid, disks, storage=None):
         'hidden_dirs': _hidden_dirs(vmid, journal, storage),
         'orphan_bitmaps': [{'disk': d.id, 'name': name, 'reason': why}
                            for d, name, why in orphans],
-        'exports': our_exports(qmp, vmid),
-        'nbd_server': (journal or {}).get('nbd_socket'),
+        'exports': exports,
+        # The killed run's server, if it got as far as starting it (QEMU has one NBD server;
+        # another tool's is left alone).
+        'nbd_server': socket if socket and (exports or os.path.exists(socket)) else None,
         'frozen_bitmaps': [{'disk': _disk_id(disks, node), 'name': name}
                            for node, name in our_frozen_bitmaps(disks, vmid)],
         'fleecing': _fleecing(vmid, journal),
