@@ -21,7 +21,7 @@ import os
 
 from ..errors import EncryptionKeyError
 from ..format.datastore.crypt import (CryptConfig, format_fingerprint, parse_fingerprint,
-                                     require_cryptography)
+                                      require_cryptography)
 from ..format.datastore.key_file import (KDF_NONE, KDF_SCRYPT, MIN_PASSPHRASE_LENGTH, KeyFile,
                                          format_key_time, load_key_file, save_key_file)
 
