@@ -28,11 +28,12 @@ def imported_layers(path):
             if node.level == 0:
                 assert not (node.module or '').startswith('ansible'), f"{path}: imports Ansible"
                 continue
-            if node.level == 1 and here is not None:
-                found.add(here)
-                continue
-            target = (node.module or '').split('.')[0] or node.names[0].name
-            found.add(target)
+            # Resolve the import against the file's package: a file in format/datastore/ reaches
+            # its own layer with one or two dots, the engine's root with three.
+            package = list(path.relative_to(ENGINE).parts[:-1])
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            resolved = base + (node.module.split('.') if node.module else [])
+            found.add(resolved[0] if resolved else node.names[0].name)
         elif isinstance(node, ast.Import):
             assert not any(a.name.startswith('ansible') for a in node.names), path
     return found

@@ -7,9 +7,12 @@ Backup Server's datastore layout) is one more implementation, not a fork of the 
 Backup
     ``capture``            how the point in time reaches the format: ``'push'`` (QEMU writes
                            the target images itself; the qcow2 chain) or ``'pull'`` (the engine
-                           reads an NBD export of the point in time; the datastore, later)
+                           reads an NBD export of the point in time; the datastore)
     ``create_targets``     before the point in time: the images QEMU writes into (push), or the
                            local fleecing images (pull), in the staged backup
+    ``copy``               from the point in time to the storage: wait for QEMU's jobs (push) or
+                           read the NBD exports and store them (pull)
+    ``discard_targets``    remove what ``create_targets`` made outside the staged backup
     ``finish_disks``       after the copy: make the images durable and describe each disk for
                            the manifest (sizes, digests, level)
     ``manifest``           the backup's manifest (``index.json``) from what the run decided
@@ -50,6 +53,13 @@ class Format:
     def create_targets(self, staged, disks, decision, compression):
         raise NotImplementedError
 
+    def copy(self, staged, capture, targets, progress, bwlimit_kib=0, max_workers=None,
+             log=None):
+        raise NotImplementedError
+
+    def discard_targets(self, targets):
+        raise NotImplementedError
+
     def finish_disks(self, staged, disks, targets, processed, bitmaps):
         raise NotImplementedError
 
@@ -59,7 +69,7 @@ class Format:
     def verify_files(self, storage, records, disk_ids=None, workers=None):
         raise NotImplementedError
 
-    def verify(self, storage, record):
+    def verify(self, storage, record, check_mode=False):
         raise NotImplementedError
 
     def plan_removal(self, backups, removed):

@@ -63,6 +63,15 @@ class Qcow2Chain(Format):
             targets[disk.id] = TargetImage(disk.id, path, 'inc' if chained else 'full', backing)
         return targets
 
+    def copy(self, staged, capture, targets, progress, bwlimit_kib=0, max_workers=None,
+             log=None):
+        """QEMU writes the targets itself (push): wait for its jobs; bytes each processed."""
+        return capture.run_jobs(progress)
+
+    def discard_targets(self, targets):
+        """Nothing outside the staged backup, which is discarded as a whole."""
+        return None
+
     def finish_disks(self, staged, disks, targets, processed, bitmaps):
         """Each disk's manifest entry; its image hashed and fsynced (concurrently: hashing is
         CPU, fsync is I/O)."""
@@ -131,7 +140,7 @@ class Qcow2Chain(Format):
             return None
         return [problem for problem in _parallel(check, jobs, workers) if problem]
 
-    def verify(self, storage, record):
+    def verify(self, storage, record, check_mode=False):
         """(the chain's backups, problems): every image of the chain against its manifest,
         ``qemu-img check`` of the backup's own images, and each incremental's backing link."""
         problems = []

@@ -34,15 +34,8 @@ from .nbd import NbdSource
 
 EXPORT_PREFIX = 'gvx-'
 FROZEN_PREFIX = 'gvfrozen-'
-DEFAULT_FLEECING_DIR = '/var/lib/guestvault/fleecing'
 # A unix socket's path must fit sockaddr_un.sun_path (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
-
-
-def fleecing_root():
-    """``GUESTVAULT_FLEECING_DIR``, else /var/lib/guestvault/fleecing: where fleecing images of
-    running captures live (``<vmid>-<time>/<disk>.qcow2``, local disk, thin)."""
-    return os.environ.get('GUESTVAULT_FLEECING_DIR') or DEFAULT_FLEECING_DIR
 
 
 def our_exports(qmp, vmid):

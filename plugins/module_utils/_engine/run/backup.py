@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 
 from ..errors import BackupFailed, ConfigError, GuestvaultError, HookFailed
 from ..guest.capture import DiskJob, PushCapture
+from ..guest.pull import PullCapture
 from ..guest.consistency import StopMode, snapshot_mode, suspend_mode
 from ..guest.disks import discover_disks, require_idle, select_disks
 from ..guest.qmp import QmpSession
@@ -247,6 +248,7 @@ def run_backup(request, log=None, progress=None, now=None):
             return dict(_plan_result(plan), changed=True)
         vmid = plan.guest.vmid
         stack.enter_context(plan.storage.guest_lock(vmid, float(options['lockwait']) * 60))
+        stack.enter_context(plan.storage.writer())
         # Leftovers of killed runs first: their jobs would still hold the disks.
         leftovers.clear(qmp, vmid, plan.all_disks, plan.storage, clog)
         decide_backup(plan, qmp, now)
@@ -325,6 +327,7 @@ def _take(plan, qmp, clog, progress, started):
             plan.hook.run(phase, mode=mode, vmid=vmid, env=env, log=clog)
 
     capture = None
+    targets = {}
     qmp_at_start = qmp
     report = None
     try:
@@ -333,8 +336,7 @@ def _take(plan, qmp, clog, progress, started):
         hook('backup-start')
         compression = QCOW2_COMPRESSION[plan.options['compress']]
         targets = plan.format.create_targets(staged, plan.disks, decision, compression)
-        capture = PushCapture(qmp, vmid, [_disk_job(plan, disk, targets[disk.id], now)
-                                          for disk in plan.disks], clog)
+        capture = _capture(plan, qmp, targets, now, clog)
         _journal(plan, staged, capture)
         capture.open_targets()
         with _consistency_mode(plan, capture, staged, hook, clog) as report:
@@ -344,7 +346,9 @@ def _take(plan, qmp, clog, progress, started):
         clog(f"point in time {format_time(now)} fixed for disks "
              + ', '.join(d.id for d in plan.disks))
         copy_started = time.monotonic()
-        processed = capture.run_jobs(progress)
+        processed = plan.format.copy(staged, capture, targets, progress,
+                                     bwlimit_kib=int(plan.options['bwlimit']),
+                                     max_workers=plan.options['max_workers'], log=clog)
         copy_seconds = time.monotonic() - copy_started
         capture.close_targets()
         disks = plan.format.finish_disks(
@@ -360,6 +364,7 @@ def _take(plan, qmp, clog, progress, started):
         clog(f"backup failed: {exc}")
         if capture is not None:
             capture.abort()
+        plan.format.discard_targets(targets)
         guest_runs.forget(vmid)
         full = _storage_full(plan, exc)
         # Also after the rename: a backup whose backup-end hook failed is not kept.
@@ -438,10 +443,17 @@ def _journal(plan, staged, capture):
     """What a kill from here on would leave behind, for the next run to clear."""
     guest_runs.record(
         plan.guest.vmid, storage_path=plan.storage.path, staged_dir=staged.path,
-        final_dir=staged.final_path, jobs=sorted(capture.jobs.values()),
-        targets=sorted(capture.targets.values()),
-        new_bitmaps=[[job.disk.node, job.new_bitmap] for job in capture.disk_jobs
-                     if job.new_bitmap])
+        final_dir=staged.final_path, **capture.journal_entries())
+
+
+def _capture(plan, qmp, targets, when, clog):
+    """The QEMU side of the format's capture: QEMU writes the targets (push), or exports the
+    point in time over NBD for the engine to read (pull)."""
+    jobs = [_disk_job(plan, disk, targets[disk.id], when) for disk in plan.disks]
+    if plan.format.capture == 'pull':
+        return PullCapture(qmp, plan.guest.vmid, jobs, clog,
+                           socket_path=guest_runs.nbd_socket(plan.guest.vmid))
+    return PushCapture(qmp, plan.guest.vmid, jobs, clog)
 
 
 def _stop_here_for_tests(point):

@@ -1,32 +1,47 @@
-"""Garbage collection of a datastore (the garbage_collect module): mark, then sweep.
+"""garbage_collect: free the chunks of a datastore that no snapshot names any more.
 
-Placeholder for the request shape the module builds; the lead wires :func:`run_gc` to the
-datastore (``format/datastore/gc.py``'s ``collect_garbage``) and the storage's writers.
+Proxmox Backup Server's two phases: mark (every chunk an index names gets its access time set)
+and sweep (chunks whose access time is older than the cutoff go). The cutoff is the start of the
+mark, or of the oldest backup still running if that is earlier, minus ``grace`` (PBS's 24 h 5 min
+by default), so a backup that runs during GC never loses a chunk, whether it wrote it or found it
+already stored. Prune removes snapshots only; this is what gives their space back.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+from ..storage.files import private_files
 from ..times import parse_age
+from .locate import format_of, require_storage
 
-# Proxmox Backup Server keeps chunks whose atime is within 24 h 5 min of the mark's start: a
-# relatime mount updates atime only once a day, so a touched chunk may look a day old.
 DEFAULT_GRACE = '24h5m'
 
 
 @dataclass
 class GcRequest:
-    storage: str
+    storage: str = None
     grace: str = DEFAULT_GRACE
     config_dir: str = '/etc/guestvault'
     check_mode: bool = False
 
 
-def grace_seconds(grace) -> float:
-    """Seconds of ``grace`` (``24h5m``, ``0s``, ...); ConfigError naming the option otherwise."""
-    return parse_age(grace, 'grace', allow_zero=True)
-
-
-def run_gc(request: GcRequest, log=None):
-    """Collect the garbage of the datastore ``request.storage``; returns the module's result."""
-    raise NotImplementedError("lead wires this")
+def run_gc(request, log=None, progress=None):
+    """Collect the garbage of one datastore; the counts (see garbage_collect's RETURN)."""
+    log = log or (lambda message: None)
+    if not request.storage:
+        raise ConfigError("storage is required: the id of a datastore in storage.cfg")
+    grace = parse_age(request.grace, 'grace', allow_zero=True)
+    store = require_storage(request.config_dir, request.storage)
+    if store.kind != 'datastore':
+        raise ConfigError(f"{store.label} is a {store.kind} storage of qcow2 chains; garbage "
+                          "collection is for datastores (prune frees a chain's space itself)")
+    with private_files():
+        stats = format_of(store).collect_garbage(grace, check_mode=request.check_mode,
+                                                 progress=progress)
+    log(f"garbage collection of {store.label}: removed {stats['removed_chunks']} chunks "
+        f"({stats['removed_bytes']} bytes), kept {stats['kept_chunks']} "
+        f"({stats['kept_bytes']} bytes), dedup factor {stats['dedup_factor']:.2f}"
+        + (" (check mode: nothing removed)" if request.check_mode else ""))
+    return dict(stats, changed=bool(stats['removed_chunks']),
+                storage=store.id, storage_path=store.path, grace_seconds=grace)

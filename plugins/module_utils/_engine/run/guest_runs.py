@@ -40,6 +40,11 @@ def hold(vmid, verb, wait_seconds, log=None):
                      f"guest {vmid} on this node", holder=holder, on_wait=log)
 
 
+def nbd_socket(vmid):
+    """The unix socket a pull-mode backup of ``vmid`` has QEMU export its point in time on."""
+    return os.path.join(run_dir(), f"{int(vmid)}.nbd")
+
+
 def _journal_path(vmid):
     return os.path.join(run_dir(), f"{vmid}.run")
 

@@ -17,7 +17,8 @@ import shutil
 from ..errors import LockTimeout
 from ..guest.capture import cancel_jobs, close_targets, our_jobs, our_targets
 from ..guest.disks import discover_disks
-from ..guest.pull import (delete_exports, fleecing_root, our_exports, our_frozen_bitmaps,
+from ..format.datastore.format import fleecing_dir
+from ..guest.pull import (delete_exports, our_exports, our_frozen_bitmaps,
                           stop_nbd_server)
 from ..guest.qmp import QmpSession
 from ..policy.chain import orphan_bitmaps
@@ -164,7 +165,7 @@ def _fleecing(vmid, journal):
         if os.path.isfile(image) and image.endswith('.qcow2'):
             parent = os.path.dirname(image)
             found.append(parent if pattern.match(os.path.basename(parent)) else image)
-    root = fleecing_root()
+    root = fleecing_dir()
     for path in sorted(glob.glob(os.path.join(glob.escape(root), f'{vmid}-*'))):
         if pattern.match(os.path.basename(path)) and os.path.isdir(path):
             found.append(path)

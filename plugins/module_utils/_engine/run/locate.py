@@ -9,10 +9,14 @@ import socket
 from dataclasses import replace
 
 from ..errors import ConfigError, GuestNotFound
+from ..format.datastore.format import Datastore
+from ..format.datastore.snapshot import SnapshotCodec
 from ..format.qcow2 import Qcow2Chain
 from ..guest.registry import GuestEntry, load_guest, validate_vmid
 from ..policy.config import load_storage
+from ..storage.datastore import DatastoreStorage
 from ..storage.directory import DirStorage
+from .keys import load_crypt
 
 # Storage kind -> the format of the backups it holds (dir, nfs and cifs storages are all
 # directories of qcow2 chains).
@@ -45,12 +49,24 @@ def open_storage(config_dir, storage=None, dumpdir=None, node=None):
         raise ConfigError("storage and dumpdir are mutually exclusive; give one")
     if storage:
         cfg = load_storage(config_dir, storage, node=node or socket.gethostname())
+        if cfg.type == 'datastore':
+            return open_datastore(cfg)
         return DirStorage(cfg.path, cfg.id)
     if dumpdir:
         if not str(dumpdir).startswith('/'):
             raise ConfigError(f"dumpdir {dumpdir!r} is a relative path; give an absolute path")
         return DirStorage(dumpdir)
     return None
+
+
+def open_datastore(cfg):
+    """A ``datastore:`` storage with its format, holding the key when storage.cfg names one."""
+    crypt = None
+    if cfg.encryption_key:
+        crypt = load_crypt(cfg.encryption_key, passphrase_file=cfg.encryption_passphrase_file)
+    store = DatastoreStorage(cfg.path, cfg.id, SnapshotCodec(crypt))
+    store.format = Datastore(store, crypt)
+    return store
 
 
 def require_storage(config_dir, storage=None, dumpdir=None, node=None):
@@ -63,5 +79,5 @@ def require_storage(config_dir, storage=None, dumpdir=None, node=None):
 
 
 def format_of(storage):
-    """The Format of the backups on ``storage``."""
-    return _FORMATS[storage.kind]()
+    """The Format of the backups on ``storage`` (a datastore carries its own: it holds the key)."""
+    return getattr(storage, 'format', None) or _FORMATS[storage.kind]()

@@ -32,7 +32,7 @@ def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
 
 def _verify(store, vmid, backup, check_mode):
     record = catalog.resolve(store, vmid, backup)
-    chain, problems = format_of(store).verify(store, record)
+    chain, problems = format_of(store).verify(store, record, check_mode=check_mode)
     state = {'state': 'failed' if problems else 'ok', 'problems': problems,
              'time': format_time(datetime.now(timezone.utc)),
              'chain': [r.index['time'] for r in chain]}

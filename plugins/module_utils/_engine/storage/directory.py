@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta, timezone
 
-from ..errors import LockTimeout, StorageError
+from ..errors import GuestvaultError, LockTimeout, StorageError
 from ..times import format_time, parse_time
 from .base import BackupRecord, Storage
 from .files import fsync_path, write_file_atomic
@@ -140,6 +140,7 @@ class DirStorage(Storage):
     """Backups as directories on a local or mounted file system."""
 
     kind = 'dir'
+    staged_class = StagedBackup
 
     def __init__(self, path, storage_id=None):
         self.id = storage_id
@@ -183,17 +184,20 @@ class DirStorage(Storage):
         for name in sorted(os.listdir(gdir)):
             if name.startswith('.'):
                 continue
-            index_path = os.path.join(gdir, name, INDEX)
             try:
                 parse_time(name)
-                with open(index_path) as handle:
-                    index = json.load(handle)
-            except (ValueError, OSError):
+                index = self.read_index(os.path.join(gdir, name))
+            except (ValueError, OSError, GuestvaultError):
                 continue  # not a backup directory of ours
             found.append(BackupRecord(os.path.join(gdir, name), index,
                                       os.path.exists(os.path.join(gdir, name, PROTECTED))))
         found.sort(key=lambda b: b.time)
         return found
+
+    def read_index(self, backup_dir):
+        """The manifest of the backup in ``backup_dir`` as a dict (OSError, ValueError)."""
+        with open(os.path.join(backup_dir, INDEX)) as handle:
+            return json.load(handle)
 
     def stale_paths(self, vmid):
         """What killed runs left in the guest's directory: hidden ``.tmp`` entries."""
@@ -245,9 +249,16 @@ class DirStorage(Storage):
         if os.path.exists(final):
             raise StorageError(f"backup {final} already exists")
         try:
-            return StagedBackup(os.path.join(gdir, f".{name}.tmp"), final)
+            os.makedirs(gdir, mode=0o700, exist_ok=True)
+            return self.staged_class(os.path.join(gdir, f".{name}.tmp"), final)
         except OSError as exc:
             raise StorageError(f"cannot create a backup directory in {gdir}: {exc}") from exc
+
+    @contextmanager
+    def writer(self):
+        """Held by a backup while it writes (a datastore's garbage collection spares what
+        running backups may still name); nothing to do for a directory of qcow2 chains."""
+        yield
 
     def free_bytes(self):
         """Bytes a backup can still write here (what an unprivileged writer may use)."""

@@ -115,6 +115,8 @@ def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=N
     total = len(folders)
     cutoff_ns = int(cutoff * 1e9)
     protect_ns = int(protect_from * 1e9)
+    if progress is not None:
+        progress('sweep', 0, total)
     for number, folder in enumerate(folders):
         _sweep_folder(folder, referenced, check_mode, cutoff_ns, protect_ns, result, present)
         if progress is not None and (number & 0xfff == 0xfff or number == total - 1):

@@ -46,10 +46,11 @@ def _check_chunk(chunks, digest, crypt, name, size):
 
 
 def verify_disk_index(index_path, chunks, *, crypt=None, verified, corrupt, workers=2,
-                      what='drive-virtio0'):
+                      what='drive-virtio0', mark_bad=True):
     """The problems (strings; empty when all is well) of the disk whose fixed index is
     ``index_path``, every chunk decoded and checked. ``verified`` and ``corrupt`` are sets of
-    digests shared by the calls of one verify run; they are updated."""
+    digests shared by the calls of one verify run; they are updated. ``mark_bad`` false (check
+    mode) leaves a damaged chunk where it is."""
     index_path = str(index_path)
     try:
         index = read_fixed_index(index_path)
@@ -91,7 +92,7 @@ def verify_disk_index(index_path, chunks, *, crypt=None, verified, corrupt, work
             return
         reason, damaged = found
         renamed = None
-        if damaged:
+        if damaged and mark_bad:
             renamed = chunks.mark_bad(digest)
         text = reason if reason.startswith('is ') else f"is bad: {reason}"
         if renamed:

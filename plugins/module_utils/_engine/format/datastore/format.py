@@ -1,0 +1,291 @@
+"""The datastore format: every snapshot a set of fixed indexes into one shared chunk store.
+
+A backup is pulled (``capture = 'pull'``): QEMU exports the point in time over NBD from a local
+fleecing image, and the engine reads it chunk by chunk, storing each 4 MiB chunk once across all
+guests and backups. An incremental reads only the chunks the frozen dirty bitmap marks and takes
+every other digest from the previous snapshot's index, so every snapshot is complete on its own:
+restore reads one snapshot, prune removes directories and never rewrites a kept one, and garbage
+collection frees the chunks no index names any more.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+from ...errors import ConfigError, CorruptData, GuestvaultError, StorageError
+from ...times import format_time
+from ...version import TOOL_VERSION
+from ..qemu_img import create_qcow2
+from ..base import Format, TargetImage
+from .backup_writer import write_disk_index
+from .chunk_store import ChunkStore
+from .fixed_index import read_fixed_index
+from .gc import collect_garbage
+from .image_restore import restore_disk_image
+from .snapshot import index_name
+from .verify import verify_disk_index
+
+MANIFEST_FORMAT = 'pbs-datastore-1'
+FLEECING_DIR = '/var/lib/guestvault/fleecing'
+
+
+def fleecing_dir():
+    """Where fleecing images go: local disk, so a slow datastore never slows guest writes."""
+    return os.environ.get('GUESTVAULT_FLEECING_DIR') or FLEECING_DIR
+
+
+def default_workers():
+    return max(2, os.cpu_count() or 2)
+
+
+class _RestoreJob:
+    """A restore of one disk running on a thread, shaped like the qcow2 chain's qemu-img
+    process (``communicate``, ``returncode``, ``kill``), so the restore run does not branch."""
+
+    def __init__(self, function):
+        self.returncode = None
+        self.error = None
+        self.cancelled = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self.thread.start()
+
+    def _run(self, function):
+        try:
+            function(self.cancelled)
+            self.returncode = 0
+        except BaseException as exc:  # reported through communicate()
+            self.error = exc
+            self.returncode = 1
+
+    def kill(self):
+        self.cancelled.set()
+
+    def communicate(self):
+        self.thread.join()
+        if self.error is not None and not self.cancelled.is_set() \
+                and isinstance(self.error, GuestvaultError):
+            raise self.error
+        return '', str(self.error or '')
+
+
+class Datastore(Format):
+    name = 'datastore'
+    capture = 'pull'
+
+    def __init__(self, storage, crypt=None, workers=None):
+        self.storage = storage
+        self.crypt = crypt
+        self.chunks = ChunkStore(storage.path)
+        self.workers = workers or default_workers()
+
+    # -- backup ---------------------------------------------------------------------------------
+    def create_targets(self, staged, disks, decision, compression):
+        """A thin local fleecing image per disk; an incremental names the parent's index."""
+        if not self.chunks.exists():
+            self.chunks.create()
+        folder = os.path.join(fleecing_dir(), '-'.join(staged.final_path.split(os.sep)[-2:]))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        parent = self._parent(staged, decision)
+        targets = {}
+        for disk in disks:
+            path = os.path.join(folder, f"{disk.id}.qcow2")
+            create_qcow2(path, disk.virtual_size)
+            previous = None
+            if decision.level == 'inc' and disk.supports_bitmaps and parent is not None:
+                entry = next((d for d in parent.index['disks'] if d['id'] == disk.id), None)
+                if entry is not None and entry['virtual_size'] == disk.virtual_size:
+                    previous = os.path.join(parent.path, entry['file'])
+            targets[disk.id] = TargetImage(disk.id, path, 'inc' if previous else 'full',
+                                           previous)
+        return targets
+
+    def _parent(self, staged, decision):
+        if decision.level != 'inc' or decision.parent is None:
+            return None
+        vmid = int(staged.final_path.split(os.sep)[-2])
+        wanted = format_time(decision.parent)
+        parent = next((b for b in self.storage.backups(vmid) if b.index['time'] == wanted), None)
+        if parent is not None and self.crypt is not None \
+                and parent.index.get('key_fingerprint') != self.crypt.fingerprint_text:
+            return None  # made with another key (or none): its digests mean other chunks
+        return parent
+
+    def copy(self, staged, capture, targets, progress, bwlimit_kib=0, max_workers=None,
+             log=None):
+        """Read each disk's point in time and store it; the per-disk statistics."""
+        sources = capture.sources()
+        stats = {}
+        total = sum(s.size for s in sources.values())
+        done_before = 0
+        for disk_id, target in targets.items():
+            previous = None
+            if target.backing:
+                try:
+                    previous = read_fixed_index(target.backing)
+                except (OSError, CorruptData) as exc:
+                    if log:
+                        log(f"{disk_id}: the previous index is unreadable ({exc}); reading "
+                            "the whole disk")
+
+            def disk_progress(done, _total, base=done_before):
+                if progress:
+                    progress(base + done, total)
+            stats[disk_id] = write_disk_index(
+                sources[disk_id], staged.file(index_name(disk_id)), self.chunks,
+                crypt=self.crypt, previous=previous,
+                workers=max_workers or self.workers, bwlimit=bwlimit_kib,
+                progress=disk_progress, what=f"{os.path.basename(staged.final_path)} {disk_id}")
+            done_before += sources[disk_id].size
+        # A sync=none job that ended no longer holds the point in time: what was read may be
+        # newer than it, so such a backup is not kept.
+        capture.check_jobs()
+        return stats
+
+    def finish_disks(self, staged, disks, targets, processed, bitmaps):
+        entries = []
+        for disk in disks:
+            target, stats = targets[disk.id], processed[disk.id]
+            entries.append({
+                'id': disk.id, 'node': disk.node, 'format': disk.format,
+                'virtual_size': disk.virtual_size, 'file': index_name(disk.id),
+                'level': target.level, 'bytes_written': stats['new_bytes'],
+                'bytes_processed': stats['read_bytes'], 'size': disk.virtual_size,
+                'csum': stats['csum'], 'bitmap': bitmaps.get(disk.id), 'backing': None,
+                'chunks': stats['chunks'], 'read_chunks': stats['read_chunks'],
+                'new_chunks': stats['new_chunks'], 'reused_chunks': stats['reused_chunks'],
+                'zero_chunks': stats['zero_chunks'],
+                'data_bytes': stats.get('data_bytes'),
+            })
+        self.discard_targets(targets)
+        return entries
+
+    def discard_targets(self, targets):
+        """Remove the fleecing images (QEMU has closed them)."""
+        folders = {os.path.dirname(t.path) for t in targets.values()}
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def manifest(self, fields):
+        return dict(fields, format=MANIFEST_FORMAT, tool=f"guestvault {TOOL_VERSION}",
+                    encrypted=self.crypt is not None)
+
+    # -- reading --------------------------------------------------------------------------------
+    def dependencies(self, storage, record):
+        return [record]  # a snapshot needs nothing but its chunks
+
+    def restored_bytes(self, chain, disk_id):
+        disk = next(d for d in chain[-1].index['disks'] if d['id'] == disk_id)
+        return disk.get('data_bytes') or disk['virtual_size']
+
+    def check_key(self, record):
+        """EncryptionKeyError unless this datastore's key is the one the backup was made with."""
+        manifest = self.storage.codec.read_manifest(record.path, check_signature=True)
+        manifest.check_fingerprint(self.crypt)
+        return manifest
+
+    def verify_files(self, storage, records, disk_ids=None, workers=None):
+        """Each index file against its manifest (size, checksum); the chunks are checked as a
+        restore reads them."""
+        problems = []
+        for record in records:
+            try:
+                manifest = self.check_key(record)
+            except (OSError, GuestvaultError) as exc:
+                problems.append(f"{record.id}: {exc}")
+                continue
+            for disk in record.index['disks']:
+                if disk_ids is not None and disk['id'] not in disk_ids:
+                    continue
+                path = storage.file(record, disk['file'])
+                try:
+                    index = read_fixed_index(path)
+                    manifest.verify_file(disk['file'], index.index_csum, index.size)
+                except FileNotFoundError:
+                    problems.append(f"{record.id}: {disk['file']} is missing")
+                except (OSError, GuestvaultError) as exc:
+                    problems.append(f"{record.id} {disk['id']}: {exc}")
+        return problems
+
+    def verify(self, storage, record, check_mode=False):
+        """([record], problems): the manifest and its signature, each index against it, and
+        every chunk decoded with its CRC and digest checked. A corrupt chunk is renamed
+        ``.bad`` (not in check mode), so the next backup stores a fresh copy; every snapshot
+        that names it is listed."""
+        problems = self.verify_files(storage, [record])
+        verified, corrupt = set(), set()
+        for disk in record.index['disks']:
+            path = storage.file(record, disk['file'])
+            if not os.path.exists(path):
+                continue
+            problems += verify_disk_index(path, self.chunks, crypt=self.crypt,
+                                          verified=verified, corrupt=corrupt,
+                                          workers=self.workers, mark_bad=not check_mode,
+                                          what=f"{record.id} {disk['id']}")
+        if corrupt:
+            users = self.referencing(corrupt)
+            for digest in sorted(corrupt):
+                problems.append(f"chunk {digest.hex()} is damaged; snapshots that name it: "
+                                + ', '.join(users.get(digest, [record.id])))
+        return [record], problems
+
+    def referencing(self, digests):
+        """{digest: [snapshot ids whose indexes name it]} over the whole datastore."""
+        users = {}
+        for vmid in self.storage.guest_ids():
+            for record in self.storage.backups(vmid):
+                for disk in record.index['disks']:
+                    try:
+                        index = read_fixed_index(self.storage.file(record, disk['file']),
+                                                 check_csum=False)
+                    except (OSError, CorruptData):
+                        continue
+                    named = {index.digests[i:i + 32] for i in range(0, len(index.digests), 32)}
+                    for digest in digests & named:
+                        users.setdefault(digest, [])
+                        if record.id not in users[digest]:
+                            users[digest].append(record.id)
+        return users
+
+    def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
+        disk = next(d for d in record.index['disks'] if d['id'] == disk_id)
+        self.check_key(record)
+        index = read_fixed_index(storage.file(record, disk['file']))
+
+        def run(cancelled):
+            restore_disk_image(index, self.chunks, target, target_format, crypt=self.crypt,
+                               workers=self.workers, bwlimit=bwlimit_kib,
+                               what=f"{record.id} {disk_id}",
+                               progress=lambda done, total: _stop_if(cancelled))
+        return _RestoreJob(run)
+
+    def restore_with_snapshots(self, storage, chain, disk_id, target, log):
+        raise ConfigError("snapshots builds a qcow2 from a chain of qcow2 backups; datastore "
+                          "snapshots stand alone: restore each one on its own instead")
+
+    def leftovers(self, target):
+        return (target,)
+
+    # -- pruning and garbage ----------------------------------------------------------------
+    def plan_removal(self, backups, removed):
+        return []  # nothing depends on a snapshot: removing one rewrites nothing
+
+    def apply_removal_plan(self, storage, plan, log):
+        return None
+
+    def recover(self, storage, vmid):
+        return []
+
+    def collect_garbage(self, grace_seconds, check_mode=False, progress=None):
+        if not self.chunks.exists():
+            raise StorageError(f"{self.storage.label} holds no chunk store yet (no backup was "
+                               "taken into it); nothing to collect")
+        return collect_garbage(self.chunks, self.storage.index_files(),
+                               grace_seconds=grace_seconds,
+                               oldest_writer_start=self.storage.oldest_writer_start(),
+                               check_mode=check_mode, progress=progress)
+
+
+def _stop_if(cancelled):
+    if cancelled.is_set():
+        raise StorageError("restore cancelled")

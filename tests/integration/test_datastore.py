@@ -1,0 +1,341 @@
+"""Issue 11: backups into a Proxmox Backup Server datastore, on real QEMU guests.
+
+Every backup is pulled over NBD from a fleecing image and stored as chunks; every restore is
+compared (qemu-img compare) with what the guest's disk held at the backup's point in time.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from guestvault_engine.errors import BackupFailed, EncryptionKeyError, GuestvaultError
+from guestvault_engine.format.datastore.chunk_store import ChunkStore
+from guestvault_engine.format.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
+                                                             ENCRYPTED_COMPRESSED_BLOB_MAGIC)
+from guestvault_engine.format.datastore.fixed_index import read_fixed_index
+from guestvault_engine.format.datastore.manifest import BackupManifest
+from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.gc import GcRequest, run_gc
+from guestvault_engine.run.info import list_backups
+from guestvault_engine.run.keys import create_key
+from guestvault_engine.run.prune import PruneRequest, run_prune
+from guestvault_engine.run.restore import RestoreRequest, run_restore
+from guestvault_engine.run.verify import verify_backup
+from lab_checks import backups_in as listed_in, hidden_in, same_content, small_tmpfs
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+
+
+@pytest.fixture(autouse=True)
+def fleecing_dir(tmp_path, monkeypatch):
+    path = tmp_path / 'fleecing'
+    monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(path))
+    return path
+
+
+def write_storage_cfg(config_dir, path, storage_id='ds1', **options):
+    lines = [f"datastore: {storage_id}", f"\tpath {path}"]
+    lines += [f"\t{key.replace('_', '-')} {value}" for key, value in options.items()]
+    with open(os.path.join(config_dir, 'storage.cfg'), 'a') as handle:
+        handle.write('\n'.join(lines) + '\n\n')
+
+
+@pytest.fixture
+def datastore(tmp_path, config_dir):
+    path = tmp_path / 'datastore'
+    path.mkdir()
+    write_storage_cfg(config_dir, path)
+    return str(path)
+
+
+def backup(guest, config_dir, storage='ds1', **options):
+    return run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                    storage=storage, config_dir=config_dir, **options))
+
+
+def restore(guest, config_dir, target, storage='ds1', **options):
+    return run_restore(RestoreRequest(vmid=guest.vmid, storage=storage, config_dir=config_dir,
+                                      target_dir=str(target), **options))
+
+
+def backups_in(datastore, vmid):
+    """Snapshot directories of a guest (its group's ``owner`` file aside)."""
+    return [name for name in listed_in(datastore, vmid) if name != 'owner']
+
+
+def chunk_files(datastore):
+    return sorted(path for path, _name, bad in ChunkStore(datastore).chunk_files() if not bad)
+
+
+def test_full_and_incrementals_restore_bit_exact_and_are_pbs_snapshots(
+        make_guest, datastore, config_dir, tmp_path, fleecing_dir):
+    guest = make_guest(disks=[('qcow2', 48 * MiB), ('qcow2', 10 * MiB)])  # 10 MiB: a short chunk
+    guest.write('vd0', 0x11, 0, 9 * MiB)
+    guest.write('vd1', 0x12, 8 * MiB, 2 * MiB)
+    points = []
+    for step, (offset, pattern) in enumerate([(None, None), (20 * MiB, 0x22), (1 * MiB, 0x33)]):
+        if offset is not None:
+            guest.write('vd0', pattern, offset, MiB)
+        result = backup(guest, config_dir)
+        refs = [guest.snapshot_disk(i, str(tmp_path / f'ref{step}-{i}.qcow2')) for i in (0, 1)]
+        points.append((result, refs))
+    assert [p[0]['level'] for p in points] == ['full', 'inc', 'inc']
+    full, inc1, inc2 = (p[0] for p in points)
+    # An incremental reads only the chunks its bitmap marks: one MiB written, one chunk read.
+    assert [d['read_chunks'] for d in inc1['disks']] == [1, 0]
+    assert [d['read_chunks'] for d in inc2['disks']] == [1, 0]
+    assert inc1['disks'][1]['reused_chunks'] + inc1['disks'][1]['zero_chunks'] == 3
+    assert not os.listdir(fleecing_dir) if fleecing_dir.exists() else True
+    for step, (result, refs) in enumerate(points):
+        for fmt in ('qcow2', 'raw'):
+            target = tmp_path / f'restore{step}-{fmt}'
+            out = restore(guest, config_dir, target, backup=result['time'], format=fmt)
+            assert out['verified'] is True
+            for index, disk in enumerate(('vd0', 'vd1')):
+                ok, text = same_content(refs[index], str(target / f'{disk}.{fmt}'))
+                assert ok, (step, fmt, disk, text)
+    # On disk: PBS's layout. Every digest an index names is a chunk file.
+    snap = os.path.join(datastore, 'vm', str(guest.vmid), full['time'])
+    assert sorted(os.listdir(snap)) == ['client.log.blob', 'drive-vd0.img.fidx',
+                                        'drive-vd1.img.fidx', 'guest.json.blob',
+                                        'index.json.blob']
+    with open(os.path.join(datastore, 'vm', str(guest.vmid), 'owner')) as handle:
+        assert handle.read() == 'root@pam\n'
+    with open(os.path.join(snap, 'index.json.blob'), 'rb') as handle:
+        manifest = BackupManifest.decode(handle.read())
+    assert manifest.backup_type == 'vm' and manifest.backup_id == str(guest.vmid)
+    store = ChunkStore(datastore)
+    for info in manifest.files:
+        if info.filename.endswith('.fidx'):
+            index = read_fixed_index(os.path.join(snap, info.filename))
+            assert index.index_csum == info.csum and index.size == info.size
+            assert index.chunk_size == CHUNK
+            for position in range(index.count):
+                assert store.contains(index.digest(position))
+    assert len(os.listdir(os.path.join(datastore, '.chunks'))) == 65536
+
+
+def test_an_unchanged_second_full_stores_no_new_chunks_and_prune_then_gc_free_space(
+        make_guest, datastore, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 32 * MiB)])
+    guest.write('vd0', 0x44, 0, 16 * MiB)
+    first = backup(guest, config_dir, level='full')
+    before = chunk_files(datastore)
+    second = backup(guest, config_dir, level='full')
+    assert second['disks'][0]['new_chunks'] == 0 and second['bytes_written'] == 0
+    assert chunk_files(datastore) == before
+    # New data, a third backup; then keep only the newest.
+    guest.write('vd0', 0x55, 0, 16 * MiB)
+    third = backup(guest, config_dir, level='full')
+    ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
+    all_chunks = chunk_files(datastore)
+    assert len(all_chunks) > len(before)
+    pruned = run_prune(PruneRequest(vmid=guest.vmid, storage='ds1', config_dir=config_dir,
+                                    prune_backups='keep-last=1'))
+    assert sorted(pruned['removed']) == sorted([first['backup'], second['backup']])
+    assert backups_in(datastore, guest.vmid) == [third['time']]
+    assert chunk_files(datastore) == all_chunks              # prune never touches chunks
+    check = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir, check_mode=True))
+    # The first data's one chunk (four equal 4 MiB pieces) is garbage; the zero chunk is not.
+    assert check['removed_chunks'] == 1 and chunk_files(datastore) == all_chunks
+    done = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir))
+    assert done['removed_chunks'] == check['removed_chunks'] == 1
+    assert done['removed_bytes'] == check['removed_bytes'] > 0
+    gone = set(all_chunks) - set(chunk_files(datastore))
+    assert len(gone) == 1 and gone < set(before)
+    # With the default grace nothing recent goes.
+    assert run_gc(GcRequest(storage='ds1', config_dir=config_dir))['removed_chunks'] == 0
+    out = restore(guest, config_dir, tmp_path / 'r')
+    ok, text = same_content(ref, out['disks'][0]['target'])
+    assert ok, text
+
+
+def test_a_backup_running_during_gc_never_loses_a_chunk(make_guest, datastore, config_dir,
+                                                        tmp_path):
+    """The backup starts after GC's mark and before its sweep (grace 0): the backup's chunks,
+    new and reused, all survive, and it restores bit-exact."""
+    guest = make_guest(disks=[('qcow2', 24 * MiB)])
+    guest.write('vd0', 0x61, 0, 12 * MiB)
+    old = backup(guest, config_dir, level='full')
+    guest.write('vd0', 0x62, 0, 4 * MiB)
+    state = {}
+
+    def between_mark_and_sweep(phase, *_args):
+        if phase == 'sweep' and 'backup' not in state:
+            # The old snapshot goes after the mark touched its chunks; then a backup that reuses
+            # most of them (an incremental) and writes one new one runs to completion.
+            state['backup'] = backup(guest, config_dir)
+            state['ref'] = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
+            run_prune(PruneRequest(vmid=guest.vmid, storage='ds1', config_dir=config_dir,
+                                   prune_backups='keep-last=1'))
+
+    run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir),
+           progress=between_mark_and_sweep)
+    assert state['backup']['level'] == 'inc' and backups_in(datastore, guest.vmid) == [
+        state['backup']['time']] != [old['time']]
+    out = restore(guest, config_dir, tmp_path / 'r')
+    ok, text = same_content(state['ref'], out['disks'][0]['target'])
+    assert ok, text
+    assert verify_backup(guest.vmid, storage='ds1', config_dir=config_dir)['verify_state'] == 'ok'
+
+
+def test_verify_finds_a_corrupt_chunk_renames_it_and_the_next_backup_heals_it(
+        make_guest, datastore, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    for position in range(4):                      # four different chunks
+        guest.write('vd0', 0x71 + position, position * CHUNK, CHUNK)
+    first = backup(guest, config_dir, level='full')
+    second = backup(guest, config_dir, level='full')   # the same chunks, a second snapshot
+    index = read_fixed_index(os.path.join(datastore, 'vm', str(guest.vmid), first['time'],
+                                          'drive-vd0.img.fidx'))
+    store = ChunkStore(datastore)
+    victim = store.chunk_path(index.digest(2))
+    with open(victim, 'r+b') as handle:
+        handle.seek(40)
+        byte = handle.read(1)
+        handle.seek(40)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    result = verify_backup(guest.vmid, backup=first['time'], storage='ds1',
+                           config_dir=config_dir)
+    assert result['verify_state'] == 'failed'
+    problem = ' '.join(result['problems'])
+    assert first['backup'] in problem and 'vd0' in problem and str(2 * CHUNK) in problem
+    assert not os.path.exists(victim) and os.path.exists(victim + '.0.bad')
+    listed = {b['id']: b for b in list_backups(guest.vmid, storage='ds1',
+                                               config_dir=config_dir)['backups']}
+    assert listed[first['backup']]['verify_state'] == 'failed'
+    # A restore of the other snapshot (same chunk) fails naming it, and leaves nothing behind.
+    with pytest.raises(GuestvaultError, match=str(2 * CHUNK)):
+        restore(guest, config_dir, tmp_path / 'bad', backup=second['time'])
+    assert not [n for n in os.listdir(tmp_path / 'bad') if n.endswith(('.qcow2', 'ing'))]
+    # The next backup stores a fresh copy of the chunk; then both old snapshots verify again.
+    healed = backup(guest, config_dir, level='full')
+    assert healed['disks'][0]['new_chunks'] == 1 and os.path.exists(victim)
+    for snap in (first, second, healed):
+        assert verify_backup(guest.vmid, backup=snap['time'], storage='ds1',
+                             config_dir=config_dir)['verify_state'] == 'ok'
+
+
+def test_an_encrypted_datastore_round_trips_and_a_wrong_key_is_named(
+        make_guest, tmp_path, config_dir):
+    (tmp_path / 'keys').mkdir(mode=0o700)
+    key = create_key(str(tmp_path / 'keys' / 'ds.key'), kdf='none')
+    other = create_key(str(tmp_path / 'keys' / 'other.key'), kdf='none')
+    path = tmp_path / 'enc'
+    path.mkdir()
+    write_storage_cfg(config_dir, path, 'enc', encryption_key=key['path'])
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0x81, 0, 8 * MiB)
+    result = backup(guest, config_dir, storage='enc')
+    ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
+    for chunk in chunk_files(str(path)):
+        with open(chunk, 'rb') as handle:
+            magic = handle.read(8)
+        assert magic in (ENCRYPTED_BLOB_MAGIC, ENCRYPTED_COMPRESSED_BLOB_MAGIC)
+    snap = os.path.join(str(path), 'vm', str(guest.vmid), result['time'])
+    with open(os.path.join(snap, 'index.json.blob'), 'rb') as handle:
+        manifest = BackupManifest.decode(handle.read())
+    assert manifest.unprotected['key-fingerprint'] == key['fingerprint']
+    assert {f.crypt_mode for f in manifest.files} == {'encrypt'}
+    out = restore(guest, config_dir, tmp_path / 'r', storage='enc')
+    ok, text = same_content(ref, out['disks'][0]['target'])
+    assert ok, text
+    # The same datastore opened with another key: restore names the fingerprint it needs.
+    write_storage_cfg(config_dir, path, 'wrong', encryption_key=other['path'])
+    with pytest.raises(EncryptionKeyError, match=key['fingerprint'][:23]):
+        restore(guest, config_dir, tmp_path / 'w', storage='wrong')
+    write_storage_cfg(config_dir, path, 'nokey')
+    with pytest.raises(EncryptionKeyError, match=key['fingerprint'][:23]):
+        restore(guest, config_dir, tmp_path / 'n', storage='nokey')
+
+
+KILL_RUNNER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import conftest
+from guestvault_engine.run.backup import BackupRequest, run_backup
+run_backup(BackupRequest(**json.loads(sys.argv[1])), log=lambda m: print(m, flush=True))
+"""
+
+
+def test_a_killed_backup_leaves_nothing_visible_and_the_next_one_clears_up(
+        make_guest, datastore, config_dir, tmp_path, fleecing_dir):
+    guest = make_guest(disks=[('qcow2', 40 * MiB)])
+    guest.write('vd0', 0x91, 0, 40 * MiB)
+    backup(guest, config_dir)
+    guest.write('vd0', 0x92, 0, 40 * MiB)
+    request = dict(vmid=guest.vmid, qmp_socket=guest.qmp_socket, storage='ds1',
+                   config_dir=config_dir, bwlimit=2048, level='full')   # ~20 s at 2 MiB/s
+    script = KILL_RUNNER.format(tests=os.path.join(os.path.dirname(__file__), '..'))
+    proc = subprocess.Popen([sys.executable, '-c', script, json.dumps(request)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith('point in time'):
+            break
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert hidden_in(datastore, guest.vmid)                       # a hidden snapshot, nothing else
+    assert len(backups_in(datastore, guest.vmid)) == 1
+    exports = guest.execute('query-block-exports')
+    assert exports                                                # the NBD export is still up
+    log = []
+    result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                      storage='ds1', config_dir=config_dir),
+                        log=log.append)
+    assert result['level'] == 'inc', result['level_reason']
+    assert not guest.execute('query-block-exports') and not guest.execute('query-block-jobs')
+    assert hidden_in(datastore, guest.vmid) == []
+    assert not any(os.scandir(fleecing_dir))
+    ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
+    out = restore(guest, config_dir, tmp_path / 'r')
+    ok, text = same_content(ref, out['disks'][0]['target'])
+    assert ok, text
+    # The killed run's chunks are orphans: GC after the grace removes them (and only them).
+    gc = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir))
+    assert verify_backup(guest.vmid, storage='ds1', config_dir=config_dir)['verify_state'] == 'ok'
+    assert gc['removed_chunks'] >= 0
+
+
+def test_a_full_datastore_fails_cleanly_and_the_guest_runs_on(make_guest, tmp_path, config_dir,
+                                                              fleecing_dir):
+    guest = make_guest(disks=[('qcow2', 64 * MiB)])
+    with open('/dev/urandom', 'rb') as rnd, open(tmp_path / 'rand.bin', 'wb') as out:
+        out.write(rnd.read(40 * MiB))
+    guest.write_file('vd0', str(tmp_path / 'rand.bin'), 0, 40 * MiB)
+    with small_tmpfs(tmp_path / 'small', '24m') as small:
+        write_storage_cfg(config_dir, small, 'small')
+        with pytest.raises(BackupFailed, match='is full'):
+            backup(guest, config_dir, storage='small')
+        assert backups_in(small, guest.vmid) == [] and hidden_in(small, guest.vmid) == []
+    assert guest.execute('query-status')['status'] == 'prelaunch' or guest.execute(
+        'query-status')['running'] in (True, False)
+    assert not guest.execute('query-block-jobs') and not guest.execute('query-block-exports')
+    assert not any(os.scandir(fleecing_dir))
+
+
+def test_modules_work_on_a_datastore(ansible, make_guest, datastore, config_dir, tmp_path):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0xA1, 0, 8 * MiB)
+    common = {'storage': 'ds1', 'config_dir': config_dir}
+    taken = ansible.module('guestvault.backup.guest_backup',
+                           dict(common, vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                notes_template='taken into ds1'))
+    assert taken.get('changed') and taken['level'] == 'full', taken
+    info = ansible.module('guestvault.backup.backup_info', dict(common, vmid=guest.vmid))
+    assert [b['notes'] for b in info['backups']] == ['taken into ds1']
+    assert ansible.module('guestvault.backup.protect',
+                          dict(common, vmid=guest.vmid, backup='latest', protected=True))['changed']
+    assert ansible.module('guestvault.backup.verify',
+                          dict(common, vmid=guest.vmid))['verify_state'] == 'ok'
+    pruned = ansible.module('guestvault.backup.prune',
+                            dict(common, vmid=guest.vmid, prune_backups='keep-last=1'))
+    assert pruned['removed'] == []
+    gc = ansible.module('guestvault.backup.garbage_collect', dict(common, grace='0s'),
+                        check=True)
+    assert (gc['removed_chunks'], gc['changed']) == (0, False), gc
+    restored = ansible.module('guestvault.backup.restore',
+                              dict(common, vmid=guest.vmid, target_dir=str(tmp_path / 'r')))
+    assert restored['changed'] and restored['verified']
