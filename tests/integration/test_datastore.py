@@ -339,3 +339,101 @@ def test_modules_work_on_a_datastore(ansible, make_guest, datastore, config_dir,
     restored = ansible.module('guestvault.backup.restore',
                               dict(common, vmid=guest.vmid, target_dir=str(tmp_path / 'r')))
     assert restored['changed'] and restored['verified']
+
+
+@pytest.mark.parametrize('damage', ['missing chunk', 'unknown magic', 'truncated index'])
+def test_verify_and_restore_name_the_snapshot_the_disk_and_the_offset(
+        make_guest, datastore, config_dir, tmp_path, damage):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    for position in range(4):
+        guest.write('vd0', 0xB1 + position, position * CHUNK, CHUNK)
+    taken = backup(guest, config_dir)
+    snap = os.path.join(datastore, 'vm', str(guest.vmid), taken['time'])
+    index_path = os.path.join(snap, 'drive-vd0.img.fidx')
+    chunk = ChunkStore(datastore).chunk_path(read_fixed_index(index_path).digest(3))
+    if damage == 'missing chunk':
+        os.unlink(chunk)
+    elif damage == 'unknown magic':
+        with open(chunk, 'r+b') as handle:
+            handle.write(b'NOTABLOB')
+    else:
+        os.truncate(index_path, os.path.getsize(index_path) - 32)
+    result = verify_backup(guest.vmid, storage='ds1', config_dir=config_dir)
+    text = ' '.join(result['problems'])
+    assert result['verify_state'] == 'failed' and taken['backup'] in text and 'vd0' in text
+    if damage != 'truncated index':
+        assert str(3 * CHUNK) in text, text
+        assert ('missing' if damage == 'missing chunk' else 'magic') in text, text
+    with pytest.raises(GuestvaultError) as err:
+        restore(guest, config_dir, tmp_path / 'r')
+    assert taken['backup'] in str(err.value) and 'vd0' in str(err.value), err.value
+    if damage != 'truncated index':
+        assert str(3 * CHUNK) in str(err.value), err.value
+    assert not os.path.exists(tmp_path / 'r' / 'vd0.qcow2')
+
+
+def test_a_scrypt_key_with_a_passphrase_file_and_the_key_never_in_the_store(
+        make_guest, tmp_path, config_dir):
+    keys = tmp_path / 'keys'
+    keys.mkdir(mode=0o700)
+    (keys / 'pass').write_text('correct horse battery\n')
+    key = create_key(str(keys / 'ds.key'), passphrase_file=str(keys / 'pass'))
+    path = tmp_path / 'enc'
+    path.mkdir()
+    write_storage_cfg(config_dir, path, 'enc', encryption_key=key['path'],
+                      encryption_passphrase_file=str(keys / 'pass'))
+    guest = make_guest(disks=[('qcow2', 8 * MiB)])
+    guest.write('vd0', 0xC1, 0, 4 * MiB)
+    backup(guest, config_dir, storage='enc')
+    ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
+    out = restore(guest, config_dir, tmp_path / 'r', storage='enc')
+    assert same_content(ref, out['disks'][0]['target'])[0]
+    from guestvault_engine.format.datastore.key_file import load_key
+    secret = load_key(key['path'], 'correct horse battery')._key   # the 32 key bytes
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), 'rb') as handle:
+                assert secret not in handle.read(), name
+    (keys / 'pass').write_text('wrong horse\n')
+    with pytest.raises(EncryptionKeyError, match='passphrase'):
+        restore(guest, config_dir, tmp_path / 'w', storage='enc')
+
+
+MISSING_LIBRARY = """
+import json, sys
+sys.path.insert(0, {tests!r})
+sys.modules[{module!r}] = None      # as on a node without the package
+import conftest
+from guestvault_engine.errors import GuestvaultError
+from guestvault_engine.run.backup import BackupRequest, run_backup
+try:
+    run_backup(BackupRequest(**json.loads(sys.argv[1])))
+except GuestvaultError as exc:
+    print('ERROR', exc)
+"""
+
+
+@pytest.mark.parametrize('module, package', [('nbd', 'python3-libnbd'),
+                                             ('cryptography', 'cryptography')])
+def test_a_missing_library_is_named_and_nothing_is_left(make_guest, tmp_path, config_dir,
+                                                        module, package):
+    path = tmp_path / 'ds'
+    path.mkdir()
+    options = {}
+    if module == 'cryptography':
+        (tmp_path / 'keys').mkdir(mode=0o700)
+        options['encryption_key'] = create_key(str(tmp_path / 'keys' / 'k'), kdf='none')['path']
+    write_storage_cfg(config_dir, path, 'ds', **options)
+    guest = make_guest(disks=[('qcow2', 8 * MiB)])
+    request = dict(vmid=guest.vmid, qmp_socket=guest.qmp_socket, storage='ds',
+                   config_dir=config_dir)
+    script = MISSING_LIBRARY.format(tests=os.path.join(os.path.dirname(__file__), '..'),
+                                    module=module)
+    proc = subprocess.run([sys.executable, '-c', script, json.dumps(request)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert 'ERROR' in proc.stdout and package in proc.stdout, (proc.stdout, proc.stderr)
+    assert backups_in(str(path), guest.vmid) == [] and hidden_in(str(path), guest.vmid) == []
+    assert not guest.execute('query-block-jobs') and not guest.execute('query-block-exports')
+    bitmaps = [b for node in guest.execute('query-named-block-nodes', flat=True)
+               for b in node.get('dirty-bitmaps', [])]
+    assert bitmaps == []

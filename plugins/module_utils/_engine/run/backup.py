@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 
 from ..errors import BackupFailed, ConfigError, GuestvaultError, HookFailed
 from ..guest.capture import DiskJob, PushCapture
+from ..guest.nbd import require_libnbd
 from ..guest.pull import PullCapture
 from ..guest.consistency import StopMode, snapshot_mode, suspend_mode
 from ..guest.disks import discover_disks, require_idle, select_disks
@@ -160,6 +161,13 @@ def prepare_backup(request, qmp, options=None, guest=None):
         check_protected_room(request.config_dir, storage, guest.vmid)
     plan = Plan(request, options, guest, storage, format=format_of(storage), disks=[],
                 notes=notes, hook=hook)
+    if plan.format.capture == 'pull':
+        require_libnbd(f"a backup into {storage.label}")  # before anything changes
+        if options['compress'] != '0':
+            options['format_warning'] = (
+                f"compress {options['compress']} has no effect on {storage.label}: a datastore "
+                "stores every chunk zstd-compressed when that makes it smaller, as Proxmox "
+                "Backup Server does")
     _select(plan, qmp)  # unknown disk ids fail here, before any lock is taken
     return plan
 
@@ -303,7 +311,8 @@ def _plan_result(plan):
                    'virtual_size': x.virtual_size,
                    'level': 'inc' if d.level == 'inc' and x.supports_bitmaps else 'full'}
                   for x in plan.disks],
-        'warnings': [w for w in (plan.options['inert'],) if w] + list(plan.warnings)
+        'warnings': [w for w in (plan.options['inert'], plan.options.get('format_warning')) if w]
+        + list(plan.warnings)
         + list(d.warnings),
         'notes': plan.notes, 'protected': bool(plan.options['protected']),
     }
