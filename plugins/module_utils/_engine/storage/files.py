@@ -121,7 +121,6 @@ def _libc():
     return _LIBC
 
 
-
 def sync_filesystem(path):
     """Make everything written to the file system holding ``path`` durable: ``syncfs(2)`` on a
     descriptor of ``path`` (one flush instead of an fsync per file), else ``os.sync()``."""

@@ -215,4 +215,3 @@ def write_disk_index(source, index_path, chunks, *, crypt=None, previous=None, w
     csum = writer.close(durable=True)
     return dict(stats, size=size, chunks=count, csum=csum.hex(), incremental=incremental,
                 duration=round(time.monotonic() - started, 3))
-

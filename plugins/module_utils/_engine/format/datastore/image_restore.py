@@ -177,4 +177,3 @@ def restore_disk_image(index, chunks, target_path, target_format='raw', *, crypt
         _remove(staging)
     return dict(stats, size=index.size, chunks=index.count, target_format=target_format,
                 method=method, duration=round(time.monotonic() - started, 3))
-
