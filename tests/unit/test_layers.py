@@ -28,11 +28,12 @@ def imported_layers(path):
             if node.level == 0:
                 assert not (node.module or '').startswith('ansible'), f"{path}: imports Ansible"
                 continue
-            if node.level == 1 and here is not None:
-                found.add(here)
-                continue
-            target = (node.module or '').split('.')[0] or node.names[0].name
-            found.add(target)
+            # resolve the import against the file's package (format/datastore/x.py: '..' is
+            # format, '...' the engine)
+            package = list(path.relative_to(ENGINE).parts[:-1])
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            names = base + [part for part in (node.module or '').split('.') if part]
+            found.add(names[0] if names else node.names[0].name)
         elif isinstance(node, ast.Import):
             assert not any(a.name.startswith('ansible') for a in node.names), path
     return found
