@@ -12,8 +12,8 @@ from guestvault_engine.format import qemu_img
 from guestvault_engine.format.datastore import chunk_store, fixed_index, gc, key_file
 from guestvault_engine.format.datastore import backup_writer
 from guestvault_engine.format.datastore.backup_writer import write_disk_index
-from guestvault_engine.format.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
-                                                             ENCRYPTED_COMPRESSED_BLOB_MAGIC)
+from guestvault_engine.format.datastore.file_formats import (
+    ENCRYPTED_BLOB_MAGIC, ENCRYPTED_COMPRESSED_BLOB_MAGIC)
 from guestvault_engine.format.datastore.image_restore import restore_disk_image
 from guestvault_engine.format.datastore.sources import RawFileSource
 from guestvault_engine.format.datastore.verify import verify_disk_index

@@ -28,12 +28,12 @@ def imported_layers(path):
             if node.level == 0:
                 assert not (node.module or '').startswith('ansible'), f"{path}: imports Ansible"
                 continue
-            # Resolve the import against the file's package: a file in format/datastore/ reaches
-            # its own layer with one or two dots, the engine's root with three.
+            # resolve the import against the file's package (format/datastore/x.py: '..' is
+            # format, '...' the engine)
             package = list(path.relative_to(ENGINE).parts[:-1])
             base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
-            resolved = base + (node.module.split('.') if node.module else [])
-            found.add(resolved[0] if resolved else node.names[0].name)
+            names = base + [part for part in (node.module or '').split('.') if part]
+            found.add(names[0] if names else node.names[0].name)
         elif isinstance(node, ast.Import):
             assert not any(a.name.startswith('ansible') for a in node.names), path
     return found
