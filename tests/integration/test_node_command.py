@@ -29,7 +29,8 @@ def node(make_guest, config_dir, store, tmp_path):
         register(config_dir, vmid, guest.qmp_socket, pool='web')
     register(config_dir, 303, str(tmp_path / 'nobody.sock'))   # registered, but not running
     state_dir = tmp_path / 'state'
-    env = dict(os.environ, GUESTVAULT_STATE_DIR=str(state_dir))
+    env = dict(os.environ, GUESTVAULT_STATE_DIR=str(state_dir),
+               GUESTVAULT_FLEECING_DIR=str(tmp_path / 'fleecing'))
 
     def dump(*args):
         # The command runs hooks and qemu-img: a timeout ends them too.
@@ -149,3 +150,26 @@ def test_the_launcher_finds_the_checkout_an_archive_or_the_override(tmp_path):
     os.unlink(archive)
     where, stderr, status = engine_loaded_by(elsewhere)
     assert status == 2 and 'engine is not installed' in stderr and archive in stderr
+
+
+def test_the_node_command_backs_up_into_a_datastore_and_prunes_it(node, config_dir, tmp_path):
+    guests, dump, _state = node
+    datastore = tmp_path / 'datastore'
+    datastore.mkdir()
+    with open(os.path.join(config_dir, 'storage.cfg'), 'a') as handle:
+        handle.write(f"datastore: ds\n\tpath {datastore}\n")
+    for round_number in range(2):
+        for vmid, guest in guests.items():
+            guest.write('vd0', 0x10 + round_number, round_number * MiB, MiB)
+        proc = dump('--pool', 'web', '--storage', 'ds', '--prune-backups', 'keep-last=1')
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not os.listdir(tmp_path / 'fleecing')
+    from guestvault_engine.run.restore import RestoreRequest, run_restore
+    for vmid, guest in guests.items():
+        snapshots = [n for n in os.listdir(datastore / 'vm' / str(vmid)) if n[0].isdigit()]
+        assert len(snapshots) == 1                           # pruned after the backup
+        out = run_restore(RestoreRequest(vmid=vmid, storage='ds', config_dir=config_dir,
+                                         target_dir=str(tmp_path / f'r{vmid}')))
+        ok, text = same_content(guest.snapshot_disk(0, str(tmp_path / f'{vmid}.qcow2')),
+                                out['disks'][0]['target'])
+        assert ok, text
