@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 
-from ...errors import ConfigError, CorruptData, GuestvaultError, StorageError
+from ...errors import BackupFailed, ConfigError, CorruptData, GuestvaultError, StorageError
 from ...times import format_time
 from ...version import TOOL_VERSION
 from ..qemu_img import create_qcow2
@@ -137,10 +137,25 @@ class Datastore(Format):
                 workers=max_workers or self.workers, bwlimit=bwlimit_kib,
                 progress=disk_progress, what=f"{os.path.basename(staged.final_path)} {disk_id}")
             done_before += sources[disk_id].size
+            self._check_chunks_present(staged.file(index_name(disk_id)), disk_id)
         # A sync=none job that ended no longer holds the point in time: what was read may be
         # newer than it, so such a backup is not kept.
         capture.check_jobs()
         return stats
+
+    def _check_chunks_present(self, index_path, disk_id):
+        """Every chunk the new index names is in the store. A garbage collection in another
+        process may sweep a chunk in the instant between this backup finding it stored and
+        touching it (PBS closes that window with a lock inside one process); one stat per
+        distinct chunk makes sure no snapshot is kept that names a chunk that is gone."""
+        index = read_fixed_index(index_path)
+        digests = {index.digests[i:i + 32] for i in range(0, len(index.digests), 32)}
+        gone = [d for d in digests if not self.chunks.contains(d)]
+        if gone:
+            raise BackupFailed(
+                f"{disk_id}: {len(gone)} chunk(s) this backup found stored were removed by a "
+                f"garbage collection running at the same time (first {gone[0].hex()}); nothing "
+                "was kept: run the backup again")
 
     def finish_disks(self, staged, disks, targets, processed, bitmaps):
         entries = []
