@@ -11,8 +11,10 @@ TARBALL := $(BUILD)/guestvault-backup-$(VERSION).tar.gz
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_NOCOLOR := 1
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils python3-venv git shellcheck zstd ovmf systemd openssh-server e2fsprogs python3-libnbd
+# Only the benchmarks need these (bench/datastore_bench.py compares with borg).
+BENCH_PACKAGES := borgbackup
 
-.PHONY: demo test deps venv collection unit integration sanity molecule bench clean
+.PHONY: demo test deps bench-deps install-packages venv collection unit integration sanity molecule bench clean
 
 demo: deps venv collection
 	$(VENV)/bin/ansible-playbook -i playbooks/inventory/localhost.yml playbooks/demo.yml
@@ -20,7 +22,13 @@ demo: deps venv collection
 test: deps venv collection unit integration molecule sanity
 
 deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	@$(MAKE) --no-print-directory install-packages PACKAGES="$(SYSTEM_PACKAGES)"
+
+bench-deps:
+	@$(MAKE) --no-print-directory install-packages PACKAGES="$(SYSTEM_PACKAGES) $(BENCH_PACKAGES)"
+
+install-packages:
+	@missing=""; for p in $(PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -66,9 +74,10 @@ molecule: venv collection
 sanity: venv
 	VENV=$(VENV) tests/sanity/run-sanity.sh
 
-bench: deps venv
+bench: bench-deps venv
 	$(PY) bench/prune_bench.py
 	$(PY) bench/backup_bench.py
+	$(PY) bench/datastore_bench.py
 
 clean:
 	rm -rf $(BUILD) tests/output
