@@ -73,7 +73,10 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
         for time_id in sorted(removed):
             storage.remove(by_time[time_id])
             log(f"removed {by_time[time_id].id}")
-        freed = before - _guest_bytes(storage, storage.backups(vmid))
+        # Sizes of what is kept, read again (a fold changes them), without listing the guest
+        # again: with thousands of snapshots that listing is what a prune would spend most on.
+        kept = [b for t, b in by_time.items() if t not in removed]
+        freed = before - _guest_bytes(storage, kept)
         return report, fold_report, freed
 
 

@@ -93,8 +93,11 @@ def _remove(path):
 
 
 def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0, progress=None,
-                what='drive-virtio0'):
-    """Write the image of ``index`` into a new sparse raw file; the counts of what was done."""
+                what='drive-virtio0', staging=False):
+    """Write the image of ``index`` into a new sparse raw file; the counts of what was done.
+
+    ``staging``: the file is only read once by ``qemu-img convert`` (which finds zero blocks
+    itself) and then removed, so whole chunks are written and nothing is fsynced."""
     zeros = zero_digests(index, crypt)
     stats = {'read_chunks': 0, 'read_bytes': 0, 'zero_chunks': 0}
     lock = threading.Lock()
@@ -118,7 +121,10 @@ def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0,
             _position, offset, length, digest = item
             data = load_chunk(chunks, digest, crypt, chunk_name(what, offset, digest), length)
             limiter.take(length)
-            write_sparse(fd, data, offset)
+            if staging:
+                _pwrite_all(fd, data, offset)
+            else:
+                write_sparse(fd, data, offset)
             with lock:
                 stats['read_chunks'] += 1
                 stats['read_bytes'] += length
@@ -127,7 +133,8 @@ def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0,
                     progress(done[0], index.size)
 
         run_parallel(todo, workers, work)
-        os.fsync(fd)
+        if not staging:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return stats
@@ -156,7 +163,7 @@ def restore_disk_image(index, chunks, target_path, target_format='raw', *, crypt
             stats = restore_raw(index, chunks, target_path, **options)
             method = 'sparse-raw'
         else:
-            stats = restore_raw(index, chunks, staging, **options)
+            stats = restore_raw(index, chunks, staging, staging=True, **options)
             _remove(target_path)
             qemu_img.convert_raw(staging, target_path, 'qcow2')
             fd = os.open(target_path, os.O_RDONLY)
