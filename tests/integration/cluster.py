@@ -43,7 +43,7 @@ def unavailable():
             ['unshare', '--mount', '--uts', '--propagation', 'private', 'sh', '-c',
              f'mount -t overlay overlay -o lowerdir=/etc,upperdir={probe}/upper,'
              f'workdir={probe}/work /etc && hostname gvprobe'],
-            capture_output=True, text=True, check=False, timeout=20)
+            capture_output=True, text=True, check=False, timeout=300)
         if proc.returncode != 0:
             return f'unshare --mount --uts with overlayfs over /etc fails: {proc.stderr.strip()}'
     finally:
@@ -169,7 +169,7 @@ Subsystem sftp internal-sftp
             f'hostname {self.name}; '
             f'exec {SSHD} -f {self.config} -E {self.log}')
         proc = subprocess.run(['unshare', '--mount', '--uts', '--propagation', 'private',
-                               'sh', '-c', script], capture_output=True, text=True, timeout=30,
+                               'sh', '-c', script], capture_output=True, text=True, timeout=300,
                               check=False)
         if proc.returncode != 0:
             raise RuntimeError(f'{self.name}: sshd did not start: {proc.stderr}')
@@ -284,7 +284,7 @@ pipelining = True
             for sock in os.listdir(self.control_path_dir):
                 path = os.path.join(self.control_path_dir, sock)
                 subprocess.run(['ssh', '-o', f'ControlPath={path}', '-O', 'exit', 'localhost'],
-                               capture_output=True, timeout=10,
+                               capture_output=True, timeout=300,
                                check=False)
         errors = []
         for node in self.nodes:

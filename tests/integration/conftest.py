@@ -60,7 +60,7 @@ def linux_guest(image, tmp_path):
         options.setdefault('vmid', 9101 + len(started))
         guest = LinuxGuest(str(tmp_path / f'linux{len(started)}'), image, **options)
         started.append(guest)
-        return guest.start().wait_ready(120)
+        return guest.start().wait_ready(300)
 
     yield start
     for guest in started:

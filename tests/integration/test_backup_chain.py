@@ -234,7 +234,7 @@ run_backup(BackupRequest(vmid={guest.vmid}, qmp_socket={guest.qmp_socket!r}, dum
     assert jobs[0]['speed'] == 512 * 1024   # bwlimit (KiB/s) reached QEMU's job
     assert hidden_in(store, guest.vmid)       # it is writing into a hidden .tmp directory
     os.kill(proc.pid, sig)
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=300)
     return jobs
 
 

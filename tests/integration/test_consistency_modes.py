@@ -28,7 +28,7 @@ def agent_guest(image, tmp_path_factory):
     runs last: it leaves the agent stopped)."""
     guest = LinuxGuest(str(tmp_path_factory.mktemp('agent-guest')), image, vmid=9201).start()
     try:
-        yield guest.wait_ready(120)
+        yield guest.wait_ready(300)
     finally:
         guest.stop()
 
@@ -49,7 +49,7 @@ class Run:
         return '\n'.join(self.lines)
 
 
-def written_files(guest, at_least, timeout=60):
+def written_files(guest, at_least, timeout=300):
     """The live journal once the workload has finished ``at_least`` files."""
     deadline = time.monotonic() + timeout
     while True:
@@ -227,8 +227,8 @@ def test_stop_shuts_down_through_the_agent_backs_up_the_stopped_disk_and_restart
     assert f"down for {downtime:.3f} s" in run.log
     # Running again right after the point in time: it boots again while the copy runs.
     assert guest.status() == 'running'
-    guest.wait_console('GUESTVAULT-POWEROFF', timeout=5)
-    _wait_for_second(guest, 'GUESTVAULT-READY', timeout=120)
+    guest.wait_console('GUESTVAULT-POWEROFF', timeout=60)
+    _wait_for_second(guest, 'GUESTVAULT-READY', timeout=300)
     disk = restored(store, config_dir, 9203, tmp_path / 'restored')
     report = inspect_ext4(disk, str(tmp_path / 'inspect'), replay=False)
     assert not report.needs_recovery and report.fsck_exit == 0, report.fsck_output   # unmounted
@@ -257,7 +257,7 @@ def test_stop_without_an_agent_uses_acpi_and_a_guest_ignoring_it_is_left_running
                       'acpid -c /etc/acpi -p /run/acpid.pid -l /run/acpid.log'])
     run = Run(guest, store, config_dir, agent=False, mode='stop', stopwait=1)
     assert 'ACPI power button' in run.log, run.log
-    guest.wait_console('GUESTVAULT-POWER-BUTTON', timeout=5)
+    guest.wait_console('GUESTVAULT-POWER-BUTTON', timeout=60)
     report = inspect_ext4(restored(store, config_dir, 9205, tmp_path / 'restored'),
                           str(tmp_path / 'inspect'), replay=False)
     assert not report.needs_recovery and report.fsck_exit == 0 and report.bad_files == []

@@ -276,7 +276,7 @@ def test_a_killed_backup_leaves_nothing_visible_and_the_next_one_clears_up(
         if line.startswith('point in time'):
             break
     proc.kill()
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=300)
     assert hidden_in(datastore, guest.vmid)                       # a hidden snapshot, nothing else
     assert len(backups_in(datastore, guest.vmid)) == 1
     exports = guest.execute('query-block-exports')
@@ -430,7 +430,7 @@ def test_a_missing_library_is_named_and_nothing_is_left(make_guest, tmp_path, co
     script = MISSING_LIBRARY.format(tests=os.path.join(os.path.dirname(__file__), '..'),
                                     module=module)
     proc = subprocess.run([sys.executable, '-c', script, json.dumps(request)],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert 'ERROR' in proc.stdout and package in proc.stdout, (proc.stdout, proc.stderr)
     assert backups_in(str(path), guest.vmid) == [] and hidden_in(str(path), guest.vmid) == []
     assert not guest.execute('query-block-jobs') and not guest.execute('query-block-exports')

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(shutil.which('qemu-system-x86_64') is None,
                                 reason='needs qemu-system-x86_64 (make deps)')
 
 
-def wait_for_entries(guest, count, timeout=60):
+def wait_for_entries(guest, count, timeout=300):
     deadline = time.monotonic() + timeout
     while True:
         journal = guest.journal()

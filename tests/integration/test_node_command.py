@@ -34,7 +34,7 @@ def node(make_guest, config_dir, store, tmp_path):
 
     def dump(*args):
         # The command runs hooks and qemu-img: a timeout ends them too.
-        return run_bounded([sys.executable, COMMAND, '--config-dir', config_dir, *args], 120,
+        return run_bounded([sys.executable, COMMAND, '--config-dir', config_dir, *args], 300,
                            capture_output=True, text=True, env=env)
     return guests, dump, state_dir
 
@@ -111,7 +111,7 @@ def test_progress_shows_on_a_terminal_and_stays_out_of_pipes(node, store, config
             break
         shown += chunk
     os.close(controller)
-    assert proc.wait(timeout=60) == 0, proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
     percents = [int(p) for p in re.findall(rb'\r\s*(\d+)% of 8 MiB', shown)]
     assert len(set(percents)) >= 2 and percents[-1] == 100, shown
     assert percents == sorted(percents), shown

@@ -53,7 +53,7 @@ def start_backup(guest, store, config_dir, env=None, **options):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_job(guest, proc, timeout=60):
+def wait_for_job(guest, proc, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         jobs = guest.execute('query-block-jobs')
@@ -78,7 +78,7 @@ def kill_mid_full(guest, store, config_dir):
     proc = start_backup(guest, store, config_dir, level='full', bwlimit=256)
     jobs = wait_for_job(guest, proc)
     proc.kill()
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=300)
     return jobs
 
 
@@ -136,7 +136,7 @@ def test_a_kill_after_the_rename_before_the_old_bitmap_goes_leaves_a_correct_cha
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=300)
     stored = backups_in(store, guest.vmid)
     assert len(stored) == 2                           # the incremental was complete
     assert len(bitmap_names(guest)) == 2              # the old bitmap was not dropped yet
@@ -194,11 +194,11 @@ def test_the_node_command_cleanup_clears_a_killed_run(make_guest, store, config_
     kill_mid_full(guest, store, config_dir)
     command = [os.path.join(ROOT, 'bin', 'guestvault-dump'), str(guest.vmid), '--dumpdir', store,
                '--config-dir', config_dir, '--cleanup']
-    proc = run_bounded([sys.executable] + command, timeout=120, capture_output=True, text=True)
+    proc = run_bounded([sys.executable] + command, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'cancelling block job' in proc.stdout and 'removed orphan bitmap' in proc.stdout
     assert guest.execute('query-block-jobs') == [] and hidden_in(store, guest.vmid) == []
-    proc = run_bounded([sys.executable] + command, timeout=120, capture_output=True, text=True)
+    proc = run_bounded([sys.executable] + command, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0 and 'nothing left over' in proc.stdout, proc.stdout
 
 

@@ -164,7 +164,7 @@ def test_abort_removes_the_new_bitmap(make_guest, tmp_path):
         capture.sources()['vd0'].dirty_extents()
         capture.check_jobs()
         qmp.cancel_job(capture.jobs['vd0'])   # the job ends behind the capture's back
-        qmp.wait_for_jobs([capture.jobs['vd0']], timeout=30)
+        qmp.wait_for_jobs([capture.jobs['vd0']], timeout=300)
         with pytest.raises(BackupFailed, match='vd0: its job .* has ended'):
             capture.check_jobs()
         capture.abort()

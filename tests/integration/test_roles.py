@@ -205,7 +205,7 @@ def test_a_job_runs_from_the_engine_archive(node, make_guest, store):
     env = {k: v for k, v in os.environ.items() if k != 'GUESTVAULT_ENGINE'}
     env['GUESTVAULT_STATE_DIR'] = os.path.join(node.base, 'state')
     proc = subprocess.run([node.command, '--job', 'now', '--config-dir', node.config_dir],
-                          cwd='/', env=env, capture_output=True, text=True, timeout=120,
+                          cwd='/', env=env, capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len([b for b in os.listdir(os.path.join(node.base, 'backup', 'vm', '9102'))
