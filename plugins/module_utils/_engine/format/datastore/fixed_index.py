@@ -62,6 +62,11 @@ class FixedIndex:
         start = position * DIGEST_SIZE
         return self.digests[start:start + DIGEST_SIZE]
 
+    def distinct_digests(self):
+        """The set of digests the index names (each chunk once, however often it repeats)."""
+        return {self.digests[start:start + DIGEST_SIZE]
+                for start in range(0, len(self.digests), DIGEST_SIZE)}
+
     def __iter__(self):
         """``(position, start offset, length, digest)`` for every chunk, in order."""
         for position in range(self.count):

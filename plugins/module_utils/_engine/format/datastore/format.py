@@ -148,9 +148,8 @@ class Datastore(Format):
         process may sweep a chunk in the instant between this backup finding it stored and
         touching it (PBS closes that window with a lock inside one process); one stat per
         distinct chunk makes sure no snapshot is kept that names a chunk that is gone."""
-        index = read_fixed_index(index_path)
-        digests = {index.digests[i:i + 32] for i in range(0, len(index.digests), 32)}
-        gone = [d for d in digests if not self.chunks.contains(d)]
+        gone = [d for d in read_fixed_index(index_path).distinct_digests()
+                if not self.chunks.contains(d)]
         if gone:
             raise BackupFailed(
                 f"{disk_id}: {len(gone)} chunk(s) this backup found stored were removed by a "
@@ -255,8 +254,7 @@ class Datastore(Format):
                                                  check_csum=False)
                     except (OSError, CorruptData):
                         continue
-                    named = {index.digests[i:i + 32] for i in range(0, len(index.digests), 32)}
-                    for digest in digests & named:
+                    for digest in digests & index.distinct_digests():
                         users.setdefault(digest, [])
                         if record.id not in users[digest]:
                             users[digest].append(record.id)
