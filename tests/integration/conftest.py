@@ -7,6 +7,7 @@ pytest.register_assert_rewrite('ansible_runner')
 
 from ansible_runner import COLLECTIONS, INSTALLED, Ansible, stale_collection_files, write_callback  # noqa: E402
 from labguest import LabGuest  # noqa: E402
+from lab_checks import datastore_directory  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which('qemu-system-x86_64') is None,
                                 reason='needs qemu-system-x86_64 (make deps)')
@@ -72,6 +73,13 @@ def store(tmp_path):
     path = tmp_path / 'store'
     path.mkdir()
     return str(path)
+
+
+@pytest.fixture
+def datastore_path(tmp_path):
+    """An empty directory for a datastore (on a tmpfs where one mounts: see lab_checks)."""
+    with datastore_directory(tmp_path / 'datastore') as path:
+        yield path
 
 
 @pytest.fixture

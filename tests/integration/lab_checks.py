@@ -24,15 +24,37 @@ def hidden_in(store, vmid):
                   if n.startswith('.') and n != '.lock') if os.path.isdir(gdir) else []
 
 
-@contextmanager
-def small_tmpfs(path, size):
-    """A tmpfs of ``size`` mounted on ``path`` (a disk that fills up); skips where mounting fails."""
+def _mount_tmpfs(path, size):
+    """Mount a tmpfs of ``size`` on ``path``: ``None``, or why it could not be mounted."""
     os.makedirs(path, exist_ok=True)
     proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
                           capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    return None if proc.returncode == 0 else proc.stderr.strip()
+
+
+@contextmanager
+def small_tmpfs(path, size):
+    """A tmpfs of ``size`` mounted on ``path`` (a disk that fills up); skips where mounting fails."""
+    error = _mount_tmpfs(path, size)
+    if error:
+        pytest.skip(f"cannot mount a tmpfs here: {error}")
     try:
         yield str(path)
     finally:
         subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+@contextmanager
+def datastore_directory(path):
+    """A directory for a datastore, on a tmpfs of its own where one can be mounted.
+
+    A new datastore is 65536 empty chunk directories, as PBS makes them. On ext4 that writes
+    256 MiB of directory blocks per test and costs seconds of system time (a dozen datastore
+    tests wrote 3.9 GiB and took 4x as long); on a tmpfs nothing of it reaches the disk. Where
+    no tmpfs can be mounted it is a plain directory: the same tests, only slower."""
+    mounted = _mount_tmpfs(path, '4g') is None
+    try:
+        yield str(path)
+    finally:
+        if mounted:
+            subprocess.run(['umount', '-l', str(path)], check=False)

@@ -108,13 +108,12 @@ def test_snapshot_with_the_agent_restores_a_clean_filesystem_with_every_finished
 
 
 def test_a_datastore_backup_with_the_agent_restores_a_clean_filesystem(
-        agent_guest, config_dir, tmp_path, monkeypatch):
+        agent_guest, config_dir, tmp_path, datastore_path, monkeypatch):
     """Pull capture (fleecing + NBD) inside the freeze, on the real guest: the restored disk is
     as clean as from the qcow2 chain, and the guest kept writing while the chunks were read."""
     monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
-    (tmp_path / 'ds').mkdir()
     with open(f"{config_dir}/storage.cfg", 'w') as handle:
-        handle.write(f"datastore: ds\n\tpath {tmp_path / 'ds'}\n")
+        handle.write(f"datastore: ds\n\tpath {datastore_path}\n")
     before = written_files(agent_guest, 5)
     run = Run(agent_guest, None, config_dir, mode='snapshot', storage='ds')
     assert run.result['frozen_filesystems'] >= 1 and 'thawed' in run.log, run.log

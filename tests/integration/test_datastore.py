@@ -5,6 +5,7 @@ compared (qemu-img compare) with what the guest's disk held at the backup's poin
 """
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -44,11 +45,9 @@ def write_storage_cfg(config_dir, path, storage_id='ds1', **options):
 
 
 @pytest.fixture
-def datastore(tmp_path, config_dir):
-    path = tmp_path / 'datastore'
-    path.mkdir()
-    write_storage_cfg(config_dir, path)
-    return str(path)
+def datastore(datastore_path, config_dir):
+    write_storage_cfg(config_dir, datastore_path)
+    return datastore_path
 
 
 def backup(guest, config_dir, storage='ds1', **options):
@@ -220,12 +219,11 @@ def test_verify_finds_a_corrupt_chunk_renames_it_and_the_next_backup_heals_it(
 
 
 def test_an_encrypted_datastore_round_trips_and_a_wrong_key_is_named(
-        make_guest, tmp_path, config_dir):
+        make_guest, tmp_path, config_dir, datastore_path):
     (tmp_path / 'keys').mkdir(mode=0o700)
     key = create_key(str(tmp_path / 'keys' / 'ds.key'), kdf='none')
     other = create_key(str(tmp_path / 'keys' / 'other.key'), kdf='none')
-    path = tmp_path / 'enc'
-    path.mkdir()
+    path = pathlib.Path(datastore_path)
     write_storage_cfg(config_dir, path, 'enc', encryption_key=key['path'])
     guest = make_guest(disks=[('qcow2', 16 * MiB)])
     guest.write('vd0', 0x81, 0, 8 * MiB)
@@ -373,13 +371,12 @@ def test_verify_and_restore_name_the_snapshot_the_disk_and_the_offset(
 
 
 def test_a_scrypt_key_with_a_passphrase_file_and_the_key_never_in_the_store(
-        make_guest, tmp_path, config_dir):
+        make_guest, tmp_path, config_dir, datastore_path):
     keys = tmp_path / 'keys'
     keys.mkdir(mode=0o700)
     (keys / 'pass').write_text('correct horse battery\n')
     key = create_key(str(keys / 'ds.key'), passphrase_file=str(keys / 'pass'))
-    path = tmp_path / 'enc'
-    path.mkdir()
+    path = pathlib.Path(datastore_path)
     write_storage_cfg(config_dir, path, 'enc', encryption_key=key['path'],
                       encryption_passphrase_file=str(keys / 'pass'))
     guest = make_guest(disks=[('qcow2', 8 * MiB)])
@@ -416,9 +413,8 @@ except GuestvaultError as exc:
 @pytest.mark.parametrize('module, package', [('nbd', 'python3-libnbd'),
                                              ('cryptography', 'cryptography')])
 def test_a_missing_library_is_named_and_nothing_is_left(make_guest, tmp_path, config_dir,
-                                                        module, package):
-    path = tmp_path / 'ds'
-    path.mkdir()
+                                                        datastore_path, module, package):
+    path = pathlib.Path(datastore_path)
     options = {}
     if module == 'cryptography':
         (tmp_path / 'keys').mkdir(mode=0o700)

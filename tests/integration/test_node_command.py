@@ -1,6 +1,7 @@
 """guestvault-dump, the node command that scheduled jobs run, on real guests."""
 import json
 import os
+import pathlib
 import pty
 import re
 import subprocess
@@ -152,10 +153,10 @@ def test_the_launcher_finds_the_checkout_an_archive_or_the_override(tmp_path):
     assert status == 2 and 'engine is not installed' in stderr and archive in stderr
 
 
-def test_the_node_command_backs_up_into_a_datastore_and_prunes_it(node, config_dir, tmp_path):
+def test_the_node_command_backs_up_into_a_datastore_and_prunes_it(node, config_dir, tmp_path,
+                                                                  datastore_path):
     guests, dump, _state = node
-    datastore = tmp_path / 'datastore'
-    datastore.mkdir()
+    datastore = pathlib.Path(datastore_path)
     with open(os.path.join(config_dir, 'storage.cfg'), 'a') as handle:
         handle.write(f"datastore: ds\n\tpath {datastore}\n")
     for round_number in range(2):
