@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Pull capture read benchmark: one lab guest, a 1 GiB disk full of random data, a pull capture
 (guest/pull.py), and the export read over NBD (guest/nbd.py) by 1 and by 2 threads, each
-reading 4 MiB at a time and hashing it (sha256), as the datastore's pipeline does.
+reading 4 MiB at a time into a reused buffer and hashing it (sha256), as the datastore's pipeline
+does.
 
-A benchmark, not a test: it prints the transaction's time and MiB/s for each thread count
-(median of --repeat rounds). Whether libnbd's Python binding releases the GIL shows in the
-ratio: two threads faster than one only if it does (hashlib releases it too).
+A benchmark, not a test: it prints the transaction's time and MiB/s for each thread count and
+for each size of the NBD requests a 4 MiB chunk is split into (``nbd.READ_PIECE``; median of
+--repeat rounds), with QEMU's CPU seconds per GiB served. Whether libnbd's Python binding
+releases the GIL shows in the ratio of the thread counts: two threads faster than one only if it
+does (hashlib releases it too).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from engine_loader import load_engine  # noqa: E402
 from labguest import LabGuest  # noqa: E402
 
 load_engine()
+from guestvault_engine.guest import nbd as engine_nbd  # noqa: E402
 from guestvault_engine.guest.capture import DiskJob  # noqa: E402
 from guestvault_engine.guest.disks import discover_disks  # noqa: E402
 from guestvault_engine.guest.pull import PullCapture  # noqa: E402
@@ -41,11 +45,13 @@ def read_all(source, threads, digest=True):
     parts = [offsets[i::threads] for i in range(threads)]
 
     def work(mine):
+        buffer = bytearray(CHUNK)
         with source.reader() as reader:
             for offset in mine:
-                data = reader.pread(min(CHUNK, source.size - offset), offset)
+                view = memoryview(buffer)[:min(CHUNK, source.size - offset)]
+                reader.pread_into(view, offset)
                 if digest:
-                    hashlib.sha256(data).digest()
+                    hashlib.sha256(view).digest()
 
     started = time.monotonic()
     workers = [threading.Thread(target=work, args=(p,)) for p in parts]
@@ -56,11 +62,20 @@ def read_all(source, threads, digest=True):
     return source.size / MiB / (time.monotonic() - started)
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of process ``pid`` so far."""
+    with open(f'/proc/{pid}/stat') as handle:
+        fields = handle.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--size', type=int, default=1024, help='disk size in MiB')
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--no-hash', action='store_true', help='read only, no sha256')
+    parser.add_argument('--pieces', default='1,2,4',
+                        help='NBD request sizes (MiB) to split each 4 MiB chunk into')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix='gv-pull-bench-') as work:
         guest = LabGuest(os.path.join(work, 'guest'), disks=[('qcow2', f'{args.size}M')],
@@ -80,16 +95,29 @@ def main():
                 capture.open_targets()
                 capture.start()
                 source = capture.sources()['vd0']
-                rates = {1: [], 2: []}
+                pieces = [int(p) for p in args.pieces.split(',')]
+                rates = {(p, t): [] for p in pieces for t in (1, 2)}
+                qemu_cpu = {p: [] for p in pieces}
+                qemu_pid = int(open(os.path.join(guest.workdir, 'qemu.pid')).read())
                 for _round in range(args.repeat):
-                    for threads in (1, 2):
-                        rates[threads].append(read_all(source, threads, not args.no_hash))
+                    for piece in pieces:
+                        engine_nbd.READ_PIECE = piece * MiB
+                        for threads in (1, 2):
+                            before = cpu_seconds(qemu_pid)
+                            rates[piece, threads].append(
+                                read_all(source, threads, not args.no_hash))
+                            qemu_cpu[piece].append((cpu_seconds(qemu_pid) - before)
+                                                   / (args.size / 1024))
                 capture.abort()
-            one, two = (statistics.median(rates[t]) for t in (1, 2))
             print(f"transaction (1 disk): {capture.transaction_seconds * 1000:.1f} ms")
             what = 'NBD read' if args.no_hash else 'NBD read + sha256'
-            print(f"{what} of {args.size} MiB: 1 thread {one:.0f} MiB/s, 2 threads "
-                  f"{two:.0f} MiB/s (x{two / one:.2f}); rounds: {rates}")
+            base = statistics.median(rates[pieces[0], 2])
+            for piece in pieces:
+                one, two = (statistics.median(rates[piece, t]) for t in (1, 2))
+                print(f"{what} of {args.size} MiB in {piece} MiB requests: 1 thread "
+                      f"{one:.0f} MiB/s, 2 threads {two:.0f} MiB/s (x{two / one:.2f} for the "
+                      f"second thread; x{two / base:.2f} of {pieces[0]} MiB requests); QEMU "
+                      f"{statistics.median(qemu_cpu[piece]):.2f} CPU s/GiB")
         finally:
             guest.stop()
     return 0
