@@ -9,8 +9,10 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import mmap
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -43,8 +45,7 @@ def write_file_hidden(path, data, durable=True, mode=0o666, exclusive=False):
     file before the rename and the directory after it. ``exclusive`` never replaces: the file is
     linked into place and ``FileExistsError`` is raised when ``path`` already exists.
     """
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    folder, tmp = _hidden_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_CLOEXEC', 0), mode)
     try:
         with os.fdopen(fd, 'wb') as handle:
@@ -64,6 +65,82 @@ def write_file_hidden(path, data, durable=True, mode=0o666, exclusive=False):
         raise
     if durable:
         fsync_path(folder or '.')
+
+
+def _hidden_name(path):
+    folder, name = os.path.split(path)
+    return folder, os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+
+
+# O_DIRECT wants the memory, the length and the file offset aligned to the device's logical block
+# (512 or 4096 bytes); the page size satisfies both.
+DIRECT_ALIGNMENT = mmap.PAGESIZE
+
+
+class DirectFileWriter:
+    """Writes whole new files with ``O_DIRECT``, as ``write_file_hidden`` does otherwise.
+
+    The data goes to the disk without passing through the page cache. For a backup's chunks that
+    costs far less CPU (on this kind of VM, filling page cache whose memory went back to the host
+    costs ~2 s/GiB of kernel time), leaves the host's cache to its guests, and leaves a later
+    ``sync_filesystem`` only metadata to flush. ``O_DIRECT`` needs aligned memory and lengths:
+    each thread copies the data into a page-aligned scratch buffer of its own, the file is
+    written padded to the alignment, then truncated to its length. Where the file system refuses
+    ``O_DIRECT`` (tmpfs, some FUSE file systems) every later file goes through the page cache.
+    """
+
+    def __init__(self):
+        self.direct = hasattr(os, 'O_DIRECT')
+        self._local = threading.local()
+
+    def _scratch(self, size):
+        scratch = getattr(self._local, 'scratch', None)
+        if scratch is None or len(scratch) < size:
+            scratch = self._local.scratch = mmap.mmap(-1, size)
+        return scratch
+
+    def write_hidden(self, path, data, durable=True, mode=0o666):
+        if not self.direct:
+            write_file_hidden(path, data, durable=durable, mode=mode)
+            return
+        length = len(data)
+        padded = -(-length // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        scratch = self._scratch(max(padded, DIRECT_ALIGNMENT))
+        scratch[:length] = data
+        scratch[length:padded] = bytes(padded - length)
+        folder, tmp = _hidden_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT
+                         | getattr(os, 'O_CLOEXEC', 0), mode)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct = False          # this file system has no O_DIRECT
+            write_file_hidden(path, data, durable=durable, mode=mode)
+            return
+        try:
+            try:
+                written = os.write(fd, memoryview(scratch)[:padded]) if padded else 0
+                if written != padded:    # O_DIRECT writes all or fails, but at ENOSPC
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.ftruncate(fd, length)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            if not (isinstance(exc, OSError) and exc.errno == errno.EINVAL):
+                raise
+            self.direct = False          # a block larger than the alignment, say
+            write_file_hidden(path, data, durable=durable, mode=mode)
+            return
+        if durable:
+            fsync_path(folder or '.')
 
 
 def _link_exclusive(tmp, path):

@@ -25,7 +25,7 @@ import re
 import stat
 
 from ...errors import CorruptData, StorageError
-from ...storage.files import fsync_path, touch_atime, write_file_hidden
+from ...storage.files import DirectFileWriter, fsync_path, touch_atime, write_file_hidden
 from .blob import blob_kind, encode_chunk
 from .file_formats import (COMPRESSED_BLOB_MAGIC, DEFAULT_CHUNK_SIZE, DIGEST_SIZE,
                            ENCRYPTED_BLOB_MAGIC, UNCOMPRESSED_BLOB_MAGIC)
@@ -78,6 +78,8 @@ class ChunkStore:
     def __init__(self, base):
         self.base = os.fspath(base)
         self.chunk_dir = os.path.join(self.base, CHUNK_DIR)
+        # chunks are written once and read back rarely (restore, verify): past the page cache
+        self._files = DirectFileWriter()
 
     def __repr__(self):
         return f"ChunkStore({self.base!r})"
@@ -148,11 +150,11 @@ class ChunkStore:
                 return True, old.st_size
         try:
             try:
-                write_file_hidden(path, blob, durable=durable)
+                self._files.write_hidden(path, blob, durable=durable)
             except FileNotFoundError:
                 # a prefix directory removed by hand (or a store created without them)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                write_file_hidden(path, blob, durable=durable)
+                self._files.write_hidden(path, blob, durable=durable)
         except OSError as exc:
             raise StorageError(f"cannot store chunk {digest_hex(digest)} in {self.chunk_dir}: "
                                f"{exc.strerror or exc}") from None
