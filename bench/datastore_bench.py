@@ -640,6 +640,14 @@ def report(args, setup, samples):
 
     sec = 'dedup'
     ded = samples['dedup']
+    if ded is None:
+        record(sec, 'skipped (--skip dedup)', 'not measured')
+    else:
+        dedup_report(args, samples, sec, ded)
+    scale_report(args, setup, samples)
+
+
+def dedup_report(args, samples, sec, ded):
     record(sec, 'clones', f"2 guests from one base image, each {fmt_bytes(samples['dedup_written'])} "
            f"of random data written in {fmt_bytes(args.dedup_unit)} units "
            f"({args.dedup_change:.0%} of {fmt_bytes(args.data_size)})")
@@ -664,6 +672,8 @@ def report(args, setup, samples):
                f"{fmt_bytes(zstd['size'])}, {zstd['seconds']:.2f} s; size vs the datastore's",
                zstd['size'] / ded['both_bytes'])
 
+
+def scale_report(args, setup, samples):
     sec = 'scale'
     gc = samples['gc']
     record(sec, f"find .chunks -type f | wc -l ({args.gc_chunks} chunks)", f"{gc['find']:.2f} s")
@@ -825,11 +835,6 @@ def bench(args, loop, discard):
         info['read 256M'] = (f"{samples['read_256']:.3f} s: dd bs=4M count=64 of the qcow2 image "
                              "from page cache (median of 3)")
         setup = {'info': info, 'image_allocated': image_size}
-        if samples['dedup'] is None:
-            samples['dedup'] = {'one': {'wall': 0}, 'two': {'wall': 0}, 'one_bytes': 1,
-                                'one_chunks': 0, 'both_bytes': 1, 'both_chunks': 0}
-            samples['dedup_written'] = 0
-            samples['borg'] = samples['zstd'] = None
         report(args, setup, samples)
         if args.json:
             with open(args.json, 'w') as handle:

@@ -25,7 +25,7 @@ import re
 import stat
 
 from ...errors import CorruptData, StorageError
-from ...storage.files import DirectFileWriter, fsync_path, touch_atime, write_file_hidden
+from ...storage.files import DirectFiles, fsync_path, touch_atime, write_file_hidden
 from .blob import blob_kind, encode_chunk
 from .file_formats import (COMPRESSED_BLOB_MAGIC, DEFAULT_CHUNK_SIZE, DIGEST_SIZE,
                            ENCRYPTED_BLOB_MAGIC, UNCOMPRESSED_BLOB_MAGIC)
@@ -79,7 +79,7 @@ class ChunkStore:
         self.base = os.fspath(base)
         self.chunk_dir = os.path.join(self.base, CHUNK_DIR)
         # chunks are written once and read back rarely (restore, verify): past the page cache
-        self._files = DirectFileWriter()
+        self._files = DirectFiles()
 
     def __repr__(self):
         return f"ChunkStore({self.base!r})"
@@ -123,10 +123,13 @@ class ChunkStore:
 
     def read(self, digest):
         """The raw blob of a chunk; ``CorruptData`` when it is missing (an index names it)."""
-        path = self.chunk_path(digest)
+        return bytes(self.read_view(digest))
+
+    def read_view(self, digest):
+        """``read`` without a copy: a view valid until this thread's next ``read_view`` (restore
+        and verify decode it at once)."""
         try:
-            with open(path, 'rb') as handle:
-                return handle.read()
+            return self._files.read_view(self.chunk_path(digest))
         except FileNotFoundError:
             raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.chunk_dir}") \
                 from None

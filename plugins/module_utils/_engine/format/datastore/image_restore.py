@@ -23,6 +23,7 @@ import threading
 import time
 
 from ...errors import CorruptData, StorageError
+from ...storage.files import DirectFiles
 from .. import qemu_img
 from .blob import decode_blob
 from .crypt import chunk_digest
@@ -45,7 +46,7 @@ def load_chunk(chunks, digest, crypt, name, size):
     """The checked data of one chunk; ``CorruptData`` naming ``name`` when it is missing or
     damaged, ``EncryptionKeyError`` when it cannot be decrypted."""
     try:
-        raw = chunks.read(digest)
+        raw = chunks.read_view(digest)
     except CorruptData:
         raise CorruptData(f"{name} is missing from {chunks.chunk_dir}") from None
     except OSError as exc:
@@ -65,10 +66,13 @@ SPARSE_BLOCK = 4096
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 
 
-def write_sparse(fd, data, offset):
+def write_sparse(fd, data, offset, write=None):
     """``pwrite`` the runs of ``data`` (bytes) that are not all-zero 4 KiB blocks, so a restored
     image stays thin inside a chunk too (as ``qemu-img convert -S 4k``); the target must read as
-    zeroes where nothing is written."""
+    zeroes where nothing is written. ``write(fd, data, offset)`` does each write (runs start on a
+    4 KiB boundary of ``offset``)."""
+    if write is None:
+        write = _pwrite_all
     length = len(data)
     view = memoryview(data)
     start = None
@@ -77,12 +81,12 @@ def write_sparse(fd, data, offset):
                 else not data[block:].strip(b'\0'))
         if zero:
             if start is not None:
-                _pwrite_all(fd, view[start:block], offset + start)
+                write(fd, view[start:block], offset + start)
                 start = None
         elif start is None:
             start = block
     if start is not None:
-        _pwrite_all(fd, view[start:], offset + start)
+        write(fd, view[start:], offset + start)
 
 
 def _remove(path):
@@ -110,8 +114,14 @@ def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0,
             done[0] += length
         else:
             todo.append((position, offset, length, digest))
-    fd = os.open(target_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0),
-                 0o600)
+    # A restored image (or the staging file qemu-img convert reads once) is written past the page
+    # cache: filling it would cost CPU and push out what the host caches
+    files = DirectFiles()
+    fd, direct = files.open_for_writing(target_path, os.O_CREAT | os.O_TRUNC)
+
+    def write(fd, data, offset):
+        files.pwrite(fd, data, offset, direct)
+
     try:
         os.ftruncate(fd, index.size)
         if progress is not None:
@@ -122,9 +132,9 @@ def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0,
             data = load_chunk(chunks, digest, crypt, chunk_name(what, offset, digest), length)
             limiter.take(length)
             if staging:
-                _pwrite_all(fd, data, offset)
+                write(fd, data, offset)
             else:
-                write_sparse(fd, data, offset)
+                write_sparse(fd, data, offset, write)
             with lock:
                 stats['read_chunks'] += 1
                 stats['read_bytes'] += length
@@ -133,10 +143,14 @@ def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0,
                     progress(done[0], index.size)
 
         run_parallel(todo, workers, work)
+        if direct:
+            os.ftruncate(fd, index.size)     # the last chunk's padding
         if not staging:
             os.fsync(fd)
     finally:
         os.close(fd)
+    if staging:
+        stats['direct'] = direct
     return stats
 
 
@@ -165,7 +179,7 @@ def restore_disk_image(index, chunks, target_path, target_format='raw', *, crypt
         else:
             stats = restore_raw(index, chunks, staging, staging=True, **options)
             _remove(target_path)
-            qemu_img.convert_raw(staging, target_path, 'qcow2')
+            qemu_img.convert_raw(staging, target_path, 'qcow2', direct=stats.pop('direct'))
             fd = os.open(target_path, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -27,7 +27,7 @@ from .workers import run_parallel
 def _check_chunk(chunks, digest, crypt, name, size):
     """None when the chunk is good, else ``(reason, damaged)``; damaged chunks get renamed."""
     try:
-        raw = chunks.read(digest)
+        raw = chunks.read_view(digest)
     except CorruptData:
         return 'is missing from the chunk store', False
     except OSError as exc:
