@@ -336,6 +336,7 @@ def test_hook_script_sees_vzdump_phases_and_can_abort(make_guest, store, config_
     script = tmp_path / 'hook.sh'
     script.write_text(f"""#!/bin/sh
 echo "$1 $2 $3 storeid=$STOREID dumpdir=$DUMPDIR vmtype=$VMTYPE target=$TARGET" >> {record}
+[ "$1" = log-end ] && cp "$LOGFILE" {tmp_path / 'log-end.txt'}
 [ "$1" = "$(cat {fail_phase} 2>/dev/null)" ] && exit 3
 exit 0
 """)
@@ -343,6 +344,10 @@ exit 0
     full = backup(guest, store, config_dir, script=str(script))
     phases = [line.split()[0] for line in record.read_text().splitlines()]
     assert phases == ['backup-start', 'backup-end', 'log-end']
+    # as vzdump: at log-end the log is complete, in the backup, where LOGFILE says
+    kept = (tmp_path / 'log-end.txt').read_text()
+    assert f"starting backup of VM {guest.vmid}" in kept
+    assert kept == open(os.path.join(full['backup_dir'], 'client.log')).read()
     assert f"snapshot {guest.vmid} storeid= dumpdir={store} vmtype=qemu " \
            f"target={full['backup_dir']}" in record.read_text().splitlines()[1]
     for phase in ('backup-start', 'backup-end'):

@@ -339,6 +339,29 @@ def test_modules_work_on_a_datastore(ansible, make_guest, datastore, config_dir,
     assert restored['changed'] and restored['verified']
 
 
+def test_the_log_end_hook_reads_the_log_as_text(make_guest, tmp_path, config_dir,
+                                                datastore_path):
+    """A datastore keeps the log as a blob (encrypted here): log-end's LOGFILE is a text copy,
+    gone after the hook."""
+    (tmp_path / 'keys').mkdir(mode=0o700)
+    key = create_key(str(tmp_path / 'keys' / 'ds.key'), kdf='none')
+    write_storage_cfg(config_dir, datastore_path, 'enc', encryption_key=key['path'])
+    script = tmp_path / 'hook.sh'
+    script.write_text(f"""#!/bin/sh
+[ "$1" = log-end ] && cp "$LOGFILE" {tmp_path / 'log.txt'} && echo "$LOGFILE" > {tmp_path / 'where'}
+exit 0
+""")
+    script.chmod(0o755)
+    guest = make_guest(disks=[('qcow2', 8 * MiB)])
+    result = backup(guest, config_dir, storage='enc', script=str(script))
+    text = (tmp_path / 'log.txt').read_text()
+    assert f"starting backup of VM {guest.vmid}" in text and 'INFO:' in text
+    assert not os.path.exists((tmp_path / 'where').read_text().strip())   # the copy is gone
+    stored = os.path.join(datastore_path, 'vm', str(guest.vmid), result['time'], 'client.log.blob')
+    with open(stored, 'rb') as handle:
+        assert text.encode() not in handle.read()                         # the blob is encrypted
+
+
 @pytest.mark.parametrize('damage', ['missing chunk', 'unknown magic', 'truncated index'])
 def test_verify_and_restore_name_the_snapshot_the_disk_and_the_offset(
         make_guest, datastore, config_dir, tmp_path, damage):

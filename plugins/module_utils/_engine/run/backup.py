@@ -318,6 +318,27 @@ def _plan_result(plan):
     }
 
 
+@contextmanager
+def _readable_log(staged, vmid, clog):
+    """A plain text file holding the backup's log, for the log-end hook: the stored log itself,
+    or (a datastore keeps it as a blob, encrypted with a key) a private copy in the run
+    directory, removed after the hook."""
+    if staged.text_log_path is not None:
+        yield staged.text_log_path
+        return
+    path = os.path.join(guest_runs.run_dir(), f"{vmid}.log-end.log")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0), 0o600)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8', errors='replace') as handle:
+            handle.write(clog.text())
+        yield path
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _hook_env(plan, target, logfile):
     return {'STOREID': plan.storage.id or '', 'DUMPDIR': plan.storage.path, 'VMTYPE': 'qemu',
             'HOSTNAME': plan.options['node'], 'TARGET': target, 'LOGFILE': logfile}
@@ -397,12 +418,14 @@ def _take(plan, qmp, clog, progress, started):
         plan.warnings.append(f"could not drop the chain's previous bitmap ({exc}); the next "
                              "run of the guest will")
     guest_runs.forget(vmid)
-    env.update(LOGFILE=staged.log_path)
-    try:
-        hook('log-end')  # as vzdump: a failing log-end only warns
-    except HookFailed as exc:
-        plan.warnings.append(str(exc))
+    # As vzdump: the log is complete and in place when log-end runs, so the hook can keep it
     staged.write_log(clog.text())
+    with _readable_log(staged, vmid, clog) as logfile:
+        env.update(LOGFILE=logfile)
+        try:
+            hook('log-end')  # as vzdump: a failing log-end only warns
+        except HookFailed as exc:
+            plan.warnings.append(str(exc))
     if capture.qmp is not qmp_at_start:
         capture.qmp.close()
     result = _plan_result(plan)

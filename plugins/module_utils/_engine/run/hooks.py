@@ -9,7 +9,8 @@ variable                  set in
 ``STOREID``, ``DUMPDIR``  every phase (when the job writes to a storage / a directory)
 ``VMTYPE``, ``HOSTNAME``  guest phases (``qemu``; the guest's name)
 ``TARGET``                ``backup-end``: the backup just written
-``LOGFILE``               ``log-end``: the backup's log file
+``LOGFILE``               ``log-end``: the backup's whole log, as text (a datastore's is
+                          a copy: the store keeps it as a blob)
 ========================  =================================================================
 
 Besides these and ``PATH``, a hook sees nothing of the environment guestvault runs in (an

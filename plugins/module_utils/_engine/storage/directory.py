@@ -108,6 +108,12 @@ class StagedBackup:
         """Where the run's log is (hooks get it as LOGFILE)."""
         return self.file(CLIENT_LOG)
 
+    @property
+    def text_log_path(self):
+        """``log_path`` when the log is kept as plain text there (a hook can read it), else
+        None."""
+        return self.log_path
+
     def write_manifest(self, index):
         self.write_json(INDEX, index)
 
