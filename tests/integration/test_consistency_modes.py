@@ -8,6 +8,7 @@ a frozen or cleanly unmounted point in time from a crash-consistent one; ``inspe
 runs ``e2fsck -fn``, and checks every file the restored journal lists (size and sha256). Every
 backup copies with a bandwidth limit, so the copy spans seconds of guest writes.
 """
+import os
 import time
 
 import pytest
@@ -240,6 +241,27 @@ def test_stop_shuts_down_through_the_agent_backs_up_the_stopped_disk_and_restart
     seq = max(journal.entries)
     code, out, _err = clone.guest_exec(['sha256sum', f'/data/w/{seq}'])
     assert code == 0 and out.split()[0].decode() == journal.entries[seq][0]
+
+
+def test_stop_mode_into_a_datastore_backs_up_the_stopped_disk_and_restarts(
+        linux_guest, config_dir, tmp_path, datastore_path, monkeypatch):
+    """Stop mode with pull capture: the point in time is fixed while the guest is off, it runs
+    again before the chunks are read over NBD, and the restore is a cleanly unmounted disk."""
+    monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
+    with open(f"{config_dir}/storage.cfg", 'w') as handle:
+        handle.write(f"datastore: ds\n\tpath {datastore_path}\n")
+    guest = linux_guest(vmid=9206)
+    before = written_files(guest, 5)
+    run = Run(guest, None, config_dir, mode='stop', stopwait=1, storage='ds')
+    assert 'through the guest agent' in run.log, run.log
+    assert run.result['downtime_seconds'] > 0 and guest.status() == 'running'
+    _wait_for_second(guest, 'GUESTVAULT-READY', timeout=300)
+    result = run_restore(RestoreRequest(vmid=9206, target_dir=str(tmp_path / 'restored'),
+                                        storage='ds', config_dir=config_dir))
+    report = inspect_ext4(result['disks'][0]['target'], str(tmp_path / 'inspect'), replay=False)
+    assert not report.needs_recovery and report.fsck_exit == 0, report.fsck_output   # unmounted
+    assert report.bad_files == [] and report.last_seq >= max(before.entries)
+    assert not os.listdir(tmp_path / 'fleecing')          # the fleecing image is gone
 
 
 def test_stop_without_an_agent_uses_acpi_and_a_guest_ignoring_it_is_left_running(
