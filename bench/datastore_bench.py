@@ -278,12 +278,12 @@ def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
             f"{samples['full_enc'][-1]['wall']:.2f} s")
 
 
-def read_256(image, offset, repeat):
-    """Seconds to read 256 MiB of the image from page cache with dd (4 MiB blocks)."""
+def read_changed(image, offset, repeat, amount):
+    """Seconds to read ``amount`` bytes of the image from page cache with dd (4 MiB blocks)."""
     times = []
     for _round in range(max(3, repeat)):
         started = time.monotonic()
-        subprocess.run(['dd', f'if={image}', 'of=/dev/null', 'bs=4M', 'count=64',
+        subprocess.run(['dd', f'if={image}', 'of=/dev/null', 'bs=4M', f'count={amount // CHUNK}',
                         f'skip={offset // CHUNK}', 'status=none'], check=True)
         times.append(time.monotonic() - started)
     return med(times)
@@ -616,17 +616,18 @@ def report(args, setup, samples):
     record(sec, 'unchanged second full: new chunk bytes', f"{new2} B "
            f"({max(s['new_chunks'] for s in samples['full2'])} chunks)",
            new2 / MiB, '<= 1 MiB', 1.0, unit='MiB')
-    read = samples['read_256']
+    read = samples['read_changed']
+    changed = fmt_bytes(args.change)
     base = 0.3 + read
     for kind in ('scattered', 'aligned'):
         incs = samples[f'inc_{kind}']
         wall = med([s['wall'] for s in incs])
-        what = ('inc, 256 MiB changed as scattered 256 KiB writes' if kind == 'scattered'
-                else 'inc, 256 MiB changed as 4 MiB chunk-aligned extents')
+        what = (f'inc, {changed} changed as scattered 256 KiB writes' if kind == 'scattered'
+                else f'inc, {changed} changed as 4 MiB chunk-aligned extents')
         record(sec, what, f"{wall:.2f} s{rng_text([s['wall'] for s in incs])}; read "
                f"{incs[-1]['read_chunks']} chunks ({fmt_bytes(incs[-1]['read_bytes'])}), "
                f"{fmt_bytes(incs[-1]['new_bytes'])} new",
-               wall / base, f'<= 1x (0.3 s + dd of 256 MiB {read:.2f} s = {base:.2f} s)', 1.0)
+               wall / base, f'<= 1x (0.3 s + dd of {changed} {read:.2f} s = {base:.2f} s)', 1.0)
     record(sec, 'restore of the newest inc (raw), qemu-img compare', samples['inc_restore']['compare'])
     for fmt in ('qcow2', 'raw'):
         times = [s['seconds'] for s in samples[f'restore_{fmt}']]
@@ -817,7 +818,7 @@ def bench(args, loop, discard):
         lab.drop('tmpl')
         say(f"[{time.monotonic() - started:.0f} s] template snapshot {first['time']} taken")
 
-        samples['read_256'] = read_256(image, 0, args.repeat)
+        samples['read_changed'] = read_changed(image, 0, args.repeat, args.change)
         incrementals(lab, guest, args, warm, outdir, samples)
         say(f"[{time.monotonic() - started:.0f} s] incrementals done")
         guest.stop()
@@ -832,8 +833,9 @@ def bench(args, loop, discard):
         snapshot_scale(lab, args, samples, tmpl)
         info['bench time'] = f"{time.monotonic() - started:.0f} s"
         info['load'] = f"{load_start} at start, {loadavg()} at end (1/5/15 min)"
-        info['read 256M'] = (f"{samples['read_256']:.3f} s: dd bs=4M count=64 of the qcow2 image "
-                             "from page cache (median of 3)")
+        info['read changed'] = (f"{samples['read_changed']:.3f} s: dd bs=4M "
+                                f"count={args.change // CHUNK} of the qcow2 image from page "
+                                "cache (median of 3)")
         setup = {'info': info, 'image_allocated': image_size}
         report(args, setup, samples)
         if args.json:
