@@ -63,11 +63,28 @@ def test_a_file_system_refusing_o_direct_gets_page_cache_writes(tmp_path, monkey
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    def full(fd, data):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, 'No space left on device')
 
-    monkeypatch.setattr(files.os, 'write', full)
+    monkeypatch.setattr(files.os, 'pwrite', full)
     with pytest.raises(OSError) as caught:
         DirectFiles().write_hidden(str(tmp_path / 'f'), b'x' * 10000, durable=False)
     assert caught.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path) == []
+
+
+def test_a_refused_o_direct_open_that_created_the_file_leaves_no_temporary(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def create_then_refuse(path, flags, *args):    # what Linux does on such file systems
+        if flags & os.O_DIRECT:
+            os.close(real_open(path, flags & ~os.O_DIRECT, *args))
+            raise OSError(errno.EINVAL, 'Invalid argument')
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(files.os, 'open', create_then_refuse)
+    writer = DirectFiles()
+    writer.write_hidden(str(tmp_path / 'chunk'), b'data' * 1000, durable=False)
+    assert not writer.direct
+    assert os.listdir(tmp_path) == ['chunk']
+    assert (tmp_path / 'chunk').read_bytes() == b'data' * 1000

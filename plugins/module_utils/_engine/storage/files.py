@@ -102,20 +102,24 @@ class DirectFiles:
             scratch = self._local.scratch = mmap.mmap(-1, size)
         return scratch
 
-    def read_view(self, path):
-        """The whole content of ``path`` as a view of this thread's scratch buffer, valid until
-        the thread's next read (copy what must outlive it)."""
-        flags = os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0)
-        fd = None
+    def _open(self, path, flags, mode=0o600):
+        """``(fd, direct)``: ``path`` opened with ``O_DIRECT`` while the file system takes it."""
+        flags |= getattr(os, 'O_CLOEXEC', 0)
         if self.direct:
             try:
-                fd = os.open(path, flags | os.O_DIRECT)
+                return os.open(path, flags | os.O_DIRECT, mode), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self.direct = False
-        if fd is None:
-            fd = os.open(path, flags)
+                # Linux refuses O_DIRECT only after an O_CREAT made the file: open it again
+                flags &= ~os.O_EXCL
+        return os.open(path, flags, mode), False
+
+    def read_view(self, path):
+        """The whole content of ``path`` as a view of this thread's scratch buffer, valid until
+        the thread's next read (copy what must outlive it)."""
+        fd, _direct = self._open(path, os.O_RDONLY)
         try:
             length = os.fstat(fd).st_size
             padded = -(-length // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
@@ -134,15 +138,7 @@ class DirectFiles:
     def open_for_writing(self, path, flags, mode=0o600):
         """``os.open(path, O_WRONLY | flags)``, with ``O_DIRECT`` where the file system takes it;
         ``(fd, direct)``. Write a direct descriptor with ``pwrite`` only."""
-        flags |= os.O_WRONLY | getattr(os, 'O_CLOEXEC', 0)
-        if self.direct:
-            try:
-                return os.open(path, flags | os.O_DIRECT, mode), True
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.direct = False
-        return os.open(path, flags, mode), False
+        return self._open(path, flags | os.O_WRONLY, mode)
 
     def pwrite(self, fd, data, offset, direct=True):
         """Write all of ``data`` at ``offset`` (a multiple of the alignment when ``direct``).
@@ -165,30 +161,13 @@ class DirectFiles:
             offset += written
 
     def write_hidden(self, path, data, durable=True, mode=0o666):
-        if not self.direct:
-            write_file_hidden(path, data, durable=durable, mode=mode)
-            return
-        length = len(data)
-        padded = -(-length // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-        scratch = self._scratch(max(padded, DIRECT_ALIGNMENT))
-        scratch[:length] = data
-        scratch[length:padded] = bytes(padded - length)
         folder, tmp = _hidden_name(path)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT
-                         | getattr(os, 'O_CLOEXEC', 0), mode)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.direct = False          # this file system has no O_DIRECT
-            write_file_hidden(path, data, durable=durable, mode=mode)
-            return
+        fd, direct = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             try:
-                written = os.write(fd, memoryview(scratch)[:padded]) if padded else 0
-                if written != padded:    # O_DIRECT writes all or fails, but at ENOSPC
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                os.ftruncate(fd, length)
+                self.pwrite(fd, data, 0, direct)
+                if direct:
+                    os.ftruncate(fd, len(data))
                 if durable:
                     os.fsync(fd)
             finally:
@@ -199,7 +178,7 @@ class DirectFiles:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-            if not (isinstance(exc, OSError) and exc.errno == errno.EINVAL):
+            if not (direct and isinstance(exc, OSError) and exc.errno == errno.EINVAL):
                 raise
             self.direct = False          # a block larger than the alignment, say
             write_file_hidden(path, data, durable=durable, mode=mode)

@@ -54,25 +54,15 @@ def load_chunk(chunks, digest, crypt, name, size):
     return decode_blob(raw, crypt, digest, name=name, size=size)
 
 
-def _pwrite_all(fd, data, offset):
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
 SPARSE_BLOCK = 4096
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 
 
-def write_sparse(fd, data, offset, write=None):
-    """``pwrite`` the runs of ``data`` (bytes) that are not all-zero 4 KiB blocks, so a restored
-    image stays thin inside a chunk too (as ``qemu-img convert -S 4k``); the target must read as
-    zeroes where nothing is written. ``write(fd, data, offset)`` does each write (runs start on a
-    4 KiB boundary of ``offset``)."""
-    if write is None:
-        write = _pwrite_all
+def write_sparse(fd, data, offset, write):
+    """``write(fd, run, offset)`` the runs of ``data`` (bytes) that are not all-zero 4 KiB
+    blocks, so a restored image stays thin inside a chunk too (as ``qemu-img convert -S 4k``);
+    the target must read as zeroes where nothing is written. Runs start on a 4 KiB boundary of
+    ``offset``."""
     length = len(data)
     view = memoryview(data)
     start = None
