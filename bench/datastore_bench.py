@@ -645,7 +645,8 @@ def report(args, setup, samples):
         record(sec, 'skipped (--skip dedup)', 'not measured')
     else:
         dedup_report(args, samples, sec, ded)
-    scale_report(args, setup, samples)
+    scale_report(args, samples)
+    print_results(args, setup)
 
 
 def dedup_report(args, samples, sec, ded):
@@ -674,7 +675,7 @@ def dedup_report(args, samples, sec, ded):
                zstd['size'] / ded['both_bytes'])
 
 
-def scale_report(args, setup, samples):
+def scale_report(args, samples):
     sec = 'scale'
     gc = samples['gc']
     record(sec, f"find .chunks -type f | wc -l ({args.gc_chunks} chunks)", f"{gc['find']:.2f} s")
@@ -696,6 +697,9 @@ def scale_report(args, setup, samples):
            f"({1000 * snaps['prune_mass'] / max(1, snaps['prune_mass_removed']):.2f} ms per "
            "removed snapshot)", snaps['prune_mass'], '<= 2 s', 2, unit='s')
 
+
+def print_results(args, setup):
+    """The machine, then every recorded row by section, then the targets met and missed."""
     say('\n' + '=' * 110)
     say(f"guestvault datastore benchmark: medians of {args.repeat} round(s) "
         "(ratios from this run)")

@@ -5,7 +5,6 @@ compared (qemu-img compare) with what the guest's disk held at the backup's poin
 """
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -223,7 +222,7 @@ def test_an_encrypted_datastore_round_trips_and_a_wrong_key_is_named(
     (tmp_path / 'keys').mkdir(mode=0o700)
     key = create_key(str(tmp_path / 'keys' / 'ds.key'), kdf='none')
     other = create_key(str(tmp_path / 'keys' / 'other.key'), kdf='none')
-    path = pathlib.Path(datastore_path)
+    path = datastore_path
     write_storage_cfg(config_dir, path, 'enc', encryption_key=key['path'])
     guest = make_guest(disks=[('qcow2', 16 * MiB)])
     guest.write('vd0', 0x81, 0, 8 * MiB)
@@ -399,7 +398,7 @@ def test_a_scrypt_key_with_a_passphrase_file_and_the_key_never_in_the_store(
     keys.mkdir(mode=0o700)
     (keys / 'pass').write_text('correct horse battery\n')
     key = create_key(str(keys / 'ds.key'), passphrase_file=str(keys / 'pass'))
-    path = pathlib.Path(datastore_path)
+    path = datastore_path
     write_storage_cfg(config_dir, path, 'enc', encryption_key=key['path'],
                       encryption_passphrase_file=str(keys / 'pass'))
     guest = make_guest(disks=[('qcow2', 8 * MiB)])
@@ -437,7 +436,7 @@ except GuestvaultError as exc:
                                              ('cryptography', 'cryptography')])
 def test_a_missing_library_is_named_and_nothing_is_left(make_guest, tmp_path, config_dir,
                                                         datastore_path, module, package):
-    path = pathlib.Path(datastore_path)
+    path = datastore_path
     options = {}
     if module == 'cryptography':
         (tmp_path / 'keys').mkdir(mode=0o700)
