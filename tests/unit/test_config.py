@@ -476,7 +476,7 @@ def test_an_unencrypted_datastore_needs_only_a_path():
     ("encryption-key", r"encryption-key: needs a value"),
     ("encryption-passphrase-file pass.txt", r"encryption-passphrase-file: 'pass.txt' is a relative"),
     ("mkdir 0", r"line 3: unknown option 'mkdir' for a datastore storage; known options: "
-                r"content, disable, encryption-key, encryption-passphrase-file"),
+                r"backend, content, disable, encryption-key, encryption-passphrase-file"),
     ("shared 1", r"unknown option 'shared' for a datastore"),
 ])
 def test_a_malformed_datastore_option_names_the_line_and_what_to_write(line, words):
@@ -505,3 +505,85 @@ def test_a_dir_storage_takes_no_encryption_key():
 def test_load_storage_returns_a_datastore(tmp_path):
     (tmp_path / "storage.cfg").write_text(DATASTORE_CFG)
     assert load_storage(str(tmp_path), "pbs", node="kvm1").kind == "datastore"
+
+
+S3_CFG = """\
+s3-endpoint: aws
+\tendpoint {{bucket}}.s3.{{region}}.amazonaws.com
+\tregion eu-central-1
+\taccess-key AKIAEXAMPLE
+\tsecret-key-file /etc/guestvault/s3.secret
+
+s3-endpoint: lab
+\tendpoint http://127.0.0.1:8333
+\taccess-key lab
+\tsecret-key inline-secret
+\tpath-style 1
+
+datastore: offsite
+\tpath /var/cache/guestvault/offsite
+\tbackend type=s3,client=aws,bucket=acme-backups
+\tprune-backups keep-daily=7
+"""
+
+
+def test_an_s3_datastore_names_its_endpoint_and_bucket():
+    storages = parse_storage_cfg(S3_CFG, "storage.cfg")
+    offsite = storages["offsite"]
+    assert offsite.kind == "datastore" and offsite.path == "/var/cache/guestvault/offsite"
+    assert offsite.s3_backend == {"type": "s3", "client": "aws", "bucket": "acme-backups"}
+    assert storages["aws"].kind == "s3-endpoint" and storages["aws"].s3_backend is None
+    assert parse_storage_cfg("datastore: dd\n\tpath /d\n\tbackend type=filesystem\n",
+                             "s")["dd"].s3_backend is None
+
+
+def test_load_s3_endpoint_reads_the_secret_file_and_builds_the_url(tmp_path):
+    secret = tmp_path / "s3.secret"
+    secret.write_text("the-secret\n")
+    (tmp_path / "storage.cfg").write_text(S3_CFG.replace("/etc/guestvault/s3.secret",
+                                                         str(secret)))
+    offsite = load_storage(str(tmp_path), "offsite")
+    endpoint = config.load_s3_endpoint(str(tmp_path), offsite)
+    assert endpoint.url == "https://s3.eu-central-1.amazonaws.com"
+    assert (endpoint.region, endpoint.access_key, endpoint.secret_key) == (
+        "eu-central-1", "AKIAEXAMPLE", "the-secret")
+    assert not endpoint.path_style and "the-secret" not in repr(endpoint)
+    lab = config.load_s3_endpoint(str(tmp_path), config.StorageConfig(
+        id="x", type="datastore", path="/x", backend={"type": "s3", "client": "lab",
+                                                      "bucket": "b1b"}))
+    assert (lab.url, lab.secret_key, lab.path_style, lab.region) == (
+        "http://127.0.0.1:8333", "inline-secret", True, "us-east-1")
+
+
+def test_an_s3_endpoint_is_not_a_storage_and_a_missing_secret_file_is_named(tmp_path):
+    (tmp_path / "storage.cfg").write_text(S3_CFG)
+    with pytest.raises(ConfigError, match="'aws' is an S3 endpoint .* not a storage"):
+        load_storage(str(tmp_path), "aws")
+    with pytest.raises(ConfigError, match="cannot read secret-key-file /etc/guestvault/s3.secret"):
+        config.load_s3_endpoint(str(tmp_path), load_storage(str(tmp_path), "offsite"))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("datastore: dd\n\tpath /d\n\tbackend type=s3,bucket=b12\n", "an s3 backend needs client="),
+    ("datastore: dd\n\tpath /d\n\tbackend type=s3,client=c\n", "an s3 backend needs bucket="),
+    ("datastore: dd\n\tpath /d\n\tbackend type=s3,client=c,bucket=Bad_Name\n",
+     "'Bad_Name' is not a valid S3 bucket name"),
+    ("datastore: dd\n\tpath /d\n\tbackend type=ftp\n", "backend type 'ftp' is not supported"),
+    ("datastore: dd\n\tpath /d\n\tbackend type=filesystem,bucket=b12\n",
+     "client and bucket are only for 'type=s3'"),
+    ("s3-endpoint: ee\n\taccess-key a\n\tsecret-key s\n", "s3-endpoint 'ee' has no endpoint"),
+    ("s3-endpoint: ee\n\tendpoint h\n\taccess-key a\n",
+     "needs exactly one of secret-key and secret-key-file"),
+    ("s3-endpoint: ee\n\tendpoint h\n\taccess-key a\n\tsecret-key s\n\tport 99999\n",
+     "port: 99999 is too large"),
+    ("s3-endpoint: ee\n\tendpoint h\n\taccess-key a\n\tsecret-key s\n\tpath /x\n",
+     "unknown option 'path' for a s3-endpoint storage"),
+])
+def test_a_malformed_s3_section_says_what_to_write(text, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_storage_cfg(text, "storage.cfg")
+
+
+def test_an_s3_datastore_renders_back_to_what_it_parsed():
+    storages = parse_storage_cfg(S3_CFG, "storage.cfg")
+    assert parse_storage_cfg(config.render_storage_cfg(storages), "storage.cfg") == storages

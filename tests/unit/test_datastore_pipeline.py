@@ -10,7 +10,6 @@ import pytest
 from guestvault_engine.errors import CorruptData, EncryptionKeyError, StorageError
 from guestvault_engine.format import qemu_img
 from guestvault_engine.format.datastore import chunk_store, fixed_index, gc, key_file
-from guestvault_engine.format.datastore import backup_writer
 from guestvault_engine.format.datastore.backup_writer import write_disk_index
 from guestvault_engine.format.datastore.file_formats import (
     ENCRYPTED_BLOB_MAGIC, ENCRYPTED_COMPRESSED_BLOB_MAGIC)
@@ -404,7 +403,7 @@ def test_a_failed_backup_writes_no_index(image, store, tmp_path, monkeypatch):
 
 def test_chunks_are_synced_before_the_index_is_written(image, store, tmp_path, monkeypatch):
     order = []
-    monkeypatch.setattr(backup_writer, 'sync_filesystem',
+    monkeypatch.setattr(chunk_store, 'sync_filesystem',
                         lambda path: order.append(('sync', str(path))))
     real_close = fixed_index.FixedIndexWriter.close
 

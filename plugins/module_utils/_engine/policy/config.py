@@ -2,7 +2,10 @@
 
 - ``vzdump.conf``: backup defaults, ``key: value`` lines (``prune-backups: keep-last=3``).
 - ``storage.cfg``: storages in Proxmox section-config syntax (``dir: <id>`` + indented options);
-  ``datastore: <id>`` is a Proxmox Backup Server datastore (a chunk store) at ``path``.
+  ``datastore: <id>`` is a Proxmox Backup Server datastore (a chunk store) at ``path``, on that
+  file system or, with ``backend type=s3,client=<endpoint>,bucket=<name>``, in an S3 bucket with
+  ``path`` as its local cache; ``s3-endpoint: <id>`` sections name the S3 endpoints (as PBS 4's
+  s3.cfg does).
 - ``jobs.cfg`` (issue #4) reuses the section-config reader below.
 
 Everything here is parsing and validation on plain text; reading files is confined to the two
@@ -376,7 +379,14 @@ _COMMON_STORAGE_KEYS = frozenset({
 # passphrase is never written here, only the file that holds it.
 _DATASTORE_KEYS = frozenset({
     "path", "content", "prune-backups", "max-protected-backups", "disable", "nodes",
-    "encryption-key", "encryption-passphrase-file",
+    "encryption-key", "encryption-passphrase-file", "backend",
+})
+# An S3 endpoint is not a storage: datastores name it in their backend (PBS 4 keeps these in
+# s3.cfg; here they sit in storage.cfg beside the datastores). The secret may be given inline,
+# as PBS does, or, better, as a file only root can read.
+_S3_ENDPOINT_KEYS = frozenset({
+    "endpoint", "region", "access-key", "secret-key", "secret-key-file", "path-style", "port",
+    "fingerprint", "ca-file",
 })
 STORAGE_TYPES: Dict[str, frozenset] = {
     "dir": _COMMON_STORAGE_KEYS,
@@ -384,14 +394,24 @@ STORAGE_TYPES: Dict[str, frozenset] = {
     "cifs": _COMMON_STORAGE_KEYS | {"server", "share", "username", "domain", "smbversion",
                                     "subdir", "options"},
     "datastore": _DATASTORE_KEYS,
+    "s3-endpoint": _S3_ENDPOINT_KEYS,
 }
 # What a storage type holds: directories of qcow2 chains, or a PBS chunk store.
 STORAGE_KINDS: Dict[str, str] = {"dir": "dir", "nfs": "dir", "cifs": "dir",
-                                 "datastore": "datastore"}
+                                 "datastore": "datastore", "s3-endpoint": "s3-endpoint"}
+# ``backend`` of a datastore, as PBS 4 writes it (``type=s3,client=<endpoint>,bucket=<name>``).
+BACKEND_SCHEMA: Dict[str, SchemaEntry] = {
+    "type": Prop(str, default_key=True),
+    "client": Prop(str),
+    "bucket": Prop(str),
+}
+BACKEND_TYPES = ("filesystem", "s3")
+# S3's rules for bucket names (3-63 lower-case letters, digits, dots, hyphens).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 # Proxmox treats network file systems as shared whatever the config says.
 _SHARED_TYPES = frozenset({"nfs", "cifs"})
 _BOOL_STORAGE_KEYS = frozenset({"shared", "disable", "create-base-path", "create-subdirs",
-                                "mkdir"})
+                                "mkdir", "path-style"})
 DEFAULT_MAX_PROTECTED_BACKUPS = 5
 
 
@@ -417,14 +437,23 @@ class StorageConfig:
     nodes: List[str] = field(default_factory=list)
     encryption_key: Optional[str] = None
     encryption_passphrase_file: Optional[str] = None
+    backend: Optional[Dict[str, Any]] = None
     options: Dict[str, Optional[str]] = field(default_factory=dict)
     source: Optional[str] = field(default=None, compare=False)
     line: Optional[int] = field(default=None, compare=False)
 
     @property
     def kind(self) -> str:
-        """``dir`` (a directory of qcow2 chains: dir, nfs, cifs) or ``datastore`` (PBS's format)."""
+        """``dir`` (a directory of qcow2 chains: dir, nfs, cifs), ``datastore`` (PBS's format)
+        or ``s3-endpoint`` (not a storage: what an S3 datastore's backend names)."""
         return STORAGE_KINDS.get(self.type, "dir")
+
+    @property
+    def s3_backend(self) -> Optional[Dict[str, Any]]:
+        """``{'client': endpoint id, 'bucket': name}`` of a datastore on S3, else None."""
+        if self.backend and self.backend.get("type") == "s3":
+            return self.backend
+        return None
 
 
 def _parse_content(text: str, what: str) -> List[str]:
@@ -481,9 +510,18 @@ def _storage_from_section(section: Section, path: str) -> StorageConfig:
             storage.encryption_key = _file_path(value, what)
         elif key == "encryption-passphrase-file":
             storage.encryption_passphrase_file = _file_path(value, what)
+        elif key == "backend":
+            storage.backend = _parse_backend(value, what)
+        elif key in ("secret-key-file", "ca-file"):
+            _file_path(value, what)
+        elif key == "port":
+            parse_int(value, what, minimum=1, maximum=65535)
         elif key in _BOOL_STORAGE_KEYS:
             parse_bool(value, what)
     storage.options = seen
+    if section.type == "s3-endpoint":
+        _check_s3_endpoint(section, seen, header)
+        return storage
     if not storage.path:
         raise ConfigError(f"{header}: {section.type} storage '{section.id}' has no path; add an "
                           f"indented line 'path /absolute/directory' under the header")
@@ -493,6 +531,36 @@ def _storage_from_section(section: Section, path: str) -> StorageConfig:
                           f"'encryption-key /path/to/key.json' (the passphrase unlocks that key "
                           f"file), or remove the passphrase file line")
     return storage
+
+
+def _parse_backend(text: str, what: str) -> Dict[str, Any]:
+    backend = parse_property_string(text, BACKEND_SCHEMA, what)
+    kind = backend.get("type", "filesystem")
+    if kind not in BACKEND_TYPES:
+        raise ConfigError(f"{what}: backend type '{kind}' is not supported; use "
+                          f"{' or '.join(BACKEND_TYPES)}")
+    backend["type"] = kind
+    if kind == "s3":
+        for needed in ("client", "bucket"):
+            if not backend.get(needed):
+                raise ConfigError(f"{what}: an s3 backend needs {needed}=..., as in "
+                                  "'backend type=s3,client=<s3-endpoint id>,bucket=<bucket>'")
+        if not _BUCKET_RE.match(backend["bucket"]) or ".." in backend["bucket"]:
+            raise ConfigError(f"{what}: '{backend['bucket']}' is not a valid S3 bucket name "
+                              "(3-63 lower-case letters, digits, dots and hyphens)")
+    elif set(backend) - {"type"}:
+        raise ConfigError(f"{what}: client and bucket are only for 'type=s3'")
+    return backend
+
+
+def _check_s3_endpoint(section: Section, seen: Mapping[str, Optional[str]], header: str) -> None:
+    missing = [key for key in ("endpoint", "access-key") if not seen.get(key)]
+    if missing:
+        raise ConfigError(f"{header}: s3-endpoint '{section.id}' has no {missing[0]}; add an "
+                          f"indented line '{missing[0]} <value>' under the header")
+    if bool(seen.get("secret-key")) == bool(seen.get("secret-key-file")):
+        raise ConfigError(f"{header}: s3-endpoint '{section.id}' needs exactly one of "
+                          "secret-key and secret-key-file (a file only root can read is better)")
 
 
 def _file_path(text: str, what: str) -> str:
@@ -546,6 +614,10 @@ def load_storage(config_dir: str, storage_id: str, node: Optional[str] = None) -
     """
     storage = find_storage(config_dir, storage_id)
     where = f"{os.path.join(config_dir, STORAGE_CFG)} line {storage.line}"
+    if storage.kind == "s3-endpoint":
+        raise ConfigError(f"'{storage_id}' is an S3 endpoint ({where}), not a storage; name a "
+                          f"datastore whose 'backend type=s3,client={storage_id},bucket=...' "
+                          "uses it")
     if storage.disable:
         raise ConfigError(f"storage '{storage_id}' is disabled ({where}); remove its 'disable' "
                           f"line to use it")
@@ -556,6 +628,65 @@ def load_storage(config_dir: str, storage_id: str, node: Optional[str] = None) -
         raise ConfigError(f"storage '{storage_id}' is not available on node '{node}' ({where}); "
                           f"its nodes are {', '.join(storage.nodes)}")
     return storage
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """An ``s3-endpoint`` section with its secret read (from ``secret-key`` or its file).
+
+    ``url`` is what the S3 client connects to: ``endpoint`` as given when it has a scheme
+    (``http://127.0.0.1:8333``), else ``https://<endpoint>[:port]``. PBS's ``{{region}}``
+    placeholder is filled in; a ``{{bucket}}.`` prefix means virtual-hosted addressing, which
+    the client does by itself, so it is dropped from the URL.
+    """
+
+    id: str
+    url: str
+    region: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    path_style: bool = False
+    fingerprint: Optional[str] = None
+    ca_file: Optional[str] = None
+
+
+def load_s3_endpoint(config_dir: str, storage: StorageConfig) -> S3Endpoint:
+    """The S3 endpoint a datastore's backend names, from the same storage.cfg."""
+    backend = storage.s3_backend
+    endpoint_id = backend["client"]
+    where = f"datastore '{storage.id}' (backend client={endpoint_id})"
+    try:
+        section = find_storage(config_dir, endpoint_id)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}; add an 's3-endpoint: {endpoint_id}' section") \
+            from None
+    if section.kind != "s3-endpoint":
+        raise ConfigError(f"{where}: '{endpoint_id}' is a {section.type} storage, not an "
+                          "s3-endpoint")
+    options = section.options
+    secret = options.get("secret-key")
+    if options.get("secret-key-file"):
+        try:
+            with open(options["secret-key-file"], encoding="utf-8") as handle:
+                secret = handle.readline().strip()
+        except OSError as err:
+            raise ConfigError(f"s3-endpoint '{endpoint_id}': cannot read secret-key-file "
+                              f"{options['secret-key-file']}: {err.strerror}") from None
+        if not secret:
+            raise ConfigError(f"s3-endpoint '{endpoint_id}': secret-key-file "
+                              f"{options['secret-key-file']} is empty; its first line is the "
+                              "secret key")
+    region = options.get("region") or "us-east-1"
+    host = options["endpoint"].replace("{{region}}", region)
+    if host.startswith("{{bucket}}."):
+        host = host[len("{{bucket}}."):]
+    if "://" not in host:
+        port = options.get("port")
+        host = f"https://{host}" + (f":{port}" if port else "")
+    return S3Endpoint(id=endpoint_id, url=host.rstrip("/"), region=region,
+                      access_key=options["access-key"], secret_key=secret,
+                      path_style=parse_bool(options.get("path-style") or "0", "path-style"),
+                      fingerprint=options.get("fingerprint"), ca_file=options.get("ca-file"))
 
 
 # --------------------------------------------------------------------------- rendering
@@ -633,6 +764,7 @@ def render_vzdump_conf(options: Mapping[str, Any]) -> str:
 
 _STORAGE_PROPERTY_SCHEMAS: Dict[str, Mapping[str, SchemaEntry]] = {
     "prune-backups": PRUNE_BACKUPS_SCHEMA,
+    "backend": BACKEND_SCHEMA,
 }
 
 
@@ -653,7 +785,7 @@ _TYPED_STORAGE_FIELDS = (
     ("content", "content"), ("prune-backups", "prune_backups"),
     ("max-protected-backups", "max_protected_backups"), ("shared", "shared"),
     ("disable", "disable"), ("nodes", "nodes"), ("encryption-key", "encryption_key"),
-    ("encryption-passphrase-file", "encryption_passphrase_file"),
+    ("encryption-passphrase-file", "encryption_passphrase_file"), ("backend", "backend"),
 )
 
 
@@ -685,6 +817,8 @@ def _reads_back_as(storage: StorageConfig, key: str, text: Optional[str]) -> boo
 
 def _storage_options(storage: Union[StorageConfig, Mapping[str, Any]]) -> Tuple[str, Dict]:
     """(type, {key: text or None}) of a storage given as a StorageConfig or a plain dict."""
+    if isinstance(storage, StorageConfig) and storage.kind == "s3-endpoint":
+        return storage.type, dict(storage.options)     # no path, no typed fields: as written
     if isinstance(storage, StorageConfig):
         options: Dict[str, Any] = {}
         # Options as written win when they still mean the typed value (they keep the user's
@@ -715,7 +849,7 @@ def render_storage_cfg(storages: Mapping[str, Union[StorageConfig, Mapping[str, 
         what = f"storage '{storage_id}'"
         kind, options = _storage_options(storage)
         check_storage_id(str(storage_id), what)
-        if not isinstance(kind, str) or not re.match(r"^[a-z][a-z0-9]*$", kind):
+        if not isinstance(kind, str) or not re.match(r"^[a-z][a-z0-9\-]*$", kind):
             raise ConfigError(f"{what}: '{kind}' is not a storage type; use one of "
                               f"{', '.join(STORAGE_TYPES)}")
         lines = [f"{kind}: {storage_id}"]

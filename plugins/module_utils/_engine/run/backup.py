@@ -256,7 +256,7 @@ def run_backup(request, log=None, progress=None, now=None):
             return dict(_plan_result(plan), changed=True)
         vmid = plan.guest.vmid
         stack.enter_context(plan.storage.guest_lock(vmid, float(options['lockwait']) * 60))
-        stack.enter_context(plan.storage.writer())
+        stack.enter_context(plan.storage.writer(float(options['lockwait']) * 60))
         # Leftovers of killed runs first: their jobs would still hold the disks.
         leftovers.clear(qmp, vmid, plan.all_disks, plan.storage, clog)
         decide_backup(plan, qmp, now)

@@ -10,11 +10,14 @@ from dataclasses import replace
 
 from ..errors import ConfigError, GuestNotFound
 from ..format.datastore.format import Datastore
+from ..format.datastore.s3_chunks import S3ChunkStore
 from ..format.datastore.snapshot import SnapshotCodec
 from ..format.qcow2 import Qcow2Chain
 from ..guest.registry import GuestEntry, load_guest, validate_vmid
-from ..policy.config import load_storage
+from ..policy.config import load_s3_endpoint, load_storage
 from ..storage.datastore import DatastoreStorage
+from ..storage.s3 import S3Bucket
+from ..storage.s3_datastore import S3DatastoreStorage
 from ..storage.directory import DirStorage
 from .keys import load_crypt
 
@@ -50,7 +53,7 @@ def open_storage(config_dir, storage=None, dumpdir=None, node=None):
     if storage:
         cfg = load_storage(config_dir, storage, node=node or socket.gethostname())
         if cfg.type == 'datastore':
-            return open_datastore(cfg)
+            return open_datastore(cfg, config_dir)
         return DirStorage(cfg.path, cfg.id)
     if dumpdir:
         if not str(dumpdir).startswith('/'):
@@ -59,12 +62,19 @@ def open_storage(config_dir, storage=None, dumpdir=None, node=None):
     return None
 
 
-def open_datastore(cfg):
-    """A ``datastore:`` storage with its format, holding the key when storage.cfg names one."""
+def open_datastore(cfg, config_dir):
+    """A ``datastore:`` storage with its format, holding the key when storage.cfg names one; on
+    an S3 backend, the bucket with ``path`` as its cache."""
     crypt = None
     if cfg.encryption_key:
         crypt = load_crypt(cfg.encryption_key, passphrase_file=cfg.encryption_passphrase_file)
-    store = DatastoreStorage(cfg.path, cfg.id, SnapshotCodec(crypt))
+    codec = SnapshotCodec(crypt)
+    if cfg.s3_backend:
+        bucket = S3Bucket(load_s3_endpoint(config_dir, cfg), cfg.s3_backend['bucket'])
+        store = S3DatastoreStorage(cfg.path, cfg.id, codec, bucket)
+        store.format = Datastore(store, crypt, chunks=S3ChunkStore(store))
+        return store
+    store = DatastoreStorage(cfg.path, cfg.id, codec)
     store.format = Datastore(store, crypt)
     return store
 

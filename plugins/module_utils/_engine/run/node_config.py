@@ -107,7 +107,7 @@ def storage_options(storage_id: str, storage: Any) -> Dict[str, Any]:
             raise ConfigError(f"{what}: option '{key}' is given twice ('-' and '_' spellings "
                               f"are the same option); keep one")
         options[key] = _property_dict(value)
-    if not options.get("path"):
+    if not options.get("path") and kind != "s3-endpoint":
         raise ConfigError(f"{what}: a {kind} storage needs 'path', an absolute directory")
     return options
 
@@ -169,9 +169,17 @@ def storage_dirs_to_create(storages: Mapping[str, StorageConfig], node: str) -> 
     return missing
 
 
+_SECRET_LINE = re.compile(r"^(\s+secret-key\s+)\S.*$", re.MULTILINE)
+
+
+def _masked(text: str) -> str:
+    """``text`` with every inline S3 secret replaced, for diffs that Ansible prints."""
+    return _SECRET_LINE.sub(r"\1********", text)
+
+
 def _file_diff(path: str, before: Optional[str], after: str) -> Dict[str, Any]:
     return {"before_header": path if before is not None else f"{path} (absent)",
-            "after_header": path, "before": before or "", "after": after}
+            "after_header": path, "before": _masked(before or ""), "after": _masked(after)}
 
 
 def _dir_diff(path: str) -> Dict[str, Any]:
@@ -230,7 +238,8 @@ def apply_node_config(config_dir: str, vzdump: Optional[Mapping[str, Any]] = Non
         if make_config_dir:
             os.makedirs(config_dir, mode=CONFIG_DIR_MODE)
         for path, text in to_write:
-            write_file_atomic(path, text)
+            # an inline S3 secret makes the file root's alone (secret-key-file is better)
+            write_file_atomic(path, text, mode=0o600 if _SECRET_LINE.search(text) else None)
     except OSError as err:
         raise StorageError(f"cannot write the node configuration: {err.filename or config_dir}: "
                            f"{err.strerror}; check that the directory exists and is writable "

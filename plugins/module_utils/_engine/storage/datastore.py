@@ -138,7 +138,13 @@ class DatastoreStorage(DirStorage):
 
     # -- running backups, for garbage collection -------------------------------------------------
     @contextmanager
-    def writer(self):
+    def collecting_garbage(self, check_mode=False):
+        """Held by a garbage collection: ``(now, start of the oldest running backup or None)``,
+        from which the sweep's cutoff follows."""
+        yield time.time(), self.oldest_writer_start()
+
+    @contextmanager
+    def writer(self, wait_seconds=0):
         """Announce a running backup: a file in ``.writers`` holding its start, locked while
         the backup runs (the kernel drops the lock if the process dies)."""
         folder = os.path.join(self.path, WRITERS)

@@ -261,7 +261,7 @@ class DirStorage(Storage):
             raise StorageError(f"cannot create a backup directory in {gdir}: {exc}") from exc
 
     @contextmanager
-    def writer(self):
+    def writer(self, wait_seconds=0):
         """Held by a backup while it writes (a datastore's garbage collection spares what
         running backups may still name); nothing to do for a directory of qcow2 chains."""
         yield

@@ -202,11 +202,13 @@ def _link_exclusive(tmp, path):
     os.unlink(tmp)
 
 
-def write_file_atomic(path, data):
-    """Write bytes or text under a temporary name, fsync, rename: never a half-written file."""
+def write_file_atomic(path, data, mode=None):
+    """Write bytes or text under a temporary name, fsync, rename: never a half-written file.
+    ``mode`` sets the file's permissions (else the umask decides)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    mode = 'wb' if isinstance(data, bytes) else 'w'
-    with open(tmp, mode) as handle:
+    with open(tmp, 'wb' if isinstance(data, bytes) else 'w') as handle:
+        if mode is not None:
+            os.fchmod(handle.fileno(), mode)
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

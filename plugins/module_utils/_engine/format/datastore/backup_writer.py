@@ -27,7 +27,6 @@ import time
 from contextlib import contextmanager
 
 from ...errors import BackupFailed
-from ...storage.files import sync_filesystem
 from .blob import encode_blob, new_compressor
 from .crypt import chunk_digest
 from .file_formats import DEFAULT_CHUNK_SIZE
@@ -208,7 +207,7 @@ def write_disk_index(source, index_path, chunks, *, crypt=None, previous=None, w
 
     # 3. chunks durable, then the index
     try:
-        sync_filesystem(chunks.base)
+        chunks.sync()
     except OSError as exc:
         raise BackupFailed(f"{what}: the chunks written cannot be made durable: "
                            f"{exc.strerror or exc}") from None

@@ -25,7 +25,8 @@ import re
 import stat
 
 from ...errors import CorruptData, StorageError
-from ...storage.files import DirectFiles, fsync_path, touch_atime, write_file_hidden
+from ...storage.files import (DirectFiles, fsync_path, sync_filesystem, touch_atime,
+                              write_file_hidden)
 from .blob import blob_kind, encode_chunk
 from .file_formats import (COMPRESSED_BLOB_MAGIC, DEFAULT_CHUNK_SIZE, DIGEST_SIZE,
                            ENCRYPTED_BLOB_MAGIC, UNCOMPRESSED_BLOB_MAGIC)
@@ -112,6 +113,25 @@ class ChunkStore:
     def check(self):
         if not self.exists():
             raise StorageError(f"{self.base} is not a datastore: {CHUNK_DIR} is missing")
+
+    def prepare(self):
+        """Before a backup writes: the store exists (made on the first backup)."""
+        if not self.exists():
+            self.create()
+
+    def sync(self):
+        """Make every chunk inserted with ``durable=False`` durable (one sync of the file
+        system, before an index names them)."""
+        sync_filesystem(self.base)
+
+    def missing(self, digests):
+        """The digests of ``digests`` that have no chunk in the store."""
+        return [digest for digest in digests if not self.contains(digest)]
+
+    def collect_garbage(self, index_paths, **options):
+        """Garbage collection in PBS's two phases (gc.collect_garbage has the options)."""
+        from .gc import collect_garbage
+        return collect_garbage(self, index_paths, **options)
 
     # -- one chunk -----------------------------------------------------------------------------
 

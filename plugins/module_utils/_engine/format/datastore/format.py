@@ -21,7 +21,6 @@ from ..base import Format, TargetImage
 from .backup_writer import write_disk_index
 from .chunk_store import ChunkStore
 from .fixed_index import read_fixed_index
-from .gc import collect_garbage
 from .image_restore import restore_disk_image
 from .snapshot import index_name
 from .verify import verify_disk_index
@@ -80,18 +79,19 @@ class Datastore(Format):
     name = 'datastore'
     capture = 'pull'
 
-    def __init__(self, storage, crypt=None, workers=None):
+    def __init__(self, storage, crypt=None, workers=None, chunks=None):
         self.storage = storage
         self.crypt = crypt
-        self.chunks = ChunkStore(storage.path)
-        self.workers = workers or default_workers()
+        # chunks in files under the datastore, or objects in a bucket (s3_chunks)
+        self.chunks = chunks or ChunkStore(storage.path)
+        self.workers = workers or max(default_workers(),
+                                      getattr(self.chunks, 'backup_workers', 0))
         self.read_workers = workers or reading_workers()
 
     # -- backup ---------------------------------------------------------------------------------
     def create_targets(self, staged, disks, decision, compression):
         """A thin local fleecing image per disk; an incremental names the parent's index."""
-        if not self.chunks.exists():
-            self.chunks.create()
+        self.chunks.prepare()
         folder = os.path.join(fleecing_dir(), '-'.join(staged.final_path.split(os.sep)[-2:]))
         os.makedirs(folder, mode=0o700, exist_ok=True)
         parent = self._parent(staged, decision)
@@ -156,8 +156,7 @@ class Datastore(Format):
         process may sweep a chunk in the instant between this backup finding it stored and
         touching it (PBS closes that window with a lock inside one process); one stat per
         distinct chunk makes sure no snapshot is kept that names a chunk that is gone."""
-        gone = [d for d in read_fixed_index(index_path).distinct_digests()
-                if not self.chunks.contains(d)]
+        gone = self.chunks.missing(read_fixed_index(index_path).distinct_digests())
         if gone:
             raise BackupFailed(
                 f"{disk_id}: {len(gone)} chunk(s) this backup found stored were removed by a "
@@ -301,10 +300,11 @@ class Datastore(Format):
         if not self.chunks.exists():
             raise StorageError(f"{self.storage.label} holds no chunk store yet (no backup was "
                                "taken into it); nothing to collect")
-        return collect_garbage(self.chunks, self.storage.index_files(),
-                               grace_seconds=grace_seconds,
-                               oldest_writer_start=self.storage.oldest_writer_start(),
-                               check_mode=check_mode, progress=progress)
+        with self.storage.collecting_garbage(check_mode) as (now, oldest_writer_start):
+            return self.chunks.collect_garbage(
+                self.storage.index_files(), grace_seconds=grace_seconds,
+                oldest_writer_start=oldest_writer_start, check_mode=check_mode, now=now,
+                progress=progress)
 
 
 def _stop_if(cancelled):

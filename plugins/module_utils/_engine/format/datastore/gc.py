@@ -29,7 +29,7 @@ from .fixed_index import read_fixed_index
 REMOVE_THREADS = 8
 
 
-def _referenced(index_paths, warnings):
+def referenced_digests(index_paths, warnings):
     """``(digests as hex, index files read, logical bytes)`` of every index that can be read.
 
     An index that vanished (a prune ran meanwhile) is skipped; a damaged one has the complete
@@ -106,7 +106,7 @@ def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=N
     paths = list(index_paths)
     if progress is not None:
         progress('mark', 0, len(paths))
-    referenced, index_files, logical = _referenced(paths, warnings)
+    referenced, index_files, logical = referenced_digests(paths, warnings)
     missing = None if check_mode else _mark(chunks, referenced)
     if progress is not None:
         progress('mark', len(paths), len(paths))

@@ -1,0 +1,215 @@
+"""The chunk store of a datastore on S3: each chunk an object ``.chunks/XXXX/<digest hex>``.
+
+The objects are the same DataBlobs a local store keeps in files. What differs:
+- **inserting** is a conditional put (``If-None-Match: *``): the first writer of a chunk creates
+  it, any other (another worker, another node) learns it exists; nothing is overwritten, so two
+  nodes backing up clones of one image store the shared chunks once;
+- **what this node knows is stored** is kept in the local cache as an empty marker file per
+  chunk (``<cache>/.chunks/XXXX/<digest>``), so an unchanged chunk costs no request at all. The
+  markers are a cache: a GC on any node writes a new ``.gc-generation``, and a node that sees a
+  generation its markers were not made under drops them before it backs up; a backup checks
+  every chunk its index names with one HEAD each before it keeps the snapshot, and drops the
+  markers of any that is gone;
+- **garbage collection** cannot touch an object's time without copying it, so it marks in
+  memory: the digests every index names. The sweep lists ``.chunks/`` and deletes, with
+  multi-object deletes, each chunk no index names whose upload is older than the cutoff; it runs
+  only while no backup writes anywhere (the storage's leases);
+- **verify** moves a corrupt chunk to ``<digest>.<n>.bad`` (a server-side copy, then a delete).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ...errors import CorruptData
+from .chunk_store import CHUNK_DIR, MAX_BAD_COPIES, ChunkStore, chunk_relpath, digest_hex, \
+    is_chunk_name
+from .gc import referenced_digests
+
+GENERATION_FILE = '.generation'
+# Requests in flight at once (HEADs, GETs): S3 is latency-bound, not CPU-bound.
+PARALLEL_REQUESTS = 16
+# Backup workers: each waits on an upload as long as it computes.
+BACKUP_WORKERS = 8
+
+
+class S3ChunkStore(ChunkStore):
+    """Chunks in ``storage.bucket``; markers of stored chunks under the cache ``storage.path``."""
+
+    backup_workers = BACKUP_WORKERS
+
+    def __init__(self, storage):
+        super().__init__(storage.path)
+        self.storage = storage
+        self.bucket = storage.bucket
+
+    def __repr__(self):
+        return f"S3ChunkStore({self.bucket.label!r})"
+
+    @staticmethod
+    def key(digest):
+        return chunk_relpath(digest).replace(os.sep, '/')
+
+    # -- the store -----------------------------------------------------------------------------
+    def exists(self):
+        return True   # the bucket is checked when the storage opens
+
+    def create(self):
+        os.makedirs(self.chunk_dir, mode=0o700, exist_ok=True)
+
+    def check(self):
+        self.bucket.check()
+
+    def prepare(self):
+        """Drop the markers when a GC ran since they were made (it may have removed chunks)."""
+        self.create()
+        generation = self.storage.gc_generation() or ''
+        path = os.path.join(self.chunk_dir, GENERATION_FILE)
+        try:
+            with open(path) as handle:
+                known = handle.read().strip()
+        except FileNotFoundError:
+            known = None
+        if known == generation:
+            return
+        if known is not None:
+            for name in os.listdir(self.chunk_dir):
+                if name != GENERATION_FILE:
+                    shutil.rmtree(os.path.join(self.chunk_dir, name), ignore_errors=True)
+        with open(path, 'w') as handle:
+            handle.write(generation + '\n')
+
+    def sync(self):
+        pass  # an object is durable when its put has answered
+
+    # -- markers -------------------------------------------------------------------------------
+    def _mark(self, digest):
+        path = self.chunk_path(digest)
+        try:
+            open(path, 'a').close()
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            open(path, 'a').close()
+
+    def _unmark(self, digest):
+        try:
+            os.unlink(self.chunk_path(digest))
+        except FileNotFoundError:
+            pass
+
+    def touch_if_present(self, digest):
+        """Whether the bucket holds the chunk: known here (a marker), else one HEAD, which is
+        cheaper than uploading 4 MiB that another node (or a dropped cache) already stored."""
+        if os.path.exists(self.chunk_path(digest)):
+            return True
+        if self.contains(digest):
+            self._mark(digest)
+            return True
+        return False
+
+    def contains(self, digest):
+        return self.bucket.head(self.key(digest)) is not None
+
+    def missing(self, digests):
+        """One HEAD per digest, in parallel; a missing chunk's marker is dropped, so the next
+        backup uploads it again."""
+        digests = list(digests)
+        with ThreadPoolExecutor(PARALLEL_REQUESTS, 's3-head') as pool:
+            found = list(pool.map(self.contains, digests))
+        gone = [digest for digest, present in zip(digests, found) if not present]
+        for digest in gone:
+            self._unmark(digest)
+        return gone
+
+    # -- one chunk -----------------------------------------------------------------------------
+    def insert(self, digest, blob, durable=True):
+        created = self.bucket.put_new(self.key(digest), blob)
+        self._mark(digest)
+        return not created, len(blob)
+
+    def read(self, digest):
+        data = self.bucket.get(self.key(digest))
+        if data is None:
+            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.bucket.label}")
+        return data
+
+    def read_view(self, digest):
+        return self.read(digest)
+
+    def mark_bad(self, digest):
+        key = self.key(digest)
+        if self.bucket.head(key) is None:
+            return None
+        for counter in range(MAX_BAD_COPIES):
+            target = f"{key}.{counter}.bad"
+            if counter == MAX_BAD_COPIES - 1 or self.bucket.head(target) is None:
+                break
+        self.bucket.copy(key, target)
+        self.bucket.delete([key])
+        self._unmark(digest)
+        return target
+
+    # -- garbage collection --------------------------------------------------------------------
+    def collect_garbage(self, index_paths, *, grace_seconds, oldest_writer_start=None,
+                        check_mode=False, now=None, progress=None):
+        """As ``gc.collect_garbage`` (same result keys), marking in memory and sweeping by each
+        object's upload time; ``now`` is the bucket's clock at the start."""
+        started = time.monotonic()
+        now = time.time() if now is None else float(now)
+        cutoff = now - float(grace_seconds)
+        warnings = []
+        paths = list(index_paths)
+        if progress is not None:
+            progress('mark', 0, len(paths))
+        referenced, index_files, logical = referenced_digests(paths, warnings)
+        if progress is not None:
+            progress('mark', len(paths), len(paths))
+        result = {'removed_chunks': 0, 'removed_bytes': 0, 'kept_chunks': 0, 'kept_bytes': 0,
+                  'bad_chunks_removed': 0, 'bad_chunks_kept': 0, 'pending_chunks': 0,
+                  'removed_temporaries': 0, 'referenced_bytes': 0}
+        present, bad, doomed = set(), [], []
+        listed = 0
+        for key, size, _etag, modified in self.bucket.objects(CHUNK_DIR + '/'):
+            name = key.rsplit('/', 1)[-1]
+            if not is_chunk_name(name):
+                continue
+            listed += 1
+            if len(name) > 64:
+                bad.append((key, name[:64].lower(), size, modified))
+                continue
+            name = name.lower()
+            present.add(name)
+            if name in referenced or modified >= cutoff:
+                result['kept_chunks'] += 1
+                result['kept_bytes'] += size
+                if name in referenced:
+                    result['referenced_bytes'] += size
+                else:
+                    result['pending_chunks'] += 1
+                continue
+            doomed.append((key, name, size, 'removed_chunks'))
+        for key, digest, size, modified in bad:
+            if (digest in referenced and digest not in present) or modified >= cutoff:
+                result['bad_chunks_kept'] += 1
+                continue
+            doomed.append((key, None, size, 'bad_chunks_removed'))
+        for _key, _name, size, counter in doomed:
+            result[counter] += 1
+            result['removed_bytes'] += size
+        if not check_mode and doomed:
+            self.bucket.delete(key for key, _n, _s, _c in doomed)
+            for _key, name, _size, _counter in doomed:
+                if name is not None:
+                    self._unmark(name)
+        if progress is not None:
+            progress('sweep', 1, 1)     # one listing, no prefix directories to count
+        kept = result['referenced_bytes']
+        result.update(
+            index_files=index_files, referenced_chunks=len(referenced),
+            missing_chunks=len(referenced - present), logical_bytes=logical,
+            dedup_factor=round(logical / kept, 3) if kept else 0.0, cutoff=cutoff,
+            check_mode=bool(check_mode), warnings=warnings,
+            duration=round(time.monotonic() - started, 3))
+        return result

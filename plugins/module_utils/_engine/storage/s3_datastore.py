@@ -1,0 +1,358 @@
+"""A datastore in an S3 bucket, with a local directory as its cache (as PBS 4 keeps one).
+
+The bucket holds the datastore exactly as a directory would (``.chunks/XXXX/<digest>``,
+``vm/<vmid>/<time>/...``, keys for paths); the bucket is the truth, the cache a copy of what
+each snapshot's small files hold, so the snapshot code of a local datastore runs unchanged:
+- **writing**: a snapshot is staged in the cache as on a local datastore. On commit its files
+  are uploaded, the manifest (``index.json.blob``) last: a snapshot is in the bucket when its
+  manifest is, so a killed upload leaves only keys that no listing shows (``remove_stale``
+  deletes them). The chunks went up before, while they were read.
+- **reading**: every listing of a guest lists its keys in the bucket and brings the cache in
+  line: snapshots another node made are fetched, ones another node pruned are dropped, a
+  manifest changed elsewhere (notes, verify state) is fetched again. Delete the cache and the
+  next listing rebuilds it.
+- **several nodes, one bucket**: chunks are shared (the format's conditional puts), and garbage
+  collection never sweeps while a backup writes anywhere. Each running backup and each GC holds a
+  *lease*, an object under ``.leases/`` refreshed every minute; a GC sweeps only when it sees no
+  live writer lease after putting its own, and a backup starts only when it sees no live GC lease
+  after putting its own, so of two that start at once at least one sees the other (S3 is
+  strongly consistent). A GC that removed chunks writes a new ``.gc-generation``, which tells
+  every node's cache that what it knew to be stored may be gone.
+
+Locks on one guest (``guest_lock``) stay local to the node that runs the guest, as with PBS:
+a vmid is backed up from one node at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+from ..errors import GuestvaultError, StorageError
+from ..times import parse_time
+from .datastore import CLIENT_LOG, MANIFEST, OWNER, OWNER_TEXT, DatastoreStagedBackup, \
+    DatastoreStorage
+from .directory import PROTECTED
+from .files import fsync_path, write_file_atomic
+
+LEASES = '.leases/'
+GC_GENERATION = '.gc-generation'
+# A lease not refreshed for this long belongs to a run that died (it refreshes every minute).
+LEASE_TTL = 600
+LEASE_REFRESH = 60
+GC_WAIT_POLL = 2.0
+
+
+def snapshot_key(storage_path, snapshot_path):
+    """The key prefix (``vm/<vmid>/<time>/``) of a snapshot directory in the cache."""
+    relative = os.path.relpath(snapshot_path, storage_path)
+    return relative.replace(os.sep, '/').rstrip('/') + '/'
+
+
+class S3StagedBackup(DatastoreStagedBackup):
+    """A snapshot staged in the cache; ``commit`` uploads it, the manifest last."""
+
+    def __init__(self, tmp_path, final_path, codec, storage):
+        super().__init__(tmp_path, final_path, codec)
+        self.storage = storage
+        self.prefix = snapshot_key(storage.path, final_path)
+        self.uploaded = False
+
+    def commit(self):
+        names = sorted(n for n in os.listdir(self.path) if n not in (MANIFEST, CLIENT_LOG))
+        try:
+            for name in names:
+                self._upload(name)
+            self.uploaded = True         # from here a failure must delete what went up
+            self._upload(MANIFEST)
+        except GuestvaultError:
+            self.storage.delete_snapshot_keys(self.prefix)
+            raise
+        super().commit()
+
+    def _upload(self, name):
+        with open(self.file(name), 'rb') as handle:
+            self.storage.bucket.put(self.prefix + name, handle.read())
+
+    def write_log(self, text):
+        super().write_log(text)
+        if self.uploaded:
+            try:
+                self._upload(CLIENT_LOG)
+            except GuestvaultError:
+                pass  # the snapshot is complete without it (PBS's log is optional); kept here
+
+    def discard(self):
+        if self.uploaded:
+            try:
+                self.storage.delete_snapshot_keys(self.prefix)
+            except GuestvaultError:
+                pass  # a manifest-less remainder is removed by the guest's next run
+        super().discard()
+
+
+class S3DatastoreStorage(DatastoreStorage):
+    """A datastore whose bucket holds everything and whose ``path`` is the local cache."""
+
+    kind = 'datastore'
+
+    def __init__(self, path, storage_id, codec, bucket):
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)   # a dropped cache is rebuilt
+        except OSError as exc:
+            raise StorageError(f"cannot create the cache {path} of datastore {storage_id}: "
+                               f"{exc.strerror or exc}") from None
+        super().__init__(path, storage_id, codec)
+        self.bucket = bucket
+        self.label = f"datastore {storage_id} ({bucket.label}, cache {self.path})"
+        self.bucket.check()
+
+    def staged_class(self, tmp_path, final_path):
+        return S3StagedBackup(tmp_path, final_path, self.codec, self)
+
+    def stage(self, vmid, when):
+        self.bucket.put_new(f"vm/{int(vmid)}/{OWNER}", OWNER_TEXT.encode())
+        return super().stage(vmid, when)
+
+    # -- listing: the bucket is the truth, the cache follows it ----------------------------------
+    def guest_ids(self):
+        return sorted(int(name) for name in self.bucket.folders('vm/') if name.isdigit())
+
+    def backups(self, vmid):
+        self.sync_guest(vmid)
+        return super().backups(vmid)
+
+    def index_files(self):
+        for vmid in self.guest_ids():
+            self.sync_guest(vmid)
+        return super().index_files()
+
+    def remote_snapshots(self, vmid):
+        """``{time name: {file name: (size, etag)}}`` of the guest's snapshots in the bucket,
+        complete or not."""
+        prefix = f"vm/{int(vmid)}/"
+        found = {}
+        for key, size, etag, _modified in self.bucket.objects(prefix):
+            rest = key[len(prefix):]
+            if '/' in rest:
+                name, file_name = rest.split('/', 1)
+                found.setdefault(name, {})[file_name] = (size, etag)
+        return found
+
+    def sync_guest(self, vmid):
+        """Bring the cache of one guest in line with the bucket."""
+        remote = self.remote_snapshots(vmid)
+        gdir = self.guest_dir(vmid)
+        complete = {name: files for name, files in remote.items() if MANIFEST in files}
+        if not complete and not os.path.isdir(gdir):
+            return
+        os.makedirs(gdir, mode=0o700, exist_ok=True)
+        for name in sorted(os.listdir(gdir)):
+            if name.startswith('.') or name in complete or name == OWNER:
+                continue
+            try:
+                parse_time(name)
+            except ValueError:
+                continue
+            shutil.rmtree(os.path.join(gdir, name), ignore_errors=True)  # pruned elsewhere
+        for name, files in complete.items():
+            local = os.path.join(gdir, name)
+            if not os.path.isdir(local):
+                self._fetch_snapshot(vmid, name, files, local)
+                continue
+            self._refresh(vmid, name, files, local)
+
+    def _fetch_snapshot(self, vmid, name, files, local):
+        hidden = os.path.join(os.path.dirname(local), f".{name}.fetch.tmp")
+        shutil.rmtree(hidden, ignore_errors=True)
+        os.mkdir(hidden, 0o700)
+        prefix = f"vm/{int(vmid)}/{name}/"
+        for file_name in files:
+            if '/' in file_name or file_name.startswith('.') and file_name != PROTECTED:
+                continue
+            data = b'' if file_name == PROTECTED else self.bucket.get(prefix + file_name)
+            if data is None:
+                continue      # pruned while listed: the next listing drops the snapshot
+            write_file_atomic(os.path.join(hidden, file_name), data)
+        fsync_path(hidden)
+        os.rename(hidden, local)
+
+    def _refresh(self, vmid, name, files, local):
+        """Protection, the manifest and the log as the bucket has them now."""
+        prefix = f"vm/{int(vmid)}/{name}/"
+        marker = os.path.join(local, PROTECTED)
+        if (PROTECTED in files) != os.path.exists(marker):
+            if PROTECTED in files:
+                write_file_atomic(marker, '')
+            else:
+                os.unlink(marker)
+        for file_name in (MANIFEST, CLIENT_LOG):
+            if file_name not in files:
+                continue
+            path = os.path.join(local, file_name)
+            if _md5(path) == files[file_name][1]:
+                continue
+            data = self.bucket.get(prefix + file_name)
+            if data is not None:
+                write_file_atomic(path, data)
+
+    # -- changing snapshots ---------------------------------------------------------------------
+    def delete_snapshot_keys(self, prefix):
+        """Delete a snapshot's keys, its manifest first, so it is never half visible."""
+        self.bucket.delete([prefix + MANIFEST])
+        self.bucket.delete(key for key, _s, _e, _m in self.bucket.objects(prefix))
+
+    def remove(self, record):
+        if record.protected or os.path.exists(os.path.join(record.path, PROTECTED)) \
+                or self.bucket.head(snapshot_key(self.path, record.path) + PROTECTED):
+            raise StorageError(f"backup {record.id} is protected and is not removed")
+        self.inside(record.path)
+        self.delete_snapshot_keys(snapshot_key(self.path, record.path))
+        super().remove(record)
+
+    def remove_stale(self, vmid):
+        """Also the keys of uploads a killed run left (a snapshot without manifest)."""
+        removed = super().remove_stale(vmid)
+        for name, files in self.remote_snapshots(vmid).items():
+            if MANIFEST not in files:
+                self.bucket.delete(f"vm/{int(vmid)}/{name}/{file_name}" for file_name in files)
+                removed.append(f"{name} (an incomplete upload in {self.bucket.label})")
+        return removed
+
+    def set_protected(self, record, protected):
+        key = snapshot_key(self.path, record.path) + PROTECTED
+        if protected:
+            self.bucket.put(key, b'')
+        else:
+            self.bucket.delete([key])
+        super().set_protected(record, protected)
+
+    def _upload_manifest(self, record):
+        with open(os.path.join(record.path, MANIFEST), 'rb') as handle:
+            self.bucket.put(snapshot_key(self.path, record.path) + MANIFEST, handle.read())
+
+    def set_notes(self, record, notes):
+        super().set_notes(record, notes)
+        self._upload_manifest(record)
+
+    def write_verify_state(self, record, state):
+        super().write_verify_state(record, state)
+        self._upload_manifest(record)
+
+    def free_bytes(self):
+        return sys.maxsize  # a bucket has no size a client can ask for
+
+    # -- leases: backups and garbage collections across nodes -----------------------------------
+    @contextmanager
+    def writer(self, wait_seconds=180 * 60):
+        """A backup's lease; waits while a garbage collection sweeps (up to ``wait_seconds``)."""
+        with super().writer(), _Lease(self.bucket, 'writer') as lease:
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                collecting = self._live_leases('gc', lease.server_time())
+                if not collecting:
+                    break
+                if time.monotonic() >= deadline:
+                    raise StorageError(
+                        f"a garbage collection of {self.label} is running "
+                        f"({_describe(collecting)}) and did not end within "
+                        f"{wait_seconds / 60:g} min; wait for it or raise lockwait")
+                time.sleep(GC_WAIT_POLL)
+            yield
+
+    @contextmanager
+    def collecting_garbage(self, check_mode=False):
+        """Held by a garbage collection: ``(server time now, None)`` for its cutoff; refuses while
+        a backup writes anywhere. A GC that ran writes a new generation for the caches."""
+        if check_mode:
+            yield time.time(), None
+            return
+        with _Lease(self.bucket, 'gc') as lease:
+            now = lease.server_time()
+            writing = self._live_leases('writer', now)
+            if writing:
+                raise StorageError(
+                    f"garbage collection of {self.label} does not sweep while backups write "
+                    f"into it ({_describe(writing)}); run it again when they have finished")
+            try:
+                yield now, None
+            finally:
+                self.bucket.put(GC_GENERATION, uuid.uuid4().hex.encode())
+
+    def gc_generation(self):
+        """What ``.gc-generation`` holds (None before the first GC)."""
+        data = self.bucket.get(GC_GENERATION)
+        return data.decode('ascii', 'replace').strip() if data is not None else None
+
+    def _live_leases(self, kind, now):
+        live = []
+        for key, _size, _etag, modified in self.bucket.objects(f"{LEASES}{kind}-"):
+            if modified >= now - LEASE_TTL:
+                data = self.bucket.get(key)
+                try:
+                    live.append(json.loads(data or b'{}'))
+                except ValueError:
+                    live.append({})
+        return live
+
+
+class _Lease:
+    """An object ``.leases/<kind>-<id>`` naming its holder, refreshed on a thread until released."""
+
+    def __init__(self, bucket, kind):
+        self.bucket = bucket
+        self.key = f"{LEASES}{kind}-{uuid.uuid4().hex}"
+        self.body = json.dumps({'kind': kind, 'node': socket.gethostname(),
+                                'pid': os.getpid(), 'started': time.time()}).encode()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        self.bucket.put(self.key, self.body)
+        self._thread = threading.Thread(target=self._refresh, daemon=True,
+                                        name='guestvault-lease')
+        self._thread.start()
+        return self
+
+    def _refresh(self):
+        while not self._stop.wait(LEASE_REFRESH):
+            try:
+                self.bucket.put(self.key, self.body)
+            except GuestvaultError:
+                pass  # retried next minute; a lease lapses only after LEASE_TTL
+
+    def server_time(self):
+        """The bucket's clock (the lease's own modification time), so nodes' clocks never
+        decide whether a lease is live."""
+        found = self.bucket.head(self.key)
+        return found['modified'] if found else time.time()
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.bucket.delete([self.key])
+        except GuestvaultError:
+            pass  # it lapses after LEASE_TTL
+
+
+def _describe(leases):
+    shown = [f"{lease.get('node', '?')} pid {lease.get('pid', '?')}" for lease in leases[:3]]
+    more = f" and {len(leases) - 3} more" if len(leases) > 3 else ''
+    return ', '.join(shown) + more
+
+
+def _md5(path):
+    try:
+        with open(path, 'rb') as handle:
+            return hashlib.md5(handle.read()).hexdigest()
+    except OSError:
+        return None
