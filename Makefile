@@ -78,6 +78,7 @@ bench: bench-deps venv
 	$(PY) bench/prune_bench.py
 	$(PY) bench/backup_bench.py
 	$(PY) bench/datastore_bench.py
+	$(PY) bench/s3_bench.py
 
 clean:
 	rm -rf $(BUILD) tests/output

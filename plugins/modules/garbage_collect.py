@@ -22,6 +22,11 @@ description:
     running, if it started earlier) minus O(grace).
   - Backups may run during a garbage collection; a chunk a running backup reuses or writes is
     never removed.
+  - On a datastore in an S3 bucket, the mark happens in memory (an object's time cannot be
+    set without copying it), the sweep lists the chunks and removes each one no backup
+    references whose upload is older than now minus O(grace), with multi-object deletes. It
+    runs on any node, and refuses while a backup writes into the bucket from any node (each
+    running backup holds a lease in the bucket); such a backup waits for it in turn.
   - Reports the chunks and bytes removed and kept, and the datastore's deduplication factor.
 author:
   - guestvault developers (@guestvault)

@@ -52,8 +52,8 @@ options:
   storages:
     description:
       - The whole of C(storage.cfg) as a dictionary of storage id to its options, in Proxmox's
-        storage.cfg vocabulary - C(type) (V(dir), V(nfs), V(cifs), V(datastore); default
-        V(dir)), C(path) (required), C(content) (a list or a comma-separated string; default
+        storage.cfg vocabulary - C(type) (V(dir), V(nfs), V(cifs), V(datastore),
+        V(s3-endpoint); default V(dir)), C(path) (required but for V(s3-endpoint)), C(content) (a list or a comma-separated string; default
         C(backup)), C(prune-backups) (a string or a dictionary), C(max-protected-backups)
         (C(-1) for unlimited), C(shared), C(disable), C(nodes), ...
       - A V(datastore) storage holds backups in Proxmox Backup Server's datastore format (a
@@ -64,6 +64,17 @@ options:
         passphrase, C(encryption-passphrase-file) (the absolute path of a file whose first
         line is the passphrase). The passphrase itself is never written to C(storage.cfg).
         The datastore's directory is created by its first backup, not by this module.
+      - A V(datastore) with C(backend) V(type=s3,client=<endpoint id>,bucket=<bucket>) keeps
+        its chunks and snapshots in an S3 bucket, and its C(path) is a local cache that may be
+        deleted (it is rebuilt from the bucket). C(backend) may be a string or a dictionary.
+      - An V(s3-endpoint) entry is not a storage but the S3 endpoint such a datastore names, as
+        in Proxmox Backup Server 4 - C(endpoint) (a host name, optionally with PBS's
+        C({{bucket}}.) and C({{region}}) placeholders, or a URL such as
+        C(http://10.0.0.5:8333)), C(region), C(access-key), C(secret-key-file) (the absolute path
+        of a file whose first line is the secret key; better than C(secret-key)),
+        C(path-style), C(port), C(ca-file) or C(fingerprint). A C(secret-key) given inline is
+        masked in the diff and makes C(storage.cfg) readable by root only. Mark such a task
+        C(no_log).
       - Keys may be written with C(_) or C(-). Storages are written in the order given.
     type: dict
 """
@@ -97,6 +108,25 @@ EXAMPLES = r"""
         path: /srv/datastore
         encryption_key: /etc/guestvault/keys/pbs.json
         encryption_passphrase_file: /etc/guestvault/keys/pbs.pass
+        prune_backups: keep-daily=7,keep-weekly=4
+
+- name: An encrypted datastore in an S3 bucket, with a local cache
+  guestvault.backup.node_config:
+    storages:
+      aws:
+        type: s3-endpoint
+        endpoint: "{{ '{{bucket}}' }}.s3.{{ '{{region}}' }}.amazonaws.com"
+        region: eu-central-1
+        access_key: AKIAIOSFODNN7EXAMPLE
+        secret_key_file: /etc/guestvault/keys/aws.secret
+      offsite:
+        type: datastore
+        path: /var/cache/guestvault/offsite
+        backend:
+          type: s3
+          client: aws
+          bucket: acme-guest-backups
+        encryption_key: /etc/guestvault/keys/pbs.json
         prune_backups: keep-daily=7,keep-weekly=4
 
 - name: Only the storages; vzdump.conf stays as it is

@@ -353,3 +353,21 @@ def test_node_config_refuses_a_malformed_datastore(tmp_path, storage, words):
     for word in words:
         assert word in str(caught.value)
     assert not os.path.exists(tmp_path / "etc")
+
+
+def test_an_s3_endpoint_is_declared_its_inline_secret_masked_and_kept_private(tmp_path):
+    storages = {
+        'aws': {'type': 's3-endpoint', 'endpoint': '{{bucket}}.s3.{{region}}.amazonaws.com',
+                'region': 'eu-central-1', 'access_key': 'AKIA1', 'secret_key': 'SEKRIT'},
+        'offsite': {'type': 'datastore', 'path': '/var/cache/offsite',
+                    'backend': {'type': 's3', 'client': 'aws', 'bucket': 'acme-backups'}},
+    }
+    result = apply_node_config(str(tmp_path), storages=storages)
+    path = tmp_path / 'storage.cfg'
+    assert 'secret-key SEKRIT' in path.read_text()
+    assert oct(path.stat().st_mode & 0o777) == '0o600'
+    shown = result['diff'][0]['after']
+    assert 'SEKRIT' not in shown and 'secret-key ********' in shown
+    assert 'backend type=s3,client=aws,bucket=acme-backups' in shown
+    assert result['created_dirs'] == []           # a cache is made by the first backup
+    assert apply_node_config(str(tmp_path), storages=storages)['changed'] is False

@@ -61,7 +61,8 @@ class S3Bucket:
             check_fingerprint(endpoint.url, endpoint.fingerprint)
             verify = False  # pinned above: the certificate is the one the fingerprint names
         config = Config(
-            retries={'max_attempts': max_attempts, 'mode': 'standard'},
+            # total_max_attempts counts the first request too (max_attempts would not)
+            retries={'total_max_attempts': max_attempts, 'mode': 'standard'},
             connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
             max_pool_connections=MAX_POOL,
             s3={'addressing_style': 'path' if endpoint.path_style else 'virtual'},

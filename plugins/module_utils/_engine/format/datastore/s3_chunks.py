@@ -21,14 +21,16 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from ...errors import CorruptData
+from ...errors import CorruptData, StorageError
 from .chunk_store import CHUNK_DIR, MAX_BAD_COPIES, ChunkStore, chunk_relpath, digest_hex, \
     is_chunk_name
 from .gc import referenced_digests
 
 GENERATION_FILE = '.generation'
+CHECKED_FILE = '.conditional-puts-checked'
 # Requests in flight at once (HEADs, GETs): S3 is latency-bound, not CPU-bound.
 PARALLEL_REQUESTS = 16
 # Backup workers: each waits on an upload as long as it computes.
@@ -63,8 +65,13 @@ class S3ChunkStore(ChunkStore):
         self.bucket.check()
 
     def prepare(self):
-        """Drop the markers when a GC ran since they were made (it may have removed chunks)."""
+        """Before a backup: the endpoint honours conditional puts (checked once per cache), and
+        the markers are dropped when a GC ran since they were made (it may have removed chunks)."""
         self.create()
+        checked = os.path.join(self.chunk_dir, CHECKED_FILE)
+        if not os.path.exists(checked):
+            self._check_conditional_puts()
+            open(checked, 'w').close()
         generation = self.storage.gc_generation() or ''
         path = os.path.join(self.chunk_dir, GENERATION_FILE)
         try:
@@ -76,10 +83,26 @@ class S3ChunkStore(ChunkStore):
             return
         if known is not None:
             for name in os.listdir(self.chunk_dir):
-                if name != GENERATION_FILE:
+                if name not in (GENERATION_FILE, CHECKED_FILE):
                     shutil.rmtree(os.path.join(self.chunk_dir, name), ignore_errors=True)
         with open(path, 'w') as handle:
             handle.write(generation + '\n')
+
+    def _check_conditional_puts(self):
+        """Without ``If-None-Match: *`` two nodes storing one chunk would overwrite each other
+        (a damaged upload could replace a good chunk that snapshots already name): refuse
+        an endpoint that ignores it."""
+        key = f".leases/probe-{uuid.uuid4().hex}"
+        try:
+            first = self.bucket.put_new(key, b'probe')
+            second = self.bucket.put_new(key, b'probe')
+        finally:
+            self.bucket.delete([key])
+        if not first or second:
+            raise StorageError(
+                f"{self.bucket.label} does not refuse a second conditional put "
+                "(If-None-Match: *) of one key; guestvault needs an S3 endpoint that supports "
+                "conditional writes (AWS S3, a recent MinIO, Ceph RGW or SeaweedFS)")
 
     def sync(self):
         pass  # an object is durable when its put has answered
