@@ -303,3 +303,38 @@ def test_gc_does_not_sweep_while_a_backup_writes_and_a_backup_waits_for_gc(
     out = restore(guest.vmid, config_dir, tmp_path / 'r', backup=result['time'])
     ok, text = same_content(ref, out['disks'][0]['target'])
     assert ok, text
+
+
+def test_modules_work_on_an_s3_datastore_from_a_second_node(ansible, make_guest, cluster, bucket,
+                                                            config_dir, tmp_path):
+    configure(config_dir, cluster, tmp_path / 'cache', bucket)
+    other = tmp_path / 'etc-other'                     # a second node: its own cache
+    (other / 'guests.d').mkdir(parents=True)
+    configure(str(other), cluster, tmp_path / 'cache-other', bucket)
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0xc1, 0, 8 * MiB)
+    taken = ansible.module('guestvault.backup.guest_backup',
+                           {'storage': 's3', 'config_dir': config_dir, 'vmid': guest.vmid,
+                            'qmp_socket': guest.qmp_socket, 'notes_template': 'to s3'})
+    assert taken.get('changed') and taken['level'] == 'full', taken
+    common = {'storage': 's3', 'config_dir': str(other)}
+    info = ansible.module('guestvault.backup.backup_info', dict(common, vmid=guest.vmid))
+    assert [b['notes'] for b in info['backups']] == ['to s3'], info
+    assert ansible.module('guestvault.backup.protect',
+                          dict(common, vmid=guest.vmid, backup='latest', protected=True))['changed']
+    assert ansible.module('guestvault.backup.verify',
+                          dict(common, vmid=guest.vmid))['verify_state'] == 'ok'
+    pruned = ansible.module('guestvault.backup.prune',
+                            dict(common, vmid=guest.vmid, prune_backups='keep-last=1'))
+    assert pruned['removed'] == []
+    gc = ansible.module('guestvault.backup.garbage_collect', dict(common, grace='0s'))
+    assert gc['removed_chunks'] == 0 and gc['index_files'] == 1, gc
+    ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
+    restored = ansible.module('guestvault.backup.restore',
+                              dict(common, vmid=guest.vmid, target_dir=str(tmp_path / 'r')))
+    assert restored['changed'] and restored['verified'], restored
+    ok, text = same_content(ref, restored['disks'][0]['target'])
+    assert ok, text
+    # The first node sees the protection the second one set.
+    listed = list_backups(guest.vmid, storage='s3', config_dir=config_dir)['backups']
+    assert [b['protected'] for b in listed] == [True]
