@@ -40,20 +40,6 @@ from datastore_bench import load_engine, wait_next_second  # noqa: E402
 VMID = 9931
 
 
-def write_storage_cfg(config_dir, local_path, cache, cluster, bucket):
-    secret = os.path.join(config_dir, 's3.secret')
-    with open(secret, 'w') as handle:
-        handle.write(cluster.secret_key + '\n')
-    os.chmod(secret, 0o600)
-    with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
-        handle.write(f"datastore: local\n\tpath {local_path}\n\n"
-                     f"s3-endpoint: sw\n\tendpoint {cluster.endpoint}\n"
-                     f"\tregion {cluster.region}\n\taccess-key {cluster.access_key}\n"
-                     f"\tsecret-key-file {secret}\n\tpath-style 1\n\n"
-                     f"datastore: s3\n\tpath {cache}\n"
-                     f"\tbackend type=s3,client=sw,bucket={bucket}\n")
-
-
 def one_round(run, guest, cluster, storage_id, number):
     """A full backup into a fresh store and a compared raw restore: the figures."""
     from guestvault_engine.run.backup import BackupRequest, run_backup
@@ -68,7 +54,8 @@ def one_round(run, guest, cluster, storage_id, number):
     ChunkStore(local_path).create()
     bucket = f"bench-{uuid.uuid4().hex[:10]}"
     cluster.create_bucket(bucket)
-    write_storage_cfg(config_dir, local_path, cache, cluster, bucket)
+    cluster.configure(config_dir, cache, bucket,
+                      extra=f"datastore: local\n\tpath {local_path}\n\n")
     os.sync()
     started = time.monotonic()
     result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,

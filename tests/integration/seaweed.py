@@ -287,6 +287,24 @@ class SeaweedCluster:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def configure(self, config_dir, cache, bucket, secret=None, storage_id='s3', key=None,
+                  extra=''):
+        """Write ``<config_dir>/storage.cfg``: an ``s3-endpoint: sw`` for this cluster (its
+        secret, or ``secret``, in a file only root reads) and ``datastore: <storage_id>`` in
+        ``bucket`` with ``cache`` as its path (``key``: an encryption key file). ``extra`` is
+        storage.cfg text put first."""
+        secret_file = os.path.join(config_dir, 's3.secret')
+        with open(secret_file, 'w') as handle:
+            handle.write((secret or self.secret_key) + '\n')
+        os.chmod(secret_file, 0o600)
+        with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
+            handle.write(extra + f"s3-endpoint: sw\n\tendpoint {self.endpoint}\n"
+                         f"\tregion {self.region}\n\taccess-key {self.access_key}\n"
+                         f"\tsecret-key-file {secret_file}\n\tpath-style 1\n\n"
+                         f"datastore: {storage_id}\n\tpath {cache}\n"
+                         f"\tbackend type=s3,client=sw,bucket={bucket}\n"
+                         + (f"\tencryption-key {key}\n" if key else ''))
+
     def object_keys(self, bucket, prefix=''):
         """Every key in ``bucket`` under ``prefix``, sorted (all pages)."""
         keys = []

@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from guestvault_engine.errors import StorageError
+from guestvault_engine.format.datastore.chunk_store import ZERO_CHUNK_DIGEST
 from guestvault_engine.format.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
                                                              ENCRYPTED_COMPRESSED_BLOB_MAGIC)
 from guestvault_engine.format.datastore.manifest import BackupManifest
@@ -48,19 +49,8 @@ def cluster(tmp_path_factory):
         yield running
 
 
-def configure(config_dir, cluster, cache, bucket, secret=None, storage_id='s3', key=None):
-    """storage.cfg with the cluster's endpoint (secret in a file) and a datastore on it."""
-    secret_file = os.path.join(config_dir, 's3.secret')
-    with open(secret_file, 'w') as handle:
-        handle.write((secret or cluster.secret_key) + '\n')
-    os.chmod(secret_file, 0o600)
-    with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
-        handle.write(f"s3-endpoint: sw\n\tendpoint {cluster.endpoint}\n\tregion {cluster.region}\n"
-                     f"\taccess-key {cluster.access_key}\n\tsecret-key-file {secret_file}\n"
-                     f"\tpath-style 1\n\n"
-                     f"datastore: {storage_id}\n\tpath {cache}\n"
-                     f"\tbackend type=s3,client=sw,bucket={bucket}\n"
-                     + (f"\tencryption-key {key}\n" if key else ''))
+def configure(config_dir, cluster, cache, bucket, **options):
+    cluster.configure(config_dir, cache, bucket, **options)
 
 
 @pytest.fixture
@@ -338,3 +328,27 @@ def test_modules_work_on_an_s3_datastore_from_a_second_node(ansible, make_guest,
     # The first node sees the protection the second one set.
     listed = list_backups(guest.vmid, storage='s3', config_dir=config_dir)['backups']
     assert [b['protected'] for b in listed] == [True]
+
+
+def test_verify_moves_a_corrupt_chunk_aside_and_the_next_backup_heals_it(
+        make_guest, cluster, bucket, config_dir, tmp_path):
+    configure(config_dir, cluster, tmp_path / 'cache', bucket)
+    guest = make_guest(disks=[('qcow2', 8 * MiB)])
+    guest.write('vd0', 0xd1, 0, 4 * MiB)
+    first = backup(guest, config_dir)
+    data_chunks = chunk_keys(cluster, bucket)
+    client = cluster.client()
+    victim = next(k for k in data_chunks if not k.endswith(ZERO_CHUNK_DIGEST.hex()))
+    client.put_object(Bucket=bucket, Key=victim, Body=b'\0' * 4096)     # damaged in the bucket
+    result = verify_backup(guest.vmid, storage='s3', config_dir=config_dir)
+    assert result['verify_state'] == 'failed'
+    assert any(victim.rsplit('/', 1)[1] in p and first['time'] in p for p in result['problems'])
+    assert f"{victim}.0.bad" in cluster.object_keys(bucket) and victim not in chunk_keys(
+        cluster, bucket)
+    second = backup(guest, config_dir, level='full')
+    assert second['disks'][0]['new_chunks'] == 1
+    assert verify_backup(guest.vmid, storage='s3', config_dir=config_dir)['verify_state'] == 'ok'
+    ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
+    out = restore(guest.vmid, config_dir, tmp_path / 'r')
+    ok, text = same_content(ref, out['disks'][0]['target'])
+    assert ok, text

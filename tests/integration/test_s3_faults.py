@@ -13,16 +13,8 @@ from guestvault_engine.errors import GuestvaultError
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from lab_checks import same_content
 from seaweed import SeaweedCluster
-from test_s3_datastore import MiB, backup, configure, restore, snapshot_keys
-
-
-@pytest.fixture(autouse=True)
-def fleecing_dir(tmp_path, monkeypatch):
-    path = tmp_path / 'fleecing'
-    monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(path))
-    # A dead endpoint is given up on after 3 attempts (about 3 s of backoff), not 6.
-    monkeypatch.setenv('GUESTVAULT_S3_ATTEMPTS', '3')
-    return path
+from test_s3_datastore import (MiB, backup, configure, fleecing_dir,  # noqa: F401 (autouse)
+                               restore, snapshot_keys)
 
 
 @pytest.fixture

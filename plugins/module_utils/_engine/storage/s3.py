@@ -15,6 +15,7 @@ import hashlib
 import os
 import socket
 import ssl
+import warnings
 from urllib.parse import urlparse
 
 from ..errors import MissingLibrary, StorageError
@@ -60,6 +61,8 @@ class S3Bucket:
         if endpoint.fingerprint:
             check_fingerprint(endpoint.url, endpoint.fingerprint)
             verify = False  # pinned above: the certificate is the one the fingerprint names
+            # ... so urllib3's warning about unverified requests would only mislead
+            warnings.filterwarnings('ignore', message='Unverified HTTPS request')
         config = Config(
             # total_max_attempts counts the first request too (max_attempts would not)
             retries={'total_max_attempts': max_attempts, 'mode': 'standard'},

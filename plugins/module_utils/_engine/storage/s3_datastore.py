@@ -75,7 +75,15 @@ class S3StagedBackup(DatastoreStagedBackup):
         except GuestvaultError:
             self.storage.delete_snapshot_keys(self.prefix)
             raise
-        super().commit()
+        try:
+            super().commit()
+        except OSError:
+            # A listing on this node saw the manifest and fetched the snapshot into the cache
+            # first: the bucket and the cache already hold it as uploaded.
+            if not os.path.isfile(os.path.join(self.final_path, MANIFEST)):
+                raise
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = self.final_path
 
     def _upload(self, name):
         with open(self.file(name), 'rb') as handle:
@@ -170,19 +178,30 @@ class S3DatastoreStorage(DatastoreStorage):
             self._refresh(vmid, name, files, local)
 
     def _fetch_snapshot(self, vmid, name, files, local):
-        hidden = os.path.join(os.path.dirname(local), f".{name}.fetch.tmp")
-        shutil.rmtree(hidden, ignore_errors=True)
-        os.mkdir(hidden, 0o700)
+        """Download one snapshot's files into the cache, hidden until complete. Another run on
+        this node may fetch or commit the same snapshot meanwhile: whoever renames first wins,
+        the other drops its copy (both hold what the bucket holds)."""
+        hidden = os.path.join(os.path.dirname(local),
+                              f".{name}.fetch-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         prefix = f"vm/{int(vmid)}/{name}/"
-        for file_name in files:
-            if '/' in file_name or file_name.startswith('.') and file_name != PROTECTED:
-                continue
-            data = b'' if file_name == PROTECTED else self.bucket.get(prefix + file_name)
-            if data is None:
-                continue      # pruned while listed: the next listing drops the snapshot
-            write_file_atomic(os.path.join(hidden, file_name), data)
-        fsync_path(hidden)
-        os.rename(hidden, local)
+        try:
+            os.mkdir(hidden, 0o700)
+            for file_name in files:
+                if '/' in file_name or (file_name.startswith('.') and file_name != PROTECTED):
+                    continue
+                data = b'' if file_name == PROTECTED else self.bucket.get(prefix + file_name)
+                if data is None:
+                    continue      # pruned while listed: the next listing drops the snapshot
+                write_file_atomic(os.path.join(hidden, file_name), data)
+            fsync_path(hidden)
+            os.rename(hidden, local)
+        except OSError:
+            if not os.path.isdir(local):
+                raise StorageError(f"cannot copy snapshot vm/{vmid}/{name} of {self.label} into "
+                                   f"the cache {self.path}; check its free space and "
+                                   "permissions") from None
+        finally:
+            shutil.rmtree(hidden, ignore_errors=True)
 
     def _refresh(self, vmid, name, files, local):
         """Protection, the manifest and the log as the bucket has them now."""

@@ -84,9 +84,11 @@ class Datastore(Format):
         self.crypt = crypt
         # chunks in files under the datastore, or objects in a bucket (s3_chunks)
         self.chunks = chunks or ChunkStore(storage.path)
+        # a store in a bucket waits on requests more than it computes: more threads
         self.workers = workers or max(default_workers(),
-                                      getattr(self.chunks, 'backup_workers', 0))
-        self.read_workers = workers or reading_workers()
+                                      getattr(self.chunks, 'request_workers', 0))
+        self.read_workers = workers or max(reading_workers(),
+                                           getattr(self.chunks, 'request_workers', 0))
 
     # -- backup ---------------------------------------------------------------------------------
     def create_targets(self, staged, disks, decision, compression):

@@ -33,14 +33,14 @@ GENERATION_FILE = '.generation'
 CHECKED_FILE = '.conditional-puts-checked'
 # Requests in flight at once (HEADs, GETs): S3 is latency-bound, not CPU-bound.
 PARALLEL_REQUESTS = 16
-# Backup workers: each waits on an upload as long as it computes.
-BACKUP_WORKERS = 8
+# Backup and restore workers: each waits on a request about as long as it computes.
+REQUEST_WORKERS = 8
 
 
 class S3ChunkStore(ChunkStore):
     """Chunks in ``storage.bucket``; markers of stored chunks under the cache ``storage.path``."""
 
-    backup_workers = BACKUP_WORKERS
+    request_workers = REQUEST_WORKERS
 
     def __init__(self, storage):
         super().__init__(storage.path)
