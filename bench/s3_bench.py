@@ -83,7 +83,7 @@ def one_round(run, guest, cluster, storage_id, number):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n', maxsplit=1)[0])
     parser.add_argument('--disk-size', type=parse_size, default=parse_size('2G'))
     parser.add_argument('--data', type=parse_size, default=parse_size('1G'))
     parser.add_argument('--repeat', type=int, default=2)

@@ -13,8 +13,9 @@ from guestvault_engine.errors import GuestvaultError
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from lab_checks import same_content
 from seaweed import SeaweedCluster
-from test_s3_datastore import (MiB, backup, configure, fleecing_dir,  # noqa: F401 (autouse)
-                               restore, snapshot_keys)
+# fleecing_dir is an autouse fixture: imported, it applies here too
+from test_s3_datastore import (  # pylint: disable=unused-import
+    MiB, backup, configure, fleecing_dir, restore, snapshot_keys)
 
 
 @pytest.fixture
