@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """A datastore on S3 against the same datastore on local disk, in one run (issue 12).
 
 A lab guest (prelaunch QEMU, no guest OS) gets ``--data`` of mixed data on a ``--disk-size``
