@@ -84,6 +84,7 @@ def restore_argument_spec():
         'force': {'type': 'bool', 'default': False},
         'new_vmid': {'type': 'int'},
         'new_qmp_socket': {'type': 'path'},
+        'live': {'type': 'bool', 'default': False},
     })
     return spec
 

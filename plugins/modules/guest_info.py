@@ -201,6 +201,36 @@ chains:
     reason:
       description: Why the chain cannot continue (null when it can).
       type: str
+live_restore:
+  description:
+    - The background copies of a live restore (M(guestvault.backup.restore) with
+      O(guestvault.backup.restore#module:live)) still running in this guest, one per disk.
+      Empty when none runs; a disk whose copy is done no longer reads from the backup.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    disk:
+      description: The disk's device id.
+      type: str
+    job:
+      description: The QEMU block job (C(guestvault-live-<vmid>-<disk>)).
+      type: str
+    status:
+      description: QEMU's status of the job (V(running), V(paused), ...).
+      type: str
+    done_bytes:
+      description: Bytes copied so far.
+      type: int
+    total_bytes:
+      description: Bytes to copy in all (QEMU's estimate; it can grow while the guest writes).
+      type: int
+    percent:
+      description: C(done_bytes) of C(total_bytes), in percent.
+      type: float
+    speed:
+      description: The copy's speed limit in bytes per second, 0 for none.
+      type: int
 leftovers:
   description:
     - What killed runs of guestvault left for this guest; all empty after a clean run. Every

@@ -70,6 +70,26 @@ options:
         C(qemu-img snapshot -a TIME) while the guest is off.
     type: bool
     default: false
+  live:
+    description:
+      - Live restore - start the guest at once on new qcow2 images that read the backup until
+        their data is copied, and copy it in the background (QEMU's C(block-stream)) while the
+        guest runs; the guest's own reads are served as they come. Returns as soon as the guest
+        runs; M(guestvault.backup.guest_info) shows the copies' progress (C(live_restore)), and
+        when they are done the images no longer depend on the backup.
+      - The guest started is O(new_vmid) if given, else O(vmid). It must be registered
+        (M(guestvault.backup.guest_registry)) with its C(qmp) socket and a C(start) command that
+        starts QEMU with C(-S) on the images named by C($GUESTVAULT_DISK_<DISK>) (the disk's id
+        in capitals, for example C($GUESTVAULT_DISK_VIRTIO0)); C($GUESTVAULT_RESTORE_DIR),
+        C($GUESTVAULT_VMID) and C($GUESTVAULT_QMP_SOCKET) are set too. It must not be running.
+      - If the guest cannot be started on its images, it is stopped again, the new images are
+        removed and the error says so; the backup is never touched.
+      - Needs O(format=qcow2). From qcow2 chains (C(dir) storages) only for now; a datastore
+        refuses it. The backup's files are not checked against the manifest before the guest
+        starts, since that would read them whole; M(guestvault.backup.verify) checks them.
+      - O(bwlimit) limits the background copy.
+    type: bool
+    default: false
   bwlimit:
     description: Read-side bandwidth limit in KiB/s per disk; V(0) is unlimited.
     type: int
@@ -119,6 +139,13 @@ EXAMPLES = r"""
     snapshots: true
     new_vmid: 9101
     target_dir: /var/lib/qemu/9101
+
+- name: 3 a.m. - run guest 101 from its newest backup now, copy its disks back meanwhile
+  guestvault.backup.restore:
+    vmid: 101
+    storage: backup-nfs
+    live: true
+    target_dir: /var/lib/qemu/101-restored
 """
 
 RETURN = r"""
@@ -190,8 +217,34 @@ guest_config:
   type: str
 duration:
   description: Seconds the restore took.
-  returned: success, not in check mode
+  returned: success, not in check mode, not O(live)
   type: float
+live:
+  description: Whether the guest was started on images that read the backup (O(live)).
+  returned: when O(live)
+  type: bool
+vmid_started:
+  description: The guest a live restore started.
+  returned: when O(live)
+  type: int
+status:
+  description: The started guest's QEMU status (V(running)).
+  returned: when O(live), not in check mode
+  type: str
+seconds_until_running:
+  description: Seconds from the call until the guest ran.
+  returned: when O(live), not in check mode
+  type: float
+jobs:
+  description: The background copies, one QEMU block job per disk.
+  returned: when O(live), not in check mode
+  type: list
+  elements: str
+streams:
+  description: The copies' progress when the call returned (as guest_info's C(live_restore)).
+  returned: when O(live), not in check mode
+  type: list
+  elements: dict
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module

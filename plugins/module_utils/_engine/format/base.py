@@ -30,6 +30,8 @@ Pruning
 """
 from __future__ import annotations
 
+from ..errors import ConfigError
+
 
 class TargetImage:
     """Where one disk of a backup is written, and at which level."""
@@ -71,6 +73,11 @@ class Format:
 
     def verify(self, storage, record, check_mode=False):
         raise NotImplementedError
+
+    def live_backing(self, storage, record, disk_id):
+        """``(backing file, its format)`` a live-restored image reads through until copied."""
+        raise ConfigError(f"live restore from a {self.name} storage is not implemented yet; "
+                          "restore without live")
 
     def plan_removal(self, backups, removed):
         raise NotImplementedError

@@ -163,6 +163,10 @@ class Qcow2Chain(Format):
                                 f"manifest says {disk.get('backing')!r}")
         return chain, problems
 
+    def live_backing(self, storage, record, disk_id):
+        """The backup's own image of the disk: it reads through its chain."""
+        return os.path.abspath(self.source(storage, record, disk_id)), 'qcow2'
+
     def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
         """A running copy of one disk into ``target``; ``.communicate()`` ends it."""
         return qemu_img.start_convert(self.source(storage, record, disk_id), target,

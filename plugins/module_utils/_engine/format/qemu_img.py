@@ -27,14 +27,14 @@ def _qemu_img(*args, what=None):
     return proc.stdout
 
 
-def create_qcow2(path, size, backing=None, compression=None):
+def create_qcow2(path, size, backing=None, compression=None, backing_format='qcow2'):
     """A new qcow2 image; ``backing`` is stored as given (a relative path stays relative)."""
     args = ['create', '-q', '-f', 'qcow2']
     if compression:
         args += ['-o', f'compression_type={compression}']
     if backing:
         # -u: the backing file's size is known (same disk), no need to open the whole chain.
-        args += ['-u', '-b', backing, '-F', 'qcow2']
+        args += ['-u', '-b', backing, '-F', backing_format]
     _qemu_img(*args, path, str(size))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from ..errors import DiskSelectionError
+from ..guest import live
 from ..guest.disks import discover_disks, select_disks
 from ..guest.qmp import QmpSession
 from ..policy import chain as chains
@@ -65,6 +66,7 @@ def inspect_guest(vmid, qmp_socket=None, config_dir='/etc/guestvault', storage=N
             disks = discover_disks(qmp)
             name = entry.name or qmp.guest_name()
             left = leftovers.find(qmp, entry.vmid, disks, store)
+            copying = live.stream_progress(qmp, entry.vmid)
     orphans = {(o['disk'], o['name']): o['reason'] for o in left['orphan_bitmaps']}
     result = {
         'vmid': entry.vmid, 'name': name, 'status': status, 'qmp_socket': entry.qmp_socket,
@@ -74,6 +76,8 @@ def inspect_guest(vmid, qmp_socket=None, config_dir='/etc/guestvault', storage=N
                                 for b in d.bitmaps])
                   for d in disks],
         'leftovers': left,
+        # a live restore's background copies still running (restore with live)
+        'live_restore': copying,
     }
     if store is not None:
         result['chains'] = _chains_on_storage(store, entry, disks, chain_period,

@@ -40,6 +40,7 @@ class RestoreRequest:
     new_qmp_socket: str = None
     lockwait: float = 180        # minutes to wait while a backup or prune of the guest runs
     check_mode: bool = False
+    live: bool = False           # start the guest at once, copy its disks in the background
 
 
 def _check_target_dir(request, storage):
@@ -110,6 +111,9 @@ def run_restore(request, log=None):
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     with private_files(), storage.guest_lock(validate_vmid(request.vmid),
                                              float(request.lockwait) * 60, shared=True):
+        if request.live:
+            from .live_restore import run_live_restore  # it plans with this module
+            return run_live_restore(request, log)
         return _restore(request, log)
 
 

@@ -1,0 +1,136 @@
+"""restore with ``live``: the guest runs in seconds, its disks copied back while it runs.
+
+1. A new qcow2 per restored disk in ``target_dir``, whose backing is the backup (the format's
+   ``live_backing``: for a qcow2 chain, the backup's own image, read through its chain).
+2. The target guest is started with its registry's ``start:`` command, which finds each image
+   in ``$GUESTVAULT_DISK_<DISK>`` (and ``$GUESTVAULT_RESTORE_DIR``, ``$GUESTVAULT_VMID``,
+   ``$GUESTVAULT_QMP_SOCKET``): guestvault does not own the guest's QEMU command line, the start
+   command does, as for stop mode. It should start QEMU with ``-S``.
+3. The guest's disks are checked to be those images, a ``block-stream`` per disk starts, and the
+   guest runs (``cont``). The call returns then; the copies go on inside QEMU, and guest_info
+   shows their progress. When they are done the images stand alone.
+
+If anything fails before the guest runs, the guest is stopped again and the new images are
+removed: the error says so. The target guest must be stopped (its QMP socket not answering) and
+registered with a start command; a restore into the original guest's own images is refused
+(``target_dir`` would have to hold them), so an admin chooses where the new images go.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+
+from ..errors import ConfigError, GuestNotFound, GuestUnreachable, GuestvaultError
+from ..format import qemu_img
+from ..guest import live
+from ..guest.qmp import QmpSession
+from ..guest.registry import load_guest
+from ..storage.files import private_files, write_file_atomic
+from .restore import plan_restore
+
+LIVE_FORMAT = 'qcow2'
+
+
+def target_guest(request):
+    """The registry entry of the guest a live restore starts: ``new_vmid``, else ``vmid``."""
+    vmid = request.new_vmid if request.new_vmid is not None else request.vmid
+    try:
+        entry = load_guest(request.config_dir, vmid)
+    except GuestNotFound:
+        raise ConfigError(
+            f"live restore starts guest {vmid}, which is not registered; register it first "
+            f"(guestvault.backup.guest_registry) with its qmp socket and a start command that "
+            "starts QEMU with -S on the images named by $GUESTVAULT_DISK_<DISK>") from None
+    if not entry.start_command:
+        raise ConfigError(f"guest {vmid} has no start command (start:) in its registry entry; "
+                          "live restore needs one that starts QEMU with -S on the images named "
+                          "by $GUESTVAULT_DISK_<DISK>")
+    if not entry.qmp_socket:
+        raise ConfigError(f"guest {vmid} has no qmp socket in its registry entry")
+    if _answers(entry.qmp_socket):
+        raise ConfigError(f"guest {vmid} is running ({entry.qmp_socket} answers); live restore "
+                          "starts it on the restored images: stop it first, or restore to a "
+                          "new_vmid")
+    return entry
+
+
+def _answers(socket_path):
+    if not os.path.exists(socket_path):
+        return False
+    try:
+        with QmpSession(socket_path, timeout=2.0):
+            return True
+    except GuestUnreachable:
+        return False
+
+
+def run_live_restore(request, log=None):
+    log = log or (lambda message: None)
+    if request.format != LIVE_FORMAT:
+        raise ConfigError(f"live restore writes qcow2 images (each reads the backup until it is "
+                          f"copied); format {request.format} cannot: leave format at qcow2")
+    if request.snapshots:
+        raise ConfigError("live and snapshots cannot be combined; restore the snapshots "
+                          "without live")
+    entry = target_guest(request)
+    started = time.monotonic()
+    with private_files():
+        # the target guest is registered (it has the start command): not a new registration
+        plan = plan_restore(replace(request, new_vmid=None))
+        record, storage, fmt = plan['record'], plan['storage'], plan['format']
+        backings = {d['id']: fmt.live_backing(storage, record, d['id']) for d in plan['disks']}
+        result = {
+            'changed': True, 'live': True, 'backup': record.id, 'time': record.index['time'],
+            'level': record.index['level'], 'target_dir': plan['target_dir'],
+            'new_vmid': request.new_vmid, 'vmid_started': entry.vmid, 'snapshots': False,
+            'disks': [dict({k: d[k] for k in ('id', 'target', 'format', 'virtual_size')},
+                           backing=backings[d['id']][0]) for d in plan['disks']],
+        }
+        if request.check_mode:
+            return result
+        os.makedirs(plan['target_dir'], exist_ok=True)
+        images = {d['id']: d['target'] for d in plan['disks']}
+        for disk in plan['disks']:
+            if os.path.exists(disk['target']):
+                os.unlink(disk['target'])          # plan_restore allowed it (force)
+            backing, backing_format = backings[disk['id']]
+            qemu_img.create_qcow2(disk['target'], disk['virtual_size'], backing=backing,
+                                  backing_format=backing_format)
+        env = {'GUESTVAULT_RESTORE_DIR': plan['target_dir'], 'GUESTVAULT_VMID': str(entry.vmid),
+               'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
+               **{live.env_name(disk_id): path for disk_id, path in images.items()}}
+        log(f"starting guest {entry.vmid} on {len(images)} new image(s) reading {record.id}: "
+            f"{entry.start_command}")
+        qmp = None
+        try:
+            qmp = live.start_guest(entry.start_command, entry.qmp_socket, env)
+            disks = live.check_images(qmp, images)
+            jobs = live.start_streams(qmp, entry.vmid, disks, list(images),
+                                      speed=int(request.bwlimit or 0) * 1024)
+            status = live.resume(qmp)
+        except BaseException as exc:
+            if qmp is not None:
+                live.stop_guest(qmp)
+            for path in images.values():
+                if os.path.exists(path):
+                    os.unlink(path)
+            if not isinstance(exc, GuestvaultError):
+                raise
+            raise live.LiveRestoreError(
+                f"live restore of {record.id} failed before guest {entry.vmid} ran ({exc}); the "
+                "guest was stopped and the new images removed, the backup is untouched") \
+                from exc
+        progress = live.stream_progress(qmp, entry.vmid)
+        qmp.close()
+    result.update(status=status, jobs=jobs, streams=progress,
+                  seconds_until_running=round(time.monotonic() - started, 3))
+    guest = storage.read_guest_config(record)
+    guest.update(restored_from=record.id, images=images, live=True)
+    write_file_atomic(os.path.join(plan['target_dir'], 'guest.json'),
+                      json.dumps(guest, indent=2, sort_keys=True) + '\n')
+    result['guest_config'] = os.path.join(plan['target_dir'], 'guest.json')
+    log(f"guest {entry.vmid} runs on its restored images after "
+        f"{result['seconds_until_running']:.2f} s; copying {record.id} in the background")
+    return result
