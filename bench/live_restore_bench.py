@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Live restore: how soon the guest runs, for a small and a large disk (issue 13).
+
+For each ``--sizes`` disk (default 256M and 4G) a lab guest (prelaunch QEMU, no OS) gets half of
+its disk in mixed data (bench/backup_bench.fill_disk) and one full backup into a dumpdir. Then,
+``--repeat`` times each, alternating:
+- a live restore (``restore live=true``) onto a new guest started by a real start command: the
+  seconds until it runs (the call's return), and until QEMU's background copy is done;
+- a normal restore of the same backup (qemu-img convert, verified): its seconds.
+
+The target (issue 13): time until the guest runs <= 5 s, and about the same for both sizes. It
+prints the figures and MET/MISSED; it asserts nothing.
+
+    .venv/bin/python bench/live_restore_bench.py [--sizes 256M,4G] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+
+from backup_bench import fill_disk, fmt_bytes, machine_info, parse_size, say  # noqa: E402
+from datastore_bench import load_engine  # noqa: E402
+
+SOURCE_VMID, NEW_VMID = 9941, 9942
+TARGET_SECONDS = 5.0
+STARTER = """
+import os, sys
+sys.path.insert(0, {tools!r})
+from labguest import LabGuest
+
+
+class Restored(LabGuest):
+    def disk_path(self, index):
+        return os.environ['GUESTVAULT_DISK_VD0']
+
+
+Restored({workdir!r}, disks=[('qcow2', 0)], vmid={vmid}).start()
+"""
+
+
+def one_size(run, size, repeat):
+    from labguest import LabGuest
+    from guestvault_engine.run.backup import BackupRequest, run_backup
+    from guestvault_engine.run.restore import RestoreRequest, run_restore
+    base = os.path.join(run, f'size-{size}')
+    config_dir = os.path.join(base, 'etc')
+    os.makedirs(os.path.join(config_dir, 'guests.d'))
+    dumpdir = os.path.join(base, 'dump')
+    os.makedirs(dumpdir)
+    source = LabGuest(os.path.join(base, 'source'), disks=[('qcow2', str(size))],
+                      vmid=SOURCE_VMID).start()
+    try:
+        fill_disk(source, 'vd0', size, size // 2, base)
+        run_backup(BackupRequest(vmid=SOURCE_VMID, qmp_socket=source.qmp_socket,
+                                 dumpdir=dumpdir))
+    finally:
+        source.stop()
+    figures = {'running': [], 'copied': [], 'restore': []}
+    for number in range(repeat):
+        order = ('live', 'plain') if number % 2 == 0 else ('plain', 'live')
+        for kind in order:
+            target = os.path.join(base, f'{kind}-{number}')
+            if kind == 'plain':
+                started = time.monotonic()
+                run_restore(RestoreRequest(vmid=SOURCE_VMID, dumpdir=dumpdir,
+                                           config_dir=config_dir, target_dir=target))
+                figures['restore'].append(time.monotonic() - started)
+            else:
+                running, copied = live_once(base, config_dir, dumpdir, target, number)
+                figures['running'].append(running)
+                figures['copied'].append(copied)
+            shutil.rmtree(target, ignore_errors=True)
+    return figures
+
+
+def live_once(base, config_dir, dumpdir, target, number):
+    from labguest import LabGuest
+    from guestvault_engine.run.restore import RestoreRequest, run_restore
+    workdir = os.path.join(base, f'restored-{number}')
+    os.makedirs(workdir)
+    script = os.path.join(workdir, 'start.py')
+    with open(script, 'w') as handle:
+        handle.write(STARTER.format(tools=os.path.join(ROOT, 'tools'), workdir=workdir,
+                                    vmid=NEW_VMID))
+    with open(os.path.join(config_dir, 'guests.d', f'{NEW_VMID}.conf'), 'w') as handle:
+        handle.write(f"qmp: {os.path.join(workdir, 'qmp.sock')}\n"
+                     f"start: {sys.executable} {script}\n")
+    started = time.monotonic()
+    result = run_restore(RestoreRequest(vmid=SOURCE_VMID, dumpdir=dumpdir, config_dir=config_dir,
+                                        target_dir=target, live=True, new_vmid=NEW_VMID))
+    running = time.monotonic() - started
+    handle = LabGuest(workdir, disks=[('qcow2', 0)], vmid=NEW_VMID)
+    try:
+        while any(j['device'] in result['jobs'] for j in handle.execute('query-block-jobs')):
+            time.sleep(0.02)
+        copied = time.monotonic() - started
+    finally:
+        handle.execute('quit')
+        handle.wait_exit(timeout=300)
+    return running, copied
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n', maxsplit=1)[0])
+    parser.add_argument('--sizes', default='256M,4G')
+    parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--workdir', default=None, help='default: a directory under /var/tmp')
+    args = parser.parse_args(argv)
+    run = tempfile.mkdtemp(prefix='live-bench-', dir=args.workdir or '/var/tmp')
+    load_engine(run)
+    say(machine_info(run, 'zstd'))
+    rows = []
+    try:
+        for text in args.sizes.split(','):
+            size = parse_size(text)
+            figures = one_size(run, size, args.repeat)
+            rows.append((size, figures))
+            say(f"{fmt_bytes(size)}: running after {figures['running']}, copied after "
+                f"{figures['copied']}, plain restore {figures['restore']}")
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+    say("\n| disk (half full) | guest runs after | copy done after | plain restore | target |")
+    say("| --- | --- | --- | --- | --- |")
+    for size, figures in rows:
+        running = statistics.median(figures['running'])
+        verdict = 'MET' if running <= TARGET_SECONDS else 'MISSED'
+        say(f"| {fmt_bytes(size)} | {running:.2f} s | {statistics.median(figures['copied']):.2f} s"
+            f" | {statistics.median(figures['restore']):.2f} s | <= {TARGET_SECONDS:.0f} s: "
+            f"{verdict} |")
+    if len(rows) > 1:
+        first, last = (statistics.median(f['running']) for _s, f in (rows[0], rows[-1]))
+        say(f"\nguest runs after: largest / smallest disk = {last / first:.2f}x")
+
+
+if __name__ == '__main__':
+    main()
