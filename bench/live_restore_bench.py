@@ -2,7 +2,9 @@
 """Live restore: how soon the guest runs, for a small and a large disk (issue 13).
 
 For each ``--sizes`` disk (default 256M and 4G) a lab guest (prelaunch QEMU, no OS) gets half of
-its disk in mixed data (bench/backup_bench.fill_disk) and one full backup into a dumpdir. Then,
+its disk in mixed data (bench/backup_bench.fill_disk) and one full backup, for each of
+``--formats``: into a dumpdir (a qcow2 chain) and into a datastore (read live through the NBD
+server over the snapshot). Then,
 ``--repeat`` times each, alternating:
 - a live restore (``restore live=true``) onto a new guest started by a real start command: the
   seconds until it runs (the call's return), and until QEMU's background copy is done;
@@ -48,21 +50,27 @@ Restored({workdir!r}, disks=[('qcow2', 0)], vmid={vmid}).start()
 """
 
 
-def one_size(run, size, repeat):
+def one_size(run, size, repeat, kind):
     from labguest import LabGuest
     from guestvault_engine.run.backup import BackupRequest, run_backup
     from guestvault_engine.run.restore import RestoreRequest, run_restore
-    base = os.path.join(run, f'size-{size}')
+    base = os.path.join(run, f'{kind}-{size}')
     config_dir = os.path.join(base, 'etc')
     os.makedirs(os.path.join(config_dir, 'guests.d'))
-    dumpdir = os.path.join(base, 'dump')
-    os.makedirs(dumpdir)
+    if kind == 'datastore':
+        os.makedirs(os.path.join(base, 'ds'))
+        with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
+            handle.write(f"datastore: ds\n\tpath {os.path.join(base, 'ds')}\n")
+        where = {'storage': 'ds'}
+    else:
+        os.makedirs(os.path.join(base, 'dump'))
+        where = {'dumpdir': os.path.join(base, 'dump')}
     source = LabGuest(os.path.join(base, 'source'), disks=[('qcow2', str(size))],
                       vmid=SOURCE_VMID).start()
     try:
         fill_disk(source, 'vd0', size, size // 2, base)
         run_backup(BackupRequest(vmid=SOURCE_VMID, qmp_socket=source.qmp_socket,
-                                 dumpdir=dumpdir))
+                                 config_dir=config_dir, **where))
     finally:
         source.stop()
     figures = {'running': [], 'copied': [], 'restore': []}
@@ -72,18 +80,18 @@ def one_size(run, size, repeat):
             target = os.path.join(base, f'{kind}-{number}')
             if kind == 'plain':
                 started = time.monotonic()
-                run_restore(RestoreRequest(vmid=SOURCE_VMID, dumpdir=dumpdir,
-                                           config_dir=config_dir, target_dir=target))
+                run_restore(RestoreRequest(vmid=SOURCE_VMID, config_dir=config_dir,
+                                           target_dir=target, **where))
                 figures['restore'].append(time.monotonic() - started)
             else:
-                running, copied = live_once(base, config_dir, dumpdir, target, number)
+                running, copied = live_once(base, config_dir, where, target, number)
                 figures['running'].append(running)
                 figures['copied'].append(copied)
             shutil.rmtree(target, ignore_errors=True)
     return figures
 
 
-def live_once(base, config_dir, dumpdir, target, number):
+def live_once(base, config_dir, where, target, number):
     from labguest import LabGuest
     from guestvault_engine.run.restore import RestoreRequest, run_restore
     workdir = os.path.join(base, f'restored-{number}')
@@ -96,8 +104,9 @@ def live_once(base, config_dir, dumpdir, target, number):
         handle.write(f"qmp: {os.path.join(workdir, 'qmp.sock')}\n"
                      f"start: {sys.executable} {script}\n")
     started = time.monotonic()
-    result = run_restore(RestoreRequest(vmid=SOURCE_VMID, dumpdir=dumpdir, config_dir=config_dir,
-                                        target_dir=target, live=True, new_vmid=NEW_VMID))
+    result = run_restore(RestoreRequest(vmid=SOURCE_VMID, config_dir=config_dir,
+                                        target_dir=target, live=True, new_vmid=NEW_VMID,
+                                        **where))
     running = time.monotonic() - started
     handle = LabGuest(workdir, disks=[('qcow2', 0)], vmid=NEW_VMID)
     try:
@@ -114,6 +123,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n', maxsplit=1)[0])
     parser.add_argument('--sizes', default='256M,4G')
     parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--formats', default='qcow2-chain,datastore')
     parser.add_argument('--workdir', default=None, help='default: a directory under /var/tmp')
     args = parser.parse_args(argv)
     run = tempfile.mkdtemp(prefix='live-bench-', dir=args.workdir or '/var/tmp')
@@ -121,25 +131,29 @@ def main(argv=None):
     say(machine_info(run, 'zstd'))
     rows = []
     try:
-        for text in args.sizes.split(','):
-            size = parse_size(text)
-            figures = one_size(run, size, args.repeat)
-            rows.append((size, figures))
-            say(f"{fmt_bytes(size)}: running after {figures['running']}, copied after "
-                f"{figures['copied']}, plain restore {figures['restore']}")
+        for kind in args.formats.split(','):
+            for text in args.sizes.split(','):
+                size = parse_size(text)
+                figures = one_size(run, size, args.repeat, kind)
+                rows.append((kind, size, figures))
+                say(f"{kind} {fmt_bytes(size)}: running after {figures['running']}, copied after "
+                    f"{figures['copied']}, plain restore {figures['restore']}")
     finally:
         shutil.rmtree(run, ignore_errors=True)
-    say("\n| disk (half full) | guest runs after | copy done after | plain restore | target |")
-    say("| --- | --- | --- | --- | --- |")
-    for size, figures in rows:
+    say("\n| backups | disk (half full) | guest runs after | copy done after | plain restore | "
+        "target |")
+    say("| --- | --- | --- | --- | --- | --- |")
+    for kind, size, figures in rows:
         running = statistics.median(figures['running'])
         verdict = 'MET' if running <= TARGET_SECONDS else 'MISSED'
-        say(f"| {fmt_bytes(size)} | {running:.2f} s | {statistics.median(figures['copied']):.2f} s"
+        say(f"| {kind} | {fmt_bytes(size)} | {running:.2f} s | {statistics.median(figures['copied']):.2f} s"
             f" | {statistics.median(figures['restore']):.2f} s | <= {TARGET_SECONDS:.0f} s: "
             f"{verdict} |")
-    if len(rows) > 1:
-        first, last = (statistics.median(f['running']) for _s, f in (rows[0], rows[-1]))
-        say(f"\nguest runs after: largest / smallest disk = {last / first:.2f}x")
+    for kind in args.formats.split(','):
+        mine = [f for k, _s, f in rows if k == kind]
+        if len(mine) > 1:
+            first, last = (statistics.median(f['running']) for f in (mine[0], mine[-1]))
+            say(f"{kind}: guest runs after, largest / smallest disk = {last / first:.2f}x")
 
 
 if __name__ == '__main__':

@@ -84,8 +84,12 @@ options:
         C($GUESTVAULT_VMID) and C($GUESTVAULT_QMP_SOCKET) are set too. It must not be running.
       - If the guest cannot be started on its images, it is stopped again, the new images are
         removed and the error says so; the backup is never touched.
-      - Needs O(format=qcow2). From qcow2 chains (C(dir) storages) only for now; a datastore
-        refuses it. The backup's files are not checked against the manifest before the guest
+      - Needs O(format=qcow2). From a qcow2 chain the images read the backup's own qcow2
+        images; from a datastore they read an NBD server over the snapshot (a process of its
+        own, which checks every chunk it serves and ends when the copies are done). If a chunk
+        turns out damaged during the copy, that server pauses the guest and writes
+        C(live-restore-error.json) in O(target_dir), saying what state the disks are in. The
+        backup's files are not checked against the manifest before the guest
         starts, since that would read them whole; M(guestvault.backup.verify) checks them.
       - O(bwlimit) limits the background copy.
     type: bool

@@ -74,35 +74,44 @@ def wait_for_copies(guest, timeout=300):
         time.sleep(0.1)
 
 
-@pytest.fixture
-def backed_up(make_guest, tmp_path):
-    """A lab guest with a full and an incremental backup in a dumpdir; (guest, dumpdir, inc)."""
-    dumpdir = tmp_path / 'dump'
-    dumpdir.mkdir()
+@pytest.fixture(params=['qcow2-chain', 'datastore'])
+def backed_up(request, make_guest, tmp_path, config_dir, monkeypatch):
+    """A lab guest with a full and an incremental backup, in a dumpdir (a qcow2 chain) or a
+    datastore: (guest, where the backups are as restore options, the incremental)."""
+    if request.param == 'datastore':
+        monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
+        path = request.getfixturevalue('datastore_path')
+        with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
+            handle.write(f"datastore: ds\n\tpath {path}\n")
+        where = {'storage': 'ds'}
+    else:
+        (tmp_path / 'dump').mkdir()
+        where = {'dumpdir': str(tmp_path / 'dump')}
     guest = make_guest(disks=[('qcow2', 48 * MiB)], vmid=9301)
     guest.write('vd0', 0x31, 0, 16 * MiB)
-    run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=str(dumpdir)))
+    run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                             config_dir=config_dir, **where))
     guest.write('vd0', 0x32, 8 * MiB, 4 * MiB)
     guest.write('vd0', 0x33, 40 * MiB, 2 * MiB)
     inc = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                   dumpdir=str(dumpdir)))
+                                   config_dir=config_dir, **where))
     assert inc['level'] == 'inc'
-    return guest, str(dumpdir), inc
+    return guest, where, inc
 
 
-def live(guest, dumpdir, config_dir, target, **options):
-    return run_restore(RestoreRequest(vmid=guest.vmid, dumpdir=dumpdir, config_dir=config_dir,
+def live(guest, where, config_dir, target, **options):
+    return run_restore(RestoreRequest(vmid=guest.vmid, config_dir=config_dir,
                                       target_dir=str(target), live=True, new_vmid=NEW_VMID,
-                                      **options))
+                                      **where, **options))
 
 
 def test_the_guest_runs_at_once_and_ends_on_the_backup_plus_its_own_writes(
         backed_up, config_dir, tmp_path):
-    guest, dumpdir, inc = backed_up
+    guest, where, inc = backed_up
     workdir = str(tmp_path / 'restored')
     register(config_dir, workdir)
     # 22 MiB to copy at 2 MiB/s: the copy is still running when the call returns.
-    result = live(guest, dumpdir, config_dir, tmp_path / 'target', bwlimit=2048)
+    result = live(guest, where, config_dir, tmp_path / 'target', bwlimit=2048)
     image = result['disks'][0]['target']
     restored = RestoredGuest(workdir, image)
     try:
@@ -121,14 +130,25 @@ def test_the_guest_runs_at_once_and_ends_on_the_backup_plus_its_own_writes(
         restored.execute('block-job-resume', device=result['jobs'][0])
         wait_for_copies(restored)
         assert inspect_guest(NEW_VMID, config_dir=config_dir)['live_restore'] == []
+        backing = result['disks'][0]['backing']
+        if 'storage' in where:
+            # Read through the NBD server over the snapshot, which ends once QEMU let go of it.
+            assert backing.startswith('nbd+unix:///drive-vd0.img.fidx?socket=')
+            socket_path = backing.split('socket=', 1)[1]
+            deadline = time.monotonic() + 300
+            while os.path.exists(socket_path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not os.path.exists(socket_path), 'the NBD server did not end'
+        else:
+            assert backing.endswith(f"{inc['time']}/vd0.qcow2")
         restored.qemu_io('vd0', 'flush')
         info = json.loads(subprocess.run(['qemu-img', 'info', '-U', '--output=json', image],
                                          capture_output=True, text=True, check=True).stdout)
         assert 'backing-filename' not in info          # it stands alone
         # The reference: a normal restore of the same backup with the same writes on top.
-        ref = run_restore(RestoreRequest(vmid=guest.vmid, dumpdir=dumpdir,
-                                         config_dir=config_dir, target_dir=str(tmp_path / 'ref'),
-                                         backup=inc['time']))['disks'][0]['target']
+        ref = run_restore(RestoreRequest(vmid=guest.vmid, config_dir=config_dir,
+                                         target_dir=str(tmp_path / 'ref'), backup=inc['time'],
+                                         **where))['disks'][0]['target']
         for pattern, offset, length in writes:
             subprocess.run(['qemu-io', '-f', 'qcow2', '-c',
                             f'write -P {pattern:#x} {offset} {length}', ref],
@@ -143,7 +163,7 @@ def test_the_guest_runs_at_once_and_ends_on_the_backup_plus_its_own_writes(
 
 def test_a_guest_started_on_other_images_is_stopped_and_nothing_is_left(
         backed_up, config_dir, tmp_path):
-    guest, dumpdir, _inc = backed_up
+    guest, where, _inc = backed_up
     workdir = str(tmp_path / 'restored')
     other = tmp_path / 'other.qcow2'
     subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', str(other), '48M'], check=True)
@@ -151,7 +171,7 @@ def test_a_guest_started_on_other_images_is_stopped_and_nothing_is_left(
              start=f"OTHER_DISK={other} {sys.executable} {os.path.join(workdir, 'start.py')}")
     with pytest.raises(GuestvaultError, match=r'must use \$GUESTVAULT_DISK_VD0.*the guest was '
                                               r'stopped and the new images removed'):
-        live(guest, dumpdir, config_dir, tmp_path / 'target')
+        live(guest, where, config_dir, tmp_path / 'target')
     assert not os.path.exists(tmp_path / 'target' / 'vd0.qcow2')
     # It was started (its console log exists) and has quit (QEMU removes its pidfile on exit).
     assert os.path.exists(os.path.join(workdir, 'qemu.log'))
@@ -163,22 +183,22 @@ def test_a_guest_started_on_other_images_is_stopped_and_nothing_is_left(
 
 
 def test_live_restore_refuses_what_it_cannot_do(backed_up, config_dir, tmp_path):
-    guest, dumpdir, _inc = backed_up
+    guest, where, _inc = backed_up
     with pytest.raises(ConfigError, match=f'starts guest {NEW_VMID}, which is not registered'):
-        live(guest, dumpdir, config_dir, tmp_path / 't1')
+        live(guest, where, config_dir, tmp_path / 't1')
     register(config_dir, str(tmp_path / 'restored'), start='false')
     with pytest.raises(ConfigError, match='format raw cannot'):
-        live(guest, dumpdir, config_dir, tmp_path / 't2', format='raw')
+        live(guest, where, config_dir, tmp_path / 't2', format='raw')
     with pytest.raises(GuestvaultError, match='the start command failed'):
-        live(guest, dumpdir, config_dir, tmp_path / 't3')
+        live(guest, where, config_dir, tmp_path / 't3')
     assert not os.path.exists(tmp_path / 't3' / 'vd0.qcow2')
     # The source guest itself is running: it is not started over its own disks.
     with open(os.path.join(config_dir, 'guests.d', f'{guest.vmid}.conf'), 'w') as handle:
         handle.write(f"qmp: {guest.qmp_socket}\nstart: true\n")
     with pytest.raises(ConfigError, match=f'guest {guest.vmid} is running'):
-        run_restore(RestoreRequest(vmid=guest.vmid, dumpdir=dumpdir, config_dir=config_dir,
-                                   target_dir=str(tmp_path / 't4'), live=True))
-    planned = live(guest, dumpdir, config_dir, tmp_path / 't5', check_mode=True)
+        run_restore(RestoreRequest(vmid=guest.vmid, config_dir=config_dir,
+                                   target_dir=str(tmp_path / 't4'), live=True, **where))
+    planned = live(guest, where, config_dir, tmp_path / 't5', check_mode=True)
     assert planned['live'] and not os.path.exists(tmp_path / 't5')
 
 
@@ -203,19 +223,27 @@ def quit_guest(handle, timeout=300):
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize('kind', ['qcow2-chain', 'datastore'])
 def test_a_linux_guest_answers_its_agent_before_its_disk_is_copied_and_ends_clean(
-        linux_guest, image, config_dir, tmp_path):
+        kind, linux_guest, image, config_dir, tmp_path, request, monkeypatch):
     from linuxguest import LinuxGuest, inspect_ext4
+    if kind == 'datastore':
+        monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
+        path = request.getfixturevalue('datastore_path')
+        with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
+            handle.write(f"datastore: ds\n\tpath {path}\n")
+        where = {'storage': 'ds'}
+    else:
+        (tmp_path / 'dump').mkdir()
+        where = {'dumpdir': str(tmp_path / 'dump')}
     source = linux_guest(vmid=9311)
-    dumpdir = tmp_path / 'dump'
-    dumpdir.mkdir()
     deadline = time.monotonic() + 300
     while len(source.journal().entries) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.5)
     backup = run_backup(BackupRequest(vmid=source.vmid, qmp_socket=source.qmp_socket,
-                                      agent_socket=source.agent_socket, dumpdir=str(dumpdir),
-                                      mode='snapshot'))
+                                      agent_socket=source.agent_socket, config_dir=config_dir,
+                                      mode='snapshot', **where))
     assert backup['frozen_filesystems']
     accel = source.accel
     source.stop()
@@ -228,9 +256,9 @@ def test_a_linux_guest_answers_its_agent_before_its_disk_is_copied_and_ends_clea
     with open(os.path.join(config_dir, 'guests.d', f'{NEW_VMID}.conf'), 'w') as handle:
         handle.write(f"qmp: {os.path.join(workdir, 'qmp.sock')}\n"
                      f"start: {sys.executable} {script}\n")
-    result = run_restore(RestoreRequest(vmid=source.vmid, dumpdir=str(dumpdir),
-                                        config_dir=config_dir, target_dir=str(tmp_path / 'target'),
-                                        live=True, new_vmid=NEW_VMID, bwlimit=1024))
+    result = run_restore(RestoreRequest(vmid=source.vmid, config_dir=config_dir,
+                                        target_dir=str(tmp_path / 'target'), live=True,
+                                        new_vmid=NEW_VMID, bwlimit=1024, **where))
     restored = LinuxGuest(workdir, image, data_disk=result['disks'][0]['target'],
                           vmid=NEW_VMID)
     try:
@@ -263,3 +291,68 @@ def test_a_linux_guest_answers_its_agent_before_its_disk_is_copied_and_ends_clea
     report = inspect_ext4(copy, str(tmp_path / 'inspect'), replay=False)
     assert not report.needs_recovery and report.fsck_exit == 0, report.fsck_output
     assert report.bad_files == [] and report.last_seq >= at_restore + 2
+
+
+def test_a_damaged_chunk_met_during_a_datastore_live_restore_pauses_the_guest_and_says_why(
+        make_guest, tmp_path, config_dir, datastore_path, monkeypatch):
+    from guestvault_engine.format.datastore.chunk_store import ChunkStore
+    from guestvault_engine.format.datastore.fixed_index import read_fixed_index
+    monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
+    with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
+        handle.write(f"datastore: ds\n\tpath {datastore_path}\n")
+    guest = make_guest(disks=[('qcow2', 48 * MiB)], vmid=9301)
+    guest.write('vd0', 0x41, 0, 4 * MiB)
+    guest.write('vd0', 0x42, 40 * MiB, 4 * MiB)       # chunk 10, read only by the copy
+    result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                      config_dir=config_dir, storage='ds'))
+    snapshot = os.path.join(datastore_path, 'vm', str(guest.vmid), result['time'])
+    digest = read_fixed_index(os.path.join(snapshot, 'drive-vd0.img.fidx')).digest(10)
+    with open(ChunkStore(datastore_path).chunk_path(digest), 'r+b') as handle:
+        handle.seek(20)
+        handle.write(b'damaged')
+    workdir = str(tmp_path / 'restored')
+    register(config_dir, workdir)
+    out = live(guest, {'storage': 'ds'}, config_dir, tmp_path / 'target')
+    restored = RestoredGuest(workdir, out['disks'][0]['target'])
+    try:
+        error_file = tmp_path / 'target' / 'live-restore-error.json'
+        deadline = time.monotonic() + 300
+        while not error_file.exists() or restored.execute('query-status')['status'] == 'running':
+            assert time.monotonic() < deadline, 'the damaged chunk went unnoticed'
+            time.sleep(0.1)
+        with open(error_file) as handle:
+            state = json.load(handle)
+        assert digest.hex() in state['error'] and 'offset 41943040' in state['error']
+        assert 'still reads the rest from the backup' in state['disks']
+        assert restored.execute('query-status')['status'] == 'paused'
+    finally:
+        restored.stop()
+
+
+def test_the_module_live_restores_from_a_datastore_and_its_server_outlives_the_module(
+        ansible, backed_up, config_dir, tmp_path):
+    guest, where, inc = backed_up
+    if 'storage' not in where:
+        pytest.skip('the qcow2 chain needs no server; its module path is the same otherwise')
+    workdir = str(tmp_path / 'restored')
+    register(config_dir, workdir)
+    out = ansible.module('guestvault.backup.restore',
+                         dict(where, vmid=guest.vmid, config_dir=config_dir, live=True,
+                              new_vmid=NEW_VMID, target_dir=str(tmp_path / 'target'),
+                              bwlimit=4096))
+    assert out.get('changed') and out['status'] == 'running', out
+    restored = RestoredGuest(workdir, out['disks'][0]['target'])
+    try:
+        # The module has returned (its files are gone); the copy still reads the server.
+        assert job_list(restored), 'the copy ended before the module returned'
+        restored.execute('block-job-set-speed', device=out['jobs'][0], speed=0)
+        wait_for_copies(restored)
+        restored.qemu_io('vd0', 'flush')
+        ref = run_restore(RestoreRequest(vmid=guest.vmid, config_dir=config_dir,
+                                         target_dir=str(tmp_path / 'ref'), backup=inc['time'],
+                                         **where))['disks'][0]['target']
+        ok, text = same_content(ref, out['disks'][0]['target'])
+        assert ok, text
+        assert not os.path.exists(tmp_path / 'target' / 'live-restore-error.json')
+    finally:
+        restored.stop()

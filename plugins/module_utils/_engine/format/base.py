@@ -74,7 +74,9 @@ class Format:
     def verify(self, storage, record, check_mode=False):
         raise NotImplementedError
 
-    def live_backing(self, storage, record, disk_id):
+    live_needs_server = False     # True: live_backing names an NBD server the run starts
+
+    def live_backing(self, storage, record, disk_id, nbd_socket=None):
         """``(backing file, its format)`` a live-restored image reads through until copied."""
         raise ConfigError(f"live restore from a {self.name} storage is not implemented yet; "
                           "restore without live")

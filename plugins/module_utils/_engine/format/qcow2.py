@@ -163,7 +163,7 @@ class Qcow2Chain(Format):
                                 f"manifest says {disk.get('backing')!r}")
         return chain, problems
 
-    def live_backing(self, storage, record, disk_id):
+    def live_backing(self, storage, record, disk_id, nbd_socket=None):
         """The backup's own image of the disk: it reads through its chain."""
         return os.path.abspath(self.source(storage, record, disk_id)), 'qcow2'
 

@@ -103,6 +103,20 @@ def stop_guest(qmp):
     qmp.close()
 
 
+def pause_guest(qmp_socket, attempts=50):
+    """Pause the guest (its vCPUs), connecting for just that: the socket may be in use a
+    moment by another client."""
+    for attempt in range(attempts):
+        try:
+            with QmpSession(qmp_socket, timeout=5.0) as qmp:
+                qmp.execute('stop')
+                return
+        except GuestvaultError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
+
+
 def stream_progress(qmp, vmid):
     """``[{disk, job, status, done_bytes, total_bytes, percent, speed}]`` of the guest's
     live-restore copies still running."""

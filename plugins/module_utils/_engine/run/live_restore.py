@@ -1,7 +1,8 @@
 """restore with ``live``: the guest runs in seconds, its disks copied back while it runs.
 
 1. A new qcow2 per restored disk in ``target_dir``, whose backing is the backup (the format's
-   ``live_backing``: for a qcow2 chain, the backup's own image, read through its chain).
+   ``live_backing``: for a qcow2 chain, the backup's own image, read through its chain; for a
+   datastore, an export of the NBD server over the snapshot started first, run/live_server).
 2. The target guest is started with its registry's ``start:`` command, which finds each image
    in ``$GUESTVAULT_DISK_<DISK>`` (and ``$GUESTVAULT_RESTORE_DIR``, ``$GUESTVAULT_VMID``,
    ``$GUESTVAULT_QMP_SOCKET``): guestvault does not own the guest's QEMU command line, the start
@@ -10,8 +11,8 @@
    guest runs (``cont``). The call returns then; the copies go on inside QEMU, and guest_info
    shows their progress. When they are done the images stand alone.
 
-If anything fails before the guest runs, the guest is stopped again and the new images are
-removed: the error says so. The target guest must be stopped (its QMP socket not answering) and
+If anything fails before the guest runs, the guest is stopped again, the NBD server ended and
+the new images removed: the error says so. The target guest must be stopped (its QMP socket not answering) and
 registered with a start command; a restore into the original guest's own images is refused
 (``target_dir`` would have to hold them), so an admin chooses where the new images go.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import replace
 
 from ..errors import ConfigError, GuestNotFound, GuestUnreachable, GuestvaultError
@@ -28,6 +30,8 @@ from ..guest import live
 from ..guest.qmp import QmpSession
 from ..guest.registry import load_guest
 from ..storage.files import private_files, write_file_atomic
+from .guest_runs import run_dir
+from .live_server import start_server
 from .restore import plan_restore
 
 LIVE_FORMAT = 'qcow2'
@@ -56,6 +60,16 @@ def target_guest(request):
     return entry
 
 
+def _start_server(request, plan, entry):
+    """The NBD server over the snapshot (a datastore): (its process, its socket)."""
+    socket_path = os.path.join(run_dir(), f"live-{entry.vmid}-{uuid.uuid4().hex[:8]}.sock")
+    process = start_server(request.config_dir, plan['storage'].id, plan['record'],
+                           [d['id'] for d in plan['disks']], socket_path, entry.qmp_socket,
+                           plan['target_dir'],
+                           os.path.join(plan['target_dir'], 'live-restore-server.log'))
+    return process, socket_path
+
+
 def _answers(socket_path):
     if not os.path.exists(socket_path):
         return False
@@ -80,31 +94,37 @@ def run_live_restore(request, log=None):
         # the target guest is registered (it has the start command): not a new registration
         plan = plan_restore(replace(request, new_vmid=None))
         record, storage, fmt = plan['record'], plan['storage'], plan['format']
-        backings = {d['id']: fmt.live_backing(storage, record, d['id']) for d in plan['disks']}
         result = {
             'changed': True, 'live': True, 'backup': record.id, 'time': record.index['time'],
             'level': record.index['level'], 'target_dir': plan['target_dir'],
             'new_vmid': request.new_vmid, 'vmid_started': entry.vmid, 'snapshots': False,
-            'disks': [dict({k: d[k] for k in ('id', 'target', 'format', 'virtual_size')},
-                           backing=backings[d['id']][0]) for d in plan['disks']],
+            'disks': [{k: d[k] for k in ('id', 'target', 'format', 'virtual_size')}
+                      for d in plan['disks']],
         }
         if request.check_mode:
             return result
         os.makedirs(plan['target_dir'], exist_ok=True)
         images = {d['id']: d['target'] for d in plan['disks']}
-        for disk in plan['disks']:
-            if os.path.exists(disk['target']):
-                os.unlink(disk['target'])          # plan_restore allowed it (force)
-            backing, backing_format = backings[disk['id']]
-            qemu_img.create_qcow2(disk['target'], disk['virtual_size'], backing=backing,
-                                  backing_format=backing_format)
-        env = {'GUESTVAULT_RESTORE_DIR': plan['target_dir'], 'GUESTVAULT_VMID': str(entry.vmid),
-               'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
-               **{live.env_name(disk_id): path for disk_id, path in images.items()}}
-        log(f"starting guest {entry.vmid} on {len(images)} new image(s) reading {record.id}: "
-            f"{entry.start_command}")
-        qmp = None
+        qmp = server = None
         try:
+            # a datastore's snapshot is read through an NBD server that outlives this call
+            server = _start_server(request, plan, entry) if fmt.live_needs_server else None
+            backings = {d['id']: fmt.live_backing(storage, record, d['id'],
+                                                  server[1] if server else None)
+                        for d in plan['disks']}
+            for disk in result['disks']:
+                disk['backing'] = backings[disk['id']][0]
+            for disk in plan['disks']:
+                if os.path.exists(disk['target']):
+                    os.unlink(disk['target'])          # plan_restore allowed it (force)
+                backing, backing_format = backings[disk['id']]
+                qemu_img.create_qcow2(disk['target'], disk['virtual_size'], backing=backing,
+                                      backing_format=backing_format)
+            env = {'GUESTVAULT_RESTORE_DIR': plan['target_dir'],
+                   'GUESTVAULT_VMID': str(entry.vmid), 'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
+                   **{live.env_name(disk_id): path for disk_id, path in images.items()}}
+            log(f"starting guest {entry.vmid} on {len(images)} new image(s) reading "
+                f"{record.id}: {entry.start_command}")
             qmp = live.start_guest(entry.start_command, entry.qmp_socket, env)
             disks = live.check_images(qmp, images)
             jobs = live.start_streams(qmp, entry.vmid, disks, list(images),
@@ -113,6 +133,9 @@ def run_live_restore(request, log=None):
         except BaseException as exc:
             if qmp is not None:
                 live.stop_guest(qmp)
+            if server is not None:
+                server[0].kill()
+                server[0].wait()
             for path in images.values():
                 if os.path.exists(path):
                     os.unlink(path)

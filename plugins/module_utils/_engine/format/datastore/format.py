@@ -22,6 +22,7 @@ from .backup_writer import write_disk_index
 from .chunk_store import ChunkStore
 from .fixed_index import read_fixed_index
 from .image_restore import restore_disk_image
+from .nbd_server import SnapshotExport
 from .snapshot import index_name
 from .verify import verify_disk_index
 
@@ -280,6 +281,24 @@ class Datastore(Format):
                                what=f"{record.id} {disk_id}",
                                progress=lambda done, total: _stop_if(cancelled))
         return _RestoreJob(run)
+
+    # -- live restore: images read the snapshot through an NBD server until copied -------------
+    live_needs_server = True
+
+    def live_backing(self, storage, record, disk_id, nbd_socket=None):
+        return f"nbd+unix:///{index_name(disk_id)}?socket={nbd_socket}", 'raw'
+
+    def snapshot_exports(self, storage, record, disk_ids):
+        """``{export name: SnapshotExport}`` of the disks, after the key check."""
+        self.check_key(record)
+        exports = {}
+        for disk in record.index['disks']:
+            if disk['id'] in disk_ids:
+                name = index_name(disk['id'])
+                exports[name] = SnapshotExport(
+                    name, read_fixed_index(storage.file(record, disk['file'])), self.chunks,
+                    self.crypt, f"{record.id} {disk['id']}")
+        return exports
 
     def restore_with_snapshots(self, storage, chain, disk_id, target, log):
         raise ConfigError("snapshots builds a qcow2 from a chain of qcow2 backups; datastore "

@@ -1,0 +1,264 @@
+"""A read-only NBD server over one datastore snapshot: each disk's fixed index as an export.
+
+A live restore's images read through it until QEMU has copied them: every read is served from
+the chunks the index names, each checked (CRC, decryption, digest) before a byte of it is sent;
+the zero chunk is never read. It speaks the NBD protocol's fixed newstyle handshake
+(``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``, simple replies; structured replies and meta contexts are
+refused, which QEMU accepts) on a unix socket, one thread per connection.
+
+Its life follows the copies: it stops once every client that connected has gone (QEMU drops
+the backing when a stream completes), or when nobody connected within ``idle_timeout``. A read
+that fails (a missing or damaged chunk) is answered with EIO and reported once to ``on_error``,
+which a live restore uses to stop the guest.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import threading
+from collections import OrderedDict
+
+from ...errors import GuestvaultError
+from .image_restore import chunk_name, load_chunk, zero_digests
+
+NBDMAGIC = 0x4e42444d41474943
+IHAVEOPT = 0x49484156454F5054
+OPTION_REPLY_MAGIC = 0x3e889045565a9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+
+FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO = 1, 2, 3, 6, 7
+REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
+REP_ERR_UNSUP, REP_ERR_UNKNOWN = (1 << 31) + 1, (1 << 31) + 6
+INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
+# has flags, read only, can serve several connections at once
+TRANSMISSION_FLAGS = 1 | 2 | (1 << 8)
+CMD_READ, CMD_DISC, CMD_FLUSH, CMD_CACHE = 0, 2, 3, 5
+MAX_REQUEST = 32 << 20
+CACHED_CHUNKS = 8
+
+
+class SnapshotExport:
+    """One disk of a snapshot, readable at any offset, chunk by checked chunk."""
+
+    def __init__(self, name, index, chunks, crypt, what):
+        self.name = name
+        self.index = index
+        self.chunks = chunks
+        self.crypt = crypt
+        self.what = what
+        self.size = index.size
+        self._zeros = zero_digests(index, crypt)
+        self._cache = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _chunk(self, position):
+        with self._lock:
+            data = self._cache.get(position)
+            if data is not None:
+                self._cache.move_to_end(position)
+                return data
+        digest = self.index.digest(position)
+        length = min(self.index.chunk_size, self.size - position * self.index.chunk_size)
+        if self._zeros.get(digest) == length:
+            data = bytes(length)
+        else:
+            offset = position * self.index.chunk_size
+            data = bytes(load_chunk(self.chunks, digest, self.crypt,
+                                    chunk_name(self.what, offset, digest), length))
+        with self._lock:
+            self._cache[position] = data
+            while len(self._cache) > CACHED_CHUNKS:
+                self._cache.popitem(last=False)
+        return data
+
+    def read(self, offset, length):
+        chunk_size = self.index.chunk_size
+        parts = []
+        while length > 0:
+            position, inside = divmod(offset, chunk_size)
+            data = self._chunk(position)
+            piece = data[inside:inside + length]
+            parts.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return b''.join(parts)
+
+    def first_data_offset(self):
+        """The offset of the first chunk that is not zero, or None."""
+        for position in range(self.index.count):
+            length = min(self.index.chunk_size, self.size - position * self.index.chunk_size)
+            if self._zeros.get(self.index.digest(position)) != length:
+                return position * self.index.chunk_size
+        return None
+
+
+class _Closed(Exception):
+    pass
+
+
+class NbdServer:
+    """Serve ``exports`` ({name: SnapshotExport}) on the unix socket ``path``."""
+
+    def __init__(self, path, exports, on_error=None, idle_timeout=600.0):
+        self.path = path
+        self.exports = exports
+        self.on_error = on_error
+        self.idle_timeout = idle_timeout
+        self._listener = None
+        self._clients = 0
+        self._served = 0
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._reported = False
+        self._reporters = []
+
+    def listen(self):
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self._listener.listen(16)
+        return self
+
+    def serve_forever(self):
+        """Until every client that came has gone (or none came within the idle timeout)."""
+        self._listener.settimeout(1.0)
+        waited = 0.0
+        try:
+            while not self._done.is_set():
+                try:
+                    conn, _addr = self._listener.accept()
+                except socket.timeout:
+                    with self._lock:
+                        idle = self._served == 0
+                    waited += 1.0
+                    if idle and waited >= self.idle_timeout:
+                        return
+                    continue
+                with self._lock:
+                    self._clients += 1
+                    self._served += 1
+                threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+        finally:
+            self._listener.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            for reporter in self._reporters:
+                reporter.join(timeout=60)
+
+    def _client(self, conn):
+        try:
+            with conn:
+                export = self._handshake(conn)
+                if export is not None:
+                    self._transmit(conn, export)
+        except (_Closed, OSError):
+            pass
+        finally:
+            with self._lock:
+                self._clients -= 1
+                if self._clients == 0:
+                    self._done.set()
+
+    # -- handshake -----------------------------------------------------------------------------
+    def _handshake(self, conn):
+        conn.sendall(struct.pack('>QQH', NBDMAGIC, IHAVEOPT,
+                                 FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        client_flags, = struct.unpack('>I', _recv(conn, 4))
+        no_zeroes = bool(client_flags & FLAG_NO_ZEROES)
+        while True:
+            magic, option, length = struct.unpack('>QII', _recv(conn, 16))
+            if magic != IHAVEOPT:
+                raise _Closed()
+            data = _recv(conn, length) if length else b''
+            if option == OPT_EXPORT_NAME:
+                export = self.exports.get(data.decode('utf-8', 'replace'))
+                if export is None:
+                    raise _Closed()
+                conn.sendall(struct.pack('>QH', export.size, TRANSMISSION_FLAGS)
+                             + (b'' if no_zeroes else bytes(124)))
+                return export
+            if option == OPT_ABORT:
+                _reply(conn, option, REP_ACK)
+                raise _Closed()
+            if option == OPT_LIST:
+                for name in self.exports:
+                    encoded = name.encode()
+                    _reply(conn, option, REP_SERVER, struct.pack('>I', len(encoded)) + encoded)
+                _reply(conn, option, REP_ACK)
+                continue
+            if option in (OPT_INFO, OPT_GO):
+                name_length, = struct.unpack('>I', data[:4])
+                export = self.exports.get(data[4:4 + name_length].decode('utf-8', 'replace'))
+                if export is None:
+                    _reply(conn, option, REP_ERR_UNKNOWN)
+                    continue
+                _reply(conn, option, REP_INFO,
+                       struct.pack('>HQH', INFO_EXPORT, export.size, TRANSMISSION_FLAGS))
+                _reply(conn, option, REP_INFO,
+                       struct.pack('>HIII', INFO_BLOCK_SIZE, 1, 4096, MAX_REQUEST))
+                _reply(conn, option, REP_ACK)
+                if option == OPT_GO:
+                    return export
+                continue
+            _reply(conn, option, REP_ERR_UNSUP)   # structured replies, meta contexts, TLS, ...
+
+    # -- transmission --------------------------------------------------------------------------
+    def _transmit(self, conn, export):
+        while True:
+            magic, _flags, kind, handle, offset, length = struct.unpack(
+                '>IHHQQI', _recv(conn, 28))
+            if magic != REQUEST_MAGIC:
+                return
+            if kind == CMD_DISC:
+                return
+            if kind == CMD_READ:
+                if length > MAX_REQUEST or offset + length > export.size:
+                    conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, errno.EINVAL, handle))
+                    continue
+                try:
+                    data = export.read(offset, length)
+                except GuestvaultError as exc:
+                    conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, errno.EIO, handle))
+                    # Reported on a thread of its own, after the reply: pausing the guest
+                    # drains its I/O, which waits for this very request.
+                    reporter = threading.Thread(target=self._report, args=(exc, export, offset),
+                                                daemon=True)
+                    reporter.start()
+                    self._reporters.append(reporter)
+                    continue
+                conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, 0, handle) + data)
+            elif kind in (CMD_FLUSH, CMD_CACHE):
+                conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, 0, handle))
+            else:                                   # writes, trims: a read-only export
+                conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, errno.EPERM, handle))
+
+    def _report(self, exc, export, offset):
+        with self._lock:
+            if self._reported:
+                return
+            self._reported = True
+        if self.on_error is not None:
+            self.on_error(exc, export, offset)
+
+
+def _recv(conn, size):
+    parts, left = [], size
+    while left:
+        data = conn.recv(left)
+        if not data:
+            raise _Closed()
+        parts.append(data)
+        left -= len(data)
+    return b''.join(parts)
+
+
+def _reply(conn, option, kind, data=b''):
+    conn.sendall(struct.pack('>QIII', OPTION_REPLY_MAGIC, option, kind, len(data)) + data)
