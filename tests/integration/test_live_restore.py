@@ -74,19 +74,24 @@ def wait_for_copies(guest, timeout=300):
         time.sleep(0.1)
 
 
-@pytest.fixture(params=['qcow2-chain', 'datastore'])
-def backed_up(request, make_guest, tmp_path, config_dir, monkeypatch):
-    """A lab guest with a full and an incremental backup, in a dumpdir (a qcow2 chain) or a
-    datastore: (guest, where the backups are as restore options, the incremental)."""
-    if request.param == 'datastore':
+def backup_location(kind, request, config_dir, tmp_path, monkeypatch):
+    """Where backups go, as backup and restore options: a dumpdir of qcow2 chains, or a
+    datastore ``ds`` (on the ``datastore_path`` fixture's directory)."""
+    if kind == 'datastore':
         monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
         path = request.getfixturevalue('datastore_path')
         with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
             handle.write(f"datastore: ds\n\tpath {path}\n")
-        where = {'storage': 'ds'}
-    else:
-        (tmp_path / 'dump').mkdir()
-        where = {'dumpdir': str(tmp_path / 'dump')}
+        return {'storage': 'ds'}
+    (tmp_path / 'dump').mkdir()
+    return {'dumpdir': str(tmp_path / 'dump')}
+
+
+@pytest.fixture(params=['qcow2-chain', 'datastore'])
+def backed_up(request, make_guest, tmp_path, config_dir, monkeypatch):
+    """A lab guest with a full and an incremental backup, in a dumpdir (a qcow2 chain) or a
+    datastore: (guest, where the backups are as restore options, the incremental)."""
+    where = backup_location(request.param, request, config_dir, tmp_path, monkeypatch)
     guest = make_guest(disks=[('qcow2', 48 * MiB)], vmid=9301)
     guest.write('vd0', 0x31, 0, 16 * MiB)
     run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
@@ -227,15 +232,7 @@ def quit_guest(handle, timeout=300):
 def test_a_linux_guest_answers_its_agent_before_its_disk_is_copied_and_ends_clean(
         kind, linux_guest, image, config_dir, tmp_path, request, monkeypatch):
     from linuxguest import LinuxGuest, inspect_ext4
-    if kind == 'datastore':
-        monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
-        path = request.getfixturevalue('datastore_path')
-        with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
-            handle.write(f"datastore: ds\n\tpath {path}\n")
-        where = {'storage': 'ds'}
-    else:
-        (tmp_path / 'dump').mkdir()
-        where = {'dumpdir': str(tmp_path / 'dump')}
+    where = backup_location(kind, request, config_dir, tmp_path, monkeypatch)
     source = linux_guest(vmid=9311)
     deadline = time.monotonic() + 300
     while len(source.journal().entries) < 3:
