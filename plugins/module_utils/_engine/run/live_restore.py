@@ -131,6 +131,8 @@ def run_live_restore(request, log=None):
                                       speed=int(request.bwlimit or 0) * 1024)
             status = live.resume(qmp)
         except BaseException as exc:
+            if qmp is None and _answers(entry.qmp_socket):
+                qmp = QmpSession(entry.qmp_socket).connect()   # started, but not reached in time
             if qmp is not None:
                 live.stop_guest(qmp)
             if server is not None:
