@@ -63,6 +63,13 @@ def register(config_dir, workdir, variable='GUESTVAULT_DISK_VD0', start=None):
                      f"start: {start or f'{sys.executable} {script}'}\n")
 
 
+def allocated(image):
+    """Bytes of guest data an image holds (qemu-img map: allocated, not zero)."""
+    extents = json.loads(subprocess.run(['qemu-img', 'map', '-U', '--output=json', image],
+                                        capture_output=True, text=True, check=True).stdout)
+    return sum(e['length'] for e in extents if e['data'] and not e.get('zero'))
+
+
 def job_list(guest):
     return [j for j in guest.execute('query-block-jobs') if j['device'].startswith('guestvault-')]
 
@@ -160,6 +167,8 @@ def test_the_guest_runs_at_once_and_ends_on_the_backup_plus_its_own_writes(
                            check=True, capture_output=True)
         ok, text = same_content(ref, image)
         assert ok, text
+        # Thin as a plain restore: holes of the backup stay holes (plus what the guest wrote).
+        assert allocated(image) <= allocated(ref) + 2 * MiB, (allocated(image), allocated(ref))
     finally:
         restored.stop()
     with open(tmp_path / 'target' / 'guest.json') as handle:

@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 from ...errors import GuestvaultError
 from .image_restore import chunk_name, load_chunk, zero_digests
@@ -39,6 +40,7 @@ TRANSMISSION_FLAGS = 1 | 2 | (1 << 8)
 CMD_READ, CMD_DISC, CMD_FLUSH, CMD_CACHE = 0, 2, 3, 5
 MAX_REQUEST = 32 << 20
 CACHED_CHUNKS = 8
+READERS = 4          # threads serving one connection's reads (decoding releases the GIL)
 
 
 class SnapshotExport:
@@ -212,33 +214,44 @@ class NbdServer:
 
     # -- transmission --------------------------------------------------------------------------
     def _transmit(self, conn, export):
-        while True:
-            magic, _flags, kind, handle, offset, length = struct.unpack(
-                '>IHHQQI', _recv(conn, 28))
-            if magic != REQUEST_MAGIC:
+        """Requests are read in order and served on ``READERS`` threads: QEMU keeps several in
+        flight (the guest's reads beside the stream's), and NBD lets replies come in any order,
+        each naming its request's handle."""
+        sending = threading.Lock()
+
+        def reply(handle, error=0, data=b''):
+            with sending:
+                conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, error, handle) + data)
+
+        def read(handle, offset, length):
+            try:
+                data = export.read(offset, length)
+            except GuestvaultError as exc:
+                reply(handle, errno.EIO)
+                # Reported on a thread of its own, after the reply: pausing the guest drains
+                # its I/O, which waits for this very request.
+                reporter = threading.Thread(target=self._report, args=(exc, export, offset),
+                                            daemon=True)
+                reporter.start()
+                self._reporters.append(reporter)
                 return
-            if kind == CMD_DISC:
-                return
-            if kind == CMD_READ:
-                if length > MAX_REQUEST or offset + length > export.size:
-                    conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, errno.EINVAL, handle))
-                    continue
-                try:
-                    data = export.read(offset, length)
-                except GuestvaultError as exc:
-                    conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, errno.EIO, handle))
-                    # Reported on a thread of its own, after the reply: pausing the guest
-                    # drains its I/O, which waits for this very request.
-                    reporter = threading.Thread(target=self._report, args=(exc, export, offset),
-                                                daemon=True)
-                    reporter.start()
-                    self._reporters.append(reporter)
-                    continue
-                conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, 0, handle) + data)
-            elif kind in (CMD_FLUSH, CMD_CACHE):
-                conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, 0, handle))
-            else:                                   # writes, trims: a read-only export
-                conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, errno.EPERM, handle))
+            reply(handle, 0, data)
+
+        with ThreadPoolExecutor(READERS, 'nbd-read') as pool:
+            while True:
+                magic, _flags, kind, handle, offset, length = struct.unpack(
+                    '>IHHQQI', _recv(conn, 28))
+                if magic != REQUEST_MAGIC or kind == CMD_DISC:
+                    return                          # the pool finishes what is in flight
+                if kind == CMD_READ:
+                    if length > MAX_REQUEST or offset + length > export.size:
+                        reply(handle, errno.EINVAL)
+                        continue
+                    pool.submit(read, handle, offset, length)
+                elif kind in (CMD_FLUSH, CMD_CACHE):
+                    reply(handle)
+                else:                               # writes, trims: a read-only export
+                    reply(handle, errno.EPERM)
 
     def _report(self, exc, export, offset):
         with self._lock:
