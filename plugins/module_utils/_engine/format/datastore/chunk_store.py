@@ -85,6 +85,11 @@ class ChunkStore:
     def __repr__(self):
         return f"ChunkStore({self.base!r})"
 
+    @property
+    def where(self):
+        """How messages name the place chunks are kept."""
+        return self.chunk_dir
+
     # -- the store -----------------------------------------------------------------------------
 
     def exists(self):
@@ -151,7 +156,7 @@ class ChunkStore:
         try:
             return self._files.read_view(self.chunk_path(digest))
         except FileNotFoundError:
-            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.chunk_dir}") \
+            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.where}") \
                 from None
 
     def insert(self, digest, blob, durable=True):
@@ -211,7 +216,7 @@ class ChunkStore:
         if touch_atime(self.chunk_path(digest)):
             return True
         if must_exist:
-            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.chunk_dir}")
+            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.where}")
         return False
 
     @staticmethod

@@ -48,7 +48,7 @@ def load_chunk(chunks, digest, crypt, name, size):
     try:
         raw = chunks.read_view(digest)
     except CorruptData:
-        raise CorruptData(f"{name} is missing from {chunks.chunk_dir}") from None
+        raise CorruptData(f"{name} is missing from {chunks.where}") from None
     except OSError as exc:
         raise StorageError(f"{name} cannot be read: {exc.strerror or exc}") from None
     return decode_blob(raw, crypt, digest, name=name, size=size)

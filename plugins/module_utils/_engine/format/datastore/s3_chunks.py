@@ -50,6 +50,10 @@ class S3ChunkStore(ChunkStore):
     def __repr__(self):
         return f"S3ChunkStore({self.bucket.label!r})"
 
+    @property
+    def where(self):
+        return f"{self.bucket.label} ({CHUNK_DIR}/)"
+
     @staticmethod
     def key(digest):
         return chunk_relpath(digest).replace(os.sep, '/')
@@ -155,7 +159,7 @@ class S3ChunkStore(ChunkStore):
     def read(self, digest):
         data = self.bucket.get(self.key(digest))
         if data is None:
-            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.bucket.label}")
+            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.where}")
         return data
 
     def read_view(self, digest):
