@@ -74,7 +74,7 @@ def _answers(socket_path):
     if not os.path.exists(socket_path):
         return False
     try:
-        with QmpSession(socket_path, timeout=2.0):
+        with QmpSession(socket_path, timeout=10.0):
             return True
     except GuestUnreachable:
         return False
