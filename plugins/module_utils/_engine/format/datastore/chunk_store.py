@@ -135,7 +135,7 @@ class ChunkStore:
 
     def collect_garbage(self, index_paths, **options):
         """Garbage collection in PBS's two phases (gc.collect_garbage has the options)."""
-        from .gc import collect_garbage
+        from .gc import collect_garbage  # gc imports this module: imported when first used
         return collect_garbage(self, index_paths, **options)
 
     # -- one chunk -----------------------------------------------------------------------------

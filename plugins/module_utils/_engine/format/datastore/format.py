@@ -157,8 +157,9 @@ class Datastore(Format):
     def _check_chunks_present(self, index_path, disk_id):
         """Every chunk the new index names is in the store. A garbage collection in another
         process may sweep a chunk in the instant between this backup finding it stored and
-        touching it (PBS closes that window with a lock inside one process); one stat per
-        distinct chunk makes sure no snapshot is kept that names a chunk that is gone."""
+        touching it (PBS closes that window with a lock inside one process); one stat (on S3
+        one HEAD) per distinct chunk makes sure no snapshot is kept that names a chunk that is
+        gone."""
         gone = self.chunks.missing(read_fixed_index(index_path).distinct_digests())
         if gone:
             raise BackupFailed(
