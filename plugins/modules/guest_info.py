@@ -219,6 +219,12 @@ live_restore:
     status:
       description: QEMU's status of the job (V(running), V(paused), ...).
       type: str
+    io_status:
+      description:
+        - V(ok), or V(failed) (V(nospace)) when reading the backup (writing the image) failed. The
+          copy is then paused where it was; resume it with QMP's C(block-job-resume) once the
+          cause is fixed.
+      type: str
     done_bytes:
       description: Bytes copied so far.
       type: int

@@ -331,6 +331,15 @@ def test_a_damaged_chunk_met_during_a_datastore_live_restore_pauses_the_guest_an
         assert digest.hex() in state['error'] and 'offset 41943040' in state['error']
         assert 'still reads the rest from the backup' in state['disks']
         assert restored.execute('query-status')['status'] == 'paused'
+        # The copy is paused at the error, not gone: guest_info says so.
+        deadline = time.monotonic() + 300
+        while True:
+            copying = inspect_guest(NEW_VMID, config_dir=config_dir)['live_restore']
+            if copying and copying[0]['io_status'] == 'failed':
+                break
+            assert time.monotonic() < deadline, copying
+            time.sleep(0.1)
+        assert copying[0]['done_bytes'] < copying[0]['total_bytes']
     finally:
         restored.stop()
 

@@ -7,8 +7,8 @@ the guest's own reads are served as they come, beside the copy. When a stream co
 drops the backing from the image's header: it stands alone.
 
 Jobs are named ``guestvault-live-<vmid>-<disk>``, so progress is found by prefix (guest_info)
-and never mistaken for a backup's jobs. They dismiss themselves: a disk whose image still has
-a backing and no job has a copy that failed or was cancelled.
+and never mistaken for a backup's jobs. A read error pauses a job (``on-error: stop``) with its
+``io-status`` set, so it can be resumed; a finished job dismisses itself.
 """
 from __future__ import annotations
 
@@ -79,7 +79,10 @@ def start_streams(qmp, vmid, disks, disk_ids, speed=0):
     jobs = []
     for disk_id in disk_ids:
         job_id = job_prefix(vmid) + disk_id
-        arguments = {'job-id': job_id, 'device': disks[disk_id].node, 'on-error': 'report',
+        # A read error pauses the copy instead of ending it: what was copied stays, guest_info
+        # shows the job paused with its io_status, and block-job-resume retries once the
+        # backup can be read again.
+        arguments = {'job-id': job_id, 'device': disks[disk_id].node, 'on-error': 'stop',
                      'auto-dismiss': True}
         if speed:
             arguments['speed'] = int(speed)
@@ -128,7 +131,8 @@ def stream_progress(qmp, vmid):
         total, done = job.get('len') or 0, job.get('offset') or 0
         status = job.get('status') or ('paused' if job.get('paused') else 'running')
         found.append({'disk': job['device'][len(prefix):], 'job': job['device'],
-                      'status': status, 'done_bytes': done, 'total_bytes': total,
+                      'status': status, 'io_status': job.get('io-status', 'ok'),
+                      'done_bytes': done, 'total_bytes': total,
                       'percent': round(100.0 * done / total, 1) if total else 0.0,
                       'speed': job.get('speed', 0)})
     return found
