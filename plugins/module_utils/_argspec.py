@@ -89,6 +89,21 @@ def restore_argument_spec():
     return spec
 
 
+def file_restore_argument_spec():
+    spec = stored_backup_argument_spec()
+    spec.update({
+        'backup': {'type': 'str', 'default': 'latest'},
+        'filesystem': {'type': 'str'},
+        'paths': {'type': 'list', 'elements': 'str', 'default': ['/'], 'aliases': ['path']},
+        'dest': {'type': 'path'},
+        'archive': {'type': 'path'},
+        'overwrite': {'type': 'bool', 'default': False},
+        'max_size': {'type': 'str', 'default': '4G'},
+        'timeout': {'type': 'float', 'default': 1800},
+    })
+    return spec
+
+
 KEEP_PARAMETERS = ('keep_all', 'keep_last', 'keep_hourly', 'keep_daily', 'keep_weekly',
                    'keep_monthly', 'keep_yearly')
 

@@ -58,3 +58,16 @@ def datastore_directory(path):
     finally:
         if mounted:
             subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def backup_location(kind, request, config_dir, tmp_path, monkeypatch):
+    """Where backups go, as backup and restore options: a dumpdir of qcow2 chains, or a
+    datastore ``ds`` (on the ``datastore_path`` fixture's directory)."""
+    if kind == 'datastore':
+        monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
+        path = request.getfixturevalue('datastore_path')
+        with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
+            handle.write(f"datastore: ds\n\tpath {path}\n")
+        return {'storage': 'ds'}
+    (tmp_path / 'dump').mkdir()
+    return {'dumpdir': str(tmp_path / 'dump')}

@@ -19,7 +19,7 @@ from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.run.inspect import inspect_guest
 from guestvault_engine.run.restore import RestoreRequest, run_restore
 from labguest import LabGuest
-from lab_checks import same_content
+from lab_checks import backup_location, same_content
 
 MiB = 1 << 20
 TOOLS = os.path.join(os.path.dirname(__file__), '..', '..', 'tools')
@@ -79,19 +79,6 @@ def wait_for_copies(guest, timeout=300):
     while job_list(guest):
         assert time.monotonic() < deadline, job_list(guest)
         time.sleep(0.1)
-
-
-def backup_location(kind, request, config_dir, tmp_path, monkeypatch):
-    """Where backups go, as backup and restore options: a dumpdir of qcow2 chains, or a
-    datastore ``ds`` (on the ``datastore_path`` fixture's directory)."""
-    if kind == 'datastore':
-        monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
-        path = request.getfixturevalue('datastore_path')
-        with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
-            handle.write(f"datastore: ds\n\tpath {path}\n")
-        return {'storage': 'ds'}
-    (tmp_path / 'dump').mkdir()
-    return {'dumpdir': str(tmp_path / 'dump')}
 
 
 @pytest.fixture(params=['qcow2-chain', 'datastore'])

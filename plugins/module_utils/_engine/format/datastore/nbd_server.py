@@ -105,8 +105,10 @@ class _Closed(Exception):
 class NbdServer:
     """Serve ``exports`` ({name: SnapshotExport}) on the unix socket ``path``."""
 
-    def __init__(self, path, exports, on_error=None, idle_timeout=600.0):
+    def __init__(self, path, exports, on_error=None, idle_timeout=600.0, until_clients_gone=True):
         self.path = path
+        # False: serve on after the last client left (a client that comes back), until shutdown
+        self.until_clients_gone = until_clients_gone
         self.exports = exports
         self.on_error = on_error
         self.idle_timeout = idle_timeout
@@ -155,6 +157,10 @@ class NbdServer:
             for reporter in self._reporters:
                 reporter.join(timeout=60)
 
+    def shutdown(self):
+        """Stop accepting; serve_forever returns within a second."""
+        self._done.set()
+
     def _client(self, conn):
         try:
             with conn:
@@ -166,7 +172,7 @@ class NbdServer:
         finally:
             with self._lock:
                 self._clients -= 1
-                if self._clients == 0:
+                if self._clients == 0 and self.until_clients_gone:
                     self._done.set()
 
     # -- handshake -----------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Guest disks with real layouts for file-restore tests: an MBR partition table, an ext4
+partition made on the host (``mkfs.ext4 -d``), and an LVM physical volume whose logical volume
+holds xfs, made inside a small maker VM (the host has neither LVM nor xfsprogs; the maker is
+built from Debian's packages by the engine's own image builder, like the appliance).
+"""
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+
+from guestvault_engine.guest import appliance
+from guestvault_engine.guest.debian_image import ImageSpec, build
+
+MiB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CACHE = os.path.join(ROOT, '.build', 'disk-maker')
+VG, LV = 'gvtest', 'data'
+
+# Copies /dev/vdb's ext4 (the files) into a new xfs on an LV of a PV on /dev/vda2.
+MAKER_INIT = r'''#!/bin/sh
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /run /tmp /mnt/src /mnt/dst; mount -t tmpfs tmpfs /run
+mkdir -p /run/lock/lvm
+while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /etc/guestvault/modules
+n=0; while [ ! -e /dev/vda2 ] || [ ! -e /dev/vdb ]; do usleep 100000; n=$((n+1)); [ $n -gt 100 ] && break; done
+C='devices { obtain_device_list_from_udev = 0 } activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }'
+set -e
+lvm pvcreate --config "$C" -y /dev/vda2
+lvm vgcreate --config "$C" VGNAME /dev/vda2
+lvm lvcreate --config "$C" -y -n LVNAME -L 320m VGNAME
+# xfsprogs refuses filesystems under 300 MB; 320 MiB it takes
+mkfs.xfs -q /dev/mapper/VGNAME-LVNAME
+mount -t ext4 -o ro /dev/vdb /mnt/src
+mount -t xfs /dev/mapper/VGNAME-LVNAME /mnt/dst
+cp -a /mnt/src/. /mnt/dst/
+umount /mnt/dst; umount /mnt/src
+lvm vgchange --config "$C" -an VGNAME
+sync
+echo MAKER-DONE
+poweroff -f
+'''.replace('VGNAME', VG).replace('LVNAME', LV)
+
+
+def maker_image():
+    spec = ImageSpec(name='test disk maker', packages=('busybox-static',),
+                     binaries=(('lvm2', 'sbin/lvm'), ('xfsprogs', 'sbin/mkfs.xfs')),
+                     modules=('virtio_pci', 'virtio_blk', 'crc32c_generic', 'ext4', 'xfs',
+                              'dm_mod'),
+                     files={'init': (MAKER_INIT.encode(), 0o755)})
+    return build(spec, CACHE)
+
+
+def write_tree(root, files):
+    """files: {relative path: bytes}; returns {relative path: sha256}."""
+    sums = {}
+    for relative, data in files.items():
+        path = os.path.join(root, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'wb') as handle:
+            handle.write(data)
+        sums[relative] = hashlib.sha256(data).hexdigest()
+    return sums
+
+
+def ext4_image(path, source_dir, size):
+    subprocess.run(['qemu-img', 'create', '-q', '-f', 'raw', path, str(size)], check=True)
+    subprocess.run(['mkfs.ext4', '-q', '-F', '-d', source_dir, path], check=True,
+                   capture_output=True)
+
+
+def mbr(partitions):
+    """An MBR sector: partitions = [(first sector, sectors, type byte)]."""
+    sector = bytearray(512)
+    for index, (first, count, kind) in enumerate(partitions):
+        entry = 446 + 16 * index
+        sector[entry + 4] = kind
+        struct.pack_into('<II', sector, entry + 8, first, count)
+    sector[510:512] = b'\x55\xaa'
+    return bytes(sector)
+
+
+def partitioned_lvm_disk(workdir, ext4_files, xfs_files, qcow2_path, timeout=600):
+    """A qcow2 disk: partition 1 ext4 holding ext4_files, partition 2 an LVM PV whose LV
+    gvtest/data is xfs holding xfs_files. Returns ({path: sha256} of each)."""
+    os.makedirs(workdir, exist_ok=True)
+    ext4_src, xfs_src = os.path.join(workdir, 'ext4-src'), os.path.join(workdir, 'xfs-src')
+    ext4_sums, xfs_sums = write_tree(ext4_src, ext4_files), write_tree(xfs_src, xfs_files)
+    part1 = os.path.join(workdir, 'part1.raw')
+    ext4_image(part1, ext4_src, 32 * MiB)
+    carrier = os.path.join(workdir, 'xfs-files.raw')
+    ext4_image(carrier, xfs_src, 32 * MiB)
+    disk = os.path.join(workdir, 'disk.raw')
+    size = 400 * MiB
+    subprocess.run(['qemu-img', 'create', '-q', '-f', 'raw', disk, str(size)], check=True)
+    first1, count1 = 2048, 32 * MiB // 512
+    first2 = first1 + count1
+    with open(disk, 'r+b') as out:
+        out.write(mbr([(first1, count1, 0x83), (first2, size // 512 - first2, 0x8e)]))
+        out.seek(first1 * 512)
+        with open(part1, 'rb') as handle:
+            shutil.copyfileobj(handle, out)
+    image = maker_image()
+    console = os.path.join(workdir, 'maker-console.log')
+    accel = 'kvm' if appliance._kvm_verdict(image) else 'tcg'
+    subprocess.run([appliance.qemu_system(), '-nodefaults', '-display', 'none',
+                    '-machine', f'q35,accel={accel}', '-m', '512', '-no-reboot',
+                    '-kernel', image.kernel, '-initrd', image.initrd,
+                    '-append', 'console=ttyS0 quiet panic=-1 rdinit=/init',
+                    '-chardev', f'file,id=c0,path={console}', '-serial', 'chardev:c0',
+                    '-drive', f'file={disk},format=raw,if=virtio',
+                    '-drive', f'file={carrier},format=raw,if=virtio,readonly=on'],
+                   check=True, timeout=timeout, capture_output=True)
+    with open(console, encoding='utf-8', errors='replace') as handle:
+        text = handle.read()
+    assert 'MAKER-DONE' in text, text[-3000:]
+    subprocess.run(['qemu-img', 'convert', '-q', '-O', 'qcow2', disk, qcow2_path], check=True)
+    for path in (disk, part1, carrier):
+        os.unlink(path)
+    return ext4_sums, xfs_sums
