@@ -263,9 +263,10 @@ from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.file
 
 
 def main():
+    # module.params carries the alias (path) beside paths
     run_module(file_restore_argument_spec(),
-               lambda params, check_mode: run_file_restore(
-                   FileRestoreRequest(check_mode=check_mode, **params)),
+               lambda params, check_mode: run_file_restore(FileRestoreRequest(
+                   check_mode=check_mode, **{k: v for k, v in params.items() if k != 'path'})),
                mutually_exclusive=[('storage', 'dumpdir'), ('dest', 'archive')])
 
 

@@ -11,6 +11,7 @@ import subprocess
 
 from guestvault_engine.guest import appliance
 from guestvault_engine.guest.debian_image import ImageSpec, build
+from labguest import LabGuest
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,3 +120,14 @@ def partitioned_lvm_disk(workdir, ext4_files, xfs_files, qcow2_path, timeout=600
     for path in (disk, part1, carrier):
         os.unlink(path)
     return ext4_sums, xfs_sums
+
+
+class LayoutGuest(LabGuest):
+    """A lab guest on a prepared disk."""
+
+    def __init__(self, workdir, disk, vmid):
+        super().__init__(workdir, disks=[('qcow2', 0)], vmid=vmid)
+        self.disk = disk
+
+    def disk_path(self, index):
+        return self.disk

@@ -17,9 +17,8 @@ import pytest
 from guestvault_engine.errors import StorageError
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.run.file_restore import FileRestoreRequest, UnknownFilesystem, run_file_restore
-from disk_layouts import partitioned_lvm_disk
+from disk_layouts import LayoutGuest, partitioned_lvm_disk
 from lab_checks import backup_location
-from labguest import LabGuest
 from linuxguest import parse_journal
 
 MiB = 1 << 20
@@ -102,17 +101,6 @@ def test_files_the_linux_guest_wrote_come_back_from_a_full_and_an_incremental_ba
             assert seq in after_inc.removed or after_inc.entries[seq] == (digest, size)
     newer = [seq for seq in inc_journal.entries if seq > max(journal.entries) + 1]
     assert newer and not {str(seq) for seq in newer} & names   # the full is its own point in time
-
-
-class LayoutGuest(LabGuest):
-    """A lab guest on a prepared disk."""
-
-    def __init__(self, workdir, disk, vmid):
-        super().__init__(workdir, disks=[('qcow2', 0)], vmid=vmid)
-        self.disk = disk
-
-    def disk_path(self, index):
-        return self.disk
 
 
 def test_partitions_lvm_and_xfs_are_found_without_being_named(config_dir, tmp_path):

@@ -210,7 +210,7 @@ class Appliance:
                                  f"its console ended with: {self._console_tail()!r}")
         outcome = Outcome([], None, [], [], None, round(seconds, 2), accel)
         for line in lines:
-            word, _, rest = line.partition(' ')
+            word, _sep, rest = line.partition(' ')
             if word == 'fs':
                 name, kind, size, uuid, label = (rest.split(' ', 4) + [''] * 5)[:5]
                 outcome.filesystems.append({
@@ -218,14 +218,14 @@ class Appliance:
                     'size': int(size) if size.isdigit() else 0,
                     'uuid': None if uuid in ('-', '') else uuid, 'label': label or None})
             elif word == 'chosen':
-                name, _, kind = rest.partition(' ')
+                name, _sep, kind = rest.partition(' ')
                 outcome.chosen = {'name': name, 'type': kind}
             elif word == 'warning':
                 outcome.warnings.append(rest)
             elif word == 'result':
                 outcome.result = rest.split()
             elif word == 'error':
-                kind, _, message = rest.partition(' ')
+                kind, _sep, message = rest.partition(' ')
                 outcome.error = (kind, message)
         return outcome
 

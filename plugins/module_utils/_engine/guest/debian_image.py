@@ -264,8 +264,13 @@ def cache_key(spec):
     missing = [name for name in names if name not in versions]
     if missing:
         raise ImageBuildError(f"apt has no candidate for {missing}")
-    text = json.dumps(versions, sort_keys=True) + spec.digest() + _read(__file__).decode()
+    text = json.dumps(versions, sort_keys=True) + spec.digest() + _builder_source()
     return hashlib.sha256(text.encode()).hexdigest()[:16], versions
+
+
+def _builder_source():
+    """This file's text; under Ansible the engine runs from a zip, so ask the loader."""
+    return __loader__.get_source(__name__) or ''
 
 
 def build(spec, cache_dir, log=None):
@@ -317,10 +322,10 @@ def _build_into(spec, outdir, key, versions):
     _write_vmlinux(vmlinuz, os.path.join(outdir, 'vmlinux'))
     modules = module_order(trees[kernel], release, spec.modules)
     for relpath in modules:
-        files[f'lib/modules/{os.path.basename(relpath)}'] = (os.path.join(trees[kernel], relpath),
-                                                            0o644)
-    files['etc/guestvault/modules'] = (''.join(os.path.basename(p) + '\n' for p in modules)
-                                       .encode(), 0o644)
+        source = os.path.join(trees[kernel], relpath)
+        files[f'lib/modules/{os.path.basename(relpath)}'] = (source, 0o644)
+    order = ''.join(os.path.basename(p) + '\n' for p in modules)
+    files['etc/guestvault/modules'] = (order.encode(), 0o644)
     binaries = []
     for package, path in spec.binaries:
         binaries.append(os.path.join(trees[package], path))

@@ -33,10 +33,10 @@ from ..guest.registry import validate_vmid
 from ..storage import catalog
 from ..storage.files import private_files
 from . import untrusted_tar
-from .guest_runs import run_dir
 from .locate import format_of, require_storage
 
 DEFAULT_MAX_BYTES = 4 << 30
+DEFAULT_WORK_DIR = '/var/tmp'
 # room on the output disk for tar's headers and padding beyond the files' own bytes
 TAR_SLACK = 256 << 20
 LIST_OUTPUT_BYTES = 512 << 20
@@ -163,8 +163,11 @@ def run_file_restore(request, log=None):
 
 
 def _work_root():
-    """Overlays and listings: small files under the run directory (/run: gone at reboot)."""
-    return run_dir()
+    """Overlays (a replayed journal), listings: ``GUESTVAULT_WORK_DIR``, else /var/tmp, not
+    the run directory, whose /run/lock is a 5 MiB tmpfs on Debian."""
+    directory = os.environ.get('GUESTVAULT_WORK_DIR') or DEFAULT_WORK_DIR
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return directory
 
 
 class _Server:
