@@ -139,3 +139,12 @@ def test_paths_are_taken_from_the_filesystem_root():
     for bad in ('/etc/../../x', 'a\nb', 'a\0b'):
         with pytest.raises(ConfigError):
             normalize_path(bad)
+
+
+def test_the_stream_ends_after_its_last_member_and_two_zero_blocks(tmp_path):
+    make_tar(tmp_path / 'in.tar', [({'name': './a'}, b'a' * 1000), ({'name': './b'}, b'')])
+    # a: header + 1024 bytes of padded data; b: a header; then the two zero blocks
+    assert untrusted_tar.stream_length(str(tmp_path / 'in.tar')) == 512 + 1024 + 512 + 1024
+    (tmp_path / 'junk').write_bytes(b'\x01' * 4096)
+    with pytest.raises(untrusted_tar.UnsafeMember, match='unreadable'):
+        untrusted_tar.stream_length(str(tmp_path / 'junk'))

@@ -38,7 +38,8 @@ MODULES = ('virtio_pci', 'virtio_blk', 'qemu_fw_cfg', 'crc32c_generic', 'ext4', 
 MEMORY_MIB = 512
 STATUS_BYTES = 4 << 20
 UP_MARKER = 'GUESTVAULT-APPLIANCE-UP'
-KVM_PROBE_SECONDS = 20.0
+KVM_FIRST_WORDS_SECONDS = 5.0
+KVM_PROBE_SECONDS = 30.0
 KERNEL_APPEND = 'console=ttyS0 quiet panic=-1 rdinit=/init'
 
 
@@ -125,11 +126,11 @@ class Appliance:
     def _overlay(self, index):
         return os.path.join(self.workdir, f'appliance-overlay{index}.qcow2')
 
-    def command(self, accel):
+    def command(self, accel, append=KERNEL_APPEND):
         args = [qemu_system(), '-nodefaults', '-display', 'none', '-no-user-config',
                 '-machine', f'q35,accel={accel}', '-m', str(MEMORY_MIB), '-no-reboot',
                 '-kernel', self.image.kernel, '-initrd', self.image.initrd,
-                '-append', KERNEL_APPEND,
+                '-append', append,
                 '-chardev', f'file,id=console0,path={self.console}', '-serial', 'chardev:console0',
                 '-fw_cfg', f'name=opt/guestvault/request,file={self.request}']
         for index, source in enumerate(self.sources):
@@ -147,8 +148,11 @@ class Appliance:
         verdict = _kvm_verdict(self.image)
         accel = 'kvm' if verdict else 'tcg'
         if verdict is None:        # not probed yet on this host: this boot is the probe
-            proc = self._start('kvm')
-            if self._wait_up(proc, KVM_PROBE_SECONDS):
+            # kernel messages on: a kernel that hangs in early boot prints nothing at all, so
+            # silence after a few seconds is a verdict without waiting for the whole timeout
+            proc = self._start('kvm', KERNEL_APPEND.replace('quiet', 'loglevel=7'))
+            if self._wait_for(proc, 'Linux version', KVM_FIRST_WORDS_SECONDS) \
+                    and self._wait_for(proc, UP_MARKER, KVM_PROBE_SECONDS):
                 _keep_kvm_verdict(self.image, True)
                 self._wait(proc, 'kvm')
                 return 'kvm'
@@ -160,18 +164,18 @@ class Appliance:
         self._wait(proc, accel)
         return accel
 
-    def _start(self, accel):
+    def _start(self, accel, append=KERNEL_APPEND):
         if os.path.exists(self.console):
             os.unlink(self.console)
         log = open(os.path.join(self.workdir, 'appliance-qemu.log'), 'ab')
         with log:
-            return subprocess.Popen(self.command(accel), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, start_new_session=True)
+            return subprocess.Popen(self.command(accel, append), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, start_new_session=True)
 
-    def _wait_up(self, proc, seconds):
+    def _wait_for(self, proc, marker, seconds):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if UP_MARKER in self._console_tail(1 << 16):
+            if marker in self._console_tail(1 << 20):
                 return True
             if proc.poll() is not None:
                 return False

@@ -19,7 +19,7 @@ overlay, so journals can be replayed), ``gvout`` (the payload: a listing or a ta
     warning TEXT
     result list NAMES_BYTES META_BYTES LINKS_BYTES
     result measure FILES BYTES ENTRIES
-    result extract TAR_BYTES FILES BYTES ENTRIES
+    result extract FILES BYTES ENTRIES
     error KIND TEXT                  kinds: request, no-filesystem, ambiguous,
                                      unknown-filesystem, mount, not-found, size-limit, write
     end
@@ -227,11 +227,10 @@ if [ "$OP" = measure ]; then
     say "result measure $FILES $BYTES $entries"
     finish
 fi
-set -o pipefail
-if ! tarred=$(tar -c -f - "$@" 2>/tmp/tar.err | tee "$OUT" | wc -c); then
-    fail write "$(tail -n 1 /tmp/tar.err)"
-fi
+# Straight onto the disk: through a pipe (tar | tee | wc) it was 7x slower under TCG. The
+# host finds the stream's end by reading its headers.
+tar -c -f "$OUT" "$@" 2>/tmp/tar.err || fail write "$(tail -n 1 /tmp/tar.err)"
 sync
-say "result extract $tarred $FILES $BYTES $entries"
+say "result extract $FILES $BYTES $entries"
 finish
 '''

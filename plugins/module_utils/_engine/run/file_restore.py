@@ -333,7 +333,8 @@ def _extract(request, result, built, workdir, sources, paths, max_bytes, log):
     try:
         outcome = _boot(request, built, workdir, sources, payload, max_bytes + TAR_SLACK,
                         'extract', paths, max_bytes, log)
-        tar_bytes, files, size, entries = (int(v) for v in outcome.result[1:5])
+        files, size, entries = (int(v) for v in outcome.result[1:4])
+        tar_bytes = untrusted_tar.stream_length(payload)
         if request.archive:
             _keep_archive(payload, tar_bytes, request.archive)
             result.update(archive=request.archive, archive_bytes=tar_bytes)

@@ -96,6 +96,20 @@ def extract(tar_path, length, staging):
     return counts
 
 
+def stream_length(tar_path):
+    """Where the tar stream at the start of ``tar_path`` ends (after its two zero blocks):
+    its headers are read, its data skipped."""
+    try:
+        with tarfile.open(tar_path, mode='r:') as archive:
+            for _member in archive:
+                pass
+            end = archive.offset
+    except tarfile.TarError as exc:
+        raise UnsafeMember(f"the appliance's tar stream is unreadable ({exc}); nothing was "
+                           "extracted") from None
+    return end + 2 * tarfile.BLOCKSIZE
+
+
 def _mode(member):
     return member.mode & 0o777 & ~(stat.S_IWGRP | stat.S_IWOTH) | 0o700 * member.isdir()
 
