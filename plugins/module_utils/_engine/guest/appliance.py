@@ -129,6 +129,9 @@ class Appliance:
     def command(self, accel, append=KERNEL_APPEND):
         args = [qemu_system(), '-nodefaults', '-display', 'none', '-no-user-config',
                 '-machine', f'q35,accel={accel}', '-m', str(MEMORY_MIB), '-no-reboot',
+                # TCG's max CPU has RDRAND, so the kernel's random pool is ready at once (blkid
+                # and lvm otherwise wait ~1 s for it); under KVM the default model is kept
+                *(['-cpu', 'max'] if accel == 'tcg' else []),
                 '-kernel', self.image.kernel, '-initrd', self.image.initrd,
                 '-append', append,
                 '-chardev', f'file,id=console0,path={self.console}', '-serial', 'chardev:console0',
