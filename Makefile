@@ -80,6 +80,7 @@ bench: bench-deps venv
 	$(PY) bench/datastore_bench.py
 	$(PY) bench/s3_bench.py
 	$(PY) bench/live_restore_bench.py
+	$(PY) bench/file_restore_bench.py
 
 clean:
 	rm -rf $(BUILD) tests/output

@@ -4,6 +4,7 @@ Every restore is compared (qemu-img compare) with what the guest's disk held at 
 point in time. The tests share one cluster, each with a bucket of its own (test_s3_faults.py
 breaks clusters of its own).
 """
+import hashlib
 import json
 import os
 import shutil
@@ -352,3 +353,31 @@ def test_verify_moves_a_corrupt_chunk_aside_and_the_next_backup_heals_it(
     out = restore(guest.vmid, config_dir, tmp_path / 'r')
     ok, text = same_content(ref, out['disks'][0]['target'])
     assert ok, text
+
+
+def test_files_come_back_out_of_an_s3_datastore_with_an_empty_cache(cluster, bucket,
+                                                                    config_dir, tmp_path):
+    """file_restore from a bucket, the cache deleted first: the appliance reads the snapshot
+    through the NBD server, whose chunks come from the bucket."""
+    from disk_layouts import LayoutGuest, ext4_image, write_tree
+    from guestvault_engine.run.file_restore import FileRestoreRequest, run_file_restore
+    cache = tmp_path / 'cache'
+    configure(config_dir, cluster, cache, bucket)
+    files = {'etc/hostname': b's3host\n', 'srv/blob.bin': os.urandom(3 * MiB + 5)}
+    sums = write_tree(str(tmp_path / 'tree'), files)
+    ext4_image(str(tmp_path / 'disk.raw'), str(tmp_path / 'tree'), 32 * MiB)
+    subprocess.run(['qemu-img', 'convert', '-q', '-O', 'qcow2', str(tmp_path / 'disk.raw'),
+                    str(tmp_path / 'disk.qcow2')], check=True)
+    guest = LayoutGuest(str(tmp_path / 'guest'), str(tmp_path / 'disk.qcow2'), 9421).start()
+    try:
+        backup(guest, config_dir)
+    finally:
+        guest.stop()
+    shutil.rmtree(cache)
+    result = run_file_restore(FileRestoreRequest(vmid=9421, config_dir=config_dir, storage='s3',
+                                                 paths=['/srv', '/etc/hostname'],
+                                                 dest=str(tmp_path / 'out')))
+    assert result['files'] == 2
+    for path, digest in sums.items():
+        with open(tmp_path / 'out' / path, 'rb') as handle:
+            assert hashlib.sha256(handle.read()).hexdigest() == digest, path

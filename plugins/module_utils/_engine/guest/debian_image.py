@@ -277,9 +277,13 @@ def build(spec, cache_dir, log=None):
     """The image, built once per key into ``cache_dir``; parallel builders wait for the first."""
     log = log or (lambda message: None)
     cache_dir = os.path.abspath(cache_dir)
+    known = _known_key(spec, cache_dir)
+    if known:
+        return BuiltImage.load(os.path.join(cache_dir, known))
     key, versions = cache_key(spec)
     final = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(final, 'manifest.json')):
+        _remember_key(spec, cache_dir, key)
         return BuiltImage.load(final)
     os.makedirs(cache_dir, exist_ok=True)
     with open(os.path.join(cache_dir, '.lock'), 'w', encoding='utf-8') as lock:
@@ -296,7 +300,53 @@ def build(spec, cache_dir, log=None):
             shutil.rmtree(scratch, ignore_errors=True)
             raise
         _prune_old_builds(cache_dir, keep=key)
+    _remember_key(spec, cache_dir, key)
     return BuiltImage.load(final)
+
+
+# apt's lists (apt-get update renames its files into them) and dpkg's status (an installed
+# package can be apt's candidate)
+APT_STATE = ('/var/lib/apt/lists', '/var/lib/dpkg/status')
+
+
+def _stamp(spec):
+    """What the key depends on besides the versions apt offers, plus when apt's state last
+    changed."""
+    try:
+        lists = [os.stat(path).st_mtime_ns for path in APT_STATE]
+    except OSError:
+        lists = None
+    return {'spec': spec.digest(), 'builder': hashlib.sha256(_builder_source().encode())
+            .hexdigest(), 'apt_lists': lists}
+
+
+def _pointer(spec, cache_dir):
+    return os.path.join(cache_dir, f"current-{hashlib.sha256(spec.name.encode()).hexdigest()[:12]}.json")
+
+
+def _known_key(spec, cache_dir):
+    """The key of the last build, if nothing it depends on changed: asking apt for the
+    versions costs ~1 s, which every file restore would pay."""
+    try:
+        with open(_pointer(spec, cache_dir), encoding='utf-8') as handle:
+            pointer = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    key = pointer.get('key', '')
+    if pointer.get('stamp') != _stamp(spec) or pointer.get('stamp', {}).get('apt_lists') is None \
+            or not os.path.exists(os.path.join(cache_dir, key, 'manifest.json')):
+        return None
+    return key
+
+
+def _remember_key(spec, cache_dir, key):
+    path = _pointer(spec, cache_dir)
+    try:
+        with open(path + '.tmp', 'w', encoding='utf-8') as handle:
+            json.dump({'key': key, 'stamp': _stamp(spec)}, handle)
+        os.replace(path + '.tmp', path)
+    except OSError:
+        pass        # a read-only cache: ask apt each time
 
 
 def _prune_old_builds(cache_dir, keep):
