@@ -71,7 +71,7 @@ def cp_seconds(source, target):
         shutil.copyfile(source, target)
         with open(target, 'rb+') as handle:
             os.fsync(handle.fileno())
-    seconds, _ = timed(copy)
+    seconds, _result = timed(copy)
     os.unlink(target)
     return seconds
 
@@ -106,14 +106,14 @@ def one_kind(run, kind, disk, tree, repeat):
             vmid=VMID, config_dir=config_dir, paths=['/'], **where)))
         samples['list'].append(seconds)
         accel = listing['appliance_accel']
-        seconds, _ = timed(lambda: run_file_restore(FileRestoreRequest(
+        seconds, _result = timed(lambda: run_file_restore(FileRestoreRequest(
             vmid=VMID, config_dir=config_dir, paths=['/small/042'], dest=out, **where)))
         samples['small'].append(seconds)
-        seconds, _ = timed(lambda: run_file_restore(FileRestoreRequest(
+        seconds, _result = timed(lambda: run_file_restore(FileRestoreRequest(
             vmid=VMID, config_dir=config_dir, paths=['/big.bin'], archive=out + '.tar',
             max_size='64G', **where)))
         samples['large'].append(seconds)
-        seconds, _ = timed(lambda: run_restore(RestoreRequest(
+        seconds, _result = timed(lambda: run_restore(RestoreRequest(
             vmid=VMID, config_dir=config_dir, target_dir=out + '-disk', format='raw', **where)))
         samples['restore'].append(seconds)
         samples['cp'].append(cp_seconds(os.path.join(tree, 'big.bin'), out + '.cp'))
