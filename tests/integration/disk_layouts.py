@@ -8,6 +8,8 @@ import os
 import shutil
 import struct
 import subprocess
+import uuid
+import zlib
 
 from guestvault_engine.guest import appliance
 from guestvault_engine.guest.debian_image import ImageSpec, build
@@ -80,6 +82,44 @@ def mbr(partitions):
         struct.pack_into('<II', sector, entry + 8, first, count)
     sector[510:512] = b'\x55\xaa'
     return bytes(sector)
+
+
+LINUX_DATA = uuid.UUID('0fc63daf-8483-4772-8e79-3d69d8477de4')
+
+
+def gpt(disk_sectors, partitions):
+    """A protective MBR, a GPT header and its 128 entries (LBA 0-33): partitions = [(first
+    sector, last sector)] of Linux data. No backup header: Linux warns and uses the primary."""
+    entries = bytearray(128 * 128)
+    for index, (first, last) in enumerate(partitions):
+        struct.pack_into('<16s16sQQQ', entries, index * 128, LINUX_DATA.bytes_le,
+                         uuid.uuid4().bytes_le, first, last, 0)
+    header = bytearray(92)
+    struct.pack_into('<8sIIIIQQQQ16sQIII', header, 0, b'EFI PART', 0x00010000, 92, 0, 0, 1,
+                     disk_sectors - 1, 34, disk_sectors - 34, uuid.uuid4().bytes_le, 2, 128, 128,
+                     zlib.crc32(entries))
+    struct.pack_into('<I', header, 16, zlib.crc32(header))
+    return mbr([(1, disk_sectors - 1, 0xEE)]) + bytes(header).ljust(512, b'\0') + bytes(entries)
+
+
+def gpt_ext4_disk(workdir, files, qcow2_path, size=48 * MiB):
+    """A qcow2 disk with a GPT whose one partition (sector 2048 on) is an ext4 holding files."""
+    os.makedirs(workdir, exist_ok=True)
+    source = os.path.join(workdir, 'gpt-src')
+    sums = write_tree(source, files)
+    part = os.path.join(workdir, 'gpt-part.raw')
+    ext4_image(part, source, size - 2 * MiB)
+    disk = os.path.join(workdir, 'gpt-disk.raw')
+    subprocess.run(['qemu-img', 'create', '-q', '-f', 'raw', disk, str(size)], check=True)
+    with open(disk, 'r+b') as out:
+        out.write(gpt(size // 512, [(2048, 2048 + (size - 2 * MiB) // 512 - 1)]))
+        out.seek(2048 * 512)
+        with open(part, 'rb') as handle:
+            shutil.copyfileobj(handle, out)
+    subprocess.run(['qemu-img', 'convert', '-q', '-O', 'qcow2', disk, qcow2_path], check=True)
+    os.unlink(disk)
+    os.unlink(part)
+    return sums
 
 
 def partitioned_lvm_disk(workdir, ext4_files, xfs_files, qcow2_path, timeout=600):

@@ -13,22 +13,27 @@ from guestvault_engine.run.file_restore import (
     FileRestoreRequest, PathNotFound, SizeLimitExceeded, UnknownFilesystem, run_file_restore)
 from guestvault_engine.run.keys import create_key
 from ansible_runner import assert_failed_with, documented_return
-from disk_layouts import LayoutGuest, ext4_image, write_tree
+from disk_layouts import LayoutGuest, ext4_image, gpt_ext4_disk, write_tree
 
 MiB = 1 << 20
 FILES = {'etc/hostname': b'db1\n', 'etc/app/app.conf': b'port=5432\n',
          'var/lib/app/data.bin': os.urandom(2 * MiB + 17), 'home/alice/notes': b'hello\n'}
 
 
-def guest_with_files(tmp_path, config_dir, vmid=9411, where=None, files=None):
-    """A lab guest whose disk is an ext4 holding ``files``, backed up once: (vmid, where)."""
-    source = tmp_path / f'files-{vmid}'
-    write_tree(str(source), FILES if files is None else files)
-    raw = str(tmp_path / f'disk-{vmid}.raw')
-    ext4_image(raw, str(source), 32 * MiB)
+def guest_with_files(tmp_path, config_dir, vmid=9411, where=None, files=None, partitioned=False):
+    """A lab guest whose disk is an ext4 (on a GPT partition if ``partitioned``) holding
+    ``files``, backed up once: (vmid, where)."""
+    files = FILES if files is None else files
     disk = str(tmp_path / f'disk-{vmid}.qcow2')
-    subprocess.run(['qemu-img', 'convert', '-q', '-O', 'qcow2', raw, disk], check=True)
-    os.unlink(raw)
+    if partitioned:
+        gpt_ext4_disk(str(tmp_path / f'make-{vmid}'), files, disk)
+    else:
+        source = tmp_path / f'files-{vmid}'
+        write_tree(str(source), files)
+        raw = str(tmp_path / f'disk-{vmid}.raw')
+        ext4_image(raw, str(source), 32 * MiB)
+        subprocess.run(['qemu-img', 'convert', '-q', '-O', 'qcow2', raw, disk], check=True)
+        os.unlink(raw)
     if where is None:
         (tmp_path / 'dump').mkdir(exist_ok=True)
         where = {'dumpdir': str(tmp_path / 'dump')}
@@ -85,7 +90,7 @@ def test_a_disk_without_a_filesystem_is_named_as_such(tmp_path, config_dir, make
         run_file_restore(request(guest.vmid, where, config_dir, paths=['/']))
 
 
-def test_an_encrypted_datastore_without_its_key_names_the_key_it_needs(
+def test_an_encrypted_datastore_without_its_key_names_the_key_it_needs_and_gpt_is_found(
         tmp_path, config_dir, datastore_path):
     (tmp_path / 'keys').mkdir(mode=0o700)
     key = create_key(str(tmp_path / 'keys' / 'ds.key'), kdf='none')
@@ -93,12 +98,14 @@ def test_an_encrypted_datastore_without_its_key_names_the_key_it_needs(
         handle.write(f"datastore: enc\n\tpath {datastore_path}\n\tencryption-key {key['path']}\n\n"
                      f"datastore: nokey\n\tpath {datastore_path}\n")
     vmid, _where = guest_with_files(tmp_path, config_dir, vmid=9413, where={'storage': 'enc'},
-                                    files={'etc/hostname': b'secret host\n'})
+                                    files={'etc/hostname': b'secret host\n'}, partitioned=True)
     with pytest.raises(EncryptionKeyError, match=key['fingerprint'][:23]):
         run_file_restore(request(vmid, {'storage': 'nokey'}, config_dir, paths=['/etc']))
-    # with its key it reads
+    # with its key it reads; the one filesystem, on a GPT partition, is found unnamed
     listing = run_file_restore(request(vmid, {'storage': 'enc'}, config_dir, paths=['/etc']))
     assert [e['name'] for e in listing['entries']] == ['hostname']
+    assert listing['filesystem'] == 'vd0/part1' and listing['filesystem_type'] == 'ext4'
+    assert [fs['name'] for fs in listing['filesystems']] == ['vd0/part1']
 
 
 def test_the_module_lists_checks_extracts_and_is_idempotent(ansible, tmp_path, config_dir):
