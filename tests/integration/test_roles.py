@@ -436,3 +436,21 @@ def test_schedule_info_warns_about_the_proxmox_minute_trap(ansible):
 def test_schedule_info_refuses_a_bad_schedule(ansible):
     assert_failed_with(ansible.module('guestvault.backup.schedule_info',
                                       {'schedule': 'mon..fri 25:00'}), '25')
+
+
+def test_the_node_role_builds_the_file_restore_appliance_once(node, tmp_path):
+    """guestvault_file_restore_appliance: the image is built on the node at converge time (so
+    a file restore needs no Debian mirror later), and a second converge finds it."""
+    cache = str(tmp_path / 'appliance')
+    output, recap = converged(node, roles=('node',), guestvault_jobs=[],
+                              guestvault_file_restore_appliance=True,
+                              guestvault_appliance_cache=cache)
+    builds = [name for name in os.listdir(cache) if re.fullmatch(r'[0-9a-f]{16}', name)]
+    assert len(builds) == 1, os.listdir(cache)
+    for name in ('vmlinux', 'initrd.gz', 'manifest.json'):
+        assert os.path.getsize(os.path.join(cache, builds[0], name)) > 0
+    assert "Build file_restore's appliance image" in output
+    _output, again = converged(node, roles=('node',), guestvault_jobs=[],
+                               guestvault_file_restore_appliance=True,
+                               guestvault_appliance_cache=cache)
+    assert again['changed'] == 0 and recap['changed'] > again['changed']

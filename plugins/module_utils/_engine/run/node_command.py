@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 
 from ..errors import ConfigError, GuestvaultError
+from ..guest import appliance
 from ..guest.registry import list_guests
 from ..policy.config import inert_option_warning, load_vzdump_defaults
 from ..policy.jobs_cfg import load_jobs
@@ -61,6 +62,10 @@ def build_parser():
     parser.add_argument('--cleanup', action='store_true',
                         help="clear what killed runs left (block jobs, target nodes, hidden "
                              "directories, orphan bitmaps) instead of backing up")
+    parser.add_argument('--build-appliance', action='store_true',
+                        help="build the file-restore appliance now (from Debian's packages, "
+                             "into $GUESTVAULT_APPLIANCE_CACHE), so that file_restore needs "
+                             "no Debian mirror later; back up nothing")
     return parser
 
 
@@ -156,6 +161,8 @@ class Progress:
 def run(argv=None):
     args = build_parser().parse_args(argv)
     say = (lambda message: None) if args.quiet else _say
+    if args.build_appliance:
+        return _build_appliance(say)
     settings = _job_settings(args) if args.job else _plain_settings(args)
     job = settings['job']
     if job and not job.runs_on(args.node):
@@ -196,6 +203,14 @@ def run(argv=None):
     say(f"{len(vmids) - len(failed)} of {len(vmids)} guest(s) backed up"
         + (f"; failed: {', '.join(map(str, failed))}" if failed else ''))
     return 1 if failed else 0
+
+
+def _build_appliance(say):
+    """--build-appliance: the image file_restore boots, built unless it is there already."""
+    built = appliance.image(say)
+    # one line on stdout: what the node role registers
+    sys.stdout.write(f"appliance {built.key} {built.directory}\n")
+    return 0
 
 
 def _cleanup(args, settings, say):
