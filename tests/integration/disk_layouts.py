@@ -20,14 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CACHE = os.path.join(ROOT, '.build', 'disk-maker')
 VG, LV = 'gvtest', 'data'
 
-# Copies /dev/vdb's ext4 (the files) into a new xfs on an LV of a PV on /dev/vda2.
+# Copies /dev/vdb's ext4 (the files: xfs/ and esp/) into a new xfs on an LV of a PV on
+# /dev/vda2, and into a new FAT32 on /dev/vda3.
 MAKER_INIT = r'''#!/bin/sh
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
 mkdir -p /run /tmp /mnt/src /mnt/dst; mount -t tmpfs tmpfs /run
 mkdir -p /run/lock/lvm
 while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /etc/guestvault/modules
-n=0; while [ ! -e /dev/vda2 ] || [ ! -e /dev/vdb ]; do usleep 100000; n=$((n+1)); [ $n -gt 100 ] && break; done
+n=0; while [ ! -e /dev/vda3 ] || [ ! -e /dev/vdb ]; do usleep 100000; n=$((n+1)); [ $n -gt 100 ] && break; done
 C='devices { obtain_device_list_from_udev = 0 } activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }'
 set -e
 lvm pvcreate --config "$C" -y /dev/vda2
@@ -37,7 +38,12 @@ lvm lvcreate --config "$C" -y -n LVNAME -L 320m VGNAME
 mkfs.xfs -q /dev/mapper/VGNAME-LVNAME
 mount -t ext4 -o ro /dev/vdb /mnt/src
 mount -t xfs /dev/mapper/VGNAME-LVNAME /mnt/dst
-cp -a /mnt/src/. /mnt/dst/
+cp -a /mnt/src/xfs/. /mnt/dst/
+umount /mnt/dst
+# an EFI system partition, as a real guest has one
+mkdosfs -n GVESP /dev/vda3
+mount -t vfat /dev/vda3 /mnt/dst
+cp -r /mnt/src/esp/. /mnt/dst/
 umount /mnt/dst; umount /mnt/src
 lvm vgchange --config "$C" -an VGNAME
 sync
@@ -50,7 +56,7 @@ def maker_image():
     spec = ImageSpec(name='test disk maker', packages=('busybox-static',),
                      binaries=(('lvm2', 'sbin/lvm'), ('xfsprogs', 'sbin/mkfs.xfs')),
                      modules=('virtio_pci', 'virtio_blk', 'crc32c_generic', 'ext4', 'xfs',
-                              'dm_mod'),
+                              'dm_mod', 'vfat', 'nls_cp437', 'nls_ascii', 'nls_utf8', 'nls_iso8859_1'),
                      files={'init': (MAKER_INIT.encode(), 0o755)})
     return build(spec, CACHE)
 
@@ -122,23 +128,29 @@ def gpt_ext4_disk(workdir, files, qcow2_path, size=48 * MiB):
     return sums
 
 
-def partitioned_lvm_disk(workdir, ext4_files, xfs_files, qcow2_path, timeout=600):
-    """A qcow2 disk: partition 1 ext4 holding ext4_files, partition 2 an LVM PV whose LV
-    gvtest/data is xfs holding xfs_files. Returns ({path: sha256} of each)."""
+def partitioned_lvm_disk(workdir, ext4_files, xfs_files, qcow2_path, esp_files=None,
+                         timeout=600):
+    """A qcow2 disk with an MBR: partition 1 ext4 holding ext4_files, partition 2 (at the end)
+    an LVM PV whose LV gvtest/data is xfs holding xfs_files, partition 3 a FAT32 (an EFI system
+    partition) holding esp_files. Returns ({path: sha256} of each)."""
     os.makedirs(workdir, exist_ok=True)
-    ext4_src, xfs_src = os.path.join(workdir, 'ext4-src'), os.path.join(workdir, 'xfs-src')
-    ext4_sums, xfs_sums = write_tree(ext4_src, ext4_files), write_tree(xfs_src, xfs_files)
+    ext4_src, carrier_src = os.path.join(workdir, 'ext4-src'), os.path.join(workdir, 'carrier')
+    ext4_sums = write_tree(ext4_src, ext4_files)
+    xfs_sums = write_tree(os.path.join(carrier_src, 'xfs'), xfs_files)
+    esp_sums = write_tree(os.path.join(carrier_src, 'esp'), esp_files or {'README': b'esp\n'})
     part1 = os.path.join(workdir, 'part1.raw')
     ext4_image(part1, ext4_src, 32 * MiB)
-    carrier = os.path.join(workdir, 'xfs-files.raw')
-    ext4_image(carrier, xfs_src, 32 * MiB)
+    carrier = os.path.join(workdir, 'carrier.raw')
+    ext4_image(carrier, carrier_src, 48 * MiB)
     disk = os.path.join(workdir, 'disk.raw')
-    size = 400 * MiB
+    size = 460 * MiB
     subprocess.run(['qemu-img', 'create', '-q', '-f', 'raw', disk, str(size)], check=True)
     first1, count1 = 2048, 32 * MiB // 512
-    first2 = first1 + count1
+    first3, count3 = first1 + count1, 64 * MiB // 512
+    first2 = first3 + count3
     with open(disk, 'r+b') as out:
-        out.write(mbr([(first1, count1, 0x83), (first2, size // 512 - first2, 0x8e)]))
+        out.write(mbr([(first1, count1, 0x83), (first2, size // 512 - first2, 0x8e),
+                       (first3, count3, 0xef)]))
         out.seek(first1 * 512)
         with open(part1, 'rb') as handle:
             shutil.copyfileobj(handle, out)
@@ -159,7 +171,7 @@ def partitioned_lvm_disk(workdir, ext4_files, xfs_files, qcow2_path, timeout=600
     subprocess.run(['qemu-img', 'convert', '-q', '-O', 'qcow2', disk, qcow2_path], check=True)
     for path in (disk, part1, carrier):
         os.unlink(path)
-    return ext4_sums, xfs_sums
+    return ext4_sums, xfs_sums, esp_sums
 
 
 class LayoutGuest(LabGuest):

@@ -103,12 +103,14 @@ def test_files_the_linux_guest_wrote_come_back_from_a_full_and_an_incremental_ba
     assert newer and not {str(seq) for seq in newer} & names   # the full is its own point in time
 
 
-def test_partitions_lvm_and_xfs_are_found_without_being_named(config_dir, tmp_path):
+def test_partitions_lvm_xfs_and_vfat_are_found_without_being_named(config_dir, tmp_path):
     blob = os.urandom(3 * MiB + 123)
     disk = str(tmp_path / 'layout.qcow2')
-    ext4_sums, xfs_sums = partitioned_lvm_disk(
+    ext4_sums, xfs_sums, esp_sums = partitioned_lvm_disk(
         str(tmp_path / 'make'), {'etc/hostname': b'web1\n', 'etc/app/app.conf': b'port=80\n'},
-        {'srv/data/blob.bin': blob, 'srv/data/notes.txt': b'on xfs\n'}, disk)
+        {'srv/data/blob.bin': blob, 'srv/data/notes.txt': b'on xfs\n'}, disk,
+        esp_files={'EFI/debian/grub.cfg': b'set root=(hd0,gpt2)\n', 'EFI/BOOT/BOOTX64.EFI':
+                   os.urandom(70000), 'EFI/Übersicht.txt': 'non-ASCII name'.encode()})
     guest = LayoutGuest(str(tmp_path / 'guest'), disk, 9402).start()
     try:
         (tmp_path / 'dump').mkdir()
@@ -120,13 +122,15 @@ def test_partitions_lvm_and_xfs_are_found_without_being_named(config_dir, tmp_pa
     # Two filesystems: without a name the error lists them (nothing named them before).
     with pytest.raises(UnknownFilesystem) as failure:
         files(config_dir, guest.vmid, where, paths=['/'])
-    assert 'vd0/part1 (ext4)' in str(failure.value)
+    assert 'vd0/part1 (ext4)' in str(failure.value) and 'vd0/part3 (vfat)' in str(failure.value)
     assert 'lvm/gvtest/data (xfs)' in str(failure.value) and 'set filesystem' in str(failure.value)
 
     listing = files(config_dir, guest.vmid, where, filesystem='lvm/gvtest/data',
                     paths=['/srv/data'])
     found = {fs['name']: fs['type'] for fs in listing['filesystems']}
-    assert found == {'vd0/part1': 'ext4', 'vd0/part2': 'LVM2_member', 'lvm/gvtest/data': 'xfs'}
+    assert found == {'vd0/part1': 'ext4', 'vd0/part2': 'LVM2_member', 'vd0/part3': 'vfat',
+                     'lvm/gvtest/data': 'xfs'}
+    assert {fs['name']: fs['label'] for fs in listing['filesystems']}['vd0/part3'] == 'GVESP'
     assert {e['name']: e['size'] for e in listing['entries']} == {'blob.bin': len(blob),
                                                                   'notes.txt': 7}
     out = tmp_path / 'out'
@@ -140,6 +144,9 @@ def test_partitions_lvm_and_xfs_are_found_without_being_named(config_dir, tmp_pa
         got = {m.name.lstrip('./'): hashlib.sha256(tar.extractfile(m).read()).hexdigest()
                for m in tar.getmembers() if m.isfile()}
     assert got == ext4_sums
+    esp = tmp_path / 'esp'
+    files(config_dir, guest.vmid, where, filesystem='vd0/part3', paths=['/EFI'], dest=str(esp))
+    assert {p: sha256_of(esp / p) for p in esp_sums} == esp_sums
     with pytest.raises(UnknownFilesystem, match='has no filesystem vd1'):
         files(config_dir, guest.vmid, where, filesystem='vd1', paths=['/'])
     with pytest.raises(StorageError, match='no backups'):

@@ -32,9 +32,10 @@ from . import debian_image
 from .appliance_init import INIT
 
 DEFAULT_CACHE = '/var/cache/guestvault/appliance'
-# qemu_fw_cfg carries the request; dm_mod is LVM's; the nls modules are vfat's code pages.
+# qemu_fw_cfg carries the request; dm_mod is LVM's; the nls modules are vfat's code pages
+# (Debian's kernel mounts vfat with iocharset ascii unless told otherwise).
 MODULES = ('virtio_pci', 'virtio_blk', 'qemu_fw_cfg', 'crc32c_generic', 'ext4', 'xfs',
-           'dm_mod', 'vfat', 'nls_cp437', 'nls_utf8', 'nls_iso8859_1')
+           'dm_mod', 'vfat', 'nls_cp437', 'nls_ascii', 'nls_utf8', 'nls_iso8859_1')
 MEMORY_MIB = 512
 STATUS_BYTES = 4 << 20
 UP_MARKER = 'GUESTVAULT-APPLIANCE-UP'

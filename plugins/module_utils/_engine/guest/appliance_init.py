@@ -164,14 +164,15 @@ set -- $CHOSEN
 NAME=$1 DEV=$2 TYPE=$3
 say "chosen $NAME $TYPE"
 case "$TYPE" in
-    ext2|ext3|ext4) MTYPE=ext4 NOREPLAY=noload ;;
-    xfs) MTYPE=xfs NOREPLAY=norecovery; load_deferred libcrc32c.ko xfs.ko ;;
-    vfat) MTYPE=vfat NOREPLAY=; load_deferred fat.ko vfat.ko 'nls_*' ;;
+    ext2|ext3|ext4) MTYPE=ext4 NOREPLAY=noload OPTS=ro ;;
+    xfs) MTYPE=xfs NOREPLAY=norecovery OPTS=ro; load_deferred libcrc32c.ko xfs.ko ;;
+    # names as UTF-8, not the kernel's default ascii (which mangles the rest)
+    vfat) MTYPE=vfat NOREPLAY= OPTS=ro,iocharset=utf8; load_deferred fat.ko vfat.ko 'nls_*' ;;
     *) fail unknown-filesystem "$NAME holds $TYPE, which the appliance cannot read (ext2/3/4, xfs, vfat)" ;;
 esac
 # Read-only, but the device is writable (an overlay): a journal is replayed into the overlay.
-if ! mount -t "$MTYPE" -o ro "$DEV" /mnt/fs 2>/tmp/mount.err; then
-    if [ -n "$NOREPLAY" ] && mount -t "$MTYPE" -o "ro,$NOREPLAY" "$DEV" /mnt/fs 2>>/tmp/mount.err; then
+if ! mount -t "$MTYPE" -o "$OPTS" "$DEV" /mnt/fs 2>/tmp/mount.err; then
+    if [ -n "$NOREPLAY" ] && mount -t "$MTYPE" -o "$OPTS,$NOREPLAY" "$DEV" /mnt/fs 2>>/tmp/mount.err; then
         say "warning $NAME was mounted without replaying its journal: files written just before the backup may be missing"
     else
         fail mount "$NAME ($TYPE): $(tail -n 1 /tmp/mount.err)"
