@@ -138,14 +138,13 @@ def run_file_restore(request, log=None):
     max_bytes = parse_size(request.max_size)
     vmid = validate_vmid(request.vmid)
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
-    if request.archive and os.path.exists(request.archive) and not request.overwrite:
-        return {'changed': False, 'archive': request.archive, 'exists': True,
-                'msg': f"{request.archive} exists; set overwrite to extract it again"}
     with private_files(), storage.guest_lock(vmid, float(request.lockwait) * 60, shared=True):
         record = catalog.resolve(storage, vmid, request.backup, None)
         fmt = format_of(storage)
         result = {'backup': record.id, 'time': record.index['time'],
                   'level': record.index['level'], 'paths': ['/' + p for p in paths]}
+        if request.extracting and _already_there(request, paths, result):
+            return result
         workdir = tempfile.mkdtemp(prefix=f'file-restore-{vmid}-', dir=_work_root())
         server = None
         try:
@@ -292,12 +291,28 @@ def _kind(mode):
     return 'unknown'
 
 
-def _existing(request, paths):
-    """dest/<path> of each path asked for that is there already."""
-    if not request.dest:
-        return []
-    return [os.path.join(request.dest, p) for p in paths
-            if p and os.path.lexists(os.path.join(request.dest, p))]
+def _already_there(request, paths, result):
+    """Whether the extraction is done already (``result`` then says so): the archive exists,
+    or every path is in dest. Only some of them in dest is refused, in check mode too.
+    Decided before anything boots; ``overwrite`` makes every extraction run."""
+    if request.overwrite:
+        return False
+    if request.archive:
+        if not os.path.exists(request.archive):
+            return False
+        result.update(changed=False, archive=request.archive, exists=True,
+                      msg=f"{request.archive} exists; set overwrite to extract it again")
+        return True
+    existing = [os.path.join(request.dest, p) for p in paths
+                if p and os.path.lexists(os.path.join(request.dest, p))]
+    if not existing:
+        return False
+    if len(existing) < len(paths):
+        raise StorageError(f"{', '.join(existing)} exist(s) already; set overwrite to replace "
+                           "them, or choose another dest (nothing was extracted)")
+    result.update(changed=False, dest=request.dest, exists=existing,
+                  msg="every path is in dest already; set overwrite to extract again")
+    return True
 
 
 def _measure(request, result, built, workdir, sources, paths, max_bytes, log):
@@ -306,25 +321,14 @@ def _measure(request, result, built, workdir, sources, paths, max_bytes, log):
     outcome = _boot(request, built, workdir, sources, payload, 1 << 20, 'measure', paths,
                     max_bytes, log)
     files, size, entries = (int(v) for v in outcome.result[1:4])
-    existing = _existing(request, paths)
-    result.update(changed=not (existing and len(existing) == len(paths)
-                               and not request.overwrite),
-                  files=files, bytes=size, entries_extracted=entries, dest=request.dest,
-                  archive=request.archive, would_replace=existing if request.overwrite else [])
+    result.update(changed=True, files=files, bytes=size, entries_extracted=entries,
+                  dest=request.dest, archive=request.archive)
     result['diff'] = _diff(request, paths)
     return _described(outcome, result)
 
 
 def _extract(request, result, built, workdir, sources, paths, max_bytes, log):
     started = time.monotonic()
-    existing = _existing(request, paths)
-    if existing and len(existing) == len(paths) and not request.overwrite:
-        result.update(changed=False, dest=request.dest, exists=existing,
-                      msg="every path is in dest already; set overwrite to extract again")
-        return result
-    if existing and not request.overwrite:
-        raise StorageError(f"{', '.join(existing)} exist(s) already; set overwrite to replace "
-                           "them, or choose another dest (nothing was extracted)")
     target_dir = os.path.dirname(request.archive) if request.archive else request.dest
     created = not os.path.isdir(target_dir)
     os.makedirs(target_dir, exist_ok=True)
