@@ -7,14 +7,17 @@ import tarfile
 
 import pytest
 
-from guestvault_engine.errors import ConfigError
+from guestvault_engine.errors import ConfigError, StorageError
 from guestvault_engine.run import untrusted_tar
 from guestvault_engine.run.file_restore import normalize_path, parse_size
 
 
 def make_tar(path, members):
-    """members: (TarInfo fields, data) with data None for non-files; then zeroes, as on the
-    appliance's output disk. Returns the stream's length."""
+    """members: (TarInfo fields, data) with data None for non-files, or a stream's bytes; then
+    zeroes, as on the appliance's output disk. Returns the stream's length."""
+    if isinstance(members, bytes):
+        path.write_bytes(members + b'\0' * 65536)
+        return len(members)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode='w', format=tarfile.GNU_FORMAT) as tar:
         for fields, data in members:
@@ -30,11 +33,13 @@ def make_tar(path, members):
     return len(stream)
 
 
-def extract(tmp_path, members):
+def extract(tmp_path, members, **limits):
     length = make_tar(tmp_path / 'in.tar', members)
     staging = tmp_path / 'staging'
     staging.mkdir()
-    return untrusted_tar.extract(str(tmp_path / 'in.tar'), length, str(staging)), staging
+    with open(tmp_path / 'in.tar', 'rb') as raw:
+        return untrusted_tar.extract(untrusted_tar.Bounded(raw, length), str(staging),
+                                     **limits), staging
 
 
 def test_files_directories_links_and_times_come_out_as_the_guest_had_them(tmp_path):
@@ -52,7 +57,7 @@ def test_files_directories_links_and_times_come_out_as_the_guest_had_them(tmp_pa
     assert os.stat(staging / 'etc' / 'hosts.bak').st_ino == os.stat(staging / 'etc' / 'hosts').st_ino
     assert (staging / 'var' / 'lib' / 'deep' / 'file').stat().st_size == 70000
     assert counts == {'files': 3, 'bytes': 20 + 70000, 'directories': 1, 'links': 1,
-                      'skipped': []}
+                      'not_extracted': []}
 
 
 @pytest.mark.parametrize('name', ['/etc/passwd', '../outside', './a/../../outside'])
@@ -93,7 +98,7 @@ def test_devices_and_fifos_are_skipped_and_special_bits_dropped(tmp_path):
         ({'name': './run/fifo', 'type': tarfile.FIFOTYPE}, None),
         ({'name': './usr/bin/su', 'mode': 0o4777}, b'#!/bin/sh\n'),
     ])
-    assert counts['skipped'] == ['dev/sda', 'run/fifo']
+    assert counts['not_extracted'] == ['dev/sda', 'run/fifo']
     assert not (staging / 'dev' / 'sda').exists() and not (staging / 'run' / 'fifo').exists()
     assert stat.S_IMODE((staging / 'usr' / 'bin' / 'su').stat().st_mode) == 0o755
 
@@ -102,8 +107,10 @@ def test_a_stream_cut_short_is_an_error_not_a_short_file(tmp_path):
     make_tar(tmp_path / 'in.tar', [({'name': './a'}, b'a' * 1000)])
     staging = tmp_path / 'staging'
     staging.mkdir()
-    with pytest.raises(tarfile.ReadError):
-        untrusted_tar.extract(str(tmp_path / 'in.tar'), 512 + 600, str(staging))
+    with open(tmp_path / 'in.tar', 'rb') as raw, \
+            pytest.raises(untrusted_tar.UnsafeMember, match='unreadable'):
+        untrusted_tar.extract(untrusted_tar.Bounded(raw, 512 + 600), str(staging))
+    assert os.listdir(staging) == []
 
 
 def test_merge_renames_new_entries_merges_directories_and_reports_conflicts(tmp_path):
@@ -148,3 +155,159 @@ def test_the_stream_ends_after_its_last_member_and_two_zero_blocks(tmp_path):
     (tmp_path / 'junk').write_bytes(b'\x01' * 4096)
     with pytest.raises(untrusted_tar.UnsafeMember, match='unreadable'):
         untrusted_tar.stream_length(str(tmp_path / 'junk'))
+
+
+# Each known tar attack, in a hand-built stream: refused with a clear error, nothing outside
+# the staging directory changed (a host directory with known mode, owner, times and content),
+# nothing left in it.
+
+@pytest.fixture
+def host(tmp_path):
+    """A host directory the stream names: mode 0751, owner 1234 (as root), mtime 12345."""
+    directory = tmp_path / 'host'
+    directory.mkdir()
+    (directory / 'secret').write_bytes(b'host secret\n')
+    for path, mode in ((directory / 'secret', 0o640), (directory, 0o751)):
+        os.chmod(path, mode)
+        if os.geteuid() == 0:
+            os.chown(path, 1234, 1234)
+        os.utime(path, (12345, 12345))
+    return directory
+
+
+def outside(tmp_path):
+    """Everything outside the staging directory a stream could change."""
+    found = {'names': sorted(set(os.listdir(tmp_path)) - {'staging', 'in.tar'})}
+    for directory, _dirs, names in os.walk(tmp_path / 'host'):
+        for path in [directory] + [os.path.join(directory, name) for name in names]:
+            st = os.lstat(path)
+            found[path] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_nlink,
+                           open(path, 'rb').read() if stat.S_ISREG(st.st_mode) else None)
+    return found
+
+
+def refused(tmp_path, members, words):
+    before = outside(tmp_path)
+    with pytest.raises(untrusted_tar.UnsafeMember, match=words) as failure:
+        extract(tmp_path, members)
+    assert outside(tmp_path) == before
+    assert os.listdir(tmp_path / 'staging') == []
+    assert 'nothing was extracted' in str(failure.value)
+
+
+DIR, FILE, LINK, HARD = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+
+
+def test_a_directory_then_a_link_of_its_name_leaves_the_host_directory_alone(tmp_path, host):
+    # issue 20: the last pass over directories chmod'ed, chown'ed and utime'd through the link
+    refused(tmp_path, [
+        ({'name': './a', 'type': DIR, 'mode': 0o777, 'uid': 4242, 'gid': 4242, 'mtime': 1}, None),
+        ({'name': './a', 'type': LINK, 'linkname': str(host)}, None),
+    ], r"'./a' twice, first as a directory, then as a symbolic link")
+
+
+@pytest.mark.parametrize('target', ['absolute', '../host', './../host'])
+def test_a_link_then_a_file_through_it(tmp_path, host, target):
+    refused(tmp_path, [
+        ({'name': './a', 'type': LINK, 'linkname': str(host) if target == 'absolute'
+          else target}, None),
+        ({'name': './a/secret', 'mode': 0o666}, b'evil'),
+    ], r"'./a/secret' lies behind a symbolic link of the tar stream, 'a'")
+
+
+@pytest.mark.parametrize('link', ['..', '../..', '.', '/'])
+def test_a_link_to_a_parent_then_a_directory_through_it(tmp_path, host, link):
+    refused(tmp_path, [
+        ({'name': './up', 'type': LINK, 'linkname': link}, None),
+        ({'name': './up/host', 'type': DIR, 'mode': 0o777, 'uid': 4242, 'mtime': 1}, None),
+    ], r"'./up/host' lies behind a symbolic link")
+
+
+@pytest.mark.parametrize('name', ['./a/./../../host/secret', 'a/b/../../../host/secret',
+                                  'a/..//../host/secret', '/host/secret'])
+def test_dot_dot_after_normalisation_is_refused(tmp_path, host, name):
+    refused(tmp_path, [({'name': './a/b', 'type': DIR}, None), ({'name': name}, b'evil')],
+            'escapes its directory')
+
+
+def pax_member(name, path, data):
+    """A PAX member whose ustar name is harmless and whose extended header says ``path``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w', format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.pax_headers = {'path': path}
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_long_names_are_checked_whole(tmp_path, host):
+    # a GNU longname (over 100 bytes) whose end climbs out
+    refused(tmp_path, [({'name': './' + 'a/' * 60 + '../' * 61 + 'host/secret'}, b'evil')],
+            'escapes its directory')
+    # a PAX path that is not the ustar name beside it
+    (tmp_path / 'staging').rmdir()
+    refused(tmp_path, pax_member('innocent', '../host/secret', b'evil'),
+            "escapes its directory: '../host/secret'")
+
+
+def test_a_long_name_inside_is_extracted(tmp_path):
+    name = '/'.join(['d' * 200] * 3) + '/' + 'f' * 250
+    _counts, staging = extract(tmp_path, [({'name': './' + name, 'mode': 0o644}, b'deep')])
+    assert (staging / name).read_bytes() == b'deep'
+
+
+@pytest.mark.parametrize('first, second', [
+    ((FILE, b'x'), (DIR, None)), ((DIR, None), (FILE, b'x')), ((LINK, None), (DIR, None)),
+    ((FILE, b'x'), (LINK, None)), ((LINK, None), (FILE, b'x')), ((DIR, None), (HARD, None))])
+def test_a_name_repeated_with_another_type_is_refused(tmp_path, host, first, second):
+    def member(kind, data):
+        linkname = {LINK: str(host / 'secret'), HARD: './f'}.get(kind, '')
+        return ({'name': './a', 'type': kind, 'linkname': linkname, 'mode': 0o777,
+                 'uid': 4242, 'mtime': 1}, data)
+    refused(tmp_path, [({'name': './f'}, b'file'), member(*first), member(*second)],
+            r"'./a' twice, first as a")
+
+
+def test_a_name_repeated_with_its_own_type_is_replaced_as_tar_does(tmp_path):
+    _counts, staging = extract(tmp_path, [
+        ({'name': './d/f', 'mode': 0o600}, b'first'),      # d implied, then given
+        ({'name': './d', 'type': DIR, 'mode': 0o750, 'mtime': 3000}, None),
+        ({'name': './d/f', 'mode': 0o644}, b'second'),
+        ({'name': './d/l', 'type': LINK, 'linkname': 'f'}, None),
+        ({'name': './d/l', 'type': LINK, 'linkname': 'g'}, None),
+        ({'name': './d', 'type': DIR, 'mode': 0o755, 'mtime': 4000}, None),
+    ])
+    assert (staging / 'd' / 'f').read_bytes() == b'second'
+    assert os.readlink(staging / 'd' / 'l') == 'g'
+    assert stat.S_IMODE(os.stat(staging / 'd').st_mode) == 0o755
+    assert os.stat(staging / 'd').st_mtime == 4000
+
+
+@pytest.mark.parametrize('linkname, words', [
+    ('../host/secret', 'escapes its directory'), ('/host/secret', 'escapes its directory'),
+    ('./s', 'is not a file extracted before it'), ('./d/secret', 'lies behind a symbolic link'),
+    ('./missing/x', 'is not a file extracted before it')])
+def test_a_hard_link_to_outside_or_to_a_link_is_refused(tmp_path, host, linkname, words):
+    refused(tmp_path, [
+        ({'name': './s', 'type': LINK, 'linkname': str(host / 'secret')}, None),
+        ({'name': './d', 'type': LINK, 'linkname': str(host)}, None),
+        ({'name': './h', 'type': HARD, 'linkname': linkname}, None),
+    ], words)
+
+
+def test_more_file_data_than_allowed_is_refused_before_it_is_written(tmp_path):
+    with pytest.raises(untrusted_tar.UnsafeMember, match='more than 1000 bytes of files'):
+        extract(tmp_path, [({'name': './a'}, b'a' * 600), ({'name': './b'}, b'b' * 600)],
+                max_bytes=1000)
+    assert os.listdir(tmp_path / 'staging') == []
+
+
+def test_only_an_empty_directory_is_extracted_into(tmp_path):
+    (tmp_path / 'staging').mkdir()
+    (tmp_path / 'staging' / 'mine').write_text('kept')
+    make_tar(tmp_path / 'in.tar', [({'name': './a'}, b'a')])
+    with open(tmp_path / 'in.tar', 'rb') as raw, pytest.raises(StorageError,
+                                                               match='is not empty'):
+        untrusted_tar.extract(raw, str(tmp_path / 'staging'))
+    assert os.listdir(tmp_path / 'staging') == ['mine']

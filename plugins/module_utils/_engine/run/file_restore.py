@@ -344,19 +344,22 @@ def _extract(request, result, built, workdir, sources, paths, max_bytes, log):
             result.update(archive=request.archive, archive_bytes=tar_bytes)
         else:
             os.mkdir(hidden, 0o700)
-            counts = untrusted_tar.extract(payload, tar_bytes, hidden)
+            with open(payload, 'rb') as raw:
+                counts = untrusted_tar.extract(untrusted_tar.Bounded(raw, tar_bytes), hidden,
+                                               max_bytes=max_bytes)
             os.unlink(payload)
             clashes = untrusted_tar.conflicts(hidden, request.dest)
             if clashes and not request.overwrite:
                 raise StorageError(f"{', '.join(clashes[:5])} exist(s) already; set overwrite "
                                    "to replace them (nothing was extracted)")
             written = untrusted_tar.merge(hidden, request.dest)
-            result.update(dest=request.dest, written=written, skipped=counts['skipped'],
-                          replaced=clashes)
-            if counts['skipped']:
+            # not 'skipped': Ansible would report the whole task as skipped
+            result.update(dest=request.dest, written=written,
+                          not_extracted=counts['not_extracted'], replaced=clashes)
+            if counts['not_extracted']:
                 outcome.warnings.append(
-                    f"{len(counts['skipped'])} device node(s) or FIFO(s) were not extracted: "
-                    + ', '.join(counts['skipped'][:5]))
+                    f"{len(counts['not_extracted'])} device node(s) or FIFO(s) were not "
+                    "extracted: " + ', '.join(counts['not_extracted'][:5]))
         result.update(changed=True, files=files, bytes=size, entries_extracted=entries,
                       seconds=round(time.monotonic() - started, 2))
         result['diff'] = _diff(request, paths)
