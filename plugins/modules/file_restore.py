@@ -27,7 +27,8 @@ description:
     C(<dest>/etc/hosts)). They are written into a hidden directory inside O(dest), each file
     fsync'd, then renamed into place; an archive is written hidden beside O(archive) and renamed.
     Names that would escape O(dest) (C(..), absolute names, files behind a symbolic link the
-    backup holds) are refused; device nodes and FIFOs are skipped with a warning; setuid, setgid
+    backup holds, a name given twice with another type) are refused and nothing is extracted;
+    device nodes and FIFOs are not extracted (RV(not_extracted), with a warning); setuid, setgid
     and sticky bits are dropped. Run as root, files keep the guest's numeric owner.
   - Idempotent - when every path asked for is already in O(dest) (or O(archive) exists), nothing
     is done unless O(overwrite) is set.
@@ -236,6 +237,14 @@ written:
   returned: when extracting into O(dest), not in check mode
   type: list
   elements: str
+not_extracted:
+  description:
+    - Device nodes, FIFOs and other special files in the paths asked for, which are not
+      extracted (a warning names them too); relative to the filesystem's root.
+  returned: when extracting into O(dest), not in check mode
+  type: list
+  elements: str
+  sample: [dev/null, run/initctl]
 replaced:
   description: Paths in O(dest) that O(overwrite) replaced.
   returned: when extracting into O(dest), not in check mode

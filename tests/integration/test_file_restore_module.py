@@ -10,7 +10,8 @@ import pytest
 from guestvault_engine.errors import ConfigError, EncryptionKeyError
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.run.file_restore import (
-    FileRestoreRequest, PathNotFound, SizeLimitExceeded, UnknownFilesystem, run_file_restore)
+    FileRestoreError, FileRestoreRequest, PathNotFound, SizeLimitExceeded, UnknownFilesystem,
+    run_file_restore)
 from guestvault_engine.run.keys import create_key
 from ansible_runner import assert_failed_with, documented_return
 from disk_layouts import LayoutGuest, ext4_image, gpt_ext4_disk, write_tree
@@ -20,9 +21,10 @@ FILES = {'etc/hostname': b'db1\n', 'etc/app/app.conf': b'port=5432\n',
          'var/lib/app/data.bin': os.urandom(2 * MiB + 17), 'home/alice/notes': b'hello\n'}
 
 
-def guest_with_files(tmp_path, config_dir, vmid=9411, where=None, files=None, partitioned=False):
+def guest_with_files(tmp_path, config_dir, vmid=9411, where=None, files=None, partitioned=False,
+                     prepare=None):
     """A lab guest whose disk is an ext4 (on a GPT partition if ``partitioned``) holding
-    ``files``, backed up once: (vmid, where)."""
+    ``files`` (and what ``prepare(directory)`` adds to them), backed up once: (vmid, where)."""
     files = FILES if files is None else files
     disk = str(tmp_path / f'disk-{vmid}.qcow2')
     if partitioned:
@@ -30,6 +32,8 @@ def guest_with_files(tmp_path, config_dir, vmid=9411, where=None, files=None, pa
     else:
         source = tmp_path / f'files-{vmid}'
         write_tree(str(source), files)
+        if prepare:
+            prepare(str(source))
         raw = str(tmp_path / f'disk-{vmid}.raw')
         ext4_image(raw, str(source), 32 * MiB)
         subprocess.run(['qemu-img', 'convert', '-q', '-O', 'qcow2', raw, disk], check=True)
@@ -116,8 +120,8 @@ def test_the_module_lists_checks_extracts_and_is_idempotent(ansible, tmp_path, c
     assert {e['name']: e['type'] for e in listing['entries']} == {'app': 'directory',
                                                                   'hostname': 'file'}
     assert set(listing) >= set(documented_return('file_restore')) - {
-        'files', 'bytes', 'entries_extracted', 'dest', 'written', 'replaced', 'archive',
-        'archive_bytes'}
+        'files', 'bytes', 'entries_extracted', 'dest', 'written', 'not_extracted', 'replaced',
+        'archive', 'archive_bytes'}
     dest = tmp_path / 'restored'
     args = dict(base, paths=['/etc', '/var/lib/app/data.bin'], dest=str(dest))
     checked = ansible.module('guestvault.backup.file_restore', args, check=True, diff=True)
@@ -144,3 +148,49 @@ def test_the_module_lists_checks_extracts_and_is_idempotent(ansible, tmp_path, c
         FILES['var/lib/app/data.bin']).hexdigest()
     missing = ansible.module('guestvault.backup.file_restore', dict(base, path='/srv'))
     assert_failed_with(missing, '/srv is not in filesystem vd0')
+
+
+def deep_directories(root, count=18, length=250):
+    """Directories nested ``count`` deep, each name ``length`` bytes, with a file at the
+    bottom: a path longer than Linux's PATH_MAX (4096 bytes), which a filesystem holds but no
+    single system call can name. Made one level at a time through directory descriptors."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for level in range(count):
+        name = f'{level:02d}' + 'd' * (length - 2)
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    with os.fdopen(os.open('deepest', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), 'wb') as out:
+        out.write(b'at the bottom\n')
+    os.close(fd)
+
+
+def test_special_files_are_reported_without_ansible_skipping_the_task_and_tar_speaks_for_itself(
+        ansible, tmp_path, config_dir, monkeypatch):
+    def special_files(source):
+        os.mkfifo(os.path.join(source, 'etc', 'initctl'))
+        os.mkdir(os.path.join(source, 'srv'))
+        deep_directories(os.path.join(source, 'srv'))
+    vmid, where = guest_with_files(tmp_path, config_dir, vmid=9414, prepare=special_files)
+    dest = tmp_path / 'restored'
+    done = ansible.module('guestvault.backup.file_restore',
+                          dict(where, vmid=vmid, config_dir=config_dir, paths=['/etc'],
+                               dest=str(dest)))
+    # issue 20: the FIFO's name under 'skipped' made Ansible report this task as skipped
+    assert done['_status'] == 'ok' and done['changed'], done
+    assert done['not_extracted'] == ['etc/initctl'] and 'skipped' not in done, done
+    assert any('etc/initctl' in warning for warning in done['warnings']), done
+    assert (dest / 'etc' / 'hostname').read_bytes() == FILES['etc/hostname']
+    assert not (dest / 'etc' / 'initctl').exists()
+
+    # issue 20: tar failing in the appliance said "is the file system full?"; now tar's words
+    monkeypatch.setenv('GUESTVAULT_WORK_DIR', str(tmp_path / 'work'))
+    out = tmp_path / 'deep'
+    with pytest.raises(FileRestoreError) as failure:
+        run_file_restore(request(vmid, where, config_dir, paths=['/srv'], dest=str(out)))
+    message = str(failure.value)
+    assert 'tar in the file-restore appliance failed' in message, message
+    assert 'File name too long' in message and 'full' not in message, message
+    assert len(message) < 2000, message
+    assert not out.exists() and os.listdir(tmp_path / 'work') == []

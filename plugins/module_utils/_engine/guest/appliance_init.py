@@ -21,7 +21,8 @@ overlay, so journals can be replayed), ``gvout`` (the payload: a listing or a ta
     result measure FILES BYTES ENTRIES
     result extract FILES BYTES ENTRIES
     error KIND TEXT                  kinds: request, no-filesystem, ambiguous,
-                                     unknown-filesystem, mount, not-found, size-limit, write
+                                     unknown-filesystem, mount, not-found, size-limit,
+                                     write (the listing), tar (TEXT: tar's own error output)
     end
 
 A listing is three parts one after the other in the payload: the entries' names (each
@@ -71,6 +72,13 @@ finish() {
     poweroff -f
 }
 fail() { kind=$1; shift; say "error $kind $*"; finish; }
+said() {
+    # said FILE: a program's error output as one status line: its first lines, each cut to
+    # 400 characters (a name can be 4096 long), and how many more there were
+    awk 'NR <= 3 { if (length($0) > 400) $0 = substr($0, 1, 200) " ... " substr($0, length($0) - 150)
+                   printf "%s%s", (NR > 1 ? "; " : ""), $0 }
+         END { if (NR > 3) printf "; and %d more line(s)", NR - 3 }' "$1"
+}
 
 wait_for() {
     # wait_for TEST... : up to 10 s, the kernel probes devices asynchronously
@@ -218,7 +226,7 @@ if [ "$OP" = list ]; then
     find "$@" -exec stat -c '%f %s %Y %u %g' {} + > /tmp/meta
     find "$@" -type l -exec sh -c 'for f; do printf "%s\0%s\0" "$f" "$(readlink "$f")"; done' sh {} + > /tmp/links
     cat /tmp/names /tmp/meta /tmp/links > /tmp/payload
-    dd if=/tmp/payload of="$OUT" bs=65536 conv=fsync 2>/dev/null || fail write "the listing could not be written"
+    dd if=/tmp/payload of="$OUT" bs=65536 conv=fsync 2>/tmp/dd.err || fail write "the listing could not be written: $(said /tmp/dd.err)"
     say "result list $(wc -c < /tmp/names) $(wc -c < /tmp/meta) $(wc -c < /tmp/links)"
     finish
 fi
@@ -243,7 +251,8 @@ if [ "$OP" = measure ]; then
 fi
 # Straight onto the disk: through a pipe (tar | tee | wc) it was 7x slower under TCG. The
 # host finds the stream's end by reading its headers.
-tar -c -f "$OUT" "$@" 2>/tmp/tar.err || fail write "$(tail -n 1 /tmp/tar.err)"
+# tar's own words go back (its last line alone is "error exit delayed from previous errors").
+tar -c -f "$OUT" "$@" 2>/tmp/tar.err || fail tar "$(said /tmp/tar.err)"
 sync
 say "result extract $FILES $BYTES $entries"
 finish

@@ -232,9 +232,15 @@ def _raise_for(outcome, request, max_bytes):
     if kind == 'mount':
         raise UnknownFilesystem(f"the appliance could not mount {message}")
     if kind == 'write':
-        where = request.archive or request.dest or 'the work directory'
-        raise StorageError(f"writing the extracted files failed ({message}); is the file "
-                           f"system of {where} full?")
+        raise StorageError(f"writing the listing failed ({message}); is the file system of "
+                           f"{_work_root()} full?")
+    if kind == 'tar':
+        # tar's words alone; an I/O error is a read of the backup or a write of the output
+        hint = '' if 'I/O error' not in message else (
+            "; an I/O error there is a failed read of the backup (run verify) or a failed "
+            f"write beside {request.archive or request.dest} (is its file system full?)")
+        raise FileRestoreError(f"tar in the file-restore appliance failed, so nothing was "
+                               f"extracted: {message}{hint}")
     raise FileRestoreError(f"the file-restore appliance refused the request: {kind} {message}")
 
 
