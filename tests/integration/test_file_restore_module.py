@@ -74,6 +74,9 @@ def test_bad_requests_fail_clearly_and_leave_nothing_behind(tmp_path, config_dir
                            ({'paths': ['/etc'], 'dest': 'relative/dir'}, 'relative path'),
                            ({'paths': ['/etc', '/home']}, 'listing takes one path'),
                            ({'paths': ['/'], 'max_size': 'lots'}, 'is not a size'),
+                           ({'paths': [''], 'dest': str(dest)}, 'a path is empty'),
+                           ({'paths': ['/etc'], 'dest': str(dest), 'timeout': -1},
+                            'timeout -1 is not'),
                            ({'paths': ['/'], 'dest': str(dest), 'archive': str(tmp_path / 'a')},
                             'mutually exclusive')):
         with pytest.raises(ConfigError, match=words):
@@ -148,6 +151,14 @@ def test_the_module_lists_checks_extracts_and_is_idempotent(ansible, tmp_path, c
         FILES['var/lib/app/data.bin']).hexdigest()
     missing = ansible.module('guestvault.backup.file_restore', dict(base, path='/srv'))
     assert_failed_with(missing, '/srv is not in filesystem vd0')
+    # issue 20: ad hoc 'paths=' was taken for /, and timeout=-1 was taken
+    for adhoc, words in ((f"paths= dest={dest}-new", 'a path is empty'),
+                         (f"path=/etc dest={dest}-new timeout=-1", 'timeout -1.0 is not')):
+        refused = ansible.module('guestvault.backup.file_restore',
+                                 f"vmid={vmid} dumpdir={where['dumpdir']} "
+                                 f"config_dir={config_dir} {adhoc}")
+        assert_failed_with(refused, words)
+    assert not os.path.exists(f'{dest}-new')
 
 
 def deep_directories(root, count=18, length=250):

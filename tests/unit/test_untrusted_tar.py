@@ -9,7 +9,8 @@ import pytest
 
 from guestvault_engine.errors import ConfigError, StorageError
 from guestvault_engine.run import untrusted_tar
-from guestvault_engine.run.file_restore import normalize_path, parse_size
+from guestvault_engine.run.file_restore import (FileRestoreRequest, normalize_path, parse_size,
+                                                run_file_restore)
 
 
 def make_tar(path, members):
@@ -146,6 +147,25 @@ def test_paths_are_taken_from_the_filesystem_root():
     for bad in ('/etc/../../x', 'a\nb', 'a\0b'):
         with pytest.raises(ConfigError):
             normalize_path(bad)
+
+
+@pytest.mark.parametrize('options, words', [
+    ({'timeout': -1}, 'timeout -1 is not a number of seconds larger than 0'),
+    ({'timeout': 0}, 'timeout 0 is not'), ({'timeout': float('nan')}, 'timeout nan is not'),
+    ({'lockwait': -5}, 'lockwait -5 is not a number of minutes of 0 or more'),
+    ({'paths': ['']}, 'a path is empty'), ({'paths': ['/etc', '']}, 'a path is empty'),
+    ({'paths': []}, 'path names nothing'),
+    ({'backup': ''}, 'backup is empty'), ({'filesystem': ''}, 'filesystem is empty'),
+    ({'dest': ''}, 'dest is empty; give the absolute directory'),
+    ({'archive': ''}, 'archive is empty')])
+def test_file_restore_refuses_bad_inputs_before_acting(tmp_path, monkeypatch, options, words):
+    # issue 20: timeout=-1 was taken, paths='' was taken for /, dest='' made it a listing
+    monkeypatch.setenv('GUESTVAULT_WORK_DIR', str(tmp_path / 'work'))
+    (tmp_path / 'dump').mkdir()
+    with pytest.raises(ConfigError, match=words):
+        run_file_restore(FileRestoreRequest(vmid=101, config_dir=str(tmp_path / 'etc'),
+                                            dumpdir=str(tmp_path / 'dump'), **options))
+    assert sorted(os.listdir(tmp_path)) == ['dump'] and os.listdir(tmp_path / 'dump') == []
 
 
 def test_the_stream_ends_after_its_last_member_and_two_zero_blocks(tmp_path):

@@ -15,6 +15,7 @@ filesystem's root: ``/etc/hosts`` lands in ``dest/etc/hosts``.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -99,6 +100,9 @@ class FileRestoreRequest:
 def normalize_path(path):
     """A path in the guest's filesystem, relative to its root ('' for the root itself)."""
     text = str(path)
+    if not text:
+        raise ConfigError("a path is empty; give each path from the filesystem's root, e.g. / "
+                          "or /etc/hosts")
     if '\n' in text or '\0' in text:
         raise ConfigError(f"path {text!r} holds a newline or NUL, which file_restore cannot "
                           "ask for")
@@ -109,7 +113,25 @@ def normalize_path(path):
     return '/'.join(parts)
 
 
+# An empty value must not stand for the default: 'dest=' is not 'list', 'backup=' not 'latest'.
+_EMPTY = {'backup': "give 'latest', a time or an id, or leave backup out",
+          'filesystem': "name one of the result's filesystems, or leave filesystem out when "
+                        "the backup holds only one",
+          'dest': "give the absolute directory to extract into, or leave dest out to list",
+          'archive': "give the absolute path of the tar file to write, or leave archive out"}
+
+
 def _check_request(request):
+    """Every input, before anything is read, locked or booted."""
+    for name, advice in _EMPTY.items():
+        if getattr(request, name) == '':
+            raise ConfigError(f"{name} is empty; {advice}")
+    if not 0 < float(request.timeout) < math.inf:
+        raise ConfigError(f"timeout {request.timeout} is not a number of seconds larger than 0; "
+                          "give the seconds the appliance may take, e.g. 1800")
+    if not 0 <= float(request.lockwait) < math.inf:
+        raise ConfigError(f"lockwait {request.lockwait} is not a number of minutes of 0 or "
+                          "more; give the minutes to wait for a backup's lock, e.g. 180")
     if request.dest and request.archive:
         raise ConfigError("dest and archive are mutually exclusive; give one")
     for name in ('dest', 'archive'):
