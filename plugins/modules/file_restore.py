@@ -77,6 +77,8 @@ options:
       - Paths inside the guest's filesystem, from its root. Without O(dest) and O(archive), the
         one directory (or file) to list; with them, the files and directories to extract.
       - Symbolic links on the way are followed inside the guest's filesystem.
+      - An empty path is refused (the root is V(/)); so are empty O(backup), O(filesystem),
+        O(dest) and O(archive), which would otherwise stand for their defaults.
     type: list
     elements: str
     default: ['/']
@@ -98,7 +100,7 @@ options:
     type: str
     default: 4G
   timeout:
-    description: Seconds the appliance may take for one request.
+    description: Seconds the appliance may take for one request (more than 0).
     type: float
     default: 1800
   lockwait:
