@@ -85,7 +85,7 @@ def inspect_guest(vmid, qmp_socket=None, config_dir='/etc/guestvault', storage=N
     if stopped:
         result['warnings'] = [
             f"the live restore of guest {entry.vmid} stopped: {stopped['error']}"
-            + (f"; {stopped['what_to_do']}" if stopped.get('what_to_do') else '')]
+            + f"; {stopped.get('what_to_do') or stopped.get('disks')}"]
     if store is not None:
         result['chains'] = _chains_on_storage(store, entry, disks, chain_period,
                                               now or datetime.now(timezone.utc))

@@ -44,6 +44,7 @@ from .guest_runs import run_dir
 from .locate import format_of, require_storage
 
 IDLE_TIMEOUT = 600.0
+SUPERVISOR_ATTEMPTS = 1500          # 5 minutes of tries, 0.2 s apart
 READY = 'ready'
 ERROR_FILE = 'live-restore-error.json'
 
@@ -206,8 +207,11 @@ def _supervise(args, child):
     the guest and say why."""
     _pid, status = os.waitpid(child, 0)
     _remove(args['socket'])            # a server killed by a signal leaves it behind
+    # A guest whose socket is there may be busy with another client for a while (guest_info,
+    # a backup): keep trying for minutes. A guest that quit has removed its socket.
+    attempts = SUPERVISOR_ATTEMPTS if os.path.exists(args['qmp_socket']) else 1
     try:
-        copying = live.pause_unfinished(args['qmp_socket'], args['vmid_started'])
+        copying = live.pause_unfinished(args['qmp_socket'], args['vmid_started'], attempts)
     except GuestvaultError:
         copying = []                   # the guest is gone: nothing reads the server any more
     if not copying:
