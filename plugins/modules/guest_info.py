@@ -241,7 +241,7 @@ live_restore_server:
   description:
     - The NBD server of this guest's live restore from a datastore, while its copy is not
       done or after something stopped it (null otherwise). While it runs it holds the
-      snapshot: a prune of it waits, a garbage collection keeps its chunks.
+      snapshot; a prune of it waits, a garbage collection keeps its chunks.
     - When the server ended before every disk was copied (killed, crashed), the guest was
       paused, C(error) says how much was copied and what to do, and a warning says so.
   returned: always

@@ -30,7 +30,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from contextlib import ExitStack
 from datetime import datetime, timezone
@@ -111,7 +110,7 @@ def start_server(config_dir, storage_id, record, disk_ids, socket_path, qmp_sock
                                 start_new_session=True)
     line = proc.stdout.readline().decode('utf-8', 'replace').strip()
     proc.stdout.close()
-    word, _, pid = line.partition(' ')
+    word, _space, pid = line.partition(' ')
     if word != READY or not pid.isdigit() or not os.path.exists(socket_path):
         stop_server(proc, socket_path, vmid_started)
         with open(log_path, 'rb') as handle:
