@@ -237,6 +237,44 @@ live_restore:
     speed:
       description: The copy's speed limit in bytes per second, 0 for none.
       type: int
+live_restore_server:
+  description:
+    - The NBD server of this guest's live restore from a datastore, while its copy is not
+      done or after something stopped it (null otherwise). While it runs it holds the
+      snapshot; a prune of it waits, a garbage collection keeps its chunks.
+    - When the server ended before every disk was copied (killed, crashed), the guest was
+      paused, C(error) says how much was copied and what to do, and a warning says so.
+  returned: always
+  type: dict
+  contains:
+    backup:
+      description: The snapshot served (C(vm/<vmid>/<time>)).
+      type: str
+    storage:
+      description: The datastore's storage id.
+      type: str
+    target_dir:
+      description: Where the restored images are (and C(live-restore-error.json)).
+      type: str
+    socket:
+      description: The unix socket the images read the snapshot through.
+      type: str
+    server_pid:
+      description: The server's process id.
+      type: int
+    running:
+      description: Whether the server still runs.
+      type: bool
+    since:
+      description: When the server started (ISO 8601, UTC).
+      type: str
+    error:
+      description:
+        - What stopped the live restore (C(live-restore-error.json)), or null. C(error) says
+          what happened, C(copied) how far each disk got (C(disk), C(done_bytes),
+          C(total_bytes), C(percent)) when the server ended early, C(disks) the state of the
+          images, C(what_to_do) the way on.
+      type: dict
 leftovers:
   description:
     - What killed runs of guestvault left for this guest; all empty after a clean run. Every

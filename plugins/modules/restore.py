@@ -51,11 +51,12 @@ options:
   target_dir:
     description:
       - Absolute directory for the new images (C(<disk>.qcow2) or C(<disk>.raw)); created if
-        missing. It may not lie inside the storage or the configuration directory.
+        missing, and removed again (with the directories created for it) when the restore
+        fails. It may not lie inside the storage or the configuration directory.
     type: path
     required: true
   disks:
-    description: Device ids of the disks to restore; default all of the backup's.
+    description: Device ids of the disks to restore; default all of the backup's. An empty list is refused.
     type: list
     elements: str
   format:
@@ -95,7 +96,7 @@ options:
     type: bool
     default: false
   bwlimit:
-    description: Read-side bandwidth limit in KiB/s per disk; V(0) is unlimited.
+    description: Read-side bandwidth limit in KiB/s per disk; V(0) is unlimited. A negative value is refused.
     type: int
     default: 0
   force:
@@ -239,6 +240,14 @@ seconds_until_running:
   description: Seconds from the call until the guest ran.
   returned: when O(live), not in check mode
   type: float
+server_pid:
+  description:
+    - The process id of the NBD server a live restore from a datastore reads the snapshot
+      through (null for a qcow2 chain). It holds the snapshot until the copy is done (a prune
+      waits for it); should it end before, the guest is paused and
+      C(<target_dir>/live-restore-error.json) says why (M(guestvault.backup.guest_info) too).
+  returned: when O(live), not in check mode
+  type: int
 jobs:
   description: The background copies, one QEMU block job per disk.
   returned: when O(live), not in check mode

@@ -8,6 +8,9 @@ top (qemu-img compare against a normal restore with the same writes applied by q
 """
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -187,11 +190,27 @@ def test_live_restore_refuses_what_it_cannot_do(backed_up, config_dir, tmp_path)
     guest, where, _inc = backed_up
     with pytest.raises(ConfigError, match=f'starts guest {NEW_VMID}, which is not registered'):
         live(guest, where, config_dir, tmp_path / 't1')
+    # Bad input is refused before anything starts or is made (issue 20, finding 12).
+    register(config_dir, str(tmp_path / 'restored'))
+    for options, error in (({'bwlimit': -5}, 'bwlimit -5 is negative; give KiB/s'),
+                           ({'lockwait': -1}, 'lockwait -1 is negative'),
+                           ({'disks': []}, 'names no disk'), ({'disks': ['']}, 'names no disk'),
+                           ({'new_qmp_socket': 'q.sock'}, 'must be an absolute path')):
+        with pytest.raises(ConfigError, match=error):
+            live(guest, where, config_dir, tmp_path / 'new' / 't0', **options)
+        assert not os.path.exists(tmp_path / 'new')
+        assert not os.path.exists(tmp_path / 'restored' / 'qemu.log'), 'the guest was started'
     register(config_dir, str(tmp_path / 'restored'), start='false')
     with pytest.raises(ConfigError, match='format raw cannot'):
         live(guest, where, config_dir, tmp_path / 't2', format='raw')
     with pytest.raises(GuestvaultError, match='the start command failed'):
+        live(guest, where, config_dir, tmp_path / 't3' / 'deeper')
+    assert not os.path.exists(tmp_path / 't3'), 'the failed restore left what it made'
+    # A target_dir that was there before stays, without what the call put in it.
+    (tmp_path / 't3').mkdir()
+    with pytest.raises(GuestvaultError, match='the start command failed'):
         live(guest, where, config_dir, tmp_path / 't3')
+    assert os.path.isdir(tmp_path / 't3')
     assert not os.path.exists(tmp_path / 't3' / 'vd0.qcow2')
     # The source guest itself is running: it is not started over its own disks.
     with open(os.path.join(config_dir, 'guests.d', f'{guest.vmid}.conf'), 'w') as handle:
@@ -201,6 +220,31 @@ def test_live_restore_refuses_what_it_cannot_do(backed_up, config_dir, tmp_path)
                                    target_dir=str(tmp_path / 't4'), live=True, **where))
     planned = live(guest, where, config_dir, tmp_path / 't5', check_mode=True)
     assert planned['live'] and not os.path.exists(tmp_path / 't5')
+
+
+def test_a_failed_restore_removes_the_target_dir_it_made_and_only_that(
+        backed_up, config_dir, tmp_path, request):
+    """Issue 20, finding 10: the backup's disk file is damaged, so the restore fails on its
+    verification, after it made its target directory."""
+    guest, where, inc = backed_up
+    root = where.get('dumpdir') or request.getfixturevalue('datastore_path')
+    backup_dir = os.path.join(root, 'vm',
+                              str(guest.vmid), inc['time'])
+    disk_file = os.path.join(backup_dir, next(n for n in os.listdir(backup_dir)
+                                              if n.startswith(('vd0.', 'drive-vd0.'))))
+    with open(disk_file, 'r+b') as handle:
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 0xff]))
+    request = dict(vmid=guest.vmid, config_dir=config_dir, **where)
+    with pytest.raises(GuestvaultError):
+        run_restore(RestoreRequest(target_dir=str(tmp_path / 'new' / 'target'), **request))
+    assert not os.path.exists(tmp_path / 'new')
+    (tmp_path / 'there').mkdir()
+    with pytest.raises(GuestvaultError):
+        run_restore(RestoreRequest(target_dir=str(tmp_path / 'there'), **request))
+    assert os.listdir(tmp_path / 'there') == []
 
 
 LINUX_STARTER = """
@@ -356,5 +400,157 @@ def test_the_module_live_restores_from_a_datastore_and_its_server_outlives_the_m
         ok, text = same_content(ref, out['disks'][0]['target'])
         assert ok, text
         assert not os.path.exists(tmp_path / 'target' / 'live-restore-error.json')
+    finally:
+        restored.stop()
+
+
+# -- issue 20: what ends or threatens a datastore live restore while it copies ----------------
+
+def listening_pid(socket_path):
+    """The process that listens on a unix socket (found as the kernel knows it: the listening
+    socket's inode in /proc/net/unix, then the process holding that inode)."""
+    with open('/proc/net/unix') as handle:
+        next(handle)
+        inodes = {fields[6] for fields in (line.split() for line in handle)
+                  if len(fields) > 7 and fields[7] == socket_path
+                  and int(fields[3], 16) & 0x10000}          # __SO_ACCEPTCON: listening
+    assert len(inodes) == 1, (socket_path, inodes)
+    wanted = f"socket:[{inodes.pop()}]"
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            fds = os.listdir(f'/proc/{pid}/fd')
+            if any(os.readlink(f'/proc/{pid}/fd/{fd}') == wanted for fd in fds):
+                return int(pid)
+        except OSError:
+            continue
+    raise AssertionError(f"nobody listens on {socket_path}")
+
+
+@pytest.fixture
+def distinct_chunks(make_guest, tmp_path, config_dir, request, monkeypatch):
+    """A lab guest whose first 24 MiB are six distinct 4 MiB chunks, backed up once into a
+    datastore, and a plain restore of that backup as the reference: (guest, backup, ref)."""
+    where = backup_location('datastore', request, config_dir, tmp_path, monkeypatch)
+    guest = make_guest(disks=[('qcow2', 48 * MiB)], vmid=9301)
+    for number in range(6):
+        guest.write('vd0', 0x50 + number, number * 4 * MiB, 4 * MiB)
+    backup = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                      config_dir=config_dir, **where))
+    ref = run_restore(RestoreRequest(vmid=guest.vmid, config_dir=config_dir,
+                                     target_dir=str(tmp_path / 'ref'), **where))
+    register(config_dir, str(tmp_path / 'restored'))
+    return guest, backup, ref['disks'][0]['target']
+
+
+def finish_copies(restored, out, error_file, timeout=300):
+    """Lift the copy's speed limit and wait until it is done; a live-restore error fails."""
+    restored.execute('block-job-set-speed', device=out['jobs'][0], speed=0)
+    deadline = time.monotonic() + timeout
+    while job_list(restored):
+        assert not os.path.exists(error_file), open(error_file).read()
+        assert time.monotonic() < deadline, job_list(restored)
+        time.sleep(0.1)
+    assert not os.path.exists(error_file), open(error_file).read()
+    restored.qemu_io('vd0', 'flush')
+
+
+def test_killing_the_live_restore_server_pauses_the_guest_and_says_what_was_copied(
+        distinct_chunks, config_dir, tmp_path):
+    guest, _backup, _ref = distinct_chunks
+    # 24 MiB at 1 MiB/s: the copy surely runs when the server is killed.
+    out = live(guest, {'storage': 'ds'}, config_dir, tmp_path / 'target', bwlimit=1024)
+    restored = RestoredGuest(str(tmp_path / 'restored'), out['disks'][0]['target'])
+    socket_path = out['disks'][0]['backing'].split('socket=', 1)[1]
+    try:
+        server = listening_pid(socket_path)
+        assert restored.execute('query-status')['status'] == 'running'
+        os.kill(server, signal.SIGKILL)
+        error_file = tmp_path / 'target' / 'live-restore-error.json'
+        deadline = time.monotonic() + 300
+        while not error_file.exists() or restored.execute('query-status')['status'] == 'running':
+            assert time.monotonic() < deadline, 'the guest runs on without its server'
+            time.sleep(0.1)
+        with open(error_file) as handle:
+            state = json.load(handle)
+        assert f'(pid {server}) was killed by signal 9 (SIGKILL)' in state['error'], state
+        assert 'restore again' in state['what_to_do']
+        copied = state['copied'][0]
+        assert copied['disk'] == 'vd0' and 0 <= copied['done_bytes'] < copied['total_bytes']
+        assert restored.execute('query-status')['status'] == 'paused'
+        deadline = time.monotonic() + 300
+        while os.path.exists(socket_path):         # the dead server's socket is removed
+            assert time.monotonic() < deadline, socket_path
+            time.sleep(0.1)
+        info = inspect_guest(NEW_VMID, config_dir=config_dir)
+        assert info['live_restore_server']['running'] is False
+        assert info['live_restore_server']['error']['copied'] == state['copied']
+        assert any('killed by signal 9' in w and 'restore again' in w
+                   for w in info['warnings']), info['warnings']
+        assert out['server_pid'] == server
+    finally:
+        restored.stop()
+
+
+def test_prune_waits_for_a_live_restore_of_its_snapshot_and_names_it(
+        distinct_chunks, config_dir, tmp_path, datastore_path):
+    from guestvault_engine.errors import LockTimeout
+    from guestvault_engine.run.prune import PruneRequest, run_prune
+    guest, backup, ref = distinct_chunks
+    run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                             config_dir=config_dir, storage='ds'))
+    # The older backup is served; the policy removes it.
+    out = live(guest, {'storage': 'ds'}, config_dir, tmp_path / 'target', bwlimit=1024,
+               backup=backup['time'])
+    restored = RestoredGuest(str(tmp_path / 'restored'), out['disks'][0]['target'])
+    prune = PruneRequest(vmid=guest.vmid, storage='ds', config_dir=config_dir,
+                         prune_backups='keep-last=1', lockwait=0)
+    snapshot = f"vm/{guest.vmid}/{backup['time']}"
+    try:
+        with pytest.raises(LockTimeout) as refused:
+            run_prune(prune)
+        assert re.search(rf"a live restore of {snapshot} to guest {NEW_VMID} is running "
+                         rf"\(pid {out['server_pid']}, since .* UTC\)", str(refused.value)), \
+            str(refused.value)
+        assert os.path.isdir(os.path.join(datastore_path, 'vm', str(guest.vmid), backup['time']))
+        finish_copies(restored, out, tmp_path / 'target' / 'live-restore-error.json')
+        ok, text = same_content(ref, out['disks'][0]['target'])
+        assert ok, text
+    finally:
+        restored.stop()
+    # The server ends once the guest let go of it; then the prune goes ahead.
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            pruned = run_prune(prune)
+            break
+        except LockTimeout:
+            assert time.monotonic() < deadline, 'the server kept the snapshot after the copy'
+            time.sleep(0.2)
+    assert pruned['removed'] == [snapshot]
+
+
+def test_gc_keeps_the_chunks_a_live_restore_reads_even_when_its_index_is_gone(
+        distinct_chunks, config_dir, tmp_path, datastore_path):
+    from guestvault_engine.run.gc import GcRequest, run_gc
+    guest, backup, ref = distinct_chunks
+    # The last GC was long ago: every chunk's access time is two days old.
+    old = time.time() - 2 * 86400
+    for folder, _dirs, names in os.walk(os.path.join(datastore_path, '.chunks')):
+        for name in names:
+            path = os.path.join(folder, name)
+            os.utime(path, (old, os.stat(path).st_mtime))
+    out = live(guest, {'storage': 'ds'}, config_dir, tmp_path / 'target', bwlimit=1024)
+    restored = RestoredGuest(str(tmp_path / 'restored'), out['disks'][0]['target'])
+    try:
+        # The snapshot's index goes while it is served (prune now waits for the live restore;
+        # the index can still go by hand, or a PBS sharing the datastore): nothing names its
+        # chunks any more, and GC runs with no grace at all.
+        shutil.rmtree(os.path.join(datastore_path, 'vm', str(guest.vmid), backup['time']))
+        swept = run_gc(GcRequest(storage='ds', grace='0s', config_dir=config_dir))
+        assert swept['index_files'] == 0
+        assert job_list(restored), 'the copy ended before the GC ran'
+        finish_copies(restored, out, tmp_path / 'target' / 'live-restore-error.json')
+        ok, text = same_content(ref, out['disks'][0]['target'])
+        assert ok, text
     finally:
         restored.stop()

@@ -419,3 +419,43 @@ def test_next_backup_time_of_one_guest_ignores_other_guests(store):
 def test_time_format_round_trips():
     assert parse_time(format_time(T)) == T
     assert format_time(T) == '2026-03-10T01:00:00Z'
+
+
+def test_a_described_reader_is_named_to_a_waiting_writer_and_a_dead_ones_description_goes(
+        tmp_path):
+    """Issue 20: a prune waiting for a live restore's server says which one it waits for."""
+    lock = str(tmp_path / '.lock')
+    with file_lock(lock, 0, 'guest 101', shared=True, holder='a live restore of vm/101/T'):
+        with file_lock(lock, 0, 'guest 101', shared=True):      # readers share
+            pass
+        with pytest.raises(LockTimeout, match=r'locked by another run \(a live restore of '
+                                              r'vm/101/T\)'):
+            with file_lock(lock, 0, 'guest 101'):
+                pass
+    assert sorted(os.listdir(tmp_path)) == ['.lock']           # released: its description gone
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    write_file_atomic(f"{lock}.reader-{dead}", 'a live restore that was killed\n')
+    with file_lock(lock, 0, 'guest 101', shared=True):
+        with pytest.raises(LockTimeout, match=rf'another run \(lock {lock}\)'):
+            with file_lock(lock, 0, 'guest 101'):
+                pass
+    assert sorted(os.listdir(tmp_path)) == ['.lock']
+
+
+def test_new_directory_removes_only_what_it_made_when_the_block_fails(tmp_path):
+    from guestvault_engine.storage.files import new_directory
+    (tmp_path / 'there').mkdir()
+    (tmp_path / 'there' / 'kept').write_text('before')
+    with pytest.raises(RuntimeError):
+        with new_directory(str(tmp_path / 'there' / 'a' / 'b')):
+            (tmp_path / 'there' / 'a' / 'b' / 'image').write_text('half')
+            raise RuntimeError('the restore failed')
+    assert sorted(os.listdir(tmp_path / 'there')) == ['kept']
+    with pytest.raises(RuntimeError):
+        with new_directory(str(tmp_path / 'there')):
+            raise RuntimeError('the restore failed')
+    assert sorted(os.listdir(tmp_path / 'there')) == ['kept']
+    with new_directory(str(tmp_path / 'there' / 'c')):
+        pass
+    assert os.path.isdir(tmp_path / 'there' / 'c')

@@ -21,6 +21,8 @@ from .disks import discover_disks
 from .qmp import QmpSession, wait_for_socket
 
 RUNNING = 'running'
+# A block job in one of these states still has to copy (a done one concludes and is dismissed).
+UNFINISHED = ('created', 'running', 'paused', 'standby', 'ready')
 START_TIMEOUT = 300
 
 
@@ -109,15 +111,32 @@ def stop_guest(qmp):
 def pause_guest(qmp_socket, attempts=50):
     """Pause the guest (its vCPUs), connecting for just that: the socket may be in use a
     moment by another client."""
+    _on_guest(qmp_socket, lambda qmp: qmp.execute('stop'), attempts)
+
+
+def pause_unfinished(qmp_socket, vmid, attempts=50):
+    """Pause the guest if a live-restore copy of it is not done (its server is gone): that
+    copy's progress, as ``stream_progress``; [] when every copy is done."""
+    def check(qmp):
+        copying = [c for c in stream_progress(qmp, vmid) if c['status'] in UNFINISHED]
+        if copying:
+            qmp.execute('stop')
+        return copying
+    return _on_guest(qmp_socket, check, attempts)
+
+
+def _on_guest(qmp_socket, action, attempts):
+    """``action(qmp)`` on a connection made for just that, tried ``attempts`` times: the
+    socket may be in use a moment by another client."""
     for attempt in range(attempts):
         try:
             with QmpSession(qmp_socket, timeout=5.0) as qmp:
-                qmp.execute('stop')
-                return
+                return action(qmp)
         except GuestvaultError:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2)
+    return None
 
 
 def stream_progress(qmp, vmid):

@@ -12,7 +12,7 @@ from ..guest.disks import discover_disks, select_disks
 from ..guest.qmp import QmpSession
 from ..policy import chain as chains
 from ..times import format_time
-from . import guest_runs, leftovers
+from . import guest_runs, leftovers, live_server
 from .locate import open_storage, resolve_guest
 
 
@@ -78,7 +78,14 @@ def inspect_guest(vmid, qmp_socket=None, config_dir='/etc/guestvault', storage=N
         'leftovers': left,
         # a live restore's background copies still running (restore with live)
         'live_restore': copying,
+        # its NBD server (a datastore's): whether it runs, and what stopped it
+        'live_restore_server': live_server.read_state(entry.vmid),
     }
+    stopped = (result['live_restore_server'] or {}).get('error')
+    if stopped:
+        result['warnings'] = [
+            f"the live restore of guest {entry.vmid} stopped: {stopped['error']}"
+            + f"; {stopped.get('what_to_do') or stopped.get('disks')}"]
     if store is not None:
         result['chains'] = _chains_on_storage(store, entry, disks, chain_period,
                                               now or datetime.now(timezone.utc))

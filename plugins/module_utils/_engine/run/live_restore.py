@@ -29,9 +29,9 @@ from ..format import qemu_img
 from ..guest import live
 from ..guest.qmp import QmpSession
 from ..guest.registry import load_guest
-from ..storage.files import private_files, write_file_atomic
+from ..storage.files import new_directory, private_files, write_file_atomic
 from .guest_runs import run_dir
-from .live_server import start_server
+from .live_server import ERROR_FILE, start_server, stop_server
 from .restore import plan_restore
 
 LIVE_FORMAT = 'qcow2'
@@ -61,13 +61,15 @@ def target_guest(request):
 
 
 def _start_server(request, plan, entry):
-    """The NBD server over the snapshot (a datastore): (its process, its socket)."""
+    """The NBD server over the snapshot (a datastore): (its supervisor's process, the
+    server's pid, its socket)."""
     socket_path = os.path.join(run_dir(), f"live-{entry.vmid}-{uuid.uuid4().hex[:8]}.sock")
-    process = start_server(request.config_dir, plan['storage'].id, plan['record'],
-                           [d['id'] for d in plan['disks']], socket_path, entry.qmp_socket,
-                           plan['target_dir'],
-                           os.path.join(plan['target_dir'], 'live-restore-server.log'))
-    return process, socket_path
+    process, pid = start_server(request.config_dir, plan['storage'].id, plan['record'],
+                                [d['id'] for d in plan['disks']], socket_path,
+                                entry.qmp_socket, plan['target_dir'],
+                                os.path.join(plan['target_dir'], 'live-restore-server.log'),
+                                entry.vmid, float(request.lockwait) * 60)
+    return process, pid, socket_path
 
 
 def _answers(socket_path):
@@ -103,53 +105,58 @@ def run_live_restore(request, log=None):
         }
         if request.check_mode:
             return result
-        os.makedirs(plan['target_dir'], exist_ok=True)
         images = {d['id']: d['target'] for d in plan['disks']}
         qmp = server = None
-        try:
-            # a datastore's snapshot is read through an NBD server that outlives this call
-            server = _start_server(request, plan, entry) if fmt.live_needs_server else None
-            backings = {d['id']: fmt.live_backing(storage, record, d['id'],
-                                                  server[1] if server else None)
-                        for d in plan['disks']}
-            for disk in result['disks']:
-                disk['backing'] = backings[disk['id']][0]
-            for disk in plan['disks']:
-                if os.path.exists(disk['target']):
-                    os.unlink(disk['target'])          # plan_restore allowed it (force)
-                backing, backing_format = backings[disk['id']]
-                qemu_img.create_qcow2(disk['target'], disk['virtual_size'], backing=backing,
-                                      backing_format=backing_format)
-            env = {'GUESTVAULT_RESTORE_DIR': plan['target_dir'],
-                   'GUESTVAULT_VMID': str(entry.vmid), 'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
-                   **{live.env_name(disk_id): path for disk_id, path in images.items()}}
-            log(f"starting guest {entry.vmid} on {len(images)} new image(s) reading "
-                f"{record.id}: {entry.start_command}")
-            qmp = live.start_guest(entry.start_command, entry.qmp_socket, env)
-            disks = live.check_images(qmp, images)
-            jobs = live.start_streams(qmp, entry.vmid, disks, list(images),
-                                      speed=int(request.bwlimit or 0) * 1024)
-            status = live.resume(qmp)
-        except BaseException as exc:
-            if qmp is None and _answers(entry.qmp_socket):
-                qmp = QmpSession(entry.qmp_socket).connect()   # started, but not reached in time
-            if qmp is not None:
-                live.stop_guest(qmp)
-            if server is not None:
-                server[0].kill()
-                server[0].wait()
-            for path in images.values():
-                if os.path.exists(path):
-                    os.unlink(path)
-            if not isinstance(exc, GuestvaultError):
-                raise
-            raise live.LiveRestoreError(
-                f"live restore of {record.id} failed before guest {entry.vmid} ran ({exc}); the "
-                "guest was stopped and the new images removed, the backup is untouched") \
-                from exc
+        with new_directory(plan['target_dir']):
+            try:
+                error_file = os.path.join(plan['target_dir'], ERROR_FILE)
+                if os.path.exists(error_file):
+                    os.unlink(error_file)             # an earlier live restore's, into it
+                # a datastore's snapshot is read through an NBD server that outlives this call
+                server = _start_server(request, plan, entry) if fmt.live_needs_server else None
+                backings = {d['id']: fmt.live_backing(storage, record, d['id'],
+                                                      server[2] if server else None)
+                            for d in plan['disks']}
+                for disk in result['disks']:
+                    disk['backing'] = backings[disk['id']][0]
+                for disk in plan['disks']:
+                    if os.path.exists(disk['target']):
+                        os.unlink(disk['target'])          # plan_restore allowed it (force)
+                    backing, backing_format = backings[disk['id']]
+                    qemu_img.create_qcow2(disk['target'], disk['virtual_size'], backing=backing,
+                                          backing_format=backing_format)
+                env = {'GUESTVAULT_RESTORE_DIR': plan['target_dir'],
+                       'GUESTVAULT_VMID': str(entry.vmid),
+                       'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
+                       **{live.env_name(disk_id): path for disk_id, path in images.items()}}
+                log(f"starting guest {entry.vmid} on {len(images)} new image(s) reading "
+                    f"{record.id}: {entry.start_command}")
+                qmp = live.start_guest(entry.start_command, entry.qmp_socket, env)
+                disks = live.check_images(qmp, images)
+                jobs = live.start_streams(qmp, entry.vmid, disks, list(images),
+                                          speed=int(request.bwlimit or 0) * 1024)
+                status = live.resume(qmp)
+            except BaseException as exc:
+                if qmp is None and _answers(entry.qmp_socket):
+                    # started, but not reached in time
+                    qmp = QmpSession(entry.qmp_socket).connect()
+                if qmp is not None:
+                    live.stop_guest(qmp)
+                if server is not None:
+                    stop_server(server[0], server[2], entry.vmid)
+                for path in images.values():
+                    if os.path.exists(path):
+                        os.unlink(path)
+                if not isinstance(exc, GuestvaultError):
+                    raise
+                raise live.LiveRestoreError(
+                    f"live restore of {record.id} failed before guest {entry.vmid} ran ({exc}); "
+                    "the guest was stopped and the new images removed, the backup is "
+                    "untouched") from exc
         progress = live.stream_progress(qmp, entry.vmid)
         qmp.close()
     result.update(status=status, jobs=jobs, streams=progress,
+                  server_pid=server[1] if server else None,
                   seconds_until_running=round(time.monotonic() - started, 3))
     guest = storage.read_guest_config(record)
     guest.update(restored_from=record.id, images=images, live=True)

@@ -17,7 +17,7 @@ from ..errors import ConfigError, StorageError, VerifyFailed
 from ..format import qemu_img
 from ..guest.registry import GuestEntry, guest_path, render_guest, validate_vmid
 from ..storage import catalog
-from ..storage.files import fsync_path, private_files, write_file_atomic
+from ..storage.files import fsync_path, new_directory, private_files, write_file_atomic
 from ..vocabulary import RESTORE_FORMATS
 from .locate import format_of, require_storage
 
@@ -59,13 +59,30 @@ def _check_target_dir(request, storage):
     return real
 
 
-def plan_restore(request):
-    """What a restore would write, where and how big; changes nothing."""
+def check_request(request):
+    """Every option that needs no storage, checked before anything is locked, started or made."""
+    validate_vmid(request.vmid)
+    if request.new_vmid is not None:
+        validate_vmid(request.new_vmid)
     if request.format not in RESTORE_FORMATS:
         raise ConfigError(f"format {request.format!r} is not one of "
                           f"{', '.join(RESTORE_FORMATS)}")
     if request.snapshots and request.format != 'qcow2':
         raise ConfigError("snapshots needs format qcow2: only qcow2 holds internal snapshots")
+    for key, unit in (('bwlimit', 'KiB/s, 0 for no limit'), ('lockwait', 'minutes')):
+        value = getattr(request, key)
+        if value is not None and float(value) < 0:
+            raise ConfigError(f"{key} {value} is negative; give {unit}")
+    if request.disks is not None and (not request.disks or not all(request.disks)):
+        raise ConfigError(f"disks {request.disks!r} names no disk (or an empty one); leave "
+                          "disks out to restore every disk, or name each disk by its id")
+    if request.new_qmp_socket is not None and not os.path.isabs(request.new_qmp_socket):
+        raise ConfigError(f"new_qmp_socket {request.new_qmp_socket!r} must be an absolute path")
+
+
+def plan_restore(request):
+    """What a restore would write, where and how big; changes nothing."""
+    check_request(request)
     vmid = validate_vmid(request.vmid)
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     target_dir = _check_target_dir(request, storage)
@@ -108,6 +125,7 @@ def plan_restore(request):
 
 def run_restore(request, log=None):
     """Restore as ``request`` says; holds the guest's storage lock shared (prune waits)."""
+    check_request(request)
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     with private_files(), storage.guest_lock(validate_vmid(request.vmid),
                                              float(request.lockwait) * 60, shared=True):
@@ -132,43 +150,14 @@ def _restore(request, log):
     }
     if request.check_mode:
         return result
-    os.makedirs(plan['target_dir'], exist_ok=True)
     temps = {d['id']: os.path.join(plan['target_dir'], f".{d['id']}.{d['format']}.restoring")
              for d in plan['disks']}
-    disk_ids = {d['id'] for d in plan['disks']}
-    storage, fmt = plan['storage'], plan['format']
     try:
-        if request.snapshots:
-            problems = fmt.verify_files(storage, chain, disk_ids)
-            if problems:
-                raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
-            for disk in plan['disks']:
-                fmt.restore_with_snapshots(storage, chain, disk['id'], temps[disk['id']], log)
-        else:
-            copies = {d['id']: fmt.start_restore(storage, record, d['id'], temps[d['id']],
-                                                 d['format'], request.bwlimit)
-                      for d in plan['disks']}
-            # Verify while the copies run: both read the same files, from the page cache.
-            problems = fmt.verify_files(storage, chain, disk_ids,
-                                        workers=max(1, (os.cpu_count() or 2) - len(copies)))
-            failed = []
-            for disk_id, proc in copies.items():
-                if problems:
-                    proc.kill()
-                _out, err = proc.communicate()
-                if proc.returncode != 0 and not problems:
-                    failed.append(f"{disk_id}: {err.strip()}")
-            if problems:
-                raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
-            if failed:
-                raise StorageError("qemu-img convert failed: " + '; '.join(failed))
-        for disk in plan['disks']:
-            fsync_path(temps[disk['id']])
-            os.replace(temps[disk['id']], disk['target'])
-        fsync_path(plan['target_dir'])
+        with new_directory(plan['target_dir']):
+            _write_images(request, plan, temps, log)
     except BaseException:
         for temp in temps.values():
-            for leftover in fmt.leftovers(temp):
+            for leftover in plan['format'].leftovers(temp):
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         raise
@@ -181,6 +170,40 @@ def _restore(request, log):
     result['verified'] = True
     log(f"restored {record.id} to {plan['target_dir']} in {result['duration']:.2f} s")
     return result
+
+
+def _write_images(request, plan, temps, log):
+    """Each disk into its hidden temporary, verified, then renamed to its target."""
+    storage, fmt, record, chain = plan['storage'], plan['format'], plan['record'], plan['chain']
+    disk_ids = set(temps)
+    if request.snapshots:
+        problems = fmt.verify_files(storage, chain, disk_ids)
+        if problems:
+            raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
+        for disk in plan['disks']:
+            fmt.restore_with_snapshots(storage, chain, disk['id'], temps[disk['id']], log)
+    else:
+        copies = {d['id']: fmt.start_restore(storage, record, d['id'], temps[d['id']],
+                                             d['format'], request.bwlimit)
+                  for d in plan['disks']}
+        # Verify while the copies run: both read the same files, from the page cache.
+        problems = fmt.verify_files(storage, chain, disk_ids,
+                                    workers=max(1, (os.cpu_count() or 2) - len(copies)))
+        failed = []
+        for disk_id, proc in copies.items():
+            if problems:
+                proc.kill()
+            _out, err = proc.communicate()
+            if proc.returncode != 0 and not problems:
+                failed.append(f"{disk_id}: {err.strip()}")
+        if problems:
+            raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
+        if failed:
+            raise StorageError("qemu-img convert failed: " + '; '.join(failed))
+    for disk in plan['disks']:
+        fsync_path(temps[disk['id']])
+        os.replace(temps[disk['id']], disk['target'])
+    fsync_path(plan['target_dir'])
 
 
 def _write_guest_config(plan, request, result):

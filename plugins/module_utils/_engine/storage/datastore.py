@@ -145,15 +145,20 @@ class DatastoreStorage(DirStorage):
 
     @contextmanager
     def writer(self, wait_seconds=0):
-        """Announce a running backup: a file in ``.writers`` holding its start, locked while
-        the backup runs (the kernel drops the lock if the process dies)."""
+        """Announce a running backup (or a live restore's server, which reads a snapshot for
+        hours): a file in ``.writers`` holding its start, locked while it runs (the kernel
+        drops the lock if the process dies)."""
         folder = os.path.join(self.path, WRITERS)
         os.makedirs(folder, mode=0o700, exist_ok=True)
         path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
         handle = open(path, 'w')
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
-            handle.write(f"{time.time():.6f}\n")
+            # The start on the file system's clock, which also stamps the atimes of the chunks
+            # this writer touches next; it lags time.time() by up to a tick, and a touch a tick
+            # after a time.time() start could otherwise fall before the cutoff with grace 0.
+            started = min(time.time(), os.fstat(handle.fileno()).st_mtime)
+            handle.write(f"{started:.6f}\n")
             handle.flush()
             yield
         finally:

@@ -37,8 +37,10 @@ def file_lock(path, wait_seconds, what, shared=False, holder=None, on_wait=None)
 
     Readers (restore, verify) share the lock; writers (backup, prune, protect) hold it alone.
     An exclusive holder may describe itself (``holder``, one line), which is kept in the lock
-    file while it holds the lock; a run that has to wait is told once, through ``on_wait``,
-    who it waits for.
+    file while it holds the lock; a shared holder that describes itself (a live restore's
+    server, which holds its snapshot for hours) does so in a file of its own beside it,
+    ``<lock>.reader-<pid>``, as several readers hold the lock at once. A run that has to wait
+    is told once, through ``on_wait``, who it waits for.
     """
     handle = open(path, 'a+')
     deadline = time.monotonic() + max(0.0, wait_seconds)
@@ -68,6 +70,8 @@ def file_lock(path, wait_seconds, what, shared=False, holder=None, on_wait=None)
             handle.truncate()
             handle.write(holder + '\n')
             handle.flush()
+        elif holder:
+            write_file_atomic(_reader_file(path, os.getpid()), holder + '\n')
         yield
     finally:
         if holder and not shared:
@@ -75,15 +79,46 @@ def file_lock(path, wait_seconds, what, shared=False, holder=None, on_wait=None)
                 handle.truncate(0)
             except OSError:
                 pass
+        elif holder:
+            _remove(_reader_file(path, os.getpid()))
         handle.close()
 
 
+def _reader_file(path, pid):
+    return f"{path}.reader-{pid}"
+
+
 def _holder(path):
+    """Who holds the lock: the exclusive holder's line, else a described reader's."""
     try:
         with open(path) as handle:
-            return handle.readline().strip()
+            line = handle.readline().strip()
     except OSError:
-        return ''
+        line = ''
+    if line:
+        return line
+    folder, prefix = os.path.split(_reader_file(path, ''))
+    for name in sorted(os.listdir(folder or '.')):
+        pid = name[len(prefix):]
+        if not (name.startswith(prefix) and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(os.path.join(folder, name))     # its reader was killed
+            continue
+        except PermissionError:
+            pass                                    # alive, another user's
+        with open(os.path.join(folder, name)) as handle:
+            return handle.readline().strip()
+    return ''
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class StagedBackup:
@@ -171,14 +206,14 @@ class DirStorage(Storage):
         return real
 
     @contextmanager
-    def guest_lock(self, vmid, wait_seconds, shared=False):
+    def guest_lock(self, vmid, wait_seconds, shared=False, holder=None):
         gdir = self.guest_dir(vmid)
         if shared and not os.path.isdir(gdir):
             yield  # a reader of a guest without backups: nothing to lock, nothing to create
             return
         os.makedirs(gdir, mode=0o700, exist_ok=True)
         with file_lock(os.path.join(gdir, '.lock'), wait_seconds,
-                       f"guest {vmid} on {self.label}", shared=shared):
+                       f"guest {vmid} on {self.label}", shared=shared, holder=holder):
             yield
 
     def backups(self, vmid):

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import mmap
 import os
+import shutil
 import sys
 import threading
 import time
@@ -23,6 +24,23 @@ def fsync_path(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def new_directory(path):
+    """``os.makedirs(path)``; when the block fails, the directories this made are removed with
+    what the block put in them, never a directory that existed before (a failed restore leaves
+    the file system as it found it)."""
+    top, probe = None, os.path.abspath(path)
+    while not os.path.isdir(probe):
+        top, probe = probe, os.path.dirname(probe)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def sha256_file(path):

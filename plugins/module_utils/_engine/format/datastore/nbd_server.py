@@ -89,6 +89,16 @@ class SnapshotExport:
             length -= len(piece)
         return b''.join(parts)
 
+    def keep_chunks(self):
+        """Touch every chunk the export reads, as garbage collection's mark does. Call it once
+        registered as a writer (``storage.writer()``): every later collection's cutoff is then
+        at most that start and these touches come after it, so no chunk is swept while served,
+        even if the snapshot's index goes. (On S3 this touches the cache's markers only: a
+        collection there does not sweep at all while a writer holds its lease.)"""
+        for digest in self.index.distinct_digests():
+            if digest not in self._zeros:
+                self.chunks.touch(digest, must_exist=False)
+
     def first_data_offset(self):
         """The offset of the first chunk that is not zero, or None."""
         for position in range(self.index.count):
