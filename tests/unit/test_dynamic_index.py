@@ -11,10 +11,10 @@ from guestvault_engine.format.datastore.file_formats import (
     DYNAMIC_INDEX_MAGIC, FIXED_INDEX_MAGIC, INDEX_HEADER_SIZE)
 
 DIGESTS = [hashlib.sha256(bytes([n])).digest() for n in range(3)]
-ENDS = [1000, 70000, 70001]
+ENDS = (1000, 70000, 70001)
 
 
-def write(path, ends=ENDS, digests=DIGESTS):
+def write(path, ends=ENDS, digests=tuple(DIGESTS)):
     writer = DynamicIndexWriter(path, uuid=bytes(range(16)), ctime=1_700_000_000)
     for end, digest in zip(ends, digests):
         writer.add_chunk(end, digest)

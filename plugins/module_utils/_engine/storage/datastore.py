@@ -123,6 +123,8 @@ class DatastoreStorage(DirStorage):
     def staged_class(self, tmp_path, final_path):
         return DatastoreStagedBackup(tmp_path, final_path, self.codec)
 
+    manifest_name = MANIFEST
+
     def read_index(self, backup_dir):
         return self.codec.read_index(backup_dir)
 

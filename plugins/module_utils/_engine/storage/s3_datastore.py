@@ -134,9 +134,9 @@ class S3DatastoreStorage(DatastoreStorage):
     def guest_ids(self):
         return sorted(int(name) for name in self.bucket.folders('vm/') if name.isdigit())
 
-    def backups(self, vmid):
+    def scan(self, vmid):
         self.sync_guest(vmid)
-        return super().backups(vmid)
+        return super().scan(vmid)
 
     def index_files(self):
         """Every index file in the bucket, as local copies: the VMs' snapshots through the cache
