@@ -144,7 +144,7 @@ damaged:
     - Ids of damaged backups (their manifest cannot be read) that prune left alone, neither
       counted among the kept backups nor removed.
     - A warning names each with the reason.
-  returned: always
+  returned: unless O(simulate)
   type: list
   elements: str
 folded:
