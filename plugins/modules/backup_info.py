@@ -111,6 +111,36 @@ backups:
       description: Its disks (id, virtual_size, level, size, bytes_written).
       type: list
       elements: dict
+damaged:
+  description:
+    - Backup directories whose manifest cannot be read, oldest first per guest. They are not in
+      RV(backups) - nothing can be restored from them until the manifest is restored from a copy - and
+      each is also named in a warning.
+    - Restore and verify of one of them say what is wrong; C(latest) and O(guestvault.backup.guest_backup#module:level=auto)
+      warn and use the newest good backup; prune neither counts nor removes them; garbage
+      collection keeps their chunks.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: C(vm/<vmid>/<time>).
+      type: str
+    vmid:
+      description: The guest.
+      type: int
+    time:
+      description: Point in time (UTC, ISO 8601), from the directory's name.
+      type: str
+    epoch:
+      description: The same as seconds since the epoch.
+      type: int
+    path:
+      description: Its directory.
+      type: str
+    reason:
+      description: Why its manifest cannot be read (the file and the error).
+      type: str
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module

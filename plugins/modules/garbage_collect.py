@@ -15,8 +15,13 @@ description:
     (snapshot directories) only; their chunks stay until a garbage collection finds that no
     remaining backup references them. This is Proxmox Backup Server's garbage collection, in
     its two phases.
-  - Mark - the access time of every chunk that any index of any backup references is set to
-    now.
+  - Mark - the access time of every chunk that any index file references is set to now. Every
+    fixed (C(.fidx)) and dynamic (C(.didx)) index under the datastore's backup groups
+    (C(vm/), C(ct/), C(host/), in every namespace) counts, whatever its snapshot's manifest
+    says, as Proxmox Backup Server's garbage collection does; so a snapshot whose manifest is
+    damaged keeps its chunks until the manifest is repaired or the snapshot removed.
+  - An index file that cannot be parsed (unknown magic, truncated, wrong size) stops the run
+    before anything is marked or removed, in check mode too, and the error names the file.
   - Sweep - every chunk whose access time is older than the cutoff is removed, with chunks
     marked bad by verify. The cutoff is the start of the mark (or of the oldest backup still
     running, if it started earlier) minus O(grace).
@@ -28,6 +33,8 @@ description:
     runs on any node, and refuses while a backup writes into the bucket from any node (each
     running backup holds a lease in the bucket); such a backup waits for it in turn.
   - Reports the chunks and bytes removed and kept, and the datastore's deduplication factor.
+    Chunks that indexes name but the store lacks are counted in RV(missing_chunks) and named in
+    a warning with the snapshots that need them.
 author:
   - guestvault developers (@guestvault)
 attributes:
@@ -85,11 +92,19 @@ EXAMPLES = r"""
 
 RETURN = r"""
 index_files:
-  description: Index files (one per disk of each backup) read in the mark phase.
+  description:
+    - Index files read in the mark phase - one per disk of each backup, and one per archive of
+      each container or host backup a Proxmox Backup Server wrote into the datastore.
   returned: always
   type: int
 referenced_chunks:
   description: Distinct chunks that the indexes reference.
+  returned: always
+  type: int
+missing_chunks:
+  description:
+    - Chunks that indexes reference but the store does not hold.
+    - When not 0, a warning names the snapshots that need them (run verify on those).
   returned: always
   type: int
 removed_chunks:

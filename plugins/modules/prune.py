@@ -139,6 +139,14 @@ removed:
   returned: always
   type: list
   elements: str
+damaged:
+  description:
+    - Ids of damaged backups (their manifest cannot be read) that prune left alone, neither
+      counted among the kept backups nor removed.
+    - A warning names each with the reason.
+  returned: unless O(simulate)
+  type: list
+  elements: str
 folded:
   description: Kept backups whose removed parents' data was folded into them, with their new parent.
   returned: unless O(simulate)

@@ -17,6 +17,11 @@ description:
     names.
   - Records the outcome as the backup's verify state (C(verify.json)), shown by
     M(guestvault.backup.backup_info). Fails when the backup is damaged, so a playbook stops.
+  - A backup whose manifest cannot be read fails with the reason; nothing is recorded (there is
+    no manifest to record it in). With O(backup=latest), a damaged newest backup is named in a
+    warning and the newest good one is verified.
+  - Many problems of one kind (a wrong key, a lost chunk directory) are summed up in one line
+    with their count and the first few offsets.
 author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:

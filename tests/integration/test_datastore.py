@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from guestvault_engine.errors import BackupFailed, EncryptionKeyError, GuestvaultError
+from guestvault_engine.errors import (BackupDamaged, BackupFailed, CorruptData,
+                                      EncryptionKeyError, GuestvaultError)
 from guestvault_engine.format.datastore.chunk_store import ChunkStore
 from guestvault_engine.format.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
                                                              ENCRYPTED_COMPRESSED_BLOB_MAGIC)
@@ -242,6 +243,10 @@ def test_an_encrypted_datastore_round_trips_and_a_wrong_key_is_named(
     assert ok, text
     # The same datastore opened with another key: restore names the fingerprint it needs.
     write_storage_cfg(config_dir, path, 'wrong', encryption_key=other['path'])
+    # verify names the key once, not once per chunk (the chunks get their CRC checked)
+    wrong = verify_backup(guest.vmid, storage='wrong', config_dir=config_dir, check_mode=True)
+    assert wrong['verify_state'] == 'failed' and len(wrong['problems']) == 1, wrong['problems']
+    assert key['fingerprint'][:23] in wrong['problems'][0]
     with pytest.raises(EncryptionKeyError, match=key['fingerprint'][:23]):
         restore(guest, config_dir, tmp_path / 'w', storage='wrong')
     write_storage_cfg(config_dir, path, 'nokey')
@@ -384,6 +389,8 @@ def test_verify_and_restore_name_the_snapshot_the_disk_and_the_offset(
     if damage != 'truncated index':
         assert str(3 * CHUNK) in text, text
         assert ('missing' if damage == 'missing chunk' else 'magic') in text, text
+    else:
+        assert len(result['problems']) == 1, result['problems']     # told once, not twice
     with pytest.raises(GuestvaultError) as err:
         restore(guest, config_dir, tmp_path / 'r')
     assert taken['backup'] in str(err.value) and 'vd0' in str(err.value), err.value
@@ -455,3 +462,90 @@ def test_a_missing_library_is_named_and_nothing_is_left(make_guest, tmp_path, co
     bitmaps = [b for node in guest.execute('query-named-block-nodes', flat=True)
                for b in node.get('dirty-bitmaps', [])]
     assert bitmaps == []
+
+
+def flip_a_bit(path, offset=40):
+    """Flip one bit of ``path``; returns its original bytes (to repair it later)."""
+    with open(path, 'rb') as handle:
+        original = handle.read()
+    damaged = bytearray(original)
+    damaged[offset] ^= 0x10
+    with open(path, 'wb') as handle:
+        handle.write(damaged)
+    return original
+
+
+def test_a_damaged_manifest_stays_visible_keeps_its_chunks_and_restores_once_repaired(
+        make_guest, datastore, config_dir, tmp_path):
+    """Issue 20, findings 1 and 2: one flipped bit in the newest snapshot's index.json.blob."""
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0xC1, 0, 8 * MiB)
+    good = backup(guest, config_dir, level='full')
+    good_ref = guest.snapshot_disk(0, str(tmp_path / 'good.qcow2'))
+    guest.write('vd0', 0xC2, 0, 8 * MiB)                # chunks only the newest names
+    newest = backup(guest, config_dir, level='full')
+    newest_ref = guest.snapshot_disk(0, str(tmp_path / 'newest.qcow2'))
+    manifest = os.path.join(datastore, 'vm', str(guest.vmid), newest['time'], 'index.json.blob')
+    original = flip_a_bit(manifest)
+    chunks = chunk_files(datastore)
+    # backup_info lists it as damaged, with the reason, beside the good one
+    listed = list_backups(guest.vmid, storage='ds1', config_dir=config_dir)
+    assert [b['id'] for b in listed['backups']] == [good['backup']]
+    [damaged] = listed['damaged']
+    assert damaged['id'] == newest['backup'] and damaged['path'] == os.path.dirname(manifest)
+    assert manifest in damaged['reason'] and 'crc' in damaged['reason'].lower(), damaged
+    assert newest['backup'] in listed['warnings'][0]
+    # verify and restore of it say what is wrong
+    verified = verify_backup(guest.vmid, backup=newest['time'], storage='ds1',
+                             config_dir=config_dir)
+    assert verified['verify_state'] == 'failed' and verified['backup'] == newest['backup']
+    assert damaged['reason'] in verified['problems'][0]
+    with pytest.raises(BackupDamaged, match=f"{newest['backup']} is damaged: .*{manifest}"):
+        restore(guest, config_dir, tmp_path / 'nothing', backup=newest['time'])
+    assert not os.path.exists(tmp_path / 'nothing' / 'vd0.qcow2')
+    # latest, level auto and prune act on the good ones only, and say so
+    out = restore(guest, config_dir, tmp_path / 'latest')
+    assert out['backup'] == good['backup']
+    assert f"newest backup is damaged: {newest['backup']}" in out['warnings'][0], out['warnings']
+    ok, text = same_content(good_ref, out['disks'][0]['target'])
+    assert ok, text
+    planned = backup(guest, config_dir, level='auto', check_mode=True)
+    assert any(newest['backup'] in w and 'damaged' in w for w in planned['warnings']), planned
+    pruned = run_prune(PruneRequest(vmid=guest.vmid, storage='ds1', config_dir=config_dir,
+                                    prune_backups='keep-last=1'))
+    assert pruned['removed'] == [] and pruned['damaged'] == [newest['backup']]
+    assert any('neither counts it' in w for w in pruned['warnings'])
+    assert os.path.exists(manifest)
+    # GC with grace 0 keeps every chunk the damaged snapshot names
+    check = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir, check_mode=True))
+    done = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir))
+    assert check['removed_chunks'] == done['removed_chunks'] == 0, done
+    assert done['index_files'] == 2 and chunk_files(datastore) == chunks
+    # the manifest repaired: the snapshot verifies and restores bit-exact
+    with open(manifest, 'wb') as handle:
+        handle.write(original)
+    assert verify_backup(guest.vmid, storage='ds1',
+                         config_dir=config_dir)['verify_state'] == 'ok'
+    out = restore(guest, config_dir, tmp_path / 'repaired')
+    assert out['backup'] == newest['backup'] and out['warnings'] == []
+    ok, text = same_content(newest_ref, out['disks'][0]['target'])
+    assert ok, text
+
+
+def test_gc_stops_on_an_index_it_cannot_parse_and_removes_nothing(make_guest, datastore,
+                                                                  config_dir):
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0xC3, 0, 8 * MiB)
+    first = backup(guest, config_dir, level='full')
+    guest.write('vd0', 0xC4, 0, 8 * MiB)
+    second = backup(guest, config_dir, level='full')
+    run_prune(PruneRequest(vmid=guest.vmid, storage='ds1', config_dir=config_dir,
+                           prune_backups='keep-last=1'))   # the first's chunks are garbage now
+    index = os.path.join(datastore, 'vm', str(guest.vmid), second['time'], 'drive-vd0.img.fidx')
+    os.truncate(index, os.path.getsize(index) - 7)
+    chunks = chunk_files(datastore)
+    for check_mode in (True, False):
+        with pytest.raises(CorruptData, match=f"stopped before removing anything: {index}"):
+            run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir,
+                             check_mode=check_mode))
+    assert chunk_files(datastore) == chunks and first['backup'] != second['backup']

@@ -16,8 +16,10 @@ import pytest
 
 from guestvault_engine.errors import StorageError
 from guestvault_engine.format.datastore.chunk_store import ZERO_CHUNK_DIGEST
+from guestvault_engine.format.datastore.dynamic_index import DynamicIndexWriter
 from guestvault_engine.format.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
                                                              ENCRYPTED_COMPRESSED_BLOB_MAGIC)
+from guestvault_engine.format.datastore.fixed_index import read_fixed_index
 from guestvault_engine.format.datastore.manifest import BackupManifest
 from guestvault_engine.run.keys import create_key
 from guestvault_engine.run.locate import require_storage
@@ -381,3 +383,52 @@ def test_files_come_back_out_of_an_s3_datastore_with_an_empty_cache(cluster, buc
     for path, digest in sums.items():
         with open(tmp_path / 'out' / path, 'rb') as handle:
             assert hashlib.sha256(handle.read()).hexdigest() == digest, path
+
+
+def test_gc_keeps_what_a_damaged_manifest_and_another_groups_dynamic_index_name(
+        make_guest, cluster, bucket, config_dir, tmp_path):
+    """Issue 20, finding 1 on S3: a snapshot whose manifest in the bucket has one flipped bit
+    (and a cache that has to fetch it anew), and a container's .didx that PBS would have
+    written: GC with grace 0 sweeps none of their chunks."""
+    cache = tmp_path / 'cache'
+    configure(config_dir, cluster, cache, bucket)
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0xD1, 0, 8 * MiB)
+    old = backup(guest, config_dir, level='full')
+    guest.write('vd0', 0xD2, 0, 8 * MiB)
+    newest = backup(guest, config_dir, level='full')
+    ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
+    # A container's archive names the old snapshot's chunks; then the old snapshot goes.
+    index = read_fixed_index(str(cache / 'vm' / str(guest.vmid) / old['time']
+                                 / 'drive-vd0.img.fidx'))
+    writer = DynamicIndexWriter(str(tmp_path / 'root.pxar.didx'))
+    for number, digest in enumerate(sorted(index.distinct_digests())):
+        writer.add_chunk((number + 1) * 4096, digest)
+    writer.close(durable=False)
+    client = cluster.client()
+    didx_key = 'ct/300/2026-01-01T00:00:00Z/root.pxar.didx'
+    client.put_object(Bucket=bucket, Key=didx_key, Body=open(writer.path, 'rb').read())
+    run_prune(PruneRequest(vmid=guest.vmid, storage='s3', config_dir=config_dir,
+                           prune_backups='keep-last=1'))
+    manifest_key = f"vm/{guest.vmid}/{newest['time']}/index.json.blob"
+    original = client.get_object(Bucket=bucket, Key=manifest_key)['Body'].read()
+    damaged = bytearray(original)
+    damaged[40] ^= 0x10
+    client.put_object(Bucket=bucket, Key=manifest_key, Body=bytes(damaged))
+    shutil.rmtree(cache)                       # the damaged snapshot comes from the bucket
+    chunks = chunk_keys(cluster, bucket)
+    listed = list_backups(guest.vmid, storage='s3', config_dir=config_dir)
+    assert listed['backups'] == [] and [d['id'] for d in listed['damaged']] == [newest['backup']]
+    gc = run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+    assert gc['removed_chunks'] == 0 and gc['index_files'] == 2, gc
+    assert chunk_keys(cluster, bucket) == chunks
+    # The manifest repaired: the snapshot restores bit-exact.
+    client.put_object(Bucket=bucket, Key=manifest_key, Body=original)
+    out = restore(guest.vmid, config_dir, tmp_path / 'r')
+    assert out['backup'] == newest['backup'] and out['warnings'] == []
+    ok, text = same_content(ref, out['disks'][0]['target'])
+    assert ok, text
+    # Without the container's index, what only it named is garbage.
+    client.delete_object(Bucket=bucket, Key=didx_key)
+    gc = run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+    assert gc['removed_chunks'] >= 1 and gc['index_files'] == 1, gc

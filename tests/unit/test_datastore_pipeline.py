@@ -437,3 +437,16 @@ def test_zero_digest_of_the_short_last_chunk(tmp_path, store):
     restore_disk_image(index, store, str(tmp_path / 'r.raw'))
     assert open(tmp_path / 'r.raw', 'rb').read() == bytes(CHUNK + 100)
     assert os.stat(tmp_path / 'r.raw').st_blocks == 0
+
+
+def test_verify_sums_up_many_problems_of_one_kind_in_one_line(image, store, tmp_path):
+    """Issue 20, 13a: every chunk gone is one line with the count and a few offsets, not one
+    line per chunk."""
+    index_path, _result = backup(image, store, tmp_path)
+    index = fixed_index.read_fixed_index(index_path)
+    for digest in index.distinct_digests():
+        os.unlink(store.chunk_path(digest))
+    problems = verify_disk_index(index_path, store, verified=set(), corrupt=set(), what='s/d')
+    [line] = problems
+    assert line.startswith(f"s/d: {index_path}: 4 chunks are missing from the chunk store")
+    assert line.endswith(f"(the first at offsets 0, {CHUNK}, {3 * CHUNK})"), line

@@ -97,3 +97,12 @@ class EncryptionKeyError(ConfigError):
 class CorruptData(StorageError):
     """A stored file is damaged or not in the format it claims: unknown magic, bad checksum,
     wrong size, a digest that does not match its data."""
+
+
+class BackupDamaged(CorruptData):
+    """The backup asked for is listed as damaged (its manifest cannot be read); ``damaged`` is the
+    storage's ``DamagedBackup`` (id, path, reason)."""
+
+    def __init__(self, message, damaged=None):
+        super().__init__(message)
+        self.damaged = damaged

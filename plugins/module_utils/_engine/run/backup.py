@@ -35,6 +35,7 @@ from ..guest.registry import GuestEntry
 from ..policy import chain as chains
 from ..policy.config import inert_option_warning, load_vzdump_defaults
 from ..policy.notes import render_notes
+from ..storage import catalog
 from ..storage.files import private_files
 from ..times import format_time, parse_age, parse_time
 from ..vocabulary import COMPRESS, LZO_ADVICE, MODES, QCOW2_COMPRESSION, normalize_compress
@@ -190,9 +191,18 @@ def decide_backup(plan, qmp, now=None):
     # The name first: a new generated chain is named after its full backup, so two backups
     # within one second (named a second apart) never share a chain name.
     plan.when = plan.storage.next_backup_time(guest.vmid, now or datetime.now(timezone.utc))
-    tip = chains.chain_tip(plan.storage.backups(guest.vmid), request.chain)
+    backups, damaged = plan.storage.scan(guest.vmid)
+    tip = chains.chain_tip(backups, request.chain)
     plan.decision = chains.decide_level(request.level, plan.when, plan.disks, tip,
                                         request.chain, request.chain_period or 'none')
+    newer = [d for d in damaged if not backups or d.time > backups[-1].time]
+    if newer:
+        # The level is decided from the good backups only; say so rather than pass it over.
+        after = (f"after {backups[-1].id}, the newest good backup" if backups
+                 else "as if the guest had no backup")
+        plan.warnings.append(catalog.damaged_warning(
+            newer, f"This backup is {plan.decision.level} ({plan.decision.reason}), decided "
+            f"{after}"))
     return plan
 
 

@@ -102,6 +102,7 @@ def run_live_restore(request, log=None):
             'new_vmid': request.new_vmid, 'vmid_started': entry.vmid, 'snapshots': False,
             'disks': [{k: d[k] for k in ('id', 'target', 'format', 'virtual_size')}
                       for d in plan['disks']],
+            'warnings': plan['warnings'],
         }
         if request.check_mode:
             return result

@@ -27,7 +27,7 @@ from .backup import BackupRequest, run_backup
 from . import leftovers
 from .hooks import HookScript
 from .locate import open_storage
-from .prune import PruneRequest, prune_guest, resolve_policy
+from .prune import PruneRequest, damaged_warning, prune_guest, resolve_policy
 
 STATE_DIR = os.environ.get('GUESTVAULT_STATE_DIR', '/var/lib/guestvault/jobs')
 
@@ -253,10 +253,13 @@ def _one_guest(args, settings, vmid, say, progress):
         policy, source = resolve_policy(PruneRequest(
             storage=settings['storage'], dumpdir=settings['dumpdir'],
             config_dir=args.config_dir, prune_backups=settings['prune_backups']), storage)
-        report, _folds, freed = prune_guest(storage, vmid, policy, None, False,
-                                            float(settings['lockwait'] or 180) * 60,
-                                            lambda m: say(f"  {vmid}: {m}"))
+        report, _folds, freed, damaged = prune_guest(storage, vmid, policy, None, False,
+                                                     float(settings['lockwait'] or 180) * 60,
+                                                     lambda m: say(f"  {vmid}: {m}"))
         outcome['pruned'] = [b['id'] for b in report if b['mark'] == 'remove']
+        for broken in damaged:
+            outcome['warnings'].append(damaged_warning(broken))
+            say(f"WARNING: {vmid}: {damaged_warning(broken)}")
         say(f"  {vmid}: prune ({policy.as_property_string()} from {source}) removed "
             f"{len(outcome['pruned'])} backup(s), freed {freed} bytes")
     except GuestvaultError as exc:

@@ -33,7 +33,8 @@ def protect_backup(vmid, backup='latest', protected=None, notes=None, storage=No
 
 
 def _protect(store, vmid, backup, protected, notes, config_dir, check_mode):
-    record = catalog.resolve(store, vmid, backup)
+    warnings = []
+    record = catalog.resolve(store, vmid, backup, warnings=warnings)
     before = {'protected': record.protected, 'notes': store.read_notes(record) or ''}
     after = dict(before)
     if protected is not None:
@@ -49,4 +50,5 @@ def _protect(store, vmid, backup, protected, notes, config_dir, check_mode):
         if after['protected'] != before['protected']:
             store.set_protected(record, after['protected'])
     return {'changed': changed, 'backup': record.id, 'protected': after['protected'],
-            'notes': after['notes'], 'diff': {'before': before, 'after': after}}
+            'notes': after['notes'], 'diff': {'before': before, 'after': after},
+            'warnings': warnings}

@@ -46,7 +46,17 @@ def _guest_bytes(storage, backups):
     return sum(storage.backup_size(b) for b in backups)
 
 
+def damaged_warning(broken):
+    """What prune says of a damaged backup it leaves alone. Its manifest (level, protection)
+    cannot be read, so the policy cannot place it: counting it as kept could remove a good
+    backup in its stead, removing it could lose one that a repaired manifest brings back."""
+    return (f"backup {broken.id} is damaged ({broken.reason}): prune neither counts it among "
+            "the kept backups nor removes it. Restore its manifest from a copy, or remove the "
+            "directory by hand if it cannot be repaired")
+
+
 def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
+    """``(report, folds, bytes freed, damaged backups left alone)`` of one guest."""
     fmt = format_of(storage)
     # Check mode only reads, so it shares the lock (and creates nothing).
     with private_files(), storage.guest_lock(vmid, lockwait_seconds, shared=check_mode):
@@ -54,7 +64,7 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
             for backup_id, applied in fmt.recover(storage, vmid):
                 log(f"{'completed' if applied else 'dropped'} an interrupted manifest update of "
                     f"{backup_id}")
-        backups = storage.backups(vmid)
+        backups, damaged = storage.scan(vmid)
         by_time = {b.index['time']: b for b in backups}
         marks = select_for_prune(
             [{'id': b.index['time'], 'time': b.time, 'protected': b.protected} for b in backups],
@@ -67,7 +77,7 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
                    'level': by_time[m.id].index['level']} for m in marks]
         fold_report = [{'id': r.id, 'new_parent': p} for r, p in plan]
         if check_mode:
-            return report, fold_report, sum(sizes[t] for t in removed)
+            return report, fold_report, sum(sizes[t] for t in removed), damaged
         before = sum(sizes.values())
         fmt.apply_removal_plan(storage, plan, log)
         for time_id in sorted(removed):
@@ -77,7 +87,7 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
         # again: with thousands of snapshots that listing is what a prune would spend most on.
         kept = [b for t, b in by_time.items() if t not in removed]
         freed = before - _guest_bytes(storage, kept)
-        return report, fold_report, freed
+        return report, fold_report, freed, damaged
 
 
 def run_prune(request, log=None):
@@ -89,13 +99,16 @@ def run_prune(request, log=None):
               'folded': [], 'bytes_freed': 0, 'storage': storage.id,
               'storage_path': storage.path}
     result['warnings'] = []
-    if request.vmid is not None and not storage.backups(request.vmid):
+    result['damaged'] = []
+    if request.vmid is not None and storage.scan(request.vmid) == ([], []):
         result['warnings'].append(f"guest {request.vmid} has no backups on {storage.label}; "
                                   "is the vmid right?")
     for vmid in vmids:
-        report, folds, freed = prune_guest(storage, vmid, policy, request.timezone,
-                                           request.check_mode, float(request.lockwait) * 60,
-                                           log)
+        report, folds, freed, damaged = prune_guest(storage, vmid, policy, request.timezone,
+                                                    request.check_mode,
+                                                    float(request.lockwait) * 60, log)
+        result['warnings'] += [damaged_warning(broken) for broken in damaged]
+        result['damaged'] += [broken.id for broken in damaged]
         result['backups'] += report
         result['folded'] += folds
         result['bytes_freed'] += freed

@@ -87,7 +87,8 @@ def plan_restore(request):
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     target_dir = _check_target_dir(request, storage)
     fmt = format_of(storage)
-    record = catalog.resolve(storage, vmid, request.backup, request.until)
+    warnings = []
+    record = catalog.resolve(storage, vmid, request.backup, request.until, warnings=warnings)
     chain = fmt.dependencies(storage, record)
     by_id = {d['id']: d for d in record.index['disks']}
     wanted = list(request.disks) if request.disks else list(by_id)
@@ -120,7 +121,8 @@ def plan_restore(request):
     if problems:
         raise StorageError('; '.join(problems))
     return {'storage': storage, 'format': fmt, 'record': record, 'chain': chain,
-            'disks': disks, 'target_dir': target_dir, 'new_vmid': new_vmid}
+            'disks': disks, 'target_dir': target_dir, 'new_vmid': new_vmid,
+            'warnings': warnings}
 
 
 def run_restore(request, log=None):
@@ -147,6 +149,7 @@ def _restore(request, log):
         'snapshots': bool(request.snapshots),
         'disks': [{k: d[k] for k in ('id', 'target', 'format', 'virtual_size', 'data_bytes')}
                   for d in plan['disks']],
+        'warnings': plan['warnings'],
     }
     if request.check_mode:
         return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from ..errors import VerifyFailed
+from ..errors import BackupDamaged, VerifyFailed
 from ..guest.registry import validate_vmid
 from ..storage import catalog
 from ..storage.files import private_files
@@ -31,7 +31,14 @@ def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
 
 
 def _verify(store, vmid, backup, check_mode):
-    record = catalog.resolve(store, vmid, backup)
+    warnings = []
+    try:
+        record = catalog.resolve(store, vmid, backup, warnings=warnings)
+    except BackupDamaged as exc:
+        # Nothing to read and nowhere to record a state: the damage is the finding.
+        return {'changed': False, 'backup': exc.damaged.id, 'verify_state': 'failed',
+                'problems': [str(exc)], 'chain': [], 'previous_state': 'unknown',
+                'warnings': warnings}
     chain, problems = format_of(store).verify(store, record, check_mode=check_mode)
     state = {'state': 'failed' if problems else 'ok', 'problems': problems,
              'time': format_time(datetime.now(timezone.utc)),
@@ -41,4 +48,4 @@ def _verify(store, vmid, backup, check_mode):
         store.write_verify_state(record, state)
     return {'changed': not check_mode, 'backup': record.id, 'verify_state': state['state'],
             'problems': problems, 'chain': state['chain'],
-            'previous_state': previous['state'] if previous else 'none'}
+            'previous_state': previous['state'] if previous else 'none', 'warnings': warnings}

@@ -10,6 +10,8 @@ looks inside a format's files.
 method                 contract
 =====================  ===========================================================================
 ``backups(vmid)``      complete backups of a guest, oldest first (a partial one is never listed)
+``scan(vmid)``         ``(backups, damaged)``: also the backups whose manifest cannot be read
+``damaged(vmid)``      those damaged backups alone, as ``DamagedBackup`` (never a BackupRecord)
 ``guest_ids()``        vmids that have a directory of backups
 ``guest_lock``         context manager: readers share, writers exclude; ``LockTimeout`` after wait;
                        ``holder`` describes the run to those that wait
@@ -47,6 +49,29 @@ class BackupRecord:
         return f"BackupRecord({self.id!r}, level={self.index.get('level')!r})"
 
 
+class DamagedBackup:
+    """A backup directory whose manifest cannot be read: it is no ``BackupRecord`` (nothing can
+    be restored, pruned or built on from it), but it is listed, with the reason, so it is never
+    passed over in silence and can be repaired (the manifest restored) or removed by hand."""
+
+    def __init__(self, path, vmid, name, reason):
+        self.path = path
+        self.vmid = int(vmid)
+        self.name = name        # the directory's name: the backup's time
+        self.reason = reason
+
+    @property
+    def time(self):
+        return parse_time(self.name)
+
+    @property
+    def id(self):
+        return f"vm/{self.vmid}/{self.name}"
+
+    def __repr__(self):
+        return f"DamagedBackup({self.id!r}, {self.reason!r})"
+
+
 class Storage:
     """Base of the storages; see the module docstring for what each method promises."""
 
@@ -54,8 +79,14 @@ class Storage:
     id = None       # the storage.cfg id, None for a dumpdir
     label = None    # how messages name it: "storage backup-nfs (/mnt/backup)"
 
-    def backups(self, vmid):
+    def scan(self, vmid):
         raise NotImplementedError
+
+    def backups(self, vmid):
+        return self.scan(vmid)[0]
+
+    def damaged(self, vmid):
+        return self.scan(vmid)[1]
 
     def guest_ids(self):
         raise NotImplementedError

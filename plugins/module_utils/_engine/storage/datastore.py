@@ -22,7 +22,7 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from ..errors import GuestvaultError
+from ..errors import GuestvaultError, StorageError
 from .directory import PROTECTED, DirStorage, StagedBackup
 from .files import write_file_atomic
 
@@ -32,6 +32,45 @@ CLIENT_LOG = 'client.log.blob'
 OWNER = 'owner'
 OWNER_TEXT = 'root@pam\n'      # PBS lists a group only with an owner; root@pam is PBS's admin
 WRITERS = '.writers'
+BACKUP_TYPES = ('vm', 'ct', 'host')     # PBS's backup groups: VMs, containers, host archives
+NAMESPACES = 'ns'
+INDEX_SUFFIXES = ('.fidx', '.didx')
+
+
+def walk_index_files(root):
+    """The ``.fidx`` and ``.didx`` files of every snapshot under ``root``, as PBS's GC finds them:
+    ``<type>/<id>/<time>/`` for each backup type, in the root namespace and in every namespace
+    (``ns/<name>/``, nested) below it, whatever the snapshot's manifest says: a snapshot whose
+    manifest is damaged still needs its chunks once the manifest is repaired.
+
+    Hidden entries are skipped: a ``.<time>.tmp`` snapshot being written belongs to a running
+    backup, whose chunks the writer cutoff protects; one a killed run left is never made visible,
+    so its chunks are garbage. A folder that cannot be listed stops the walk (StorageError):
+    skipping it would sweep the chunks of every snapshot inside."""
+    for backup_type in BACKUP_TYPES:
+        for group in _subfolders(os.path.join(root, backup_type)):
+            for snapshot in _subfolders(group):
+                for name in _listing(snapshot):
+                    if name.endswith(INDEX_SUFFIXES) and not name.startswith('.'):
+                        yield os.path.join(snapshot, name)
+    for namespace in _subfolders(os.path.join(root, NAMESPACES)):
+        yield from walk_index_files(namespace)
+
+
+def _listing(folder):
+    try:
+        return sorted(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []                   # removed meanwhile (a prune), or a file: nothing in it
+    except OSError as exc:
+        raise StorageError(f"cannot list {folder}: {exc.strerror or exc}; garbage collection "
+                           "stops before removing anything, as the chunks of the snapshots in "
+                           "it cannot be known. Fix its permissions or file system") from None
+
+
+def _subfolders(folder):
+    return [os.path.join(folder, name) for name in _listing(folder)
+            if not name.startswith('.') and os.path.isdir(os.path.join(folder, name))]
 
 
 class DatastoreStagedBackup(StagedBackup):
@@ -84,6 +123,8 @@ class DatastoreStorage(DirStorage):
     def staged_class(self, tmp_path, final_path):
         return DatastoreStagedBackup(tmp_path, final_path, self.codec)
 
+    manifest_name = MANIFEST
+
     def read_index(self, backup_dir):
         return self.codec.read_index(backup_dir)
 
@@ -128,13 +169,8 @@ class DatastoreStorage(DirStorage):
         return []  # snapshots are never rewritten: nothing can be left half-replaced
 
     def index_files(self):
-        """Every index file of every complete snapshot (garbage collection's mark phase)."""
-        found = []
-        for vmid in self.guest_ids():
-            for record in self.backups(vmid):
-                found.extend(os.path.join(record.path, name) for name in os.listdir(record.path)
-                             if name.endswith(('.fidx', '.didx')))
-        return found
+        """Every index file of every snapshot in the datastore (garbage collection's mark)."""
+        return list(walk_index_files(self.path))
 
     # -- running backups, for garbage collection -------------------------------------------------
     @contextmanager

@@ -17,7 +17,7 @@ from datetime import timedelta, timezone
 
 from ..errors import GuestvaultError, LockTimeout, StorageError
 from ..times import format_time, parse_time
-from .base import BackupRecord, Storage
+from .base import BackupRecord, DamagedBackup, Storage
 from .files import fsync_path, write_file_atomic
 
 INDEX = 'index.json'
@@ -216,24 +216,46 @@ class DirStorage(Storage):
                        f"guest {vmid} on {self.label}", shared=shared, holder=holder):
             yield
 
-    def backups(self, vmid):
-        """Complete backups of one guest, oldest first."""
+    def scan(self, vmid):
+        """``(complete backups, damaged ones)`` of one guest, each oldest first.
+
+        A directory named as a backup time whose manifest cannot be read is damaged, not
+        absent: a backup listing that dropped it would let ``latest`` pass over it in silence
+        (and a datastore's GC used to sweep its chunks). Anything else is not ours and is
+        skipped."""
         gdir = self.guest_dir(vmid)
         if not os.path.isdir(gdir):
-            return []
-        found = []
+            return [], []
+        found, damaged = [], []
         for name in sorted(os.listdir(gdir)):
-            if name.startswith('.'):
+            path = os.path.join(gdir, name)
+            if name.startswith('.') or not os.path.isdir(path):
                 continue
             try:
                 parse_time(name)
-                index = self.read_index(os.path.join(gdir, name))
-            except (ValueError, OSError, GuestvaultError):
+            except ValueError:
                 continue  # not a backup directory of ours
-            found.append(BackupRecord(os.path.join(gdir, name), index,
-                                      os.path.exists(os.path.join(gdir, name, PROTECTED))))
+            try:
+                index = self.read_index(path)
+            except (ValueError, OSError, GuestvaultError) as exc:
+                damaged.append(DamagedBackup(path, vmid, name, self._unreadable(path, exc)))
+                continue
+            found.append(BackupRecord(path, index, os.path.exists(os.path.join(path, PROTECTED))))
         found.sort(key=lambda b: b.time)
-        return found
+        return found, damaged
+
+    manifest_name = INDEX
+
+    def _unreadable(self, path, exc):
+        """Why the manifest of the backup in ``path`` cannot be read, for a user to act on."""
+        manifest = os.path.join(path, self.manifest_name)
+        if isinstance(exc, FileNotFoundError):
+            return f"its manifest {manifest} is missing"
+        if isinstance(exc, OSError):
+            return f"its manifest {manifest} cannot be read ({exc.strerror or exc})"
+        if isinstance(exc, ValueError):
+            return f"its manifest {manifest} is not valid JSON ({exc})"
+        return f"its manifest cannot be read: {exc}"
 
     def read_index(self, backup_dir):
         """The manifest of the backup in ``backup_dir`` as a dict (OSError, ValueError)."""
@@ -271,16 +293,18 @@ class DirStorage(Storage):
         naming this backup after it would misdate it, so that is refused.
         """
         when = now.astimezone(timezone.utc).replace(microsecond=0)
-        existing = self.backups(vmid)
-        if existing and when <= existing[-1].time:
-            ahead = (existing[-1].time - when).total_seconds()
+        # A damaged backup holds its name too.
+        records, damaged = self.scan(vmid)
+        newest = max(records + damaged, key=lambda b: b.time, default=None)
+        if newest is not None and when <= newest.time:
+            ahead = (newest.time - when).total_seconds()
             if ahead > CLOCK_SKEW_LIMIT:
                 raise StorageError(
                     f"the newest backup of guest {vmid} on {self.label} is "
-                    f"{existing[-1].index['time']}, {ahead:.0f} s after this node's clock "
+                    f"{format_time(newest.time)}, {ahead:.0f} s after this node's clock "
                     f"({format_time(when)}): the clock was stepped back or is wrong. Fix the "
                     "time (NTP), or move that backup away, before taking another backup")
-            when = existing[-1].time + timedelta(seconds=1)
+            when = newest.time + timedelta(seconds=1)
         return when
 
     def stage(self, vmid, when):

@@ -37,13 +37,14 @@ from contextlib import contextmanager
 
 from ..errors import GuestvaultError, StorageError
 from ..times import parse_time
-from .datastore import CLIENT_LOG, MANIFEST, OWNER, OWNER_TEXT, DatastoreStagedBackup, \
-    DatastoreStorage
+from .datastore import BACKUP_TYPES, CLIENT_LOG, INDEX_SUFFIXES, MANIFEST, NAMESPACES, OWNER, \
+    OWNER_TEXT, DatastoreStagedBackup, DatastoreStorage, walk_index_files
 from .directory import PROTECTED
 from .files import fsync_path, write_file_atomic
 
 LEASES = '.leases/'
 GC_GENERATION = '.gc-generation'
+GC_INDEXES = '.gc-indexes'      # in the cache: index files of groups the cache does not follow
 # A lease not refreshed for this long belongs to a run that died (it refreshes every minute).
 LEASE_TTL = 600
 LEASE_REFRESH = 60
@@ -133,14 +134,29 @@ class S3DatastoreStorage(DatastoreStorage):
     def guest_ids(self):
         return sorted(int(name) for name in self.bucket.folders('vm/') if name.isdigit())
 
-    def backups(self, vmid):
+    def scan(self, vmid):
         self.sync_guest(vmid)
-        return super().backups(vmid)
+        return super().scan(vmid)
 
     def index_files(self):
+        """Every index file in the bucket, as local copies: the VMs' snapshots through the cache
+        (each with its manifest, damaged or not), and the index files of other groups a PBS
+        sharing the bucket wrote (containers, hosts, namespaces), which the cache does not
+        hold, downloaded afresh into ``.gc-indexes/`` under their keys."""
         for vmid in self.guest_ids():
             self.sync_guest(vmid)
-        return super().index_files()
+        others = os.path.join(self.path, GC_INDEXES)
+        shutil.rmtree(others, ignore_errors=True)
+        for prefix in [f"{kind}/" for kind in BACKUP_TYPES if kind != 'vm'] + [f"{NAMESPACES}/"]:
+            for key, _size, _etag, _modified in self.bucket.objects(prefix):
+                if not key.endswith(INDEX_SUFFIXES) or '..' in key.split('/'):
+                    continue
+                data = self.bucket.get(key)
+                if data is not None:      # else removed meanwhile: nothing to keep for it
+                    local = os.path.join(others, *key.split('/'))
+                    os.makedirs(os.path.dirname(local), mode=0o700, exist_ok=True)
+                    write_file_atomic(local, data)
+        return super().index_files() + list(walk_index_files(others))
 
     def remote_snapshots(self, vmid):
         """``{time name: {file name: (size, etag)}}`` of the guest's snapshots in the bucket,

@@ -16,9 +16,10 @@ Fixed index (``.fidx``): one 4096-byte header, then one 32-byte digest per chunk
     0 magic[8]  8 uuid[16]  24 ctime i64  32 index_csum[32]  64 size u64  72 chunk_size u64
     80 reserved[4016] (zero)
 
-Dynamic index (``.didx``, file archives; not written by guestvault): a 4096-byte header
-(magic, uuid, ctime, index_csum, then 4032 reserved bytes) and 40-byte entries (end offset u64,
-digest[32]).
+Dynamic index (``.didx``, file archives; ``dynamic_index``): one 4096-byte header, then one
+40-byte entry per chunk (the chunk's end offset in the archive, u64, then its digest[32])::
+
+    0 magic[8]  8 uuid[16]  24 ctime i64  32 index_csum[32]  64 reserved[4032] (zero)
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ import os
 import shutil
 import threading
 
-from ...errors import BackupFailed, ConfigError, CorruptData, GuestvaultError, StorageError
+from ...errors import (BackupFailed, ConfigError, CorruptData, EncryptionKeyError, GuestvaultError,
+                       StorageError)
 from ...times import format_time
 from ...version import TOOL_VERSION
 from ..qemu_img import create_qcow2
@@ -212,10 +213,19 @@ class Datastore(Format):
     def verify_files(self, storage, records, disk_ids=None, workers=None):
         """Each index file against its manifest (size, checksum); the chunks are checked as a
         restore reads them."""
-        problems = []
+        return self._check_files(storage, records, disk_ids)[0]
+
+    def _check_files(self, storage, records, disk_ids=None):
+        """``(problems, index files that cannot be read, whether the key is the one the
+        snapshots were made with)``."""
+        problems, unreadable, key_ok = [], set(), True
         for record in records:
             try:
                 manifest = self.check_key(record)
+            except EncryptionKeyError as exc:
+                key_ok = False
+                problems.append(f"{record.id}: {exc}")
+                continue
             except (OSError, GuestvaultError) as exc:
                 problems.append(f"{record.id}: {exc}")
                 continue
@@ -225,33 +235,45 @@ class Datastore(Format):
                 path = storage.file(record, disk['file'])
                 try:
                     index = read_fixed_index(path)
-                    manifest.verify_file(disk['file'], index.index_csum, index.size)
-                except FileNotFoundError:
-                    problems.append(f"{record.id}: {disk['file']} is missing")
                 except (OSError, GuestvaultError) as exc:
+                    unreadable.add(path)
                     problems.append(f"{record.id} {disk['id']}: {exc}")
-        return problems
+                    continue
+                try:
+                    manifest.verify_file(disk['file'], index.index_csum, index.size)
+                except GuestvaultError as exc:
+                    problems.append(f"{record.id} {disk['id']}: {exc}")
+        return problems, unreadable, key_ok
 
     def verify(self, storage, record, check_mode=False):
         """([record], problems): the manifest and its signature, each index against it, and
         every chunk decoded with its CRC and digest checked. A corrupt chunk is renamed
         ``.bad`` (not in check mode), so the next backup stores a fresh copy; every snapshot
-        that names it is listed."""
-        problems = self.verify_files(storage, [record])
+        that names it is listed. Each problem is told once: an index that cannot be read is not
+        read again for its chunks, and with a key that is not the snapshot's the chunks get
+        their CRC checked only (as a PBS server, which holds no key, checks them) instead of a
+        decryption error per chunk."""
+        problems, unreadable, key_ok = self._check_files(storage, [record])
+        crypt = self.crypt if key_ok else None
         verified, corrupt = set(), set()
         for disk in record.index['disks']:
             path = storage.file(record, disk['file'])
-            if not os.path.exists(path):
+            if path in unreadable or not os.path.exists(path):
                 continue
-            problems += verify_disk_index(path, self.chunks, crypt=self.crypt,
+            problems += verify_disk_index(path, self.chunks, crypt=crypt,
                                           verified=verified, corrupt=corrupt,
                                           workers=self.read_workers, mark_bad=not check_mode,
                                           what=f"{record.id} {disk['id']}")
         if corrupt:
             users = self.referencing(corrupt)
+            groups = {}
             for digest in sorted(corrupt):
-                problems.append(f"chunk {digest.hex()} is damaged; snapshots that name it: "
-                                + ', '.join(users.get(digest, [record.id])))
+                groups.setdefault(tuple(users.get(digest, [record.id])), []).append(digest.hex())
+            for names, digests in groups.items():
+                one = len(digests) == 1
+                problems.append(f"{_count_chunks(digests)} {'is' if one else 'are'} damaged or "
+                                f"missing; snapshots that name {'it' if one else 'them'}: "
+                                + ', '.join(names))
         return [record], problems
 
     def referencing(self, digests):
@@ -327,6 +349,14 @@ class Datastore(Format):
                 self.storage.index_files(), grace_seconds=grace_seconds,
                 oldest_writer_start=oldest_writer_start, check_mode=check_mode, now=now,
                 progress=progress)
+
+
+def _count_chunks(digests, shown=3):
+    """"chunk <d>", or "N chunks (<d>, <d>, <d> and more)": a few examples, never thousands."""
+    if len(digests) == 1:
+        return f"chunk {digests[0]}"
+    more = ' and more' if len(digests) > shown else ''
+    return f"{len(digests)} chunks ({', '.join(digests[:shown])}{more})"
 
 
 def _stop_if(cancelled):

@@ -23,44 +23,78 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ...errors import CorruptData, StorageError
 from . import chunk_store as chunk_store_module
-from .file_formats import DIGEST_SIZE, INDEX_HEADER_SIZE
-from .fixed_index import read_fixed_index
+from .dynamic_index import parse_dynamic_index
+from .file_formats import DYNAMIC_INDEX_MAGIC, MAGIC_SIZE
+from .fixed_index import parse_fixed_index
 
 REMOVE_THREADS = 8
 
 
-def referenced_digests(index_paths, warnings):
-    """``(digests as hex, index files read, logical bytes)`` of every index that can be read.
+def read_index_file(path):
+    """The fixed or dynamic index in ``path``, whichever its magic says (csum not checked: GC
+    needs the digests, verify checks the file). ``CorruptData`` for a file that is neither or is
+    damaged; ``StorageError`` (not CorruptData) when it is gone."""
+    path = str(path)
+    try:
+        with open(path, 'rb') as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise StorageError(f"the index {path} is missing") from None
+    except OSError as exc:
+        raise CorruptData(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if raw[:MAGIC_SIZE] == DYNAMIC_INDEX_MAGIC:
+        return parse_dynamic_index(raw, path, check_csum=False)
+    return parse_fixed_index(raw, path, check_csum=False)
 
-    An index that vanished (a prune ran meanwhile) is skipped; a damaged one has the complete
-    digests it holds marked anyway, and a warning is recorded."""
+
+def referenced_digests(index_paths):
+    """``(digests as hex, index files read, logical bytes)`` of every index in ``index_paths``.
+
+    An index that vanished (a prune ran meanwhile) is skipped. One that cannot be parsed stops
+    the collection with ``CorruptData`` naming the file: its chunks cannot be known, and a sweep
+    that guessed could remove the only copy of a backup's data."""
     digests = set()
     files = 0
     logical = 0
     for path in index_paths:
-        path = str(path)
         try:
-            index = read_fixed_index(path, check_csum=False)
+            index = read_index_file(path)
         except StorageError as exc:
             if not isinstance(exc, CorruptData):
                 continue                         # gone: nothing to keep for it
-            warnings.append(f"{exc}; the digests it holds are kept")
-            try:
-                with open(path, 'rb') as handle:
-                    raw = handle.read()
-            except OSError:
-                continue
-            body = raw[INDEX_HEADER_SIZE:]
-            for start in range(0, len(body) - DIGEST_SIZE + 1, DIGEST_SIZE):
-                digests.add(body[start:start + DIGEST_SIZE].hex())
-            files += 1
-            continue
+            raise CorruptData(f"garbage collection stopped before removing anything: {exc}. "
+                              "Its chunks cannot be told from garbage; restore the file from a "
+                              "copy, or move its snapshot out of the datastore if it is lost, "
+                              "then run garbage collection again") from None
         files += 1
         logical += index.size
-        raw = index.digests
-        for start in range(0, len(raw), DIGEST_SIZE):
-            digests.add(raw[start:start + DIGEST_SIZE].hex())
+        digests.update(digest.hex() for digest in index.distinct_digests())
     return digests, files, logical
+
+
+def missing_warning(missing, index_paths, shown=5):
+    """The warning for the chunks (hex digests) that indexes name but the store lacks, naming the
+    first snapshots that need them (None when nothing is missing). The indexes are read again only
+    in this case, so a healthy store pays nothing for the names."""
+    if not missing:
+        return None
+    snapshots = []
+    for path in index_paths:
+        try:
+            index = read_index_file(path)
+        except StorageError:
+            continue
+        if any(digest.hex() in missing for digest in index.distinct_digests()):
+            name = '/'.join(os.path.normpath(str(path)).split(os.sep)[-4:-1])
+            if name not in snapshots:
+                snapshots.append(name)
+    named = ', '.join(snapshots[:shown]) + (f" and {len(snapshots) - shown} more"
+                                            if len(snapshots) > shown else '')
+    count = len(missing)
+    return (f"{count} chunk{'s are' if count > 1 else ' is'} missing from the chunk store, "
+            f"named by {named or 'the indexes'}: those snapshots cannot be restored whole. Run "
+            "verify on them to see each damaged disk; a new backup of the guest stores the "
+            "chunks again if the guest still holds that data")
 
 
 def _mark(chunks, referenced):
@@ -79,7 +113,9 @@ def _mark(chunks, referenced):
 
 def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=None,
                     check_mode=False, now=None, progress=None):
-    """Mark the chunks ``index_paths`` (fixed index files) name, then sweep the store ``chunks``.
+    """Mark the chunks ``index_paths`` (fixed and dynamic index files) name, then sweep the
+    store ``chunks``. Every index is read before anything is touched: one that cannot be parsed
+    stops the run (``CorruptData`` naming it), in check mode too.
 
     ``now`` is the mark's start (epoch seconds; default the clock); ``oldest_writer_start`` the
     start of the oldest backup still running, if any. ``progress(phase, done, total)`` is called
@@ -106,7 +142,7 @@ def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=N
     paths = list(index_paths)
     if progress is not None:
         progress('mark', 0, len(paths))
-    referenced, index_files, logical = referenced_digests(paths, warnings)
+    referenced, index_files, logical = referenced_digests(paths)
     missing = None if check_mode else _mark(chunks, referenced)
     if progress is not None:
         progress('mark', len(paths), len(paths))
@@ -131,6 +167,9 @@ def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=N
         remover.finish()
     if missing is None:
         missing = referenced - present
+    warning = missing_warning(missing, paths)
+    if warning:
+        warnings.append(warning)
     kept = result['referenced_bytes']
     result.update(
         index_files=index_files, referenced_chunks=len(referenced), missing_chunks=len(missing),

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ...errors import CorruptData, StorageError
 from .chunk_store import CHUNK_DIR, MAX_BAD_COPIES, ChunkStore, chunk_relpath, digest_hex, \
     is_chunk_name
-from .gc import referenced_digests
+from .gc import missing_warning, referenced_digests
 
 GENERATION_FILE = '.generation'
 CHECKED_FILE = '.conditional-puts-checked'
@@ -190,7 +190,7 @@ class S3ChunkStore(ChunkStore):
         paths = list(index_paths)
         if progress is not None:
             progress('mark', 0, len(paths))
-        referenced, index_files, logical = referenced_digests(paths, warnings)
+        referenced, index_files, logical = referenced_digests(paths)
         if progress is not None:
             progress('mark', len(paths), len(paths))
         result = {'removed_chunks': 0, 'removed_bytes': 0, 'kept_chunks': 0, 'kept_bytes': 0,
@@ -233,9 +233,13 @@ class S3ChunkStore(ChunkStore):
         if progress is not None:
             progress('sweep', 1, 1)     # one listing, no prefix directories to count
         kept = result['referenced_bytes']
+        missing = referenced - present
+        warning = missing_warning(missing, paths)
+        if warning:
+            warnings.append(warning)
         result.update(
             index_files=index_files, referenced_chunks=len(referenced),
-            missing_chunks=len(referenced - present), logical_bytes=logical,
+            missing_chunks=len(missing), logical_bytes=logical,
             dedup_factor=round(logical / kept, 3) if kept else 0.0, cutoff=cutoff,
             check_mode=bool(check_mode), warnings=warnings,
             duration=round(time.monotonic() - started, 3))

@@ -77,8 +77,8 @@ def verify_disk_index(index_path, chunks, *, crypt=None, verified, corrupt, work
     todo = []
     for digest in first:
         if digest in corrupt:
-            problems.append((first[digest][0],
-                             problem(digest, "is corrupt or missing (found earlier in this run)")))
+            reason = "is corrupt or missing (found earlier in this run)"
+            problems.append((first[digest][0], reason, problem(digest, reason)))
         elif digest not in verified:
             todo.append(digest)
 
@@ -95,12 +95,32 @@ def verify_disk_index(index_path, chunks, *, crypt=None, verified, corrupt, work
         if damaged and mark_bad:
             renamed = chunks.mark_bad(digest)
         text = reason if reason.startswith('is ') else f"is bad: {reason}"
+        kind = text.replace(digest.hex(), '<digest>')    # what summarise groups by
         if renamed:
             text += f"; renamed to {renamed}"
         with lock:
             if damaged or 'missing' in reason:
                 corrupt.add(digest)
-            problems.append((offset, problem(digest, text)))
+            problems.append((offset, kind, problem(digest, text)))
 
     run_parallel(todo, workers, work)
-    return [text for _offset, text in sorted(problems)]
+    return summarise(problems, what, index_path)
+
+
+def summarise(problems, what, index_path, shown=3):
+    """``(offset, kind, text)`` problems (``kind``: "is ..." with no chunk's name in it), one
+    line each while a kind has at most ``shown``; a kind with more (a wrong key, a lost chunk
+    directory: thousands of chunks) becomes one line with the count and the first ``shown``
+    offsets, so the report stays readable."""
+    kinds = {}
+    for offset, kind, text in sorted(problems):
+        kinds.setdefault(kind, []).append((offset, text))
+    lines = []
+    for kind, found in kinds.items():
+        if len(found) <= shown:
+            lines += found
+            continue
+        examples = ', '.join(str(offset) for offset, _text in found[:shown])
+        lines.append((found[0][0], f"{what}: {index_path}: {len(found)} chunks are "
+                                   f"{kind[len('is '):]} (the first at offsets {examples})"))
+    return [text for _offset, text in sorted(lines)]
