@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +47,28 @@ def parse_size(text):
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
 
+
+
+def wait_listening(proc, sockets, log_path, timeout=120):
+    """Wait until QEMU accepts connections on each of its unix ``sockets``.
+
+    A socket's file appears at bind(), a moment before listen(): on a loaded machine a client
+    that connects in between is refused, so the file's existence is not enough."""
+    deadline = time.monotonic() + timeout
+    for path in sockets:
+        while True:
+            if proc.poll() is not None:
+                with open(log_path, errors='replace') as handle:
+                    raise RuntimeError(f"QEMU exited: {handle.read()[-2000:]}")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"QEMU did not listen on {path} within {timeout} s") \
+                        from None
+                time.sleep(0.05)
 
 class ControlMonitor:
     """The lab's own QMP connection to a guest's ``control_socket`` (QEMU serves one client per
@@ -129,13 +152,7 @@ class LabGuest(ControlMonitor):
         log = open(os.path.join(self.workdir, 'qemu.log'), 'ab')
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log,
                                      start_new_session=True)
-        deadline = time.monotonic() + 20
-        while not (os.path.exists(self.qmp_socket) and os.path.exists(self.control_socket)):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited: {open(log.name).read()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("QEMU did not create its QMP socket within 20 s")
-            time.sleep(0.05)
+        wait_listening(self.proc, (self.qmp_socket, self.control_socket), log.name)
         return self
 
     def write(self, disk, pattern, offset, length):

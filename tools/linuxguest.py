@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from labguest import ControlMonitor
+from labguest import ControlMonitor, wait_listening
 from linuxguest_build import DEFAULT_CACHE, GuestImage, build_image
 
 QEMU = shutil.which('qemu-system-x86_64') or '/usr/bin/qemu-system-x86_64'
@@ -191,13 +191,8 @@ class LinuxGuest(ControlMonitor):
         with open(self.qemu_log, 'ab') as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, start_new_session=True)
         self.started_at = time.monotonic()
-        deadline = self.started_at + 20
-        while not all(os.path.exists(p) for p in (self.qmp_socket, self.control_socket, self.agent_socket)):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited: {self._tail(self.qemu_log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("QEMU did not create its sockets within 20 s")
-            time.sleep(0.05)
+        wait_listening(self.proc, (self.qmp_socket, self.control_socket, self.agent_socket),
+                       self.qemu_log)
         return self
 
     def console(self):
