@@ -255,7 +255,8 @@ def run_backup(request, log=None, progress=None, now=None):
             _check_room(plan, clog)
             return dict(_plan_result(plan), changed=True)
         vmid = plan.guest.vmid
-        stack.enter_context(plan.storage.guest_lock(vmid, float(options['lockwait']) * 60))
+        stack.enter_context(plan.storage.guest_lock(vmid, float(options['lockwait']) * 60,
+                                                    holder=guest_runs.holder(vmid, 'backup')))
         stack.enter_context(plan.storage.writer(float(options['lockwait']) * 60))
         # Leftovers of killed runs first: their jobs would still hold the disks.
         leftovers.clear(qmp, vmid, plan.all_disks, plan.storage, clog)

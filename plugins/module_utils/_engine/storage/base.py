@@ -11,7 +11,8 @@ method                 contract
 =====================  ===========================================================================
 ``backups(vmid)``      complete backups of a guest, oldest first (a partial one is never listed)
 ``guest_ids()``        vmids that have a directory of backups
-``guest_lock``         context manager: readers share, writers exclude; ``LockTimeout`` after wait
+``guest_lock``         context manager: readers share, writers exclude; ``LockTimeout`` after wait;
+                       ``holder`` describes the run to those that wait
 ``stage(vmid, when)``  a hidden ``StagedBackup`` that becomes visible in one step on ``commit``
 ``remove(record)``     make a backup invisible in one step, then delete it; refuses protected ones
 ``remove_stale``       delete what killed runs left (hidden staging areas); call under the lock
@@ -59,7 +60,7 @@ class Storage:
     def guest_ids(self):
         raise NotImplementedError
 
-    def guest_lock(self, vmid, wait_seconds, shared=False):
+    def guest_lock(self, vmid, wait_seconds, shared=False, holder=None):
         raise NotImplementedError
 
     def stage(self, vmid, when):

@@ -42,7 +42,7 @@ from ..errors import GuestvaultError, StorageError
 from ..times import format_time, parse_time
 from .datastore import CLIENT_LOG, MANIFEST, OWNER, OWNER_TEXT, DatastoreStagedBackup, \
     DatastoreStorage
-from .directory import PROTECTED
+from .directory import PROTECTED, report_wait
 from .files import fsync_path, write_file_atomic
 
 LEASES = '.leases/'
@@ -277,16 +277,21 @@ class S3DatastoreStorage(DatastoreStorage):
         """A backup's lease; waits while a garbage collection sweeps (up to ``wait_seconds``)."""
         with super().writer(), _Lease(self.bucket, 'writer') as lease:
             deadline = time.monotonic() + wait_seconds
+            waited_since = seen = None
             while True:
                 collecting = self._live_leases('gc', lease.server_time())
                 if not collecting:
                     break
+                waited_since, seen = waited_since or time.monotonic(), collecting
                 if time.monotonic() >= deadline:
                     raise StorageError(
                         f"a garbage collection of {self.label} is running "
                         f"({_describe(collecting)}) and did not end within "
                         f"{wait_seconds / 60:g} min; wait for it or raise lockwait")
                 time.sleep(GC_WAIT_POLL)
+            if waited_since is not None:
+                report_wait(f"waited {time.monotonic() - waited_since:.1f} s for a garbage "
+                            f"collection of {self.label} ({_describe(seen)})")
             yield
 
     @contextmanager
