@@ -192,7 +192,8 @@ def decide_backup(plan, qmp, now=None):
     plan.when = plan.storage.next_backup_time(guest.vmid, now or datetime.now(timezone.utc))
     tip = chains.chain_tip(plan.storage.backups(guest.vmid), request.chain)
     plan.decision = chains.decide_level(request.level, plan.when, plan.disks, tip,
-                                        request.chain, request.chain_period or 'none')
+                                        request.chain, request.chain_period or 'none',
+                                        plan.format.key_fingerprint)
     return plan
 
 
