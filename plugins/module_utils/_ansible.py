@@ -14,13 +14,16 @@ from ansible_collections.guestvault.backup.plugins.module_utils._engine.errors i
     GuestvaultError)
 from ansible_collections.guestvault.backup.plugins.module_utils._engine.guest.qmp import (
     HAS_QEMU_QMP, QEMU_QMP_IMPORT_ERROR)
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.storage.directory import (
+    lock_waits)
 
 
 def run_module(argument_spec, engine_call, needs_qmp=False, **module_options):
     """Run one module: ``engine_call(params, check_mode)`` returns the result dict.
 
     A ``GuestvaultError`` becomes ``fail_json(msg=...)`` (with the error's ``result``, if it
-    carries one); ``warnings`` in the result become Ansible warnings; ``diff`` is returned only
+    carries one); ``warnings`` in the result become Ansible warnings, and so does every wait for a
+    lock (``lock_waits``: who held it, for how long); ``diff`` is returned only
     when the user asked for it (``--diff``). Every module supports check mode.
     """
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
@@ -28,11 +31,15 @@ def run_module(argument_spec, engine_call, needs_qmp=False, **module_options):
     if needs_qmp and not HAS_QEMU_QMP:
         module.fail_json(msg=missing_required_lib('qemu.qmp'),
                          exception=str(QEMU_QMP_IMPORT_ERROR))
-    try:
-        result = engine_call(module.params, module.check_mode)
-    except GuestvaultError as exc:
-        module.fail_json(msg=str(exc), **(getattr(exc, 'result', None) or {}))
-    for warning in result.pop('warnings', None) or []:
+    # Every wait for a lock, whichever verb took it, is a warning: a run that waited says so.
+    with lock_waits() as waits:
+        try:
+            result = engine_call(module.params, module.check_mode)
+        except GuestvaultError as exc:
+            for warning in waits:
+                module.warn(warning)
+            module.fail_json(msg=str(exc), **(getattr(exc, 'result', None) or {}))
+    for warning in waits + (result.pop('warnings', None) or []):
         module.warn(warning)
     diff = result.pop('diff', None)
     if module._diff and diff is not None:

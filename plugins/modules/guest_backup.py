@@ -59,6 +59,9 @@ options:
         backup on this storage and fails if that is impossible; V(auto) is V(inc) when the chain
         is valid and otherwise V(full), returning why in RV(level_reason); V(copy) is a full backup
         that neither starts nor touches a chain.
+      - On a datastore whose C(encryption-key) differs from the one the chain's newest backup
+        was made with (another key, a key added or removed), V(inc) and V(auto) take a V(full)
+        backup that starts a new chain, with a warning, as Proxmox Backup Server's client does.
     type: str
     default: auto
     choices: [full, inc, auto, copy]

@@ -24,6 +24,10 @@ description:
     when the storage's C(nodes) does not name this host). A V(datastore) storage's directory is
     left to its first backup.
   - Omitting O(vzdump) or O(storages) leaves that file alone; an empty dictionary empties it.
+  - O(storages) replaces the whole of C(storage.cfg) - a storage the file holds that is not
+    declared (one written by hand, or by another task) is removed from it. Declare every
+    storage of the node in one task. RV(removed_storages) names what was removed, and with
+    C(--diff) the file's header says so and its before text shows the removed sections.
 author:
   - guestvault developers (@guestvault)
 attributes:
@@ -31,7 +35,8 @@ attributes:
     description: Reports whether a file or a storage directory would change, writing nothing.
     support: full
   diff_mode:
-    description: Each changed file's text before and after, and each directory to be created.
+    description: Each changed file's text before and after (the header of C(storage.cfg) names
+      the storages it removes), and each directory to be created.
     support: full
 options:
   config_dir:
@@ -130,6 +135,8 @@ EXAMPLES = r"""
         prune_backups: keep-daily=7,keep-weekly=4
 
 - name: Only the storages; vzdump.conf stays as it is
+  # storage.cfg is replaced as a whole: after this task it holds only "local", and any other
+  # storage in it (backup-nfs above, or one written by hand) is gone. Run with --diff to see.
   guestvault.backup.node_config:
     storages:
       local:
@@ -157,6 +164,14 @@ storages:
   type: list
   elements: str
   sample: [backup-nfs]
+removed_storages:
+  description:
+    - The ids of the storages C(storage.cfg) held before that O(storages) leaves out, and that
+      are therefore removed from it (or, in check mode, would be); empty without O(storages).
+  returned: always
+  type: list
+  elements: str
+  sample: [old-nfs]
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module

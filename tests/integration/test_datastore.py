@@ -20,6 +20,7 @@ from guestvault_engine.format.datastore.manifest import BackupManifest
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.run.gc import GcRequest, run_gc
 from guestvault_engine.run.info import list_backups
+from guestvault_engine.run.inspect import inspect_guest
 from guestvault_engine.run.keys import create_key
 from guestvault_engine.run.prune import PruneRequest, run_prune
 from guestvault_engine.run.restore import RestoreRequest, run_restore
@@ -252,6 +253,52 @@ def test_an_encrypted_datastore_round_trips_and_a_wrong_key_is_named(
     write_storage_cfg(config_dir, path, 'nokey')
     with pytest.raises(EncryptionKeyError, match=key['fingerprint'][:23]):
         restore(guest, config_dir, tmp_path / 'n', storage='nokey')
+
+
+def test_another_key_than_the_previous_snapshots_starts_a_new_full_with_a_warning(
+        make_guest, datastore_path, config_dir, tmp_path):
+    """Issue 20: storage.cfg's encryption-key changed (or added, or removed) between two
+    backups: the next one warns and is a full backup of a new chain, never an incremental that
+    names chunks encrypted with the old key; each restores bit-exact with its own key."""
+    (tmp_path / 'keys').mkdir(mode=0o700)
+    keys = {name: create_key(str(tmp_path / 'keys' / f'{name}.json'), kdf='none')
+            for name in ('a', 'b')}
+    for name, key in keys.items():             # one datastore, as storage.cfg names it over time
+        write_storage_cfg(config_dir, datastore_path, f'key-{name}', encryption_key=key['path'])
+    write_storage_cfg(config_dir, datastore_path, 'no-key')
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    guest.write('vd0', 0x91, 0, 10 * MiB)
+    taken = []
+    for step, (storage, level) in enumerate([('key-a', 'auto'), ('key-b', 'inc'),
+                                             ('key-b', 'auto'), ('no-key', 'auto'),
+                                             ('key-a', 'inc')]):
+        guest.write('vd0', 0xa0 + step, step * MiB, MiB // 2)
+        result = backup(guest, config_dir, storage=storage, level=level)
+        taken.append((storage, result, guest.snapshot_disk(0, str(tmp_path / f'ref{step}.qcow2'))))
+    levels = [result['level'] for _storage, result, _ref in taken]
+    assert levels == ['full', 'full', 'inc', 'full', 'full'], levels
+    short = {name: key['fingerprint'][:23] for name, key in keys.items()}
+    for step, (before, now) in ((1, (f"key {short['a']}", f"key {short['b']}")),
+                                (3, (f"key {short['b']}", 'no key')),
+                                (4, ('no key', f"key {short['a']}"))):
+        result = taken[step][1]
+        words = f"was made with {before}, this backup uses {now}"
+        assert 'the encryption key changed' in result['level_reason'] and \
+            words in result['level_reason'], result['level_reason']
+        assert any(words in w for w in result['warnings']), result['warnings']
+        assert result['chain'] != taken[step - 1][1]['chain']
+    assert not taken[2][1]['warnings'] and taken[2][1]['chain'] == taken[1][1]['chain']
+    # guest_info says the same of the newest chain, as the storage's key stands now.
+    info = inspect_guest(guest.vmid, qmp_socket=guest.qmp_socket, config_dir=config_dir,
+                         storage='key-b')
+    newest = info['chains'][-1]
+    assert newest['chain'] == taken[4][1]['chain'] and not newest['can_continue']
+    assert f"made with key {short['a']}, this backup uses key {short['b']}" in newest['reason']
+    for step, (storage, result, ref) in enumerate(taken):
+        out = restore(guest, config_dir, tmp_path / f'r{step}', storage=storage,
+                      backup=result['time'])
+        ok, text = same_content(ref, out['disks'][0]['target'])
+        assert ok, f"backup {step} ({storage}): {text}"
 
 
 KILL_RUNNER = """

@@ -13,8 +13,12 @@ The modules run from the installed collection in real ``ansible``/``ansible-play
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -387,6 +391,64 @@ def test_prune_removes_folds_and_a_second_run_changes_nothing(ansible, lab, dump
     assert [(b['id'], b['mark'], b['rule']) for b in again['backups']] == [
         (lab.id(3), 'keep', 'last #1'), (lab.id(2), 'keep', 'last #2')]
     assert file_hashes(dumpdir) == kept
+
+
+HOLD_GUEST = """
+import sys
+sys.path.insert(0, {tests!r})
+import conftest  # noqa: F401  (puts the engine on the path)
+from guestvault_engine.run import guest_runs
+from guestvault_engine.storage.directory import DirStorage
+with DirStorage(sys.argv[1]).guest_lock({vmid}, 0, holder=guest_runs.holder({vmid}, 'backup')):
+    print('held', flush=True)
+    sys.stdin.readline()                     # held until the test says so
+"""
+
+
+def opened_by_others(path, me):
+    """Pids other than ``me`` that have ``path`` open."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            fds = os.listdir(f'/proc/{pid}/fd')
+            if int(pid) != me and any(os.readlink(f'/proc/{pid}/fd/{fd}') == path for fd in fds):
+                found.add(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_prune_that_waited_for_the_guests_lock_says_for_whom_and_how_long(
+        ansible, lab, dumpdir, config_dir):
+    """Issue 20: the wait for a lock is a warning in the module's result, naming the holder."""
+    lock = os.path.join(dumpdir, 'vm', str(VMID), '.lock')
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_GUEST.format(
+        tests=os.path.join(os.path.dirname(__file__), '..'), vmid=VMID), dumpdir],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    outcome = {}
+    pruning = threading.Thread(target=lambda: outcome.update(ansible.module(
+        PRUNE, {'vmid': VMID, 'dumpdir': dumpdir, 'config_dir': config_dir, 'keep_last': 3})))
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        pruning.start()
+        # The prune has opened the lock file, so it waits (flock) until the holder lets go.
+        deadline = time.monotonic() + 300
+        while not opened_by_others(lock, holder.pid) and pruning.is_alive():
+            assert time.monotonic() < deadline, 'the prune never reached the lock'
+            time.sleep(0.1)
+        holder.stdin.write('\n')
+        holder.stdin.flush()
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+        if pruning.is_alive():
+            pruning.join(timeout=600)
+    assert outcome['_status'] == 'ok' and outcome['removed'] == [lab.id(0)], outcome
+    waits = [w for w in outcome.get('warnings', []) if w.startswith('waited ')]
+    assert len(waits) == 1, outcome.get('warnings')
+    assert re.fullmatch(rf"waited \d+\.\d s for guest {VMID} on dumpdir {re.escape(dumpdir)}: "
+                        rf"a backup of guest {VMID} is running \(pid {holder.pid}, "
+                        r"since \d\d:\d\d:\d\d UTC\)", waits[0]), waits[0]
 
 
 def test_prune_without_a_policy_applies_the_storages_prune_backups(ansible, lab, dumpdir,

@@ -81,6 +81,27 @@ def test_check_mode_writes_nothing_and_diff_shows_the_change(ansible, etc, tmp_p
     assert 'mode: snapshot' in read(os.path.join(etc, 'vzdump.conf'))
 
 
+def test_declared_storages_replace_storage_cfg_and_the_diff_names_what_goes(ansible, etc,
+                                                                            tmp_path):
+    os.makedirs(etc)
+    with open(os.path.join(etc, 'storage.cfg'), 'w') as handle:
+        handle.write(f"dir: by-hand\n\tpath {tmp_path / 'hand'}\n\tcontent backup\n")
+    args = {'config_dir': etc, 'storages': {'local': {'path': str(tmp_path / 'vz')}}}
+    checked = ansible.module(NODE_CONFIG, args, check=True, diff=True)
+    assert checked['_status'] == 'ok' and checked['removed_storages'] == ['by-hand'], checked
+    cfg = next(d for d in checked['diff'] if d['before_header'] == os.path.join(etc, 'storage.cfg'))
+    assert cfg['after_header'] == (os.path.join(etc, 'storage.cfg')
+                                   + ' (replaced as a whole: removes storage by-hand)')
+    assert 'dir: by-hand' in cfg['before'] and 'by-hand' not in cfg['after']
+    assert 'dir: by-hand' in read(os.path.join(etc, 'storage.cfg'))       # check mode
+    written = ansible.module(NODE_CONFIG, args)
+    assert written['changed'] and written['removed_storages'] == ['by-hand'], written
+    assert list(parse_storage_cfg(read(os.path.join(etc, 'storage.cfg')), 'storage.cfg')) == \
+        ['local']
+    again = ansible.module(NODE_CONFIG, args)
+    assert not again['changed'] and again['removed_storages'] == [], again
+
+
 def test_leaving_out_vzdump_keeps_the_hand_written_file(ansible, etc, tmp_path):
     os.makedirs(etc)
     with open(os.path.join(etc, 'vzdump.conf'), 'w') as handle:
@@ -106,6 +127,10 @@ BAD_INPUTS = {
                             ["storage 'backups': unknown option 'colour'"]),
     'bad storage prune': (None, {'backups': {'path': '/srv/b', 'prune_backups': 'keep-last'}},
                           ["storage 'backups': prune-backups", 'key=value']),
+    's3 endpoint not http': (None, {'sw': {'type': 's3-endpoint', 'endpoint': 'ftp://s3.lan',
+                                           'access_key': 'a', 'secret_key_file': '/etc/s'}},
+                             ["storage 'sw': endpoint: 'ftp://s3.lan' is not an http or https "
+                              "URL"]),
 }
 
 

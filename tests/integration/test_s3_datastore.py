@@ -298,6 +298,41 @@ def test_gc_does_not_sweep_while_a_backup_writes_and_a_backup_waits_for_gc(
     assert ok, text
 
 
+HOLD_LEASE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import conftest  # noqa: F401  (puts the engine on the path)
+from guestvault_engine.run.locate import require_storage
+with require_storage(sys.argv[1], 's3').writer():
+    print('held', flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_lease_of_a_killed_run_on_this_node_is_stale_and_one_of_another_node_is_named(
+        cluster, bucket, config_dir, tmp_path):
+    configure(config_dir, cluster, tmp_path / 'cache', bucket)
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LEASE.format(tests=TESTS), config_dir],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(StorageError, match=f'does not sweep while backups write.*pid '
+                           f'{holder.pid}, writer lease until .*Z unless renewed'):
+            run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+    finally:
+        holder.kill()                                   # SIGKILL: no clean-up runs
+        holder.wait(timeout=60)
+    assert cluster.object_keys(bucket, '.leases/')
+    assert run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))['index_files'] == 0
+    assert not cluster.object_keys(bucket, '.leases/')
+    # A lease another node holds is live until it lapses: the refusal says whose, and until when.
+    cluster.client().put_object(Bucket=bucket, Key='.leases/writer-elsewhere', Body=json.dumps(
+        {'kind': 'writer', 'node': 'node-elsewhere', 'pid': holder.pid}).encode())
+    with pytest.raises(StorageError, match=r'node node-elsewhere pid \d+, writer lease until '
+                       r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ'):
+        run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+
+
 def test_modules_work_on_an_s3_datastore_from_a_second_node(ansible, make_guest, cluster, bucket,
                                                             config_dir, tmp_path):
     configure(config_dir, cluster, tmp_path / 'cache', bucket)

@@ -11,6 +11,7 @@ import pytest
 
 from guestvault_engine.errors import GuestvaultError
 from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.gc import GcRequest, run_gc
 from lab_checks import same_content
 from seaweed import SeaweedCluster
 # fleecing_dir is an autouse fixture: imported, it applies here too
@@ -89,6 +90,11 @@ def test_the_gateway_stopped_mid_upload_fails_clearly_and_the_next_backup_is_cor
     assert 'cannot be reached after 3 attempts' in str(outcome['error']), outcome['error']
     own_cluster.start_s3()
     assert snapshot_keys(own_cluster, bucket, guest.vmid) == [first['time']]
+    # Issue 20: the failed run could not delete its lease while S3 was down, yet a GC runs at
+    # once (the lease names a run on this node that has ended) and removes the stale lease.
+    assert own_cluster.object_keys(bucket, '.leases/')
+    run_gc(GcRequest(storage='s3', grace='1h', config_dir=config_dir))
+    assert not own_cluster.object_keys(bucket, '.leases/')
     assert not guest.execute('query-block-exports') and not guest.execute('query-block-jobs')
     # The failed incremental lost nothing: the next one covers every write since the first.
     second = backup(guest, config_dir)

@@ -33,9 +33,10 @@ def raw(disk_id):
                 filename=f"/images/{disk_id}.raw")
 
 
-def tip(chain_name='nightly', backup_time=LAST, chain_start=START, disk_ids=('virtio0',)):
+def tip(chain_name='nightly', backup_time=LAST, chain_start=START, disk_ids=('virtio0',),
+        key_fingerprint=None):
     return ChainTip(backup_time=backup_time, chain=chain_name, chain_start=chain_start,
-                    disk_ids=tuple(disk_ids))
+                    disk_ids=tuple(disk_ids), key_fingerprint=key_fingerprint)
 
 
 def valid_disks(chain_name='nightly', since=LAST, ids=('virtio0',)):
@@ -224,6 +225,34 @@ def test_inc_refuses_with_the_reason_and_what_to_do(case):
     for word in words:
         assert word in message
     assert 'level: full' in message and 'level: auto' in message
+
+
+KEY_A = ':'.join(['aa'] * 32)
+KEY_B = ':'.join(['bb'] * 32)
+
+
+@pytest.mark.parametrize('requested', ['auto', 'inc'])
+@pytest.mark.parametrize('before, now, words', [
+    (KEY_A, KEY_B, f"made with key {KEY_A[:23]}, this backup uses key {KEY_B[:23]}"),
+    (None, KEY_A, f"made with no key, this backup uses key {KEY_A[:23]}"),
+    (KEY_A, None, f"made with key {KEY_A[:23]}, this backup uses no key"),
+])
+def test_another_key_than_the_chains_starts_a_new_full_with_a_warning(requested, before, now,
+                                                                      words):
+    d = decide_level(requested, NOW, valid_disks(), tip(key_fingerprint=before),
+                     key_fingerprint=now)
+    assert (d.level, d.chain, d.parent, d.fallback) == ('full', chain.stamp(NOW), None, True)
+    assert d.reason.startswith(f"{requested}: full because the encryption key changed: backup "
+                               "2026-03-09T01:00:00Z of chain nightly ")
+    assert words in d.reason
+    (warning,) = d.warnings
+    assert words in warning and warning.endswith(f"starting chain {chain.stamp(NOW)}")
+
+
+def test_the_same_key_continues_the_chain():
+    d = decide_level('auto', NOW, valid_disks(), tip(key_fingerprint=KEY_A),
+                     key_fingerprint=KEY_A)
+    assert (d.level, d.parent, d.warnings) == ('inc', LAST, [])
 
 
 def test_monthly_period_begins_a_new_chain_across_the_new_year():

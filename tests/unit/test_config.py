@@ -578,10 +578,31 @@ def test_an_s3_endpoint_is_not_a_storage_and_a_missing_secret_file_is_named(tmp_
      "port: 99999 is too large"),
     ("s3-endpoint: ee\n\tendpoint h\n\taccess-key a\n\tsecret-key s\n\tpath /x\n",
      "unknown option 'path' for a s3-endpoint storage"),
+    # issue 20: each refused where storage.cfg is parsed, naming the key
+    ("s3-endpoint: ee\n\tendpoint ftp://h.example\n\taccess-key a\n\tsecret-key s\n",
+     "line 2: endpoint: 'ftp://h.example' is not an http or https URL; give a bare host"),
+    ("s3-endpoint: ee\n\tendpoint h.example/bucket\n\taccess-key a\n\tsecret-key s\n",
+     "line 2: endpoint: 'h.example/bucket' is not a host name"),
+    ("s3-endpoint: ee\n\tendpoint h\n\taccess-key a\n\tsecret-key s\n\tfingerprint zz:zz\n",
+     "line 5: fingerprint: 'zz:zz' is not a sha256 fingerprint; give the certificate's 32 bytes"),
+    ("s3-endpoint: ee\n\tendpoint h\n\taccess-key a\n\tsecret-key s\n"
+     "\tca-file /nonexistent/ca.pem\n",
+     "line 5: ca-file: /nonexistent/ca.pem does not exist or is not a file"),
 ])
 def test_a_malformed_s3_section_says_what_to_write(text, words):
     with pytest.raises(ConfigError, match=words):
         parse_storage_cfg(text, "storage.cfg")
+
+
+def test_https_urls_bare_hosts_both_fingerprint_spellings_and_a_ca_file_are_accepted(tmp_path):
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\n")
+    for endpoint, fingerprint in (("https://s3.example:9000", ":".join(["Ab"] * 32)),
+                                  ("{{bucket}}.s3.{{region}}.amazonaws.com", "ab" * 32),
+                                  ("minio.lan:9000", "01" * 32)):
+        text = (f"s3-endpoint: ee\n\tendpoint {endpoint}\n\taccess-key a\n\tsecret-key s\n"
+                f"\tfingerprint {fingerprint}\n\tca-file {ca_file}\n")
+        assert parse_storage_cfg(text, "storage.cfg")["ee"].options["endpoint"] == endpoint
 
 
 def test_an_s3_datastore_renders_back_to_what_it_parsed():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from guestvault_engine.errors import LockTimeout, StorageError
-from guestvault_engine.storage.directory import DirStorage, file_lock
+from guestvault_engine.storage.directory import DirStorage, file_lock, lock_waits
 from guestvault_engine.storage.files import write_file_atomic
 from guestvault_engine.times import format_time, parse_time
 
@@ -318,6 +319,25 @@ def test_file_lock_is_taken_once_the_holder_finishes(tmp_path, holder):
     proc.wait()
     with file_lock(path, 0, 'guest 100'):
         pass
+
+
+def test_a_wait_for_a_lock_is_collected_with_its_holder_and_length(tmp_path, holder):
+    path = str(tmp_path / '.lock')
+    proc = holder(path)
+    with open(path, 'w') as handle:
+        handle.write('a restore of guest 100 is running (pid 4242, since 10:00:00 UTC)\n')
+
+    def release(_message):              # told once that it waits: the holder lets go now
+        proc.stdin.close()
+        proc.wait()
+    with lock_waits() as waits:
+        with file_lock(path, 60, 'guest 100 on storage local', on_wait=release):
+            pass
+        with file_lock(path, 60, 'guest 100 on storage local'):
+            pass                        # no wait: nothing collected
+    assert len(waits) == 1, waits
+    assert re.fullmatch(r"waited \d+\.\d s for guest 100 on storage local: a restore of guest "
+                        r"100 is running \(pid 4242, since 10:00:00 UTC\)", waits[0]), waits
 
 
 def test_a_killed_holder_does_not_leave_the_lock_behind(tmp_path, holder):

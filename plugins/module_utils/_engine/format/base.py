@@ -51,6 +51,8 @@ class Format:
 
     name = None
     capture = None
+    # The fingerprint (colon hex) of the key new backups are encrypted with; None without one.
+    key_fingerprint = None
 
     def create_targets(self, staged, disks, decision, compression):
         raise NotImplementedError

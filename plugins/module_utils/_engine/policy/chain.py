@@ -64,6 +64,7 @@ class ChainTip:
     chain: str
     chain_start: datetime
     disk_ids: tuple
+    key_fingerprint: str = None    # the key it was encrypted with (colon hex), None without one
 
 
 @dataclass
@@ -94,7 +95,8 @@ def chain_tip(backups, chain_name=None):
     tip = in_chains[-1]
     return ChainTip(backup_time=tip.time, chain=tip.index['chain'],
                     chain_start=parse_time(tip.index['chain_start']),
-                    disk_ids=tuple(d['id'] for d in tip.index['disks'] if d.get('bitmap')))
+                    disk_ids=tuple(d['id'] for d in tip.index['disks'] if d.get('bitmap')),
+                    key_fingerprint=tip.index.get('key_fingerprint'))
 
 
 def chain_problem(tip, disks, chain_period, now):
@@ -148,12 +150,30 @@ def check_level_options(requested, chain_name=None, chain_period='none'):
         validate_chain_name(chain_name)
 
 
-def decide_level(requested, now, disks, tip, chain_name=None, chain_period='none'):
+def _key_name(fingerprint):
+    """A key as messages name it: its short fingerprint (the first 8 bytes), as PBS does."""
+    return f"key {fingerprint[:23]}" if fingerprint else "no key"
+
+
+def key_change(tip, key_fingerprint):
+    """Why the chain cannot go on with the key new backups use (``key_fingerprint``, None for
+    none), or None when the tip was made with the same key (or without one, as is this one)."""
+    if tip is None or tip.key_fingerprint == key_fingerprint:
+        return None
+    return (f"the encryption key changed: backup {format_time(tip.backup_time)} of chain "
+            f"{tip.chain} was made with {_key_name(tip.key_fingerprint)}, this backup uses "
+            f"{_key_name(key_fingerprint)}, and its chunks cannot be reused under another key")
+
+
+def decide_level(requested, now, disks, tip, chain_name=None, chain_period='none',
+                 key_fingerprint=None):
     """Choose the level of the next backup.
 
     ``disks`` are the selected disks (with their current bitmaps); ``tip`` the newest backup of the
-    chain to continue (``None`` when there is none). ``level: inc`` raises ChainError where
-    ``auto`` falls back to a full backup and says why.
+    chain to continue (``None`` when there is none); ``key_fingerprint`` the key the backup is
+    encrypted with (None without one). ``level: inc`` raises ChainError where ``auto`` falls
+    back to a full backup and says why. Another key than the tip's starts a new chain with a
+    full backup at ``auto`` and ``inc`` alike, with a warning, as PBS's client does.
     """
     check_level_options(requested, chain_name, chain_period)
     if requested == 'copy':
@@ -161,6 +181,12 @@ def decide_level(requested, now, disks, tip, chain_name=None, chain_period='none
     new_chain = chain_name or stamp(now)
     if requested == 'full':
         return LevelDecision('full', chain=new_chain, reason='full requested')
+    changed_key = key_change(tip, key_fingerprint)
+    if changed_key is not None:
+        return LevelDecision('full', chain=new_chain, reason=f"{requested}: full because "
+                             f"{changed_key}", fallback=True,
+                             warnings=[f"{changed_key}; this backup is a full one, starting "
+                                       f"chain {new_chain}"])
     problem = chain_problem(tip, disks, chain_period, now)
     if problem is None:
         return LevelDecision('inc', chain=tip.chain, parent=tip.backup_time,

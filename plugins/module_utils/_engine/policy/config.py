@@ -512,8 +512,14 @@ def _storage_from_section(section: Section, path: str) -> StorageConfig:
             storage.encryption_passphrase_file = _file_path(value, what)
         elif key == "backend":
             storage.backend = _parse_backend(value, what)
-        elif key in ("secret-key-file", "ca-file"):
+        elif key == "secret-key-file":
             _file_path(value, what)
+        elif key == "ca-file":
+            _existing_file(value, what)
+        elif key == "endpoint":
+            _check_endpoint(value, what)
+        elif key == "fingerprint":
+            _check_fingerprint(value, what)
         elif key == "port":
             parse_int(value, what, minimum=1, maximum=65535)
         elif key in _BOOL_STORAGE_KEYS:
@@ -561,6 +567,38 @@ def _check_s3_endpoint(section: Section, seen: Mapping[str, Optional[str]], head
     if bool(seen.get("secret-key")) == bool(seen.get("secret-key-file")):
         raise ConfigError(f"{header}: s3-endpoint '{section.id}' needs exactly one of "
                           "secret-key and secret-key-file (a file only root can read is better)")
+
+
+def _check_endpoint(text: str, what: str) -> None:
+    """An S3 endpoint: a bare host (PBS's form, https) or an http/https URL."""
+    if "://" not in text:
+        if "/" in text or not text.strip():
+            raise ConfigError(f"{what}: '{text}' is not a host name; give a bare host "
+                              "(s3.example.com, https is used) or an http:// or https:// URL")
+        return
+    scheme, rest = text.split("://", 1)
+    if scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise ConfigError(f"{what}: '{text}' is not an http or https URL; give a bare host "
+                          "(s3.example.com, https is used) or an http:// or https:// URL")
+
+
+_FINGERPRINT_RE = re.compile(r"(?:[0-9a-fA-F]{2}:){31}[0-9a-fA-F]{2}|[0-9a-fA-F]{64}")
+
+
+def _check_fingerprint(text: str, what: str) -> None:
+    if not _FINGERPRINT_RE.fullmatch(text):
+        raise ConfigError(f"{what}: '{text}' is not a sha256 fingerprint; give the certificate's "
+                          "32 bytes as hex pairs with colons (ab:cd:...), as "
+                          "'openssl x509 -noout -fingerprint -sha256' prints them")
+
+
+def _existing_file(text: str, what: str) -> str:
+    """``_file_path`` of a file that must exist now (a CA certificate)."""
+    _file_path(text, what)
+    if not os.path.isfile(text):
+        raise ConfigError(f"{what}: {text} does not exist or is not a file; give the path of "
+                          "the PEM file of the CA that signed the endpoint's certificate")
+    return text
 
 
 def _file_path(text: str, what: str) -> str:

@@ -194,7 +194,8 @@ def decide_backup(plan, qmp, now=None):
     backups, damaged = plan.storage.scan(guest.vmid)
     tip = chains.chain_tip(backups, request.chain)
     plan.decision = chains.decide_level(request.level, plan.when, plan.disks, tip,
-                                        request.chain, request.chain_period or 'none')
+                                        request.chain, request.chain_period or 'none',
+                                        plan.format.key_fingerprint)
     newer = [d for d in damaged if not backups or d.time > backups[-1].time]
     if newer:
         # The level is decided from the good backups only; say so rather than pass it over.
@@ -265,7 +266,8 @@ def run_backup(request, log=None, progress=None, now=None):
             _check_room(plan, clog)
             return dict(_plan_result(plan), changed=True)
         vmid = plan.guest.vmid
-        stack.enter_context(plan.storage.guest_lock(vmid, float(options['lockwait']) * 60))
+        stack.enter_context(plan.storage.guest_lock(vmid, float(options['lockwait']) * 60,
+                                                    holder=guest_runs.holder(vmid, 'backup')))
         stack.enter_context(plan.storage.writer(float(options['lockwait']) * 60))
         # Leftovers of killed runs first: their jobs would still hold the disks.
         leftovers.clear(qmp, vmid, plan.all_disks, plan.storage, clog)

@@ -33,7 +33,7 @@ from ..guest import appliance
 from ..guest.registry import validate_vmid
 from ..storage import catalog
 from ..storage.files import private_files
-from . import untrusted_tar
+from . import guest_runs, untrusted_tar
 from .locate import format_of, require_storage
 
 DEFAULT_MAX_BYTES = 4 << 30
@@ -160,7 +160,8 @@ def run_file_restore(request, log=None):
     max_bytes = parse_size(request.max_size)
     vmid = validate_vmid(request.vmid)
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
-    with private_files(), storage.guest_lock(vmid, float(request.lockwait) * 60, shared=True):
+    with private_files(), storage.guest_lock(vmid, float(request.lockwait) * 60, shared=True,
+                                             holder=guest_runs.holder(vmid, 'file_restore')):
         record = catalog.resolve(storage, vmid, request.backup, None)
         fmt = format_of(storage)
         result = {'backup': record.id, 'time': record.index['time'],

@@ -21,7 +21,8 @@ from ..storage.files import write_file_atomic
 
 DEFAULT_RUN_DIR = '/run/lock/guestvault'
 _VERBS = {'backup': 'a backup', 'cleanup': 'a clean-up', 'inspect': 'guest_info',
-          'bitmaps': 'guest_bitmaps'}
+          'bitmaps': 'guest_bitmaps', 'prune': 'a prune', 'protect': 'protect',
+          'verify': 'a verify', 'restore': 'a restore', 'file_restore': 'a file restore'}
 
 
 def run_dir():
@@ -31,13 +32,17 @@ def run_dir():
     return directory
 
 
+def holder(vmid, verb):
+    """This run, in one line, for the runs that wait for a lock it holds (node or storage)."""
+    since = datetime.now(timezone.utc)
+    return (f"{_VERBS.get(verb, verb)} of guest {vmid} is running (pid {os.getpid()}, since "
+            f"{since:%H:%M:%S} UTC)")
+
+
 def hold(vmid, verb, wait_seconds, log=None):
     """Hold guest ``vmid`` on this node for ``verb`` (waiting up to ``wait_seconds``)."""
-    since = datetime.now(timezone.utc)
-    holder = (f"{_VERBS.get(verb, verb)} of guest {vmid} is running (pid {os.getpid()}, since "
-              f"{since:%H:%M:%S} UTC)")
     return file_lock(os.path.join(run_dir(), f"{vmid}.lock"), wait_seconds,
-                     f"guest {vmid} on this node", holder=holder, on_wait=log)
+                     f"guest {vmid} on this node", holder=holder(vmid, verb), on_wait=log)
 
 
 def nbd_socket(vmid):

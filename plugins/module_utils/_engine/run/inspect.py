@@ -13,7 +13,7 @@ from ..guest.qmp import QmpSession
 from ..policy import chain as chains
 from ..times import format_time
 from . import guest_runs, leftovers, live_server
-from .locate import open_storage, resolve_guest
+from .locate import format_of, open_storage, resolve_guest
 
 
 def _bitmap_view(bitmap, orphan_reason=None):
@@ -39,11 +39,13 @@ def _chains_on_storage(storage, entry, disks, chain_period, now):
     backups = storage.backups(entry.vmid)
     names = sorted({b.index['chain'] for b in backups if b.index.get('chain')},
                    key=lambda name: chains.chain_tip(backups, name).backup_time)
+    key = format_of(storage).key_fingerprint
     views = []
     for name in names:
         tip = chains.chain_tip(backups, name)
         members = [b for b in backups if b.index.get('chain') == name]
-        problem = selection_problem or chains.chain_problem(tip, selected, chain_period, now)
+        problem = selection_problem or chains.key_change(tip, key) \
+            or chains.chain_problem(tip, selected, chain_period, now)
         views.append({
             'chain': name, 'start': format_time(tip.chain_start),
             'backups': [format_time(b.time) for b in members],

@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import ConfigError, StorageError
 from ..policy.config import (STORAGE_CFG, STORAGE_TYPES, VZDUMP_CONF, VZDUMP_OPTIONS,
-                             StorageConfig, check_storage_id, parse_bool, parse_storage_cfg,
-                             parse_vzdump_conf, render_storage_cfg, render_vzdump_conf)
+                             StorageConfig, check_storage_id, parse_bool, parse_sections,
+                             parse_storage_cfg, parse_vzdump_conf, render_storage_cfg,
+                             render_vzdump_conf)
 from ..storage.files import write_file_atomic
 
 STORAGE_DIR_MODE = 0o750
@@ -177,9 +178,19 @@ def _masked(text: str) -> str:
     return _SECRET_LINE.sub(r"\1********", text)
 
 
-def _file_diff(path: str, before: Optional[str], after: str) -> Dict[str, Any]:
+def _file_diff(path: str, before: Optional[str], after: str, note: str = "") -> Dict[str, Any]:
     return {"before_header": path if before is not None else f"{path} (absent)",
-            "after_header": path, "before": _masked(before or ""), "after": _masked(after)}
+            "after_header": path + note, "before": _masked(before or ""), "after": _masked(after)}
+
+
+def _removed_storages(before: Optional[str], declared: List[str]) -> List[str]:
+    """The storages ``before`` (storage.cfg now) defines that the declaration leaves out: the
+    file is replaced as a whole, so they go. A file that does not parse names none."""
+    try:
+        existing = [section.id for section in parse_sections(before or "", STORAGE_CFG)]
+    except ConfigError:
+        return []
+    return [storage_id for storage_id in existing if storage_id not in declared]
 
 
 def _dir_diff(path: str) -> Dict[str, Any]:
@@ -195,7 +206,8 @@ def apply_node_config(config_dir: str, vzdump: Optional[Mapping[str, Any]] = Non
 
     ``None`` leaves a file alone; an empty dict makes it empty. Everything is validated before
     anything is written; nothing is written in check mode. Returns ``{'changed', 'files':
-    {name: {'path', 'changed'}}, 'created_dirs': [...], 'storages': [ids], 'diff': [...]}``.
+    {name: {'path', 'changed'}}, 'created_dirs': [...], 'storages': [ids], 'removed_storages':
+    [ids storage.cfg held that the declaration leaves out], 'diff': [...]}``.
     """
     node = node or socket.gethostname()
     wanted: List[Tuple[str, str]] = []
@@ -216,19 +228,25 @@ def apply_node_config(config_dir: str, vzdump: Optional[Mapping[str, Any]] = Non
     files: Dict[str, Dict[str, Any]] = {}
     diff: List[Dict[str, Any]] = []
     to_write = []
+    removed: List[str] = []
     for name, after in wanted:
         path = os.path.join(config_dir, name)
         before = _read(path)
         changed = before != after
         files[name] = {"path": path, "changed": changed}
+        note = ""
+        if name == STORAGE_CFG:
+            removed = _removed_storages(before, storage_ids)
+            if removed:
+                note = f" (replaced as a whole: removes storage {', '.join(removed)})"
         if changed:
             to_write.append((path, after))
-            diff.append(_file_diff(path, before, after))
+            diff.append(_file_diff(path, before, after, note))
     diff += [_dir_diff(path) for path in created_dirs]
     make_config_dir = bool(to_write) and not os.path.isdir(config_dir)
     result = {"changed": bool(to_write or created_dirs), "files": files,
               "created_dirs": ([config_dir] if make_config_dir else []) + created_dirs,
-              "storages": storage_ids, "diff": diff}
+              "storages": storage_ids, "removed_storages": removed, "diff": diff}
     if check_mode:
         return result
     try:

@@ -6,6 +6,7 @@ from ..guest.registry import validate_vmid
 from ..policy.config import load_storage
 from ..storage import catalog
 from ..storage.files import private_files
+from . import guest_runs
 from .locate import require_storage
 
 
@@ -28,7 +29,8 @@ def protect_backup(vmid, backup='latest', protected=None, notes=None, storage=No
     """Set or clear a backup's protection and notes; changed only when the state differs."""
     vmid = validate_vmid(vmid)
     store = require_storage(config_dir, storage, dumpdir)
-    with private_files(), store.guest_lock(vmid, lockwait * 60, shared=check_mode):
+    with private_files(), store.guest_lock(vmid, lockwait * 60, shared=check_mode,
+                                           holder=guest_runs.holder(vmid, 'protect')):
         return _protect(store, vmid, backup, protected, notes, config_dir, check_mode)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..policy.config import load_storage, load_vzdump_defaults
 from ..policy.retention import RetentionPolicy, as_policy, select_for_prune, simulate
 from ..storage.files import private_files
+from . import guest_runs
 from .locate import format_of, require_storage
 
 
@@ -59,7 +60,8 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
     """``(report, folds, bytes freed, damaged backups left alone)`` of one guest."""
     fmt = format_of(storage)
     # Check mode only reads, so it shares the lock (and creates nothing).
-    with private_files(), storage.guest_lock(vmid, lockwait_seconds, shared=check_mode):
+    with private_files(), storage.guest_lock(vmid, lockwait_seconds, shared=check_mode,
+                                             holder=guest_runs.holder(vmid, 'prune')):
         if not check_mode:
             for backup_id, applied in fmt.recover(storage, vmid):
                 log(f"{'completed' if applied else 'dropped'} an interrupted manifest update of "

@@ -19,6 +19,7 @@ from ..guest.registry import GuestEntry, guest_path, render_guest, validate_vmid
 from ..storage import catalog
 from ..storage.files import fsync_path, new_directory, private_files, write_file_atomic
 from ..vocabulary import RESTORE_FORMATS
+from . import guest_runs
 from .locate import format_of, require_storage
 
 
@@ -129,8 +130,9 @@ def run_restore(request, log=None):
     """Restore as ``request`` says; holds the guest's storage lock shared (prune waits)."""
     check_request(request)
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
-    with private_files(), storage.guest_lock(validate_vmid(request.vmid),
-                                             float(request.lockwait) * 60, shared=True):
+    vmid = validate_vmid(request.vmid)
+    with private_files(), storage.guest_lock(vmid, float(request.lockwait) * 60, shared=True,
+                                             holder=guest_runs.holder(vmid, 'restore')):
         if request.live:
             from .live_restore import run_live_restore  # it plans with this module
             return run_live_restore(request, log)

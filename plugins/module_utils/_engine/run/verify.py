@@ -13,6 +13,7 @@ from ..guest.registry import validate_vmid
 from ..storage import catalog
 from ..storage.files import private_files
 from ..times import format_time
+from . import guest_runs
 from .locate import format_of, require_storage
 
 
@@ -22,7 +23,8 @@ def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
     a damaged backup raises VerifyFailed (carrying that result), so a playbook stops."""
     vmid = validate_vmid(vmid)
     store = require_storage(config_dir, storage, dumpdir)
-    with private_files(), store.guest_lock(vmid, lockwait * 60, shared=True):
+    with private_files(), store.guest_lock(vmid, lockwait * 60, shared=True,
+                                           holder=guest_runs.holder(vmid, 'verify')):
         result = _verify(store, vmid, backup, check_mode)
     if fail and result['verify_state'] != 'ok':
         raise VerifyFailed(f"backup {result['backup']} failed verification: "

@@ -31,6 +31,28 @@ VERIFY = 'verify.json'
 CLOCK_SKEW_LIMIT = 120
 
 
+# The collectors lock_waits() has open: each wait for a lock is added to every one.
+_WAIT_SINKS = []
+
+
+@contextmanager
+def lock_waits():
+    """Collect, while inside, every wait for a lock as one line (what was locked, by whom, for how
+    long): a module's result carries them as warnings, whichever verb waited."""
+    sink = []
+    _WAIT_SINKS.append(sink)
+    try:
+        yield sink
+    finally:
+        _WAIT_SINKS.remove(sink)
+
+
+def report_wait(line):
+    """Tell the open ``lock_waits`` collectors that this run waited (see there)."""
+    for sink in _WAIT_SINKS:
+        sink.append(line)
+
+
 @contextmanager
 def file_lock(path, wait_seconds, what, shared=False, holder=None, on_wait=None):
     """Hold a flock on ``path``; the kernel drops it if the holder dies.
@@ -46,6 +68,7 @@ def file_lock(path, wait_seconds, what, shared=False, holder=None, on_wait=None)
     deadline = time.monotonic() + max(0.0, wait_seconds)
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     told = False
+    waited_since = held_by = None
     try:
         while True:
             try:
@@ -54,7 +77,8 @@ def file_lock(path, wait_seconds, what, shared=False, holder=None, on_wait=None)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                held_by = _holder(path)
+                waited_since = waited_since or time.monotonic()
+                held_by = _holder(path) or held_by
                 if time.monotonic() >= deadline:
                     raise LockTimeout(
                         f"{what} is locked by another run ({held_by or f'lock {path}'}) and "
@@ -65,6 +89,9 @@ def file_lock(path, wait_seconds, what, shared=False, holder=None, on_wait=None)
                             f"{wait_seconds / 60:g} min")
                     told = True
                 time.sleep(0.2)
+        if waited_since is not None:
+            report_wait(f"waited {time.monotonic() - waited_since:.1f} s for {what}: "
+                        f"{held_by or 'another run'}")
         if holder and not shared:
             handle.seek(0)
             handle.truncate()

@@ -16,7 +16,9 @@ each snapshot's small files hold, so the snapshot code of a local datastore runs
   *lease*, an object under ``.leases/`` refreshed every minute; a GC sweeps only when it sees no
   live writer lease after putting its own, and a backup starts only when it sees no live GC lease
   after putting its own, so of two that start at once at least one sees the other (S3 is
-  strongly consistent). A GC that removed chunks writes a new ``.gc-generation``, which tells
+  strongly consistent). A lease of a run on this node that has ended (its process is gone, or
+  it released the lease while S3 failed) is stale at once and removed; any other lapses after
+  LEASE_TTL. A GC that removed chunks writes a new ``.gc-generation``, which tells
   every node's cache that what it knew to be stored may be gone.
 
 Locks on one guest (``guest_lock``) stay local to the node that runs the guest, as with PBS:
@@ -34,12 +36,13 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 from ..errors import GuestvaultError, StorageError
-from ..times import parse_time
+from ..times import format_time, parse_time
 from .datastore import BACKUP_TYPES, CLIENT_LOG, INDEX_SUFFIXES, MANIFEST, NAMESPACES, OWNER, \
     OWNER_TEXT, DatastoreStagedBackup, DatastoreStorage, walk_index_files
-from .directory import PROTECTED
+from .directory import PROTECTED, report_wait
 from .files import fsync_path, write_file_atomic
 
 LEASES = '.leases/'
@@ -290,16 +293,21 @@ class S3DatastoreStorage(DatastoreStorage):
         """A backup's lease; waits while a garbage collection sweeps (up to ``wait_seconds``)."""
         with super().writer(), _Lease(self.bucket, 'writer') as lease:
             deadline = time.monotonic() + wait_seconds
+            waited_since = seen = None
             while True:
                 collecting = self._live_leases('gc', lease.server_time())
                 if not collecting:
                     break
+                waited_since, seen = waited_since or time.monotonic(), collecting
                 if time.monotonic() >= deadline:
                     raise StorageError(
                         f"a garbage collection of {self.label} is running "
                         f"({_describe(collecting)}) and did not end within "
                         f"{wait_seconds / 60:g} min; wait for it or raise lockwait")
                 time.sleep(GC_WAIT_POLL)
+            if waited_since is not None:
+                report_wait(f"waited {time.monotonic() - waited_since:.1f} s for a garbage "
+                            f"collection of {self.label} ({_describe(seen)})")
             yield
 
     @contextmanager
@@ -327,15 +335,53 @@ class S3DatastoreStorage(DatastoreStorage):
         return data.decode('ascii', 'replace').strip() if data is not None else None
 
     def _live_leases(self, kind, now):
-        live = []
+        """The leases of ``kind`` that are live: refreshed within LEASE_TTL, and not of a run on
+        this node that has ended (those are removed), each with its ``expires`` (epoch)."""
+        live, ended = [], []
         for key, _size, _etag, modified in self.bucket.objects(f"{LEASES}{kind}-"):
-            if modified >= now - LEASE_TTL:
-                data = self.bucket.get(key)
-                try:
-                    live.append(json.loads(data or b'{}'))
-                except ValueError:
-                    live.append({})
+            if modified < now - LEASE_TTL:
+                continue
+            try:
+                lease = json.loads(self.bucket.get(key) or b'{}')
+            except ValueError:
+                lease = {}
+            if _ended_here(key, lease):
+                ended.append(key)
+                continue
+            live.append(dict(lease, expires=modified + LEASE_TTL))
+        if ended:
+            try:
+                self.bucket.delete(ended)
+            except GuestvaultError:
+                pass  # ignored all the same; the next look tries again
         return live
+
+
+# Keys of the leases this process holds now: a lease naming this process that is not here was
+# released while its delete failed (an S3 outage), and is stale.
+_HELD = set()
+
+
+def _process_start(pid):
+    """When process ``pid`` started (clock ticks since boot), or None if there is no such
+    process: with the pid it names one process, as a pid is reused and its start time is not."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", 'rb') as handle:
+            return int(handle.read().rsplit(b')', 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ended_here(key, lease):
+    """Whether ``lease`` belongs to a run on this node that has ended: its process is gone (or
+    its pid names another process now), or it is this process and no longer holds the lease."""
+    pid = lease.get('pid')
+    if lease.get('node') != socket.gethostname() or not isinstance(pid, int):
+        return False
+    started = _process_start(pid)
+    if started is None or lease.get('pid_start', started) != started:
+        return True
+    return pid == os.getpid() and key not in _HELD
 
 
 class _Lease:
@@ -345,12 +391,15 @@ class _Lease:
         self.bucket = bucket
         self.key = f"{LEASES}{kind}-{uuid.uuid4().hex}"
         self.body = json.dumps({'kind': kind, 'node': socket.gethostname(),
-                                'pid': os.getpid(), 'started': time.time()}).encode()
+                                'pid': os.getpid(), 'pid_start': _process_start(os.getpid()),
+                                'started': time.time()}).encode()
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = None
 
     def __enter__(self):
         self.bucket.put(self.key, self.body)
+        _HELD.add(self.key)
         self._thread = threading.Thread(target=self._refresh, daemon=True,
                                         name='guestvault-lease')
         self._thread.start()
@@ -358,10 +407,13 @@ class _Lease:
 
     def _refresh(self):
         while not self._stop.wait(LEASE_REFRESH):
-            try:
-                self.bucket.put(self.key, self.body)
-            except GuestvaultError:
-                pass  # retried next minute; a lease lapses only after LEASE_TTL
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.bucket.put(self.key, self.body)
+                except GuestvaultError:
+                    pass  # retried next minute; a lease lapses only after LEASE_TTL
 
     def server_time(self):
         """The bucket's clock (the lease's own modification time), so nodes' clocks never
@@ -371,18 +423,24 @@ class _Lease:
 
     def __exit__(self, *exc_info):
         self._stop.set()
+        # A refresh in flight ends before the delete, so it cannot put the lease back after it.
+        with self._lock:
+            _HELD.discard(self.key)
+            try:
+                self.bucket.delete([self.key])
+            except GuestvaultError:
+                pass  # S3 is failing: the lease is stale now (see _ended_here), and lapses
         if self._thread is not None:
             self._thread.join(timeout=5)
-        try:
-            self.bucket.delete([self.key])
-        except GuestvaultError:
-            pass  # it lapses after LEASE_TTL
 
 
 def _describe(leases):
-    shown = [f"{lease.get('node', '?')} pid {lease.get('pid', '?')}" for lease in leases[:3]]
+    shown = [f"node {lease.get('node', '?')} pid {lease.get('pid', '?')}, "
+             f"{lease.get('kind', 'lease')} lease until "
+             f"{format_time(datetime.fromtimestamp(lease['expires'], timezone.utc))} "
+             "unless renewed" for lease in leases[:3]]
     more = f" and {len(leases) - 3} more" if len(leases) > 3 else ''
-    return ', '.join(shown) + more
+    return '; '.join(shown) + more
 
 
 def _md5(path):

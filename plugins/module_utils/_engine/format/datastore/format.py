@@ -84,6 +84,7 @@ class Datastore(Format):
     def __init__(self, storage, crypt=None, workers=None, chunks=None):
         self.storage = storage
         self.crypt = crypt
+        self.key_fingerprint = crypt.fingerprint_text if crypt is not None else None
         # chunks in files under the datastore, or objects in a bucket (s3_chunks)
         self.chunks = chunks or ChunkStore(storage.path)
         # a store in a bucket waits on requests more than it computes: more threads
@@ -118,8 +119,7 @@ class Datastore(Format):
         vmid = int(staged.final_path.split(os.sep)[-2])
         wanted = format_time(decision.parent)
         parent = next((b for b in self.storage.backups(vmid) if b.index['time'] == wanted), None)
-        if parent is not None and self.crypt is not None \
-                and parent.index.get('key_fingerprint') != self.crypt.fingerprint_text:
+        if parent is not None and parent.index.get('key_fingerprint') != self.key_fingerprint:
             return None  # made with another key (or none): its digests mean other chunks
         return parent
 
