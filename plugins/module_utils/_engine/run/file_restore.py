@@ -32,7 +32,7 @@ from ..format.datastore.nbd_server import NbdServer
 from ..guest import appliance
 from ..guest.registry import validate_vmid
 from ..storage import catalog
-from ..storage.files import private_files
+from ..storage.files import new_directory, private_files
 from . import guest_runs, untrusted_tar
 from .locate import format_of, require_storage
 
@@ -162,10 +162,12 @@ def run_file_restore(request, log=None):
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     with private_files(), storage.guest_lock(vmid, float(request.lockwait) * 60, shared=True,
                                              holder=guest_runs.holder(vmid, 'file_restore')):
-        record = catalog.resolve(storage, vmid, request.backup, None)
+        warnings = []          # latest passing over a damaged backup says so
+        record = catalog.resolve(storage, vmid, request.backup, None, warnings=warnings)
         fmt = format_of(storage)
         result = {'backup': record.id, 'time': record.index['time'],
-                  'level': record.index['level'], 'paths': ['/' + p for p in paths]}
+                  'level': record.index['level'], 'paths': ['/' + p for p in paths],
+                  'warnings': warnings}
         if request.extracting and _already_there(request, paths, result):
             return result
         workdir = tempfile.mkdtemp(prefix=f'file-restore-{vmid}-', dir=_work_root())
@@ -271,7 +273,8 @@ def _described(outcome, result):
     result.update(filesystems=outcome.filesystems,
                   filesystem=outcome.chosen['name'] if outcome.chosen else None,
                   filesystem_type=outcome.chosen['type'] if outcome.chosen else None,
-                  warnings=list(outcome.warnings), appliance_seconds=outcome.seconds,
+                  warnings=result['warnings'] + list(outcome.warnings),
+                  appliance_seconds=outcome.seconds,
                   appliance_accel=outcome.accel)
     return result
 
@@ -359,45 +362,40 @@ def _measure(request, result, built, workdir, sources, paths, max_bytes, log):
 def _extract(request, result, built, workdir, sources, paths, max_bytes, log):
     started = time.monotonic()
     target_dir = os.path.dirname(request.archive) if request.archive else request.dest
-    created = not os.path.isdir(target_dir)
-    os.makedirs(target_dir, exist_ok=True)
     hidden = os.path.join(target_dir, f".guestvault-file-restore-{uuid.uuid4().hex[:12]}")
     payload = hidden + '.tar'
     try:
-        outcome = _boot(request, built, workdir, sources, payload, max_bytes + TAR_SLACK,
-                        'extract', paths, max_bytes, log)
-        files, size, entries = (int(v) for v in outcome.result[1:4])
-        tar_bytes = untrusted_tar.stream_length(payload)
-        if request.archive:
-            _keep_archive(payload, tar_bytes, request.archive)
-            result.update(archive=request.archive, archive_bytes=tar_bytes)
-        else:
-            os.mkdir(hidden, 0o700)
-            with open(payload, 'rb') as raw:
-                counts = untrusted_tar.extract(untrusted_tar.Bounded(raw, tar_bytes), hidden,
-                                               max_bytes=max_bytes)
-            os.unlink(payload)
-            clashes = untrusted_tar.conflicts(hidden, request.dest)
-            if clashes and not request.overwrite:
-                raise StorageError(f"{', '.join(clashes[:5])} exist(s) already; set overwrite "
-                                   "to replace them (nothing was extracted)")
-            written = untrusted_tar.merge(hidden, request.dest)
-            # not 'skipped': Ansible would report the whole task as skipped
-            result.update(dest=request.dest, written=written,
-                          not_extracted=counts['not_extracted'], replaced=clashes)
-            if counts['not_extracted']:
-                outcome.warnings.append(
-                    f"{len(counts['not_extracted'])} device node(s) or FIFO(s) were not "
-                    "extracted: " + ', '.join(counts['not_extracted'][:5]))
-        result.update(changed=True, files=files, bytes=size, entries_extracted=entries,
-                      seconds=round(time.monotonic() - started, 2))
-        result['diff'] = _diff(request, paths)
-        log(f"extracted {files} file(s), {size} bytes, from {result['backup']}")
-        return _described(outcome, result)
-    except BaseException:
-        if created:            # a failed extraction leaves no new directory behind
-            shutil.rmtree(target_dir, ignore_errors=True)
-        raise
+        with new_directory(target_dir):     # a failed extraction leaves no new directory
+            outcome = _boot(request, built, workdir, sources, payload, max_bytes + TAR_SLACK,
+                            'extract', paths, max_bytes, log)
+            files, size, entries = (int(v) for v in outcome.result[1:4])
+            tar_bytes = untrusted_tar.stream_length(payload)
+            if request.archive:
+                _keep_archive(payload, tar_bytes, request.archive)
+                result.update(archive=request.archive, archive_bytes=tar_bytes)
+            else:
+                os.mkdir(hidden, 0o700)
+                with open(payload, 'rb') as raw:
+                    counts = untrusted_tar.extract(untrusted_tar.Bounded(raw, tar_bytes),
+                                                   hidden, max_bytes=max_bytes)
+                os.unlink(payload)
+                clashes = untrusted_tar.conflicts(hidden, request.dest)
+                if clashes and not request.overwrite:
+                    raise StorageError(f"{', '.join(clashes[:5])} exist(s) already; set "
+                                       "overwrite to replace them (nothing was extracted)")
+                written = untrusted_tar.merge(hidden, request.dest)
+                # not 'skipped': Ansible would report the whole task as skipped
+                result.update(dest=request.dest, written=written,
+                              not_extracted=counts['not_extracted'], replaced=clashes)
+                if counts['not_extracted']:
+                    outcome.warnings.append(
+                        f"{len(counts['not_extracted'])} device node(s) or FIFO(s) were not "
+                        "extracted: " + ', '.join(counts['not_extracted'][:5]))
+            result.update(changed=True, files=files, bytes=size, entries_extracted=entries,
+                          seconds=round(time.monotonic() - started, 2))
+            result['diff'] = _diff(request, paths)
+            log(f"extracted {files} file(s), {size} bytes, from {result['backup']}")
+            return _described(outcome, result)
     finally:
         for path in (payload, hidden):
             if os.path.isdir(path):
