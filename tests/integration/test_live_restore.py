@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from guestvault_engine.errors import ConfigError, GuestvaultError
+from guestvault_engine.errors import ConfigError, GuestvaultError, StorageError
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.run.inspect import inspect_guest
 from guestvault_engine.run.restore import RestoreRequest, run_restore
@@ -238,11 +238,12 @@ def test_a_failed_restore_removes_the_target_dir_it_made_and_only_that(
         handle.seek(-1, os.SEEK_END)
         handle.write(bytes([last[0] ^ 0xff]))
     request = dict(vmid=guest.vmid, config_dir=config_dir, **where)
-    with pytest.raises(GuestvaultError):
+    # the damage found (VerifyFailed, CorruptData), after the target was made: no earlier refusal
+    with pytest.raises(StorageError, match='vd0'):
         run_restore(RestoreRequest(target_dir=str(tmp_path / 'new' / 'target'), **request))
     assert not os.path.exists(tmp_path / 'new')
     (tmp_path / 'there').mkdir()
-    with pytest.raises(GuestvaultError):
+    with pytest.raises(StorageError, match='vd0'):
         run_restore(RestoreRequest(target_dir=str(tmp_path / 'there'), **request))
     assert os.listdir(tmp_path / 'there') == []
 
@@ -281,7 +282,7 @@ def test_a_linux_guest_answers_its_agent_before_its_disk_is_copied_and_ends_clea
     backup = run_backup(BackupRequest(vmid=source.vmid, qmp_socket=source.qmp_socket,
                                       agent_socket=source.agent_socket, config_dir=config_dir,
                                       mode='snapshot', **where))
-    assert backup['frozen_filesystems']
+    assert backup['frozen_filesystems'] == 1        # the ext4 data disk
     accel = source.accel
     source.stop()
     workdir = str(tmp_path / 'restored')

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from guestvault_engine.errors import CorruptData, EncryptionKeyError, StorageError
+from guestvault_engine.errors import BackupFailed, CorruptData, EncryptionKeyError, StorageError
 from guestvault_engine.format import qemu_img
 from guestvault_engine.format.datastore import chunk_store, fixed_index, gc, key_file
 from guestvault_engine.format.datastore.backup_writer import write_disk_index
@@ -85,7 +85,7 @@ def test_raw_file_source_extents_and_reads(image):
     assert sum(length for _offset, length, _zero in extents) == SIZE
     assert [o for o, _n, _z in extents] == sorted(o for o, _n, _z in extents)
     assert not source.incremental
-    with pytest.raises(Exception, match='no incremental'):
+    with pytest.raises(BackupFailed, match='no incremental'):
         source.dirty_extents()
     with source.reader() as reader:
         assert reader.pread(9, 3 * CHUNK + 5000) == b'some data'
