@@ -1,5 +1,5 @@
-"""The engine's layers point down only (docs/architecture.md): run -> policy | guest -> format ->
-storage, with errors, vocabulary, times and version below everything. QMP command names live
+"""The engine's layers point down only (docs/architecture.md): run -> policy | guest -> datastore
+-> format -> storage, with errors, vocabulary, times and version below everything. QMP command names live
 only in guest/, qemu-img only in format/, and nothing in the engine imports Ansible."""
 import ast
 import pathlib
@@ -8,7 +8,7 @@ import re
 import pytest
 
 ENGINE = pathlib.Path(__file__).resolve().parents[2] / 'plugins' / 'module_utils' / '_engine'
-RANK = {'run': 3, 'policy': 2, 'guest': 2, 'format': 1, 'storage': 0}
+RANK = {'run': 4, 'policy': 3, 'guest': 3, 'datastore': 2, 'format': 1, 'storage': 0}
 BASE = {'errors', 'vocabulary', 'times', 'version'}
 FILES = sorted(p for p in ENGINE.rglob('*.py'))
 
@@ -28,8 +28,8 @@ def imported_layers(path):
             if node.level == 0:
                 assert not (node.module or '').startswith('ansible'), f"{path}: imports Ansible"
                 continue
-            # resolve the import against the file's package (format/datastore/x.py: '..' is
-            # format, '...' the engine)
+            # resolve the import against the file's package (datastore/backends/x.py: '..' is
+            # datastore, '...' the engine)
             package = list(path.relative_to(ENGINE).parts[:-1])
             base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
             names = base + [part for part in (node.module or '').split('.') if part]

@@ -9,15 +9,15 @@ import socket
 from dataclasses import replace
 
 from ..errors import ConfigError, GuestNotFound
-from ..format.datastore.format import Datastore
-from ..format.datastore.s3_chunks import S3ChunkStore
-from ..format.datastore.snapshot import SnapshotCodec
+from ..datastore.format import Datastore
+from ..datastore.s3_chunks import S3ChunkStore
+from ..datastore.snapshot import SnapshotCodec
 from ..format.qcow2 import Qcow2Chain
 from ..guest.registry import GuestEntry, load_guest, validate_vmid
 from ..policy.config import load_s3_endpoint, load_storage
-from ..storage.datastore import DatastoreStorage
-from ..storage.s3 import S3Bucket
-from ..storage.s3_datastore import S3DatastoreStorage
+from ..datastore.storage import DatastoreStorage
+from ..datastore.backends.s3 import S3Bucket
+from ..datastore.s3_storage import S3DatastoreStorage
 from ..storage.directory import DirStorage
 from .keys import load_crypt
 

@@ -24,7 +24,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from ...errors import CorruptData, StorageError
+from ..errors import CorruptData, StorageError
 from .chunk_store import CHUNK_DIR, MAX_BAD_COPIES, ChunkStore, chunk_relpath, digest_hex, \
     is_chunk_name
 from .gc import missing_warning, referenced_digests

@@ -40,10 +40,10 @@ from datetime import datetime, timezone
 
 from ..errors import GuestvaultError, StorageError
 from ..times import format_time, parse_time
-from .datastore import BACKUP_TYPES, CLIENT_LOG, INDEX_SUFFIXES, MANIFEST, NAMESPACES, OWNER, \
+from .storage import BACKUP_TYPES, CLIENT_LOG, INDEX_SUFFIXES, MANIFEST, NAMESPACES, OWNER, \
     OWNER_TEXT, DatastoreStagedBackup, DatastoreStorage, walk_index_files
-from .directory import PROTECTED, report_wait
-from .files import fsync_path, write_file_atomic
+from ..storage.directory import PROTECTED, report_wait
+from ..storage.files import fsync_path, write_file_atomic
 
 LEASES = '.leases/'
 GC_GENERATION = '.gc-generation'

@@ -23,8 +23,8 @@ import uuid
 from contextlib import contextmanager
 
 from ..errors import GuestvaultError, StorageError
-from .directory import PROTECTED, DirStorage, StagedBackup
-from .files import write_file_atomic
+from ..storage.directory import PROTECTED, DirStorage, StagedBackup
+from ..storage.files import write_file_atomic
 
 MANIFEST = 'index.json.blob'
 GUEST_CONFIG = 'guest.json.blob'

@@ -21,7 +21,7 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ...errors import CorruptData, StorageError
+from ..errors import CorruptData, StorageError
 from . import chunk_store as chunk_store_module
 from .dynamic_index import parse_dynamic_index
 from .file_formats import DYNAMIC_INDEX_MAGIC, MAGIC_SIZE

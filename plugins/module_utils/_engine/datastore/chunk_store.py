@@ -24,8 +24,8 @@ import os
 import re
 import stat
 
-from ...errors import CorruptData, StorageError
-from ...storage.files import (DirectFiles, fsync_path, sync_filesystem, touch_atime,
+from ..errors import CorruptData, StorageError
+from ..storage.files import (DirectFiles, fsync_path, sync_filesystem, touch_atime,
                               write_file_hidden)
 from .blob import blob_kind, encode_chunk
 from .file_formats import (COMPRESSED_BLOB_MAGIC, DEFAULT_CHUNK_SIZE, DIGEST_SIZE,

@@ -13,12 +13,12 @@ import os
 import shutil
 import threading
 
-from ...errors import (BackupFailed, ConfigError, CorruptData, EncryptionKeyError, GuestvaultError,
+from ..errors import (BackupFailed, ConfigError, CorruptData, EncryptionKeyError, GuestvaultError,
                        StorageError)
-from ...times import format_time
-from ...version import TOOL_VERSION
-from ..qemu_img import create_qcow2
-from ..base import Format, TargetImage
+from ..times import format_time
+from ..version import TOOL_VERSION
+from ..format.qemu_img import create_qcow2
+from ..format.base import Format, TargetImage
 from .backup_writer import write_disk_index
 from .chunk_store import ChunkStore
 from .fixed_index import read_fixed_index
