@@ -22,6 +22,7 @@ from ..format.base import Format, TargetImage
 from .backup_writer import write_disk_index
 from .chunk_store import ChunkStore
 from .fixed_index import read_fixed_index
+from .gc import collect_garbage
 from .image_restore import restore_disk_image
 from .nbd_server import SnapshotExport
 from .snapshot import index_name
@@ -345,8 +346,8 @@ class Datastore(Format):
             raise StorageError(f"{self.storage.label} holds no chunk store yet (no backup was "
                                "taken into it); nothing to collect")
         with self.storage.collecting_garbage(check_mode) as (now, oldest_writer_start):
-            return self.chunks.collect_garbage(
-                self.storage.index_files(), grace_seconds=grace_seconds,
+            return collect_garbage(
+                self.chunks, self.storage.index_files(), grace_seconds=grace_seconds,
                 oldest_writer_start=oldest_writer_start, check_mode=check_mode, now=now,
                 progress=progress)
 

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import CorruptData, StorageError
 from .chunk_store import CHUNK_DIR, MAX_BAD_COPIES, ChunkStore, chunk_relpath, digest_hex, \
     is_chunk_name
-from .gc import missing_warning, referenced_digests
 
 GENERATION_FILE = '.generation'
 CHECKED_FILE = '.conditional-puts-checked'
@@ -178,31 +176,24 @@ class S3ChunkStore(ChunkStore):
         self._unmark(digest)
         return target
 
-    # -- garbage collection --------------------------------------------------------------------
-    def collect_garbage(self, index_paths, *, grace_seconds, oldest_writer_start=None,
-                        check_mode=False, now=None, progress=None):
-        """As ``gc.collect_garbage`` (same result keys), marking in memory and sweeping by each
-        object's upload time; ``now`` is the bucket's clock at the start."""
-        started = time.monotonic()
-        now = time.time() if now is None else float(now)
-        cutoff = now - float(grace_seconds)
-        warnings = []
-        paths = list(index_paths)
-        if progress is not None:
-            progress('mark', 0, len(paths))
-        referenced, index_files, logical = referenced_digests(paths)
-        if progress is not None:
-            progress('mark', len(paths), len(paths))
-        result = {'removed_chunks': 0, 'removed_bytes': 0, 'kept_chunks': 0, 'kept_bytes': 0,
-                  'bad_chunks_removed': 0, 'bad_chunks_kept': 0, 'pending_chunks': 0,
-                  'removed_temporaries': 0, 'referenced_bytes': 0}
+    # -- garbage collection (gc.collect_garbage runs it) --------------------------------------
+    def gc_check(self):
+        pass  # the bucket was checked when the storage opened
+
+    def gc_mark(self, referenced):
+        """An object's time cannot be touched without copying it: the mark stays in memory (the
+        referenced digests), and the sweep finds the missing chunks."""
+        return None
+
+    def gc_sweep(self, referenced, cutoff, protect_from, check_mode, result, progress):
+        """List ``.chunks/`` and delete, with multi-object deletes, each chunk no index names
+        whose upload is older than ``cutoff`` (``now`` is the bucket's clock at the start), and
+        each ``.bad`` copy no index needs; the chunk names present."""
         present, bad, doomed = set(), [], []
-        listed = 0
         for key, size, _etag, modified in self.bucket.objects(CHUNK_DIR + '/'):
             name = key.rsplit('/', 1)[-1]
             if not is_chunk_name(name):
                 continue
-            listed += 1
             if len(name) > 64:
                 bad.append((key, name[:64].lower(), size, modified))
                 continue
@@ -232,15 +223,4 @@ class S3ChunkStore(ChunkStore):
                     self._unmark(name)
         if progress is not None:
             progress('sweep', 1, 1)     # one listing, no prefix directories to count
-        kept = result['referenced_bytes']
-        missing = referenced - present
-        warning = missing_warning(missing, paths)
-        if warning:
-            warnings.append(warning)
-        result.update(
-            index_files=index_files, referenced_chunks=len(referenced),
-            missing_chunks=len(missing), logical_bytes=logical,
-            dedup_factor=round(logical / kept, 3) if kept else 0.0, cutoff=cutoff,
-            check_mode=bool(check_mode), warnings=warnings,
-            duration=round(time.monotonic() - started, 3))
-        return result
+        return present
