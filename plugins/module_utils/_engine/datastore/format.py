@@ -86,7 +86,7 @@ class Datastore(Format):
         self.storage = storage
         self.crypt = crypt
         self.key_fingerprint = crypt.fingerprint_text if crypt is not None else None
-        # chunks in files under the datastore, or objects in a bucket (s3_chunks)
+        # chunks in files under the datastore, or objects in a bucket (object_chunks)
         self.chunks = chunks or ChunkStore(storage.path)
         # a store in a bucket waits on requests more than it computes: more threads
         self.workers = workers or max(default_workers(),

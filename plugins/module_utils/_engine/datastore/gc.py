@@ -1,7 +1,7 @@
 """Garbage collection of a chunk store, in PBS's two phases (datastore.rs, chunk_store.rs): the
 one collector of every datastore. It reads every index (fixed or dynamic) and asks the chunk
 store to mark and sweep; a store in a directory does it as below, one in a bucket marks in memory
-and sweeps by upload time (s3_chunks.py).
+and sweeps by upload time (object_chunks.py).
 
 - **mark**: set the access time of every chunk any index names (``utimensat``, mtime left
   alone). A chunk that is missing has its ``.bad`` copies touched instead, so they stay while
@@ -108,10 +108,11 @@ def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=N
 
     ``now`` is the mark's start (epoch seconds; default the clock); ``oldest_writer_start`` the
     start of the oldest backup still running, if any. ``progress(phase, done, total)`` is called
-    with phase 'mark' (index files) and 'sweep' (prefix directories, or one bucket listing). Returns ``{index_files,
-    referenced_chunks, missing_chunks, removed_chunks, removed_bytes, kept_chunks, kept_bytes,
-    bad_chunks_removed, bad_chunks_kept, pending_chunks, removed_temporaries, referenced_bytes,
-    logical_bytes, dedup_factor, cutoff, check_mode, warnings, duration}``.
+    with phase 'mark' (index files) and 'sweep' (prefix directories, or one bucket listing).
+    Returns ``{index_files, referenced_chunks, missing_chunks, removed_chunks, removed_bytes,
+    kept_chunks, kept_bytes, bad_chunks_removed, bad_chunks_kept, pending_chunks,
+    removed_temporaries, referenced_bytes, logical_bytes, dedup_factor, cutoff, check_mode,
+    warnings, duration}``.
 
     ``kept_*`` count the chunks (not ``.bad`` copies) left in the store, ``pending_chunks`` those
     of them no index names that a later run removes; ``removed_bytes`` includes ``.bad`` copies;
