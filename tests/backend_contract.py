@@ -95,6 +95,9 @@ def test_delete_removes_every_key_given_and_a_missing_one_is_no_error(backend):
     assert [key for key, *_ in backend.objects('.chunks/')] == keys[3:]
     backend.delete([])
     assert backend.head(keys[0]) is None and backend.get(keys[4]) == b'chunk'
+    # what removing a snapshot does: delete what a listing of the same backend yields
+    backend.delete(key for key, *_ in backend.objects('.chunks/0000/'))
+    assert list(backend.objects('.chunks/')) == []
 
 
 def test_copy_puts_a_second_object_and_a_missing_source_is_an_error(backend):

@@ -67,6 +67,7 @@ class MemoryBackend:
         return sorted({rest.split('/', 1)[0] for rest in keys if '/' in rest})
 
     def delete(self, keys):
+        keys = list(keys)       # before the lock: a caller may pass a generator over objects()
         with self._lock:
-            for key in list(keys):
+            for key in keys:
                 self._objects.pop(key, None)
