@@ -67,3 +67,24 @@ def test_no_qmp_command_outside_guest_and_no_qemu_img_outside_format(path):
             f"{path}: runs qemu-img outside format/"
     match = QMP_COMMAND.search(text)
     assert match is None, f"{path}: names the QMP command {match.group(1)}"
+
+
+def format_modules_imported(path):
+    """The modules of format/ a file imports (``from ..format.base import x`` -> 'base')."""
+    package = list(path.relative_to(ENGINE).parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            names = package[:len(package) - (node.level - 1)] + (node.module or '').split('.')
+            names = [name for name in names if name]
+            if names[:1] == ['format']:
+                found.update(names[1:2] or [alias.name for alias in node.names])
+    return found
+
+
+@pytest.mark.parametrize('path', [p for p in FILES if layer(p) == 'datastore'],
+                         ids=lambda p: str(p.relative_to(ENGINE)))
+def test_the_datastore_uses_only_the_format_interface_and_qemu_img_from_format(path):
+    # the Datastore is a Format (format/base.py) and restores to qcow2 through qemu-img, which
+    # only format/qemu_img.py runs; the qcow2 chain and anything else in format/ stay apart
+    assert format_modules_imported(path) <= {'base', 'qemu_img'}, path
