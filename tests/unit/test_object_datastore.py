@@ -38,6 +38,14 @@ def test_snapshots_live_in_the_backend_and_a_dropped_cache_is_rebuilt(tmp_path):
     [record] = again.backups(100)
     assert record.id == 'vm/100/2026-12-01T10:00:05Z' and record.protected
     assert again.read_notes(record) == 'first'
+    # notes and verify state change the manifest in the backend, seen from a fresh cache
+    again.set_notes(record, 'second')
+    again.write_verify_state(record, {'state': 'ok', 'time': 't', 'problems': []})
+    shutil.rmtree(tmp_path / 'cache')
+    third = build_datastore(str(tmp_path / 'cache'), 'mem', bucket=backend)
+    [record] = third.backups(100)
+    assert third.read_notes(record) == 'second'
+    assert third.read_verify_state(record)['state'] == 'ok'
     assert again.read_log(record) == 'line one\n'
     with pytest.raises(StorageError, match='is protected'):
         again.remove(record)

@@ -279,12 +279,8 @@ class ObjectDatastoreStorage(DatastoreStorage):
         with open(os.path.join(record.path, MANIFEST), 'rb') as handle:
             self.bucket.put(snapshot_key(self.path, record.path) + MANIFEST, handle.read())
 
-    def set_notes(self, record, notes):
-        super().set_notes(record, notes)
-        self._upload_manifest(record)
-
-    def write_verify_state(self, record, state):
-        super().write_verify_state(record, state)
+    def update_manifest(self, record, **changes):
+        super().update_manifest(record, **changes)
         self._upload_manifest(record)
 
     def free_bytes(self):
