@@ -98,7 +98,7 @@ class Lab:
 
     def datastore(self, storage_id, create_chunks=True, **options):
         """A fresh datastore section; returns (path, seconds to create its chunk store)."""
-        from guestvault_engine.format.datastore.chunk_store import ChunkStore
+        from guestvault_engine.datastore.chunk_store import ChunkStore
         path = os.path.join(self.run, 'ds', storage_id)
         os.makedirs(path)
         lines = [f"datastore: {storage_id}", f"\tpath {path}"]
@@ -461,7 +461,7 @@ def disk_entry(size, csum):
 
 def gc_scale(lab, args, samples):
     """garbage_collect over --gc-chunks chunk files, half of them named by fixed indexes."""
-    from guestvault_engine.format.datastore import blob, fixed_index
+    from guestvault_engine.datastore import blob, fixed_index
     from guestvault_engine.run.gc import GcRequest, run_gc
     from guestvault_engine.run.locate import require_storage
     path, created = lab.datastore('gc')

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Garbage collection over a datastore of many chunks: format/datastore/gc.collect_garbage against
+"""Garbage collection over a datastore of many chunks: datastore/gc.collect_garbage against
 a plain listing of the same ``.chunks`` directory, in one run.
 
 A benchmark, not a test: it prints times and ratios and asserts none. It builds a store (all
@@ -38,7 +38,7 @@ def load_engine():
 
 
 def build_store(base, count, referenced):
-    from guestvault_engine.format.datastore import blob, chunk_store, fixed_index
+    from guestvault_engine.datastore import blob, chunk_store, fixed_index
     store = chunk_store.ChunkStore(base)
     started = time.monotonic()
     store.create()
@@ -86,7 +86,7 @@ def main():
     parser.add_argument('--keep', action='store_true')
     options = parser.parse_args()
     load_engine()
-    from guestvault_engine.format.datastore import gc
+    from guestvault_engine.datastore import gc
 
     os.makedirs(options.workdir, exist_ok=True)
     base = tempfile.mkdtemp(prefix='gc-', dir=options.workdir)

@@ -86,10 +86,10 @@ def main():
     options = parser.parse_args()
     load_engine()
     from guestvault_engine.format import qemu_img
-    from guestvault_engine.format.datastore import chunk_store, fixed_index, key_file
-    from guestvault_engine.format.datastore.backup_writer import write_disk_index
-    from guestvault_engine.format.datastore.image_restore import restore_disk_image
-    from guestvault_engine.format.datastore.sources import RawFileSource
+    from guestvault_engine.datastore import chunk_store, fixed_index, key_file
+    from guestvault_engine.datastore.backup_writer import write_disk_index
+    from guestvault_engine.datastore.image_restore import restore_disk_image
+    from guestvault_engine.datastore.sources import RawFileSource
 
     size, data = parse_size(options.size), parse_size(options.data)
     os.makedirs(options.workdir, exist_ok=True)

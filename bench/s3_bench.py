@@ -50,7 +50,7 @@ def one_round(run, guest, cluster, storage_id, number):
     cache = os.path.join(run, f'cache-{number}')
     os.makedirs(local_path, exist_ok=True)
     # an empty datastore, as PBS creates one: its 65536 directories are not the backup's work
-    from guestvault_engine.format.datastore.chunk_store import ChunkStore
+    from guestvault_engine.datastore.chunk_store import ChunkStore
     ChunkStore(local_path).create()
     bucket = f"bench-{uuid.uuid4().hex[:10]}"
     cluster.create_bucket(bucket)

@@ -12,11 +12,11 @@ import pytest
 
 from guestvault_engine.errors import (BackupDamaged, BackupFailed, CorruptData,
                                       EncryptionKeyError, GuestvaultError)
-from guestvault_engine.format.datastore.chunk_store import ChunkStore
-from guestvault_engine.format.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
+from guestvault_engine.datastore.chunk_store import ChunkStore
+from guestvault_engine.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
                                                              ENCRYPTED_COMPRESSED_BLOB_MAGIC)
-from guestvault_engine.format.datastore.fixed_index import read_fixed_index
-from guestvault_engine.format.datastore.manifest import BackupManifest
+from guestvault_engine.datastore.fixed_index import read_fixed_index
+from guestvault_engine.datastore.manifest import BackupManifest
 from guestvault_engine.run.backup import BackupRequest, run_backup
 from guestvault_engine.run.gc import GcRequest, run_gc
 from guestvault_engine.run.info import list_backups
@@ -463,7 +463,7 @@ def test_a_scrypt_key_with_a_passphrase_file_and_the_key_never_in_the_store(
     ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
     out = restore(guest, config_dir, tmp_path / 'r', storage='enc')
     assert same_content(ref, out['disks'][0]['target'])[0]
-    from guestvault_engine.format.datastore.key_file import load_key
+    from guestvault_engine.datastore.key_file import load_key
     secret = load_key(key['path'], 'correct horse battery')._key   # the 32 key bytes
     for folder, _dirs, files in os.walk(path):
         for name in files:

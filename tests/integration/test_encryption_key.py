@@ -7,7 +7,7 @@ import os
 import stat
 
 from ansible_runner import assert_failed_with, documented_return
-from guestvault_engine.format.datastore.key_file import load_key
+from guestvault_engine.datastore.key_file import load_key
 
 KEY = 'guestvault.backup.encryption_key'
 PASSPHRASE = 'correct horse battery'

@@ -333,8 +333,8 @@ def test_a_linux_guest_answers_its_agent_before_its_disk_is_copied_and_ends_clea
 
 def test_a_damaged_chunk_met_during_a_datastore_live_restore_pauses_the_guest_and_says_why(
         make_guest, tmp_path, config_dir, datastore_path, monkeypatch):
-    from guestvault_engine.format.datastore.chunk_store import ChunkStore
-    from guestvault_engine.format.datastore.fixed_index import read_fixed_index
+    from guestvault_engine.datastore.chunk_store import ChunkStore
+    from guestvault_engine.datastore.fixed_index import read_fixed_index
     monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
     with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
         handle.write(f"datastore: ds\n\tpath {datastore_path}\n")

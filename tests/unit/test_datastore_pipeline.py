@@ -1,5 +1,5 @@
 """The datastore pipeline on real files: back up a raw image into a chunk store, restore it, verify
-it, collect garbage (format/datastore: sources, backup_writer, image_restore, verify, gc)."""
+it, collect garbage (datastore/: sources, backup_writer, image_restore, verify, gc)."""
 import filecmp
 import hashlib
 import os
@@ -9,13 +9,13 @@ import pytest
 
 from guestvault_engine.errors import BackupFailed, CorruptData, EncryptionKeyError, StorageError
 from guestvault_engine.format import qemu_img
-from guestvault_engine.format.datastore import chunk_store, fixed_index, gc, key_file
-from guestvault_engine.format.datastore.backup_writer import write_disk_index
-from guestvault_engine.format.datastore.file_formats import (
+from guestvault_engine.datastore import chunk_store, fixed_index, gc, key_file
+from guestvault_engine.datastore.backup_writer import write_disk_index
+from guestvault_engine.datastore.file_formats import (
     ENCRYPTED_BLOB_MAGIC, ENCRYPTED_COMPRESSED_BLOB_MAGIC)
-from guestvault_engine.format.datastore.image_restore import restore_disk_image
-from guestvault_engine.format.datastore.sources import RawFileSource
-from guestvault_engine.format.datastore.verify import verify_disk_index
+from guestvault_engine.datastore.image_restore import restore_disk_image
+from guestvault_engine.datastore.sources import RawFileSource
+from guestvault_engine.datastore.verify import verify_disk_index
 from guestvault_engine.storage import files
 
 MiB = 1024 * 1024

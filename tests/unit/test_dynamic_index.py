@@ -5,9 +5,9 @@ import struct
 import pytest
 
 from guestvault_engine.errors import CorruptData, StorageError
-from guestvault_engine.format.datastore.dynamic_index import (
+from guestvault_engine.datastore.dynamic_index import (
     DynamicIndexWriter, parse_dynamic_index, read_dynamic_index)
-from guestvault_engine.format.datastore.file_formats import (
+from guestvault_engine.datastore.file_formats import (
     DYNAMIC_INDEX_MAGIC, FIXED_INDEX_MAGIC, INDEX_HEADER_SIZE)
 
 DIGESTS = [hashlib.sha256(bytes([n])).digest() for n in range(3)]

@@ -1,16 +1,16 @@
 """Garbage collection's mark on a datastore: every index file under the backup groups counts,
 fixed or dynamic, whatever its snapshot's manifest says; an index that cannot be parsed stops the
-run before anything is removed (format/datastore/gc.py, storage/datastore.py walk_index_files)."""
+run before anything is removed (datastore/gc.py, datastore/storage.py walk_index_files)."""
 import os
 
 import pytest
 
 from guestvault_engine.errors import CorruptData
-from guestvault_engine.format.datastore import blob, chunk_store, gc
-from guestvault_engine.format.datastore.dynamic_index import DynamicIndexWriter
-from guestvault_engine.format.datastore.fixed_index import encode_fixed_index
-from guestvault_engine.format.datastore.snapshot import SnapshotCodec
-from guestvault_engine.storage.datastore import DatastoreStorage
+from guestvault_engine.datastore import blob, chunk_store, gc
+from guestvault_engine.datastore.dynamic_index import DynamicIndexWriter
+from guestvault_engine.datastore.fixed_index import encode_fixed_index
+from guestvault_engine.datastore.snapshot import SnapshotCodec
+from guestvault_engine.datastore.storage import DatastoreStorage
 
 CHUNK = 4 * 1024 * 1024
 OLD = 1_000_000

@@ -7,11 +7,9 @@ import pathlib
 
 ENGINE = pathlib.Path(__file__).resolve().parents[2] / 'plugins' / 'module_utils' / '_engine'
 
-# The two cycles the engine has today, each hidden behind an import inside a function. The
-# issue 21 branches that move the datastore into one package and reshape run/ remove them; the
-# lead removes this constant when merging them. Any other cycle fails the test.
+# The one cycle the engine still has, hidden behind an import inside a function; the issue 21
+# branch that reshapes run/ removes it, and this constant with it. Any other cycle fails the test.
 KNOWN_CYCLES = {
-    'format.datastore.chunk_store -> format.datastore.gc -> format.datastore.chunk_store',
     'run.live_restore -> run.restore -> run.live_restore',
 }
 

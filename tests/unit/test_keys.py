@@ -9,8 +9,8 @@ import stat
 import pytest
 
 from guestvault_engine.errors import EncryptionKeyError, MissingLibrary
-from guestvault_engine.format.datastore import crypt as crypt_module
-from guestvault_engine.format.datastore.key_file import KeyFile, load_key
+from guestvault_engine.datastore import crypt as crypt_module
+from guestvault_engine.datastore.key_file import KeyFile, load_key
 from guestvault_engine.run.keys import check_crypt_matches, create_key, key_info, load_crypt
 
 PASSPHRASE = 'correct horse'

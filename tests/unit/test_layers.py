@@ -1,5 +1,5 @@
-"""The engine's layers point down only (docs/architecture.md): run -> policy | guest -> format ->
-storage, with errors, vocabulary, times and version below everything. QMP command names live
+"""The engine's layers point down only (docs/architecture.md): run -> policy | guest -> datastore
+-> format -> storage, with errors, vocabulary, times and version below everything. QMP command names live
 only in guest/, qemu-img only in format/, and nothing in the engine imports Ansible."""
 import ast
 import pathlib
@@ -8,7 +8,7 @@ import re
 import pytest
 
 ENGINE = pathlib.Path(__file__).resolve().parents[2] / 'plugins' / 'module_utils' / '_engine'
-RANK = {'run': 3, 'policy': 2, 'guest': 2, 'format': 1, 'storage': 0}
+RANK = {'run': 4, 'policy': 3, 'guest': 3, 'datastore': 2, 'format': 1, 'storage': 0}
 BASE = {'errors', 'vocabulary', 'times', 'version'}
 FILES = sorted(p for p in ENGINE.rglob('*.py'))
 
@@ -28,8 +28,8 @@ def imported_layers(path):
             if node.level == 0:
                 assert not (node.module or '').startswith('ansible'), f"{path}: imports Ansible"
                 continue
-            # resolve the import against the file's package (format/datastore/x.py: '..' is
-            # format, '...' the engine)
+            # resolve the import against the file's package (datastore/backends/x.py: '..' is
+            # datastore, '...' the engine)
             package = list(path.relative_to(ENGINE).parts[:-1])
             base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
             names = base + [part for part in (node.module or '').split('.') if part]
@@ -67,3 +67,24 @@ def test_no_qmp_command_outside_guest_and_no_qemu_img_outside_format(path):
             f"{path}: runs qemu-img outside format/"
     match = QMP_COMMAND.search(text)
     assert match is None, f"{path}: names the QMP command {match.group(1)}"
+
+
+def format_modules_imported(path):
+    """The modules of format/ a file imports (``from ..format.base import x`` -> 'base')."""
+    package = list(path.relative_to(ENGINE).parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            names = package[:len(package) - (node.level - 1)] + (node.module or '').split('.')
+            names = [name for name in names if name]
+            if names[:1] == ['format']:
+                found.update(names[1:2] or [alias.name for alias in node.names])
+    return found
+
+
+@pytest.mark.parametrize('path', [p for p in FILES if layer(p) == 'datastore'],
+                         ids=lambda p: str(p.relative_to(ENGINE)))
+def test_the_datastore_uses_only_the_format_interface_and_qemu_img_from_format(path):
+    # the Datastore is a Format (format/base.py) and restores to qcow2 through qemu-img, which
+    # only format/qemu_img.py runs; the qcow2 chain and anything else in format/ stay apart
+    assert format_modules_imported(path) <= {'base', 'qemu_img'}, path

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from guestvault_engine.errors import CorruptData, StorageError
-from guestvault_engine.format.datastore import blob, chunk_store
-from guestvault_engine.format.datastore.crypt import CryptConfig
+from guestvault_engine.datastore import blob, chunk_store
+from guestvault_engine.datastore.crypt import CryptConfig
 from guestvault_engine.storage.files import write_file_hidden
 
 MiB = 1024 * 1024

@@ -12,7 +12,7 @@ import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guestvault_engine.errors import CorruptData, EncryptionKeyError, MissingLibrary, StorageError
-from guestvault_engine.format.datastore import blob, crypt, file_formats as ff, fixed_index
+from guestvault_engine.datastore import blob, crypt, file_formats as ff, fixed_index
 
 MiB = 1024 * 1024
 

@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guestvault_engine.errors import ConfigError, EncryptionKeyError
-from guestvault_engine.format.datastore import key_file
-from guestvault_engine.format.datastore.crypt import CryptConfig
+from guestvault_engine.datastore import key_file
+from guestvault_engine.datastore.crypt import CryptConfig
 
 KEY = bytes(range(32))
 FINGERPRINT = ('0e:ab:d4:46:0b:6e:b9:ca:34:50:23:de:e2:b7:78:c7:'

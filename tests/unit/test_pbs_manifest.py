@@ -7,9 +7,9 @@ import json
 import pytest
 
 from guestvault_engine.errors import CorruptData, EncryptionKeyError
-from guestvault_engine.format.datastore import blob, file_formats as ff, manifest as mf
-from guestvault_engine.format.datastore.crypt import CryptConfig
-from guestvault_engine.format.datastore.key_file import derive_passphrase_key
+from guestvault_engine.datastore import blob, file_formats as ff, manifest as mf
+from guestvault_engine.datastore.crypt import CryptConfig
+from guestvault_engine.datastore.key_file import derive_passphrase_key
 
 KEY = bytes(range(32))
 

@@ -1,4 +1,4 @@
-"""storage/s3.check_fingerprint: a pinned certificate (s3-endpoint's ``fingerprint``) against a
+"""datastore/backends/s3.check_fingerprint: a pinned certificate (s3-endpoint's ``fingerprint``) against a
 real TLS server on loopback with a self-signed certificate made here."""
 import datetime
 import hashlib
@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from guestvault_engine.errors import StorageError
-from guestvault_engine.storage.s3 import check_fingerprint
+from guestvault_engine.datastore.backends.s3 import check_fingerprint
 
 x509 = pytest.importorskip('cryptography.x509')
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

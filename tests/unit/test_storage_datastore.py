@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 import pytest
 
 from guestvault_engine.errors import StorageError
-from guestvault_engine.format.datastore.crypt import CryptConfig
-from guestvault_engine.format.datastore.manifest import BackupManifest
-from guestvault_engine.format.datastore.snapshot import SnapshotCodec, index_name
+from guestvault_engine.datastore.crypt import CryptConfig
+from guestvault_engine.datastore.manifest import BackupManifest
+from guestvault_engine.datastore.snapshot import SnapshotCodec, index_name
 from guestvault_engine.storage.base import BackupRecord
-from guestvault_engine.storage.datastore import DatastoreStorage
+from guestvault_engine.datastore.storage import DatastoreStorage
 
 CSUM = 'ab' * 32
 

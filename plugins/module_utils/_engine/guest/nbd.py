@@ -4,7 +4,7 @@ QEMU exports each disk's fleece node read-only on a unix socket (``guest/pull.py
 ``NbdSource`` is a libnbd client of one such export: its size, its extents (``base:allocation``:
 where it reads as zeros), for an incremental the dirty extents of the frozen bitmap the export
 carries (``qemu:dirty-bitmap:<name>``), and ``reader()``, an independent connection per worker
-thread. The format reads chunks through it by duck typing; ``format/datastore/sources.py`` has
+thread. The format reads chunks through it by duck typing; ``datastore/sources.py`` has
 the same interface over a raw file.
 
 libnbd is not on PyPI: Debian ships it as ``python3-libnbd``.

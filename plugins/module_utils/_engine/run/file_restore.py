@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from ..errors import ConfigError, GuestvaultError, StorageError
-from ..format.datastore.nbd_server import NbdServer
+from ..datastore.nbd_server import NbdServer
 from ..guest import appliance
 from ..guest.registry import validate_vmid
 from ..storage import catalog

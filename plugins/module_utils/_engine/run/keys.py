@@ -1,6 +1,6 @@
 """Encryption keys for datastores: create a Proxmox Backup Server key file, describe one, load one.
 
-A key file is PBS's own JSON (``format/datastore/key_file.py``), so a key created here works with
+A key file is PBS's own JSON (``datastore/key_file.py``), so a key created here works with
 ``proxmox-backup-client --keyfile`` and the other way round. Its fingerprint is recorded in the
 file, so :func:`key_info` needs no passphrase. A passphrase comes from a no_log option or from the
 first line of a file (as PBS reads ``PBS_ENCRYPTION_PASSWORD_FILE``); it never appears in a
@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 
 from ..errors import EncryptionKeyError
-from ..format.datastore.crypt import (CryptConfig, format_fingerprint, parse_fingerprint,
+from ..datastore.crypt import (CryptConfig, format_fingerprint, parse_fingerprint,
                                       require_cryptography)
-from ..format.datastore.key_file import (KDF_NONE, KDF_SCRYPT, MIN_PASSPHRASE_LENGTH, KeyFile,
+from ..datastore.key_file import (KDF_NONE, KDF_SCRYPT, MIN_PASSPHRASE_LENGTH, KeyFile,
                                          format_key_time, load_key_file, save_key_file)
 
 # The derivations a new key may use: PBS creates scrypt or none (pbkdf2 is only read).

@@ -17,7 +17,7 @@ import shutil
 from ..errors import LockTimeout
 from ..guest.capture import cancel_jobs, close_targets, our_jobs, our_targets
 from ..guest.disks import discover_disks
-from ..format.datastore.format import fleecing_dir
+from ..datastore.format import fleecing_dir
 from ..guest.pull import (delete_exports, our_exports, our_frozen_bitmaps,
                           stop_nbd_server)
 from ..guest.qmp import QmpSession

@@ -35,7 +35,7 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 
 from ..errors import GuestvaultError
-from ..format.datastore.nbd_server import NbdServer
+from ..datastore.nbd_server import NbdServer
 from ..guest import live
 from ..storage import catalog
 from ..storage.files import write_file_atomic

@@ -8,16 +8,12 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 
+from ..datastore.backends.s3 import S3Bucket
+from ..datastore.build import build_datastore
 from ..errors import ConfigError, GuestNotFound
-from ..format.datastore.format import Datastore
-from ..format.datastore.s3_chunks import S3ChunkStore
-from ..format.datastore.snapshot import SnapshotCodec
 from ..format.qcow2 import Qcow2Chain
 from ..guest.registry import GuestEntry, load_guest, validate_vmid
 from ..policy.config import load_s3_endpoint, load_storage
-from ..storage.datastore import DatastoreStorage
-from ..storage.s3 import S3Bucket
-from ..storage.s3_datastore import S3DatastoreStorage
 from ..storage.directory import DirStorage
 from .keys import load_crypt
 
@@ -68,15 +64,10 @@ def open_datastore(cfg, config_dir):
     crypt = None
     if cfg.encryption_key:
         crypt = load_crypt(cfg.encryption_key, passphrase_file=cfg.encryption_passphrase_file)
-    codec = SnapshotCodec(crypt)
+    bucket = None
     if cfg.s3_backend:
         bucket = S3Bucket(load_s3_endpoint(config_dir, cfg), cfg.s3_backend['bucket'])
-        store = S3DatastoreStorage(cfg.path, cfg.id, codec, bucket)
-        store.format = Datastore(store, crypt, chunks=S3ChunkStore(store))
-        return store
-    store = DatastoreStorage(cfg.path, cfg.id, codec)
-    store.format = Datastore(store, crypt)
-    return store
+    return build_datastore(cfg.path, cfg.id, crypt, bucket)
 
 
 def require_storage(config_dir, storage=None, dumpdir=None, node=None):

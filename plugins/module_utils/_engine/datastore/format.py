@@ -13,15 +13,16 @@ import os
 import shutil
 import threading
 
-from ...errors import (BackupFailed, ConfigError, CorruptData, EncryptionKeyError, GuestvaultError,
+from ..errors import (BackupFailed, ConfigError, CorruptData, EncryptionKeyError, GuestvaultError,
                        StorageError)
-from ...times import format_time
-from ...version import TOOL_VERSION
-from ..qemu_img import create_qcow2
-from ..base import Format, TargetImage
+from ..times import format_time
+from ..version import TOOL_VERSION
+from ..format.qemu_img import create_qcow2
+from ..format.base import Format, TargetImage
 from .backup_writer import write_disk_index
 from .chunk_store import ChunkStore
 from .fixed_index import read_fixed_index
+from .gc import collect_garbage
 from .image_restore import restore_disk_image
 from .nbd_server import SnapshotExport
 from .snapshot import index_name
@@ -85,7 +86,7 @@ class Datastore(Format):
         self.storage = storage
         self.crypt = crypt
         self.key_fingerprint = crypt.fingerprint_text if crypt is not None else None
-        # chunks in files under the datastore, or objects in a bucket (s3_chunks)
+        # chunks in files under the datastore, or objects in a bucket (object_chunks)
         self.chunks = chunks or ChunkStore(storage.path)
         # a store in a bucket waits on requests more than it computes: more threads
         self.workers = workers or max(default_workers(),
@@ -345,8 +346,8 @@ class Datastore(Format):
             raise StorageError(f"{self.storage.label} holds no chunk store yet (no backup was "
                                "taken into it); nothing to collect")
         with self.storage.collecting_garbage(check_mode) as (now, oldest_writer_start):
-            return self.chunks.collect_garbage(
-                self.storage.index_files(), grace_seconds=grace_seconds,
+            return collect_garbage(
+                self.chunks, self.storage.index_files(), grace_seconds=grace_seconds,
                 oldest_writer_start=oldest_writer_start, check_mode=check_mode, now=now,
                 progress=progress)
 

@@ -20,7 +20,7 @@ import errno
 import os
 from contextlib import contextmanager
 
-from ...errors import BackupFailed, StorageError
+from ..errors import BackupFailed, StorageError
 
 
 def _fill(fd, view, offset, path):

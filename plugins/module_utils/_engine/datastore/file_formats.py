@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 
-from ...errors import CorruptData
+from ..errors import CorruptData
 
 UNCOMPRESSED_BLOB_MAGIC = bytes((66, 171, 56, 7, 190, 131, 112, 161))
 COMPRESSED_BLOB_MAGIC = bytes((49, 185, 88, 66, 111, 182, 163, 127))

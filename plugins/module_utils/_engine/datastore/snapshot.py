@@ -19,8 +19,8 @@ import calendar
 import os
 import time
 
-from ...errors import CorruptData
-from ...storage.files import write_file_atomic
+from ..errors import CorruptData
+from ..storage.files import write_file_atomic
 from .blob import crypt_mode, decode_blob, encode_blob
 from .manifest import (MANIFEST_BLOB_NAME, BackupManifest, blob_file_info, make_upid,
                        snapshot_time_text)

@@ -18,7 +18,7 @@ import ssl
 import warnings
 from urllib.parse import urlparse
 
-from ..errors import MissingLibrary, StorageError
+from ...errors import MissingLibrary, StorageError
 
 # Attempts per request, the first included: at botocore's backoff (up to 20 s between tries)
 # about a minute of a gateway that does not answer before the error reaches the user.

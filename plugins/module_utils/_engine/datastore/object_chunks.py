@@ -1,9 +1,10 @@
-"""The chunk store of a datastore on S3: each chunk an object ``.chunks/XXXX/<digest hex>``.
+"""The chunk store of a datastore on an object store (a ``Backend``: S3, or the memory double of
+the unit tests): each chunk an object ``.chunks/XXXX/<digest hex>``.
 
 The objects are the same DataBlobs a local store keeps in files. What differs:
-- **inserting** is a conditional put (``If-None-Match: *``): the first writer of a chunk creates
-  it, any other (another worker, another node) learns it exists; nothing is overwritten, so two
-  nodes backing up clones of one image store the shared chunks once;
+- **inserting** is a conditional put (``put_new``, S3's ``If-None-Match: *``): the first writer
+  of a chunk creates it, any other (another worker, another node) learns it exists; nothing is
+  overwritten, so two nodes backing up clones of one image store the shared chunks once;
 - **what this node knows is stored** is kept in the local cache as an empty marker file per
   chunk (``<cache>/.chunks/XXXX/<digest>``), so an unchanged chunk costs no request at all. The
   markers are a cache: a GC on any node writes a new ``.gc-generation``, and a node that sees a
@@ -15,20 +16,22 @@ The objects are the same DataBlobs a local store keeps in files. What differs:
   multi-object deletes, each chunk no index names whose upload is older than the cutoff; it runs
   only while no backup writes anywhere (the storage's leases);
 - **verify** moves a corrupt chunk to ``<digest>.<n>.bad`` (a server-side copy, then a delete).
+
+It is composed over its backend and shares the layout helpers of ``chunk_store`` (the local
+store), not its class: the two differ in every method that touches a chunk.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from ...errors import CorruptData, StorageError
-from .chunk_store import CHUNK_DIR, MAX_BAD_COPIES, ChunkStore, chunk_relpath, digest_hex, \
-    is_chunk_name
-from .gc import missing_warning, referenced_digests
+from ..errors import CorruptData, StorageError
+from ..storage.files import touch_atime
+from .chunk_store import CHUNK_DIR, MAX_BAD_COPIES, chunk_relpath, digest_hex, is_chunk_name
 
+GC_GENERATION = '.gc-generation'    # in the backend: rewritten by every GC that ran
 GENERATION_FILE = '.generation'
 CHECKED_FILE = '.conditional-puts-checked'
 # Requests in flight at once (HEADs, GETs): S3 is latency-bound, not CPU-bound.
@@ -37,26 +40,36 @@ PARALLEL_REQUESTS = 16
 REQUEST_WORKERS = 8
 
 
-class S3ChunkStore(ChunkStore):
-    """Chunks in ``storage.bucket``; markers of stored chunks under the cache ``storage.path``."""
+def read_gc_generation(backend):
+    """What ``.gc-generation`` holds (None before the first GC)."""
+    data = backend.get(GC_GENERATION)
+    return data.decode('ascii', 'replace').strip() if data is not None else None
+
+
+class ObjectChunkStore:
+    """Chunks in ``backend``; markers of stored chunks under the local cache ``cache_dir``."""
 
     request_workers = REQUEST_WORKERS
 
-    def __init__(self, storage):
-        super().__init__(storage.path)
-        self.storage = storage
-        self.bucket = storage.bucket
+    def __init__(self, backend, cache_dir):
+        self.base = os.fspath(cache_dir)
+        self.chunk_dir = os.path.join(self.base, CHUNK_DIR)
+        self.backend = backend
 
     def __repr__(self):
-        return f"S3ChunkStore({self.bucket.label!r})"
+        return f"ObjectChunkStore({self.backend.label!r})"
 
     @property
     def where(self):
-        return f"{self.bucket.label} ({CHUNK_DIR}/)"
+        return f"{self.backend.label} ({CHUNK_DIR}/)"
 
     @staticmethod
     def key(digest):
         return chunk_relpath(digest).replace(os.sep, '/')
+
+    def chunk_path(self, digest):
+        """The marker of a chunk in the cache."""
+        return os.path.join(self.base, chunk_relpath(digest))
 
     # -- the store -----------------------------------------------------------------------------
     def exists(self):
@@ -66,7 +79,7 @@ class S3ChunkStore(ChunkStore):
         os.makedirs(self.chunk_dir, mode=0o700, exist_ok=True)
 
     def check(self):
-        self.bucket.check()
+        self.backend.check()
 
     def prepare(self):
         """Before a backup: the endpoint honours conditional puts (checked once per cache), and
@@ -76,7 +89,7 @@ class S3ChunkStore(ChunkStore):
         if not os.path.exists(checked):
             self._check_conditional_puts()
             open(checked, 'w').close()
-        generation = self.storage.gc_generation() or ''
+        generation = read_gc_generation(self.backend) or ''
         path = os.path.join(self.chunk_dir, GENERATION_FILE)
         try:
             with open(path) as handle:
@@ -98,18 +111,27 @@ class S3ChunkStore(ChunkStore):
         an endpoint that ignores it."""
         key = f".leases/probe-{uuid.uuid4().hex}"
         try:
-            first = self.bucket.put_new(key, b'probe')
-            second = self.bucket.put_new(key, b'probe')
+            first = self.backend.put_new(key, b'probe')
+            second = self.backend.put_new(key, b'probe')
         finally:
-            self.bucket.delete([key])
+            self.backend.delete([key])
         if not first or second:
             raise StorageError(
-                f"{self.bucket.label} does not refuse a second conditional put "
+                f"{self.backend.label} does not refuse a second conditional put "
                 "(If-None-Match: *) of one key; guestvault needs an S3 endpoint that supports "
                 "conditional writes (AWS S3, a recent MinIO, Ceph RGW or SeaweedFS)")
 
     def sync(self):
         pass  # an object is durable when its put has answered
+
+    def touch(self, digest, must_exist=True):
+        """Touch a chunk's marker (a live restore's ``keep_chunks``: a GC on S3 does not sweep
+        while a writer holds its lease, so only the cache's marker is touched)."""
+        if touch_atime(self.chunk_path(digest)):
+            return True
+        if must_exist:
+            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.where}")
+        return False
 
     # -- markers -------------------------------------------------------------------------------
     def _mark(self, digest):
@@ -137,7 +159,7 @@ class S3ChunkStore(ChunkStore):
         return False
 
     def contains(self, digest):
-        return self.bucket.head(self.key(digest)) is not None
+        return self.backend.head(self.key(digest)) is not None
 
     def missing(self, digests):
         """One HEAD per digest, in parallel; a missing chunk's marker is dropped, so the next
@@ -152,12 +174,12 @@ class S3ChunkStore(ChunkStore):
 
     # -- one chunk -----------------------------------------------------------------------------
     def insert(self, digest, blob, durable=True):
-        created = self.bucket.put_new(self.key(digest), blob)
+        created = self.backend.put_new(self.key(digest), blob)
         self._mark(digest)
         return not created, len(blob)
 
     def read(self, digest):
-        data = self.bucket.get(self.key(digest))
+        data = self.backend.get(self.key(digest))
         if data is None:
             raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.where}")
         return data
@@ -167,42 +189,35 @@ class S3ChunkStore(ChunkStore):
 
     def mark_bad(self, digest):
         key = self.key(digest)
-        if self.bucket.head(key) is None:
+        if self.backend.head(key) is None:
             return None
         for counter in range(MAX_BAD_COPIES):
             target = f"{key}.{counter}.bad"
-            if counter == MAX_BAD_COPIES - 1 or self.bucket.head(target) is None:
+            if counter == MAX_BAD_COPIES - 1 or self.backend.head(target) is None:
                 break
-        self.bucket.copy(key, target)
-        self.bucket.delete([key])
+        self.backend.copy(key, target)
+        self.backend.delete([key])
         self._unmark(digest)
         return target
 
-    # -- garbage collection --------------------------------------------------------------------
-    def collect_garbage(self, index_paths, *, grace_seconds, oldest_writer_start=None,
-                        check_mode=False, now=None, progress=None):
-        """As ``gc.collect_garbage`` (same result keys), marking in memory and sweeping by each
-        object's upload time; ``now`` is the bucket's clock at the start."""
-        started = time.monotonic()
-        now = time.time() if now is None else float(now)
-        cutoff = now - float(grace_seconds)
-        warnings = []
-        paths = list(index_paths)
-        if progress is not None:
-            progress('mark', 0, len(paths))
-        referenced, index_files, logical = referenced_digests(paths)
-        if progress is not None:
-            progress('mark', len(paths), len(paths))
-        result = {'removed_chunks': 0, 'removed_bytes': 0, 'kept_chunks': 0, 'kept_bytes': 0,
-                  'bad_chunks_removed': 0, 'bad_chunks_kept': 0, 'pending_chunks': 0,
-                  'removed_temporaries': 0, 'referenced_bytes': 0}
+    # -- garbage collection (gc.collect_garbage runs it) --------------------------------------
+    def gc_check(self):
+        pass  # the bucket was checked when the storage opened
+
+    def gc_mark(self, referenced):
+        """An object's time cannot be touched without copying it: the mark stays in memory (the
+        referenced digests), and the sweep finds the missing chunks."""
+        return None
+
+    def gc_sweep(self, referenced, cutoff, protect_from, check_mode, result, progress):
+        """List ``.chunks/`` and delete, with multi-object deletes, each chunk no index names
+        whose upload is older than ``cutoff`` (``now`` is the bucket's clock at the start), and
+        each ``.bad`` copy no index needs; the chunk names present."""
         present, bad, doomed = set(), [], []
-        listed = 0
-        for key, size, _etag, modified in self.bucket.objects(CHUNK_DIR + '/'):
+        for key, size, _etag, modified in self.backend.objects(CHUNK_DIR + '/'):
             name = key.rsplit('/', 1)[-1]
             if not is_chunk_name(name):
                 continue
-            listed += 1
             if len(name) > 64:
                 bad.append((key, name[:64].lower(), size, modified))
                 continue
@@ -226,21 +241,10 @@ class S3ChunkStore(ChunkStore):
             result[counter] += 1
             result['removed_bytes'] += size
         if not check_mode and doomed:
-            self.bucket.delete(key for key, _n, _s, _c in doomed)
+            self.backend.delete(key for key, _n, _s, _c in doomed)
             for _key, name, _size, _counter in doomed:
                 if name is not None:
                     self._unmark(name)
         if progress is not None:
             progress('sweep', 1, 1)     # one listing, no prefix directories to count
-        kept = result['referenced_bytes']
-        missing = referenced - present
-        warning = missing_warning(missing, paths)
-        if warning:
-            warnings.append(warning)
-        result.update(
-            index_files=index_files, referenced_chunks=len(referenced),
-            missing_chunks=len(missing), logical_bytes=logical,
-            dedup_factor=round(logical / kept, 3) if kept else 0.0, cutoff=cutoff,
-            check_mode=bool(check_mode), warnings=warnings,
-            duration=round(time.monotonic() - started, 3))
-        return result
+        return present

@@ -26,7 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from ...errors import BackupFailed
+from ..errors import BackupFailed
 from .blob import encode_blob, new_compressor
 from .crypt import chunk_digest
 from .file_formats import DEFAULT_CHUNK_SIZE

@@ -22,9 +22,9 @@ import os
 import threading
 import time
 
-from ...errors import CorruptData, StorageError
-from ...storage.files import DirectFiles
-from .. import qemu_img
+from ..errors import CorruptData, StorageError
+from ..storage.files import DirectFiles
+from ..format import qemu_img
 from .blob import decode_blob
 from .crypt import chunk_digest
 from .workers import RateLimiter, run_parallel

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from ...errors import CorruptData, EncryptionKeyError, MissingLibrary
+from ..errors import CorruptData, EncryptionKeyError, MissingLibrary
 from .crypt import chunk_digest
 from .file_formats import (BLOB_CRC_OFFSET, BLOB_HEADER_SIZE, BLOB_IV_OFFSET, BLOB_KINDS,
                            BLOB_TAG_OFFSET, COMPRESSED_BLOB_MAGIC, ENCRYPTED_BLOB_HEADER_SIZE,

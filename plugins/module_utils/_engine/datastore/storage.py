@@ -23,8 +23,8 @@ import uuid
 from contextlib import contextmanager
 
 from ..errors import GuestvaultError, StorageError
-from .directory import PROTECTED, DirStorage, StagedBackup
-from .files import write_file_atomic
+from ..storage.directory import PROTECTED, DirStorage, StagedBackup
+from ..storage.files import write_file_atomic
 
 MANIFEST = 'index.json.blob'
 GUEST_CONFIG = 'guest.json.blob'
@@ -140,15 +140,20 @@ class DatastoreStorage(DirStorage):
         return record.index.get('notes')
 
     def set_notes(self, record, notes):
-        self.codec.update_unprotected(record.path, notes=notes or None)
-        record.index['notes'] = notes or None
+        self.update_manifest(record, notes=notes or None)
 
     def read_verify_state(self, record):
         return record.index.get('verify')
 
     def write_verify_state(self, record, state):
-        self.codec.update_unprotected(record.path, verify=state)
-        record.index['verify'] = state
+        self.update_manifest(record, verify=state)
+
+    def update_manifest(self, record, **changes):
+        """Change ``notes`` or ``verify`` in the manifest's unprotected part, and in ``record``:
+        the one way a snapshot changes after its commit (protection aside: a file of its own,
+        as PBS keeps it). A datastore with a backend uploads the manifest after."""
+        self.codec.update_unprotected(record.path, **changes)
+        record.index.update(changes)
 
     def read_guest_config(self, record):
         try:

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from ...errors import GuestvaultError
+from ..errors import GuestvaultError
 from .image_restore import chunk_name, load_chunk, zero_digests
 
 NBDMAGIC = 0x4e42444d41474943

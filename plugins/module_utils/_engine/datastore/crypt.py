@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import os
 
-from ...errors import CorruptData, EncryptionKeyError, MissingLibrary
+from ..errors import CorruptData, EncryptionKeyError, MissingLibrary
 from .file_formats import IV_SIZE, TAG_SIZE
 
 try:

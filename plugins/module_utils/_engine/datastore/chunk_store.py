@@ -23,9 +23,10 @@ from __future__ import annotations
 import os
 import re
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
-from ...errors import CorruptData, StorageError
-from ...storage.files import (DirectFiles, fsync_path, sync_filesystem, touch_atime,
+from ..errors import CorruptData, StorageError
+from ..storage.files import (DirectFiles, fsync_path, sync_filesystem, touch_atime,
                               write_file_hidden)
 from .blob import blob_kind, encode_chunk
 from .file_formats import (COMPRESSED_BLOB_MAGIC, DEFAULT_CHUNK_SIZE, DIGEST_SIZE,
@@ -35,6 +36,7 @@ CHUNK_DIR = '.chunks'
 LOCK_FILE = '.lock'
 SUBDIR_COUNT = 1 << 16
 MAX_BAD_COPIES = 10
+REMOVE_THREADS = 8
 
 # sha256 of 4 MiB of zero bytes: every all-zero chunk of an unencrypted backup has this name
 ZERO_CHUNK_DIGEST = bytes.fromhex(
@@ -133,10 +135,45 @@ class ChunkStore:
         """The digests of ``digests`` that have no chunk in the store."""
         return [digest for digest in digests if not self.contains(digest)]
 
-    def collect_garbage(self, index_paths, **options):
-        """Garbage collection in PBS's two phases (gc.collect_garbage has the options)."""
-        from .gc import collect_garbage  # gc imports this module: imported when first used
-        return collect_garbage(self, index_paths, **options)
+    # -- garbage collection (gc.collect_garbage runs it) --------------------------------------
+
+    def gc_check(self):
+        self.check()
+
+    def gc_mark(self, referenced):
+        """Touch every referenced chunk (hex digests); the ones that are missing. A missing
+        chunk has its ``.bad`` copies touched instead, so they stay while something needs them."""
+        missing = set()
+        for name in referenced:
+            path = os.path.join(self.chunk_dir, name[:4], name)
+            if self.touch_path(path):
+                continue
+            missing.add(name)
+            for counter in range(MAX_BAD_COPIES):
+                self.touch_path(f"{path}.{counter}.bad")
+        return missing
+
+    def gc_sweep(self, referenced, cutoff, protect_from, check_mode, result, progress):
+        """Scan ``.chunks/XXXX`` one prefix directory at a time (``os.scandir``, one ``lstat``
+        per entry) and remove every chunk and ``.bad`` copy whose atime is older than ``cutoff``
+        and that no index needs, and crashed writers' temporaries; the chunk names present."""
+        present = set()
+        folders = _prefix_folders(self.chunk_dir)
+        total = len(folders)
+        cutoff_ns = int(cutoff * 1e9)
+        protect_ns = int(protect_from * 1e9)
+        if progress is not None:
+            progress('sweep', 0, total)
+        remover = _Remover(check_mode, result)
+        try:
+            for number, folder in enumerate(folders):
+                _sweep_folder(folder, referenced, cutoff_ns, protect_ns, result, present,
+                              remover.remove)
+                if progress is not None and (number & 0xfff == 0xfff or number == total - 1):
+                    progress('sweep', number + 1, total)
+        finally:
+            remover.finish()
+        return present
 
     # -- one chunk -----------------------------------------------------------------------------
 
@@ -264,3 +301,135 @@ class ChunkStore:
             for name in names:
                 if is_chunk_name(name):
                     yield os.path.join(folder, name), name, name.endswith('.bad')
+
+
+def _prefix_folders(chunk_dir):
+    """The ``XXXX`` directories of ``.chunks`` (all 65536 in a store PBS or ``create`` made)."""
+    try:
+        names = os.listdir(chunk_dir)
+    except OSError as exc:
+        raise StorageError(f"cannot list {chunk_dir}: {exc.strerror or exc}") from None
+    return [os.path.join(chunk_dir, name) for name in sorted(names)
+            if len(name) == 4 and all(c in '0123456789abcdef' for c in name)]
+
+
+def _sweep_folder(folder, referenced, cutoff_ns, protect_ns, result, present, remove):
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    bad = []
+    for entry in entries:
+        name = entry.name
+        if name.startswith('.'):
+            _sweep_temporary(entry, cutoff_ns, remove)
+            continue
+        if not is_chunk_name(name):
+            continue
+        if len(name) > 64:
+            bad.append(entry)
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        name = name.lower()
+        present.add(name)
+        if name in referenced or info.st_atime_ns >= cutoff_ns:
+            result['kept_chunks'] += 1
+            result['kept_bytes'] += info.st_size
+            if name in referenced:
+                result['referenced_bytes'] += info.st_size
+            elif info.st_atime_ns < protect_ns:
+                result['pending_chunks'] += 1
+            continue
+        remove(entry.path, 'removed_chunks', info.st_size)
+    for entry in bad:
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        digest = entry.name[:64].lower()
+        needed = digest in referenced and digest not in present
+        if needed or info.st_atime_ns >= cutoff_ns:
+            result['bad_chunks_kept'] += 1
+            continue
+        remove(entry.path, 'bad_chunks_removed', info.st_size)
+
+
+def _sweep_temporary(entry, cutoff_ns, remove):
+    """A writer's hidden temporary (``.<digest>.<pid>.<random>.tmp``) left by a crash."""
+    if not entry.name.endswith('.tmp'):
+        return
+    try:
+        info = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_mtime_ns < cutoff_ns:
+        remove(entry.path, 'removed_temporaries', 0)
+
+
+class _Remover:
+    """Counts what the sweep removes and, unless in check mode, unlinks it on a few threads: an
+    unlink waits on the file system's journal (and on discard, where it is mounted so), and
+    threads overlap those waits."""
+
+    BATCH = 256
+
+    def __init__(self, check_mode, result, threads=REMOVE_THREADS):
+        self.check_mode = check_mode
+        self.result = result
+        self.batch = []
+        self.futures = []
+        self.pool = None if check_mode else ThreadPoolExecutor(threads, 'gc-unlink')
+
+    def remove(self, path, counter, size):
+        if self.check_mode:
+            self._count(counter, size)
+            return
+        self.batch.append((path, counter, size))
+        if len(self.batch) >= self.BATCH:
+            self.futures.append(self.pool.submit(_unlink_all, self.batch))
+            self.batch = []
+
+    def _count(self, counter, size):
+        self.result[counter] += 1
+        if counter != 'removed_temporaries':
+            self.result['removed_bytes'] += size
+
+    def finish(self):
+        if self.pool is None:
+            return
+        if self.batch:
+            self.futures.append(self.pool.submit(_unlink_all, self.batch))
+            self.batch = []
+        self.pool.shutdown(wait=True)
+        errors = []
+        for future in self.futures:
+            error = future.exception()
+            if error is not None:
+                errors.append(error)
+                continue
+            for counter, size in future.result():
+                self._count(counter, size)
+        if errors:
+            raise errors[0]
+
+
+def _unlink_all(batch):
+    """Unlink every ``(path, counter, size)``; those removed (a file gone meanwhile is not)."""
+    removed = []
+    for path, counter, size in batch:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StorageError(f"cannot remove the chunk {path}: {exc.strerror or exc}") \
+                from None
+        removed.append((counter, size))
+    return removed

@@ -29,7 +29,7 @@ import re
 import socket
 import time
 
-from ...errors import CorruptData, EncryptionKeyError
+from ..errors import CorruptData, EncryptionKeyError
 from .blob import decode_blob, encode_blob
 from .crypt import format_fingerprint, parse_fingerprint
 

@@ -27,8 +27,8 @@ import os
 import time
 from datetime import datetime, timedelta, timezone
 
-from ...errors import EncryptionKeyError
-from ...storage.files import write_file_hidden
+from ..errors import EncryptionKeyError
+from ..storage.files import write_file_hidden
 from .crypt import (KEY_SIZE, CryptConfig, format_fingerprint, gcm_decrypt, gcm_encrypt,
                     parse_fingerprint)
 from .file_formats import IV_SIZE, TAG_SIZE

@@ -1,4 +1,7 @@
-"""Garbage collection of a chunk store, in PBS's two phases (datastore.rs, chunk_store.rs).
+"""Garbage collection of a chunk store, in PBS's two phases (datastore.rs, chunk_store.rs): the
+one collector of every datastore. It reads every index (fixed or dynamic) and asks the chunk
+store to mark and sweep; a store in a directory does it as below, one in a bucket marks in memory
+and sweeps by upload time (object_chunks.py).
 
 - **mark**: set the access time of every chunk any index names (``utimensat``, mtime left
   alone). A chunk that is missing has its ``.bad`` copies touched instead, so they stay while
@@ -17,17 +20,12 @@ counts as kept (the mark would have touched it), its ``.bad`` copies as kept whe
 from __future__ import annotations
 
 import os
-import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from ...errors import CorruptData, StorageError
-from . import chunk_store as chunk_store_module
+from ..errors import CorruptData, StorageError
 from .dynamic_index import parse_dynamic_index
 from .file_formats import DYNAMIC_INDEX_MAGIC, MAGIC_SIZE
 from .fixed_index import parse_fixed_index
-
-REMOVE_THREADS = 8
 
 
 def read_index_file(path):
@@ -97,32 +95,24 @@ def missing_warning(missing, index_paths, shown=5):
             "chunks again if the guest still holds that data")
 
 
-def _mark(chunks, referenced):
-    """Touch every referenced chunk; the digests (hex) that are missing."""
-    missing = set()
-    chunk_dir = chunks.chunk_dir
-    for name in referenced:
-        path = os.path.join(chunk_dir, name[:4], name)
-        if chunks.touch_path(path):
-            continue
-        missing.add(name)
-        for counter in range(chunk_store_module.MAX_BAD_COPIES):
-            chunks.touch_path(f"{path}.{counter}.bad")
-    return missing
-
-
 def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=None,
                     check_mode=False, now=None, progress=None):
     """Mark the chunks ``index_paths`` (fixed and dynamic index files) name, then sweep the
     store ``chunks``. Every index is read before anything is touched: one that cannot be parsed
     stops the run (``CorruptData`` naming it), in check mode too.
 
+    The store does what differs between a directory and a bucket: ``gc_check()`` before
+    anything is read, ``gc_mark(referenced)`` (touch each chunk; the missing ones, or None when
+    the mark is kept in memory) and ``gc_sweep(...)`` (remove what is unreferenced and older than
+    the cutoff, counting into ``result``; the chunk names present).
+
     ``now`` is the mark's start (epoch seconds; default the clock); ``oldest_writer_start`` the
     start of the oldest backup still running, if any. ``progress(phase, done, total)`` is called
-    with phase 'mark' (index files) and 'sweep' (prefix directories). Returns ``{index_files,
-    referenced_chunks, missing_chunks, removed_chunks, removed_bytes, kept_chunks, kept_bytes,
-    bad_chunks_removed, bad_chunks_kept, pending_chunks, removed_temporaries, referenced_bytes,
-    logical_bytes, dedup_factor, cutoff, check_mode, warnings, duration}``.
+    with phase 'mark' (index files) and 'sweep' (prefix directories, or one bucket listing).
+    Returns ``{index_files, referenced_chunks, missing_chunks, removed_chunks, removed_bytes,
+    kept_chunks, kept_bytes, bad_chunks_removed, bad_chunks_kept, pending_chunks,
+    removed_temporaries, referenced_bytes, logical_bytes, dedup_factor, cutoff, check_mode,
+    warnings, duration}``.
 
     ``kept_*`` count the chunks (not ``.bad`` copies) left in the store, ``pending_chunks`` those
     of them no index names that a later run removes; ``removed_bytes`` includes ``.bad`` copies;
@@ -130,7 +120,7 @@ def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=N
     ``referenced_bytes`` (what their chunks take on disk).
     """
     started = time.monotonic()
-    chunks.check()
+    chunks.gc_check()
     mark_start = time.time() if now is None else float(now)
     cutoff = mark_start
     if oldest_writer_start is not None:
@@ -143,28 +133,13 @@ def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=N
     if progress is not None:
         progress('mark', 0, len(paths))
     referenced, index_files, logical = referenced_digests(paths)
-    missing = None if check_mode else _mark(chunks, referenced)
+    missing = None if check_mode else chunks.gc_mark(referenced)
     if progress is not None:
         progress('mark', len(paths), len(paths))
     result = {'removed_chunks': 0, 'removed_bytes': 0, 'kept_chunks': 0, 'kept_bytes': 0,
               'bad_chunks_removed': 0, 'bad_chunks_kept': 0, 'pending_chunks': 0,
               'removed_temporaries': 0, 'referenced_bytes': 0}
-    present = set()
-    folders = _prefix_folders(chunks.chunk_dir)
-    total = len(folders)
-    cutoff_ns = int(cutoff * 1e9)
-    protect_ns = int(protect_from * 1e9)
-    if progress is not None:
-        progress('sweep', 0, total)
-    remover = _Remover(check_mode, result)
-    try:
-        for number, folder in enumerate(folders):
-            _sweep_folder(folder, referenced, cutoff_ns, protect_ns, result, present,
-                          remover.remove)
-            if progress is not None and (number & 0xfff == 0xfff or number == total - 1):
-                progress('sweep', number + 1, total)
-    finally:
-        remover.finish()
+    present = chunks.gc_sweep(referenced, cutoff, protect_from, check_mode, result, progress)
     if missing is None:
         missing = referenced - present
     warning = missing_warning(missing, paths)
@@ -177,135 +152,3 @@ def collect_garbage(chunks, index_paths, *, grace_seconds, oldest_writer_start=N
         cutoff=cutoff, check_mode=bool(check_mode), warnings=warnings,
         duration=round(time.monotonic() - started, 3))
     return result
-
-
-def _prefix_folders(chunk_dir):
-    """The ``XXXX`` directories of ``.chunks`` (all 65536 in a store PBS or ``create`` made)."""
-    try:
-        names = os.listdir(chunk_dir)
-    except OSError as exc:
-        raise StorageError(f"cannot list {chunk_dir}: {exc.strerror or exc}") from None
-    return [os.path.join(chunk_dir, name) for name in sorted(names)
-            if len(name) == 4 and all(c in '0123456789abcdef' for c in name)]
-
-
-def _sweep_folder(folder, referenced, cutoff_ns, protect_ns, result, present, remove):
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return
-    bad = []
-    for entry in entries:
-        name = entry.name
-        if name.startswith('.'):
-            _sweep_temporary(entry, cutoff_ns, remove)
-            continue
-        if not chunk_store_module.is_chunk_name(name):
-            continue
-        if len(name) > 64:
-            bad.append(entry)
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(info.st_mode):
-            continue
-        name = name.lower()
-        present.add(name)
-        if name in referenced or info.st_atime_ns >= cutoff_ns:
-            result['kept_chunks'] += 1
-            result['kept_bytes'] += info.st_size
-            if name in referenced:
-                result['referenced_bytes'] += info.st_size
-            elif info.st_atime_ns < protect_ns:
-                result['pending_chunks'] += 1
-            continue
-        remove(entry.path, 'removed_chunks', info.st_size)
-    for entry in bad:
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(info.st_mode):
-            continue
-        digest = entry.name[:64].lower()
-        needed = digest in referenced and digest not in present
-        if needed or info.st_atime_ns >= cutoff_ns:
-            result['bad_chunks_kept'] += 1
-            continue
-        remove(entry.path, 'bad_chunks_removed', info.st_size)
-
-
-def _sweep_temporary(entry, cutoff_ns, remove):
-    """A writer's hidden temporary (``.<digest>.<pid>.<random>.tmp``) left by a crash."""
-    if not entry.name.endswith('.tmp'):
-        return
-    try:
-        info = entry.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISREG(info.st_mode) and info.st_mtime_ns < cutoff_ns:
-        remove(entry.path, 'removed_temporaries', 0)
-
-
-class _Remover:
-    """Counts what the sweep removes and, unless in check mode, unlinks it on a few threads: an
-    unlink waits on the file system's journal (and on discard, where it is mounted so), and
-    threads overlap those waits."""
-
-    BATCH = 256
-
-    def __init__(self, check_mode, result, threads=REMOVE_THREADS):
-        self.check_mode = check_mode
-        self.result = result
-        self.batch = []
-        self.futures = []
-        self.pool = None if check_mode else ThreadPoolExecutor(threads, 'gc-unlink')
-
-    def remove(self, path, counter, size):
-        if self.check_mode:
-            self._count(counter, size)
-            return
-        self.batch.append((path, counter, size))
-        if len(self.batch) >= self.BATCH:
-            self.futures.append(self.pool.submit(_unlink_all, self.batch))
-            self.batch = []
-
-    def _count(self, counter, size):
-        self.result[counter] += 1
-        if counter != 'removed_temporaries':
-            self.result['removed_bytes'] += size
-
-    def finish(self):
-        if self.pool is None:
-            return
-        if self.batch:
-            self.futures.append(self.pool.submit(_unlink_all, self.batch))
-            self.batch = []
-        self.pool.shutdown(wait=True)
-        errors = []
-        for future in self.futures:
-            error = future.exception()
-            if error is not None:
-                errors.append(error)
-                continue
-            for counter, size in future.result():
-                self._count(counter, size)
-        if errors:
-            raise errors[0]
-
-
-def _unlink_all(batch):
-    """Unlink every ``(path, counter, size)``; those removed (a file gone meanwhile is not)."""
-    removed = []
-    for path, counter, size in batch:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise StorageError(f"cannot remove the chunk {path}: {exc.strerror or exc}") \
-                from None
-        removed.append((counter, size))
-    return removed

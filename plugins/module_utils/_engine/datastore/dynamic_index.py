@@ -21,8 +21,8 @@ import struct
 import time
 import uuid as uuid_module
 
-from ...errors import CorruptData, StorageError
-from ...storage.files import write_file_hidden
+from ..errors import CorruptData, StorageError
+from ..storage.files import write_file_hidden
 from .file_formats import (DIGEST_SIZE, DYNAMIC_INDEX_ENTRY_SIZE, DYNAMIC_INDEX_HEADER,
                            DYNAMIC_INDEX_MAGIC, INDEX_HEADER_SIZE, describe_magic)
 

@@ -17,8 +17,8 @@ import os
 import time
 import uuid as uuid_module
 
-from ...errors import CorruptData, StorageError
-from ...storage.files import write_file_hidden
+from ..errors import CorruptData, StorageError
+from ..storage.files import write_file_hidden
 from .file_formats import (DEFAULT_CHUNK_SIZE, DIGEST_SIZE, FIXED_INDEX_HEADER, FIXED_INDEX_MAGIC,
                            INDEX_HEADER_SIZE, describe_magic)
 

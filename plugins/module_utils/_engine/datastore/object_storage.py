@@ -1,4 +1,6 @@
-"""A datastore in an S3 bucket, with a local directory as its cache (as PBS 4 keeps one).
+"""A datastore on an object store (a ``Backend``: an S3 bucket), with a local directory as its
+cache (as PBS 4 keeps one). The bucket is named ``bucket`` below: nothing here is S3's own but
+what ``backend.py`` asks of every backend.
 
 The bucket holds the datastore exactly as a directory would (``.chunks/XXXX/<digest>``,
 ``vm/<vmid>/<time>/...``, keys for paths); the bucket is the truth, the cache a copy of what
@@ -40,13 +42,13 @@ from datetime import datetime, timezone
 
 from ..errors import GuestvaultError, StorageError
 from ..times import format_time, parse_time
-from .datastore import BACKUP_TYPES, CLIENT_LOG, INDEX_SUFFIXES, MANIFEST, NAMESPACES, OWNER, \
+from .object_chunks import GC_GENERATION
+from .storage import BACKUP_TYPES, CLIENT_LOG, INDEX_SUFFIXES, MANIFEST, NAMESPACES, OWNER, \
     OWNER_TEXT, DatastoreStagedBackup, DatastoreStorage, walk_index_files
-from .directory import PROTECTED, report_wait
-from .files import fsync_path, write_file_atomic
+from ..storage.directory import PROTECTED, report_wait
+from ..storage.files import fsync_path, write_file_atomic
 
 LEASES = '.leases/'
-GC_GENERATION = '.gc-generation'
 GC_INDEXES = '.gc-indexes'      # in the cache: index files of groups the cache does not follow
 # A lease not refreshed for this long belongs to a run that died (it refreshes every minute).
 LEASE_TTL = 600
@@ -60,7 +62,7 @@ def snapshot_key(storage_path, snapshot_path):
     return relative.replace(os.sep, '/').rstrip('/') + '/'
 
 
-class S3StagedBackup(DatastoreStagedBackup):
+class ObjectStagedBackup(DatastoreStagedBackup):
     """A snapshot staged in the cache; ``commit`` uploads it, the manifest last."""
 
     def __init__(self, tmp_path, final_path, codec, storage):
@@ -110,12 +112,13 @@ class S3StagedBackup(DatastoreStagedBackup):
         super().discard()
 
 
-class S3DatastoreStorage(DatastoreStorage):
+class ObjectDatastoreStorage(DatastoreStorage):
     """A datastore whose bucket holds everything and whose ``path`` is the local cache."""
 
     kind = 'datastore'
 
     def __init__(self, path, storage_id, codec, bucket):
+        # ``bucket``: any Backend (backends/s3.py's S3Bucket in production)
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)   # a dropped cache is rebuilt
         except OSError as exc:
@@ -127,7 +130,7 @@ class S3DatastoreStorage(DatastoreStorage):
         self.bucket.check()
 
     def staged_class(self, tmp_path, final_path):
-        return S3StagedBackup(tmp_path, final_path, self.codec, self)
+        return ObjectStagedBackup(tmp_path, final_path, self.codec, self)
 
     def stage(self, vmid, when):
         self.bucket.put_new(f"vm/{int(vmid)}/{OWNER}", OWNER_TEXT.encode())
@@ -276,12 +279,8 @@ class S3DatastoreStorage(DatastoreStorage):
         with open(os.path.join(record.path, MANIFEST), 'rb') as handle:
             self.bucket.put(snapshot_key(self.path, record.path) + MANIFEST, handle.read())
 
-    def set_notes(self, record, notes):
-        super().set_notes(record, notes)
-        self._upload_manifest(record)
-
-    def write_verify_state(self, record, state):
-        super().write_verify_state(record, state)
+    def update_manifest(self, record, **changes):
+        super().update_manifest(record, **changes)
         self._upload_manifest(record)
 
     def free_bytes(self):
@@ -328,11 +327,6 @@ class S3DatastoreStorage(DatastoreStorage):
                 yield now, None
             finally:
                 self.bucket.put(GC_GENERATION, uuid.uuid4().hex.encode())
-
-    def gc_generation(self):
-        """What ``.gc-generation`` holds (None before the first GC)."""
-        data = self.bucket.get(GC_GENERATION)
-        return data.decode('ascii', 'replace').strip() if data is not None else None
 
     def _live_leases(self, kind, now):
         """The leases of ``kind`` that are live: refreshed within LEASE_TTL, and not of a run on

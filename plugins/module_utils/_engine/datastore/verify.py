@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 
-from ...errors import CorruptData, EncryptionKeyError, StorageError
+from ..errors import CorruptData, EncryptionKeyError, StorageError
 from .blob import blob_kind, decode_blob, verify_crc
 from .fixed_index import read_fixed_index
 from .workers import run_parallel

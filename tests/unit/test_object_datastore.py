@@ -1,0 +1,55 @@
+"""A datastore on an object store runs over any Backend: the storage, its chunk store and its
+format that datastore/build.py assembles for S3, here on the in-memory backend (the S3 cases on
+SeaweedFS are tests/integration/test_s3_datastore.py)."""
+import shutil
+from datetime import datetime, timezone
+
+import pytest
+
+from guestvault_engine.datastore.backends.memory import MemoryBackend
+from guestvault_engine.datastore.build import build_datastore
+from guestvault_engine.datastore.object_chunks import ObjectChunkStore
+from guestvault_engine.errors import StorageError
+from test_storage_datastore import index_for, index_name
+
+
+def test_snapshots_live_in_the_backend_and_a_dropped_cache_is_rebuilt(tmp_path):
+    backend = MemoryBackend()
+    store = build_datastore(str(tmp_path / 'cache'), 'mem', bucket=backend)
+    assert isinstance(store.format.chunks, ObjectChunkStore)
+    staged = store.stage(100, datetime(2026, 12, 1, 10, 0, 5, tzinfo=timezone.utc))
+    with open(staged.file(index_name('virtio0')), 'wb') as handle:
+        handle.write(b'x')
+    staged.write_guest_config({'vmid': 100, 'name': 'g'})
+    staged.set_notes('first')
+    staged.set_protected()
+    staged.write_manifest(index_for(100, '2026-12-01T10:00:05Z'))
+    assert list(backend.objects('vm/100/2')) == []      # nothing is in the backend before commit
+    staged.commit()
+    staged.write_log('line one\n')                      # as a backup: after the commit
+    prefix = 'vm/100/2026-12-01T10:00:05Z/'
+    assert sorted(key for key, *_ in backend.objects(prefix)) == [
+        prefix + name for name in ('.protected', 'client.log.blob', 'drive-virtio0.img.fidx',
+                                   'guest.json.blob', 'index.json.blob')]
+    assert backend.get('vm/100/owner') == b'root@pam\n'
+
+    shutil.rmtree(tmp_path / 'cache')
+    again = build_datastore(str(tmp_path / 'cache'), 'mem', bucket=backend)
+    [record] = again.backups(100)
+    assert record.id == 'vm/100/2026-12-01T10:00:05Z' and record.protected
+    assert again.read_notes(record) == 'first'
+    # notes and verify state change the manifest in the backend, seen from a fresh cache
+    again.set_notes(record, 'second')
+    again.write_verify_state(record, {'state': 'ok', 'time': 't', 'problems': []})
+    shutil.rmtree(tmp_path / 'cache')
+    third = build_datastore(str(tmp_path / 'cache'), 'mem', bucket=backend)
+    [record] = third.backups(100)
+    assert third.read_notes(record) == 'second'
+    assert third.read_verify_state(record)['state'] == 'ok'
+    assert again.read_log(record) == 'line one\n'
+    with pytest.raises(StorageError, match='is protected'):
+        again.remove(record)
+    again.set_protected(record, False)
+    [record] = again.backups(100)
+    again.remove(record)
+    assert list(backend.objects('vm/100/2')) == [] and again.backups(100) == []
