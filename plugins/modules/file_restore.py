@@ -272,16 +272,11 @@ appliance_accel:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import file_restore_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.file_restore import (
-    FileRestoreRequest, run_file_restore)
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.file_restore import FileRestoreRequest, run_file_restore
 
 
 def main():
-    # module.params carries the alias (path) beside paths
-    run_module(file_restore_argument_spec(),
-               lambda params, check_mode: run_file_restore(FileRestoreRequest(
-                   check_mode=check_mode, **{k: v for k, v in params.items() if k != 'path'})),
-               mutually_exclusive=[('storage', 'dumpdir'), ('dest', 'archive')])
+    run_module(file_restore_argument_spec(), run_file_restore, FileRestoreRequest)
 
 
 if __name__ == '__main__':

@@ -153,14 +153,11 @@ changed:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import garbage_collect_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.gc import GcRequest, run_gc
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.garbage_collect import GarbageCollectRequest, run_garbage_collect
 
 
 def main():
-    run_module(garbage_collect_argument_spec(),
-               lambda params, check_mode: run_gc(GcRequest(
-                   storage=params['storage'], grace=params['grace'],
-                   config_dir=params['config_dir'], check_mode=check_mode)))
+    run_module(garbage_collect_argument_spec(), run_garbage_collect, GarbageCollectRequest)
 
 
 if __name__ == '__main__':

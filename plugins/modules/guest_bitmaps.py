@@ -117,18 +117,11 @@ cleared:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_bitmaps_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.inspect import remove_bitmaps
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.guest_bitmaps import GuestBitmapsRequest, run_guest_bitmaps
 
 
 def main():
-    run_module(guest_bitmaps_argument_spec(),
-               lambda params, check_mode: remove_bitmaps(
-                   params['vmid'], params['qmp_socket'], params['config_dir'], params['chain'],
-                   orphans=params['orphans'], cleanup=params['cleanup'],
-                   storage=params['storage'], dumpdir=params['dumpdir'], check_mode=check_mode,
-                   lockwait=params['lockwait']),
-               needs_qmp=True, mutually_exclusive=[('storage', 'dumpdir'), ('chain', 'cleanup'),
-                                                   ('chain', 'orphans')])
+    run_module(guest_bitmaps_argument_spec(), run_guest_bitmaps, GuestBitmapsRequest, needs_qmp=True)
 
 
 if __name__ == '__main__':

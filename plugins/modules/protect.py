@@ -84,14 +84,11 @@ notes:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import protect_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.protect import protect_backup
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.protect import ProtectRequest, run_protect
 
 
 def main():
-    run_module(protect_argument_spec(),
-               lambda params, check_mode: protect_backup(check_mode=check_mode, **params),
-               mutually_exclusive=[('storage', 'dumpdir')],
-               required_one_of=[('protected', 'notes')])
+    run_module(protect_argument_spec(), run_protect, ProtectRequest)
 
 
 if __name__ == '__main__':

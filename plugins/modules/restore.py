@@ -266,10 +266,7 @@ from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.rest
 
 
 def main():
-    run_module(restore_argument_spec(),
-               lambda params, check_mode: run_restore(
-                   RestoreRequest(check_mode=check_mode, **params)),
-               mutually_exclusive=[('storage', 'dumpdir'), ('backup', 'until')])
+    run_module(restore_argument_spec(), run_restore, RestoreRequest)
 
 
 if __name__ == '__main__':

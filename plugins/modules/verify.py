@@ -85,14 +85,11 @@ chain:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import verify_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.verify import verify_backup
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.verify import VerifyRequest, run_verify
 
 
 def main():
-    run_module(verify_argument_spec(),
-               lambda params, check_mode: verify_backup(check_mode=check_mode, fail=True,
-                                                        **params),
-               mutually_exclusive=[('storage', 'dumpdir')])
+    run_module(verify_argument_spec(), run_verify, VerifyRequest)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import ConfigError, StorageError
@@ -23,7 +24,9 @@ from ..policy.config import (STORAGE_CFG, STORAGE_TYPES, VZDUMP_CONF, VZDUMP_OPT
                              StorageConfig, check_storage_id, parse_bool, parse_sections,
                              parse_storage_cfg, parse_vzdump_conf, render_storage_cfg,
                              render_vzdump_conf)
+from ..paths import CONFIG_DIR
 from ..storage.files import write_file_atomic
+from .request import Request
 
 STORAGE_DIR_MODE = 0o750
 CONFIG_DIR_MODE = 0o755
@@ -197,6 +200,22 @@ def _dir_diff(path: str) -> Dict[str, Any]:
     return {"before_header": path, "after_header": path,
             "before": {"path": path, "state": "absent"},
             "after": {"path": path, "state": "directory", "mode": f"0{STORAGE_DIR_MODE:o}"}}
+
+
+@dataclass
+class NodeConfigRequest(Request):
+    config_dir: str = CONFIG_DIR
+    vzdump: Optional[Mapping[str, Any]] = None      # None leaves vzdump.conf alone
+    storages: Optional[Mapping[str, Any]] = None    # None leaves storage.cfg alone
+    node: Optional[str] = None                      # None: this host's name
+    check_mode: bool = False
+
+
+def run_node_config(request: NodeConfigRequest) -> Dict[str, Any]:
+    """The node_config module's verb: :func:`apply_node_config` as the request says."""
+    return apply_node_config(request.config_dir, vzdump=request.vzdump,
+                             storages=request.storages, check_mode=request.check_mode,
+                             node=request.node)
 
 
 def apply_node_config(config_dir: str, vzdump: Optional[Mapping[str, Any]] = None,
