@@ -23,6 +23,8 @@ description:
   - When systemd runs on the node, the timer is enabled and started (C(systemctl enable --now)).
 author:
   - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.storage.config_dir
 attributes:
   check_mode:
     description: Reports whether the job or its units would change, writing nothing.
@@ -116,10 +118,6 @@ options:
   comment:
     description: A comment stored with the job.
     type: str
-  config_dir:
-    description: The node's guestvault configuration directory.
-    type: path
-    default: /etc/guestvault
   unit_dir:
     description: Where the systemd units are written.
     type: path

@@ -37,6 +37,8 @@ description:
     a warning with the snapshots that need them.
 author:
   - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.storage.config_dir
 attributes:
   check_mode:
     description: Marks nothing and removes nothing; reports the numbers a real run would.
@@ -58,10 +60,6 @@ options:
         always updated (C(strictatime)), or when no backup runs.
     type: str
     default: 24h5m
-  config_dir:
-    description: The node's guestvault configuration (C(storage.cfg)).
-    type: path
-    default: /etc/guestvault
 seealso:
   - module: guestvault.backup.prune
     description: Removes backups; a garbage collection then frees their chunks.

@@ -28,6 +28,7 @@ author:
 extends_documentation_fragment:
   - guestvault.backup.guest
   - guestvault.backup.storage
+  - guestvault.backup.backups
 requirements:
   - qemu.qmp (Python) on the node
 attributes:
@@ -38,10 +39,6 @@ attributes:
     description: Shows each disk's bitmaps before and after.
     support: full
 options:
-  config_dir:
-    description: The node's guestvault configuration (C(guests.d/) holds the guest registry).
-    type: path
-    default: /etc/guestvault
   chain:
     description: Only this chain's bitmaps; default all of guestvault's.
     type: str
@@ -59,10 +56,6 @@ options:
         and any on O(storage) or O(dumpdir)), and orphan bitmaps removed (see O(orphans)).
     type: bool
     default: false
-  lockwait:
-    description: Minutes to wait while another run (a backup) holds the guest on this node.
-    type: float
-    default: 180
   state:
     description: V(absent) removes the bitmaps.
     type: str

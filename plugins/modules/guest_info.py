@@ -23,6 +23,7 @@ author:
 extends_documentation_fragment:
   - guestvault.backup.guest
   - guestvault.backup.storage
+  - guestvault.backup.backups
 requirements:
   - qemu.qmp (Python) on the node
 attributes:
@@ -39,10 +40,6 @@ options:
   dumpdir:
     description: A backup directory whose chains to show, instead of O(storage).
     type: path
-  lockwait:
-    description: Minutes to wait while another run (a backup) holds the guest on this node.
-    type: float
-    default: 180
   chain_period:
     description:
       - The O(guestvault.backup.guest_backup#module:chain_period) the next backup would use, so that

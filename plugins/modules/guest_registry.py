@@ -21,6 +21,8 @@ description:
   - O(state=absent) removes the entry; the guest and its backups are not touched.
 author:
   - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.storage.config_dir
 attributes:
   check_mode:
     description: Reports whether the entry would change, writing nothing.
@@ -68,10 +70,6 @@ options:
   description:
     description: A free text description; several lines are kept as several lines.
     type: str
-  config_dir:
-    description: The node's guestvault configuration directory.
-    type: path
-    default: /etc/guestvault
 """
 
 EXAMPLES = r"""

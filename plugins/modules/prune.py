@@ -29,6 +29,7 @@ author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.storage
+  - guestvault.backup.backups
 requirements:
   - qemu-img (Debian package qemu-utils) on the node
 attributes:
@@ -69,10 +70,6 @@ options:
   timezone:
     description: IANA time zone for hours, days, weeks, months and years; default the node's.
     type: str
-  lockwait:
-    description: Minutes to wait for a running backup of the same guest to finish.
-    type: float
-    default: 180
   simulate:
     description:
       - A list of backups to mark instead of a storage's, each with C(time) (epoch seconds or

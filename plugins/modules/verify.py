@@ -26,6 +26,8 @@ author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.storage
+  - guestvault.backup.backups
+  - guestvault.backup.backups.selection
 requirements:
   - qemu-img (Debian package qemu-utils) on the node
 attributes:
@@ -40,14 +42,6 @@ options:
     description: The guest whose backup to verify.
     type: int
     required: true
-  backup:
-    description: V(latest), or the backup's time or id.
-    type: str
-    default: latest
-  lockwait:
-    description: Minutes to wait while a backup or prune of the guest holds its lock on the storage.
-    type: float
-    default: 180
 """
 
 EXAMPLES = r"""

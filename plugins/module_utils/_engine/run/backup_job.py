@@ -12,12 +12,12 @@ import subprocess
 from dataclasses import dataclass
 from typing import List
 
+from ..config.files import declare_file, read_text
 from ..errors import ConfigError
 from ..paths import CONFIG_DIR, NODE_COMMAND, UNIT_DIR
 from ..policy.calendar import CalendarEvent, looks_like_hour_mistake, to_systemd_oncalendar
 from ..policy.config import find_storage
 from ..policy.jobs_cfg import Job, load_jobs, render_job, save_jobs, validate_job
-from ..storage.files import write_file_atomic
 from .request import Request
 
 # The backup_job module's options and the jobs.cfg keys they are written as.
@@ -111,14 +111,6 @@ def schedule_warning(schedule):
     return looks_like_hour_mistake(schedule)
 
 
-def _read(path):
-    try:
-        with open(path, encoding='utf-8') as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return ''
-
-
 def systemd_running():
     return os.path.isdir('/run/systemd/system') and shutil.which('systemctl') is not None
 
@@ -143,7 +135,8 @@ def apply_job(job_id, options=None, state='present', config_dir=CONFIG_DIR,
     timer_name, service_name = unit_names(job_id)
     timer_path = os.path.join(unit_dir, timer_name)
     service_path = os.path.join(unit_dir, service_name)
-    before = {'job': before_job, 'timer': _read(timer_path), 'service': _read(service_path)}
+    before = {'job': before_job, 'timer': read_text(timer_path) or '',
+              'service': read_text(service_path) or ''}
     if state == 'absent':
         after = {'job': '', 'timer': '', 'service': ''}
         enabled = False
@@ -166,15 +159,11 @@ def apply_job(job_id, options=None, state='present', config_dir=CONFIG_DIR,
     else:
         jobs[job_id] = job
     save_jobs(config_dir, jobs)
-    os.makedirs(unit_dir, exist_ok=True)
     manage = systemd_running() if manage_systemd is None else manage_systemd
     if manage and before['timer'] and not after['timer']:
         _systemctl('disable', '--now', timer_name)
     for path, text in ((timer_path, after['timer']), (service_path, after['service'])):
-        if text:
-            write_file_atomic(path, text)
-        elif os.path.exists(path):
-            os.unlink(path)
+        declare_file(path, text or None)
     if manage:
         _systemctl('daemon-reload')
         if after['timer']:

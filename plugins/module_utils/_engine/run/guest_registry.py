@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from ..config.files import declare_file, read_text
 from ..errors import ConfigError, GuestvaultError
 from ..guest.registry import GuestEntry, guest_path, parse_guest, render_guest, validate_vmid
 from ..paths import CONFIG_DIR
-from ..storage.files import write_file_atomic
 from .request import Request
 
 # Module option -> GuestEntry field.
@@ -71,19 +71,9 @@ def entry_from_options(vmid: Any, options: Dict[str, Any]) -> GuestEntry:
     return GuestEntry(vmid=vmid, **values)
 
 
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding='utf-8') as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
-
-
 def _current(path: str, vmid: int) -> Optional[GuestEntry]:
     """The entry in ``path`` or None; an unreadable entry counts as different (it is replaced)."""
-    text = _read(path)
+    text = read_text(path)
     if text is None:
         return None
     try:
@@ -114,7 +104,7 @@ def apply_guest(vmid: Any, options: Optional[Dict[str, Any]] = None, state: str 
     """
     vmid = validate_vmid(vmid)
     path = guest_path(config_dir, vmid)
-    before_text = _read(path) or ''
+    before_text = read_text(path) or ''
     if state == 'absent':
         after_text, entry = '', None
         changed = os.path.lexists(path)
@@ -133,9 +123,5 @@ def apply_guest(vmid: Any, options: Optional[Dict[str, Any]] = None, state: str 
                        'before_header': path, 'after_header': path}}
     if not changed or check_mode:
         return result
-    if state == 'absent':
-        os.unlink(path)
-    else:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        write_file_atomic(path, after_text)
+    declare_file(path, after_text if state == 'present' else None, dir_mode=0o755)
     return result
