@@ -48,7 +48,6 @@ def parse_size(text):
     return int(text)
 
 
-
 def wait_listening(proc, sockets, log_path, timeout=120):
     """Wait until QEMU accepts connections on each of its unix ``sockets``.
 
@@ -69,6 +68,7 @@ def wait_listening(proc, sockets, log_path, timeout=120):
                     raise RuntimeError(f"QEMU did not listen on {path} within {timeout} s") \
                         from None
                 time.sleep(0.05)
+
 
 class ControlMonitor:
     """The lab's own QMP connection to a guest's ``control_socket`` (QEMU serves one client per

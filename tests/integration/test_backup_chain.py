@@ -431,7 +431,7 @@ def test_monthly_chain_period_starts_a_new_chain_in_a_new_month(make_guest, stor
     next_month = datetime.now(timezone.utc) + timedelta(days=32)
     later = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
                                                 config_dir=config_dir, chain_period='monthly'),
-                                  now=next_month)
+                             now=next_month)
     assert later['level'] == 'full' and 'monthly' in later['level_reason']
     assert later['chain'] != first['chain']
 

@@ -173,7 +173,7 @@ def test_a_backup_running_during_gc_never_loses_a_chunk(make_guest, datastore, c
                                    prune_backups='keep-last=1'))
 
     run_garbage_collect(GarbageCollectRequest(storage='ds1', grace='0s', config_dir=config_dir),
-                                    progress=between_mark_and_sweep)
+                        progress=between_mark_and_sweep)
     assert state['backup']['level'] == 'inc' and backups_in(datastore, guest.vmid) == [
         state['backup']['time']] != [old['time']]
     out = restore(guest, config_dir, tmp_path / 'r')
@@ -333,7 +333,7 @@ def test_a_killed_backup_leaves_nothing_visible_and_the_next_one_clears_up(
     log = []
     result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
                                                  storage='ds1', config_dir=config_dir),
-                                   log=log.append)
+                              log=log.append)
     assert result['level'] == 'inc', result['level_reason']
     assert not guest.execute('query-block-exports') and not guest.execute('query-block-jobs')
     assert hidden_in(datastore, guest.vmid) == []

@@ -37,8 +37,8 @@ def run_in_thread(guest, config_dir, on_point_in_time, **options):
     def run():
         try:
             outcome['result'] = run_guest_backup(GuestBackupRequest(
-                           vmid=guest.vmid, qmp_socket=guest.qmp_socket, storage='s3',
-                           config_dir=config_dir, **options), log=log)
+                vmid=guest.vmid, qmp_socket=guest.qmp_socket, storage='s3',
+                config_dir=config_dir, **options), log=log)
         except GuestvaultError as exc:
             outcome['error'] = exc
     thread = threading.Thread(target=run)

@@ -31,7 +31,6 @@ from .locate import open_storage
 from .prune import PruneRequest, damaged_warning, prune_guest, resolve_policy
 
 
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='guestvault-dump',

@@ -17,9 +17,11 @@ from ..format import qemu_img
 from ..guest.registry import GuestEntry, guest_path, render_guest
 from ..storage.files import fsync_path, new_directory, write_file_atomic
 from .live_restore import run_live_restore
-# RestoreRequest, this verb's request, lives with the plan that live_restore shares.
-from .restore_plan import RestoreRequest, check_request, plan_restore  # noqa: F401
 from .opener import open_backups
+from .restore_plan import RestoreRequest, check_request, plan_restore
+
+# RestoreRequest, this verb's request, lives with the plan that live_restore shares.
+__all__ = ['RestoreRequest', 'run_restore']
 
 
 def run_restore(request, log=None):
