@@ -50,7 +50,7 @@ def load_engine(run_dir):
     sys.path.insert(0, os.path.join(ROOT, 'tools'))
     from engine_loader import load_engine as load
     load()
-    from guestvault_engine.run import backup as backup_run
+    from guestvault_engine.run import guest_backup as backup_run
     return backup_run
 
 
@@ -280,10 +280,10 @@ def wait_next_second(store, vmid):
 def engine_backup(backup_run, inst, guest, store, config_dir, level, compress, warm, size):
     wait_next_second(store, VMID)
     warm(size)
-    request = backup_run.BackupRequest(vmid=VMID, qmp_socket=guest.qmp_socket, dumpdir=store,
-                                       config_dir=config_dir, level=level, compress=compress)
+    request = backup_run.GuestBackupRequest(vmid=VMID, qmp_socket=guest.qmp_socket, dumpdir=store,
+                                            config_dir=config_dir, level=level, compress=compress)
     inst.reset()
-    result = backup_run.run_backup(request, log=inst.log)
+    result = backup_run.run_guest_backup(request, log=inst.log)
     wall = time.monotonic() - inst.t0
     if result['level'] != ('inc' if level == 'inc' else 'full'):
         raise RuntimeError(f"asked for level {level}, got {result['level']}")
@@ -419,7 +419,7 @@ def print_report(info, setup, base, fulls, fullz, base_full, incs, args, check):
         say(f"{name + ' (duration)':34s} {'':8s} {d:8.2f} {spread(samples, 'duration'):>14s} "
             f"{fmt_bytes(med(samples, 'allocated')):>11s} {data / MiB / d:10.0f}")
         say(f"{'  copy_seconds (QEMU job only)':34s} {med(samples, 'copy_seconds'):8.2f}")
-        say(f"{'  wall (run_backup call)':34s} {'':8s} {med(samples, 'wall'):8.2f} "
+        say(f"{'  wall (run_guest_backup call)':34s} {'':8s} {med(samples, 'wall'):8.2f} "
             f"{spread(samples, 'wall'):>14s}")
         say(f"{'  engine bytes_written':34s} {fmt_bytes(med(samples, 'bytes_written')):>17s}"
             "   (guest data stored in the backup image)")

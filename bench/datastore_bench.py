@@ -128,13 +128,13 @@ def wait_next_second(path, vmid):
 
 
 def backup(lab, guest, storage_id, level, warm, size):
-    from guestvault_engine.run.backup import BackupRequest, run_backup
+    from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
     wait_next_second(lab.paths[storage_id], guest.vmid)
     warm(size)
     started = time.monotonic()
-    result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                      storage=storage_id, config_dir=lab.config_dir,
-                                      level=level))
+    result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                 storage=storage_id, config_dir=lab.config_dir,
+                                                 level=level))
     wall = time.monotonic() - started
     if result['level'] != level:
         raise RuntimeError(f"asked for a {level} backup, got {result['level']}: "
@@ -245,7 +245,7 @@ class LoopFs:
 def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
     """Per round: convert, a full into an empty datastore, an unchanged second full, restores,
     an encrypted full into an empty encrypted datastore."""
-    from guestvault_engine.run.keys import create_key
+    from guestvault_engine.run.encryption_key import create_key
     keydir = os.path.join(lab.run, 'keys')
     os.makedirs(keydir, mode=0o700)
     key = create_key(os.path.join(keydir, 'bench.key'), kdf='none')
@@ -462,7 +462,7 @@ def disk_entry(size, csum):
 def gc_scale(lab, args, samples):
     """garbage_collect over --gc-chunks chunk files, half of them named by fixed indexes."""
     from guestvault_engine.datastore import blob, fixed_index
-    from guestvault_engine.run.gc import GcRequest, run_gc
+    from guestvault_engine.run.garbage_collect import GarbageCollectRequest, run_garbage_collect
     from guestvault_engine.run.locate import require_storage
     path, created = lab.datastore('gc')
     started = time.monotonic()
@@ -504,10 +504,10 @@ def gc_scale(lab, args, samples):
     checks = []
     for _round in range(args.scale_repeat):
         started = time.monotonic()
-        check = run_gc(GcRequest(storage='gc', config_dir=lab.config_dir, check_mode=True))
+        check = run_garbage_collect(GarbageCollectRequest(storage='gc', config_dir=lab.config_dir, check_mode=True))
         checks.append(time.monotonic() - started)
     started = time.monotonic()
-    real = run_gc(GcRequest(storage='gc', config_dir=lab.config_dir))
+    real = run_garbage_collect(GarbageCollectRequest(storage='gc', config_dir=lab.config_dir))
     real_seconds = time.monotonic() - started
     if check['removed_chunks'] != real['removed_chunks'] \
             or real['removed_chunks'] != args.gc_chunks - len(referenced):
@@ -518,14 +518,14 @@ def gc_scale(lab, args, samples):
                      'removed': real['removed_chunks'], 'kept': real['kept_chunks'],
                      'index_files': real['index_files']}
     if args.profile:
-        profile_call('garbage_collect check mode', run_gc,
-                     GcRequest(storage='gc', config_dir=lab.config_dir, check_mode=True))
+        profile_call('garbage_collect check mode', run_garbage_collect,
+                     GarbageCollectRequest(storage='gc', config_dir=lab.config_dir, check_mode=True))
     lab.drop('gc')
 
 
 def snapshot_scale(lab, args, samples, shared_fidx_from):
     """backup_info and prune over --snapshots snapshots sharing one fixed index."""
-    from guestvault_engine.run.info import list_backups
+    from guestvault_engine.run.backup_info import BackupInfoRequest, run_backup_info
     from guestvault_engine.run.locate import require_storage
     from guestvault_engine.run.prune import PruneRequest, run_prune
     path, _created = lab.datastore('snaps', create_chunks=False)
@@ -550,8 +550,8 @@ def snapshot_scale(lab, args, samples, shared_fidx_from):
 
     infos, checks = [], []
     for _round in range(args.scale_repeat):
-        seconds, listed = timed(list_backups, SNAP_VMID, storage='snaps',
-                                config_dir=lab.config_dir)
+        seconds, listed = timed(run_backup_info, BackupInfoRequest(
+            SNAP_VMID, storage='snaps', config_dir=lab.config_dir))
         infos.append(seconds)
     if len(listed['backups']) != args.snapshots:
         raise RuntimeError(f"backup_info lists {len(listed['backups'])} snapshots, not "
@@ -562,8 +562,8 @@ def snapshot_scale(lab, args, samples, shared_fidx_from):
                                                        **request))
         checks.append(seconds)
     if args.profile:
-        profile_call('backup_info', list_backups, SNAP_VMID, storage='snaps',
-                     config_dir=lab.config_dir)
+        profile_call('backup_info', run_backup_info, BackupInfoRequest(
+            SNAP_VMID, storage='snaps', config_dir=lab.config_dir))
     routine_seconds, routine = timed(run_prune, PruneRequest(
         prune_backups=f'keep-last={args.snapshots - 10}', **request))
     mass_seconds, mass = timed(run_prune, PruneRequest(prune_backups=POLICY, **request))
@@ -604,7 +604,7 @@ def report(args, setup, samples):
            f"(without fsync {conv_ns:.2f} s)")
     record(sec, 'chunk store creation (65536 dirs, not timed in the full)',
            f"{med(samples['create_chunk_store']):.2f} s")
-    record(sec, 'full into an empty datastore (run_backup wall)',
+    record(sec, 'full into an empty datastore (run_guest_backup wall)',
            f"{full:.2f} s{rng_text(walls['full'])}; engine duration {full_d:.2f} s; "
            f"{fmt_bytes(samples['full'][0]['new_bytes'])} in {samples['full'][0]['new_chunks']} "
            f"new chunks, {samples['full'][0]['read_chunks']} chunks read",

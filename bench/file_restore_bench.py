@@ -78,7 +78,7 @@ def cp_seconds(source, target):
 
 def one_kind(run, kind, disk, tree, repeat):
     from disk_layouts import LayoutGuest  # noqa: E402  (tests/integration, for the guest)
-    from guestvault_engine.run.backup import BackupRequest, run_backup
+    from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
     from guestvault_engine.run.file_restore import FileRestoreRequest, run_file_restore
     from guestvault_engine.run.restore import RestoreRequest, run_restore
     base = os.path.join(run, kind)
@@ -94,8 +94,8 @@ def one_kind(run, kind, disk, tree, repeat):
         where = {'dumpdir': os.path.join(base, 'dump')}
     guest = LayoutGuest(os.path.join(base, 'guest'), disk, VMID).start()
     try:
-        run_backup(BackupRequest(vmid=VMID, qmp_socket=guest.qmp_socket, config_dir=config_dir,
-                                 **where))
+        run_guest_backup(GuestBackupRequest(vmid=VMID, qmp_socket=guest.qmp_socket, config_dir=config_dir,
+                                            **where))
     finally:
         guest.stop()
     samples = {'list': [], 'small': [], 'large': [], 'restore': [], 'cp': []}

@@ -52,7 +52,7 @@ Restored({workdir!r}, disks=[('qcow2', 0)], vmid={vmid}).start()
 
 def one_size(run, size, repeat, kind):
     from labguest import LabGuest
-    from guestvault_engine.run.backup import BackupRequest, run_backup
+    from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
     from guestvault_engine.run.restore import RestoreRequest, run_restore
     base = os.path.join(run, f'{kind}-{size}')
     config_dir = os.path.join(base, 'etc')
@@ -69,8 +69,8 @@ def one_size(run, size, repeat, kind):
                       vmid=SOURCE_VMID).start()
     try:
         fill_disk(source, 'vd0', size, size // 2, base)
-        run_backup(BackupRequest(vmid=SOURCE_VMID, qmp_socket=source.qmp_socket,
-                                 config_dir=config_dir, **where))
+        run_guest_backup(GuestBackupRequest(vmid=SOURCE_VMID, qmp_socket=source.qmp_socket,
+                                            config_dir=config_dir, **where))
     finally:
         source.stop()
     figures = {'running': [], 'copied': [], 'restore': []}

@@ -42,7 +42,7 @@ VMID = 9931
 
 def one_round(run, guest, cluster, storage_id, number):
     """A full backup into a fresh store and a compared raw restore: the figures."""
-    from guestvault_engine.run.backup import BackupRequest, run_backup
+    from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
     from guestvault_engine.run.restore import RestoreRequest, run_restore
     config_dir = os.path.join(run, f'etc-{storage_id}-{number}')
     os.makedirs(os.path.join(config_dir, 'guests.d'))
@@ -58,8 +58,8 @@ def one_round(run, guest, cluster, storage_id, number):
                       extra=f"datastore: local\n\tpath {local_path}\n\n")
     os.sync()
     started = time.monotonic()
-    result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                      storage=storage_id, config_dir=config_dir, level='full'))
+    result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                 storage=storage_id, config_dir=config_dir, level='full'))
     backup_seconds = time.monotonic() - started
     disk = result['disks'][0]
     target = os.path.join(run, f'restore-{storage_id}-{number}')

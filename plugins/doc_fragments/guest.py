@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 class ModuleDocFragment:
-    # How every guestvault module reaches one guest (module_utils/options.py guest_argument_spec).
+    # How every guestvault module reaches one guest (module_utils/_argspec.py _guest_options).
     DOCUMENTATION = r"""
 options:
   vmid:

@@ -26,3 +26,12 @@ options:
     type: path
     default: /etc/guestvault
 """
+
+    # The node's configuration alone, for modules that name no storage of backups.
+    CONFIG_DIR = r"""
+options:
+  config_dir:
+    description: The node's guestvault configuration (C(vzdump.conf), C(storage.cfg), C(guests.d/)).
+    type: path
+    default: /etc/guestvault
+"""

@@ -18,23 +18,23 @@ from ansible_collections.guestvault.backup.plugins.module_utils._engine.storage.
     lock_waits)
 
 
-def run_module(argument_spec, engine_call, needs_qmp=False, **module_options):
-    """Run one module: ``engine_call(params, check_mode)`` returns the result dict.
+def run_module(module_spec, verb, request_type, needs_qmp=False):
+    """Run one module: ``verb(request_type.from_params(params, check_mode))`` returns the
+    result dict. ``module_spec`` is the module's options with their constraints (_argspec).
 
     A ``GuestvaultError`` becomes ``fail_json(msg=...)`` (with the error's ``result``, if it
     carries one); ``warnings`` in the result become Ansible warnings, and so does every wait for a
     lock (``lock_waits``: who held it, for how long); ``diff`` is returned only
     when the user asked for it (``--diff``). Every module supports check mode.
     """
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
-                           **module_options)
+    module = AnsibleModule(supports_check_mode=True, **module_spec)
     if needs_qmp and not HAS_QEMU_QMP:
         module.fail_json(msg=missing_required_lib('qemu.qmp'),
                          exception=str(QEMU_QMP_IMPORT_ERROR))
     # Every wait for a lock, whichever verb took it, is a warning: a run that waited says so.
     with lock_waits() as waits:
         try:
-            result = engine_call(module.params, module.check_mode)
+            result = verb(request_type.from_params(module.params, module.check_mode))
         except GuestvaultError as exc:
             for warning in waits:
                 module.warn(warning)

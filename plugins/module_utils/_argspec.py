@@ -1,20 +1,33 @@
 # -*- coding: utf-8 -*-
 # Copyright: guestvault contributors
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Every module's options, in Ansible's argument_spec shape (plain dicts, no Ansible import).
+"""Every module's options with their constraints, as AnsibleModule's keyword arguments.
 
-Choices come from the engine's vocabulary (``_engine/vocabulary.py``), which the node command's
-flags and the configuration parsers read too, so a word means the same everywhere.
+``<module>_argument_spec()`` returns ``{'argument_spec': ..., 'mutually_exclusive': ...,
+'required_if': ..., 'required_one_of': ...}`` (plain data, no Ansible import), so a module
+passes it whole to ``_ansible.run_module``. Choices come from the engine's vocabulary
+(``_engine/vocabulary.py``), which the node command's flags and the configuration parsers read
+too, so a word means the same everywhere; the default config_dir from ``_engine/paths.py``.
 """
 from __future__ import annotations
 
+from ansible_collections.guestvault.backup.plugins.module_utils._engine import paths
 from ansible_collections.guestvault.backup.plugins.module_utils._engine.vocabulary import (
-    CHAIN_PERIODS, COMPRESS, LEVELS, MODES, RESTORE_FORMATS)
+    CHAIN_PERIODS, COMPRESS, KEEP_OPTIONS, LEVELS, MODES, RESTORE_FORMATS)
 
-CONFIG_DIR = {'type': 'path', 'default': '/etc/guestvault'}
+CONFIG_DIR = {'type': 'path', 'default': paths.CONFIG_DIR}
+LOCKWAIT = {'type': 'float', 'default': 180}
+# A storage is named by its id or by a directory, never both.
+STORAGE_OR_DUMPDIR = ('storage', 'dumpdir')
 
 
-def guest_argument_spec():
+def module_spec(argument_spec, **constraints):
+    """AnsibleModule's keyword arguments: the options and the constraints given."""
+    return dict(argument_spec=argument_spec,
+                **{key: list(value) for key, value in constraints.items() if value})
+
+
+def _guest_options():
     """How a module reaches one guest: by vmid through the registry, or by its QMP socket."""
     return {
         'vmid': {'type': 'int', 'required': True},
@@ -24,17 +37,28 @@ def guest_argument_spec():
     }
 
 
-def storage_argument_spec():
+def _storage_options():
     return {
         'storage': {'type': 'str'},
         'dumpdir': {'type': 'path'},
     }
 
 
-def backup_argument_spec():
-    spec = guest_argument_spec()
-    spec.update(storage_argument_spec())
-    spec.update({
+def _stored_backup_options():
+    """How a module names backups on a storage: the guest, and where its backups live."""
+    options = _storage_options()
+    options.update({
+        'vmid': {'type': 'int', 'required': True},
+        'config_dir': CONFIG_DIR,
+        'lockwait': LOCKWAIT,
+    })
+    return options
+
+
+def guest_backup_argument_spec():
+    options = _guest_options()
+    options.update(_storage_options())
+    options.update({
         'level': {'type': 'str', 'default': 'auto', 'choices': list(LEVELS)},
         'chain': {'type': 'str'},
         'chain_period': {'type': 'str', 'default': 'none', 'choices': list(CHAIN_PERIODS)},
@@ -43,7 +67,7 @@ def backup_argument_spec():
         'include_raw': {'type': 'bool', 'default': False},
         'mode': {'type': 'str', 'choices': list(MODES)},
         'stopwait': {'type': 'float'},
-        'lockwait': {'type': 'float'},
+        'lockwait': {'type': 'float'},      # None: vzdump.conf's, else 180
         'freeze_timeout': {'type': 'float'},
         'bwlimit': {'type': 'int'},
         'performance': {'type': 'dict', 'options': {
@@ -57,23 +81,12 @@ def backup_argument_spec():
         'node': {'type': 'str'},
         'max_age': {'type': 'str'},
     })
-    return spec
-
-
-def stored_backup_argument_spec():
-    """How a module names backups on a storage: the guest, and where its backups live."""
-    spec = storage_argument_spec()
-    spec.update({
-        'vmid': {'type': 'int', 'required': True},
-        'config_dir': CONFIG_DIR,
-        'lockwait': {'type': 'float', 'default': 180},
-    })
-    return spec
+    return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR, ('include', 'exclude')])
 
 
 def restore_argument_spec():
-    spec = stored_backup_argument_spec()
-    spec.update({
+    options = _stored_backup_options()
+    options.update({
         'backup': {'type': 'str'},
         'until': {'type': 'str'},
         'target_dir': {'type': 'path', 'required': True},
@@ -86,12 +99,12 @@ def restore_argument_spec():
         'new_qmp_socket': {'type': 'path'},
         'live': {'type': 'bool', 'default': False},
     })
-    return spec
+    return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR, ('backup', 'until')])
 
 
 def file_restore_argument_spec():
-    spec = stored_backup_argument_spec()
-    spec.update({
+    options = _stored_backup_options()
+    options.update({
         'backup': {'type': 'str', 'default': 'latest'},
         'filesystem': {'type': 'str'},
         'paths': {'type': 'list', 'elements': 'str', 'default': ['/'], 'aliases': ['path']},
@@ -101,50 +114,29 @@ def file_restore_argument_spec():
         'max_size': {'type': 'str', 'default': '4G'},
         'timeout': {'type': 'float', 'default': 1800},
     })
-    return spec
-
-
-KEEP_PARAMETERS = ('keep_all', 'keep_last', 'keep_hourly', 'keep_daily', 'keep_weekly',
-                   'keep_monthly', 'keep_yearly')
+    return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR, ('dest', 'archive')])
 
 
 def prune_argument_spec():
-    spec = storage_argument_spec()
-    spec.update({
+    options = _storage_options()
+    options.update({
         'vmid': {'type': 'int'},
         'config_dir': CONFIG_DIR,
         'prune_backups': {'type': 'str'},
         'timezone': {'type': 'str'},
-        'lockwait': {'type': 'float', 'default': 180},
+        'lockwait': LOCKWAIT,
         'simulate': {'type': 'list', 'elements': 'dict'},
     })
-    for key in KEEP_PARAMETERS:
-        spec[key] = {'type': 'bool' if key == 'keep_all' else 'int'}
-    return spec
+    for key in KEEP_OPTIONS:
+        options[key] = {'type': 'bool' if key == 'keep_all' else 'int'}
+    return module_spec(options, mutually_exclusive=[
+        STORAGE_OR_DUMPDIR, ('storage', 'simulate'), ('dumpdir', 'simulate'),
+        *[('prune_backups', key) for key in KEEP_OPTIONS]])
 
 
-def prune_policy_from_params(params):
-    """The policy the user gave (property string or keep_* options), or None for the default."""
-    if params.get('prune_backups'):
-        return params['prune_backups']
-    given = {key: params[key] for key in KEEP_PARAMETERS if params.get(key) is not None}
-    return given or None
-
-
-# backup_job parameters and the jobs.cfg keys they are written as.
-JOB_OPTION_KEYS = {
-    'schedule': 'schedule', 'vmid': 'vmid', 'all': 'all', 'pool': 'pool', 'exclude': 'exclude',
-    'node': 'node', 'storage': 'storage', 'dumpdir': 'dumpdir', 'mode': 'mode',
-    'level': 'level', 'chain': 'chain', 'chain_period': 'chain-period', 'compress': 'compress',
-    'prune_backups': 'prune-backups', 'notes_template': 'notes-template', 'bwlimit': 'bwlimit',
-    'script': 'script', 'protected': 'protected', 'repeat_missed': 'repeat-missed',
-    'enabled': 'enabled', 'comment': 'comment',
-}
-
-
-def job_argument_spec():
-    spec = storage_argument_spec()
-    spec.update({
+def backup_job_argument_spec():
+    options = _storage_options()
+    options.update({
         'id': {'type': 'str', 'required': True},
         'state': {'type': 'str', 'default': 'present', 'choices': ['present', 'absent']},
         'schedule': {'type': 'str'},
@@ -167,106 +159,92 @@ def job_argument_spec():
         'enabled': {'type': 'bool', 'default': True},
         'comment': {'type': 'str'},
         'config_dir': CONFIG_DIR,
-        'unit_dir': {'type': 'path', 'default': '/etc/systemd/system'},
-        'command': {'type': 'path', 'default': '/usr/local/sbin/guestvault-dump'},
+        'unit_dir': {'type': 'path', 'default': paths.UNIT_DIR},
+        'command': {'type': 'path', 'default': paths.NODE_COMMAND},
     })
-    return spec
-
-
-BACKUP_MUTUALLY_EXCLUSIVE = [('storage', 'dumpdir'), ('include', 'exclude')]
-
-
-def backup_request_fields(params):
-    """Module parameters (or CLI options) as BackupRequest keyword arguments."""
-    fields = {k: params.get(k) for k in (
-        'vmid', 'qmp_socket', 'agent_socket', 'storage', 'dumpdir', 'config_dir', 'level',
-        'chain', 'chain_period', 'include', 'exclude', 'include_raw', 'mode', 'stopwait',
-        'lockwait', 'freeze_timeout', 'bwlimit', 'compress', 'notes_template', 'protected',
-        'script', 'cluster', 'node', 'max_age')}
-    fields['max_workers'] = (params.get('performance') or {}).get('max_workers')
-    return fields
+    return module_spec(options,
+                       mutually_exclusive=[STORAGE_OR_DUMPDIR, ('vmid', 'all'), ('vmid', 'pool')],
+                       required_if=[('state', 'present', ('schedule',))])
 
 
 def backup_info_argument_spec():
-    spec = storage_argument_spec()
-    spec.update({'vmid': {'type': 'int'}, 'config_dir': CONFIG_DIR})
-    return spec
+    options = _storage_options()
+    options.update({'vmid': {'type': 'int'}, 'config_dir': CONFIG_DIR})
+    return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR],
+                       required_one_of=[STORAGE_OR_DUMPDIR])
 
 
 def verify_argument_spec():
-    spec = stored_backup_argument_spec()
-    spec['backup'] = {'type': 'str', 'default': 'latest'}
-    return spec
+    options = _stored_backup_options()
+    options['backup'] = {'type': 'str', 'default': 'latest'}
+    return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR])
 
 
 def protect_argument_spec():
-    spec = stored_backup_argument_spec()
-    spec.update({'backup': {'type': 'str', 'default': 'latest'},
-                 'protected': {'type': 'bool'}, 'notes': {'type': 'str'}})
-    return spec
-
-
-LOCKWAIT = {'type': 'float', 'default': 180}
+    options = _stored_backup_options()
+    options.update({'backup': {'type': 'str', 'default': 'latest'},
+                    'protected': {'type': 'bool'}, 'notes': {'type': 'str'}})
+    return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR],
+                       required_one_of=[('protected', 'notes')])
 
 
 def guest_info_argument_spec():
-    spec = guest_argument_spec()
-    spec.update(storage_argument_spec())
-    spec['chain_period'] = {'type': 'str', 'default': 'none', 'choices': list(CHAIN_PERIODS)}
-    spec['lockwait'] = LOCKWAIT
-    return spec
+    options = _guest_options()
+    options.update(_storage_options())
+    options['chain_period'] = {'type': 'str', 'default': 'none', 'choices': list(CHAIN_PERIODS)}
+    options['lockwait'] = LOCKWAIT
+    return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR])
 
 
 def guest_bitmaps_argument_spec():
-    spec = guest_argument_spec()
-    spec.update(storage_argument_spec())
-    spec.update({'chain': {'type': 'str'},
-                 'orphans': {'type': 'bool', 'default': False},
-                 'cleanup': {'type': 'bool', 'default': False},
-                 'state': {'type': 'str', 'default': 'absent', 'choices': ['absent']},
-                 'lockwait': LOCKWAIT})
-    return spec
+    options = _guest_options()
+    options.update(_storage_options())
+    options.update({'chain': {'type': 'str'},
+                    'orphans': {'type': 'bool', 'default': False},
+                    'cleanup': {'type': 'bool', 'default': False},
+                    'state': {'type': 'str', 'default': 'absent', 'choices': ['absent']},
+                    'lockwait': LOCKWAIT})
+    return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR, ('chain', 'cleanup'),
+                                                    ('chain', 'orphans')])
 
 
 def node_config_argument_spec():
-    return {'config_dir': CONFIG_DIR, 'vzdump': {'type': 'dict'}, 'storages': {'type': 'dict'}}
+    return module_spec({'config_dir': CONFIG_DIR, 'vzdump': {'type': 'dict'},
+                        'storages': {'type': 'dict'}})
 
 
 def encryption_key_argument_spec():
     """A Proxmox Backup Server key file to create (or describe, when it exists)."""
-    return {
+    return module_spec({
         'path': {'type': 'path', 'required': True},
         'kdf': {'type': 'str', 'default': 'scrypt', 'choices': ['scrypt', 'none']},
         'passphrase': {'type': 'str', 'no_log': True},
         'passphrase_file': {'type': 'path'},
         'hint': {'type': 'str'},
         'force': {'type': 'bool', 'default': False},
-    }
-
-
-ENCRYPTION_KEY_MUTUALLY_EXCLUSIVE = [('passphrase', 'passphrase_file')]
+    }, mutually_exclusive=[('passphrase', 'passphrase_file')])
 
 
 def garbage_collect_argument_spec():
-    return {
+    return module_spec({
         'storage': {'type': 'str', 'required': True},
         'grace': {'type': 'str', 'default': '24h5m'},
         'config_dir': CONFIG_DIR,
-    }
+    })
 
 
 def schedule_info_argument_spec():
-    return {
+    return module_spec({
         'schedule': {'type': 'str', 'required': True},
         'start_time': {'type': 'str'},
         'iterations': {'type': 'int', 'default': 10},
         'timezone': {'type': 'str'},
-    }
+    })
 
 
-def registry_argument_spec():
+def guest_registry_argument_spec():
     """The guest_registry module's options (keys of a guests.d/<vmid>.conf entry)."""
-    return {
+    return module_spec({
         'vmid': {'type': 'int', 'required': True},
         'state': {'type': 'str', 'default': 'present', 'choices': ['present', 'absent']},
         'name': {'type': 'str'},
@@ -279,4 +257,5 @@ def registry_argument_spec():
         'start': {'type': 'str'},
         'description': {'type': 'str'},
         'config_dir': CONFIG_DIR,
-    }
+    }, mutually_exclusive=[('include', 'exclude')],
+        required_if=[('state', 'present', ('qmp',))])

@@ -145,14 +145,11 @@ damaged:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import backup_info_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.info import list_backups
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.backup_info import BackupInfoRequest, run_backup_info
 
 
 def main():
-    run_module(backup_info_argument_spec(),
-               lambda params, check_mode: dict(list_backups(**params), changed=False),
-               mutually_exclusive=[('storage', 'dumpdir')],
-               required_one_of=[('storage', 'dumpdir')])
+    run_module(backup_info_argument_spec(), run_backup_info, BackupInfoRequest)
 
 
 if __name__ == '__main__':

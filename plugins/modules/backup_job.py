@@ -23,6 +23,8 @@ description:
   - When systemd runs on the node, the timer is enabled and started (C(systemctl enable --now)).
 author:
   - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.storage.config_dir
 attributes:
   check_mode:
     description: Reports whether the job or its units would change, writing nothing.
@@ -116,10 +118,6 @@ options:
   comment:
     description: A comment stored with the job.
     type: str
-  config_dir:
-    description: The node's guestvault configuration directory.
-    type: path
-    default: /etc/guestvault
   unit_dir:
     description: Where the systemd units are written.
     type: path
@@ -181,18 +179,12 @@ systemd:
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import JOB_OPTION_KEYS, job_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.job import declare_job
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import backup_job_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.backup_job import BackupJobRequest, run_backup_job
 
 
 def main():
-    run_module(job_argument_spec(),
-               lambda params, check_mode: declare_job(
-                   params['id'], {key: params[param] for param, key in JOB_OPTION_KEYS.items()},
-                   params['state'], params['config_dir'], params['unit_dir'], params['command'],
-                   check_mode),
-               mutually_exclusive=[('storage', 'dumpdir'), ('vmid', 'all'), ('vmid', 'pool')],
-               required_if=[('state', 'present', ('schedule',))])
+    run_module(backup_job_argument_spec(), run_backup_job, BackupJobRequest)
 
 
 if __name__ == '__main__':

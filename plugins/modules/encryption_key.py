@@ -156,15 +156,12 @@ created_file:
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    ENCRYPTION_KEY_MUTUALLY_EXCLUSIVE, encryption_key_argument_spec)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.keys import create_key
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import encryption_key_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.encryption_key import EncryptionKeyRequest, run_encryption_key
 
 
 def main():
-    run_module(encryption_key_argument_spec(),
-               lambda params, check_mode: create_key(check_mode=check_mode, **params),
-               mutually_exclusive=ENCRYPTION_KEY_MUTUALLY_EXCLUSIVE)
+    run_module(encryption_key_argument_spec(), run_encryption_key, EncryptionKeyRequest)
 
 
 if __name__ == '__main__':

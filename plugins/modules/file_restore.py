@@ -41,6 +41,8 @@ author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.storage
+  - guestvault.backup.backups
+  - guestvault.backup.backups.selection
 requirements:
   - qemu-system-x86_64 and qemu-img (Debian packages qemu-system-x86, qemu-utils) on the node
   - apt access to a Debian mirror the first time, to build the appliance
@@ -58,12 +60,6 @@ options:
     description: The guest whose backup to read.
     type: int
     required: true
-  backup:
-    description:
-      - Which backup, V(latest) or its time (C(2026-11-22T01:00:00Z)) or id
-        (C(vm/101/2026-11-22T01:00:00Z)).
-    type: str
-    default: latest
   filesystem:
     description:
       - The filesystem to read, as the result's RV(filesystems) names it - C(<disk>) for a
@@ -103,10 +99,6 @@ options:
     description: Seconds the appliance may take for one request (more than 0).
     type: float
     default: 1800
-  lockwait:
-    description: Minutes to wait while a backup or prune of the guest holds its lock on the storage.
-    type: float
-    default: 180
 seealso:
   - module: guestvault.backup.restore
   - module: guestvault.backup.backup_info
@@ -272,16 +264,11 @@ appliance_accel:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import file_restore_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.file_restore import (
-    FileRestoreRequest, run_file_restore)
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.file_restore import FileRestoreRequest, run_file_restore
 
 
 def main():
-    # module.params carries the alias (path) beside paths
-    run_module(file_restore_argument_spec(),
-               lambda params, check_mode: run_file_restore(FileRestoreRequest(
-                   check_mode=check_mode, **{k: v for k, v in params.items() if k != 'path'})),
-               mutually_exclusive=[('storage', 'dumpdir'), ('dest', 'archive')])
+    run_module(file_restore_argument_spec(), run_file_restore, FileRestoreRequest)
 
 
 if __name__ == '__main__':

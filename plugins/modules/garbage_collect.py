@@ -37,6 +37,8 @@ description:
     a warning with the snapshots that need them.
 author:
   - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.storage.config_dir
 attributes:
   check_mode:
     description: Marks nothing and removes nothing; reports the numbers a real run would.
@@ -58,10 +60,6 @@ options:
         always updated (C(strictatime)), or when no backup runs.
     type: str
     default: 24h5m
-  config_dir:
-    description: The node's guestvault configuration (C(storage.cfg)).
-    type: path
-    default: /etc/guestvault
 seealso:
   - module: guestvault.backup.prune
     description: Removes backups; a garbage collection then frees their chunks.
@@ -153,14 +151,11 @@ changed:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import garbage_collect_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.gc import GcRequest, run_gc
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.garbage_collect import GarbageCollectRequest, run_garbage_collect
 
 
 def main():
-    run_module(garbage_collect_argument_spec(),
-               lambda params, check_mode: run_gc(GcRequest(
-                   storage=params['storage'], grace=params['grace'],
-                   config_dir=params['config_dir'], check_mode=check_mode)))
+    run_module(garbage_collect_argument_spec(), run_garbage_collect, GarbageCollectRequest)
 
 
 if __name__ == '__main__':

@@ -384,16 +384,12 @@ downtime_seconds:
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    BACKUP_MUTUALLY_EXCLUSIVE, backup_argument_spec, backup_request_fields)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.backup import BackupRequest, run_backup
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_backup_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 
 
 def main():
-    run_module(backup_argument_spec(),
-               lambda params, check_mode: run_backup(
-                   BackupRequest(check_mode=check_mode, **backup_request_fields(params))),
-               needs_qmp=True, mutually_exclusive=BACKUP_MUTUALLY_EXCLUSIVE)
+    run_module(guest_backup_argument_spec(), run_guest_backup, GuestBackupRequest, needs_qmp=True)
 
 
 if __name__ == '__main__':

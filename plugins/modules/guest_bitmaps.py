@@ -28,6 +28,7 @@ author:
 extends_documentation_fragment:
   - guestvault.backup.guest
   - guestvault.backup.storage
+  - guestvault.backup.backups
 requirements:
   - qemu.qmp (Python) on the node
 attributes:
@@ -38,10 +39,6 @@ attributes:
     description: Shows each disk's bitmaps before and after.
     support: full
 options:
-  config_dir:
-    description: The node's guestvault configuration (C(guests.d/) holds the guest registry).
-    type: path
-    default: /etc/guestvault
   chain:
     description: Only this chain's bitmaps; default all of guestvault's.
     type: str
@@ -59,10 +56,6 @@ options:
         and any on O(storage) or O(dumpdir)), and orphan bitmaps removed (see O(orphans)).
     type: bool
     default: false
-  lockwait:
-    description: Minutes to wait while another run (a backup) holds the guest on this node.
-    type: float
-    default: 180
   state:
     description: V(absent) removes the bitmaps.
     type: str
@@ -117,18 +110,11 @@ cleared:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_bitmaps_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.inspect import remove_bitmaps
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.guest_bitmaps import GuestBitmapsRequest, run_guest_bitmaps
 
 
 def main():
-    run_module(guest_bitmaps_argument_spec(),
-               lambda params, check_mode: remove_bitmaps(
-                   params['vmid'], params['qmp_socket'], params['config_dir'], params['chain'],
-                   orphans=params['orphans'], cleanup=params['cleanup'],
-                   storage=params['storage'], dumpdir=params['dumpdir'], check_mode=check_mode,
-                   lockwait=params['lockwait']),
-               needs_qmp=True, mutually_exclusive=[('storage', 'dumpdir'), ('chain', 'cleanup'),
-                                                   ('chain', 'orphans')])
+    run_module(guest_bitmaps_argument_spec(), run_guest_bitmaps, GuestBitmapsRequest, needs_qmp=True)
 
 
 if __name__ == '__main__':

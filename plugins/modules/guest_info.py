@@ -23,6 +23,7 @@ author:
 extends_documentation_fragment:
   - guestvault.backup.guest
   - guestvault.backup.storage
+  - guestvault.backup.backups
 requirements:
   - qemu.qmp (Python) on the node
 attributes:
@@ -39,10 +40,6 @@ options:
   dumpdir:
     description: A backup directory whose chains to show, instead of O(storage).
     type: path
-  lockwait:
-    description: Minutes to wait while another run (a backup) holds the guest on this node.
-    type: float
-    default: 180
   chain_period:
     description:
       - The O(guestvault.backup.guest_backup#module:chain_period) the next backup would use, so that
@@ -327,16 +324,11 @@ storage_path:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_info_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.inspect import inspect_guest
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.guest_info import GuestInfoRequest, run_guest_info
 
 
 def main():
-    run_module(guest_info_argument_spec(),
-               lambda params, check_mode: dict(inspect_guest(
-                   params['vmid'], params['qmp_socket'], params['config_dir'],
-                   params['storage'], params['dumpdir'], params['chain_period'],
-                   lockwait=params['lockwait']), changed=False),
-               needs_qmp=True, mutually_exclusive=[('storage', 'dumpdir')])
+    run_module(guest_info_argument_spec(), run_guest_info, GuestInfoRequest, needs_qmp=True)
 
 
 if __name__ == '__main__':

@@ -21,6 +21,8 @@ description:
   - O(state=absent) removes the entry; the guest and its backups are not touched.
 author:
   - guestvault developers (@guestvault)
+extends_documentation_fragment:
+  - guestvault.backup.storage.config_dir
 attributes:
   check_mode:
     description: Reports whether the entry would change, writing nothing.
@@ -68,10 +70,6 @@ options:
   description:
     description: A free text description; several lines are kept as several lines.
     type: str
-  config_dir:
-    description: The node's guestvault configuration directory.
-    type: path
-    default: /etc/guestvault
 """
 
 EXAMPLES = r"""
@@ -107,17 +105,12 @@ entry:
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import registry_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.register import ENTRY_FIELDS, apply_guest
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import guest_registry_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.guest_registry import GuestRegistryRequest, run_guest_registry
 
 
 def main():
-    run_module(registry_argument_spec(),
-               lambda params, check_mode: apply_guest(
-                   params['vmid'], {key: params[key] for key in ENTRY_FIELDS}, params['state'],
-                   params['config_dir'], check_mode),
-               mutually_exclusive=[('include', 'exclude')],
-               required_if=[('state', 'present', ('qmp',))])
+    run_module(guest_registry_argument_spec(), run_guest_registry, GuestRegistryRequest)
 
 
 if __name__ == '__main__':

@@ -176,14 +176,11 @@ removed_storages:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import node_config_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.node_config import apply_node_config
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.node_config import NodeConfigRequest, run_node_config
 
 
 def main():
-    run_module(node_config_argument_spec(),
-               lambda params, check_mode: apply_node_config(
-                   params['config_dir'], vzdump=params['vzdump'], storages=params['storages'],
-                   check_mode=check_mode))
+    run_module(node_config_argument_spec(), run_node_config, NodeConfigRequest)
 
 
 if __name__ == '__main__':

@@ -21,6 +21,8 @@ author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.storage
+  - guestvault.backup.backups
+  - guestvault.backup.backups.selection
 attributes:
   check_mode:
     description: Reports whether anything would change.
@@ -33,20 +35,12 @@ options:
     description: The guest whose backup it is.
     type: int
     required: true
-  backup:
-    description: V(latest), or the backup's time or id (C(vm/101/2026-11-22T01:00:00Z)).
-    type: str
-    default: latest
   protected:
     description: Protect (V(true)) or unprotect (V(false)); unchanged when not given.
     type: bool
   notes:
     description: The backup's notes; an empty string removes them; unchanged when not given.
     type: str
-  lockwait:
-    description: Minutes to wait while a backup, prune or restore of the guest holds its lock on the storage.
-    type: float
-    default: 180
 """
 
 EXAMPLES = r"""
@@ -84,14 +78,11 @@ notes:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import protect_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.protect import protect_backup
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.protect import ProtectRequest, run_protect
 
 
 def main():
-    run_module(protect_argument_spec(),
-               lambda params, check_mode: protect_backup(check_mode=check_mode, **params),
-               mutually_exclusive=[('storage', 'dumpdir')],
-               required_one_of=[('protected', 'notes')])
+    run_module(protect_argument_spec(), run_protect, ProtectRequest)
 
 
 if __name__ == '__main__':

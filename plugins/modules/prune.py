@@ -29,6 +29,7 @@ author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.storage
+  - guestvault.backup.backups
 requirements:
   - qemu-img (Debian package qemu-utils) on the node
 attributes:
@@ -69,10 +70,6 @@ options:
   timezone:
     description: IANA time zone for hours, days, weeks, months and years; default the node's.
     type: str
-  lockwait:
-    description: Minutes to wait for a running backup of the same guest to finish.
-    type: float
-    default: 180
   simulate:
     description:
       - A list of backups to mark instead of a storage's, each with C(time) (epoch seconds or
@@ -168,26 +165,12 @@ policy_source:
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
-from ansible_collections.guestvault.backup.plugins.module_utils._argspec import (
-    KEEP_PARAMETERS, prune_argument_spec, prune_policy_from_params)
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.prune import PruneRequest, run_prune, simulate_prune
-
-
-def prune(params, check_mode):
-    policy = prune_policy_from_params(params)
-    if params['simulate'] is not None:
-        return simulate_prune(params['simulate'], policy, params['timezone'])
-    return run_prune(PruneRequest(
-        vmid=params['vmid'], storage=params['storage'], dumpdir=params['dumpdir'],
-        config_dir=params['config_dir'], prune_backups=policy, timezone=params['timezone'],
-        lockwait=params['lockwait'], check_mode=check_mode))
+from ansible_collections.guestvault.backup.plugins.module_utils._argspec import prune_argument_spec
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.prune import PruneRequest, run_prune
 
 
 def main():
-    run_module(prune_argument_spec(), prune,
-               mutually_exclusive=[('storage', 'dumpdir'), ('storage', 'simulate'),
-                                   ('dumpdir', 'simulate')]
-               + [('prune_backups', key) for key in KEEP_PARAMETERS])
+    run_module(prune_argument_spec(), run_prune, PruneRequest)
 
 
 if __name__ == '__main__':

@@ -24,6 +24,7 @@ author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.storage
+  - guestvault.backup.backups
 requirements:
   - qemu-img (Debian package qemu-utils) on the node
 attributes:
@@ -112,10 +113,6 @@ options:
   new_qmp_socket:
     description: The QMP socket path to record for the new guest; default C(<target_dir>/qmp.sock).
     type: path
-  lockwait:
-    description: Minutes to wait while a backup or prune of the guest holds its lock on the storage.
-    type: float
-    default: 180
 seealso:
   - module: guestvault.backup.backup_info
   - module: guestvault.backup.verify
@@ -266,10 +263,7 @@ from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.rest
 
 
 def main():
-    run_module(restore_argument_spec(),
-               lambda params, check_mode: run_restore(
-                   RestoreRequest(check_mode=check_mode, **params)),
-               mutually_exclusive=[('storage', 'dumpdir'), ('backup', 'until')])
+    run_module(restore_argument_spec(), run_restore, RestoreRequest)
 
 
 if __name__ == '__main__':

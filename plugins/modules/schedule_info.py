@@ -88,14 +88,11 @@ normalized:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import schedule_info_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.policy.calendar import describe_schedule
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.schedule_info import ScheduleInfoRequest, run_schedule_info
 
 
 def main():
-    run_module(schedule_info_argument_spec(),
-               lambda params, check_mode: describe_schedule(
-                   params['schedule'], params['start_time'], params['iterations'],
-                   params['timezone']))
+    run_module(schedule_info_argument_spec(), run_schedule_info, ScheduleInfoRequest)
 
 
 if __name__ == '__main__':

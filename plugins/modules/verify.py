@@ -26,6 +26,8 @@ author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
   - guestvault.backup.storage
+  - guestvault.backup.backups
+  - guestvault.backup.backups.selection
 requirements:
   - qemu-img (Debian package qemu-utils) on the node
 attributes:
@@ -40,14 +42,6 @@ options:
     description: The guest whose backup to verify.
     type: int
     required: true
-  backup:
-    description: V(latest), or the backup's time or id.
-    type: str
-    default: latest
-  lockwait:
-    description: Minutes to wait while a backup or prune of the guest holds its lock on the storage.
-    type: float
-    default: 180
 """
 
 EXAMPLES = r"""
@@ -85,14 +79,11 @@ chain:
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module
 from ansible_collections.guestvault.backup.plugins.module_utils._argspec import verify_argument_spec
-from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.verify import verify_backup
+from ansible_collections.guestvault.backup.plugins.module_utils._engine.run.verify import VerifyRequest, run_verify
 
 
 def main():
-    run_module(verify_argument_spec(),
-               lambda params, check_mode: verify_backup(check_mode=check_mode, fail=True,
-                                                        **params),
-               mutually_exclusive=[('storage', 'dumpdir')])
+    run_module(verify_argument_spec(), run_verify, VerifyRequest)
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.errors import BackupFailed, ChainError, GuestUnreachable, HookFailed
 from lab_checks import backups_in, hidden_in, same_content, small_tmpfs
 from labguest import LabGuest
@@ -21,9 +21,9 @@ MiB = 1 << 20
 
 
 def backup(guest, store, config_dir, **options):
-    request = BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
-                            config_dir=config_dir, **options)
-    return run_backup(request)
+    request = GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
+                                 config_dir=config_dir, **options)
+    return run_guest_backup(request)
 
 
 def raw_content(image, workdir):
@@ -215,9 +215,9 @@ def _kill_mid_backup(guest, store, config_dir, tmp_path, sig):
 import sys
 sys.path.insert(0, {os.path.join(os.path.dirname(__file__), '..')!r})
 import conftest
-from guestvault_engine.run.backup import BackupRequest, run_backup
-run_backup(BackupRequest(vmid={guest.vmid}, qmp_socket={guest.qmp_socket!r}, dumpdir={store!r},
-                         config_dir={config_dir!r}, level='inc', bwlimit=512))
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
+run_guest_backup(GuestBackupRequest(vmid={guest.vmid}, qmp_socket={guest.qmp_socket!r}, dumpdir={store!r},
+                                    config_dir={config_dir!r}, level='inc', bwlimit=512))
 """
     env = dict(os.environ, GUESTVAULT_RUN_DIR=str(tmp_path / 'run'))
     proc = subprocess.Popen([sys.executable, '-c', script], env=env,
@@ -429,9 +429,9 @@ def test_monthly_chain_period_starts_a_new_chain_in_a_new_month(make_guest, stor
     same_month = backup(guest, store, config_dir, level='auto', chain_period='monthly')
     assert same_month['level'] == 'inc'
     next_month = datetime.now(timezone.utc) + timedelta(days=32)
-    later = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
-                                     config_dir=config_dir, chain_period='monthly'),
-                       now=next_month)
+    later = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
+                                                config_dir=config_dir, chain_period='monthly'),
+                             now=next_month)
     assert later['level'] == 'full' and 'monthly' in later['level_reason']
     assert later['chain'] != first['chain']
 
@@ -570,8 +570,8 @@ def test_stop_mode_brings_back_a_guest_whose_qemu_exits_on_shutdown(make_guest, 
     guest._close_qmp()  # the thread uses its own control connection; QEMU serves one at a time
     watcher = threading.Thread(target=power_off_on_request, daemon=True)
     watcher.start()
-    result = run_backup(BackupRequest(vmid=777, dumpdir=store, config_dir=config_dir,
-                                      mode='stop', stopwait=0.5, script=str(hook)))
+    result = run_guest_backup(GuestBackupRequest(vmid=777, dumpdir=store, config_dir=config_dir,
+                                                 mode='stop', stopwait=0.5, script=str(hook)))
     watcher.join(10)
     assert result['downtime_seconds'] is not None and result['level'] == 'full'
     assert record.read_text().split() == ['backup-start', 'pre-stop', 'pre-restart',

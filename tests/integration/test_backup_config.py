@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from guestvault_engine.errors import GuestUnreachable
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from lab_checks import backups_in, same_content
 
 MiB = 1 << 20
@@ -36,7 +36,7 @@ def test_registry_storage_cfg_and_vzdump_defaults_drive_a_backup(make_guest, sto
                         'notes-template: {{guestname}} nightly\n',
                  guest={'vmid': 101, 'name': 'web01', 'qmp': guest.qmp_socket,
                         'extra': ['exclude: vd1', 'tags: web']})
-    result = run_backup(BackupRequest(vmid=101, storage='backups', config_dir=config_dir))
+    result = run_guest_backup(GuestBackupRequest(vmid=101, storage='backups', config_dir=config_dir))
     assert result['storage'] == 'backups' and result['backup_dir'].startswith(store)
     assert result['mode'] == 'suspend' and result['pause_seconds'] is not None
     assert [d['id'] for d in result['disks']] == ['vd0']        # registry exclude
@@ -44,8 +44,8 @@ def test_registry_storage_cfg_and_vzdump_defaults_drive_a_backup(make_guest, sto
     guest_json = json.load(open(os.path.join(result['backup_dir'], 'guest.json')))
     assert guest_json['registry']['tags'] == ['web']
     # An option given to the run overrides vzdump.conf.
-    second = run_backup(BackupRequest(vmid=101, storage='backups', config_dir=config_dir,
-                                      mode='snapshot'))
+    second = run_guest_backup(GuestBackupRequest(vmid=101, storage='backups', config_dir=config_dir,
+                                                 mode='snapshot'))
     assert second['mode'] == 'snapshot' and second['level'] == 'inc'
 
 
@@ -55,12 +55,12 @@ def test_removing_the_newest_backup_makes_auto_fall_back_with_the_reason(
     guest = make_guest(disks=[('qcow2', 16 * MiB)])
     request = dict(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
                    config_dir=config_dir)
-    run_backup(BackupRequest(**request))
+    run_guest_backup(GuestBackupRequest(**request))
     guest.write('vd0', 0x21, 0, MiB)
-    newest = run_backup(BackupRequest(**request))
+    newest = run_guest_backup(GuestBackupRequest(**request))
     shutil.rmtree(newest['backup_dir'])
     guest.write('vd0', 0x22, MiB, MiB)
-    result = run_backup(BackupRequest(**request))
+    result = run_guest_backup(GuestBackupRequest(**request))
     assert result['level'] == 'full'
     assert 'removed' in result['level_reason'] or 'another storage' in result['level_reason']
     ok, out = same_content(guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2')),
@@ -130,9 +130,9 @@ def test_snapshot_freezes_around_the_point_in_time_and_thaws(make_guest, store, 
     guest.execute('cont')
     agent = FakeAgent(agent_path)
     try:
-        result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                          agent_socket=agent_path, dumpdir=store,
-                                          config_dir=config_dir))
+        result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                     agent_socket=agent_path, dumpdir=store,
+                                                     config_dir=config_dir))
     finally:
         agent.close()
     assert result['frozen_filesystems'] == 2
@@ -148,9 +148,9 @@ def test_thaw_happens_even_when_the_point_in_time_fails(make_guest, store, confi
     agent = FakeAgent(agent_path, on_freeze=guest.kill)   # QEMU dies while frozen
     try:
         with pytest.raises(GuestUnreachable, match='QEMU went away'):
-            run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                     agent_socket=agent_path, dumpdir=store,
-                                     config_dir=config_dir))
+            run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                agent_socket=agent_path, dumpdir=store,
+                                                config_dir=config_dir))
     finally:
         agent.close()
     assert agent.calls.count('guest-fsfreeze-thaw') == 1     # the agent answers the first one
@@ -163,9 +163,9 @@ def test_an_agent_that_hangs_on_freeze_times_out_and_is_thawed(make_guest, store
     guest.execute('cont')
     agent = FakeAgent(agent_path, hang_on_freeze=True)
     try:
-        result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                          agent_socket=agent_path, dumpdir=store,
-                                          config_dir=config_dir, freeze_timeout=1))
+        result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                     agent_socket=agent_path, dumpdir=store,
+                                                     config_dir=config_dir, freeze_timeout=1))
     finally:
         agent.close()
     assert any('fsfreeze failed' in w for w in result['warnings'])
@@ -179,12 +179,12 @@ def test_vzdump_options_without_effect_are_named_in_a_warning_and_lzo_gets_advic
     guest = make_guest(disks=[('qcow2', 8 * MiB)], vmid=101)
     write_config(config_dir, store, vzdump='mailto: root\nionice: 7\nmode: snapshot\n',
                  guest={'vmid': 101, 'name': 'web01', 'qmp': guest.qmp_socket})
-    result = run_backup(BackupRequest(vmid=101, storage='backups', config_dir=config_dir))
+    result = run_guest_backup(GuestBackupRequest(vmid=101, storage='backups', config_dir=config_dir))
     inert = [w for w in result['warnings'] if 'no effect' in w]
     assert len(inert) == 1 and 'ionice, mailto' in inert[0] and 'mode' not in inert[0]
     from guestvault_engine.errors import ConfigError
     before = backups_in(store, 101)
     with pytest.raises(ConfigError, match='lzo has no qcow2 equivalent.*use compress zstd'):
-        run_backup(BackupRequest(vmid=101, storage='backups', config_dir=config_dir,
-                                 compress='lzo'))
+        run_guest_backup(GuestBackupRequest(vmid=101, storage='backups', config_dir=config_dir,
+                                            compress='lzo'))
     assert backups_in(store, 101) == before

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from guestvault_engine.errors import ConfigError
-from guestvault_engine.run.job import apply_job
+from guestvault_engine.run.backup_job import apply_job
 from guestvault_engine.policy.jobs_cfg import load_jobs
 
 COMMAND = os.path.realpath(os.path.join(os.path.dirname(__file__), '..', '..', 'bin',

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from guestvault_engine.guest import qmp as engine_qmp
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.errors import ConsistencyError, QmpCommandFailed
 from guestvault_engine.run.restore import RestoreRequest, run_restore
 from lab_checks import backups_in
@@ -40,10 +40,10 @@ class Run:
     def __init__(self, guest, store, config_dir, agent=True, **options):
         self.lines = []
         where = {'storage': options.pop('storage')} if 'storage' in options else {'dumpdir': store}
-        request = BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                agent_socket=guest.agent_socket if agent else None,
-                                config_dir=config_dir, bwlimit=BWLIMIT, **where, **options)
-        self.result = run_backup(request, log=self.lines.append)
+        request = GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                     agent_socket=guest.agent_socket if agent else None,
+                                     config_dir=config_dir, bwlimit=BWLIMIT, **where, **options)
+        self.result = run_guest_backup(request, log=self.lines.append)
 
     @property
     def log(self):
@@ -139,9 +139,9 @@ def test_a_backup_failing_while_the_guest_is_frozen_still_thaws_it(
     monkeypatch.setattr(engine_qmp.QmpSession, 'transaction', refused)
     lines = []
     with pytest.raises(QmpCommandFailed):
-        run_backup(BackupRequest(vmid=9201, qmp_socket=agent_guest.qmp_socket,
-                                 agent_socket=agent_guest.agent_socket, dumpdir=store,
-                                 config_dir=config_dir, mode='snapshot'), log=lines.append)
+        run_guest_backup(GuestBackupRequest(vmid=9201, qmp_socket=agent_guest.qmp_socket,
+                                            agent_socket=agent_guest.agent_socket, dumpdir=store,
+                                            config_dir=config_dir, mode='snapshot'), log=lines.append)
     log = '\n'.join(lines)
     assert 'froze' in log and 'thawed' in log, log
     assert hook_calls(agent_guest)[-2:] == ['freeze', 'thaw']

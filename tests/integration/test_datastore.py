@@ -17,14 +17,14 @@ from guestvault_engine.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
                                                              ENCRYPTED_COMPRESSED_BLOB_MAGIC)
 from guestvault_engine.datastore.fixed_index import read_fixed_index
 from guestvault_engine.datastore.manifest import BackupManifest
-from guestvault_engine.run.backup import BackupRequest, run_backup
-from guestvault_engine.run.gc import GcRequest, run_gc
-from guestvault_engine.run.info import list_backups
-from guestvault_engine.run.inspect import inspect_guest
-from guestvault_engine.run.keys import create_key
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
+from guestvault_engine.run.garbage_collect import GarbageCollectRequest, run_garbage_collect
+from guestvault_engine.run.backup_info import BackupInfoRequest, run_backup_info
+from guestvault_engine.run.guest_info import GuestInfoRequest, run_guest_info
+from guestvault_engine.run.encryption_key import create_key
 from guestvault_engine.run.prune import PruneRequest, run_prune
 from guestvault_engine.run.restore import RestoreRequest, run_restore
-from guestvault_engine.run.verify import verify_backup
+from guestvault_engine.run.verify import VerifyRequest, run_verify
 from lab_checks import backups_in as listed_in, hidden_in, same_content, small_tmpfs
 
 MiB = 1 << 20
@@ -52,8 +52,8 @@ def datastore(datastore_path, config_dir):
 
 
 def backup(guest, config_dir, storage='ds1', **options):
-    return run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                    storage=storage, config_dir=config_dir, **options))
+    return run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                               storage=storage, config_dir=config_dir, **options))
 
 
 def restore(guest, config_dir, target, storage='ds1', **options):
@@ -138,16 +138,16 @@ def test_an_unchanged_second_full_stores_no_new_chunks_and_prune_then_gc_free_sp
     assert sorted(pruned['removed']) == sorted([first['backup'], second['backup']])
     assert backups_in(datastore, guest.vmid) == [third['time']]
     assert chunk_files(datastore) == all_chunks              # prune never touches chunks
-    check = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir, check_mode=True))
+    check = run_garbage_collect(GarbageCollectRequest(storage='ds1', grace='0s', config_dir=config_dir, check_mode=True))
     # The first data's one chunk (four equal 4 MiB pieces) is garbage; the zero chunk is not.
     assert check['removed_chunks'] == 1 and chunk_files(datastore) == all_chunks
-    done = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir))
+    done = run_garbage_collect(GarbageCollectRequest(storage='ds1', grace='0s', config_dir=config_dir))
     assert done['removed_chunks'] == check['removed_chunks'] == 1
     assert done['removed_bytes'] == check['removed_bytes'] > 0
     gone = set(all_chunks) - set(chunk_files(datastore))
     assert len(gone) == 1 and gone < set(before)
     # With the default grace nothing recent goes.
-    assert run_gc(GcRequest(storage='ds1', config_dir=config_dir))['removed_chunks'] == 0
+    assert run_garbage_collect(GarbageCollectRequest(storage='ds1', config_dir=config_dir))['removed_chunks'] == 0
     out = restore(guest, config_dir, tmp_path / 'r')
     ok, text = same_content(ref, out['disks'][0]['target'])
     assert ok, text
@@ -172,14 +172,14 @@ def test_a_backup_running_during_gc_never_loses_a_chunk(make_guest, datastore, c
             run_prune(PruneRequest(vmid=guest.vmid, storage='ds1', config_dir=config_dir,
                                    prune_backups='keep-last=1'))
 
-    run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir),
-           progress=between_mark_and_sweep)
+    run_garbage_collect(GarbageCollectRequest(storage='ds1', grace='0s', config_dir=config_dir),
+                        progress=between_mark_and_sweep)
     assert state['backup']['level'] == 'inc' and backups_in(datastore, guest.vmid) == [
         state['backup']['time']] != [old['time']]
     out = restore(guest, config_dir, tmp_path / 'r')
     ok, text = same_content(state['ref'], out['disks'][0]['target'])
     assert ok, text
-    assert verify_backup(guest.vmid, storage='ds1', config_dir=config_dir)['verify_state'] == 'ok'
+    assert run_verify(VerifyRequest(guest.vmid, storage='ds1', config_dir=config_dir))['verify_state'] == 'ok'
 
 
 def test_verify_finds_a_corrupt_chunk_renames_it_and_the_next_backup_heals_it(
@@ -198,14 +198,14 @@ def test_verify_finds_a_corrupt_chunk_renames_it_and_the_next_backup_heals_it(
         byte = handle.read(1)
         handle.seek(40)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    result = verify_backup(guest.vmid, backup=first['time'], storage='ds1',
-                           config_dir=config_dir)
+    result = run_verify(VerifyRequest(guest.vmid, backup=first['time'], storage='ds1',
+                                      config_dir=config_dir))
     assert result['verify_state'] == 'failed'
     problem = ' '.join(result['problems'])
     assert first['backup'] in problem and 'vd0' in problem and str(2 * CHUNK) in problem
     assert not os.path.exists(victim) and os.path.exists(victim + '.0.bad')
-    listed = {b['id']: b for b in list_backups(guest.vmid, storage='ds1',
-                                               config_dir=config_dir)['backups']}
+    listed = {b['id']: b for b in run_backup_info(BackupInfoRequest(guest.vmid, storage='ds1',
+                                                                    config_dir=config_dir))['backups']}
     assert listed[first['backup']]['verify_state'] == 'failed'
     # A restore of the other snapshot (same chunk) fails naming it, and leaves nothing behind:
     # not even the target directory, which the call created.
@@ -216,8 +216,8 @@ def test_verify_finds_a_corrupt_chunk_renames_it_and_the_next_backup_heals_it(
     healed = backup(guest, config_dir, level='full')
     assert healed['disks'][0]['new_chunks'] == 1 and os.path.exists(victim)
     for snap in (first, second, healed):
-        assert verify_backup(guest.vmid, backup=snap['time'], storage='ds1',
-                             config_dir=config_dir)['verify_state'] == 'ok'
+        assert run_verify(VerifyRequest(guest.vmid, backup=snap['time'], storage='ds1',
+                                        config_dir=config_dir))['verify_state'] == 'ok'
 
 
 def test_an_encrypted_datastore_round_trips_and_a_wrong_key_is_named(
@@ -246,7 +246,7 @@ def test_an_encrypted_datastore_round_trips_and_a_wrong_key_is_named(
     # The same datastore opened with another key: restore names the fingerprint it needs.
     write_storage_cfg(config_dir, path, 'wrong', encryption_key=other['path'])
     # verify names the key once, not once per chunk (the chunks get their CRC checked)
-    wrong = verify_backup(guest.vmid, storage='wrong', config_dir=config_dir, check_mode=True)
+    wrong = run_verify(VerifyRequest(guest.vmid, storage='wrong', config_dir=config_dir, check_mode=True))
     assert wrong['verify_state'] == 'failed' and len(wrong['problems']) == 1, wrong['problems']
     assert key['fingerprint'][:23] in wrong['problems'][0]
     with pytest.raises(EncryptionKeyError, match=key['fingerprint'][:23]):
@@ -290,8 +290,8 @@ def test_another_key_than_the_previous_snapshots_starts_a_new_full_with_a_warnin
         assert result['chain'] != taken[step - 1][1]['chain']
     assert not taken[2][1]['warnings'] and taken[2][1]['chain'] == taken[1][1]['chain']
     # guest_info says the same of the newest chain, as the storage's key stands now.
-    info = inspect_guest(guest.vmid, qmp_socket=guest.qmp_socket, config_dir=config_dir,
-                         storage='key-b')
+    info = run_guest_info(GuestInfoRequest(guest.vmid, qmp_socket=guest.qmp_socket, config_dir=config_dir,
+                                           storage='key-b'))
     newest = info['chains'][-1]
     assert newest['chain'] == taken[4][1]['chain'] and not newest['can_continue']
     assert f"made with key {short['a']}, this backup uses key {short['b']}" in newest['reason']
@@ -306,8 +306,8 @@ KILL_RUNNER = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import conftest
-from guestvault_engine.run.backup import BackupRequest, run_backup
-run_backup(BackupRequest(**json.loads(sys.argv[1])), log=lambda m: print(m, flush=True))
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
+run_guest_backup(GuestBackupRequest(**json.loads(sys.argv[1])), log=lambda m: print(m, flush=True))
 """
 
 
@@ -332,9 +332,9 @@ def test_a_killed_backup_leaves_nothing_visible_and_the_next_one_clears_up(
     exports = guest.execute('query-block-exports')
     assert exports                                                # the NBD export is still up
     log = []
-    result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                      storage='ds1', config_dir=config_dir),
-                        log=log.append)
+    result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                 storage='ds1', config_dir=config_dir),
+                              log=log.append)
     assert result['level'] == 'inc', result['level_reason']
     assert not guest.execute('query-block-exports') and not guest.execute('query-block-jobs')
     assert hidden_in(datastore, guest.vmid) == []
@@ -345,8 +345,10 @@ def test_a_killed_backup_leaves_nothing_visible_and_the_next_one_clears_up(
     assert ok, text
     # Whatever the killed run stored is 0x92 data, the one chunk the next backup names too: GC
     # after the grace finds no garbage and keeps both backups' chunks (0x91 and 0x92).
-    gc = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir))
-    assert verify_backup(guest.vmid, storage='ds1', config_dir=config_dir)['verify_state'] == 'ok'
+    gc = run_garbage_collect(GarbageCollectRequest(storage='ds1', grace='0s',
+                                                   config_dir=config_dir))
+    assert run_verify(VerifyRequest(guest.vmid, storage='ds1',
+                                    config_dir=config_dir))['verify_state'] == 'ok'
     assert gc['removed_chunks'] == 0 and len(chunk_files(datastore)) == 2, gc
 
 
@@ -432,7 +434,7 @@ def test_verify_and_restore_name_the_snapshot_the_disk_and_the_offset(
             handle.write(b'NOTABLOB')
     else:
         os.truncate(index_path, os.path.getsize(index_path) - 32)
-    result = verify_backup(guest.vmid, storage='ds1', config_dir=config_dir)
+    result = run_verify(VerifyRequest(guest.vmid, storage='ds1', config_dir=config_dir))
     text = ' '.join(result['problems'])
     assert result['verify_state'] == 'failed' and taken['backup'] in text and 'vd0' in text
     if damage != 'truncated index':
@@ -480,9 +482,9 @@ sys.path.insert(0, {tests!r})
 sys.modules[{module!r}] = None      # as on a node without the package
 import conftest
 from guestvault_engine.errors import GuestvaultError
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 try:
-    run_backup(BackupRequest(**json.loads(sys.argv[1])))
+    run_guest_backup(GuestBackupRequest(**json.loads(sys.argv[1])))
 except GuestvaultError as exc:
     print('ERROR', exc)
 """
@@ -538,15 +540,15 @@ def test_a_damaged_manifest_stays_visible_keeps_its_chunks_and_restores_once_rep
     original = flip_a_bit(manifest)
     chunks = chunk_files(datastore)
     # backup_info lists it as damaged, with the reason, beside the good one
-    listed = list_backups(guest.vmid, storage='ds1', config_dir=config_dir)
+    listed = run_backup_info(BackupInfoRequest(guest.vmid, storage='ds1', config_dir=config_dir))
     assert [b['id'] for b in listed['backups']] == [good['backup']]
     [damaged] = listed['damaged']
     assert damaged['id'] == newest['backup'] and damaged['path'] == os.path.dirname(manifest)
     assert manifest in damaged['reason'] and 'crc' in damaged['reason'].lower(), damaged
     assert newest['backup'] in listed['warnings'][0]
     # verify and restore of it say what is wrong
-    verified = verify_backup(guest.vmid, backup=newest['time'], storage='ds1',
-                             config_dir=config_dir)
+    verified = run_verify(VerifyRequest(guest.vmid, backup=newest['time'], storage='ds1',
+                                        config_dir=config_dir))
     assert verified['verify_state'] == 'failed' and verified['backup'] == newest['backup']
     assert damaged['reason'] in verified['problems'][0]
     with pytest.raises(BackupDamaged, match=f"{newest['backup']} is damaged: .*{manifest}"):
@@ -566,15 +568,15 @@ def test_a_damaged_manifest_stays_visible_keeps_its_chunks_and_restores_once_rep
     assert any('neither counts it' in w for w in pruned['warnings'])
     assert os.path.exists(manifest)
     # GC with grace 0 keeps every chunk the damaged snapshot names
-    check = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir, check_mode=True))
-    done = run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir))
+    check = run_garbage_collect(GarbageCollectRequest(storage='ds1', grace='0s', config_dir=config_dir, check_mode=True))
+    done = run_garbage_collect(GarbageCollectRequest(storage='ds1', grace='0s', config_dir=config_dir))
     assert check['removed_chunks'] == done['removed_chunks'] == 0, done
     assert done['index_files'] == 2 and chunk_files(datastore) == chunks
     # the manifest repaired: the snapshot verifies and restores bit-exact
     with open(manifest, 'wb') as handle:
         handle.write(original)
-    assert verify_backup(guest.vmid, storage='ds1',
-                         config_dir=config_dir)['verify_state'] == 'ok'
+    assert run_verify(VerifyRequest(guest.vmid, storage='ds1',
+                                    config_dir=config_dir))['verify_state'] == 'ok'
     out = restore(guest, config_dir, tmp_path / 'repaired')
     assert out['backup'] == newest['backup'] and out['warnings'] == []
     ok, text = same_content(newest_ref, out['disks'][0]['target'])
@@ -595,6 +597,6 @@ def test_gc_stops_on_an_index_it_cannot_parse_and_removes_nothing(make_guest, da
     chunks = chunk_files(datastore)
     for check_mode in (True, False):
         with pytest.raises(CorruptData, match=f"stopped before removing anything: {index}"):
-            run_gc(GcRequest(storage='ds1', grace='0s', config_dir=config_dir,
-                             check_mode=check_mode))
+            run_garbage_collect(GarbageCollectRequest(storage='ds1', grace='0s', config_dir=config_dir,
+                                                      check_mode=check_mode))
     assert chunk_files(datastore) == chunks and first['backup'] != second['backup']

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from guestvault_engine.errors import StorageError
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.run.file_restore import FileRestoreRequest, UnknownFilesystem, run_file_restore
 from disk_layouts import LayoutGuest, partitioned_lvm_disk
 from lab_checks import backup_location
@@ -50,9 +50,9 @@ def test_files_the_linux_guest_wrote_come_back_from_a_full_and_an_incremental_ba
     wait_for_files(guest, 3)
 
     def backup():
-        return run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                        agent_socket=guest.agent_socket, config_dir=config_dir,
-                                        mode='snapshot', **where))
+        return run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                   agent_socket=guest.agent_socket, config_dir=config_dir,
+                                                   mode='snapshot', **where))
 
     full = backup()
     assert full['frozen_filesystems'] == 1          # the ext4 data disk
@@ -115,8 +115,8 @@ def test_partitions_lvm_xfs_and_vfat_are_found_without_being_named(config_dir, t
     try:
         (tmp_path / 'dump').mkdir()
         where = {'dumpdir': str(tmp_path / 'dump')}
-        run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                 config_dir=config_dir, **where))
+        run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                            config_dir=config_dir, **where))
     finally:
         guest.stop()
     # Two filesystems: without a name the error lists them (nothing named them before).

@@ -8,11 +8,11 @@ import subprocess
 import pytest
 
 from guestvault_engine.errors import ConfigError, EncryptionKeyError
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.run.file_restore import (
     FileRestoreError, FileRestoreRequest, PathNotFound, SizeLimitExceeded, UnknownFilesystem,
     run_file_restore)
-from guestvault_engine.run.keys import create_key
+from guestvault_engine.run.encryption_key import create_key
 from ansible_runner import assert_failed_with, documented_return
 from disk_layouts import LayoutGuest, ext4_image, gpt_ext4_disk, write_tree
 
@@ -43,8 +43,8 @@ def guest_with_files(tmp_path, config_dir, vmid=9411, where=None, files=None, pa
         where = {'dumpdir': str(tmp_path / 'dump')}
     guest = LayoutGuest(str(tmp_path / f'guest-{vmid}'), disk, vmid).start()
     try:
-        run_backup(BackupRequest(vmid=vmid, qmp_socket=guest.qmp_socket, config_dir=config_dir,
-                                 **where))
+        run_guest_backup(GuestBackupRequest(vmid=vmid, qmp_socket=guest.qmp_socket, config_dir=config_dir,
+                                            **where))
     finally:
         guest.stop()
     return vmid, where
@@ -90,8 +90,8 @@ def test_a_disk_without_a_filesystem_is_named_as_such(tmp_path, config_dir, make
     where = {'dumpdir': str(tmp_path / 'dump')}
     guest = make_guest(disks=[('qcow2', 16 * MiB)], vmid=9412)
     guest.write('vd0', 0x5a, 0, 1 * MiB)
-    run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, config_dir=config_dir,
-                             **where))
+    run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, config_dir=config_dir,
+                                        **where))
     with pytest.raises(UnknownFilesystem, match=r'no ext2/3/4, xfs or vfat filesystem found; '
                                                 r'found: vd0 \(unknown\)'):
         run_file_restore(request(guest.vmid, where, config_dir, paths=['/']))

@@ -18,8 +18,8 @@ import time
 import pytest
 
 from guestvault_engine.errors import ConfigError, GuestvaultError, StorageError
-from guestvault_engine.run.backup import BackupRequest, run_backup
-from guestvault_engine.run.inspect import inspect_guest
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
+from guestvault_engine.run.guest_info import GuestInfoRequest, run_guest_info
 from guestvault_engine.run.restore import RestoreRequest, run_restore
 from labguest import LabGuest
 from lab_checks import backup_location, same_content
@@ -91,12 +91,12 @@ def backed_up(request, make_guest, tmp_path, config_dir, monkeypatch):
     where = backup_location(request.param, request, config_dir, tmp_path, monkeypatch)
     guest = make_guest(disks=[('qcow2', 48 * MiB)], vmid=9301)
     guest.write('vd0', 0x31, 0, 16 * MiB)
-    run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                             config_dir=config_dir, **where))
+    run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                        config_dir=config_dir, **where))
     guest.write('vd0', 0x32, 8 * MiB, 4 * MiB)
     guest.write('vd0', 0x33, 40 * MiB, 2 * MiB)
-    inc = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                   config_dir=config_dir, **where))
+    inc = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                              config_dir=config_dir, **where))
     assert inc['level'] == 'inc'
     return guest, where, inc
 
@@ -121,7 +121,7 @@ def test_the_guest_runs_at_once_and_ends_on_the_backup_plus_its_own_writes(
         assert result['jobs'] == [f'guestvault-live-{NEW_VMID}-vd0']
         assert restored.execute('query-status')['status'] == 'running'
         restored.execute('block-job-pause', device=result['jobs'][0])
-        copying = inspect_guest(NEW_VMID, config_dir=config_dir)['live_restore']
+        copying = run_guest_info(GuestInfoRequest(NEW_VMID, config_dir=config_dir))['live_restore']
         assert [(c['disk'], c['done_bytes'] < c['total_bytes']) for c in copying] == \
             [('vd0', True)], copying
         # The guest writes while its disk is copied: over backed-up data and over a hole.
@@ -131,7 +131,7 @@ def test_the_guest_runs_at_once_and_ends_on_the_backup_plus_its_own_writes(
         restored.execute('block-job-set-speed', device=result['jobs'][0], speed=0)
         restored.execute('block-job-resume', device=result['jobs'][0])
         wait_for_copies(restored)
-        assert inspect_guest(NEW_VMID, config_dir=config_dir)['live_restore'] == []
+        assert run_guest_info(GuestInfoRequest(NEW_VMID, config_dir=config_dir))['live_restore'] == []
         backing = result['disks'][0]['backing']
         if 'storage' in where:
             # Read through the NBD server over the snapshot, which ends once QEMU let go of it.
@@ -279,9 +279,9 @@ def test_a_linux_guest_answers_its_agent_before_its_disk_is_copied_and_ends_clea
     while len(source.journal().entries) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    backup = run_backup(BackupRequest(vmid=source.vmid, qmp_socket=source.qmp_socket,
-                                      agent_socket=source.agent_socket, config_dir=config_dir,
-                                      mode='snapshot', **where))
+    backup = run_guest_backup(GuestBackupRequest(vmid=source.vmid, qmp_socket=source.qmp_socket,
+                                                 agent_socket=source.agent_socket, config_dir=config_dir,
+                                                 mode='snapshot', **where))
     assert backup['frozen_filesystems'] == 1        # the ext4 data disk
     accel = source.accel
     source.stop()
@@ -341,8 +341,8 @@ def test_a_damaged_chunk_met_during_a_datastore_live_restore_pauses_the_guest_an
     guest = make_guest(disks=[('qcow2', 48 * MiB)], vmid=9301)
     guest.write('vd0', 0x41, 0, 4 * MiB)
     guest.write('vd0', 0x42, 40 * MiB, 4 * MiB)       # chunk 10, read only by the copy
-    result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                      config_dir=config_dir, storage='ds'))
+    result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                 config_dir=config_dir, storage='ds'))
     snapshot = os.path.join(datastore_path, 'vm', str(guest.vmid), result['time'])
     digest = read_fixed_index(os.path.join(snapshot, 'drive-vd0.img.fidx')).digest(10)
     with open(ChunkStore(datastore_path).chunk_path(digest), 'r+b') as handle:
@@ -366,7 +366,7 @@ def test_a_damaged_chunk_met_during_a_datastore_live_restore_pauses_the_guest_an
         # The copy is paused at the error, not gone: guest_info says so.
         deadline = time.monotonic() + 300
         while True:
-            copying = inspect_guest(NEW_VMID, config_dir=config_dir)['live_restore']
+            copying = run_guest_info(GuestInfoRequest(NEW_VMID, config_dir=config_dir))['live_restore']
             if copying and copying[0]['io_status'] == 'failed':
                 break
             assert time.monotonic() < deadline, copying
@@ -435,8 +435,8 @@ def distinct_chunks(make_guest, tmp_path, config_dir, request, monkeypatch):
     guest = make_guest(disks=[('qcow2', 48 * MiB)], vmid=9301)
     for number in range(6):
         guest.write('vd0', 0x50 + number, number * 4 * MiB, 4 * MiB)
-    backup = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                      config_dir=config_dir, **where))
+    backup = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                 config_dir=config_dir, **where))
     ref = run_restore(RestoreRequest(vmid=guest.vmid, config_dir=config_dir,
                                      target_dir=str(tmp_path / 'ref'), **where))
     register(config_dir, str(tmp_path / 'restored'))
@@ -482,7 +482,7 @@ def test_killing_the_live_restore_server_pauses_the_guest_and_says_what_was_copi
         while os.path.exists(socket_path):         # the dead server's socket is removed
             assert time.monotonic() < deadline, socket_path
             time.sleep(0.1)
-        info = inspect_guest(NEW_VMID, config_dir=config_dir)
+        info = run_guest_info(GuestInfoRequest(NEW_VMID, config_dir=config_dir))
         assert info['live_restore_server']['running'] is False
         assert info['live_restore_server']['error']['copied'] == state['copied']
         assert any('killed by signal 9' in w and 'restore again' in w
@@ -497,8 +497,8 @@ def test_prune_waits_for_a_live_restore_of_its_snapshot_and_names_it(
     from guestvault_engine.errors import LockTimeout
     from guestvault_engine.run.prune import PruneRequest, run_prune
     guest, backup, ref = distinct_chunks
-    run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                             config_dir=config_dir, storage='ds'))
+    run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                        config_dir=config_dir, storage='ds'))
     # The older backup is served; the policy removes it.
     out = live(guest, {'storage': 'ds'}, config_dir, tmp_path / 'target', bwlimit=1024,
                backup=backup['time'])
@@ -532,7 +532,7 @@ def test_prune_waits_for_a_live_restore_of_its_snapshot_and_names_it(
 
 def test_gc_keeps_the_chunks_a_live_restore_reads_even_when_its_index_is_gone(
         distinct_chunks, config_dir, tmp_path, datastore_path):
-    from guestvault_engine.run.gc import GcRequest, run_gc
+    from guestvault_engine.run.garbage_collect import GarbageCollectRequest, run_garbage_collect
     guest, backup, ref = distinct_chunks
     # The last GC was long ago: every chunk's access time is two days old.
     old = time.time() - 2 * 86400
@@ -547,7 +547,7 @@ def test_gc_keeps_the_chunks_a_live_restore_reads_even_when_its_index_is_gone(
         # the index can still go by hand, or a PBS sharing the datastore): nothing names its
         # chunks any more, and GC runs with no grace at all.
         shutil.rmtree(os.path.join(datastore_path, 'vm', str(guest.vmid), backup['time']))
-        swept = run_gc(GcRequest(storage='ds', grace='0s', config_dir=config_dir))
+        swept = run_garbage_collect(GarbageCollectRequest(storage='ds', grace='0s', config_dir=config_dir))
         assert swept['index_files'] == 0
         assert job_list(restored), 'the copy ended before the GC ran'
         finish_copies(restored, out, tmp_path / 'target' / 'live-restore-error.json')

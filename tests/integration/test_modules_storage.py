@@ -1,7 +1,7 @@
 """The storage modules as users run them: restore, prune, protect, verify and backup_info.
 
 One lab guest per test module takes a chain of real backups (a full and three incrementals of two
-disks, through the engine's ``run_backup`` for speed), and its disks are saved after each backup as
+disks, through the engine's ``run_guest_backup`` for speed), and its disks are saved after each backup as
 the reference for that point in time. Every test gets its own copy of that storage, so tests that
 prune, protect or damage backups never see each other. Restored images are compared with
 ``qemu-img compare`` against the reference of their backup's point in time; failures must say
@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 import pytest
 
 from ansible_runner import Unsafe, assert_failed_with, documented_return, tree
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from lab_checks import backups_in, same_content
 from labguest import LabGuest
 
@@ -82,8 +82,8 @@ def lab(tmp_path_factory):
                         guest.discard(disk, offset, length)
                     else:
                         guest.write(disk, pattern, offset, length)
-                result = run_backup(BackupRequest(vmid=VMID, qmp_socket=guest.qmp_socket,
-                                                  dumpdir=str(store), config_dir=str(etc)))
+                result = run_guest_backup(GuestBackupRequest(vmid=VMID, qmp_socket=guest.qmp_socket,
+                                                             dumpdir=str(store), config_dir=str(etc)))
                 results.append(result)
                 times.append(result['time'])
                 refs.append([guest.snapshot_disk(i, str(base / f'ref{step}-{disk}.qcow2'))

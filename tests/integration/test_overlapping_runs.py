@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.run.restore import RestoreRequest, run_restore
 from lab_checks import backups_in, hidden_in, same_content
 from procs import run_bounded
@@ -25,8 +25,8 @@ RUNNER = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import conftest
-from guestvault_engine.run.backup import BackupRequest, run_backup
-result = run_backup(BackupRequest(**json.loads(sys.argv[1])), log=lambda m: print(m, flush=True))
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
+result = run_guest_backup(GuestBackupRequest(**json.loads(sys.argv[1])), log=lambda m: print(m, flush=True))
 print('RESULT ' + json.dumps({{'backup': result['backup'], 'level': result['level']}}), flush=True)
 """
 
@@ -39,8 +39,8 @@ def bitmap_names(guest):
 
 def backup(guest, store, config_dir, log=None, **options):
     """A backup in this process, as a module runs it."""
-    return run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
-                                    config_dir=config_dir, **options), log=log)
+    return run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
+                                               config_dir=config_dir, **options), log=log)
 
 
 def start_backup(guest, store, config_dir, env=None, **options):

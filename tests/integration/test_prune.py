@@ -6,9 +6,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from guestvault_engine.storage import catalog
-from guestvault_engine.run.protect import protect_backup
-from guestvault_engine.run.verify import verify_backup
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.protect import ProtectRequest, run_protect
+from guestvault_engine.run.verify import VerifyRequest, run_verify
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.errors import ConfigError
 from guestvault_engine.run.prune import PruneRequest, run_prune
 from guestvault_engine.run.restore import RestoreRequest, run_restore
@@ -27,8 +27,8 @@ def chain6(make_guest, store, config_dir, tmp_path):
         guest.write('vd1', 0x40 + step, (step % 3) * MiB, MiB)
         if step == 4:
             guest.discard('vd0', 0, MiB)
-        result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                          dumpdir=store, config_dir=config_dir))
+        result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                     dumpdir=store, config_dir=config_dir))
         refs = [guest.snapshot_disk(i, str(tmp_path / f'ref{step}-{i}.qcow2')) for i in (0, 1)]
         points.append((result, refs))
     assert [p[0]['level'] for p in points] == ['full'] + ['inc'] * 5
@@ -45,8 +45,8 @@ def assert_restores(guest, store, config_dir, tmp_path, points, times):
         for index, disk in enumerate(('vd0', 'vd1')):
             ok, out = same_content(refs[index], str(target / f'{disk}.qcow2'))
             assert ok, f"{result['time']} {disk}: {out}"
-        assert verify_backup(guest.vmid, result['time'], dumpdir=store,
-                             config_dir=config_dir)['verify_state'] == 'ok'
+        assert run_verify(VerifyRequest(guest.vmid, result['time'], dumpdir=store,
+                                        config_dir=config_dir))['verify_state'] == 'ok'
 
 
 def prune(guest, store, config_dir, policy, **options):
@@ -64,7 +64,7 @@ def test_pruning_the_middle_of_a_chain_keeps_every_kept_backup_bit_exact(
     # keep-last alone cannot express this selection, so protect the ones to keep and prune all
     # unprotected ones (keep-last=1 keeps the newest); protection is what keeps them.
     for t in plan[:-1]:
-        protect_backup(guest.vmid, t, protected=True, dumpdir=store, config_dir=config_dir)
+        run_protect(ProtectRequest(guest.vmid, t, protected=True, dumpdir=store, config_dir=config_dir))
     result = prune(guest, store, config_dir, 'keep-last=1')
     assert {b['time']: b['mark'] for b in result['backups']} == {
         t: ('protected' if t in plan[:-1] else marks[t]) for t in times}
@@ -104,8 +104,8 @@ def test_keep_last_removes_the_oldest_and_the_rest_still_restore(chain6, store, 
     assert_restores(guest, store, config_dir, tmp_path, points, kept)
     # The chain goes on: the guest's bitmap still belongs to the newest kept backup.
     guest.write('vd0', 0x7F, 0, MiB)
-    nxt = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
-                                   config_dir=config_dir))
+    nxt = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
+                                              config_dir=config_dir))
     assert nxt['level'] == 'inc' and nxt['parent'] == kept[-1]
     again = prune(guest, store, config_dir, {'keep-last': 2})
     assert again['removed'] == [f"vm/{guest.vmid}/{kept[0]}"]
@@ -144,8 +144,8 @@ def test_an_interrupted_manifest_update_is_completed_or_dropped(chain6, store, c
     assert catalog.resolve(storage, guest.vmid,
                            points[1][0]['time']).index.get('notes_marker') is True
     assert not os.path.exists(os.path.join(other.path, 'index.json.new'))
-    assert verify_backup(guest.vmid, points[2][0]['time'], dumpdir=store,
-                         config_dir=config_dir)['verify_state'] == 'ok'
+    assert run_verify(VerifyRequest(guest.vmid, points[2][0]['time'], dumpdir=store,
+                                    config_dir=config_dir))['verify_state'] == 'ok'
 
 
 def test_daily_retention_over_real_backup_directories(make_guest, store, config_dir, tmp_path):
@@ -154,8 +154,8 @@ def test_daily_retention_over_real_backup_directories(make_guest, store, config_
     base = datetime(2026, 11, 1, 22, 0, tzinfo=timezone.utc)
     for day in range(5):
         for hour in (0, 1):
-            run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                     dumpdir=store, config_dir=config_dir, level='copy'))
+            run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                dumpdir=store, config_dir=config_dir, level='copy'))
     # Re-date the copies (copy backups are independent) to two a day over five days.
     storage = catalog_storage(store)
     for i, record in enumerate(storage.backups(guest.vmid)):

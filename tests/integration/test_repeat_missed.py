@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from guestvault_engine.run.job import apply_job, unit_names
+from guestvault_engine.run.backup_job import apply_job, unit_names
 from systemd_pid1 import SystemdPid1, epoch, probe
 
 DOWN_FOR = 5 * 60           # the node was down for five scheduled (once-a-minute) runs

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from guestvault_engine.run.backup import BackupRequest, run_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.errors import ConfigError, StorageError
 from guestvault_engine.run.restore import RestoreRequest, VerifyFailed, run_restore
 from lab_checks import same_content, small_tmpfs
@@ -22,8 +22,8 @@ def chain(make_guest, store, config_dir, tmp_path):
     for step, (pattern, offset) in enumerate([(0x11, 0), (0x22, 3 * MiB), (0x33, 5 * MiB)]):
         guest.write('vd0', pattern, offset, 2 * MiB)
         guest.write('vd1', pattern + 1, offset // 2, MiB)
-        result = run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                          dumpdir=store, config_dir=config_dir))
+        result = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                     dumpdir=store, config_dir=config_dir))
         refs = [guest.snapshot_disk(i, str(tmp_path / f'ref{step}-{i}.qcow2')) for i in (0, 1)]
         points.append((result, refs))
     assert [point[0]['level'] for point in points] == ['full', 'inc', 'inc']

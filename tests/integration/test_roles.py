@@ -14,7 +14,7 @@ import yaml
 
 from ansible_runner import BIN, PYTHON, ROOT, assert_failed_with
 from procs import run_bounded
-from guestvault_engine.run.job import apply_job
+from guestvault_engine.run.backup_job import apply_job
 from guestvault_engine.policy.jobs_cfg import load_jobs
 from guestvault_engine.guest.registry import list_guests, load_guest
 

@@ -21,15 +21,15 @@ from guestvault_engine.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
                                                              ENCRYPTED_COMPRESSED_BLOB_MAGIC)
 from guestvault_engine.datastore.fixed_index import read_fixed_index
 from guestvault_engine.datastore.manifest import BackupManifest
-from guestvault_engine.run.keys import create_key
+from guestvault_engine.run.encryption_key import create_key
 from guestvault_engine.run.locate import require_storage
-from guestvault_engine.run.backup import BackupRequest, run_backup
-from guestvault_engine.run.gc import GcRequest, run_gc
-from guestvault_engine.run.info import list_backups
-from guestvault_engine.run.protect import protect_backup
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
+from guestvault_engine.run.garbage_collect import GarbageCollectRequest, run_garbage_collect
+from guestvault_engine.run.backup_info import BackupInfoRequest, run_backup_info
+from guestvault_engine.run.protect import ProtectRequest, run_protect
 from guestvault_engine.run.prune import PruneRequest, run_prune
 from guestvault_engine.run.restore import RestoreRequest, run_restore
-from guestvault_engine.run.verify import verify_backup
+from guestvault_engine.run.verify import VerifyRequest, run_verify
 from lab_checks import same_content
 from seaweed import SeaweedCluster
 
@@ -64,8 +64,8 @@ def bucket(cluster):
 
 
 def backup(guest, config_dir, storage='s3', **options):
-    return run_backup(BackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
-                                    storage=storage, config_dir=config_dir, **options))
+    return run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                               storage=storage, config_dir=config_dir, **options))
 
 
 def restore(vmid, config_dir, target, storage='s3', **options):
@@ -111,20 +111,20 @@ def test_a_guest_backed_up_through_s3_restores_bit_exact(make_guest, cluster, bu
                       backup=result['time'])
         ok, text = same_content(ref, out['disks'][0]['target'])
         assert ok, text
-    assert verify_backup(guest.vmid, storage='s3', config_dir=config_dir)['verify_state'] == 'ok'
+    assert run_verify(VerifyRequest(guest.vmid, storage='s3', config_dir=config_dir))['verify_state'] == 'ok'
     # Protection and notes live in the bucket too: prune keeps the protected full.
-    protect_backup(guest.vmid, backup=full['time'], protected=True, notes='keep me',
-                   storage='s3', config_dir=config_dir)
+    run_protect(ProtectRequest(guest.vmid, backup=full['time'], protected=True, notes='keep me',
+                               storage='s3', config_dir=config_dir))
     assert f"vm/{guest.vmid}/{full['time']}/.protected" in cluster.object_keys(bucket)
     run_prune(PruneRequest(vmid=guest.vmid, storage='s3', config_dir=config_dir,
                            prune_backups={'keep-last': 1}))
     assert snapshot_keys(cluster, bucket, guest.vmid) == [full['time'], inc2['time']]
-    listed = list_backups(guest.vmid, storage='s3', config_dir=config_dir)
+    listed = run_backup_info(BackupInfoRequest(guest.vmid, storage='s3', config_dir=config_dir))
     assert [(b['time'], b['protected']) for b in listed['backups']] == \
         [(full['time'], True), (inc2['time'], False)]
     assert listed['backups'][0]['notes'] == 'keep me'
     # GC removes the chunk only the pruned incremental named, and no other.
-    gc = run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+    gc = run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s', config_dir=config_dir))
     assert gc['removed_chunks'] == inc1['disks'][0]['new_chunks'] == 1, gc
     assert len(chunk_keys(cluster, bucket)) == \
         full['disks'][0]['new_chunks'] + inc2['disks'][0]['new_chunks']
@@ -139,8 +139,8 @@ NODE_B = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import conftest  # noqa: F401  (puts the engine on the path)
-from guestvault_engine.run.backup import BackupRequest, run_backup
-result = run_backup(BackupRequest(**json.loads(sys.argv[1])))
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
+result = run_guest_backup(GuestBackupRequest(**json.loads(sys.argv[1])))
 print(json.dumps({{k: result[k] for k in ('time', 'level', 'disks')}}))
 """
 
@@ -182,15 +182,15 @@ def test_two_nodes_share_one_bucket_and_store_shared_chunks_once(
     # every chunk but the zero one went through B's backup (and was found in the bucket)
     assert second['disks'][0]['reused_chunks'] + second['disks'][0]['read_chunks'] == 7
     # Node A sees, verifies and restores node B's guest, with a cache that never held it.
-    assert list_backups(guests['b'].vmid, storage='s3', config_dir=nodes['a'])['backups']
+    assert run_backup_info(BackupInfoRequest(guests['b'].vmid, storage='s3', config_dir=nodes['a']))['backups']
     ref = guests['b'].snapshot_disk(0, str(tmp_path / 'ref-b.qcow2'))
     out = restore(guests['b'].vmid, nodes['a'], tmp_path / 'r-b')
     ok, text = same_content(ref, out['disks'][0]['target'])
     assert ok, text
-    assert verify_backup(guests['b'].vmid, storage='s3',
-                         config_dir=nodes['a'])['verify_state'] == 'ok'
+    assert run_verify(VerifyRequest(guests['b'].vmid, storage='s3',
+                                    config_dir=nodes['a']))['verify_state'] == 'ok'
     # A GC on node A keeps every chunk node B's snapshot names.
-    gc = run_gc(GcRequest(storage='s3', grace='0s', config_dir=nodes['a']))
+    gc = run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s', config_dir=nodes['a']))
     assert gc['removed_chunks'] == 0 and gc['index_files'] == 2
     assert first['level'] == second['level'] == 'full'
 
@@ -281,9 +281,9 @@ def test_gc_does_not_sweep_while_a_backup_writes_and_a_backup_waits_for_gc(
     other_node = require_storage(config_dir, 's3')
     with other_node.writer():                    # a backup writing from anywhere
         with pytest.raises(StorageError, match='does not sweep while backups write'):
-            run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
-        checked = run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir,
-                                   check_mode=True))
+            run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s', config_dir=config_dir))
+        checked = run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s', config_dir=config_dir,
+                                                            check_mode=True))
         assert checked['removed_chunks'] == 0 and checked['index_files'] == 1
     assert not cluster.object_keys(bucket, '.leases/')
     with other_node.collecting_garbage():        # a GC sweeping from anywhere
@@ -319,19 +319,19 @@ def test_a_lease_of_a_killed_run_on_this_node_is_stale_and_one_of_another_node_i
         assert holder.stdout.readline().strip() == 'held'
         with pytest.raises(StorageError, match=f'does not sweep while backups write.*pid '
                            f'{holder.pid}, writer lease until .*Z unless renewed'):
-            run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+            run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s', config_dir=config_dir))
     finally:
         holder.kill()                                   # SIGKILL: no clean-up runs
         holder.wait(timeout=60)
     assert cluster.object_keys(bucket, '.leases/')
-    assert run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))['index_files'] == 0
+    assert run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s', config_dir=config_dir))['index_files'] == 0
     assert not cluster.object_keys(bucket, '.leases/')
     # A lease another node holds is live until it lapses: the refusal says whose, and until when.
     cluster.client().put_object(Bucket=bucket, Key='.leases/writer-elsewhere', Body=json.dumps(
         {'kind': 'writer', 'node': 'node-elsewhere', 'pid': holder.pid}).encode())
     with pytest.raises(StorageError, match=r'node node-elsewhere pid \d+, writer lease until '
                        r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ'):
-        run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+        run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s', config_dir=config_dir))
 
 
 def test_modules_work_on_an_s3_datastore_from_a_second_node(ansible, make_guest, cluster, bucket,
@@ -365,7 +365,7 @@ def test_modules_work_on_an_s3_datastore_from_a_second_node(ansible, make_guest,
     ok, text = same_content(ref, restored['disks'][0]['target'])
     assert ok, text
     # The first node sees the protection the second one set.
-    listed = list_backups(guest.vmid, storage='s3', config_dir=config_dir)['backups']
+    listed = run_backup_info(BackupInfoRequest(guest.vmid, storage='s3', config_dir=config_dir))['backups']
     assert [b['protected'] for b in listed] == [True]
 
 
@@ -379,14 +379,14 @@ def test_verify_moves_a_corrupt_chunk_aside_and_the_next_backup_heals_it(
     client = cluster.client()
     victim = next(k for k in data_chunks if not k.endswith(ZERO_CHUNK_DIGEST.hex()))
     client.put_object(Bucket=bucket, Key=victim, Body=b'\0' * 4096)     # damaged in the bucket
-    result = verify_backup(guest.vmid, storage='s3', config_dir=config_dir)
+    result = run_verify(VerifyRequest(guest.vmid, storage='s3', config_dir=config_dir))
     assert result['verify_state'] == 'failed'
     assert any(victim.rsplit('/', 1)[1] in p and first['time'] in p for p in result['problems'])
     assert f"{victim}.0.bad" in cluster.object_keys(bucket) and victim not in chunk_keys(
         cluster, bucket)
     second = backup(guest, config_dir, level='full')
     assert second['disks'][0]['new_chunks'] == 1
-    assert verify_backup(guest.vmid, storage='s3', config_dir=config_dir)['verify_state'] == 'ok'
+    assert run_verify(VerifyRequest(guest.vmid, storage='s3', config_dir=config_dir))['verify_state'] == 'ok'
     ref = guest.snapshot_disk(0, str(tmp_path / 'ref.qcow2'))
     out = restore(guest.vmid, config_dir, tmp_path / 'r')
     ok, text = same_content(ref, out['disks'][0]['target'])
@@ -453,9 +453,9 @@ def test_gc_keeps_what_a_damaged_manifest_and_another_groups_dynamic_index_name(
     client.put_object(Bucket=bucket, Key=manifest_key, Body=bytes(damaged))
     shutil.rmtree(cache)                       # the damaged snapshot comes from the bucket
     chunks = chunk_keys(cluster, bucket)
-    listed = list_backups(guest.vmid, storage='s3', config_dir=config_dir)
+    listed = run_backup_info(BackupInfoRequest(guest.vmid, storage='s3', config_dir=config_dir))
     assert listed['backups'] == [] and [d['id'] for d in listed['damaged']] == [newest['backup']]
-    gc = run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+    gc = run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s', config_dir=config_dir))
     assert gc['removed_chunks'] == 0 and gc['index_files'] == 2, gc
     assert chunk_keys(cluster, bucket) == chunks
     # The manifest repaired: the snapshot restores bit-exact.
@@ -466,5 +466,6 @@ def test_gc_keeps_what_a_damaged_manifest_and_another_groups_dynamic_index_name(
     assert ok, text
     # Without the container's index, what only it named is garbage.
     client.delete_object(Bucket=bucket, Key=didx_key)
-    gc = run_gc(GcRequest(storage='s3', grace='0s', config_dir=config_dir))
+    gc = run_garbage_collect(GarbageCollectRequest(storage='s3', grace='0s',
+                                                   config_dir=config_dir))
     assert gc['removed_chunks'] == 1 and gc['index_files'] == 1, gc      # the 0xD1 chunk

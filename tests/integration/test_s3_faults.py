@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from guestvault_engine.errors import GuestvaultError
-from guestvault_engine.run.backup import BackupRequest, run_backup
-from guestvault_engine.run.gc import GcRequest, run_gc
+from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
+from guestvault_engine.run.garbage_collect import GarbageCollectRequest, run_garbage_collect
 from lab_checks import same_content
 from seaweed import SeaweedCluster
 # fleecing_dir is an autouse fixture: imported, it applies here too
@@ -36,7 +36,7 @@ def run_in_thread(guest, config_dir, on_point_in_time, **options):
 
     def run():
         try:
-            outcome['result'] = run_backup(BackupRequest(
+            outcome['result'] = run_guest_backup(GuestBackupRequest(
                 vmid=guest.vmid, qmp_socket=guest.qmp_socket, storage='s3',
                 config_dir=config_dir, **options), log=log)
         except GuestvaultError as exc:
@@ -93,7 +93,7 @@ def test_the_gateway_stopped_mid_upload_fails_clearly_and_the_next_backup_is_cor
     # Issue 20: the failed run could not delete its lease while S3 was down, yet a GC runs at
     # once (the lease names a run on this node that has ended) and removes the stale lease.
     assert own_cluster.object_keys(bucket, '.leases/')
-    run_gc(GcRequest(storage='s3', grace='1h', config_dir=config_dir))
+    run_garbage_collect(GarbageCollectRequest(storage='s3', grace='1h', config_dir=config_dir))
     assert not own_cluster.object_keys(bucket, '.leases/')
     assert not guest.execute('query-block-exports') and not guest.execute('query-block-jobs')
     # The failed incremental lost nothing: the next one covers every write since the first.

@@ -7,7 +7,7 @@ import pytest
 
 from guestvault_engine.errors import BackupDamaged
 from guestvault_engine.policy.retention import RetentionPolicy
-from guestvault_engine.run.info import list_backups
+from guestvault_engine.run.backup_info import BackupInfoRequest, run_backup_info
 from guestvault_engine.run.prune import prune_guest
 from guestvault_engine.storage import catalog
 from guestvault_engine.storage.directory import DirStorage
@@ -71,7 +71,7 @@ def test_the_next_backup_is_named_after_a_damaged_newest(store):
 
 
 def test_backup_info_lists_it_as_damaged(store):
-    listed = list_backups(100, dumpdir=store.path)
+    listed = run_backup_info(BackupInfoRequest(100, dumpdir=store.path))
     assert len(listed['backups']) == 2
     [damaged] = listed['damaged']
     assert damaged['id'] == 'vm/100/2026-03-10T03:00:00Z' and 'JSON' in damaged['reason']

@@ -11,7 +11,7 @@ import pytest
 from guestvault_engine.errors import EncryptionKeyError, MissingLibrary
 from guestvault_engine.datastore import crypt as crypt_module
 from guestvault_engine.datastore.key_file import KeyFile, load_key
-from guestvault_engine.run.keys import check_crypt_matches, create_key, key_info, load_crypt
+from guestvault_engine.run.encryption_key import check_crypt_matches, create_key, key_info, load_crypt
 
 PASSPHRASE = 'correct horse'
 FINGERPRINT_RE = r'^([0-9a-f]{2}:){31}[0-9a-f]{2}$'

@@ -10,7 +10,7 @@ from guestvault_engine.guest.disks import Disk
 from guestvault_engine.guest.registry import GuestEntry
 from guestvault_engine.policy.chain import bitmap_name
 from guestvault_engine.policy.config import inert_option_warning, parse_vzdump_conf
-from guestvault_engine.run.inspect import _chains_on_storage
+from guestvault_engine.run.guest_info import _chains_on_storage
 from guestvault_engine.run.locate import format_of, open_storage
 from guestvault_engine.storage.directory import DirStorage
 from guestvault_engine.times import format_time

@@ -38,3 +38,8 @@ def normalize_compress(value):
     if text in ('false', 'no', 'off'):
         return '0'
     return text
+
+
+# The prune module's keep_* options: Proxmox's keep-* retention keys, with underscores.
+KEEP_OPTIONS = ('keep_all', 'keep_last', 'keep_hourly', 'keep_daily', 'keep_weekly',
+                'keep_monthly', 'keep_yearly')

@@ -15,6 +15,7 @@ import threading
 
 from ..errors import (BackupFailed, ConfigError, CorruptData, EncryptionKeyError, GuestvaultError,
                        StorageError)
+from ..paths import fleecing_dir   # local disk, so a slow datastore never slows guest writes
 from ..times import format_time
 from ..version import TOOL_VERSION
 from ..format.qemu_img import create_qcow2
@@ -29,12 +30,6 @@ from .snapshot import index_name
 from .verify import verify_disk_index
 
 MANIFEST_FORMAT = 'pbs-datastore-1'
-FLEECING_DIR = '/var/lib/guestvault/fleecing'
-
-
-def fleecing_dir():
-    """Where fleecing images go: local disk, so a slow datastore never slows guest writes."""
-    return os.environ.get('GUESTVAULT_FLEECING_DIR') or FLEECING_DIR
 
 
 def default_workers():

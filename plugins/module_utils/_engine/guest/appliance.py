@@ -28,10 +28,10 @@ import time
 
 from ..errors import GuestvaultError
 from ..format import qemu_img
+from ..paths import appliance_cache
 from . import debian_image
 from .appliance_init import INIT
 
-DEFAULT_CACHE = '/var/cache/guestvault/appliance'
 # qemu_fw_cfg carries the request; dm_mod is LVM's; the nls modules are vfat's code pages
 # (Debian's kernel mounts vfat with iocharset ascii unless told otherwise).
 MODULES = ('virtio_pci', 'virtio_blk', 'qemu_fw_cfg', 'crc32c_generic', 'ext4', 'xfs',
@@ -55,13 +55,9 @@ def spec():
         modules=MODULES, files={'init': (INIT.encode(), 0o755)})
 
 
-def cache_dir():
-    return os.environ.get('GUESTVAULT_APPLIANCE_CACHE') or DEFAULT_CACHE
-
-
 def image(log=None):
     """The appliance image, built on first use (about 10 s, and a Debian mirror)."""
-    return debian_image.build(spec(), cache_dir(), log)
+    return debian_image.build(spec(), appliance_cache(), log)
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..config.files import read_text
 from ..errors import ConfigError, GuestNotFound
 
 GUESTS_DIR = "guests.d"
@@ -193,17 +194,13 @@ def load_guest(config_dir: str, vmid: Any) -> GuestEntry:
     """The registry entry of ``vmid``; :class:`GuestNotFound` when the node has no such guest."""
     vmid = validate_vmid(vmid)
     path = guest_path(config_dir, vmid)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
+    text = read_text(path)
+    if text is None:
         known = ", ".join(str(v) for v in _known_vmids(config_dir)) or "none"
         raise GuestNotFound(
             f"guest {vmid} is not registered on this node (no {path}); registered guests: "
             f"{known}. To register it, create {path} with at least a line "
-            f"'qmp: /path/to/its/qmp.sock'") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+            f"'qmp: /path/to/its/qmp.sock'")
     return parse_guest(text, vmid, path)
 
 

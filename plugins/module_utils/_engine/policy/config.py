@@ -26,6 +26,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
+from ..config.files import read_text
 from ..errors import ConfigError
 from ..vocabulary import COMPRESS, MODES
 from .notes import check_notes_template
@@ -306,13 +307,9 @@ def parse_vzdump_conf(text: str, path: str) -> Dict[str, Any]:
 def load_vzdump_defaults(config_dir: str) -> Dict[str, Any]:
     """``<config_dir>/vzdump.conf`` parsed, or ``{}`` when the node has none (it is optional)."""
     path = os.path.join(config_dir, VZDUMP_CONF)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
+    text = read_text(path)
+    if text is None:
         return {}
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
     return parse_vzdump_conf(text, path)
 
 
@@ -625,16 +622,12 @@ def find_storage(config_dir: str, storage_id: str) -> StorageConfig:
     """The storage ``storage_id`` as ``<config_dir>/storage.cfg`` defines it; ConfigError when
     the file or the id is missing, naming the storages that are defined."""
     path = os.path.join(config_dir, STORAGE_CFG)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
+    text = read_text(path)
+    if text is None:
         raise ConfigError(
             f"{path} does not exist; create it with a storage for backups, e.g.\n"
             f"dir: {storage_id if _STORAGE_ID_RE.match(storage_id) else 'local'}\n"
-            f"\tpath /var/lib/guestvault\n\tcontent backup") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+            f"\tpath /var/lib/guestvault\n\tcontent backup")
     storages = parse_storage_cfg(text, path)
     storage = storages.get(storage_id)
     if storage is None:

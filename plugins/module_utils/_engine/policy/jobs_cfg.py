@@ -11,8 +11,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..config.files import declare_file, read_text
 from ..errors import ConfigError
-from ..storage.files import write_file_atomic
 from ..vocabulary import CHAIN_PERIODS, LEVELS
 from .calendar import CalendarEvent
 from .config import VZDUMP_OPTIONS, parse_bool, parse_sections
@@ -173,13 +173,9 @@ def jobs_path(config_dir):
 
 def load_jobs(config_dir):
     path = jobs_path(config_dir)
-    try:
-        with open(path, encoding='utf-8') as handle:
-            return parse_jobs_cfg(handle.read(), path)
-    except FileNotFoundError:
-        return {}
+    text = read_text(path)
+    return {} if text is None else parse_jobs_cfg(text, path)
 
 
 def save_jobs(config_dir, jobs):
-    os.makedirs(config_dir, exist_ok=True)
-    write_file_atomic(jobs_path(config_dir), render_jobs_cfg(jobs))
+    declare_file(jobs_path(config_dir), render_jobs_cfg(jobs))

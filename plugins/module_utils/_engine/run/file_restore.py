@@ -30,14 +30,14 @@ from datetime import datetime, timezone
 from ..errors import ConfigError, GuestvaultError, StorageError
 from ..datastore.nbd_server import NbdServer
 from ..guest import appliance
-from ..guest.registry import validate_vmid
-from ..storage import catalog
-from ..storage.files import new_directory, private_files
-from . import guest_runs, untrusted_tar
-from .locate import format_of, require_storage
+from ..paths import CONFIG_DIR, work_dir
+from ..storage.files import new_directory
+from . import untrusted_tar
+from .locate import format_of
+from .opener import open_backups
+from .request import Request
 
 DEFAULT_MAX_BYTES = 4 << 30
-DEFAULT_WORK_DIR = '/var/tmp'
 # room on the output disk for tar's headers and padding beyond the files' own bytes
 TAR_SLACK = 256 << 20
 LIST_OUTPUT_BYTES = 512 << 20
@@ -76,9 +76,9 @@ def parse_size(value, name='max_size'):
 
 
 @dataclass
-class FileRestoreRequest:
+class FileRestoreRequest(Request):
     vmid: int
-    config_dir: str = '/etc/guestvault'
+    config_dir: str = CONFIG_DIR
     storage: str = None
     dumpdir: str = None
     backup: str = 'latest'
@@ -158,19 +158,16 @@ def run_file_restore(request, log=None):
     log = log or (lambda message: None)
     paths = _check_request(request)
     max_bytes = parse_size(request.max_size)
-    vmid = validate_vmid(request.vmid)
-    storage = require_storage(request.config_dir, request.storage, request.dumpdir)
-    with private_files(), storage.guest_lock(vmid, float(request.lockwait) * 60, shared=True,
-                                             holder=guest_runs.holder(vmid, 'file_restore')):
-        warnings = []          # latest passing over a damaged backup says so
-        record = catalog.resolve(storage, vmid, request.backup, None, warnings=warnings)
+    # latest passing over a damaged backup says so (in the result's warnings)
+    with open_backups(request, 'file_restore', shared=True) as opened:
+        vmid, storage, record = opened.vmid, opened.storage, opened.record
         fmt = format_of(storage)
         result = {'backup': record.id, 'time': record.index['time'],
                   'level': record.index['level'], 'paths': ['/' + p for p in paths],
-                  'warnings': warnings}
+                  'warnings': opened.warnings}
         if request.extracting and _already_there(request, paths, result):
             return result
-        workdir = tempfile.mkdtemp(prefix=f'file-restore-{vmid}-', dir=_work_root())
+        workdir = tempfile.mkdtemp(prefix=f'file-restore-{vmid}-', dir=work_dir())
         server = None
         try:
             sources, server = _sources(fmt, storage, record, workdir)
@@ -184,14 +181,6 @@ def run_file_restore(request, log=None):
             if server is not None:
                 server.stop()
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _work_root():
-    """Overlays (a replayed journal), listings: ``GUESTVAULT_WORK_DIR``, else /var/tmp, not
-    the run directory, whose /run/lock is a 5 MiB tmpfs on Debian."""
-    directory = os.environ.get('GUESTVAULT_WORK_DIR') or DEFAULT_WORK_DIR
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    return directory
 
 
 class _Server:
@@ -258,7 +247,7 @@ def _raise_for(outcome, request, max_bytes):
         raise UnknownFilesystem(f"the appliance could not mount {message}")
     if kind == 'write':
         raise StorageError(f"writing the listing failed ({message}); is the file system of "
-                           f"{_work_root()} full?")
+                           f"{work_dir()} full?")
     if kind == 'tar':
         # tar's words alone; an I/O error is a read of the backup or a write of the output
         hint = '' if 'I/O error' not in message else (

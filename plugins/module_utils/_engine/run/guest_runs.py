@@ -16,20 +16,13 @@ import json
 import os
 from datetime import datetime, timezone
 
+from ..paths import run_dir
 from ..storage.directory import file_lock
 from ..storage.files import write_file_atomic
 
-DEFAULT_RUN_DIR = '/run/lock/guestvault'
 _VERBS = {'backup': 'a backup', 'cleanup': 'a clean-up', 'inspect': 'guest_info',
           'bitmaps': 'guest_bitmaps', 'prune': 'a prune', 'protect': 'protect',
           'verify': 'a verify', 'restore': 'a restore', 'file_restore': 'a file restore'}
-
-
-def run_dir():
-    """``GUESTVAULT_RUN_DIR``, else /run/lock/guestvault (gone at reboot, as the runs are)."""
-    directory = os.environ.get('GUESTVAULT_RUN_DIR') or DEFAULT_RUN_DIR
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    return directory
 
 
 def holder(vmid, verb):

@@ -17,10 +17,10 @@ import shutil
 from ..errors import LockTimeout
 from ..guest.capture import cancel_jobs, close_targets, our_jobs, our_targets
 from ..guest.disks import discover_disks
-from ..datastore.format import fleecing_dir
 from ..guest.pull import (delete_exports, our_exports, our_frozen_bitmaps,
                           stop_nbd_server)
 from ..guest.qmp import QmpSession
+from ..paths import fleecing_dir
 from ..policy.chain import orphan_bitmaps
 from . import guest_runs
 from .locate import resolve_guest

@@ -29,10 +29,10 @@ from ..format import qemu_img
 from ..guest import live
 from ..guest.qmp import QmpSession
 from ..guest.registry import load_guest
+from ..paths import run_dir
 from ..storage.files import new_directory, private_files, write_file_atomic
-from .guest_runs import run_dir
 from .live_server import ERROR_FILE, start_server, stop_server
-from .restore import plan_restore
+from .restore_plan import plan_restore
 
 LIVE_FORMAT = 'qcow2'
 
@@ -82,7 +82,9 @@ def _answers(socket_path):
         return False
 
 
-def run_live_restore(request, log=None):
+def run_live_restore(request, opened, log=None):
+    """restore with ``live``, inside run_restore's opener (``opened``: the guest's backups,
+    locked shared)."""
     log = log or (lambda message: None)
     if request.format != LIVE_FORMAT:
         raise ConfigError(f"live restore writes qcow2 images (each reads the backup until it is "
@@ -94,7 +96,7 @@ def run_live_restore(request, log=None):
     started = time.monotonic()
     with private_files():
         # the target guest is registered (it has the start command): not a new registration
-        plan = plan_restore(replace(request, new_vmid=None))
+        plan = plan_restore(replace(request, new_vmid=None), opened)
         record, storage, fmt = plan['record'], plan['storage'], plan['format']
         result = {
             'changed': True, 'live': True, 'backup': record.id, 'time': record.index['time'],

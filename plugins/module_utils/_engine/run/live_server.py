@@ -37,9 +37,9 @@ from datetime import datetime, timezone
 from ..errors import GuestvaultError
 from ..datastore.nbd_server import NbdServer
 from ..guest import live
+from ..paths import run_dir
 from ..storage import catalog
 from ..storage.files import write_file_atomic
-from .guest_runs import run_dir
 from .locate import format_of, require_storage
 
 IDLE_TIMEOUT = 600.0

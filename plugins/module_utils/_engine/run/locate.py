@@ -13,16 +13,17 @@ from ..datastore.build import build_datastore
 from ..errors import ConfigError, GuestNotFound
 from ..format.qcow2 import Qcow2Chain
 from ..guest.registry import GuestEntry, load_guest, validate_vmid
+from ..paths import CONFIG_DIR
 from ..policy.config import load_s3_endpoint, load_storage
 from ..storage.directory import DirStorage
-from .keys import load_crypt
+from .encryption_key import load_crypt
 
 # Storage kind -> the format of the backups it holds (dir, nfs and cifs storages are all
 # directories of qcow2 chains).
 _FORMATS = {'dir': Qcow2Chain}
 
 
-def resolve_guest(vmid, qmp_socket=None, agent_socket=None, config_dir='/etc/guestvault'):
+def resolve_guest(vmid, qmp_socket=None, agent_socket=None, config_dir=CONFIG_DIR):
     """The guest's registry entry, with sockets given by the caller taking precedence."""
     vmid = validate_vmid(vmid)
     if qmp_socket:

@@ -18,18 +18,17 @@ from datetime import datetime, timezone
 from ..errors import ConfigError, GuestvaultError
 from ..guest import appliance
 from ..guest.registry import list_guests
+from ..paths import default_config_dir, state_dir
 from ..policy.config import inert_option_warning, load_vzdump_defaults
 from ..policy.jobs_cfg import load_jobs
 from ..storage.files import write_file_atomic
 from ..times import format_time
 from ..vocabulary import CHAIN_PERIODS, COMPRESS, LEVELS, MODES
-from .backup import BackupRequest, run_backup
+from .guest_backup import GuestBackupRequest, run_guest_backup
 from . import leftovers
 from .hooks import HookScript
 from .locate import open_storage
 from .prune import PruneRequest, damaged_warning, prune_guest, resolve_policy
-
-STATE_DIR = os.environ.get('GUESTVAULT_STATE_DIR', '/var/lib/guestvault/jobs')
 
 
 def build_parser():
@@ -55,8 +54,7 @@ def build_parser():
     parser.add_argument('--bwlimit', type=int, help='KiB/s')
     parser.add_argument('--lockwait', type=float, help='minutes')
     parser.add_argument('--stopwait', type=float, help='minutes')
-    parser.add_argument('--config-dir', default=os.environ.get('GUESTVAULT_CONFIG_DIR',
-                                                               '/etc/guestvault'))
+    parser.add_argument('--config-dir', default=default_config_dir())
     parser.add_argument('--node', default=socket.gethostname())
     parser.add_argument('--quiet', action='store_true', help='no progress, errors only')
     parser.add_argument('--cleanup', action='store_true',
@@ -229,7 +227,7 @@ def _cleanup(args, settings, say):
 
 
 def _one_guest(args, settings, vmid, say, progress):
-    request = BackupRequest(
+    request = GuestBackupRequest(
         vmid=vmid, storage=settings['storage'], dumpdir=settings['dumpdir'],
         config_dir=args.config_dir, level=settings['level'] or 'auto', chain=settings['chain'],
         chain_period=settings['chain_period'], mode=settings['mode'],
@@ -239,7 +237,7 @@ def _one_guest(args, settings, vmid, say, progress):
         stopwait=settings['stopwait'], node=args.node, warn_inert=False)
     t0 = time.monotonic()
     try:
-        result = run_backup(request, log=lambda m: say(f"  {vmid}: {m}"), progress=progress)
+        result = run_guest_backup(request, log=lambda m: say(f"  {vmid}: {m}"), progress=progress)
     except GuestvaultError as exc:
         progress.end()
         say(f"ERROR: backup of guest {vmid} failed: {exc}")
@@ -254,7 +252,7 @@ def _one_guest(args, settings, vmid, say, progress):
             storage=settings['storage'], dumpdir=settings['dumpdir'],
             config_dir=args.config_dir, prune_backups=settings['prune_backups']), storage)
         report, _folds, freed, damaged = prune_guest(storage, vmid, policy, None, False,
-                                                     float(settings['lockwait'] or 180) * 60,
+                                                     settings['lockwait'] or 180,
                                                      lambda m: say(f"  {vmid}: {m}"))
         outcome['pruned'] = [b['id'] for b in report if b['mark'] == 'remove']
         for broken in damaged:
@@ -273,8 +271,8 @@ def _write_state(job_id, started, outcomes):
              'ended': format_time(datetime.now(timezone.utc)),
              'result': 'ok' if all(o['result'] == 'ok' for o in outcomes.values()) else 'error',
              'guests': {str(v): o for v, o in outcomes.items()}}
-    os.makedirs(STATE_DIR, exist_ok=True)
-    write_file_atomic(os.path.join(STATE_DIR, f"{job_id}.json"),
+    os.makedirs(state_dir(), exist_ok=True)
+    write_file_atomic(os.path.join(state_dir(), f"{job_id}.json"),
                       json.dumps(state, indent=2, sort_keys=True) + '\n')
 
 

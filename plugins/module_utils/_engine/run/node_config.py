@@ -16,14 +16,17 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ..config.files import declare_file, read_text
 from ..errors import ConfigError, StorageError
 from ..policy.config import (STORAGE_CFG, STORAGE_TYPES, VZDUMP_CONF, VZDUMP_OPTIONS,
                              StorageConfig, check_storage_id, parse_bool, parse_sections,
                              parse_storage_cfg, parse_vzdump_conf, render_storage_cfg,
                              render_vzdump_conf)
-from ..storage.files import write_file_atomic
+from ..paths import CONFIG_DIR
+from .request import Request
 
 STORAGE_DIR_MODE = 0o750
 CONFIG_DIR_MODE = 0o755
@@ -133,16 +136,6 @@ def parse_declared_storages(storages: Mapping[str, Any]) -> Tuple[str, Dict[str,
     return text, parse_storage_cfg(text, STORAGE_CFG)
 
 
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
-
-
 def _wants_path_created(storage: StorageConfig, node: str) -> bool:
     """Whether Proxmox would create this storage's directory on ``node`` when activating it."""
     if storage.type != "dir" or storage.disable:
@@ -199,6 +192,22 @@ def _dir_diff(path: str) -> Dict[str, Any]:
             "after": {"path": path, "state": "directory", "mode": f"0{STORAGE_DIR_MODE:o}"}}
 
 
+@dataclass
+class NodeConfigRequest(Request):
+    config_dir: str = CONFIG_DIR
+    vzdump: Optional[Mapping[str, Any]] = None      # None leaves vzdump.conf alone
+    storages: Optional[Mapping[str, Any]] = None    # None leaves storage.cfg alone
+    node: Optional[str] = None                      # None: this host's name
+    check_mode: bool = False
+
+
+def run_node_config(request: NodeConfigRequest) -> Dict[str, Any]:
+    """The node_config module's verb: :func:`apply_node_config` as the request says."""
+    return apply_node_config(request.config_dir, vzdump=request.vzdump,
+                             storages=request.storages, check_mode=request.check_mode,
+                             node=request.node)
+
+
 def apply_node_config(config_dir: str, vzdump: Optional[Mapping[str, Any]] = None,
                       storages: Optional[Mapping[str, Any]] = None, check_mode: bool = False,
                       node: Optional[str] = None) -> Dict[str, Any]:
@@ -231,7 +240,7 @@ def apply_node_config(config_dir: str, vzdump: Optional[Mapping[str, Any]] = Non
     removed: List[str] = []
     for name, after in wanted:
         path = os.path.join(config_dir, name)
-        before = _read(path)
+        before = read_text(path)
         changed = before != after
         files[name] = {"path": path, "changed": changed}
         note = ""
@@ -257,7 +266,7 @@ def apply_node_config(config_dir: str, vzdump: Optional[Mapping[str, Any]] = Non
             os.makedirs(config_dir, mode=CONFIG_DIR_MODE)
         for path, text in to_write:
             # an inline S3 secret makes the file root's alone (secret-key-file is better)
-            write_file_atomic(path, text, mode=0o600 if _SECRET_LINE.search(text) else None)
+            declare_file(path, text, mode=0o600 if _SECRET_LINE.search(text) else None)
     except OSError as err:
         raise StorageError(f"cannot write the node configuration: {err.filename or config_dir}: "
                            f"{err.strerror}; check that the directory exists and is writable "

@@ -1,13 +1,13 @@
 """protect: a backup's protection and notes, within the storage's max-protected-backups."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import StorageError
-from ..guest.registry import validate_vmid
+from ..paths import CONFIG_DIR
 from ..policy.config import load_storage
-from ..storage import catalog
-from ..storage.files import private_files
-from . import guest_runs
-from .locate import require_storage
+from .opener import open_backups
+from .request import Request
 
 
 def check_protected_room(config_dir, store, vmid):
@@ -24,19 +24,29 @@ def check_protected_room(config_dir, store, vmid):
             "(guestvault.backup.protect) or raise max-protected-backups in storage.cfg")
 
 
-def protect_backup(vmid, backup='latest', protected=None, notes=None, storage=None,
-                   dumpdir=None, config_dir='/etc/guestvault', check_mode=False, lockwait=180):
-    """Set or clear a backup's protection and notes; changed only when the state differs."""
-    vmid = validate_vmid(vmid)
-    store = require_storage(config_dir, storage, dumpdir)
-    with private_files(), store.guest_lock(vmid, lockwait * 60, shared=check_mode,
-                                           holder=guest_runs.holder(vmid, 'protect')):
-        return _protect(store, vmid, backup, protected, notes, config_dir, check_mode)
+@dataclass
+class ProtectRequest(Request):
+    vmid: int
+    backup: str = 'latest'
+    protected: bool = None       # None: unchanged
+    notes: str = None            # None: unchanged; '' removes them
+    storage: str = None
+    dumpdir: str = None
+    config_dir: str = CONFIG_DIR
+    lockwait: float = 180        # minutes
+    check_mode: bool = False
 
 
-def _protect(store, vmid, backup, protected, notes, config_dir, check_mode):
-    warnings = []
-    record = catalog.resolve(store, vmid, backup, warnings=warnings)
+def run_protect(request):
+    """Set or clear a backup's protection and notes; changed only when the state differs.
+    Check mode only reads, so it shares the lock."""
+    with open_backups(request, 'protect', shared=request.check_mode) as opened:
+        return _protect(opened, request)
+
+
+def _protect(opened, request):
+    store, vmid, record = opened.storage, opened.vmid, opened.record
+    protected, notes, check_mode = request.protected, request.notes, request.check_mode
     before = {'protected': record.protected, 'notes': store.read_notes(record) or ''}
     after = dict(before)
     if protected is not None:
@@ -44,7 +54,7 @@ def _protect(store, vmid, backup, protected, notes, config_dir, check_mode):
     if notes is not None:
         after['notes'] = notes
     if after['protected'] and not before['protected']:
-        check_protected_room(config_dir, store, vmid)
+        check_protected_room(request.config_dir, store, vmid)
     changed = after != before
     if changed and not check_mode:
         if after['notes'] != before['notes']:
@@ -53,4 +63,4 @@ def _protect(store, vmid, backup, protected, notes, config_dir, check_mode):
             store.set_protected(record, after['protected'])
     return {'changed': changed, 'backup': record.id, 'protected': after['protected'],
             'notes': after['notes'], 'diff': {'before': before, 'after': after},
-            'warnings': warnings}
+            'warnings': opened.warnings}

@@ -9,23 +9,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..paths import CONFIG_DIR
 from ..policy.config import load_storage, load_vzdump_defaults
 from ..policy.retention import RetentionPolicy, as_policy, select_for_prune, simulate
-from ..storage.files import private_files
-from . import guest_runs
+from ..vocabulary import KEEP_OPTIONS
 from .locate import format_of, require_storage
+from .opener import guest_lock
+from .request import Request
 
 
 @dataclass
-class PruneRequest:
+class PruneRequest(Request):
     vmid: int = None             # None: every guest on the storage
     storage: str = None
     dumpdir: str = None
-    config_dir: str = '/etc/guestvault'
+    config_dir: str = CONFIG_DIR
     prune_backups: object = None  # property string or dict; None: the storage's, else vzdump.conf's
     timezone: str = None
     lockwait: float = 180        # minutes
+    simulate: list = None        # backups (dicts with a time): run the simulator on them instead
     check_mode: bool = False
+
+    @classmethod
+    def from_params(cls, params, check_mode=False):
+        """The module gives the policy as prune_backups or as keep_* options."""
+        given = {key: params[key] for key in KEEP_OPTIONS if params.get(key) is not None}
+        return cls(vmid=params['vmid'], storage=params['storage'], dumpdir=params['dumpdir'],
+                   config_dir=params['config_dir'],
+                   prune_backups=params.get('prune_backups') or given or None,
+                   timezone=params['timezone'], lockwait=params['lockwait'],
+                   simulate=params['simulate'], check_mode=check_mode)
 
 
 def resolve_policy(request, storage):
@@ -56,12 +69,12 @@ def damaged_warning(broken):
             "directory by hand if it cannot be repaired")
 
 
-def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
-    """``(report, folds, bytes freed, damaged backups left alone)`` of one guest."""
+def prune_guest(storage, vmid, policy, tz, check_mode, lockwait, log):
+    """``(report, folds, bytes freed, damaged backups left alone)`` of one guest; ``lockwait``
+    in minutes."""
     fmt = format_of(storage)
     # Check mode only reads, so it shares the lock (and creates nothing).
-    with private_files(), storage.guest_lock(vmid, lockwait_seconds, shared=check_mode,
-                                             holder=guest_runs.holder(vmid, 'prune')):
+    with guest_lock(storage, vmid, 'prune', lockwait, shared=check_mode):
         if not check_mode:
             for backup_id, applied in fmt.recover(storage, vmid):
                 log(f"{'completed' if applied else 'dropped'} an interrupted manifest update of "
@@ -93,6 +106,10 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait_seconds, log):
 
 
 def run_prune(request, log=None):
+    """Prune as ``request`` says; with ``simulate``, Proxmox's prune simulator instead (no
+    storage is read)."""
+    if request.simulate is not None:
+        return simulate_prune(request.simulate, request.prune_backups, request.timezone)
     log = log or (lambda message: None)
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     policy, source = resolve_policy(request, storage)
@@ -107,8 +124,7 @@ def run_prune(request, log=None):
                                   "is the vmid right?")
     for vmid in vmids:
         report, folds, freed, damaged = prune_guest(storage, vmid, policy, request.timezone,
-                                                    request.check_mode,
-                                                    float(request.lockwait) * 60, log)
+                                                    request.check_mode, request.lockwait, log)
         result['warnings'] += [damaged_warning(broken) for broken in damaged]
         result['damaged'] += [broken.id for broken in damaged]
         result['backups'] += report

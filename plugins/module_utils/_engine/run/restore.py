@@ -11,138 +11,32 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 
-from ..errors import ConfigError, StorageError, VerifyFailed
+from ..errors import StorageError, VerifyFailed
 from ..format import qemu_img
-from ..guest.registry import GuestEntry, guest_path, render_guest, validate_vmid
-from ..storage import catalog
-from ..storage.files import fsync_path, new_directory, private_files, write_file_atomic
-from ..vocabulary import RESTORE_FORMATS
-from . import guest_runs
-from .locate import format_of, require_storage
+from ..guest.registry import GuestEntry, guest_path, render_guest
+from ..storage.files import fsync_path, new_directory, write_file_atomic
+from .live_restore import run_live_restore
+from .opener import open_backups
+from .restore_plan import RestoreRequest, check_request, plan_restore
 
-
-@dataclass
-class RestoreRequest:
-    vmid: int
-    target_dir: str
-    backup: str = None           # None or 'latest': the newest
-    until: object = None
-    storage: str = None
-    dumpdir: str = None
-    config_dir: str = '/etc/guestvault'
-    disks: list = None
-    format: str = 'qcow2'
-    snapshots: bool = False
-    bwlimit: int = 0             # KiB/s read from the storage, 0 = unlimited
-    force: bool = False
-    new_vmid: int = None
-    new_qmp_socket: str = None
-    lockwait: float = 180        # minutes to wait while a backup or prune of the guest runs
-    check_mode: bool = False
-    live: bool = False           # start the guest at once, copy its disks in the background
-
-
-def _check_target_dir(request, storage):
-    target = request.target_dir
-    if not target or not os.path.isabs(target):
-        raise ConfigError(f"target_dir {target!r} must be an absolute path")
-    real = os.path.realpath(target)
-    if os.path.exists(real) and not os.path.isdir(real):
-        raise ConfigError(f"target_dir {target} exists and is not a directory; give a directory")
-    for forbidden, what in ((storage.path, 'the backup storage'),
-                            (request.config_dir, 'the guestvault configuration')):
-        root = os.path.realpath(forbidden)
-        if os.path.commonpath([real, root]) == root:
-            raise ConfigError(f"target_dir {target} lies inside {what} ({forbidden}); restore "
-                              "to a directory outside it")
-    return real
-
-
-def check_request(request):
-    """Every option that needs no storage, checked before anything is locked, started or made."""
-    validate_vmid(request.vmid)
-    if request.new_vmid is not None:
-        validate_vmid(request.new_vmid)
-    if request.format not in RESTORE_FORMATS:
-        raise ConfigError(f"format {request.format!r} is not one of "
-                          f"{', '.join(RESTORE_FORMATS)}")
-    if request.snapshots and request.format != 'qcow2':
-        raise ConfigError("snapshots needs format qcow2: only qcow2 holds internal snapshots")
-    for key, unit in (('bwlimit', 'KiB/s, 0 for no limit'), ('lockwait', 'minutes')):
-        value = getattr(request, key)
-        if value is not None and float(value) < 0:
-            raise ConfigError(f"{key} {value} is negative; give {unit}")
-    if request.disks is not None and (not request.disks or not all(request.disks)):
-        raise ConfigError(f"disks {request.disks!r} names no disk (or an empty one); leave "
-                          "disks out to restore every disk, or name each disk by its id")
-    if request.new_qmp_socket is not None and not os.path.isabs(request.new_qmp_socket):
-        raise ConfigError(f"new_qmp_socket {request.new_qmp_socket!r} must be an absolute path")
-
-
-def plan_restore(request):
-    """What a restore would write, where and how big; changes nothing."""
-    check_request(request)
-    vmid = validate_vmid(request.vmid)
-    storage = require_storage(request.config_dir, request.storage, request.dumpdir)
-    target_dir = _check_target_dir(request, storage)
-    fmt = format_of(storage)
-    warnings = []
-    record = catalog.resolve(storage, vmid, request.backup, request.until, warnings=warnings)
-    chain = fmt.dependencies(storage, record)
-    by_id = {d['id']: d for d in record.index['disks']}
-    wanted = list(request.disks) if request.disks else list(by_id)
-    twice = sorted({d for d in wanted if wanted.count(d) > 1})
-    if twice:
-        raise ConfigError(f"disks names {', '.join(twice)} more than once; name each disk once")
-    unknown = [d for d in wanted if d not in by_id]
-    if unknown:
-        raise ConfigError(f"backup {record.id} has no disk(s) {', '.join(unknown)}; it has "
-                          f"{', '.join(by_id)}")
-    new_vmid = validate_vmid(request.new_vmid) if request.new_vmid is not None else None
-    if new_vmid is not None and os.path.exists(guest_path(request.config_dir, new_vmid)) \
-            and not request.force:
-        raise ConfigError(f"guest {new_vmid} is already registered "
-                          f"({guest_path(request.config_dir, new_vmid)}); choose another "
-                          "new_vmid or set force")
-    disks, problems = [], []
-    for disk_id in wanted:
-        disk = by_id[disk_id]
-        target = os.path.join(target_dir, f"{disk_id}.{request.format}")
-        if os.path.exists(target):
-            if qemu_img.in_use(target):
-                problems.append(f"{target} is in use by a running QEMU; stop that guest first "
-                                "(force does not override this)")
-            elif not request.force:
-                problems.append(f"{target} exists; set force to overwrite it")
-        disks.append({'id': disk_id, 'target': target,
-                      'format': request.format, 'virtual_size': disk['virtual_size'],
-                      'data_bytes': fmt.restored_bytes(chain, disk_id)})
-    if problems:
-        raise StorageError('; '.join(problems))
-    return {'storage': storage, 'format': fmt, 'record': record, 'chain': chain,
-            'disks': disks, 'target_dir': target_dir, 'new_vmid': new_vmid,
-            'warnings': warnings}
+# RestoreRequest, this verb's request, lives with the plan that live_restore shares.
+__all__ = ['RestoreRequest', 'run_restore']
 
 
 def run_restore(request, log=None):
     """Restore as ``request`` says; holds the guest's storage lock shared (prune waits)."""
     check_request(request)
-    storage = require_storage(request.config_dir, request.storage, request.dumpdir)
-    vmid = validate_vmid(request.vmid)
-    with private_files(), storage.guest_lock(vmid, float(request.lockwait) * 60, shared=True,
-                                             holder=guest_runs.holder(vmid, 'restore')):
+    with open_backups(request, 'restore', shared=True, resolve=False) as opened:
         if request.live:
-            from .live_restore import run_live_restore  # it plans with this module
-            return run_live_restore(request, log)
-        return _restore(request, log)
+            return run_live_restore(request, opened, log)
+        return _restore(request, opened, log)
 
 
-def _restore(request, log):
+def _restore(request, opened, log):
     log = log or (lambda message: None)
     started = time.monotonic()
-    plan = plan_restore(request)
+    plan = plan_restore(request, opened)
     record, chain = plan['record'], plan['chain']
     result = {
         'changed': True, 'backup': record.id, 'time': record.index['time'],

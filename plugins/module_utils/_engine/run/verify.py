@@ -6,36 +6,51 @@ link). The outcome is stored as the backup's verify state, shown by backup_info.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from ..errors import BackupDamaged, VerifyFailed
-from ..guest.registry import validate_vmid
-from ..storage import catalog
-from ..storage.files import private_files
+from ..paths import CONFIG_DIR
 from ..times import format_time
-from . import guest_runs
-from .locate import format_of, require_storage
+from .locate import format_of
+from .opener import open_backups
+from .request import Request
 
 
-def verify_backup(vmid, backup='latest', storage=None, dumpdir=None,
-                  config_dir='/etc/guestvault', check_mode=False, lockwait=180, fail=False):
+@dataclass
+class VerifyRequest(Request):
+    vmid: int
+    backup: str = 'latest'
+    storage: str = None
+    dumpdir: str = None
+    config_dir: str = CONFIG_DIR
+    lockwait: float = 180        # minutes
+    fail: bool = False           # a damaged backup raises VerifyFailed
+    check_mode: bool = False
+
+    @classmethod
+    def from_params(cls, params, check_mode=False):
+        """The module fails on a damaged backup, so a playbook stops there."""
+        request = super().from_params(params, check_mode)
+        request.fail = True
+        return request
+
+
+def run_verify(request):
     """Returns the state written (``ok`` or ``failed``) with the problems found; with ``fail``,
     a damaged backup raises VerifyFailed (carrying that result), so a playbook stops."""
-    vmid = validate_vmid(vmid)
-    store = require_storage(config_dir, storage, dumpdir)
-    with private_files(), store.guest_lock(vmid, lockwait * 60, shared=True,
-                                           holder=guest_runs.holder(vmid, 'verify')):
-        result = _verify(store, vmid, backup, check_mode)
-    if fail and result['verify_state'] != 'ok':
+    with open_backups(request, 'verify', shared=True, resolve=False) as opened:
+        result = _verify(opened, request.check_mode)
+    if request.fail and result['verify_state'] != 'ok':
         raise VerifyFailed(f"backup {result['backup']} failed verification: "
                            + '; '.join(result['problems']), result)
     return result
 
 
-def _verify(store, vmid, backup, check_mode):
-    warnings = []
+def _verify(opened, check_mode):
+    store, warnings = opened.storage, opened.warnings
     try:
-        record = catalog.resolve(store, vmid, backup, warnings=warnings)
+        record = opened.resolve()
     except BackupDamaged as exc:
         # Nothing to read and nowhere to record a state: the damage is the finding.
         return {'changed': False, 'backup': exc.damaged.id, 'verify_state': 'failed',

@@ -32,6 +32,7 @@ from ..guest.consistency import StopMode, snapshot_mode, suspend_mode
 from ..guest.disks import discover_disks, require_idle, select_disks
 from ..guest.qmp import QmpSession
 from ..guest.registry import GuestEntry
+from ..paths import CONFIG_DIR
 from ..policy import chain as chains
 from ..policy.config import inert_option_warning, load_vzdump_defaults
 from ..policy.notes import render_notes
@@ -43,6 +44,8 @@ from . import guest_runs, leftovers
 from .hooks import HookScript
 from .locate import format_of, require_storage, resolve_guest
 from .protect import check_protected_room
+from .opener import guest_lock
+from .request import Request
 
 # Built-in defaults, overridden by vzdump.conf, overridden by the caller (as vzdump does).
 DEFAULTS = {'mode': 'snapshot', 'bwlimit': 0, 'lockwait': 180, 'stopwait': 10,
@@ -50,13 +53,13 @@ DEFAULTS = {'mode': 'snapshot', 'bwlimit': 0, 'lockwait': 180, 'stopwait': 10,
 
 
 @dataclass
-class BackupRequest:
+class GuestBackupRequest(Request):
     vmid: int
     qmp_socket: str = None
     agent_socket: str = None
     storage: str = None
     dumpdir: str = None
-    config_dir: str = '/etc/guestvault'
+    config_dir: str = CONFIG_DIR
     level: str = 'auto'
     chain: str = None
     chain_period: str = 'none'
@@ -79,11 +82,18 @@ class BackupRequest:
     warn_inert: bool = True      # warn about vzdump.conf options that have no effect yet
     check_mode: bool = False
 
+    @classmethod
+    def from_params(cls, params, check_mode=False):
+        """The module nests max_workers in ``performance``, as vzdump.conf does."""
+        request = super().from_params(params, check_mode)
+        request.max_workers = (params.get('performance') or {}).get('max_workers')
+        return request
+
 
 @dataclass
 class Plan:
     """Everything decided before the first change; check mode returns exactly this."""
-    request: BackupRequest
+    request: GuestBackupRequest
     options: dict
     guest: GuestEntry
     storage: object              # a storage.base.Storage
@@ -241,7 +251,7 @@ def _terminate_as_error():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_backup(request, log=None, progress=None, now=None):
+def run_guest_backup(request, log=None, progress=None, now=None):
     """Take one backup as ``request`` says; returns a result dict (see guest_backup RETURN).
 
     The guest is held on this node before its QMP socket is opened (QEMU serves one client at a
@@ -266,8 +276,8 @@ def run_backup(request, log=None, progress=None, now=None):
             _check_room(plan, clog)
             return dict(_plan_result(plan), changed=True)
         vmid = plan.guest.vmid
-        stack.enter_context(plan.storage.guest_lock(vmid, float(options['lockwait']) * 60,
-                                                    holder=guest_runs.holder(vmid, 'backup')))
+        stack.enter_context(guest_lock(plan.storage, vmid, 'backup', options['lockwait'],
+                                       shared=False))
         stack.enter_context(plan.storage.writer(float(options['lockwait']) * 60))
         # Leftovers of killed runs first: their jobs would still hold the disks.
         leftovers.clear(qmp, vmid, plan.all_disks, plan.storage, clog)

@@ -1,17 +1,29 @@
 """backup_info: the backups on a storage, of one guest or of all."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..guest.registry import validate_vmid
+from ..paths import CONFIG_DIR
 from ..storage import catalog
 from .locate import require_storage
+from .request import Request
 
 
-def list_backups(vmid=None, storage=None, dumpdir=None, config_dir='/etc/guestvault'):
-    store = require_storage(config_dir, storage, dumpdir)
-    if vmid is not None:
-        vmid = validate_vmid(vmid)
+@dataclass
+class BackupInfoRequest(Request):
+    vmid: int = None             # None: every guest's
+    storage: str = None
+    dumpdir: str = None
+    config_dir: str = CONFIG_DIR
+
+
+def run_backup_info(request):
+    """Reads only, so it takes no lock (a listing while a backup runs shows what is done)."""
+    store = require_storage(request.config_dir, request.storage, request.dumpdir)
+    vmid = validate_vmid(request.vmid) if request.vmid is not None else None
     backups, damaged = catalog.all_and_damaged(store, vmid)
-    return {'storage': store.id, 'storage_path': store.path,
+    return {'changed': False, 'storage': store.id, 'storage_path': store.path,
             'backups': [catalog.describe(store, b) for b in backups],
             'damaged': [catalog.describe_damaged(d) for d in damaged],
             'warnings': [f"backup {d.id} is damaged and cannot be restored: {d.reason}; restore "

@@ -9,22 +9,65 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
+from typing import List
 
+from ..config.files import declare_file, read_text
 from ..errors import ConfigError
+from ..paths import CONFIG_DIR, NODE_COMMAND, UNIT_DIR
 from ..policy.calendar import CalendarEvent, looks_like_hour_mistake, to_systemd_oncalendar
 from ..policy.config import find_storage
 from ..policy.jobs_cfg import Job, load_jobs, render_job, save_jobs, validate_job
-from ..storage.files import write_file_atomic
+from .request import Request
 
-UNIT_DIR = '/etc/systemd/system'
-NODE_COMMAND = '/usr/local/sbin/guestvault-dump'
+# The backup_job module's options and the jobs.cfg keys they are written as.
+JOB_OPTION_KEYS = {
+    'schedule': 'schedule', 'vmid': 'vmid', 'all': 'all', 'pool': 'pool', 'exclude': 'exclude',
+    'node': 'node', 'storage': 'storage', 'dumpdir': 'dumpdir', 'mode': 'mode',
+    'level': 'level', 'chain': 'chain', 'chain_period': 'chain-period', 'compress': 'compress',
+    'prune_backups': 'prune-backups', 'notes_template': 'notes-template', 'bwlimit': 'bwlimit',
+    'script': 'script', 'protected': 'protected', 'repeat_missed': 'repeat-missed',
+    'enabled': 'enabled', 'comment': 'comment',
+}
+
+
+@dataclass
+class BackupJobRequest(Request):
+    """A job as the backup_job module declares it (JOB_OPTION_KEYS: its jobs.cfg keys)."""
+    id: str
+    state: str = 'present'
+    schedule: str = None
+    vmid: List[int] = None
+    all: bool = None
+    pool: str = None
+    exclude: List[int] = None
+    node: List[str] = None
+    storage: str = None
+    dumpdir: str = None
+    mode: str = None
+    level: str = None
+    chain: str = None
+    chain_period: str = None
+    compress: str = None
+    prune_backups: str = None
+    notes_template: str = None
+    bwlimit: int = None
+    script: str = None
+    protected: bool = None
+    repeat_missed: bool = False
+    enabled: bool = True
+    comment: str = None
+    config_dir: str = CONFIG_DIR
+    unit_dir: str = UNIT_DIR
+    command: str = NODE_COMMAND
+    check_mode: bool = False
 
 
 def unit_names(job_id):
     return f"guestvault-job-{job_id}.timer", f"guestvault-job-{job_id}.service"
 
 
-def render_units(job, command=NODE_COMMAND, config_dir='/etc/guestvault'):
+def render_units(job, command=NODE_COMMAND, config_dir=CONFIG_DIR):
     """(timer text, service text) of a job."""
     schedule = job.options['schedule']
     calendars = to_systemd_oncalendar(CalendarEvent.parse(schedule))
@@ -43,7 +86,7 @@ def render_units(job, command=NODE_COMMAND, config_dir='/etc/guestvault'):
         '[Install]',
         'WantedBy=timers.target',
         ''])
-    config = '' if config_dir == '/etc/guestvault' else f" --config-dir {config_dir}"
+    config = '' if config_dir == CONFIG_DIR else f" --config-dir {config_dir}"
     service = '\n'.join([
         '[Unit]',
         f"Description=guestvault backup job {job.id}",
@@ -68,14 +111,6 @@ def schedule_warning(schedule):
     return looks_like_hour_mistake(schedule)
 
 
-def _read(path):
-    try:
-        with open(path, encoding='utf-8') as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return ''
-
-
 def systemd_running():
     return os.path.isdir('/run/systemd/system') and shutil.which('systemctl') is not None
 
@@ -86,7 +121,7 @@ def _systemctl(*args):
         raise ConfigError(f"systemctl {' '.join(args)} failed: {proc.stderr.strip()}")
 
 
-def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault',
+def apply_job(job_id, options=None, state='present', config_dir=CONFIG_DIR,
               unit_dir=UNIT_DIR, command=NODE_COMMAND, check_mode=False, manage_systemd=None):
     """Make the job (and its units) exist as declared, or not at all; idempotent.
 
@@ -100,7 +135,8 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
     timer_name, service_name = unit_names(job_id)
     timer_path = os.path.join(unit_dir, timer_name)
     service_path = os.path.join(unit_dir, service_name)
-    before = {'job': before_job, 'timer': _read(timer_path), 'service': _read(service_path)}
+    before = {'job': before_job, 'timer': read_text(timer_path) or '',
+              'service': read_text(service_path) or ''}
     if state == 'absent':
         after = {'job': '', 'timer': '', 'service': ''}
         enabled = False
@@ -123,15 +159,11 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
     else:
         jobs[job_id] = job
     save_jobs(config_dir, jobs)
-    os.makedirs(unit_dir, exist_ok=True)
     manage = systemd_running() if manage_systemd is None else manage_systemd
     if manage and before['timer'] and not after['timer']:
         _systemctl('disable', '--now', timer_name)
     for path, text in ((timer_path, after['timer']), (service_path, after['service'])):
-        if text:
-            write_file_atomic(path, text)
-        elif os.path.exists(path):
-            os.unlink(path)
+        declare_file(path, text or None)
     if manage:
         _systemctl('daemon-reload')
         if after['timer']:
@@ -140,12 +172,13 @@ def apply_job(job_id, options=None, state='present', config_dir='/etc/guestvault
     return result
 
 
-def declare_job(job_id, options=None, state='present', config_dir='/etc/guestvault',
-                unit_dir=UNIT_DIR, command=NODE_COMMAND, check_mode=False):
+def run_backup_job(request):
     """``apply_job`` as the backup_job module reports it: the diff as the files' texts, and a
     warning when the schedule looks like Proxmox's lone-number-is-a-minute trap."""
-    result = apply_job(job_id, options, state, config_dir, unit_dir, command, check_mode)
-    schedule = (options or {}).get('schedule')
+    options = {key: getattr(request, option) for option, key in JOB_OPTION_KEYS.items()}
+    result = apply_job(request.id, options, request.state, request.config_dir,
+                       request.unit_dir, request.command, request.check_mode)
+    schedule = options.get('schedule')
     warning = schedule_warning(schedule) if schedule else None
     if warning:
         result['warnings'].append(warning)

@@ -11,22 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..paths import CONFIG_DIR
 from ..storage.files import private_files
 from ..times import parse_age
 from .locate import format_of, require_storage
+from .request import Request
 
 DEFAULT_GRACE = '24h5m'
 
 
 @dataclass
-class GcRequest:
+class GarbageCollectRequest(Request):
     storage: str = None
     grace: str = DEFAULT_GRACE
-    config_dir: str = '/etc/guestvault'
+    config_dir: str = CONFIG_DIR
     check_mode: bool = False
 
 
-def run_gc(request, log=None, progress=None):
+def run_garbage_collect(request, log=None, progress=None):
     """Collect the garbage of one datastore; the counts (see garbage_collect's RETURN)."""
     log = log or (lambda message: None)
     if not request.storage:

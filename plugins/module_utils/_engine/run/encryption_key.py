@@ -18,12 +18,14 @@ Example::
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, field
 
 from ..errors import EncryptionKeyError
 from ..datastore.crypt import (CryptConfig, format_fingerprint, parse_fingerprint,
                                       require_cryptography)
 from ..datastore.key_file import (KDF_NONE, KDF_SCRYPT, MIN_PASSPHRASE_LENGTH, KeyFile,
                                          format_key_time, load_key_file, save_key_file)
+from .request import Request
 
 # The derivations a new key may use: PBS creates scrypt or none (pbkdf2 is only read).
 CREATE_KDFS = (KDF_SCRYPT, KDF_NONE)
@@ -171,6 +173,22 @@ def create_key(path, kdf=KDF_SCRYPT, passphrase=None, passphrase_file=None, hint
     crypt, key_file = KeyFile.create(passphrase=secret, kdf=kdf, hint=hint)
     save_key_file(path, key_file, replace=force)
     return dict(_describe(path, key_file, crypt), changed=True, created_file=True)
+
+
+@dataclass
+class EncryptionKeyRequest(Request):
+    path: str
+    kdf: str = KDF_SCRYPT
+    passphrase: str = field(default=None, repr=False)   # secret: never shown
+    passphrase_file: str = None
+    hint: str = None
+    force: bool = False
+    check_mode: bool = False
+
+
+def run_encryption_key(request):
+    """The encryption_key module's verb: :func:`create_key` as the request says."""
+    return create_key(**asdict(request))
 
 
 def load_crypt(path, passphrase=None, passphrase_file=None):

@@ -9,11 +9,14 @@ meaning (comments, other spacing) is left alone.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
+from ..config.files import declare_file, read_text
 from ..errors import ConfigError, GuestvaultError
 from ..guest.registry import GuestEntry, guest_path, parse_guest, render_guest, validate_vmid
-from ..storage.files import write_file_atomic
+from ..paths import CONFIG_DIR
+from .request import Request
 
 # Module option -> GuestEntry field.
 ENTRY_FIELDS = {
@@ -21,6 +24,30 @@ ENTRY_FIELDS = {
     'tags': 'tags', 'include': 'include', 'exclude': 'exclude', 'start': 'start_command',
     'description': 'description',
 }
+
+
+@dataclass
+class GuestRegistryRequest(Request):
+    """The guest_registry module's options: an entry's keys, as ENTRY_FIELDS names them."""
+    vmid: int
+    state: str = 'present'
+    name: str = None
+    qmp: str = None
+    agent: str = None
+    pool: str = None
+    tags: Tuple[str, ...] = None
+    include: Tuple[str, ...] = None
+    exclude: Tuple[str, ...] = None
+    start: str = None
+    description: str = None
+    config_dir: str = CONFIG_DIR
+    check_mode: bool = False
+
+
+def run_guest_registry(request: GuestRegistryRequest) -> Dict[str, Any]:
+    """Make the guest's registry entry exist as declared, or not at all (see apply_guest)."""
+    return apply_guest(request.vmid, {key: getattr(request, key) for key in ENTRY_FIELDS},
+                       request.state, request.config_dir, request.check_mode)
 
 
 def entry_from_options(vmid: Any, options: Dict[str, Any]) -> GuestEntry:
@@ -44,19 +71,9 @@ def entry_from_options(vmid: Any, options: Dict[str, Any]) -> GuestEntry:
     return GuestEntry(vmid=vmid, **values)
 
 
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding='utf-8') as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
-
-
 def _current(path: str, vmid: int) -> Optional[GuestEntry]:
     """The entry in ``path`` or None; an unreadable entry counts as different (it is replaced)."""
-    text = _read(path)
+    text = read_text(path)
     if text is None:
         return None
     try:
@@ -79,7 +96,7 @@ def entry_as_dict(entry: Optional[GuestEntry]) -> Dict[str, Any]:
 
 
 def apply_guest(vmid: Any, options: Optional[Dict[str, Any]] = None, state: str = 'present',
-                config_dir: str = '/etc/guestvault', check_mode: bool = False) -> Dict[str, Any]:
+                config_dir: str = CONFIG_DIR, check_mode: bool = False) -> Dict[str, Any]:
     """Make guest ``vmid``'s registry entry exist as declared, or not at all; idempotent.
 
     Returns ``{'changed', 'path', 'entry', 'diff': {'before', 'after'}}``; everything is
@@ -87,7 +104,7 @@ def apply_guest(vmid: Any, options: Optional[Dict[str, Any]] = None, state: str 
     """
     vmid = validate_vmid(vmid)
     path = guest_path(config_dir, vmid)
-    before_text = _read(path) or ''
+    before_text = read_text(path) or ''
     if state == 'absent':
         after_text, entry = '', None
         changed = os.path.lexists(path)
@@ -106,9 +123,5 @@ def apply_guest(vmid: Any, options: Optional[Dict[str, Any]] = None, state: str 
                        'before_header': path, 'after_header': path}}
     if not changed or check_mode:
         return result
-    if state == 'absent':
-        os.unlink(path)
-    else:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        write_file_atomic(path, after_text)
+    declare_file(path, after_text if state == 'present' else None, dir_mode=0o755)
     return result
