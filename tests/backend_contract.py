@@ -71,11 +71,11 @@ def test_head_and_objects_give_size_md5_etag_and_time(backend):
 def test_objects_lists_only_under_the_prefix_in_key_order(backend):
     for key in ('vm/101/b', 'vm/100/2/x', 'vm/100/1/y', 'vm/1000/z', 'ct/100/a', 'vm/100/1/x'):
         backend.put(key, key.encode())
-    assert [key for key, *_ in backend.objects('vm/100/')] == [
+    assert [key for key, *_rest in backend.objects('vm/100/')] == [
         'vm/100/1/x', 'vm/100/1/y', 'vm/100/2/x']
-    assert [key for key, *_ in backend.objects('vm/100')] == [
+    assert [key for key, *_rest in backend.objects('vm/100')] == [
         'vm/100/1/x', 'vm/100/1/y', 'vm/100/2/x', 'vm/1000/z']
-    assert [size for _k, size, *_ in backend.objects('ct/')] == [len(b'ct/100/a')]
+    assert [size for _k, size, *_rest in backend.objects('ct/')] == [len(b'ct/100/a')]
     assert len(list(backend.objects())) == 6
     assert list(backend.objects('ns/')) == []
 
@@ -92,11 +92,11 @@ def test_delete_removes_every_key_given_and_a_missing_one_is_no_error(backend):
     for key in keys:
         backend.put(key, b'chunk')
     backend.delete(iter(keys[:3] + ['.chunks/0000/never-there']))
-    assert [key for key, *_ in backend.objects('.chunks/')] == keys[3:]
+    assert [key for key, *_rest in backend.objects('.chunks/')] == keys[3:]
     backend.delete([])
     assert backend.head(keys[0]) is None and backend.get(keys[4]) == b'chunk'
     # what removing a snapshot does: delete what a listing of the same backend yields
-    backend.delete(key for key, *_ in backend.objects('.chunks/0000/'))
+    backend.delete(key for key, *_rest in backend.objects('.chunks/0000/'))
     assert list(backend.objects('.chunks/')) == []
 
 

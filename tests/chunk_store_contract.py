@@ -76,7 +76,7 @@ def test_a_damaged_chunk_is_found_moved_aside_and_written_afresh(chunks):
 
 
 def test_gc_keeps_what_an_index_names_and_removes_the_rest_once_old(chunks):
-    kept, _ = chunks.add('kept')
+    kept, _stored = chunks.add('kept')
     gone = [chunks.add(f'garbage {n}')[0] for n in range(2)]
     index = chunks.index([kept])
     check = chunks.collect([index], check_mode=True)
@@ -96,7 +96,7 @@ def test_gc_within_the_grace_keeps_unreferenced_chunks(chunks):
 
 
 def test_gc_names_the_chunks_an_index_needs_that_are_gone(chunks):
-    kept, _ = chunks.add('kept')
+    kept, _stored = chunks.add('kept')
     _raw, lost = blob.encode_chunk(b'lost' * 100)
     report = chunks.collect([chunks.index([kept, lost])])
     assert report['missing_chunks'] == 1 and report['removed_chunks'] == 0

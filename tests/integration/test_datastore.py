@@ -14,7 +14,7 @@ from guestvault_engine.errors import (BackupDamaged, BackupFailed, CorruptData,
                                       EncryptionKeyError, GuestvaultError)
 from guestvault_engine.datastore.chunk_store import ChunkStore
 from guestvault_engine.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
-                                                             ENCRYPTED_COMPRESSED_BLOB_MAGIC)
+                                                      ENCRYPTED_COMPRESSED_BLOB_MAGIC)
 from guestvault_engine.datastore.fixed_index import read_fixed_index
 from guestvault_engine.datastore.manifest import BackupManifest
 from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup

@@ -5,8 +5,8 @@ import uuid
 
 import pytest
 
-from backend_contract import *  # noqa: F401,F403  (the contracts' tests run here)
-from chunk_store_contract import *  # noqa: F401,F403
+from backend_contract import *  # noqa: F401,F403 pylint: disable=wildcard-import,unused-wildcard-import
+from chunk_store_contract import *  # noqa: F401,F403 pylint: disable=wildcard-import,unused-wildcard-import
 from chunk_store_contract import Harness
 from guestvault_engine.datastore.object_chunks import ObjectChunkStore
 from guestvault_engine.run.locate import require_storage

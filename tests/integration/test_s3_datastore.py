@@ -18,7 +18,7 @@ from guestvault_engine.errors import StorageError
 from guestvault_engine.datastore.chunk_store import ZERO_CHUNK_DIGEST
 from guestvault_engine.datastore.dynamic_index import DynamicIndexWriter
 from guestvault_engine.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
-                                                             ENCRYPTED_COMPRESSED_BLOB_MAGIC)
+                                                      ENCRYPTED_COMPRESSED_BLOB_MAGIC)
 from guestvault_engine.datastore.fixed_index import read_fixed_index
 from guestvault_engine.datastore.manifest import BackupManifest
 from guestvault_engine.run.encryption_key import create_key

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from backend_contract import *  # noqa: F401,F403  (the contract's tests run here)
+from backend_contract import *  # noqa: F401,F403 pylint: disable=wildcard-import,unused-wildcard-import
 from guestvault_engine.datastore.backends.local import LocalBackend
 from guestvault_engine.datastore.backends.memory import MemoryBackend
 from guestvault_engine.errors import StorageError
@@ -24,7 +24,7 @@ def test_a_local_backend_lists_no_writer_temporaries_and_refuses_keys_leaving_it
     backend.put('vm/100/owner', b'root@pam\n')
     # a writer killed between its write and its rename leaves a hidden temporary
     (tmp_path / 'root' / 'vm' / '100' / '.owner.123.abc.tmp').write_bytes(b'half')
-    assert [key for key, *_ in backend.objects()] == ['vm/100/owner']
+    assert [key for key, *_rest in backend.objects()] == ['vm/100/owner']
     for key in ('../outside', 'vm/../../outside', '/etc/passwd', 'vm//x', ''):
         with pytest.raises(StorageError, match='is not a key'):
             backend.put(key, b'x')

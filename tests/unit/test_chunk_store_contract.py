@@ -3,7 +3,7 @@ store on a Backend (the memory double and a directory); S3 runs it in
 tests/integration/test_s3_backend.py."""
 import pytest
 
-from chunk_store_contract import *  # noqa: F401,F403  (the contract's tests run here)
+from chunk_store_contract import *  # noqa: F401,F403 pylint: disable=wildcard-import,unused-wildcard-import
 from chunk_store_contract import Harness
 from guestvault_engine.datastore import chunk_store
 from guestvault_engine.datastore.backends.local import LocalBackend

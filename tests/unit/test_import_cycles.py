@@ -8,7 +8,6 @@ import pathlib
 ENGINE = pathlib.Path(__file__).resolve().parents[2] / 'plugins' / 'module_utils' / '_engine'
 
 
-
 def module_names(root):
     """Every module under ``root`` by its dotted name relative to ``root`` (a package's
     ``__init__.py`` by the package's name), mapped to its file."""

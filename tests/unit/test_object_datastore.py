@@ -28,7 +28,7 @@ def test_snapshots_live_in_the_backend_and_a_dropped_cache_is_rebuilt(tmp_path):
     staged.commit()
     staged.write_log('line one\n')                      # as a backup: after the commit
     prefix = 'vm/100/2026-12-01T10:00:05Z/'
-    assert sorted(key for key, *_ in backend.objects(prefix)) == [
+    assert sorted(key for key, *_rest in backend.objects(prefix)) == [
         prefix + name for name in ('.protected', 'client.log.blob', 'drive-virtio0.img.fidx',
                                    'guest.json.blob', 'index.json.blob')]
     assert backend.get('vm/100/owner') == b'root@pam\n'

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import CorruptData, StorageError
 from ..storage.files import (DirectFiles, fsync_path, sync_filesystem, touch_atime,
-                              write_file_hidden)
+                             write_file_hidden)
 from .blob import blob_kind, encode_chunk
 from .file_formats import (COMPRESSED_BLOB_MAGIC, DEFAULT_CHUNK_SIZE, DIGEST_SIZE,
                            ENCRYPTED_BLOB_MAGIC, UNCOMPRESSED_BLOB_MAGIC)

@@ -14,7 +14,7 @@ import shutil
 import threading
 
 from ..errors import (BackupFailed, ConfigError, CorruptData, EncryptionKeyError, GuestvaultError,
-                       StorageError)
+                      StorageError)
 from ..paths import fleecing_dir   # local disk, so a slow datastore never slows guest writes
 from ..times import format_time
 from ..version import TOOL_VERSION

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import EncryptionKeyError
 from ..datastore.crypt import (CryptConfig, format_fingerprint, parse_fingerprint,
-                                      require_cryptography)
+                               require_cryptography)
 from ..datastore.key_file import (KDF_NONE, KDF_SCRYPT, MIN_PASSPHRASE_LENGTH, KeyFile,
-                                         format_key_time, load_key_file, save_key_file)
+                                  format_key_time, load_key_file, save_key_file)
 from .request import Request
 
 # The derivations a new key may use: PBS creates scrypt or none (pbkdf2 is only read).
