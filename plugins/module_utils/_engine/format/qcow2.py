@@ -135,13 +135,13 @@ class Qcow2Chain:
 
         def check(job):
             record, disk = job
-            path = storage.file(record, disk['file'])
+            path = storage.file(record, disk.file)
             if not os.path.exists(path):
-                return f"{record.id}: {disk['file']} is missing"
+                return f"{record.id}: {disk.file} is missing"
             actual = sha256_file(path)
-            if actual != disk['sha256']:
-                return (f"{record.id}: {disk['file']} has sha256 {actual[:16]}..., its manifest "
-                        f"says {disk['sha256'][:16]}...: the file changed or is damaged")
+            if actual != disk.sha256:
+                return (f"{record.id}: {disk.file} has sha256 {actual[:16]}..., its manifest "
+                        f"says {disk.sha256[:16]}...: the file changed or is damaged")
             return None
         return [problem for problem in _parallel(check, jobs, workers) if problem]
 

@@ -108,7 +108,7 @@ def run_live_restore(request, opened, log=None):
         }
         if request.check_mode:
             return result
-        images = {d.id: d['target'] for d in plan.disks}
+        images = {d.id: d.target for d in plan.disks}
         qmp = server = None
         with new_directory(plan.target_dir):
             try:
