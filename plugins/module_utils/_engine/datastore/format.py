@@ -19,7 +19,8 @@ from ..paths import fleecing_dir   # local disk, so a slow datastore never slows
 from ..times import format_time
 from ..version import TOOL_VERSION
 from ..format.qemu_img import create_qcow2
-from ..format.base import Format, TargetImage
+from ..format.base import TargetImage
+from ..storage.records import DiskEntry, Manifest
 from .backup_writer import write_disk_index
 from .chunk_store import ChunkStore
 from .fixed_index import read_fixed_index
@@ -73,7 +74,9 @@ class _RestoreJob:
         return '', str(self.error or '')
 
 
-class Datastore(Format):
+class Datastore:
+    """Proxmox Backup Server's datastore: a Format (format/base.py)."""
+
     name = 'datastore'
     capture = 'pull'
 
@@ -102,9 +105,9 @@ class Datastore(Format):
             create_qcow2(path, disk.virtual_size)
             previous = None
             if decision.level == 'inc' and disk.supports_bitmaps and parent is not None:
-                entry = next((d for d in parent.index['disks'] if d['id'] == disk.id), None)
-                if entry is not None and entry['virtual_size'] == disk.virtual_size:
-                    previous = os.path.join(parent.path, entry['file'])
+                entry = parent.manifest.disk(disk.id)
+                if entry is not None and entry.virtual_size == disk.virtual_size:
+                    previous = os.path.join(parent.path, entry.file)
             targets[disk.id] = TargetImage(disk.id, path, 'inc' if previous else 'full',
                                            previous)
         return targets
@@ -114,8 +117,8 @@ class Datastore(Format):
             return None
         vmid = int(staged.final_path.split(os.sep)[-2])
         wanted = format_time(decision.parent)
-        parent = next((b for b in self.storage.backups(vmid) if b.index['time'] == wanted), None)
-        if parent is not None and parent.index.get('key_fingerprint') != self.key_fingerprint:
+        parent = next((b for b in self.storage.backups(vmid) if b.manifest.time == wanted), None)
+        if parent is not None and parent.manifest.key_fingerprint != self.key_fingerprint:
             return None  # made with another key (or none): its digests mean other chunks
         return parent
 
@@ -168,7 +171,7 @@ class Datastore(Format):
         entries = []
         for disk in disks:
             target, stats = targets[disk.id], processed[disk.id]
-            entries.append({
+            entries.append(DiskEntry.from_dict({
                 'id': disk.id, 'node': disk.node, 'format': disk.format,
                 'virtual_size': disk.virtual_size, 'file': index_name(disk.id),
                 'level': target.level, 'bytes_written': stats['new_bytes'],
@@ -178,7 +181,7 @@ class Datastore(Format):
                 'new_chunks': stats['new_chunks'], 'reused_chunks': stats['reused_chunks'],
                 'zero_chunks': stats['zero_chunks'],
                 'data_bytes': stats.get('data_bytes'),
-            })
+            }))
         self.discard_targets(targets)
         return entries
 
@@ -189,16 +192,17 @@ class Datastore(Format):
             shutil.rmtree(folder, ignore_errors=True)
 
     def manifest(self, fields):
-        return dict(fields, format=MANIFEST_FORMAT, tool=f"guestvault {TOOL_VERSION}",
-                    encrypted=self.crypt is not None)
+        return Manifest.from_dict(dict(fields, format=MANIFEST_FORMAT,
+                                       tool=f"guestvault {TOOL_VERSION}",
+                                       encrypted=self.crypt is not None))
 
     # -- reading --------------------------------------------------------------------------------
     def dependencies(self, storage, record):
         return [record]  # a snapshot needs nothing but its chunks
 
     def restored_bytes(self, chain, disk_id):
-        disk = next(d for d in chain[-1].index['disks'] if d['id'] == disk_id)
-        return disk.get('data_bytes') or disk['virtual_size']
+        disk = chain[-1].manifest.disk(disk_id)
+        return disk.data_bytes or disk.virtual_size
 
     def check_key(self, record):
         """EncryptionKeyError unless this datastore's key is the one the backup was made with."""
@@ -225,20 +229,20 @@ class Datastore(Format):
             except (OSError, GuestvaultError) as exc:
                 problems.append(f"{record.id}: {exc}")
                 continue
-            for disk in record.index['disks']:
-                if disk_ids is not None and disk['id'] not in disk_ids:
+            for disk in record.manifest.disks:
+                if disk_ids is not None and disk.id not in disk_ids:
                     continue
-                path = storage.file(record, disk['file'])
+                path = storage.file(record, disk.file)
                 try:
                     index = read_fixed_index(path)
                 except (OSError, GuestvaultError) as exc:
                     unreadable.add(path)
-                    problems.append(f"{record.id} {disk['id']}: {exc}")
+                    problems.append(f"{record.id} {disk.id}: {exc}")
                     continue
                 try:
-                    manifest.verify_file(disk['file'], index.index_csum, index.size)
+                    manifest.verify_file(disk.file, index.index_csum, index.size)
                 except GuestvaultError as exc:
-                    problems.append(f"{record.id} {disk['id']}: {exc}")
+                    problems.append(f"{record.id} {disk.id}: {exc}")
         return problems, unreadable, key_ok
 
     def verify(self, storage, record, check_mode=False):
@@ -252,14 +256,14 @@ class Datastore(Format):
         problems, unreadable, key_ok = self._check_files(storage, [record])
         crypt = self.crypt if key_ok else None
         verified, corrupt = set(), set()
-        for disk in record.index['disks']:
-            path = storage.file(record, disk['file'])
+        for disk in record.manifest.disks:
+            path = storage.file(record, disk.file)
             if path in unreadable or not os.path.exists(path):
                 continue
             problems += verify_disk_index(path, self.chunks, crypt=crypt,
                                           verified=verified, corrupt=corrupt,
                                           workers=self.read_workers, mark_bad=not check_mode,
-                                          what=f"{record.id} {disk['id']}")
+                                          what=f"{record.id} {disk.id}")
         if corrupt:
             users = self.referencing(corrupt)
             groups = {}
@@ -277,9 +281,9 @@ class Datastore(Format):
         users = {}
         for vmid in self.storage.guest_ids():
             for record in self.storage.backups(vmid):
-                for disk in record.index['disks']:
+                for disk in record.manifest.disks:
                     try:
-                        index = read_fixed_index(self.storage.file(record, disk['file']),
+                        index = read_fixed_index(self.storage.file(record, disk.file),
                                                  check_csum=False)
                     except (OSError, CorruptData):
                         continue
@@ -290,9 +294,9 @@ class Datastore(Format):
         return users
 
     def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
-        disk = next(d for d in record.index['disks'] if d['id'] == disk_id)
+        disk = record.manifest.disk(disk_id)
         self.check_key(record)
-        index = read_fixed_index(storage.file(record, disk['file']))
+        index = read_fixed_index(storage.file(record, disk.file))
 
         def run(cancelled):
             restore_disk_image(index, self.chunks, target, target_format, crypt=self.crypt,
@@ -311,12 +315,12 @@ class Datastore(Format):
         """``{export name: SnapshotExport}`` of the disks, after the key check."""
         self.check_key(record)
         exports = {}
-        for disk in record.index['disks']:
-            if disk['id'] in disk_ids:
-                name = index_name(disk['id'])
+        for disk in record.manifest.disks:
+            if disk.id in disk_ids:
+                name = index_name(disk.id)
                 exports[name] = SnapshotExport(
-                    name, read_fixed_index(storage.file(record, disk['file'])), self.chunks,
-                    self.crypt, f"{record.id} {disk['id']}")
+                    name, read_fixed_index(storage.file(record, disk.file)), self.chunks,
+                    self.crypt, f"{record.id} {disk.id}")
         return exports
 
     def restore_with_snapshots(self, storage, chain, disk_id, target, log):

@@ -21,6 +21,7 @@ import time
 
 from ..errors import CorruptData
 from ..storage.files import write_file_atomic
+from ..storage.records import Manifest, as_manifest
 from .blob import crypt_mode, decode_blob, encode_blob
 from .manifest import (MANIFEST_BLOB_NAME, BackupManifest, blob_file_info, make_upid,
                        snapshot_time_text)
@@ -62,7 +63,7 @@ class SnapshotCodec:
                                      name=path)
 
     def read_index(self, backup_dir):
-        """The backup's record (as a qcow2 chain's index.json), with ``notes`` and ``verify``."""
+        """The backup's Manifest (as a qcow2 chain's index.json), with ``notes`` and ``verify``."""
         manifest = self.read_manifest(backup_dir)
         record = manifest.unprotected.get(RECORD_KEY)
         if isinstance(record, dict):
@@ -78,7 +79,7 @@ class SnapshotCodec:
         index['verify'] = dict(manifest.unprotected.get(VERIFY_KEY) or {},
                                state=state['state']) if state else None
         index['key_fingerprint'] = manifest.unprotected.get('key-fingerprint')
-        return index
+        return Manifest.from_dict(index)
 
     @staticmethod
     def _foreign_index(manifest):
@@ -98,7 +99,9 @@ class SnapshotCodec:
                 'mode': None, 'disks': disks, 'written_by': 'another client'}
 
     def write_manifest(self, backup_dir, index, notes=None, blobs=None):
-        """``index.json.blob`` for a snapshot whose index files and ``blobs`` are written."""
+        """``index.json.blob`` for a snapshot whose index files and ``blobs`` are written;
+        ``index`` is a Manifest (or its dict)."""
+        index = as_manifest(index).to_dict()
         derived = ('notes', 'verify', 'key_fingerprint')
         record = {k: v for k, v in index.items() if k not in derived}
         manifest = BackupManifest('vm', index['vmid'], epoch_of(index['time']))

@@ -137,13 +137,13 @@ class DatastoreStorage(DirStorage):
 
     # -- the small mutable state of one snapshot: in the manifest's unprotected part ------------
     def read_notes(self, record):
-        return record.index.get('notes')
+        return record.manifest.notes
 
     def set_notes(self, record, notes):
         self.update_manifest(record, notes=notes or None)
 
     def read_verify_state(self, record):
-        return record.index.get('verify')
+        return record.manifest.verify
 
     def write_verify_state(self, record, state):
         self.update_manifest(record, verify=state)
@@ -153,7 +153,7 @@ class DatastoreStorage(DirStorage):
         the one way a snapshot changes after its commit (protection aside: a file of its own,
         as PBS keeps it). A datastore with a backend uploads the manifest after."""
         self.codec.update_unprotected(record.path, **changes)
-        record.index.update(changes)
+        record.manifest.update(changes)
 
     def read_guest_config(self, record):
         try:

@@ -1,36 +1,15 @@
-"""The Format interface: how one backup's disks are encoded on a storage.
+"""The Format protocol: how one backup's disks are encoded on a storage.
 
-The run layer drives every verb through these methods and never looks at file names, image
-formats or qemu-img arguments; so a second format (the deduplicating chunk store in Proxmox
-Backup Server's datastore layout) is one more implementation, not a fork of the run layer.
-
-Backup
-    ``capture``            how the point in time reaches the format: ``'push'`` (QEMU writes
-                           the target images itself; the qcow2 chain) or ``'pull'`` (the engine
-                           reads an NBD export of the point in time; the datastore)
-    ``create_targets``     before the point in time: the images QEMU writes into (push), or the
-                           local fleecing images (pull), in the staged backup
-    ``copy``               from the point in time to the storage: wait for QEMU's jobs (push) or
-                           read the NBD exports and store them (pull)
-    ``discard_targets``    remove what ``create_targets`` made outside the staged backup
-    ``finish_disks``       after the copy: make the images durable and describe each disk for
-                           the manifest (sizes, digests, level)
-    ``manifest``           the backup's manifest (``index.json``) from what the run decided
-Reading
-    ``dependencies``       the backups a restore of one backup reads, oldest first
-    ``verify_files``       check the files a restore would read against their manifests
-    ``verify``             everything ``verify`` checks of one backup; a list of problems
-    ``restore_disk``       write one disk of a backup to a new image, verified
-Pruning
-    ``plan_removal``       what must happen to kept backups before others are removed (the
-                           qcow2 chain folds a removed parent into its kept child; a datastore,
-                           whose snapshots are independent, needs nothing)
-    ``apply_removal_plan`` carry that out
-    ``recover``            finish or undo what a crash interrupted (under the guest's lock)
+The run layer drives every verb through these members and never looks at file names, image
+formats or qemu-img arguments; so another format is one more implementation, not a fork of the
+run layer. Implementations: ``Qcow2Chain`` (format/qcow2.py) and ``Datastore``
+(datastore/format.py). The members are the ones run/ calls (tests/unit/test_storage_contract.py
+checks both implementations have each, with a compatible signature); docs/architecture.md has
+the same table.
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
+from typing import Protocol, runtime_checkable
 
 
 class TargetImage:
@@ -46,48 +25,79 @@ class TargetImage:
         return f"TargetImage({self.disk_id!r}, {self.level})"
 
 
-class Format:
-    """Base of the formats; see the module docstring for what each method promises."""
+@runtime_checkable
+class Format(Protocol):
+    """How a backup's disks are encoded; each member's contract is in its docstring."""
 
-    name = None
-    capture = None
-    # The fingerprint (colon hex) of the key new backups are encrypted with; None without one.
-    key_fingerprint = None
+    name: str                   # 'qcow2' or 'datastore'
+    capture: str                # 'push': QEMU writes the targets; 'pull': the engine reads NBD
+    key_fingerprint: str        # the key new backups are encrypted with (colon hex), or None
+    live_needs_server: bool     # True: live_backing names an NBD server the run starts first
 
+    # -- backup -----------------------------------------------------------------------------
     def create_targets(self, staged, disks, decision, compression):
-        raise NotImplementedError
+        """Before the point in time: ``{disk id: TargetImage}`` QEMU writes into (push) or the
+        local fleecing images (pull)."""
 
     def copy(self, staged, capture, targets, progress, bwlimit_kib=0, max_workers=None,
              log=None):
-        raise NotImplementedError
+        """From the point in time to the storage: ``{disk id: what was processed}``."""
 
     def discard_targets(self, targets):
-        raise NotImplementedError
+        """Remove what ``create_targets`` made outside the staged backup."""
 
     def finish_disks(self, staged, disks, targets, processed, bitmaps):
-        raise NotImplementedError
+        """After the copy: the images durable; one ``DiskEntry`` per disk."""
 
+    def manifest(self, fields):
+        """The backup's ``Manifest`` from what the run decided, with the format's version."""
+
+    # -- reading ----------------------------------------------------------------------------
     def dependencies(self, storage, record):
-        raise NotImplementedError
+        """The backups a restore of ``record`` reads, oldest first; StorageError if one is
+        gone."""
+
+    def restored_bytes(self, chain, disk_id):
+        """At most the guest data a restore of one disk writes."""
 
     def verify_files(self, storage, records, disk_ids=None, workers=None):
-        raise NotImplementedError
+        """The files a restore would read, checked against their manifests: problems, as
+        lines."""
 
     def verify(self, storage, record, check_mode=False):
-        raise NotImplementedError
+        """``(the backups read, problems)``: everything verify checks of one backup."""
 
-    live_needs_server = False     # True: live_backing names an NBD server the run starts
+    def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
+        """A running copy of one disk into ``target``; ``.communicate()`` ends it, ``.kill()``
+        stops it, ``.returncode`` tells."""
+
+    def restore_with_snapshots(self, storage, chain, disk_id, target, log):
+        """One qcow2 holding every backup of the chain as an internal snapshot; ConfigError
+        where the format has no chain."""
+
+    def leftovers(self, target):
+        """The files a failed restore into ``target`` may leave."""
 
     def live_backing(self, storage, record, disk_id, nbd_socket=None):
-        """``(backing file, its format)`` a live-restored image reads through until copied."""
-        raise ConfigError(f"live restore from a {self.name} storage is not implemented yet; "
-                          "restore without live")
+        """``(file or URI, its format)`` a live-restored image (or the file-restore appliance's
+        overlay) reads until copied."""
 
+    def snapshot_exports(self, storage, record, disk_ids):
+        """(``live_needs_server``) ``{export name: export}`` an NBD server serves; ConfigError
+        for a format whose images are read as files."""
+
+    # -- pruning and garbage ----------------------------------------------------------------
     def plan_removal(self, backups, removed):
-        raise NotImplementedError
+        """What kept backups need before the ``removed`` times go: ``[(kept record, new
+        parent)]``."""
 
     def apply_removal_plan(self, storage, plan, log):
-        raise NotImplementedError
+        """Carry out ``plan_removal``'s plan."""
 
     def recover(self, storage, vmid):
-        raise NotImplementedError
+        """Finish or drop what a crash interrupted (under the guest's lock):
+        ``[(backup id, completed)]``."""
+
+    def collect_garbage(self, grace_seconds, check_mode=False, progress=None):
+        """Remove the data no backup names any more: the GC's statistics; ConfigError for a
+        format without shared data."""

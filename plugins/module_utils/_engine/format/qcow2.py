@@ -18,12 +18,13 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import StorageError
+from ..errors import ConfigError, StorageError
 from ..storage.files import fsync_path, sha256_file
+from ..storage.records import DiskEntry, Manifest
 from ..times import format_time
 from ..version import TOOL_VERSION
 from . import qemu_img
-from .base import Format, TargetImage
+from .base import TargetImage
 
 MANIFEST_FORMAT = 1
 
@@ -45,9 +46,13 @@ def _parallel(function, items, workers=None):
         return list(pool.map(function, items))
 
 
-class Qcow2Chain(Format):
+class Qcow2Chain:
+    """The qcow2 chain: a Format (format/base.py)."""
+
     name = 'qcow2'
     capture = 'push'
+    key_fingerprint = None      # qcow2 backups are not encrypted
+    live_needs_server = False   # its images are files a live restore reads directly
 
     # -- backup ---------------------------------------------------------------------------------
     def create_targets(self, staged, disks, decision, compression):
@@ -82,42 +87,42 @@ class Qcow2Chain(Format):
         entries = []
         for disk, digest in zip(disks, hashes):
             target = targets[disk.id]
-            entries.append({
+            entries.append(DiskEntry.from_dict({
                 'id': disk.id, 'node': disk.node, 'format': disk.format,
                 'virtual_size': disk.virtual_size, 'file': os.path.basename(target.path),
                 'level': target.level, 'bytes_written': qemu_img.allocated_bytes(target.path),
                 'bytes_processed': processed[disk.id],
                 'size': os.path.getsize(target.path), 'sha256': digest,
                 'bitmap': bitmaps.get(disk.id), 'backing': target.backing,
-            })
+            }))
         return entries
 
     def manifest(self, fields):
         """``index.json``: the run's fields plus the format's version and the tool's."""
-        return dict(fields, format=MANIFEST_FORMAT, tool=f"guestvault {TOOL_VERSION}")
+        return Manifest.from_dict(dict(fields, format=MANIFEST_FORMAT,
+                                       tool=f"guestvault {TOOL_VERSION}"))
 
     # -- reading --------------------------------------------------------------------------------
     def dependencies(self, storage, record):
         """The backups a restore of ``record`` reads, full first; StorageError if one is gone."""
-        by_time = {b.index['time']: b for b in storage.backups(record.index['vmid'])}
+        by_time = {b.manifest.time: b for b in storage.backups(record.manifest.vmid)}
         chain = [record]
-        while chain[0].index.get('parent'):
-            parent = by_time.get(chain[0].index['parent'])
+        while chain[0].manifest.parent:
+            parent = by_time.get(chain[0].manifest.parent)
             if parent is None:
-                raise StorageError(f"backup {chain[0].id} builds on {chain[0].index['parent']}, "
+                raise StorageError(f"backup {chain[0].id} builds on {chain[0].manifest.parent}, "
                                    "which is missing from the storage: it cannot be restored")
             chain.insert(0, parent)
         return chain
 
     def source(self, storage, record, disk_id):
         """The image a restore of one disk of ``record`` reads (through its backing chain)."""
-        disk = next(d for d in record.index['disks'] if d['id'] == disk_id)
-        return storage.file(record, disk['file'])
+        return storage.file(record, record.manifest.disk(disk_id).file)
 
     def restored_bytes(self, chain, disk_id):
         """Upper bound of the guest data a restore writes (sum over the chain's images)."""
-        return sum(d.get('bytes_written') or 0 for r in chain for d in r.index['disks']
-                   if d['id'] == disk_id)
+        return sum(d.bytes_written or 0 for r in chain for d in r.manifest.disks
+                   if d.id == disk_id)
 
     def verify_files(self, storage, records, disk_ids=None, workers=None):
         """sha256 of every image of ``records`` against each backup's manifest; the problems.
@@ -125,18 +130,18 @@ class Qcow2Chain(Format):
         ``workers`` threads hash at once (default one per core); a restore that converts at the
         same time leaves a core to qemu-img.
         """
-        jobs = [(record, disk) for record in records for disk in record.index['disks']
-                if disk_ids is None or disk['id'] in disk_ids]
+        jobs = [(record, disk) for record in records for disk in record.manifest.disks
+                if disk_ids is None or disk.id in disk_ids]
 
         def check(job):
             record, disk = job
-            path = storage.file(record, disk['file'])
+            path = storage.file(record, disk.file)
             if not os.path.exists(path):
-                return f"{record.id}: {disk['file']} is missing"
+                return f"{record.id}: {disk.file} is missing"
             actual = sha256_file(path)
-            if actual != disk['sha256']:
-                return (f"{record.id}: {disk['file']} has sha256 {actual[:16]}..., its manifest "
-                        f"says {disk['sha256'][:16]}...: the file changed or is damaged")
+            if actual != disk.sha256:
+                return (f"{record.id}: {disk.file} has sha256 {actual[:16]}..., its manifest "
+                        f"says {disk.sha256[:16]}...: the file changed or is damaged")
             return None
         return [problem for problem in _parallel(check, jobs, workers) if problem]
 
@@ -150,22 +155,26 @@ class Qcow2Chain(Format):
             chain = [record]
             problems.append(str(exc))
         problems += self.verify_files(storage, chain)
-        for disk in record.index['disks']:
-            path = storage.file(record, disk['file'])
+        for disk in record.manifest.disks:
+            path = storage.file(record, disk.file)
             if not os.path.exists(path):
                 continue  # already reported
             ok, message = qemu_img.check(path, fmt='qcow2')
             if not ok:
-                problems.append(f"{record.id}: qemu-img check of {disk['file']}: {message}")
+                problems.append(f"{record.id}: qemu-img check of {disk.file}: {message}")
             backing = qemu_img.info(path, fmt='qcow2').get('backing-filename')
-            if backing != disk.get('backing'):
-                problems.append(f"{record.id}: {disk['file']} reads through {backing!r}, its "
-                                f"manifest says {disk.get('backing')!r}")
+            if backing != disk.backing:
+                problems.append(f"{record.id}: {disk.file} reads through {backing!r}, its "
+                                f"manifest says {disk.backing!r}")
         return chain, problems
 
     def live_backing(self, storage, record, disk_id, nbd_socket=None):
         """The backup's own image of the disk: it reads through its chain."""
         return os.path.abspath(self.source(storage, record, disk_id)), 'qcow2'
+
+    def snapshot_exports(self, storage, record, disk_ids):
+        raise ConfigError("a qcow2 chain's images are read as files, not through an NBD "
+                          "server; nothing to export")
 
     def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
         """A running copy of one disk into ``target``; ``.communicate()`` ends it."""
@@ -180,11 +189,11 @@ class Qcow2Chain(Format):
         """
         first = True
         for record in chain:
-            disk = next((d for d in record.index['disks'] if d['id'] == disk_id), None)
+            disk = record.manifest.disk(disk_id)
             if disk is None:
                 continue
-            source = storage.file(record, disk['file'])
-            if first or not disk.get('backing'):
+            source = storage.file(record, disk.file)
+            if first or not disk.backing:
                 qemu_img.convert(source, target)
                 first = False
             else:
@@ -193,8 +202,8 @@ class Qcow2Chain(Format):
                 qemu_img.rebase(layer, os.path.basename(target), safe=False)
                 qemu_img.commit(layer)
                 os.unlink(layer)
-            qemu_img.create_snapshot(target, record.index['time'])
-            log(f"{disk_id}: snapshot {record.index['time']} added")
+            qemu_img.create_snapshot(target, record.manifest.time)
+            log(f"{disk_id}: snapshot {record.manifest.time} added")
 
     def leftovers(self, target):
         """Files a failed restore into ``target`` may leave."""
@@ -204,14 +213,14 @@ class Qcow2Chain(Format):
     def plan_removal(self, backups, removed):
         """Kept backups whose parent goes: [(kept record, new parent time or None)], oldest
         first; ``removed`` is a set of backup times."""
-        by_time = {b.index['time']: b for b in backups}
+        by_time = {b.manifest.time: b for b in backups}
         folds = []
         for record in backups:
-            parent = record.index.get('parent')
-            if record.index['time'] in removed or parent is None or parent not in removed:
+            parent = record.manifest.parent
+            if record.manifest.time in removed or parent is None or parent not in removed:
                 continue
             while parent is not None and parent in removed:
-                parent = by_time[parent].index.get('parent')
+                parent = by_time[parent].manifest.parent
             folds.append((record, parent))
         return folds
 
@@ -221,31 +230,28 @@ class Qcow2Chain(Format):
 
     def fold(self, storage, record, new_parent, log):
         """Make ``record`` read through ``new_parent`` (or stand alone) with the same content."""
-        index = dict(record.index)
-        disks = []
+        manifest = record.manifest.copy()
         temps = {}
         try:
-            for disk in index['disks']:
-                disk = dict(disk)
-                if disk.get('backing'):
-                    image = storage.file(record, disk['file'])
-                    temp = storage.file(record, f".{disk['file']}.folding")
+            for disk in manifest.disks:
+                if disk.backing:
+                    image = storage.file(record, disk.file)
+                    temp = storage.file(record, f".{disk.file}.folding")
                     temps[image] = temp
                     shutil.copyfile(image, temp)
-                    backing = backing_path(new_parent, disk['id']) if new_parent else ''
+                    backing = backing_path(new_parent, disk.id) if new_parent else ''
                     try:
                         qemu_img.rebase(temp, backing)
                     except StorageError as exc:
-                        raise StorageError(f"folding {record.id} ({disk['id']}) failed: "
+                        raise StorageError(f"folding {record.id} ({disk.id}) failed: "
                                            f"{exc}") from None
                     fsync_path(temp)
-                    disk.update(backing=backing or None, sha256=sha256_file(temp),
-                                size=os.path.getsize(temp),
-                                bytes_written=qemu_img.allocated_bytes(temp),
-                                level='inc' if backing else 'full')
-                disks.append(disk)
-            index.update(disks=disks, parent=new_parent, level='inc' if new_parent else 'full')
-            pending = storage.stage_manifest(record, index)
+                    disk.update(dict(backing=backing or None, sha256=sha256_file(temp),
+                                     size=os.path.getsize(temp),
+                                     bytes_written=qemu_img.allocated_bytes(temp),
+                                     level='inc' if backing else 'full'))
+            manifest.update(dict(parent=new_parent, level='inc' if new_parent else 'full'))
+            pending = storage.stage_manifest(record, manifest)
             for image, temp in temps.items():
                 os.replace(temp, image)
             storage.commit_manifest(record, pending)
@@ -257,6 +263,10 @@ class Qcow2Chain(Format):
         log(f"folded the data {record.id} read from removed backups into it; it now "
             + (f"builds on {new_parent}" if new_parent else "stands alone (full)"))
 
+    def collect_garbage(self, grace_seconds, check_mode=False, progress=None):
+        raise ConfigError("a qcow2 chain shares no data between backups: prune removes a "
+                          "backup's files, there is no garbage to collect")
+
     def recover(self, storage, vmid):
         """Finish or drop manifest updates a crashed fold left: [(backup id, completed)].
 
@@ -264,12 +274,12 @@ class Qcow2Chain(Format):
         old manifest; otherwise the fold had not swapped the images yet and it is dropped.
         """
         done = []
-        for record, index, pending in storage.pending_manifests(vmid):
+        for record, manifest, pending in storage.pending_manifests(vmid):
             try:
-                matches = index is not None and all(
-                    sha256_file(storage.file(record, d['file'])) == d['sha256']
-                    for d in index['disks'])
-            except (OSError, KeyError):
+                matches = manifest is not None and all(
+                    sha256_file(storage.file(record, d.file)) == d.sha256
+                    for d in manifest.disks)
+            except (OSError, TypeError):
                 matches = False
             if matches:
                 storage.commit_manifest(record, pending)

@@ -87,16 +87,17 @@ def chain_tip(backups, chain_name=None):
     ``backups`` are a guest's backups on one storage, oldest first; copies (no chain) never
     start or continue one. Returns None when there is no chain to continue.
     """
-    in_chains = [b for b in backups if b.index.get('chain') and b.index['level'] in ('full', 'inc')]
+    in_chains = [b for b in backups
+                 if b.manifest.chain and b.manifest.level in ('full', 'inc')]
     if chain_name:
-        in_chains = [b for b in in_chains if b.index['chain'] == chain_name]
+        in_chains = [b for b in in_chains if b.manifest.chain == chain_name]
     if not in_chains:
         return None
     tip = in_chains[-1]
-    return ChainTip(backup_time=tip.time, chain=tip.index['chain'],
-                    chain_start=parse_time(tip.index['chain_start']),
-                    disk_ids=tuple(d['id'] for d in tip.index['disks'] if d.get('bitmap')),
-                    key_fingerprint=tip.index.get('key_fingerprint'))
+    return ChainTip(backup_time=tip.time, chain=tip.manifest.chain,
+                    chain_start=parse_time(tip.manifest.chain_start),
+                    disk_ids=tuple(d.id for d in tip.manifest.disks if d.bitmap),
+                    key_fingerprint=tip.manifest.key_fingerprint)
 
 
 def chain_problem(tip, disks, chain_period, now):

@@ -24,7 +24,7 @@ def run_backup_info(request):
     vmid = validate_vmid(request.vmid) if request.vmid is not None else None
     backups, damaged = catalog.all_and_damaged(store, vmid)
     return {'changed': False, 'storage': store.id, 'storage_path': store.path,
-            'backups': [catalog.describe(store, b) for b in backups],
+            'backups': [b.as_result() for b in backups],
             'damaged': [catalog.describe_damaged(d) for d in damaged],
             'warnings': [f"backup {d.id} is damaged and cannot be restored: {d.reason}; restore "
                          "its manifest from a copy, or remove the directory if it cannot be "

@@ -162,8 +162,8 @@ def run_file_restore(request, log=None):
     with open_backups(request, 'file_restore', shared=True) as opened:
         vmid, storage, record = opened.vmid, opened.storage, opened.record
         fmt = format_of(storage)
-        result = {'backup': record.id, 'time': record.index['time'],
-                  'level': record.index['level'], 'paths': ['/' + p for p in paths],
+        result = {'backup': record.id, 'time': record.manifest.time,
+                  'level': record.manifest.level, 'paths': ['/' + p for p in paths],
                   'warnings': opened.warnings}
         if request.extracting and _already_there(request, paths, result):
             return result
@@ -199,18 +199,18 @@ class _Server:
 
 def _sources(fmt, storage, record, workdir):
     """The appliance's view of each backup disk: (sources, NBD server or None)."""
-    disks = record.index['disks']
+    disks = record.manifest.disks
     server = None
     socket_path = None
     if fmt.live_needs_server:
         socket_path = os.path.join(workdir, 'nbd.sock')
-        server = _Server(fmt.snapshot_exports(storage, record, {d['id'] for d in disks}),
+        server = _Server(fmt.snapshot_exports(storage, record, {d.id for d in disks}),
                          socket_path)
     sources = []
     for disk in disks:
-        backing, backing_format = fmt.live_backing(storage, record, disk['id'], socket_path)
-        sources.append(appliance.Source(disk['id'], backing, backing_format,
-                                        int(disk['virtual_size'])))
+        backing, backing_format = fmt.live_backing(storage, record, disk.id, socket_path)
+        sources.append(appliance.Source(disk.id, backing, backing_format,
+                                        int(disk.virtual_size)))
     return sources, server
 
 

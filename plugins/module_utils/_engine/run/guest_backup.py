@@ -301,23 +301,23 @@ def _recent_enough(plan, now):
     limit = parse_age(plan.request.max_age)
     backups = plan.storage.backups(plan.guest.vmid)
     if plan.request.chain:
-        backups = [b for b in backups if b.index.get('chain') == plan.request.chain]
+        backups = [b for b in backups if b.manifest.chain == plan.request.chain]
     if not backups:
         return None
     newest = backups[-1]
     age = (now - newest.time).total_seconds()
     if age >= limit:
         return None
-    index = newest.index
+    manifest = newest.manifest
     reason = f"backup {newest.id} is {age:.0f} s old, younger than max_age {plan.request.max_age}"
     return {
         'changed': False, 'vmid': plan.guest.vmid, 'guest_name': plan.guest.name,
-        'backup': newest.id, 'backup_dir': newest.path, 'time': index['time'],
-        'level': index['level'], 'requested_level': plan.request.level, 'level_reason': reason,
-        'skipped_reason': reason, 'chain': index.get('chain'), 'parent': index.get('parent'),
-        'mode': index.get('mode'), 'storage': plan.storage.id,
-        'storage_path': plan.storage.path, 'disks': index['disks'],
-        'notes': plan.storage.read_notes(newest),
+        'backup': newest.id, 'backup_dir': newest.path, 'time': manifest.time,
+        'level': manifest.level, 'requested_level': plan.request.level, 'level_reason': reason,
+        'skipped_reason': reason, 'chain': manifest.chain, 'parent': manifest.parent,
+        'mode': manifest.mode, 'storage': plan.storage.id,
+        'storage_path': plan.storage.path, 'disks': manifest.to_dict()['disks'],
+        'notes': newest.notes,
         'protected': newest.protected, 'warnings': [],
     }
 
@@ -406,10 +406,10 @@ def _take(plan, qmp, clog, progress, started):
         disks = plan.format.finish_disks(
             staged, plan.disks, targets, processed,
             {job.disk.id: job.new_bitmap for job in capture.disk_jobs})
-        index = _manifest(plan, now, disks, report, time.monotonic() - started)
-        clog(f"backup finished: {sum(d['bytes_written'] for d in disks)} bytes of guest data "
+        manifest = _manifest(plan, now, disks, report, time.monotonic() - started)
+        clog(f"backup finished: {sum(d.bytes_written for d in disks)} bytes of guest data "
              f"in {copy_seconds:.2f} s")
-        _write_metadata(plan, qmp, staged, index, clog)
+        _write_metadata(plan, qmp, staged, manifest, clog)
         staged.commit()
         hook('backup-end')
     except BaseException as exc:
@@ -451,10 +451,11 @@ def _take(plan, qmp, clog, progress, started):
     if capture.qmp is not qmp_at_start:
         capture.qmp.close()
     result = _plan_result(plan)
-    bytes_written = sum(d['bytes_written'] for d in disks)
+    bytes_written = sum(d.bytes_written for d in disks)
     result.update({
         'changed': True, 'backup': f"vm/{vmid}/{format_time(now)}", 'backup_dir': staged.path,
-        'time': format_time(now), 'disks': disks, 'duration': round(index['duration'], 3),
+        'time': format_time(now), 'disks': [d.to_dict() for d in disks],
+        'duration': round(manifest.duration, 3),
         'copy_seconds': round(copy_seconds, 3),
         'throughput': int(bytes_written / copy_seconds) if copy_seconds > 0 else 0,
         'bytes_written': bytes_written,
@@ -562,7 +563,7 @@ def _manifest(plan, when, disks, report, duration):
     chain_start = when
     if decision.level == 'inc':
         parent = [b for b in plan.storage.backups(plan.guest.vmid) if b.time == decision.parent]
-        chain_start = parse_time(parent[0].index['chain_start'])
+        chain_start = parse_time(parent[0].manifest.chain_start)
     return plan.format.manifest({
         'vmid': plan.guest.vmid, 'guest_name': plan.guest.name, 'node': plan.options['node'],
         'time': format_time(when), 'level': decision.level, 'level_reason': decision.reason,
@@ -576,7 +577,7 @@ def _manifest(plan, when, disks, report, duration):
     })
 
 
-def _write_metadata(plan, qmp, staged, index, clog):
+def _write_metadata(plan, qmp, staged, manifest, clog):
     guest = {
         'vmid': plan.guest.vmid, 'name': plan.guest.name,
         'registry': {k: v for k, v in asdict(plan.guest).items() if k != 'source'},
@@ -588,5 +589,5 @@ def _write_metadata(plan, qmp, staged, index, clog):
         staged.set_notes(plan.notes)
     if plan.options['protected']:
         staged.set_protected()
-    staged.write_manifest(index)
+    staged.write_manifest(manifest)
     staged.write_log(clog.text())

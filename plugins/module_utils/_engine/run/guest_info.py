@@ -52,13 +52,13 @@ def _chains_on_storage(storage, entry, disks, chain_period, now):
     except DiskSelectionError as exc:
         selected, selection_problem = [], str(exc)
     backups = storage.backups(entry.vmid)
-    names = sorted({b.index['chain'] for b in backups if b.index.get('chain')},
+    names = sorted({b.manifest.chain for b in backups if b.manifest.chain},
                    key=lambda name: chains.chain_tip(backups, name).backup_time)
     key = format_of(storage).key_fingerprint
     views = []
     for name in names:
         tip = chains.chain_tip(backups, name)
-        members = [b for b in backups if b.index.get('chain') == name]
+        members = [b for b in backups if b.manifest.chain == name]
         problem = selection_problem or chains.key_change(tip, key) \
             or chains.chain_problem(tip, selected, chain_period, now)
         views.append({

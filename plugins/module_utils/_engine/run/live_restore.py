@@ -64,10 +64,10 @@ def _start_server(request, plan, entry):
     """The NBD server over the snapshot (a datastore): (its supervisor's process, the
     server's pid, its socket)."""
     socket_path = os.path.join(run_dir(), f"live-{entry.vmid}-{uuid.uuid4().hex[:8]}.sock")
-    process, pid = start_server(request.config_dir, plan['storage'].id, plan['record'],
-                                [d['id'] for d in plan['disks']], socket_path,
-                                entry.qmp_socket, plan['target_dir'],
-                                os.path.join(plan['target_dir'], 'live-restore-server.log'),
+    process, pid = start_server(request.config_dir, plan.storage.id, plan.record,
+                                [d.id for d in plan.disks], socket_path,
+                                entry.qmp_socket, plan.target_dir,
+                                os.path.join(plan.target_dir, 'live-restore-server.log'),
                                 entry.vmid, float(request.lockwait) * 60)
     return process, pid, socket_path
 
@@ -97,38 +97,38 @@ def run_live_restore(request, opened, log=None):
     with private_files():
         # the target guest is registered (it has the start command): not a new registration
         plan = plan_restore(replace(request, new_vmid=None), opened)
-        record, storage, fmt = plan['record'], plan['storage'], plan['format']
+        record, storage, fmt = plan.record, plan.storage, plan.format
         result = {
-            'changed': True, 'live': True, 'backup': record.id, 'time': record.index['time'],
-            'level': record.index['level'], 'target_dir': plan['target_dir'],
+            'changed': True, 'live': True, 'backup': record.id, 'time': record.manifest.time,
+            'level': record.manifest.level, 'target_dir': plan.target_dir,
             'new_vmid': request.new_vmid, 'vmid_started': entry.vmid, 'snapshots': False,
-            'disks': [{k: d[k] for k in ('id', 'target', 'format', 'virtual_size')}
-                      for d in plan['disks']],
-            'warnings': plan['warnings'],
+            'disks': [d.as_result('id', 'target', 'format', 'virtual_size')
+                      for d in plan.disks],
+            'warnings': plan.warnings,
         }
         if request.check_mode:
             return result
-        images = {d['id']: d['target'] for d in plan['disks']}
+        images = {d.id: d.target for d in plan.disks}
         qmp = server = None
-        with new_directory(plan['target_dir']):
+        with new_directory(plan.target_dir):
             try:
-                error_file = os.path.join(plan['target_dir'], ERROR_FILE)
+                error_file = os.path.join(plan.target_dir, ERROR_FILE)
                 if os.path.exists(error_file):
                     os.unlink(error_file)             # an earlier live restore's, into it
                 # a datastore's snapshot is read through an NBD server that outlives this call
                 server = _start_server(request, plan, entry) if fmt.live_needs_server else None
-                backings = {d['id']: fmt.live_backing(storage, record, d['id'],
-                                                      server[2] if server else None)
-                            for d in plan['disks']}
+                backings = {d.id: fmt.live_backing(storage, record, d.id,
+                                                   server[2] if server else None)
+                            for d in plan.disks}
                 for disk in result['disks']:
                     disk['backing'] = backings[disk['id']][0]
-                for disk in plan['disks']:
-                    if os.path.exists(disk['target']):
-                        os.unlink(disk['target'])          # plan_restore allowed it (force)
-                    backing, backing_format = backings[disk['id']]
-                    qemu_img.create_qcow2(disk['target'], disk['virtual_size'], backing=backing,
+                for disk in plan.disks:
+                    if os.path.exists(disk.target):
+                        os.unlink(disk.target)          # plan_restore allowed it (force)
+                    backing, backing_format = backings[disk.id]
+                    qemu_img.create_qcow2(disk.target, disk.virtual_size, backing=backing,
                                           backing_format=backing_format)
-                env = {'GUESTVAULT_RESTORE_DIR': plan['target_dir'],
+                env = {'GUESTVAULT_RESTORE_DIR': plan.target_dir,
                        'GUESTVAULT_VMID': str(entry.vmid),
                        'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
                        **{live.env_name(disk_id): path for disk_id, path in images.items()}}
@@ -163,9 +163,9 @@ def run_live_restore(request, opened, log=None):
                   seconds_until_running=round(time.monotonic() - started, 3))
     guest = storage.read_guest_config(record)
     guest.update(restored_from=record.id, images=images, live=True)
-    write_file_atomic(os.path.join(plan['target_dir'], 'guest.json'),
+    write_file_atomic(os.path.join(plan.target_dir, 'guest.json'),
                       json.dumps(guest, indent=2, sort_keys=True) + '\n')
-    result['guest_config'] = os.path.join(plan['target_dir'], 'guest.json')
+    result['guest_config'] = os.path.join(plan.target_dir, 'guest.json')
     log(f"guest {entry.vmid} runs on its restored images after "
         f"{result['seconds_until_running']:.2f} s; copying {record.id} in the background")
     return result

@@ -100,7 +100,7 @@ def start_server(config_dir, storage_id, record, disk_ids, socket_path, qmp_sock
     package, package_dir = _engine_package()
     args = {'sys_path': [p for p in sys.path if p], 'package': package,
             'package_dir': package_dir, 'config_dir': config_dir, 'storage': storage_id,
-            'vmid': int(record.index['vmid']), 'backup': record.index['time'],
+            'vmid': int(record.manifest.vmid), 'backup': record.manifest.time,
             'backup_id': record.id, 'disks': list(disk_ids), 'socket': socket_path,
             'qmp_socket': qmp_socket, 'target_dir': target_dir, 'vmid_started': vmid_started,
             'lockwait': lockwait_seconds, 'state': state_path(vmid_started)}

@@ -80,16 +80,16 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait, log):
                 log(f"{'completed' if applied else 'dropped'} an interrupted manifest update of "
                     f"{backup_id}")
         backups, damaged = storage.scan(vmid)
-        by_time = {b.index['time']: b for b in backups}
+        by_time = {b.manifest.time: b for b in backups}
         marks = select_for_prune(
-            [{'id': b.index['time'], 'time': b.time, 'protected': b.protected} for b in backups],
+            [{'id': b.manifest.time, 'time': b.time, 'protected': b.protected} for b in backups],
             policy, tz)
         removed = {m.id for m in marks if m.mark == 'remove'}
         plan = fmt.plan_removal(backups, removed)
         sizes = {t: storage.backup_size(b) for t, b in by_time.items()}
         report = [{'id': by_time[m.id].id, 'vmid': vmid, 'time': m.id, 'mark': m.mark,
                    'rule': m.rule, 'size': sizes[m.id], 'protected': by_time[m.id].protected,
-                   'level': by_time[m.id].index['level']} for m in marks]
+                   'level': by_time[m.id].manifest.level} for m in marks]
         fold_report = [{'id': r.id, 'new_parent': p} for r, p in plan]
         if check_mode:
             return report, fold_report, sum(sizes[t] for t in removed), damaged

@@ -37,26 +37,25 @@ def _restore(request, opened, log):
     log = log or (lambda message: None)
     started = time.monotonic()
     plan = plan_restore(request, opened)
-    record, chain = plan['record'], plan['chain']
+    record, chain = plan.record, plan.chain
     result = {
-        'changed': True, 'backup': record.id, 'time': record.index['time'],
-        'level': record.index['level'], 'chain_length': len(chain),
-        'target_dir': plan['target_dir'], 'new_vmid': plan['new_vmid'],
+        'changed': True, 'backup': record.id, 'time': record.manifest.time,
+        'level': record.manifest.level, 'chain_length': len(chain),
+        'target_dir': plan.target_dir, 'new_vmid': plan.new_vmid,
         'snapshots': bool(request.snapshots),
-        'disks': [{k: d[k] for k in ('id', 'target', 'format', 'virtual_size', 'data_bytes')}
-                  for d in plan['disks']],
-        'warnings': plan['warnings'],
+        'disks': [d.as_result() for d in plan.disks],
+        'warnings': plan.warnings,
     }
     if request.check_mode:
         return result
-    temps = {d['id']: os.path.join(plan['target_dir'], f".{d['id']}.{d['format']}.restoring")
-             for d in plan['disks']}
+    temps = {d.id: os.path.join(plan.target_dir, f".{d.id}.{d.format}.restoring")
+             for d in plan.disks}
     try:
-        with new_directory(plan['target_dir']):
+        with new_directory(plan.target_dir):
             _write_images(request, plan, temps, log)
     except BaseException:
         for temp in temps.values():
-            for leftover in plan['format'].leftovers(temp):
+            for leftover in plan.format.leftovers(temp):
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         raise
@@ -67,24 +66,24 @@ def _restore(request, opened, log):
     _write_guest_config(plan, request, result)
     result['duration'] = round(time.monotonic() - started, 3)
     result['verified'] = True
-    log(f"restored {record.id} to {plan['target_dir']} in {result['duration']:.2f} s")
+    log(f"restored {record.id} to {plan.target_dir} in {result['duration']:.2f} s")
     return result
 
 
 def _write_images(request, plan, temps, log):
     """Each disk into its hidden temporary, verified, then renamed to its target."""
-    storage, fmt, record, chain = plan['storage'], plan['format'], plan['record'], plan['chain']
+    storage, fmt, record, chain = plan.storage, plan.format, plan.record, plan.chain
     disk_ids = set(temps)
     if request.snapshots:
         problems = fmt.verify_files(storage, chain, disk_ids)
         if problems:
             raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
-        for disk in plan['disks']:
-            fmt.restore_with_snapshots(storage, chain, disk['id'], temps[disk['id']], log)
+        for disk in plan.disks:
+            fmt.restore_with_snapshots(storage, chain, disk.id, temps[disk.id], log)
     else:
-        copies = {d['id']: fmt.start_restore(storage, record, d['id'], temps[d['id']],
-                                             d['format'], request.bwlimit)
-                  for d in plan['disks']}
+        copies = {d.id: fmt.start_restore(storage, record, d.id, temps[d.id],
+                                             d.format, request.bwlimit)
+                  for d in plan.disks}
         # Verify while the copies run: both read the same files, from the page cache.
         problems = fmt.verify_files(storage, chain, disk_ids,
                                     workers=max(1, (os.cpu_count() or 2) - len(copies)))
@@ -99,29 +98,29 @@ def _write_images(request, plan, temps, log):
             raise VerifyFailed("verification failed, nothing restored: " + '; '.join(problems))
         if failed:
             raise StorageError("qemu-img convert failed: " + '; '.join(failed))
-    for disk in plan['disks']:
-        fsync_path(temps[disk['id']])
-        os.replace(temps[disk['id']], disk['target'])
-    fsync_path(plan['target_dir'])
+    for disk in plan.disks:
+        fsync_path(temps[disk.id])
+        os.replace(temps[disk.id], disk.target)
+    fsync_path(plan.target_dir)
 
 
 def _write_guest_config(plan, request, result):
     """The captured configuration beside the images, and the new guest's registry entry."""
-    record = plan['record']
-    guest = plan['storage'].read_guest_config(record)
+    record = plan.record
+    guest = plan.storage.read_guest_config(record)
     guest['restored_from'] = record.id
     guest['images'] = {d['id']: d['target'] for d in result['disks']}
-    config_path = os.path.join(plan['target_dir'], 'guest.json')
+    config_path = os.path.join(plan.target_dir, 'guest.json')
     write_file_atomic(config_path, json.dumps(guest, indent=2, sort_keys=True) + '\n')
     result['guest_config'] = config_path
-    if plan['new_vmid'] is None:
+    if plan.new_vmid is None:
         return
     entry = GuestEntry(
-        vmid=plan['new_vmid'],
-        name=f"{record.index.get('guest_name') or 'vm'}-restored",
-        qmp_socket=request.new_qmp_socket or os.path.join(plan['target_dir'], 'qmp.sock'),
+        vmid=plan.new_vmid,
+        name=f"{record.manifest.guest_name or 'vm'}-restored",
+        qmp_socket=request.new_qmp_socket or os.path.join(plan.target_dir, 'qmp.sock'),
         description=f"restored from {record.id} ({', '.join(guest['images'].values())})")
-    path = guest_path(request.config_dir, plan['new_vmid'])
+    path = guest_path(request.config_dir, plan.new_vmid)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_file_atomic(path, render_guest(entry))
     result['registry_entry'] = path

@@ -6,7 +6,7 @@ other's planning: restore.py chooses between them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError, StorageError
 from ..format import qemu_img
@@ -36,6 +36,34 @@ class RestoreRequest(Request):
     lockwait: float = 180        # minutes to wait while a backup or prune of the guest runs
     check_mode: bool = False
     live: bool = False           # start the guest at once, copy its disks in the background
+
+
+@dataclass
+class PlannedDisk:
+    """One disk a restore writes: where, in which format, how big."""
+    id: str
+    target: str
+    format: str
+    virtual_size: int
+    data_bytes: int          # the guest data the restore writes, at most
+
+    def as_result(self, *keys):
+        """The disk as the modules return it: ``keys`` of it (default all)."""
+        values = asdict(self)
+        return {k: values[k] for k in keys or values}
+
+
+@dataclass
+class RestorePlan:
+    """What a restore would write, where and how big (``plan_restore``)."""
+    storage: object          # the Storage
+    format: object           # its Format
+    record: object           # the BackupRecord restored
+    chain: list              # the backups its restore reads, oldest first
+    disks: list              # of PlannedDisk
+    target_dir: str          # resolved
+    new_vmid: int            # None: no new registry entry
+    warnings: list
 
 
 def _check_target_dir(request, storage):
@@ -83,7 +111,7 @@ def plan_restore(request, opened):
     fmt = format_of(storage)
     record = opened.resolve()
     chain = fmt.dependencies(storage, record)
-    by_id = {d['id']: d for d in record.index['disks']}
+    by_id = {d.id: d for d in record.manifest.disks}
     wanted = list(request.disks) if request.disks else list(by_id)
     twice = sorted({d for d in wanted if wanted.count(d) > 1})
     if twice:
@@ -108,11 +136,9 @@ def plan_restore(request, opened):
                                 "(force does not override this)")
             elif not request.force:
                 problems.append(f"{target} exists; set force to overwrite it")
-        disks.append({'id': disk_id, 'target': target,
-                      'format': request.format, 'virtual_size': disk['virtual_size'],
-                      'data_bytes': fmt.restored_bytes(chain, disk_id)})
+        disks.append(PlannedDisk(disk_id, target, request.format, disk.virtual_size,
+                                 fmt.restored_bytes(chain, disk_id)))
     if problems:
         raise StorageError('; '.join(problems))
-    return {'storage': storage, 'format': fmt, 'record': record, 'chain': chain,
-            'disks': disks, 'target_dir': target_dir, 'new_vmid': new_vmid,
-            'warnings': opened.warnings}
+    return RestorePlan(storage, fmt, record, chain, disks, target_dir, new_vmid,
+                       opened.warnings)

@@ -59,7 +59,7 @@ def _verify(opened, check_mode):
     chain, problems = format_of(store).verify(store, record, check_mode=check_mode)
     state = {'state': 'failed' if problems else 'ok', 'problems': problems,
              'time': format_time(datetime.now(timezone.utc)),
-             'chain': [r.index['time'] for r in chain]}
+             'chain': [r.manifest.time for r in chain]}
     previous = store.read_verify_state(record)
     if not check_mode:
         store.write_verify_state(record, state)

@@ -1,107 +1,150 @@
-"""The Storage interface: where backups live, independent of how their disks are encoded.
+"""The Storage protocol: where backups live, independent of how their disks are encoded.
 
-The run layer talks to a storage only through these methods, so a second storage (objects on S3
-behind a local cache) is one more implementation, not a second code path. A storage knows
-backups as records (one per point in time of one guest) with a manifest (``index``, a dict the
-format defines) and small mutable state beside it (protection, notes, verify state). It never
-looks inside a format's files.
-
-=====================  ===========================================================================
-method                 contract
-=====================  ===========================================================================
-``backups(vmid)``      complete backups of a guest, oldest first (a partial one is never listed)
-``scan(vmid)``         ``(backups, damaged)``: also the backups whose manifest cannot be read
-``damaged(vmid)``      those damaged backups alone, as ``DamagedBackup`` (never a BackupRecord)
-``guest_ids()``        vmids that have a directory of backups
-``guest_lock``         context manager: readers share, writers exclude; ``LockTimeout`` after wait;
-                       ``holder`` describes the run to those that wait
-``stage(vmid, when)``  a hidden ``StagedBackup`` that becomes visible in one step on ``commit``
-``remove(record)``     make a backup invisible in one step, then delete it; refuses protected ones
-``remove_stale``       delete what killed runs left (hidden staging areas); call under the lock
-``next_backup_time``   a free name for a backup taken at ``now``
-``free_bytes()``       room left for backups
-``set_protected`` ...  protection, notes, verify state, size of one backup
-``stage_manifest``     replace a manifest in two steps that a crash cannot leave half-done
-=====================  ===========================================================================
+The run layer (and the formats) reach a storage only through these members, so another storage
+is one more implementation, not a second code path. Implementations: ``DirStorage``
+(storage/directory.py), ``DatastoreStorage`` and ``ObjectDatastoreStorage`` (datastore/).
+A storage knows backups as ``BackupRecord``s (storage/records.py): a ``Manifest`` the format
+defines, and small mutable state beside it (protection, notes, verify state). It never looks
+inside a format's files. The members are the ones run/ and the formats call (found by
+tests/unit/test_storage_contract.py's call-set check); docs/architecture.md has the same table.
+``tests/storage_contract.py`` checks each contract on every implementation.
 """
 from __future__ import annotations
 
-from ..times import parse_time
+from typing import Protocol, runtime_checkable
+
+from .records import BackupRecord, DamagedBackup  # noqa: F401  (the records a storage lists)
 
 
-class BackupRecord:
-    """A complete backup as found on a storage: its location, manifest and protection."""
+class StagedBackup(Protocol):
+    """A backup being written: hidden until ``commit``; the format writes ``file(name)``."""
 
-    def __init__(self, path, index, protected):
-        self.path = path
-        self.index = index
-        self.protected = protected
+    path: str
 
-    @property
-    def time(self):
-        return parse_time(self.index['time'])
+    def file(self, name):
+        """The path of one file in the staged backup (the format's images or indexes)."""
 
-    @property
-    def id(self):
-        return f"vm/{self.index['vmid']}/{self.index['time']}"
+    def write_manifest(self, manifest):
+        """The ``Manifest`` (or its dict), written as the backup's manifest, byte for byte."""
 
-    def __repr__(self):
-        return f"BackupRecord({self.id!r}, level={self.index.get('level')!r})"
+    def write_guest_config(self, guest):
+        """The guest as captured (a dict)."""
 
+    def write_log(self, text):
+        """The run's log."""
 
-class DamagedBackup:
-    """A backup directory whose manifest cannot be read: it is no ``BackupRecord`` (nothing can
-    be restored, pruned or built on from it), but it is listed, with the reason, so it is never
-    passed over in silence and can be repaired (the manifest restored) or removed by hand."""
+    def set_notes(self, notes):
+        """Rendered notes."""
 
-    def __init__(self, path, vmid, name, reason):
-        self.path = path
-        self.vmid = int(vmid)
-        self.name = name        # the directory's name: the backup's time
-        self.reason = reason
+    def set_protected(self):
+        """Protect the backup from removal."""
 
-    @property
-    def time(self):
-        return parse_time(self.name)
+    def commit(self):
+        """Make every file durable, then the backup visible in one step."""
 
-    @property
-    def id(self):
-        return f"vm/{self.vmid}/{self.name}"
-
-    def __repr__(self):
-        return f"DamagedBackup({self.id!r}, {self.reason!r})"
+    def discard(self):
+        """Remove it (also after ``commit``: a backup whose backup-end hook failed)."""
 
 
-class Storage:
-    """Base of the storages; see the module docstring for what each method promises."""
+@runtime_checkable
+class Storage(Protocol):
+    """Where backups live; each member's contract is in its docstring."""
 
-    kind = None     # 'dir'; later 's3'
-    id = None       # the storage.cfg id, None for a dumpdir
-    label = None    # how messages name it: "storage backup-nfs (/mnt/backup)"
+    kind: str       # 'dir' or 'datastore'
+    id: str         # the storage.cfg id, None for a dumpdir
+    label: str      # how messages name it: "storage backup-nfs (/mnt/backup)"
+    path: str       # its directory (a datastore on S3: the local cache)
 
+    # -- listing ---------------------------------------------------------------------------
     def scan(self, vmid):
-        raise NotImplementedError
+        """``(backups, damaged)`` of one guest, each oldest first: complete backups as
+        ``BackupRecord``s (a partial one is never listed), and directories named as a backup
+        whose manifest cannot be read, as ``DamagedBackup``s with the reason."""
 
     def backups(self, vmid):
-        return self.scan(vmid)[0]
+        """``scan(vmid)[0]``: the complete backups, oldest first."""
 
     def damaged(self, vmid):
-        return self.scan(vmid)[1]
+        """``scan(vmid)[1]``: the damaged backups, never a BackupRecord."""
 
     def guest_ids(self):
-        raise NotImplementedError
+        """The vmids that have a directory of backups, sorted."""
 
+    def index_files(self):
+        """(datastores) every ``.fidx``/``.didx`` of every snapshot, whatever its manifest says;
+        hidden staging folders skipped (garbage collection's mark)."""
+
+    # -- locking and writing ---------------------------------------------------------------
     def guest_lock(self, vmid, wait_seconds, shared=False, holder=None):
-        raise NotImplementedError
-
-    def stage(self, vmid, when):
-        raise NotImplementedError
-
-    def remove(self, record):
-        raise NotImplementedError
-
-    def remove_stale(self, vmid):
-        raise NotImplementedError
+        """Context manager: readers share, writers exclude; ``LockTimeout`` after
+        ``wait_seconds``; ``holder`` describes the run to those that wait."""
 
     def next_backup_time(self, vmid, now):
-        raise NotImplementedError
+        """A free name for a backup taken at ``now``: ``now`` to the second, or one second
+        after the newest; StorageError when the newest lies more than 120 s ahead."""
+
+    def stage(self, vmid, when):
+        """A hidden ``StagedBackup`` that becomes visible in one step on ``commit``."""
+
+    def remove(self, record):
+        """Make a backup invisible in one step, then delete it; StorageError if protected."""
+
+    def stale_paths(self, vmid):
+        """What killed runs left (hidden staging areas), for the guest's leftovers report."""
+
+    def remove_stale(self, vmid):
+        """Delete ``stale_paths``; call under the guest's lock."""
+
+    def free_bytes(self):
+        """Room left for backups."""
+
+    def writer(self, wait_seconds=0):
+        """Context manager held by a running backup (or a live restore's server): a datastore's
+        garbage collection spares every chunk it may name."""
+
+    def collecting_garbage(self, check_mode=False):
+        """(datastores) Context manager held by a garbage collection: ``(now, start of the
+        oldest running writer or None)``, from which the sweep's cutoff follows."""
+
+    # -- the small mutable state of one backup -----------------------------------------------
+    def set_protected(self, record, protected):
+        """Protect or unprotect; ``record.protected`` follows."""
+
+    def read_notes(self, record):
+        """The backup's notes, or None."""
+
+    def set_notes(self, record, notes):
+        """Replace the notes (empty or None removes them)."""
+
+    def read_verify_state(self, record):
+        """The last verify's state (``{'state': 'ok'|'failed', ...}``), or None."""
+
+    def write_verify_state(self, record, state):
+        """Record a verify's state."""
+
+    def read_guest_config(self, record):
+        """The guest as the backup captured it; ``{}`` when unreadable."""
+
+    def backup_size(self, record):
+        """Bytes the backup occupies."""
+
+    def file(self, record, name):
+        """The path of one of a backup's files (formats read their images through this)."""
+
+    # -- replacing a manifest ----------------------------------------------------------------
+    def update_manifest(self, record, **changes):
+        """Change keys of a committed backup's manifest, and ``record.manifest`` with them;
+        the one way a manifest changes after its commit (``BackupRecord.update_manifest``)."""
+
+    def stage_manifest(self, record, manifest):
+        """Write a replacement manifest beside the current one; its path."""
+
+    def commit_manifest(self, record, pending):
+        """Swap the staged manifest in; ``record.manifest`` is re-read."""
+
+    def pending_manifests(self, vmid):
+        """``[(record, pending Manifest or None, pending path)]`` a crash left between the two
+        steps; the format completes or drops each (``Format.recover``)."""
+
+    def drop_pending_manifest(self, pending):
+        """Remove a staged manifest."""

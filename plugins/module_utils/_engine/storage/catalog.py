@@ -63,7 +63,7 @@ def resolve(storage, vmid, backup='latest', until=None, warnings=None):
             if every:
                 raise StorageError(
                     f"guest {vmid} has no backup at or before {format_time(limit)}; its first "
-                    f"backup is {every[0].index['time']}")
+                    f"backup is {every[0].manifest.time}")
             raise StorageError(f"guest {vmid} has no backups on {storage.label}")
         newer = [d for d in damaged if d.time > backups[-1].time]
         if newer and warnings is not None:
@@ -74,13 +74,13 @@ def resolve(storage, vmid, backup='latest', until=None, warnings=None):
     if match and match.group(1) and int(match.group(1)) != int(vmid):
         raise ConfigError(f"backup {backup} belongs to guest {match.group(1)}, not to guest "
                           f"{vmid}; set vmid {match.group(1)} or name one of {vmid}'s backups")
-    example = backups[-1].index['time'] if backups else '2025-01-31T12:00:00Z'
+    example = backups[-1].manifest.time if backups else '2025-01-31T12:00:00Z'
     if not match:
         raise ConfigError(f"backup {backup!r} is not a backup id of guest {vmid}: use 'latest', "
                           f"a time like {example} or vm/{vmid}/<time>")
     wanted = match.group(2)
     for record in backups:
-        if record.index['time'] == wanted:
+        if record.manifest.time == wanted:
             return record
     for broken in damaged:
         if broken.name == wanted:
@@ -88,26 +88,8 @@ def resolve(storage, vmid, backup='latest', until=None, warnings=None):
     if not backups:
         raise StorageError(f"guest {vmid} has no backups on {storage.label}")
     raise StorageError(f"guest {vmid} has no backup {wanted} on {storage.label}; its backups: "
-                       + ', '.join(b.index['time'] for b in backups[-5:])
+                       + ', '.join(b.manifest.time for b in backups[-5:])
                        + (' (newest five)' if len(backups) > 5 else ''))
-
-
-def describe(storage, record):
-    """One backup as modules return it (shaped for json_query)."""
-    index = record.index
-    verify = storage.read_verify_state(record)
-    return {
-        'id': record.id, 'vmid': index['vmid'], 'time': index['time'],
-        'epoch': int(record.time.timestamp()), 'guest_name': index.get('guest_name'),
-        'level': index['level'], 'chain': index.get('chain'), 'parent': index.get('parent'),
-        'mode': index.get('mode'), 'size': storage.backup_size(record), 'protected': record.protected,
-        'notes': storage.read_notes(record), 'path': record.path,
-        'verify_state': verify['state'] if verify else 'none',
-        'verified_at': verify.get('time') if verify else None,
-        'disks': [{'id': d['id'], 'virtual_size': d['virtual_size'], 'level': d['level'],
-                   'size': d['size'], 'bytes_written': d.get('bytes_written')}
-                  for d in index['disks']],
-    }
 
 
 def describe_damaged(damaged):

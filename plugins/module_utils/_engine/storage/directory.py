@@ -15,9 +15,9 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta, timezone
 
-from ..errors import GuestvaultError, LockTimeout, StorageError
+from ..errors import ConfigError, GuestvaultError, LockTimeout, StorageError
 from ..times import format_time, parse_time
-from .base import BackupRecord, DamagedBackup, Storage
+from .records import BackupRecord, DamagedBackup, Manifest, as_manifest
 from .files import fsync_path, write_file_atomic
 
 INDEX = 'index.json'
@@ -176,8 +176,9 @@ class StagedBackup:
         None."""
         return self.log_path
 
-    def write_manifest(self, index):
-        self.write_json(INDEX, index)
+    def write_manifest(self, manifest):
+        """The manifest (a Manifest, or its dict), written last before ``commit``."""
+        self.write_json(INDEX, as_manifest(manifest).to_dict())
 
     def write_guest_config(self, guest):
         self.write_json(GUEST_CONFIG, guest)
@@ -204,7 +205,7 @@ class StagedBackup:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class DirStorage(Storage):
+class DirStorage:
     """Backups as directories on a local or mounted file system."""
 
     kind = 'dir'
@@ -267,9 +268,16 @@ class DirStorage(Storage):
             except (ValueError, OSError, GuestvaultError) as exc:
                 damaged.append(DamagedBackup(path, vmid, name, self._unreadable(path, exc)))
                 continue
-            found.append(BackupRecord(path, index, os.path.exists(os.path.join(path, PROTECTED))))
+            found.append(BackupRecord(path, index, os.path.exists(os.path.join(path, PROTECTED)),
+                                      self))
         found.sort(key=lambda b: b.time)
         return found, damaged
+
+    def backups(self, vmid):
+        return self.scan(vmid)[0]
+
+    def damaged(self, vmid):
+        return self.scan(vmid)[1]
 
     manifest_name = INDEX
 
@@ -285,9 +293,9 @@ class DirStorage(Storage):
         return f"its manifest cannot be read: {exc}"
 
     def read_index(self, backup_dir):
-        """The manifest of the backup in ``backup_dir`` as a dict (OSError, ValueError)."""
+        """The manifest of the backup in ``backup_dir`` (OSError, ValueError)."""
         with open(os.path.join(backup_dir, INDEX)) as handle:
-            return json.load(handle)
+            return Manifest.from_dict(json.load(handle))
 
     def stale_paths(self, vmid):
         """What killed runs left in the guest's directory: hidden ``.tmp`` entries."""
@@ -357,6 +365,15 @@ class DirStorage(Storage):
         stat = os.statvfs(self.path)
         return stat.f_bavail * stat.f_frsize
 
+    def index_files(self):
+        return []       # qcow2 chains: no chunk indexes, nothing for a garbage collection
+
+    @contextmanager
+    def collecting_garbage(self, check_mode=False):
+        raise ConfigError(f"{self.label} holds qcow2 chains, which share no chunks: there is "
+                          "no garbage to collect")
+        yield  # pragma: no cover (a context manager that refuses)
+
     def guest_ids(self):
         root = os.path.join(self.path, 'vm')
         if not os.path.isdir(root):
@@ -418,24 +435,25 @@ class DirStorage(Storage):
         return os.path.join(record.path, name)
 
     # -- replacing a manifest ----------------------------------------------------------------
-    def stage_manifest(self, record, index):
+    def stage_manifest(self, record, manifest):
         """Write the new manifest beside the old one; ``commit_manifest`` swaps it in.
 
         A crash in between leaves the pending manifest, which ``pending_manifests`` lists for
         the format to complete or drop (it alone can tell whether its files already match).
         """
         pending = os.path.join(record.path, PENDING_INDEX)
-        write_file_atomic(pending, json.dumps(index, indent=2, sort_keys=True) + '\n')
+        write_file_atomic(pending, json.dumps(as_manifest(manifest).to_dict(), indent=2,
+                                              sort_keys=True) + '\n')
         return pending
 
     def commit_manifest(self, record, pending):
         os.replace(pending, os.path.join(record.path, INDEX))
         fsync_path(record.path)
         with open(os.path.join(record.path, INDEX)) as handle:
-            record.index = json.load(handle)
+            record.manifest = Manifest.from_dict(json.load(handle))
 
     def pending_manifests(self, vmid):
-        """[(record, pending manifest dict or None if unreadable, pending path)]."""
+        """[(record, pending Manifest or None if unreadable, pending path)]."""
         found = []
         for record in self.backups(vmid):
             pending = os.path.join(record.path, PENDING_INDEX)
@@ -443,11 +461,17 @@ class DirStorage(Storage):
                 continue
             try:
                 with open(pending) as handle:
-                    index = json.load(handle)
-            except (OSError, ValueError):
+                    index = Manifest.from_dict(json.load(handle))
+            except (OSError, ValueError, TypeError, AttributeError):
                 index = None
             found.append((record, index, pending))
         return found
+
+    def update_manifest(self, record, **changes):
+        """Change keys of a committed backup's manifest, in the two steps above."""
+        changed = record.manifest.to_dict()
+        changed.update(changes)
+        self.commit_manifest(record, self.stage_manifest(record, changed))
 
     def drop_pending_manifest(self, pending):
         os.unlink(pending)
