@@ -61,6 +61,7 @@ def assert_conforms(implementation, protocol, instance=None):
         assert hasattr(implementation, name), f"{implementation.__name__} lacks {name}"
         wanted = inspect.signature(getattr(protocol, name))
         got = inspect.signature(getattr(implementation, name))
+
         def shape(signature):
             return [(p.name, p.kind, p.default is p.empty) for p in signature.parameters.values()]
         assert shape(got) == shape(wanted), \

@@ -4,7 +4,7 @@ functions, kdf none), and a datastore on the in-memory backend; and both formats
 Format protocol."""
 import pytest
 
-from storage_contract import *  # noqa: F401,F403  (the contract's tests run here)
+from storage_contract import *  # noqa: F401,F403 pylint: disable=wildcard-import,unused-wildcard-import
 from storage_contract import assert_conforms
 from guestvault_engine.datastore.backends.memory import MemoryBackend
 from guestvault_engine.datastore.build import build_datastore

@@ -106,8 +106,8 @@ class DatastoreStagedBackup(StagedBackup):
     def set_notes(self, notes):
         self.notes = notes
 
-    def write_manifest(self, index):
-        self.codec.write_manifest(self.path, index, notes=self.notes, blobs=self.blobs)
+    def write_manifest(self, manifest):
+        self.codec.write_manifest(self.path, manifest, notes=self.notes, blobs=self.blobs)
 
 
 class DatastoreStorage(DirStorage):

@@ -82,7 +82,7 @@ def _write_images(request, plan, temps, log):
             fmt.restore_with_snapshots(storage, chain, disk.id, temps[disk.id], log)
     else:
         copies = {d.id: fmt.start_restore(storage, record, d.id, temps[d.id],
-                                             d.format, request.bwlimit)
+                                          d.format, request.bwlimit)
                   for d in plan.disks}
         # Verify while the copies run: both read the same files, from the page cache.
         problems = fmt.verify_files(storage, chain, disk_ids,

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from .records import BackupRecord, DamagedBackup  # noqa: F401  (the records a storage lists)
+from .records import BackupRecord, DamagedBackup
+
+# The records a storage lists are part of its interface.
+__all__ = ['BackupRecord', 'DamagedBackup', 'StagedBackup', 'Storage']
 
 
 class StagedBackup(Protocol):

@@ -368,11 +368,10 @@ class DirStorage:
     def index_files(self):
         return []       # qcow2 chains: no chunk indexes, nothing for a garbage collection
 
-    @contextmanager
     def collecting_garbage(self, check_mode=False):
+        """Refused when called, before any ``with`` body runs: nothing here to collect."""
         raise ConfigError(f"{self.label} holds qcow2 chains, which share no chunks: there is "
                           "no garbage to collect")
-        yield  # pragma: no cover (a context manager that refuses)
 
     def guest_ids(self):
         root = os.path.join(self.path, 'vm')
