@@ -22,7 +22,7 @@ from ..format.qemu_img import create_qcow2
 from ..format.base import Format, TargetImage
 from .backup_writer import write_disk_index
 from .chunk_store import ChunkStore
-from .fixed_index import read_fixed_index
+from .index import read_index
 from .gc import collect_garbage
 from .image_restore import restore_disk_image
 from .nbd_server import SnapshotExport
@@ -130,7 +130,7 @@ class Datastore(Format):
             previous = None
             if target.backing:
                 try:
-                    previous = read_fixed_index(target.backing)
+                    previous = read_index(target.backing)
                 except (OSError, CorruptData) as exc:
                     if log:
                         log(f"{disk_id}: the previous index is unreadable ({exc}); reading "
@@ -157,7 +157,7 @@ class Datastore(Format):
         touching it (PBS closes that window with a lock inside one process); one stat (on S3
         one HEAD) per distinct chunk makes sure no snapshot is kept that names a chunk that is
         gone."""
-        gone = self.chunks.missing(read_fixed_index(index_path).distinct_digests())
+        gone = self.chunks.missing(read_index(index_path).distinct_digests())
         if gone:
             raise BackupFailed(
                 f"{disk_id}: {len(gone)} chunk(s) this backup found stored were removed by a "
@@ -230,7 +230,7 @@ class Datastore(Format):
                     continue
                 path = storage.file(record, disk['file'])
                 try:
-                    index = read_fixed_index(path)
+                    index = read_index(path)
                 except (OSError, GuestvaultError) as exc:
                     unreadable.add(path)
                     problems.append(f"{record.id} {disk['id']}: {exc}")
@@ -279,7 +279,7 @@ class Datastore(Format):
             for record in self.storage.backups(vmid):
                 for disk in record.index['disks']:
                     try:
-                        index = read_fixed_index(self.storage.file(record, disk['file']),
+                        index = read_index(self.storage.file(record, disk['file']),
                                                  check_csum=False)
                     except (OSError, CorruptData):
                         continue
@@ -292,7 +292,7 @@ class Datastore(Format):
     def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
         disk = next(d for d in record.index['disks'] if d['id'] == disk_id)
         self.check_key(record)
-        index = read_fixed_index(storage.file(record, disk['file']))
+        index = read_index(storage.file(record, disk['file']))
 
         def run(cancelled):
             restore_disk_image(index, self.chunks, target, target_format, crypt=self.crypt,
@@ -315,7 +315,7 @@ class Datastore(Format):
             if disk['id'] in disk_ids:
                 name = index_name(disk['id'])
                 exports[name] = SnapshotExport(
-                    name, read_fixed_index(storage.file(record, disk['file'])), self.chunks,
+                    name, read_index(storage.file(record, disk['file'])), self.chunks,
                     self.crypt, f"{record.id} {disk['id']}")
         return exports
 
