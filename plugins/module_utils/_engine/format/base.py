@@ -5,6 +5,9 @@ formats or qemu-img arguments; so a second format (the deduplicating chunk store
 Backup Server's datastore layout) is one more implementation, not a fork of the run layer.
 
 Backup
+    ``captures``           the shapes of capture it stores (format/capture.py: ``'block'``, the
+                           disks of a VM; ``'tree'``, the file tree of a container), and
+                           ``accept_capture`` refusing any other before anything changes
     ``capture``            how the point in time reaches the format: ``'push'`` (QEMU writes
                            the target images itself; the qcow2 chain) or ``'pull'`` (the engine
                            reads an NBD export of the point in time; the datastore)
@@ -31,6 +34,7 @@ Pruning
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .capture import BLOCK
 
 
 class TargetImage:
@@ -50,9 +54,21 @@ class Format:
     """Base of the formats; see the module docstring for what each method promises."""
 
     name = None
+    captures = (BLOCK,)         # what it can store: block devices; a file tree is not yet taken
     capture = None
     # The fingerprint (colon hex) of the key new backups are encrypted with; None without one.
     key_fingerprint = None
+
+    def accept_capture(self, kind, storage_label):
+        """Refuse (ConfigError) a capture of a shape this format cannot store: a ``kind`` of
+        format/capture.py, the storage named in the message."""
+        if kind not in self.captures:
+            held = ' or '.join({'block': "disk images (a VM's block devices)",
+                                'tree': "file trees (a container's files)"}[k]
+                               for k in self.captures)
+            raise ConfigError(f"{storage_label} holds {self.name} backups, which store {held}; "
+                              f"a guest whose backup is a {kind} capture cannot be backed up "
+                              "to it: choose a storage whose format takes it")
 
     def create_targets(self, staged, disks, decision, compression):
         raise NotImplementedError
