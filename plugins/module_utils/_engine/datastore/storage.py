@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Protocol
+from typing import Callable, List, Optional, Protocol
 
 from ..errors import GuestvaultError, StorageError
 from ..storage.directory import PROTECTED, DirStorage, StagedBackup
@@ -135,8 +135,8 @@ class SnapshotMirror(Protocol):
     def before_stage(self, vmid: int) -> None:
         """The guest's group exists (its owner) before a snapshot is staged."""
 
-    def guest_ids(self, local: List[int]) -> List[int]:
-        """The guests with backups, given those the directory holds."""
+    def guest_ids(self, local: Callable[[], List[int]]) -> List[int]:
+        """The guests with backups; ``local()`` lists those the directory holds."""
 
     def sync_guest(self, vmid: int) -> None:
         """Bring the directory of one guest in line with the truth before it is listed."""
@@ -157,8 +157,8 @@ class SnapshotMirror(Protocol):
     def manifest_changed(self, record) -> None:
         """A committed manifest was rewritten (notes, verify state) in the directory."""
 
-    def free_bytes(self, local: int) -> int:
-        """The room for backups, given the directory's."""
+    def free_bytes(self, local: Callable[[], int]) -> int:
+        """The room for backups; ``local()`` is the directory's."""
 
 
 class FileSystem:
@@ -184,7 +184,7 @@ class FileSystem:
         pass
 
     def guest_ids(self, local):
-        return local
+        return local()
 
     def sync_guest(self, vmid):
         pass
@@ -205,7 +205,7 @@ class FileSystem:
         pass
 
     def free_bytes(self, local):
-        return local
+        return local()
 
 
 class DatastoreStorage(DirStorage):
@@ -282,7 +282,7 @@ class DatastoreStorage(DirStorage):
 
     # -- listing and changing snapshots: the directory, kept in line by the mirror --------------
     def guest_ids(self):
-        return self.mirror.guest_ids(super().guest_ids())
+        return self.mirror.guest_ids(super().guest_ids)
 
     def scan(self, vmid):
         self.mirror.sync_guest(vmid)
@@ -305,7 +305,7 @@ class DatastoreStorage(DirStorage):
         super().set_protected(record, protected)
 
     def free_bytes(self):
-        return self.mirror.free_bytes(super().free_bytes())
+        return self.mirror.free_bytes(super().free_bytes)
 
     # -- running backups and garbage collections: the writer registry ---------------------------
     def collecting_garbage(self, check_mode=False):
