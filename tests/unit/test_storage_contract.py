@@ -10,7 +10,6 @@ from guestvault_engine.datastore.backends.memory import MemoryBackend
 from guestvault_engine.datastore.build import build_datastore
 from guestvault_engine.datastore.format import Datastore
 from guestvault_engine.datastore.key_file import KeyFile
-from guestvault_engine.datastore.object_storage import ObjectDatastoreStorage
 from guestvault_engine.datastore.storage import DatastoreStorage
 from guestvault_engine.format.base import Format
 from guestvault_engine.format.qcow2 import Qcow2Chain
@@ -30,8 +29,7 @@ def storage(request, tmp_path):
     return build_datastore(str(tmp_path), 'local', crypt=crypt)
 
 
-@pytest.mark.parametrize('implementation', [DirStorage, DatastoreStorage,
-                                            ObjectDatastoreStorage])
+@pytest.mark.parametrize('implementation', [DirStorage, DatastoreStorage])
 def test_each_storage_class_has_the_protocols_methods(implementation):
     assert_conforms(implementation, Storage)
 

@@ -5,6 +5,9 @@ engine's own checks all read these, so a word accepted in one place is accepted 
 """
 from __future__ import annotations
 
+# Guest kinds, as Proxmox names them (a registry entry's ``type``): a QEMU VM. LXC is next.
+GUEST_TYPES = ('qemu',)
+
 # Consistency modes, as vzdump names them.
 MODES = ('snapshot', 'suspend', 'stop')
 

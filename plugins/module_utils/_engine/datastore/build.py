@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .format import Datastore
 from .object_chunks import ObjectChunkStore
-from .object_storage import ObjectDatastoreStorage
+from .object_mirror import ObjectMirror
 from .snapshot import SnapshotCodec
 from .storage import DatastoreStorage
 
@@ -20,7 +20,7 @@ def build_datastore(path, storage_id, crypt=None, bucket=None):
     ``crypt`` is the loaded key, if storage.cfg names one."""
     codec = SnapshotCodec(crypt)
     if bucket is not None:
-        store = ObjectDatastoreStorage(path, storage_id, codec, bucket)
+        store = DatastoreStorage(path, storage_id, codec, ObjectMirror(bucket))
         store.format = Datastore(store, crypt, chunks=ObjectChunkStore(bucket, store.path))
     else:
         store = DatastoreStorage(path, storage_id, codec)

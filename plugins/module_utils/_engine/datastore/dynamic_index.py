@@ -75,6 +75,25 @@ class DynamicIndex:
         """The set of digests the index names (each chunk once, however often it repeats)."""
         return {self.digest(position) for position in range(self.count)}
 
+    def chunk_range(self, position):
+        """``(start, end)`` of chunk ``position`` in the archive."""
+        end = self.end(position)
+        return (self.end(position - 1) if position else 0), end
+
+    def chunk_at(self, offset):
+        """``(position, offset within the chunk)`` of an archive offset: a binary search over
+        the ends, as PBS's ``binary_search``."""
+        if not 0 <= offset < self.size:
+            raise IndexError(f"offset {offset} outside the archive of {self.size} bytes")
+        low, high = 0, self.count - 1
+        while low < high:               # the first chunk that ends after ``offset``
+            middle = (low + high) // 2
+            if self.end(middle) <= offset:
+                low = middle + 1
+            else:
+                high = middle
+        return low, offset - self.chunk_range(low)[0]
+
     def compute_csum(self):
         """The index checksum: SHA-256 over the entries (end offsets and digests)."""
         return hashlib.sha256(self.entries).digest()

@@ -20,10 +20,11 @@ from ..times import format_time
 from ..version import TOOL_VERSION
 from ..format.qemu_img import create_qcow2
 from ..format.base import TargetImage
+from ..format.capture import BLOCK
 from ..storage.records import DiskEntry, Manifest
 from .backup_writer import write_disk_index
 from .chunk_store import ChunkStore
-from .fixed_index import read_fixed_index
+from .index import read_index
 from .gc import collect_garbage
 from .image_restore import restore_disk_image
 from .nbd_server import SnapshotExport
@@ -78,6 +79,7 @@ class Datastore:
     """Proxmox Backup Server's datastore: a Format (format/base.py)."""
 
     name = 'datastore'
+    captures = (BLOCK,)         # a VM's disks; a file tree (pxar, .didx) comes with containers
     capture = 'pull'
 
     def __init__(self, storage, crypt=None, workers=None, chunks=None):
@@ -133,7 +135,7 @@ class Datastore:
             previous = None
             if target.backing:
                 try:
-                    previous = read_fixed_index(target.backing)
+                    previous = read_index(target.backing)
                 except (OSError, CorruptData) as exc:
                     if log:
                         log(f"{disk_id}: the previous index is unreadable ({exc}); reading "
@@ -160,7 +162,7 @@ class Datastore:
         touching it (PBS closes that window with a lock inside one process); one stat (on S3
         one HEAD) per distinct chunk makes sure no snapshot is kept that names a chunk that is
         gone."""
-        gone = self.chunks.missing(read_fixed_index(index_path).distinct_digests())
+        gone = self.chunks.missing(read_index(index_path).distinct_digests())
         if gone:
             raise BackupFailed(
                 f"{disk_id}: {len(gone)} chunk(s) this backup found stored were removed by a "
@@ -234,7 +236,7 @@ class Datastore:
                     continue
                 path = storage.file(record, disk.file)
                 try:
-                    index = read_fixed_index(path)
+                    index = read_index(path)
                 except (OSError, GuestvaultError) as exc:
                     unreadable.add(path)
                     problems.append(f"{record.id} {disk.id}: {exc}")
@@ -283,8 +285,8 @@ class Datastore:
             for record in self.storage.backups(vmid):
                 for disk in record.manifest.disks:
                     try:
-                        index = read_fixed_index(self.storage.file(record, disk.file),
-                                                 check_csum=False)
+                        index = read_index(self.storage.file(record, disk.file),
+                                           check_csum=False)
                     except (OSError, CorruptData):
                         continue
                     for digest in digests & index.distinct_digests():
@@ -296,7 +298,7 @@ class Datastore:
     def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
         disk = record.manifest.disk(disk_id)
         self.check_key(record)
-        index = read_fixed_index(storage.file(record, disk.file))
+        index = read_index(storage.file(record, disk.file))
 
         def run(cancelled):
             restore_disk_image(index, self.chunks, target, target_format, crypt=self.crypt,
@@ -319,7 +321,7 @@ class Datastore:
             if disk.id in disk_ids:
                 name = index_name(disk.id)
                 exports[name] = SnapshotExport(
-                    name, read_fixed_index(storage.file(record, disk.file)), self.chunks,
+                    name, read_index(storage.file(record, disk.file)), self.chunks,
                     self.crypt, f"{record.id} {disk.id}")
         return exports
 

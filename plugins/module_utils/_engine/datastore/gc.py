@@ -1,5 +1,5 @@
 """Garbage collection of a chunk store, in PBS's two phases (datastore.rs, chunk_store.rs): the
-one collector of every datastore. It reads every index (fixed or dynamic) and asks the chunk
+one collector of every datastore. It reads every index (fixed or dynamic, through the Index protocol) and asks the chunk
 store to mark and sweep; a store in a directory does it as below, one in a bucket marks in memory
 and sweeps by upload time (object_chunks.py).
 
@@ -23,26 +23,7 @@ import os
 import time
 
 from ..errors import CorruptData, StorageError
-from .dynamic_index import parse_dynamic_index
-from .file_formats import DYNAMIC_INDEX_MAGIC, MAGIC_SIZE
-from .fixed_index import parse_fixed_index
-
-
-def read_index_file(path):
-    """The fixed or dynamic index in ``path``, whichever its magic says (csum not checked: GC
-    needs the digests, verify checks the file). ``CorruptData`` for a file that is neither or is
-    damaged; ``StorageError`` (not CorruptData) when it is gone."""
-    path = str(path)
-    try:
-        with open(path, 'rb') as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        raise StorageError(f"the index {path} is missing") from None
-    except OSError as exc:
-        raise CorruptData(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if raw[:MAGIC_SIZE] == DYNAMIC_INDEX_MAGIC:
-        return parse_dynamic_index(raw, path, check_csum=False)
-    return parse_fixed_index(raw, path, check_csum=False)
+from .index import read_index
 
 
 def referenced_digests(index_paths):
@@ -56,7 +37,7 @@ def referenced_digests(index_paths):
     logical = 0
     for path in index_paths:
         try:
-            index = read_index_file(path)
+            index = read_index(path, check_csum=False)
         except StorageError as exc:
             if not isinstance(exc, CorruptData):
                 continue                         # gone: nothing to keep for it
@@ -79,7 +60,7 @@ def missing_warning(missing, index_paths, shown=5):
     snapshots = []
     for path in index_paths:
         try:
-            index = read_index_file(path)
+            index = read_index(path, check_csum=False)
         except StorageError:
             continue
         if any(digest.hex() in missing for digest in index.distinct_digests()):

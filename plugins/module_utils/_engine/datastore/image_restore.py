@@ -34,7 +34,8 @@ TARGET_FORMATS = ('raw', 'qcow2')
 
 def zero_digests(index, crypt):
     """``{digest: length}`` of the zero chunks an index can name (full and short last chunk)."""
-    lengths = {index.chunk_size, index.size - (index.count - 1) * index.chunk_size}
+    lengths = {end - start for start, end in (index.chunk_range(0),
+                                              index.chunk_range(index.count - 1))}
     return {chunk_digest(bytes(length), crypt): length for length in lengths}
 
 
@@ -146,7 +147,7 @@ def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0,
 
 def restore_disk_image(index, chunks, target_path, target_format='raw', *, crypt=None, workers=2,
                        bwlimit=0, progress=None, what='drive-virtio0'):
-    """Restore the disk of ``index`` (a ``FixedIndex``) from the store ``chunks`` into
+    """Restore the disk of ``index`` (an ``Index``: a ``FixedIndex`` in practice) from the store ``chunks`` into
     ``target_path`` as ``target_format`` ('raw' or 'qcow2').
 
     ``bwlimit`` is in KiB/s of chunk data restored; ``progress(done_bytes, total_bytes)`` is

@@ -64,11 +64,11 @@ class SnapshotExport:
                 self._cache.move_to_end(position)
                 return data
         digest = self.index.digest(position)
-        length = min(self.index.chunk_size, self.size - position * self.index.chunk_size)
+        offset, end = self.index.chunk_range(position)
+        length = end - offset
         if self._zeros.get(digest) == length:
             data = bytes(length)
         else:
-            offset = position * self.index.chunk_size
             data = bytes(load_chunk(self.chunks, digest, self.crypt,
                                     chunk_name(self.what, offset, digest), length))
         with self._lock:
@@ -78,10 +78,9 @@ class SnapshotExport:
         return data
 
     def read(self, offset, length):
-        chunk_size = self.index.chunk_size
         parts = []
         while length > 0:
-            position, inside = divmod(offset, chunk_size)
+            position, inside = self.index.chunk_at(offset)
             data = self._chunk(position)
             piece = data[inside:inside + length]
             parts.append(piece)
@@ -101,10 +100,9 @@ class SnapshotExport:
 
     def first_data_offset(self):
         """The offset of the first chunk that is not zero, or None."""
-        for position in range(self.index.count):
-            length = min(self.index.chunk_size, self.size - position * self.index.chunk_size)
-            if self._zeros.get(self.index.digest(position)) != length:
-                return position * self.index.chunk_size
+        for _position, offset, length, digest in self.index:
+            if self._zeros.get(digest) != length:
+                return offset
         return None
 
 

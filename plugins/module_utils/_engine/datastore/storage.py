@@ -9,29 +9,30 @@ the datastore format's business: it hands this storage a codec (``read_index``,
 never decodes a blob itself and the layers still point down only.
 
 Besides snapshots the datastore holds ``.chunks/`` (the format's chunk store) and, for garbage
-collection, ``.writers/``: one locked file per running backup, naming when it started, so GC
-never sweeps a chunk a running backup may still put in its index.
+collection, its writer registry (``writers.py``: ``.writers/`` locally, leases on an object
+store), so GC never sweeps a chunk a running backup may still put in its index.
+
+One class serves both kinds of datastore: the few places where one in a Backend differs (its
+listing brings the cache in line, a commit uploads, removal and protection change the bucket
+first) ask its ``SnapshotMirror``, which does nothing for a datastore on a file system.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import time
-import uuid
-from contextlib import contextmanager
+from typing import Callable, List, Optional, Protocol
 
 from ..errors import GuestvaultError, StorageError
 from ..storage.directory import PROTECTED, DirStorage, StagedBackup
 from ..storage.files import write_file_atomic
+from .backend import Backend
+from .writers import LocalWriters, WriterRegistry
 
 MANIFEST = 'index.json.blob'
 GUEST_CONFIG = 'guest.json.blob'
 CLIENT_LOG = 'client.log.blob'
 OWNER = 'owner'
 OWNER_TEXT = 'root@pam\n'      # PBS lists a group only with an owner; root@pam is PBS's admin
-WRITERS = '.writers'
 BACKUP_TYPES = ('vm', 'ct', 'host')     # PBS's backup groups: VMs, containers, host archives
 NAMESPACES = 'ns'
 INDEX_SUFFIXES = ('.fidx', '.didx')
@@ -110,18 +111,122 @@ class DatastoreStagedBackup(StagedBackup):
         self.codec.write_manifest(self.path, manifest, notes=self.notes, blobs=self.blobs)
 
 
+class SnapshotMirror(Protocol):
+    """Where a datastore's snapshots live besides its directory, asked at the few places where
+    a datastore on a file system and one on an object store differ (PBS 4 matches its
+    ``DatastoreBackend::{Filesystem, S3}`` there): ``FileSystem`` below, for which the directory
+    is the truth and every hook does nothing, and ``object_mirror.ObjectMirror``, for which a
+    Backend is the truth and the directory its cache."""
+
+    bucket: Optional[Backend]       # the Backend, or None
+
+    def prepare(self, path: str, storage_id: str) -> None:
+        """Before the directory is opened (a dropped cache is made again)."""
+
+    def attach(self, storage: 'DatastoreStorage') -> str:
+        """The storage is open: check the backend; the storage's label."""
+
+    def writers(self, local: LocalWriters, label: str) -> WriterRegistry:
+        """The writer registry: the local one, or leases across nodes."""
+
+    def staged(self, tmp_path: str, final_path: str) -> 'DatastoreStagedBackup':
+        """A snapshot to write (its commit uploads it, on an object store)."""
+
+    def before_stage(self, vmid: int) -> None:
+        """The guest's group exists (its owner) before a snapshot is staged."""
+
+    def guest_ids(self, local: Callable[[], List[int]]) -> List[int]:
+        """The guests with backups; ``local()`` lists those the directory holds."""
+
+    def sync_guest(self, vmid: int) -> None:
+        """Bring the directory of one guest in line with the truth before it is listed."""
+
+    def other_index_files(self) -> List[str]:
+        """Before garbage collection's mark: every guest synced, and local copies of the index
+        files the directory does not follow (other groups and namespaces)."""
+
+    def before_remove(self, record) -> None:
+        """Refuse a protected snapshot (StorageError), then remove it from the truth."""
+
+    def remove_stale(self, vmid: int) -> List[str]:
+        """What killed runs left beyond the directory: a description of each removed."""
+
+    def set_protected(self, record, protected: bool) -> None:
+        """Record protection in the truth, before the directory's marker."""
+
+    def manifest_changed(self, record) -> None:
+        """A committed manifest was rewritten (notes, verify state) in the directory."""
+
+    def free_bytes(self, local: Callable[[], int]) -> int:
+        """The room for backups; ``local()`` is the directory's."""
+
+
+class FileSystem:
+    """The mirror of a datastore on a file system: the directory is the truth, nothing else
+    to keep in line."""
+
+    bucket = None
+
+    def prepare(self, path, storage_id):
+        pass
+
+    def attach(self, storage):
+        self.storage = storage
+        return f"datastore {storage.id} ({storage.path})"
+
+    def writers(self, local, label):
+        return local
+
+    def staged(self, tmp_path, final_path):
+        return DatastoreStagedBackup(tmp_path, final_path, self.storage.codec)
+
+    def before_stage(self, vmid):
+        pass
+
+    def guest_ids(self, local):
+        return local()
+
+    def sync_guest(self, vmid):
+        pass
+
+    def other_index_files(self):
+        return []
+
+    def before_remove(self, record):
+        pass
+
+    def remove_stale(self, vmid):
+        return []
+
+    def set_protected(self, record, protected):
+        pass
+
+    def manifest_changed(self, record):
+        pass
+
+    def free_bytes(self, local):
+        return local()
+
+
 class DatastoreStorage(DirStorage):
-    """A Proxmox Backup Server datastore on a local or mounted file system."""
+    """A Proxmox Backup Server datastore: in a directory on a local or mounted file system, or,
+    with an ``ObjectMirror``, in a Backend with the directory as its cache. Everything a
+    datastore does is here; ``mirror`` does what differs."""
 
     kind = 'datastore'
 
-    def __init__(self, path, storage_id, codec):
+    def __init__(self, path, storage_id, codec, mirror=None):
+        self.mirror = mirror or FileSystem()
+        self.mirror.prepare(path, storage_id)
         super().__init__(path, storage_id)
-        self.label = f"datastore {storage_id} ({self.path})"
         self.codec = codec
+        self.bucket = self.mirror.bucket
+        self.label = self.mirror.attach(self)
+        self.local_writers = LocalWriters(self.path)
+        self.writers = self.mirror.writers(self.local_writers, self.label)
 
     def staged_class(self, tmp_path, final_path):
-        return DatastoreStagedBackup(tmp_path, final_path, self.codec)
+        return self.mirror.staged(tmp_path, final_path)
 
     manifest_name = MANIFEST
 
@@ -129,6 +234,7 @@ class DatastoreStorage(DirStorage):
         return self.codec.read_index(backup_dir)
 
     def stage(self, vmid, when):
+        self.mirror.before_stage(vmid)
         staged = super().stage(vmid, when)
         owner = os.path.join(self.guest_dir(vmid), OWNER)
         if not os.path.exists(owner):
@@ -154,6 +260,7 @@ class DatastoreStorage(DirStorage):
         as PBS keeps it). A datastore with a backend uploads the manifest after."""
         self.codec.update_unprotected(record.path, **changes)
         record.manifest.update(changes)
+        self.mirror.manifest_changed(record)
 
     def read_guest_config(self, record):
         try:
@@ -173,71 +280,49 @@ class DatastoreStorage(DirStorage):
     def pending_manifests(self, vmid):
         return []  # snapshots are never rewritten: nothing can be left half-replaced
 
+    # -- listing and changing snapshots: the directory, kept in line by the mirror --------------
+    def guest_ids(self):
+        return self.mirror.guest_ids(super().guest_ids)
+
+    def scan(self, vmid):
+        self.mirror.sync_guest(vmid)
+        return super().scan(vmid)
+
     def index_files(self):
         """Every index file of every snapshot in the datastore (garbage collection's mark)."""
-        return list(walk_index_files(self.path))
+        others = self.mirror.other_index_files()
+        return list(walk_index_files(self.path)) + others
 
-    # -- running backups, for garbage collection -------------------------------------------------
-    @contextmanager
+    def remove(self, record):
+        self.mirror.before_remove(record)
+        super().remove(record)
+
+    def remove_stale(self, vmid):
+        return super().remove_stale(vmid) + self.mirror.remove_stale(vmid)
+
+    def set_protected(self, record, protected):
+        self.mirror.set_protected(record, protected)
+        super().set_protected(record, protected)
+
+    def free_bytes(self):
+        return self.mirror.free_bytes(super().free_bytes)
+
+    # -- running backups and garbage collections: the writer registry ---------------------------
     def collecting_garbage(self, check_mode=False):
         """Held by a garbage collection: ``(now, start of the oldest running backup or None)``,
-        from which the sweep's cutoff follows."""
-        yield time.time(), self.oldest_writer_start()
+        from which the sweep's cutoff follows (``writers.py``)."""
+        return self.writers.collecting_garbage(check_mode)
 
-    @contextmanager
-    def writer(self, wait_seconds=0):
-        """Announce a running backup (or a live restore's server, which reads a snapshot for
-        hours): a file in ``.writers`` holding its start, locked while it runs (the kernel
-        drops the lock if the process dies)."""
-        folder = os.path.join(self.path, WRITERS)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        path = os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        handle = open(path, 'w')
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            # The start on the file system's clock, which also stamps the atimes of the chunks
-            # this writer touches next; it lags time.time() by up to a tick, and a touch a tick
-            # after a time.time() start could otherwise fall before the cutoff with grace 0.
-            started = min(time.time(), os.fstat(handle.fileno()).st_mtime)
-            handle.write(f"{started:.6f}\n")
-            handle.flush()
-            yield
-        finally:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            handle.close()
+    def writer(self, wait_seconds=None):
+        """Held by a running backup (or a live restore's server, which reads a snapshot for
+        hours), so garbage collection spares what it may still name (``writers.py``)."""
+        if wait_seconds is None:
+            return self.writers.writer()
+        return self.writers.writer(wait_seconds)
 
     def oldest_writer_start(self):
-        """The start (epoch) of the oldest backup still writing here, or None. A writer file
-        nobody holds is a killed run's and is removed."""
-        folder = os.path.join(self.path, WRITERS)
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return None
-        oldest = None
-        for name in names:
-            path = os.path.join(folder, name)
-            try:
-                handle = open(path, 'r+')
-            except OSError:
-                continue
-            with handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    try:
-                        started = float(handle.readline().strip() or time.time())
-                    except ValueError:
-                        started = os.fstat(handle.fileno()).st_mtime
-                    oldest = started if oldest is None else min(oldest, started)
-                    continue
-                os.unlink(path)  # nobody holds it: the run that made it is gone
-        return oldest
+        """The start (epoch) of the oldest backup writing through this node's file system."""
+        return self.local_writers.oldest_start()
 
     def backup_size(self, record):
         total = 0

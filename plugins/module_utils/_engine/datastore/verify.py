@@ -20,7 +20,7 @@ import threading
 
 from ..errors import CorruptData, EncryptionKeyError, StorageError
 from .blob import blob_kind, decode_blob, verify_crc
-from .fixed_index import read_fixed_index
+from .index import read_index
 from .workers import run_parallel
 
 
@@ -53,7 +53,7 @@ def verify_disk_index(index_path, chunks, *, crypt=None, verified, corrupt, work
     mode) leaves a damaged chunk where it is."""
     index_path = str(index_path)
     try:
-        index = read_fixed_index(index_path)
+        index = read_index(index_path)
     except (CorruptData, StorageError) as exc:
         return [f"{what}: {exc}"]
     # the first offset of every digest, and how many more positions name it

@@ -5,11 +5,15 @@ formats or qemu-img arguments; so another format is one more implementation, not
 run layer. Implementations: ``Qcow2Chain`` (format/qcow2.py) and ``Datastore``
 (datastore/format.py). The members are the ones run/ calls (tests/unit/test_storage_contract.py
 checks both implementations have each, with a compatible signature); docs/architecture.md has
-the same table.
+the same table. A format names the shapes of capture it stores (``captures``, format/capture.py:
+``'block'``, the disks of a VM; ``'tree'``, the file tree of a container), and
+``accept_capture`` refuses any other before anything changes.
 """
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
+
+from ..errors import ConfigError
 
 
 class TargetImage:
@@ -30,6 +34,7 @@ class Format(Protocol):
     """How a backup's disks are encoded; each member's contract is in its docstring."""
 
     name: str                   # 'qcow2' or 'datastore'
+    captures: tuple             # the capture shapes it stores: (BLOCK,) for both formats today
     capture: str                # 'push': QEMU writes the targets; 'pull': the engine reads NBD
     key_fingerprint: str        # the key new backups are encrypted with (colon hex), or None
     live_needs_server: bool     # True: live_backing names an NBD server the run starts first
@@ -101,3 +106,15 @@ class Format(Protocol):
     def collect_garbage(self, grace_seconds, check_mode=False, progress=None):
         """Remove the data no backup names any more: the GC's statistics; ConfigError for a
         format without shared data."""
+
+
+def accept_capture(fmt, kind, storage_label):
+    """Refuse (ConfigError) a capture of a shape ``fmt`` cannot store: a ``kind`` of
+    format/capture.py, the storage named in the message."""
+    if kind not in fmt.captures:
+        held = ' or '.join({'block': "disk images (a VM's block devices)",
+                            'tree': "file trees (a container's files)"}[k]
+                           for k in fmt.captures)
+        raise ConfigError(f"{storage_label} holds {fmt.name} backups, which store {held}; "
+                          f"a guest whose backup is a {kind} capture cannot be backed up "
+                          "to it: choose a storage whose format takes it")

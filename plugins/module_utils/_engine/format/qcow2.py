@@ -25,6 +25,7 @@ from ..times import format_time
 from ..version import TOOL_VERSION
 from . import qemu_img
 from .base import TargetImage
+from .capture import BLOCK
 
 MANIFEST_FORMAT = 1
 
@@ -50,6 +51,7 @@ class Qcow2Chain:
     """The qcow2 chain: a Format (format/base.py)."""
 
     name = 'qcow2'
+    captures = (BLOCK,)         # a VM's disks; a container's file tree is not stored as qcow2
     capture = 'push'
     key_fingerprint = None      # qcow2 backups are not encrypted
     live_needs_server = False   # its images are files a live restore reads directly

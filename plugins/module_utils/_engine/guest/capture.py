@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 
 from ..errors import BackupFailed, GuestvaultError, QmpCommandFailed
+from ..format.capture import BLOCK
 
 JOB_PREFIX = 'guestvault-'
 TARGET_PREFIX = 'gvt-'
@@ -59,7 +60,9 @@ def close_targets(qmp, nodes):
 
 
 class PushCapture:
-    """Target nodes, the transaction and the jobs of one backup of one guest."""
+    """Target nodes, the transaction and the jobs of one backup of one guest (a BlockCapture)."""
+
+    kind = BLOCK
 
     def __init__(self, qmp, vmid, jobs, log):
         self.qmp = qmp

@@ -29,6 +29,7 @@ import time
 import uuid
 
 from ..errors import BackupFailed, GuestvaultError, QmpCommandFailed
+from ..format.capture import BLOCK
 from .capture import JOB_PREFIX, TARGET_PREFIX, cancel_jobs, close_targets
 from .nbd import NbdSource
 
@@ -108,7 +109,9 @@ def fleecing_space_warnings(disk_jobs):
 class PullCapture:
     """Fleecing nodes, the transaction, the sync=none jobs and the NBD exports of one backup of
     one guest. ``socket_path``: where QEMU's NBD server listens (a unix socket in the run
-    directory; the caller picks it)."""
+    directory; the caller picks it). A BlockCapture."""
+
+    kind = BLOCK
 
     def __init__(self, qmp, vmid, jobs, log, socket_path):
         if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:

@@ -13,7 +13,8 @@ Plain QEMU has no inventory of its own, so each guest is declared in
     description: Mail server.
     description: Its scratch disk virtio1 is not backed up.
 
-Only ``qmp`` is required. ``description`` may be given on several lines, which form the lines
+Only ``qmp`` is required. ``type`` names the guest's kind (guest/kind.py): ``qemu``, the
+default, is the only one yet. ``description`` may be given on several lines, which form the lines
 of a multi-line description. :func:`render_guest` writes what :func:`load_guest` reads back.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..config.files import read_text
 from ..errors import ConfigError, GuestNotFound
+from ..vocabulary import GUEST_TYPES
 
 GUESTS_DIR = "guests.d"
 VMID_MIN = 100
@@ -38,7 +40,8 @@ _TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$", re.IGNORECASE)
 _POOL_RE = re.compile(r"^[A-Za-z0-9.\-_]+$")
 _DISK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 
-KEYS = ("name", "qmp", "agent", "pool", "tags", "include", "exclude", "start", "description")
+KEYS = ("name", "qmp", "agent", "pool", "tags", "include", "exclude", "start", "description",
+        "type")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class GuestEntry:
     exclude: Tuple[str, ...] = ()
     start_command: Optional[str] = None
     description: Optional[str] = None
+    type: str = "qemu"             # the guest's kind (guest/kind.py)
     source: Optional[str] = field(default=None, compare=False)
 
 
@@ -104,6 +108,11 @@ def _check_items(items: Tuple[str, ...], pattern: "re.Pattern[str]", what: str,
 def _parse_value(key: str, value: str, what: str) -> Any:
     if key in ("qmp", "agent"):
         return _check_absolute(value, what)
+    if key == "type":
+        if value not in GUEST_TYPES:
+            raise ConfigError(f"{what}: '{value}' is not a guest type guestvault knows; known "
+                              f"types: {', '.join(GUEST_TYPES)} (a QEMU VM reached over QMP)")
+        return value
     if key == "pool":
         if not _POOL_RE.match(value):
             raise ConfigError(f"{what}: '{value}' is not a valid pool name; use letters, "
@@ -164,6 +173,7 @@ def parse_guest(text: str, vmid: int, path: str) -> GuestEntry:
         exclude=fields.get("exclude", ()),
         start_command=fields.get("start"),
         description="\n".join(description) if description else None,
+        type=fields.get("type", "qemu"),
         source=path,
     )
 
@@ -242,6 +252,8 @@ def render_guest(entry: GuestEntry) -> str:
     add_list("include", entry.include, ",")
     add_list("exclude", entry.exclude, ",")
     add("start", entry.start_command)
+    if entry.type != "qemu":
+        add("type", entry.type)        # the default is not written: files read back the same
     if entry.description is not None:
         for line in entry.description.split("\n"):
             if "\r" in line or line != line.strip():

@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 from ..errors import BackupFailed, ConfigError, GuestvaultError, HookFailed
-from ..guest.capture import DiskJob, PushCapture
-from ..guest.nbd import require_libnbd
-from ..guest.pull import PullCapture
-from ..guest.consistency import StopMode, snapshot_mode, suspend_mode
+from ..format.base import accept_capture
+from ..guest.capture import DiskJob
 from ..guest.disks import discover_disks, require_idle, select_disks
-from ..guest.qmp import QmpSession
+from ..guest.kind import GuestKind, guest_kind
+from ..guest.nbd import require_libnbd
 from ..guest.registry import GuestEntry
 from ..paths import CONFIG_DIR
 from ..policy import chain as chains
@@ -96,6 +95,7 @@ class Plan:
     request: GuestBackupRequest
     options: dict
     guest: GuestEntry
+    kind: GuestKind              # how the guest is reached and captured (its entry's type)
     storage: object              # a storage.base.Storage
     format: object               # the storage's format.base.Format
     disks: list
@@ -153,10 +153,11 @@ def _guest_entry(request):
                          request.config_dir)
 
 
-def prepare_backup(request, qmp, options=None, guest=None):
+def prepare_backup(request, qmp, options=None, guest=None, kind=None):
     """Validate the request (options, guest, storage, hook, notes), changing nothing."""
     options = options or _resolve_options(request)
     guest = guest or _guest_entry(request)
+    kind = kind or guest_kind(guest)
     options['node'] = request.node or socket.gethostname()
     storage = require_storage(request.config_dir, options['storage'], options['dumpdir'],
                               options['node'])
@@ -170,8 +171,9 @@ def prepare_backup(request, qmp, options=None, guest=None):
     chains.check_level_options(request.level, request.chain, request.chain_period or 'none')
     if options['protected']:
         check_protected_room(request.config_dir, storage, guest.vmid)
-    plan = Plan(request, options, guest, storage, format=format_of(storage), disks=[],
+    plan = Plan(request, options, guest, kind, storage, format=format_of(storage), disks=[],
                 notes=notes, hook=hook)
+    accept_capture(plan.format, kind.yields, storage.label)
     if plan.format.capture == 'pull':
         require_libnbd(f"a backup into {storage.label}")  # before anything changes
         if options['compress'] != '0':
@@ -261,13 +263,14 @@ def run_guest_backup(request, log=None, progress=None, now=None):
     clog = _Log(log)
     options = _resolve_options(request)
     guest = _guest_entry(request)
+    kind = guest_kind(guest)
     with ExitStack() as stack:
         stack.enter_context(_terminate_as_error())
         stack.enter_context(private_files())
         stack.enter_context(guest_runs.hold(guest.vmid, 'backup',
                                             float(options['lockwait']) * 60, clog))
-        qmp = stack.enter_context(QmpSession(guest.qmp_socket))
-        plan = prepare_backup(request, qmp, options, guest)
+        qmp = stack.enter_context(kind.connect(guest))
+        plan = prepare_backup(request, qmp, options, guest, kind)
         skip = _recent_enough(plan, now or datetime.now(timezone.utc))
         if skip is not None:
             return skip
@@ -362,7 +365,8 @@ def _readable_log(staged, vmid, clog):
 
 
 def _hook_env(plan, target, logfile):
-    return {'STOREID': plan.storage.id or '', 'DUMPDIR': plan.storage.path, 'VMTYPE': 'qemu',
+    return {'STOREID': plan.storage.id or '', 'DUMPDIR': plan.storage.path,
+            'VMTYPE': plan.kind.name,
             'HOSTNAME': plan.options['node'], 'TARGET': target, 'LOGFILE': logfile}
 
 
@@ -502,13 +506,11 @@ def _journal(plan, staged, capture):
 
 
 def _capture(plan, qmp, targets, when, clog):
-    """The QEMU side of the format's capture: QEMU writes the targets (push), or exports the
-    point in time over NBD for the engine to read (pull)."""
+    """The guest kind's capture, as the format reads it: for a VM, QEMU writes the targets
+    (push), or exports the point in time over NBD for the engine to read (pull)."""
     jobs = [_disk_job(plan, disk, targets[disk.id], when) for disk in plan.disks]
-    if plan.format.capture == 'pull':
-        return PullCapture(qmp, plan.guest.vmid, jobs, clog,
-                           socket_path=guest_runs.nbd_socket(plan.guest.vmid))
-    return PushCapture(qmp, plan.guest.vmid, jobs, clog)
+    return plan.kind.capture(qmp, plan.guest.vmid, jobs, plan.format.capture, clog,
+                             socket_path=guest_runs.nbd_socket(plan.guest.vmid))
 
 
 def _stop_here_for_tests(point):
@@ -536,26 +538,15 @@ def _disk_job(plan, disk, target, when):
 
 
 def _consistency_mode(plan, capture, staged, hook, clog):
-    """The context manager of the plan's mode, entered around the point in time."""
-    mode = plan.options['mode']
-    if mode == 'snapshot':
-        return snapshot_mode(capture.qmp, plan.guest.agent_socket,
-                             float(plan.options['freeze_timeout']), clog)
-    if mode == 'suspend':
-        return suspend_mode(capture.qmp, clog)
-
-    def reconnected(session):
-        # QEMU exited on shutdown and was started again: node names may differ, and the
-        # target nodes opened in the old process are gone.
-        capture.qmp = session
-        current = {d.id: d.node for d in discover_disks(session)}
-        for disk in plan.disks:
-            disk.node = current[disk.id]
+    """The guest kind's context manager of the plan's mode, entered around the point in
+    time."""
+    def reconnected():
+        # The guest was restarted (stop mode): what a kill would leave has changed, and the
+        # targets opened in the old process are gone.
         _journal(plan, staged, capture)
         capture.open_targets()
-    return StopMode(capture.qmp, plan.guest.agent_socket, float(plan.options['stopwait']) * 60,
-                    plan.guest.start_command, hook, clog,
-                    on_reconnect=reconnected).around_point_in_time()
+    return plan.kind.consistency(plan.options['mode'], capture, plan.guest, plan.options,
+                                 plan.disks, hook, clog, reconnected)
 
 
 def _manifest(plan, when, disks, report, duration):

@@ -2,7 +2,7 @@
 
 The run layer (and the formats) reach a storage only through these members, so another storage
 is one more implementation, not a second code path. Implementations: ``DirStorage``
-(storage/directory.py), ``DatastoreStorage`` and ``ObjectDatastoreStorage`` (datastore/).
+(storage/directory.py), ``DatastoreStorage`` (datastore/, with an ``ObjectMirror`` on an object store).
 A storage knows backups as ``BackupRecord``s (storage/records.py): a ``Manifest`` the format
 defines, and small mutable state beside it (protection, notes, verify state). It never looks
 inside a format's files. The members are the ones run/ and the formats call (found by
