@@ -7,7 +7,8 @@ small files), ``fixed_index`` (``.fidx``), ``dynamic_index`` (``.didx``), ``mani
 ``chunk_store`` (``.chunks/`` in a directory) and ``object_chunks`` (chunks as objects of a
 ``backend.Backend``: ``backends/s3``, ``backends/local``, ``backends/memory``); ``gc``, the one
 garbage collector. Pipelines: ``sources``, ``workers``, ``backup_writer``, ``image_restore``,
-``verify``, ``nbd_server``. The storage (``storage``, ``object_storage``), the Datastore Format
+``verify``, ``snapshot_export`` (a snapshot's disks as block exports for the NBD server of
+restore/). The storage (``storage``, ``object_storage``), the Datastore Format
 (``format``), and ``build``, which puts them together. Nothing here talks to QEMU over QMP or
 knows about runs; see docs/datastore-format.md for what matches PBS and what is not there yet.
 """

@@ -21,6 +21,12 @@ Reading
     ``verify_files``       check the files a restore would read against their manifests
     ``verify``             everything ``verify`` checks of one backup; a list of problems
     ``restore_disk``       write one disk of a backup to a new image, verified
+Block exports (live restore and file restore use nothing else)
+    ``open_block_exports`` a context manager: per disk, a ``BlockExport`` (a URI and its
+                           format) that QEMU and qemu-img open read-only while it is open; a
+                           format whose disks are not files QEMU can open hands readable exports
+                           (``name``, ``size``, ``read``) to the ``server`` it is given
+                           (restore/nbd_server.py), which serves them over NBD
 Pruning
     ``plan_removal``       what must happen to kept backups before others are removed (the
                            qcow2 chain folds a removed parent into its kept child; a datastore,
@@ -29,6 +35,8 @@ Pruning
     ``recover``            finish or undo what a crash interrupted (under the guest's lock)
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ..errors import ConfigError
 
@@ -44,6 +52,15 @@ class TargetImage:
 
     def __repr__(self):
         return f"TargetImage({self.disk_id!r}, {self.level})"
+
+
+@dataclass(frozen=True)
+class BlockExport:
+    """One disk of a backup as QEMU and qemu-img open it read-only: ``uri`` (an image file, or
+    an ``nbd+unix://`` export) of ``format`` (``'qcow2'``, ``'raw'``)."""
+    disk_id: str
+    uri: str
+    format: str
 
 
 class Format:
@@ -76,10 +93,12 @@ class Format:
     def verify(self, storage, record, check_mode=False):
         raise NotImplementedError
 
-    live_needs_server = False     # True: live_backing names an NBD server the run starts
-
-    def live_backing(self, storage, record, disk_id, nbd_socket=None):
-        """``(backing file, its format)`` a live-restored image reads through until copied."""
+    def open_block_exports(self, storage, record, disk_ids, server):
+        """A context manager: ``{disk id: BlockExport}`` of ``disk_ids`` of ``record``, readable
+        while it is open. ``server.serve(make_exports)`` (a context manager yielding a unix
+        socket's path) serves ``make_exports()``, ``{export name: export}``, over NBD: in this
+        process (restore/nbd_server.ThreadServer) or in a process that outlives the call
+        (restore/live_server.LiveServer, which asks the format again there)."""
         raise ConfigError(f"live restore from a {self.name} storage is not implemented yet; "
                           "restore without live")
 

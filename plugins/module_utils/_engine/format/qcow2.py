@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from ..errors import StorageError
 from ..storage.files import fsync_path, sha256_file
 from ..times import format_time
 from ..version import TOOL_VERSION
 from . import qemu_img
-from .base import Format, TargetImage
+from .base import BlockExport, Format, TargetImage
 
 MANIFEST_FORMAT = 1
 
@@ -163,9 +164,12 @@ class Qcow2Chain(Format):
                                 f"manifest says {disk.get('backing')!r}")
         return chain, problems
 
-    def live_backing(self, storage, record, disk_id, nbd_socket=None):
-        """The backup's own image of the disk: it reads through its chain."""
-        return os.path.abspath(self.source(storage, record, disk_id)), 'qcow2'
+    @contextmanager
+    def open_block_exports(self, storage, record, disk_ids, server):
+        """The backup's own image of each disk (it reads through its chain): no server."""
+        yield {disk_id: BlockExport(
+                   disk_id, os.path.abspath(self.source(storage, record, disk_id)), 'qcow2')
+               for disk_id in disk_ids}
 
     def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
         """A running copy of one disk into ``target``; ``.communicate()`` ends it."""
