@@ -71,6 +71,15 @@ def _server(request, plan, entry, server_entry):
                       entry.vmid, float(request.lockwait) * 60)
 
 
+def _stop_guest(entry, qmp):
+    """Quit the guest a failed live restore started (``qmp``: its session, if reached)."""
+    if qmp is None and _answers(entry.qmp_socket):
+        # started, but not reached in time
+        qmp = QmpSession(entry.qmp_socket).connect()
+    if qmp is not None:
+        live.stop_guest(qmp)
+
+
 def _answers(socket_path):
     if not os.path.exists(socket_path):
         return False
@@ -116,33 +125,35 @@ def run_live_restore(request, make_plan, server_entry, log=None):
                 error_file = os.path.join(plan['target_dir'], ERROR_FILE)
                 if os.path.exists(error_file):
                     os.unlink(error_file)             # an earlier live restore's, into it
-                # A server the format starts outlives this call; an error in here stops it.
+                # A server the format starts outlives this call; an error in here stops it,
+                # after the guest that reads it has been stopped.
                 with fmt.open_block_exports(storage, record, list(images), server) as exports:
-                    for disk in result['disks']:
-                        disk['backing'] = exports[disk['id']].uri
-                    for disk in plan['disks']:
-                        if os.path.exists(disk['target']):
-                            os.unlink(disk['target'])          # plan_restore allowed it (force)
-                        export = exports[disk['id']]
-                        qemu_img.create_qcow2(disk['target'], disk['virtual_size'],
-                                              backing=export.uri, backing_format=export.format)
-                    env = {'GUESTVAULT_RESTORE_DIR': plan['target_dir'],
-                           'GUESTVAULT_VMID': str(entry.vmid),
-                           'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
-                           **{live.env_name(disk_id): path for disk_id, path in images.items()}}
-                    log(f"starting guest {entry.vmid} on {len(images)} new image(s) reading "
-                        f"{record.id}: {entry.start_command}")
-                    qmp = live.start_guest(entry.start_command, entry.qmp_socket, env)
-                    disks = live.check_images(qmp, images)
-                    jobs = live.start_streams(qmp, entry.vmid, disks, list(images),
-                                              speed=int(request.bwlimit or 0) * 1024)
-                    status = live.resume(qmp)
+                    try:
+                        for disk in result['disks']:
+                            disk['backing'] = exports[disk['id']].uri
+                        for disk in plan['disks']:
+                            if os.path.exists(disk['target']):
+                                os.unlink(disk['target'])      # plan_restore allowed it (force)
+                            export = exports[disk['id']]
+                            qemu_img.create_qcow2(disk['target'], disk['virtual_size'],
+                                                  backing=export.uri,
+                                                  backing_format=export.format)
+                        env = {'GUESTVAULT_RESTORE_DIR': plan['target_dir'],
+                               'GUESTVAULT_VMID': str(entry.vmid),
+                               'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
+                               **{live.env_name(disk_id): path
+                                  for disk_id, path in images.items()}}
+                        log(f"starting guest {entry.vmid} on {len(images)} new image(s) "
+                            f"reading {record.id}: {entry.start_command}")
+                        qmp = live.start_guest(entry.start_command, entry.qmp_socket, env)
+                        disks = live.check_images(qmp, images)
+                        jobs = live.start_streams(qmp, entry.vmid, disks, list(images),
+                                                  speed=int(request.bwlimit or 0) * 1024)
+                        status = live.resume(qmp)
+                    except BaseException:
+                        _stop_guest(entry, qmp)
+                        raise
             except BaseException as exc:
-                if qmp is None and _answers(entry.qmp_socket):
-                    # started, but not reached in time
-                    qmp = QmpSession(entry.qmp_socket).connect()
-                if qmp is not None:
-                    live.stop_guest(qmp)
                 for path in images.values():
                     if os.path.exists(path):
                         os.unlink(path)
