@@ -1,6 +1,6 @@
 """Build the real Linux test guest's image (see linuxguest.py) from Debian packages only.
 
-The engine's image builder (guest/debian_image.py, which also builds the file-restore
+The engine's image builder (images/debian_image.py, which also builds the file-restore
 appliance) does the work: Debian's kernel, busybox-static and qemu-guest-agent with the
 libraries it needs, the kernel modules the guest loads, and the guest-side files of
 ``tools/linuxguest/``. Cached under ``.build/linuxguest/<key>/``; the key hashes the packages'
@@ -13,7 +13,7 @@ import os
 from engine_loader import load_engine
 
 load_engine()
-from guestvault_engine.guest.debian_image import BuiltImage, ImageSpec, build  # noqa: E402
+from guestvault_engine.images.debian_image import BuiltImage, ImageSpec, build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'linuxguest')

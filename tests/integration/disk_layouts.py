@@ -11,8 +11,8 @@ import subprocess
 import uuid
 import zlib
 
-from guestvault_engine.guest import appliance
-from guestvault_engine.guest.debian_image import ImageSpec, build
+from guestvault_engine.restore import appliance
+from guestvault_engine.images.debian_image import ImageSpec, build
 from labguest import LabGuest
 
 MiB = 1 << 20

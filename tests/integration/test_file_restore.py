@@ -16,7 +16,8 @@ import pytest
 
 from guestvault_engine.errors import StorageError
 from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
-from guestvault_engine.run.file_restore import FileRestoreRequest, UnknownFilesystem, run_file_restore
+from guestvault_engine.restore.file_restore import UnknownFilesystem
+from guestvault_engine.run.file_restore import FileRestoreRequest, run_file_restore
 from disk_layouts import LayoutGuest, partitioned_lvm_disk
 from lab_checks import backup_location
 from linuxguest import parse_journal

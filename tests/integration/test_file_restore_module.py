@@ -9,9 +9,9 @@ import pytest
 
 from guestvault_engine.errors import ConfigError, EncryptionKeyError
 from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
-from guestvault_engine.run.file_restore import (
-    FileRestoreError, FileRestoreRequest, PathNotFound, SizeLimitExceeded, UnknownFilesystem,
-    run_file_restore)
+from guestvault_engine.restore.file_restore import (
+    FileRestoreError, PathNotFound, SizeLimitExceeded, UnknownFilesystem)
+from guestvault_engine.run.file_restore import FileRestoreRequest, run_file_restore
 from guestvault_engine.run.encryption_key import create_key
 from ansible_runner import assert_failed_with, documented_return
 from disk_layouts import LayoutGuest, ext4_image, gpt_ext4_disk, write_tree

@@ -1,4 +1,4 @@
-"""run/untrusted_tar: a tar stream made from a guest's filesystem never writes outside its
+"""restore/untrusted_tar: a tar stream made from a guest's filesystem never writes outside its
 directory, and what it may write comes out whole; file_restore's own input checks."""
 import io
 import os
@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from guestvault_engine.errors import ConfigError, StorageError
-from guestvault_engine.run import untrusted_tar
+from guestvault_engine.restore import untrusted_tar
 from guestvault_engine.run.file_restore import (FileRestoreRequest, normalize_path, parse_size,
                                                 run_file_restore)
 

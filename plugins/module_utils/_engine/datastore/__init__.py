@@ -8,7 +8,8 @@ both implement, and ``read_index`` by magic), ``manifest``
 ``chunk_store`` (``.chunks/`` in a directory) and ``object_chunks`` (chunks as objects of a
 ``backend.Backend``: ``backends/s3``, ``backends/local``, ``backends/memory``); ``gc``, the one
 garbage collector. Pipelines: ``sources``, ``workers``, ``backup_writer``, ``image_restore``,
-``verify``, ``nbd_server``. The storage (``storage``: one ``DatastoreStorage`` with a
+``verify``, ``snapshot_export`` (a snapshot's disks as block exports for the NBD server of
+restore/). The storage (``storage``: one ``DatastoreStorage`` with a
 ``SnapshotMirror``: a no-op on a file system, ``object_mirror`` on a Backend), the writer
 registry (``writers``: flock files, or leases on a Backend), the Datastore Format
 (``format``), and ``build``, which puts them together. Nothing here talks to QEMU over QMP or

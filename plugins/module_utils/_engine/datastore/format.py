@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 
 from ..errors import (BackupFailed, ConfigError, CorruptData, EncryptionKeyError, GuestvaultError,
                       StorageError)
@@ -19,7 +20,7 @@ from ..paths import fleecing_dir   # local disk, so a slow datastore never slows
 from ..times import format_time
 from ..version import TOOL_VERSION
 from ..format.qemu_img import create_qcow2
-from ..format.base import TargetImage
+from ..format.base import BlockExport, TargetImage
 from ..format.capture import BLOCK
 from ..storage.records import DiskEntry, Manifest
 from .backup_writer import write_disk_index
@@ -27,7 +28,7 @@ from .chunk_store import ChunkStore
 from .index import read_index
 from .gc import collect_garbage
 from .image_restore import restore_disk_image
-from .nbd_server import SnapshotExport
+from .snapshot_export import SnapshotExport
 from .snapshot import index_name
 from .verify import verify_disk_index
 
@@ -307,13 +308,17 @@ class Datastore:
                                progress=lambda done, total: _stop_if(cancelled))
         return _RestoreJob(run)
 
-    # -- live restore: images read the snapshot through an NBD server until copied -------------
-    live_needs_server = True
+    # -- block exports: QEMU reads a snapshot's disks through the server's NBD exports -------
+    @contextmanager
+    def open_block_exports(self, storage, record, disk_ids, server):
+        """Each disk's fixed index as an export (``drive-<disk>.img.fidx``) of ``server``."""
+        with server.serve(lambda: self._snapshot_exports(storage, record, disk_ids)) as socket:
+            yield {disk_id: BlockExport(disk_id,
+                                        f"nbd+unix:///{index_name(disk_id)}?socket={socket}",
+                                        'raw')
+                   for disk_id in disk_ids}
 
-    def live_backing(self, storage, record, disk_id, nbd_socket=None):
-        return f"nbd+unix:///{index_name(disk_id)}?socket={nbd_socket}", 'raw'
-
-    def snapshot_exports(self, storage, record, disk_ids):
+    def _snapshot_exports(self, storage, record, disk_ids):
         """``{export name: SnapshotExport}`` of the disks, after the key check."""
         self.check_key(record)
         exports = {}

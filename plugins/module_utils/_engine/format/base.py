@@ -7,10 +7,12 @@ run layer. Implementations: ``Qcow2Chain`` (format/qcow2.py) and ``Datastore``
 checks both implementations have each, with a compatible signature); docs/architecture.md has
 the same table. A format names the shapes of capture it stores (``captures``, format/capture.py:
 ``'block'``, the disks of a VM; ``'tree'``, the file tree of a container), and
-``accept_capture`` refuses any other before anything changes.
+``accept_capture`` refuses any other before anything changes. Live restore and file restore
+read a backup only through ``open_block_exports``: a format that can export its disks gets both.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
@@ -29,6 +31,15 @@ class TargetImage:
         return f"TargetImage({self.disk_id!r}, {self.level})"
 
 
+@dataclass(frozen=True)
+class BlockExport:
+    """One disk of a backup as QEMU and qemu-img open it read-only: ``uri`` (an image file, or
+    an ``nbd+unix://`` export) of ``format`` (``'qcow2'``, ``'raw'``)."""
+    disk_id: str
+    uri: str
+    format: str
+
+
 @runtime_checkable
 class Format(Protocol):
     """How a backup's disks are encoded; each member's contract is in its docstring."""
@@ -37,7 +48,6 @@ class Format(Protocol):
     captures: tuple             # the capture shapes it stores: (BLOCK,) for both formats today
     capture: str                # 'push': QEMU writes the targets; 'pull': the engine reads NBD
     key_fingerprint: str        # the key new backups are encrypted with (colon hex), or None
-    live_needs_server: bool     # True: live_backing names an NBD server the run starts first
 
     # -- backup -----------------------------------------------------------------------------
     def create_targets(self, staged, disks, decision, compression):
@@ -83,13 +93,13 @@ class Format(Protocol):
     def leftovers(self, target):
         """The files a failed restore into ``target`` may leave."""
 
-    def live_backing(self, storage, record, disk_id, nbd_socket=None):
-        """``(file or URI, its format)`` a live-restored image (or the file-restore appliance's
-        overlay) reads until copied."""
-
-    def snapshot_exports(self, storage, record, disk_ids):
-        """(``live_needs_server``) ``{export name: export}`` an NBD server serves; ConfigError
-        for a format whose images are read as files."""
+    def open_block_exports(self, storage, record, disk_ids, server):
+        """A context manager: ``{disk id: BlockExport}`` of ``disk_ids`` of ``record``, readable
+        while it is open. ``server.serve(make_exports)`` (a context manager yielding a unix
+        socket's path) serves ``make_exports()``, ``{export name: export}``, over NBD: in this
+        process (restore/nbd_server.ThreadServer) or in a process that outlives the call
+        (restore/live_server.LiveServer, which asks the format again there). A format whose
+        disks are files QEMU opens yields them and never uses the server."""
 
     # -- pruning and garbage ----------------------------------------------------------------
     def plan_removal(self, backups, removed):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from ..errors import ConfigError, StorageError
 from ..storage.files import fsync_path, sha256_file
@@ -24,7 +25,7 @@ from ..storage.records import DiskEntry, Manifest
 from ..times import format_time
 from ..version import TOOL_VERSION
 from . import qemu_img
-from .base import TargetImage
+from .base import BlockExport, TargetImage
 from .capture import BLOCK
 
 MANIFEST_FORMAT = 1
@@ -54,7 +55,6 @@ class Qcow2Chain:
     captures = (BLOCK,)         # a VM's disks; a container's file tree is not stored as qcow2
     capture = 'push'
     key_fingerprint = None      # qcow2 backups are not encrypted
-    live_needs_server = False   # its images are files a live restore reads directly
 
     # -- backup ---------------------------------------------------------------------------------
     def create_targets(self, staged, disks, decision, compression):
@@ -170,13 +170,13 @@ class Qcow2Chain:
                                 f"manifest says {disk.backing!r}")
         return chain, problems
 
-    def live_backing(self, storage, record, disk_id, nbd_socket=None):
-        """The backup's own image of the disk: it reads through its chain."""
-        return os.path.abspath(self.source(storage, record, disk_id)), 'qcow2'
-
-    def snapshot_exports(self, storage, record, disk_ids):
-        raise ConfigError("a qcow2 chain's images are read as files, not through an NBD "
-                          "server; nothing to export")
+    @contextmanager
+    def open_block_exports(self, storage, record, disk_ids, server):
+        """The backup's own image of each disk (it reads through its chain): no server."""
+        yield {disk_id: BlockExport(disk_id,
+                                    os.path.abspath(self.source(storage, record, disk_id)),
+                                    'qcow2')
+               for disk_id in disk_ids}
 
     def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
         """A running copy of one disk into ``target``; ``.communicate()`` ends it."""

@@ -13,8 +13,9 @@ from ..guest.disks import discover_disks, select_disks
 from ..guest.qmp import QmpSession
 from ..paths import CONFIG_DIR
 from ..policy import chain as chains
+from ..restore import live_server
 from ..times import format_time
-from . import guest_runs, leftovers, live_server
+from . import guest_runs, leftovers
 from .locate import format_of, open_storage, resolve_guest
 from .request import Request
 

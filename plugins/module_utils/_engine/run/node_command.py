@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 
 from ..errors import ConfigError, GuestvaultError
-from ..guest import appliance
+from ..restore import appliance
 from ..guest.registry import list_guests
 from ..paths import default_config_dir, state_dir
 from ..policy.config import inert_option_warning, load_vzdump_defaults

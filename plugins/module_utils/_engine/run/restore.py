@@ -16,11 +16,12 @@ from ..errors import StorageError, VerifyFailed
 from ..format import qemu_img
 from ..guest.registry import GuestEntry, guest_path, render_guest
 from ..storage.files import fsync_path, new_directory, write_file_atomic
-from .live_restore import run_live_restore
+from ..restore.live import run_live_restore
+from . import live_server
 from .opener import open_backups
 from .restore_plan import RestoreRequest, check_request, plan_restore
 
-# RestoreRequest, this verb's request, lives with the plan that live_restore shares.
+# RestoreRequest, this verb's request, lives with the plan that live restore shares.
 __all__ = ['RestoreRequest', 'run_restore']
 
 
@@ -29,7 +30,8 @@ def run_restore(request, log=None):
     check_request(request)
     with open_backups(request, 'restore', shared=True, resolve=False) as opened:
         if request.live:
-            return run_live_restore(request, opened, log)
+            return run_live_restore(request, lambda req: plan_restore(req, opened),
+                                    live_server.__name__, log)
         return _restore(request, opened, log)
 
 

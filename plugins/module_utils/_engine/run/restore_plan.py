@@ -1,6 +1,6 @@
 """What a restore would write, where and how big: the request, checked, and the plan.
 
-Plain and live restore (restore.py, live_restore.py) both plan here, and neither imports the
+Plain and live restore (restore.py, restore/live.py) both plan here, and neither imports the
 other's planning: restore.py chooses between them.
 """
 from __future__ import annotations

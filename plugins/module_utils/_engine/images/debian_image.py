@@ -6,7 +6,7 @@ entries and the Depends of the packages that hold them), the kernel modules it l
 order their ``.modinfo`` dependencies give: the package has no modules.dep), and its own files,
 written as a gzip'd newc cpio by Python (the host has no cpio). Each image is cached under
 ``<cache>/<key>/``; the key hashes the packages' versions, the image's own files and this
-builder, so any change rebuilds. The file-restore appliance (guest/appliance.py) and the test
+builder, so any change rebuilds. The file-restore appliance (restore/appliance.py) and the test
 suite's Linux guest are both built here.
 
 QEMU boots the uncompressed kernel (``vmlinux``) through its PVH entry: no real-mode set-up and

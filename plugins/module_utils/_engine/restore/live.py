@@ -1,8 +1,9 @@
 """restore with ``live``: the guest runs in seconds, its disks copied back while it runs.
 
-1. A new qcow2 per restored disk in ``target_dir``, whose backing is the backup (the format's
-   ``live_backing``: for a qcow2 chain, the backup's own image, read through its chain; for a
-   datastore, an export of the NBD server over the snapshot started first, run/live_server).
+1. A new qcow2 per restored disk in ``target_dir``, whose backing is the backup's block export
+   (``Format.open_block_exports``: for a qcow2 chain, the backup's own image, read through its
+   chain; for a datastore, an export of the NBD server over the snapshot, which runs in a
+   process of its own that outlives the call: restore/live_server.LiveServer).
 2. The target guest is started with its registry's ``start:`` command, which finds each image
    in ``$GUESTVAULT_DISK_<DISK>`` (and ``$GUESTVAULT_RESTORE_DIR``, ``$GUESTVAULT_VMID``,
    ``$GUESTVAULT_QMP_SOCKET``): guestvault does not own the guest's QEMU command line, the start
@@ -31,8 +32,7 @@ from ..guest.qmp import QmpSession
 from ..guest.registry import load_guest
 from ..paths import run_dir
 from ..storage.files import new_directory, private_files, write_file_atomic
-from .live_server import ERROR_FILE, start_server, stop_server
-from .restore_plan import plan_restore
+from .live_server import ERROR_FILE, LiveServer
 
 LIVE_FORMAT = 'qcow2'
 
@@ -60,16 +60,24 @@ def target_guest(request):
     return entry
 
 
-def _start_server(request, plan, entry):
-    """The NBD server over the snapshot (a datastore): (its supervisor's process, the
-    server's pid, its socket)."""
+def _server(request, plan, entry, server_entry):
+    """The server that serves the backup's exports, if its format needs one: a process of its
+    own (restore/live_server), started by ``open_block_exports``."""
     socket_path = os.path.join(run_dir(), f"live-{entry.vmid}-{uuid.uuid4().hex[:8]}.sock")
-    process, pid = start_server(request.config_dir, plan.storage.id, plan.record,
-                                [d.id for d in plan.disks], socket_path,
-                                entry.qmp_socket, plan.target_dir,
-                                os.path.join(plan.target_dir, 'live-restore-server.log'),
-                                entry.vmid, float(request.lockwait) * 60)
-    return process, pid, socket_path
+    return LiveServer(server_entry, request.config_dir, plan.storage.id, plan.record,
+                      [d.id for d in plan.disks], socket_path, entry.qmp_socket,
+                      plan.target_dir,
+                      os.path.join(plan.target_dir, 'live-restore-server.log'),
+                      entry.vmid, float(request.lockwait) * 60)
+
+
+def _stop_guest(entry, qmp):
+    """Quit the guest a failed live restore started (``qmp``: its session, if reached)."""
+    if qmp is None and _answers(entry.qmp_socket):
+        # started, but not reached in time
+        qmp = QmpSession(entry.qmp_socket).connect()
+    if qmp is not None:
+        live.stop_guest(qmp)
 
 
 def _answers(socket_path):
@@ -82,9 +90,10 @@ def _answers(socket_path):
         return False
 
 
-def run_live_restore(request, opened, log=None):
-    """restore with ``live``, inside run_restore's opener (``opened``: the guest's backups,
-    locked shared)."""
+def run_live_restore(request, make_plan, server_entry, log=None):
+    """restore with ``live``, inside run_restore's opener (the guest's backups locked shared).
+    ``make_plan(request)``: the restore's plan (run/restore_plan); ``server_entry``: the module
+    whose ``main(args)`` a live-restore server's process runs (run/live_server)."""
     log = log or (lambda message: None)
     if request.format != LIVE_FORMAT:
         raise ConfigError(f"live restore writes qcow2 images (each reads the backup until it is "
@@ -96,7 +105,7 @@ def run_live_restore(request, opened, log=None):
     started = time.monotonic()
     with private_files():
         # the target guest is registered (it has the start command): not a new registration
-        plan = plan_restore(replace(request, new_vmid=None), opened)
+        plan = make_plan(replace(request, new_vmid=None))
         record, storage, fmt = plan.record, plan.storage, plan.format
         result = {
             'changed': True, 'live': True, 'backup': record.id, 'time': record.manifest.time,
@@ -109,44 +118,42 @@ def run_live_restore(request, opened, log=None):
         if request.check_mode:
             return result
         images = {d.id: d.target for d in plan.disks}
-        qmp = server = None
+        server = _server(request, plan, entry, server_entry)
+        qmp = None
         with new_directory(plan.target_dir):
             try:
                 error_file = os.path.join(plan.target_dir, ERROR_FILE)
                 if os.path.exists(error_file):
                     os.unlink(error_file)             # an earlier live restore's, into it
-                # a datastore's snapshot is read through an NBD server that outlives this call
-                server = _start_server(request, plan, entry) if fmt.live_needs_server else None
-                backings = {d.id: fmt.live_backing(storage, record, d.id,
-                                                   server[2] if server else None)
-                            for d in plan.disks}
-                for disk in result['disks']:
-                    disk['backing'] = backings[disk['id']][0]
-                for disk in plan.disks:
-                    if os.path.exists(disk.target):
-                        os.unlink(disk.target)          # plan_restore allowed it (force)
-                    backing, backing_format = backings[disk.id]
-                    qemu_img.create_qcow2(disk.target, disk.virtual_size, backing=backing,
-                                          backing_format=backing_format)
-                env = {'GUESTVAULT_RESTORE_DIR': plan.target_dir,
-                       'GUESTVAULT_VMID': str(entry.vmid),
-                       'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
-                       **{live.env_name(disk_id): path for disk_id, path in images.items()}}
-                log(f"starting guest {entry.vmid} on {len(images)} new image(s) reading "
-                    f"{record.id}: {entry.start_command}")
-                qmp = live.start_guest(entry.start_command, entry.qmp_socket, env)
-                disks = live.check_images(qmp, images)
-                jobs = live.start_streams(qmp, entry.vmid, disks, list(images),
-                                          speed=int(request.bwlimit or 0) * 1024)
-                status = live.resume(qmp)
+                # A server the format starts outlives this call; an error in here stops it,
+                # after the guest that reads it has been stopped.
+                with fmt.open_block_exports(storage, record, list(images), server) as exports:
+                    try:
+                        for disk in result['disks']:
+                            disk['backing'] = exports[disk['id']].uri
+                        for disk in plan.disks:
+                            if os.path.exists(disk.target):
+                                os.unlink(disk.target)      # plan_restore allowed it (force)
+                            export = exports[disk.id]
+                            qemu_img.create_qcow2(disk.target, disk.virtual_size,
+                                                  backing=export.uri,
+                                                  backing_format=export.format)
+                        env = {'GUESTVAULT_RESTORE_DIR': plan.target_dir,
+                               'GUESTVAULT_VMID': str(entry.vmid),
+                               'GUESTVAULT_QMP_SOCKET': entry.qmp_socket,
+                               **{live.env_name(disk_id): path
+                                  for disk_id, path in images.items()}}
+                        log(f"starting guest {entry.vmid} on {len(images)} new image(s) "
+                            f"reading {record.id}: {entry.start_command}")
+                        qmp = live.start_guest(entry.start_command, entry.qmp_socket, env)
+                        disks = live.check_images(qmp, images)
+                        jobs = live.start_streams(qmp, entry.vmid, disks, list(images),
+                                                  speed=int(request.bwlimit or 0) * 1024)
+                        status = live.resume(qmp)
+                    except BaseException:
+                        _stop_guest(entry, qmp)
+                        raise
             except BaseException as exc:
-                if qmp is None and _answers(entry.qmp_socket):
-                    # started, but not reached in time
-                    qmp = QmpSession(entry.qmp_socket).connect()
-                if qmp is not None:
-                    live.stop_guest(qmp)
-                if server is not None:
-                    stop_server(server[0], server[2], entry.vmid)
                 for path in images.values():
                     if os.path.exists(path):
                         os.unlink(path)
@@ -159,7 +166,7 @@ def run_live_restore(request, opened, log=None):
         progress = live.stream_progress(qmp, entry.vmid)
         qmp.close()
     result.update(status=status, jobs=jobs, streams=progress,
-                  server_pid=server[1] if server else None,
+                  server_pid=server.pid,
                   seconds_until_running=round(time.monotonic() - started, 3))
     guest = storage.read_guest_config(record)
     guest.update(restored_from=record.id, images=images, live=True)

@@ -2,7 +2,7 @@
 guest filesystem is never mounted on the host (as Proxmox Backup Server's file restore does it).
 
 The appliance is Debian's kernel with a busybox initramfs holding LVM's ``lvm`` and
-util-linux's ``blkid`` (guest/debian_image.py builds it once per package versions, into
+util-linux's ``blkid`` (images/debian_image.py builds it once per package versions, into
 ``GUESTVAULT_APPLIANCE_CACHE`` or /var/cache/guestvault/appliance). Each request is one boot:
 
 - every backup disk is attached behind a new qcow2 overlay in the work directory, whose backing
@@ -11,7 +11,7 @@ util-linux's ``blkid`` (guest/debian_image.py builds it once per package version
 - the request goes in over fw_cfg, the status comes back on a small raw disk and the payload (a
   listing, or a tar stream of the extracted files) on a sparse raw disk of the size the caller
   allows, with ``werror=report`` so that a full host disk fails the write instead of pausing;
-- the appliance powers off when done (guest/appliance_init.py says what it does).
+- the appliance powers off when done (restore/appliance_init.py says what it does).
 
 KVM is used where a probe boot shows that it works (a paravirtual KVM may hang a real kernel:
 the verdict is kept next to the image); else TCG. ``GUESTVAULT_APPLIANCE_ACCEL`` forces one.
@@ -29,7 +29,7 @@ import time
 from ..errors import GuestvaultError
 from ..format import qemu_img
 from ..paths import appliance_cache
-from . import debian_image
+from ..images import debian_image
 from .appliance_init import INIT
 
 # qemu_fw_cfg carries the request; dm_mod is LVM's; the nls modules are vfat's code pages

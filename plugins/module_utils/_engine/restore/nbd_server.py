@@ -1,10 +1,13 @@
-"""A read-only NBD server over one datastore snapshot: each disk's fixed index as an export.
+"""A read-only NBD server over any set of block exports, on a unix socket.
 
-A live restore's images read through it until QEMU has copied them: every read is served from
-the chunks the index names, each checked (CRC, decryption, digest) before a byte of it is sent;
-the zero chunk is never read. It speaks the NBD protocol's fixed newstyle handshake
-(``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``, simple replies; structured replies and meta contexts are
-refused, which QEMU accepts) on a unix socket, one thread per connection.
+Live restore's images and file restore's appliance read through it the disks of a backup that
+QEMU cannot open as a file (a datastore snapshot: datastore/snapshot_export.py). An export is
+any object with ``name``, ``size`` and ``read(offset, length) -> bytes`` (raising a
+GuestvaultError when it cannot read); a server that ``holds`` its exports also calls
+``keep_chunks()`` (spare what it reads from a garbage collection) and reads one byte at
+``first_data_offset()`` (None: no data) before it listens. It speaks the NBD protocol's fixed
+newstyle handshake (``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``, simple replies; structured replies
+and meta contexts are refused, which QEMU accepts) on a unix socket, one thread per connection.
 
 Its life follows the copies: it stops once every client that connected has gone (QEMU drops
 the backing when a stream completes), or when nobody connected within ``idle_timeout``. A read
@@ -18,11 +21,10 @@ import os
 import socket
 import struct
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from ..errors import GuestvaultError
-from .image_restore import chunk_name, load_chunk, zero_digests
 
 NBDMAGIC = 0x4e42444d41474943
 IHAVEOPT = 0x49484156454F5054
@@ -39,71 +41,7 @@ INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
 TRANSMISSION_FLAGS = 1 | 2 | (1 << 8)
 CMD_READ, CMD_DISC, CMD_FLUSH, CMD_CACHE = 0, 2, 3, 5
 MAX_REQUEST = 32 << 20
-CACHED_CHUNKS = 8
 READERS = 4          # threads serving one connection's reads (decoding releases the GIL)
-
-
-class SnapshotExport:
-    """One disk of a snapshot, readable at any offset, chunk by checked chunk."""
-
-    def __init__(self, name, index, chunks, crypt, what):
-        self.name = name
-        self.index = index
-        self.chunks = chunks
-        self.crypt = crypt
-        self.what = what
-        self.size = index.size
-        self._zeros = zero_digests(index, crypt)
-        self._cache = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _chunk(self, position):
-        with self._lock:
-            data = self._cache.get(position)
-            if data is not None:
-                self._cache.move_to_end(position)
-                return data
-        digest = self.index.digest(position)
-        offset, end = self.index.chunk_range(position)
-        length = end - offset
-        if self._zeros.get(digest) == length:
-            data = bytes(length)
-        else:
-            data = bytes(load_chunk(self.chunks, digest, self.crypt,
-                                    chunk_name(self.what, offset, digest), length))
-        with self._lock:
-            self._cache[position] = data
-            while len(self._cache) > CACHED_CHUNKS:
-                self._cache.popitem(last=False)
-        return data
-
-    def read(self, offset, length):
-        parts = []
-        while length > 0:
-            position, inside = self.index.chunk_at(offset)
-            data = self._chunk(position)
-            piece = data[inside:inside + length]
-            parts.append(piece)
-            offset += len(piece)
-            length -= len(piece)
-        return b''.join(parts)
-
-    def keep_chunks(self):
-        """Touch every chunk the export reads, as garbage collection's mark does. Call it once
-        registered as a writer (``storage.writer()``): every later collection's cutoff is then
-        at most that start and these touches come after it, so no chunk is swept while served,
-        even if the snapshot's index goes. (On S3 this touches the cache's markers only: a
-        collection there does not sweep at all while a writer holds its lease.)"""
-        for digest in self.index.distinct_digests():
-            if digest not in self._zeros:
-                self.chunks.touch(digest, must_exist=False)
-
-    def first_data_offset(self):
-        """The offset of the first chunk that is not zero, or None."""
-        for _position, offset, length, digest in self.index:
-            if self._zeros.get(digest) != length:
-                return offset
-        return None
 
 
 class _Closed(Exception):
@@ -111,7 +49,7 @@ class _Closed(Exception):
 
 
 class NbdServer:
-    """Serve ``exports`` ({name: SnapshotExport}) on the unix socket ``path``."""
+    """Serve ``exports`` ({name: export}) on the unix socket ``path``."""
 
     def __init__(self, path, exports, on_error=None, idle_timeout=600.0, until_clients_gone=True):
         self.path = path
@@ -274,6 +212,44 @@ class NbdServer:
             self._reported = True
         if self.on_error is not None:
             self.on_error(exc, export, offset)
+
+
+class ThreadServer:
+    """A server for ``Format.open_block_exports``: the exports served by an ``NbdServer`` in a
+    thread of this process while the context is open (file restore; and the live-restore
+    server's process, which ``wait``s for it). ``hold``: touch every chunk served and read
+    each export's first data before listening (see the module docstring)."""
+
+    def __init__(self, path, on_error=None, idle_timeout=600.0, until_clients_gone=True,
+                 hold=False):
+        self.path = path
+        self.options = {'on_error': on_error, 'idle_timeout': idle_timeout,
+                        'until_clients_gone': until_clients_gone}
+        self.hold = hold
+        self._thread = None
+
+    @contextmanager
+    def serve(self, make_exports):
+        """Serve ``make_exports()`` ({name: export}); yields the socket's path."""
+        exports = make_exports()
+        if self.hold:
+            for export in exports.values():
+                export.keep_chunks()
+                offset = export.first_data_offset()
+                if offset is not None:
+                    export.read(offset, 1)
+        server = NbdServer(self.path, exports, **self.options).listen()
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread.start()
+        try:
+            yield self.path
+        finally:
+            server.shutdown()
+            self._thread.join(timeout=30)
+
+    def wait(self):
+        """Until the server ends by itself: every client gone, or none within the idle timeout."""
+        self._thread.join()
 
 
 def _recv(conn, size):
