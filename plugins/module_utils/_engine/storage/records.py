@@ -21,11 +21,19 @@ class _JsonRecord:
 
     @classmethod
     def _known(cls):
-        return [f.name for f in fields(cls) if not f.name.startswith('_')]
+        """The field names, in order; computed once per class (listing thousands of backups
+        reads every manifest through here)."""
+        known = cls.__dict__.get('_known_names')
+        if known is None:
+            known = tuple(f.name for f in fields(cls) if not f.name.startswith('_'))
+            cls._known_names = known
+            cls._known_set = frozenset(known)
+        return known
 
     @classmethod
     def from_dict(cls, data):
-        known = cls._known()
+        cls._known()
+        known = cls._known_set
         record = cls(**{k: cls._parse(k, v) for k, v in data.items() if k in known})
         record._order = tuple(data)
         record._unknown = {k: v for k, v in data.items() if k not in known}
