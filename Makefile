@@ -13,6 +13,9 @@ export ANSIBLE_NOCOLOR := 1
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils python3-venv git shellcheck zstd ovmf systemd openssh-server e2fsprogs python3-libnbd
 # Only the benchmarks need these (bench/datastore_bench.py compares with borg).
 BENCH_PACKAGES := borgbackup
+# LXC containers (issue 22): without lxc's recommends (apparmor, lxcfs, dnsmasq, uidmap), which
+# would change how containers start on the node and are not needed to back them up.
+CONTAINER_PACKAGES := lxc rsync btrfs-progs busybox-static pigz lzop
 
 .PHONY: demo test deps bench-deps install-packages venv collection unit integration sanity molecule bench clean
 
@@ -23,6 +26,8 @@ test: deps venv collection unit integration molecule sanity
 
 deps:
 	@$(MAKE) --no-print-directory install-packages PACKAGES="$(SYSTEM_PACKAGES)"
+	@$(MAKE) --no-print-directory install-packages PACKAGES="$(CONTAINER_PACKAGES)" \
+	  APT_FLAGS=--no-install-recommends
 
 bench-deps:
 	@$(MAKE) --no-print-directory install-packages PACKAGES="$(SYSTEM_PACKAGES) $(BENCH_PACKAGES)"
@@ -33,7 +38,7 @@ install-packages:
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_FLAGS) $$missing >/dev/null; \
 	fi
 
 venv: $(VENV)/.installed
