@@ -59,6 +59,11 @@ class BackupFailed(GuestvaultError):
     """A backup job failed or was cancelled; nothing was kept."""
 
 
+class ArchiveError(GuestvaultError):
+    """tar or a compressor failed while writing or reading a vzdump archive; the message names
+    the tool and ends with the tail of its own error output."""
+
+
 class HookFailed(GuestvaultError):
     """The hook script exited non-zero in a phase that aborts the backup."""
 

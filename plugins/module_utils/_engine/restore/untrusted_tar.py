@@ -42,9 +42,10 @@ def member_path(name):
     return '/'.join(parts)
 
 
-def extract(stream, dest, max_bytes=None):
+def extract(stream, dest, max_bytes=None, select=None):
     """Extract the tar ``stream`` (a binary file object, read once from its start) into
-    ``dest``, an empty directory; at most ``max_bytes`` of file data, if given.
+    ``dest``, an empty directory; at most ``max_bytes`` of file data, if given; only the
+    members whose path (``member_path``) ``select`` accepts, if given.
 
     Returns ``{'files': n, 'bytes': n, 'directories': n, 'links': n, 'not_extracted':
     [names of device nodes, FIFOs and other special members]}``. On any error ``dest`` is
@@ -58,7 +59,8 @@ def extract(stream, dest, max_bytes=None):
         try:
             with tarfile.open(fileobj=stream, mode='r|') as archive:
                 for member in archive:
-                    tree.add(archive, member)
+                    if select is None or select(member_path(member.name)):
+                        tree.add(archive, member)
             tree.finish_directories()
         except tarfile.TarError as exc:
             raise UnsafeMember(f"the tar stream is unreadable ({exc}); nothing was "

@@ -12,6 +12,7 @@ from ..datastore.backends.s3 import S3Bucket
 from ..datastore.build import build_datastore
 from ..errors import ConfigError, GuestNotFound
 from ..format.qcow2 import Qcow2Chain
+from ..format.vzdump_archive.archives import VzdumpArchives
 from ..guest.registry import GuestEntry, load_guest, validate_vmid
 from ..paths import CONFIG_DIR
 from ..policy.config import load_s3_endpoint, load_storage
@@ -80,6 +81,9 @@ def require_storage(config_dir, storage=None, dumpdir=None, node=None):
     return store
 
 
-def format_of(storage):
-    """The Format of the backups on ``storage`` (a datastore carries its own: it holds the key)."""
+def format_of(storage, record=None):
+    """The Format of the backups on ``storage`` (a datastore carries its own: it holds the key);
+    of ``record`` when given, which on a directory storage may be a vzdump archive."""
+    if record is not None and record.archive is not None:
+        return VzdumpArchives()
     return getattr(storage, 'format', None) or _FORMATS[storage.kind]()

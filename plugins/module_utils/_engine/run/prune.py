@@ -80,27 +80,31 @@ def prune_guest(storage, vmid, policy, tz, check_mode, lockwait, log):
                 log(f"{'completed' if applied else 'dropped'} an interrupted manifest update of "
                     f"{backup_id}")
         backups, damaged = storage.scan(vmid)
-        by_time = {b.manifest.time: b for b in backups}
+        # Keyed by id: a qcow2 backup and a vzdump archive of one guest may share a time.
+        by_id = {b.id: b for b in backups}
         marks = select_for_prune(
-            [{'id': b.manifest.time, 'time': b.time, 'protected': b.protected} for b in backups],
+            [{'id': b.id, 'time': b.time, 'protected': b.protected} for b in backups],
             policy, tz)
         removed = {m.id for m in marks if m.mark == 'remove'}
-        plan = fmt.plan_removal(backups, removed)
-        sizes = {t: storage.backup_size(b) for t, b in by_time.items()}
-        report = [{'id': by_time[m.id].id, 'vmid': vmid, 'time': m.id, 'mark': m.mark,
-                   'rule': m.rule, 'size': sizes[m.id], 'protected': by_time[m.id].protected,
-                   'level': by_time[m.id].manifest.level} for m in marks]
+        plan = fmt.plan_removal([b for b in backups if b.archive is None],
+                                {by_id[i].manifest.time for i in removed
+                                 if by_id[i].archive is None})
+        sizes = {i: storage.backup_size(b) for i, b in by_id.items()}
+        report = [{'id': m.id, 'vmid': vmid, 'time': by_id[m.id].manifest.time,
+                   'mark': m.mark, 'rule': m.rule, 'size': sizes[m.id],
+                   'protected': by_id[m.id].protected,
+                   'level': by_id[m.id].manifest.level} for m in marks]
         fold_report = [{'id': r.id, 'new_parent': p} for r, p in plan]
         if check_mode:
             return report, fold_report, sum(sizes[t] for t in removed), damaged
         before = sum(sizes.values())
         fmt.apply_removal_plan(storage, plan, log)
-        for time_id in sorted(removed):
-            storage.remove(by_time[time_id])
-            log(f"removed {by_time[time_id].id}")
+        for backup_id in sorted(removed, key=lambda i: by_id[i].time):
+            storage.remove(by_id[backup_id])
+            log(f"removed {backup_id}")
         # Sizes of what is kept, read again (a fold changes them), without listing the guest
         # again: with thousands of snapshots that listing is what a prune would spend most on.
-        kept = [b for t, b in by_time.items() if t not in removed]
+        kept = [b for i, b in by_id.items() if i not in removed]
         freed = before - _guest_bytes(storage, kept)
         return report, fold_report, freed, damaged
 

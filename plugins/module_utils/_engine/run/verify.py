@@ -56,7 +56,7 @@ def _verify(opened, check_mode):
         return {'changed': False, 'backup': exc.damaged.id, 'verify_state': 'failed',
                 'problems': [str(exc)], 'chain': [], 'previous_state': 'unknown',
                 'warnings': warnings}
-    chain, problems = format_of(store).verify(store, record, check_mode=check_mode)
+    chain, problems = format_of(store, record).verify(store, record, check_mode=check_mode)
     state = {'state': 'failed' if problems else 'ok', 'problems': problems,
              'time': format_time(datetime.now(timezone.utc)),
              'chain': [r.manifest.time for r in chain]}

@@ -70,6 +70,9 @@ def resolve(storage, vmid, backup='latest', until=None, warnings=None):
             warnings.append(damaged_warning(newer, f"Using {backups[-1].id}, the newest good "
                                                    "backup"))
         return backups[-1]
+    named = next((r for r in backups if r.archive is not None and r.id == str(backup)), None)
+    if named is not None:
+        return named        # a vzdump archive, named by its file name as PVE's volids are
     match = _ID.match(str(backup))
     if match and match.group(1) and int(match.group(1)) != int(vmid):
         raise ConfigError(f"backup {backup} belongs to guest {match.group(1)}, not to guest "
@@ -77,7 +80,8 @@ def resolve(storage, vmid, backup='latest', until=None, warnings=None):
     example = backups[-1].manifest.time if backups else '2025-01-31T12:00:00Z'
     if not match:
         raise ConfigError(f"backup {backup!r} is not a backup id of guest {vmid}: use 'latest', "
-                          f"a time like {example} or vm/{vmid}/<time>")
+                          f"a time like {example}, vm/{vmid}/<time> or an archive's file name "
+                          f"(vzdump-lxc-{vmid}-<time>.tar.zst)")
     wanted = match.group(2)
     for record in backups:
         if record.manifest.time == wanted:

@@ -3,6 +3,12 @@
 ``<path>/vm/<vmid>/<time>/`` holds one backup. It is written as ``.<time>.tmp/`` and renamed only
 once every file in it is on disk, so a backup directory that exists is complete; anything a crash
 leaves behind is a hidden ``.tmp`` directory that the next run of that guest removes.
+
+vzdump archives (``<path>/vzdump-lxc-<vmid>-<time>.tar.zst``, storage/vzdump_names.py) in the
+same directory are backups of their guest too (``ArchiveRecord``), with PVE's companions
+(``<archive>.notes``, ``<archive>.protected``, ``<stem>.log``) as their state; guestvault adds
+``<archive>.verify.json`` for the last verify. A ``.dat`` (an archive being written) is never
+listed; one a killed run left is a stale path.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from datetime import timedelta, timezone
 
 from ..errors import ConfigError, GuestvaultError, LockTimeout, StorageError
 from ..times import format_time, parse_time
-from .records import BackupRecord, DamagedBackup, Manifest, as_manifest
+from . import vzdump_names
+from .records import ArchiveRecord, BackupRecord, DamagedBackup, Manifest, as_manifest
 from .files import fsync_path, write_file_atomic
 
 INDEX = 'index.json'
@@ -27,6 +34,7 @@ NOTES = 'notes'
 GUEST_CONFIG = 'guest.json'
 CLIENT_LOG = 'client.log'
 VERIFY = 'verify.json'
+ARCHIVE_VERIFY_EXT = '.verify.json'
 # How far the newest backup's name may lie ahead of the clock before a backup is refused.
 CLOCK_SKEW_LIMIT = 120
 
@@ -252,10 +260,8 @@ class DirStorage:
         (and a datastore's GC used to sweep its chunks). Anything else is not ours and is
         skipped."""
         gdir = self.guest_dir(vmid)
-        if not os.path.isdir(gdir):
-            return [], []
-        found, damaged = [], []
-        for name in sorted(os.listdir(gdir)):
+        found, damaged = self._archives(vmid), []
+        for name in sorted(os.listdir(gdir)) if os.path.isdir(gdir) else ():
             path = os.path.join(gdir, name)
             if name.startswith('.') or not os.path.isdir(path):
                 continue
@@ -272,6 +278,35 @@ class DirStorage:
                                       self))
         found.sort(key=lambda b: b.time)
         return found, damaged
+
+    def _archive_names(self):
+        """The parsed vzdump archive names in the storage's directory (regular files only)."""
+        found = []
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                parsed = vzdump_names.parse(entry.name)
+                if parsed is not None and entry.is_file(follow_symlinks=False):
+                    found.append(parsed)
+        return found
+
+    def _archives(self, vmid):
+        """Guest ``vmid``'s vzdump archives as records (complete: a ``.dat`` is not listed)."""
+        return [ArchiveRecord(os.path.join(self.path, a.name), a,
+                              os.path.exists(os.path.join(self.path, a.protected_name)), self)
+                for a in self._archive_names() if a.vmid == int(vmid)]
+
+    def _state_file(self, record, name):
+        """Where one piece of a backup's small state lives: in its directory, or for an
+        archive beside it as PVE names it (``<archive>.notes``, ``<archive>.protected``)."""
+        if record.archive is None:
+            return os.path.join(record.path, name)
+        return record.path + {NOTES: vzdump_names.NOTES_EXT,
+                              PROTECTED: vzdump_names.PROTECTED_EXT,
+                              VERIFY: ARCHIVE_VERIFY_EXT}[name]
+
+    def _no_manifest(self, record):
+        return StorageError(f"backup {record.id} is a vzdump archive: it has no manifest to "
+                            "change")
 
     def backups(self, vmid):
         return self.scan(vmid)[0]
@@ -300,10 +335,12 @@ class DirStorage:
     def stale_paths(self, vmid):
         """What killed runs left in the guest's directory: hidden ``.tmp`` entries."""
         gdir = self.guest_dir(vmid)
+        found = [os.path.join(self.path, name) for name in sorted(os.listdir(self.path))
+                 if vzdump_names.is_dat_of(name, vmid)]
         if not os.path.isdir(gdir):
-            return []
-        return [os.path.join(gdir, name) for name in sorted(os.listdir(gdir))
-                if name.startswith('.') and name.endswith('.tmp')]
+            return found
+        return found + [os.path.join(gdir, name) for name in sorted(os.listdir(gdir))
+                        if name.startswith('.') and name.endswith('.tmp')]
 
     def remove_stale(self, vmid):
         """Remove what killed runs left (call with the guest's lock held); return the names."""
@@ -375,52 +412,70 @@ class DirStorage:
 
     def guest_ids(self):
         root = os.path.join(self.path, 'vm')
-        if not os.path.isdir(root):
-            return []
-        return sorted(int(name) for name in os.listdir(root) if name.isdigit())
+        found = {a.vmid for a in self._archive_names()}
+        if os.path.isdir(root):
+            found.update(int(name) for name in os.listdir(root) if name.isdigit())
+        return sorted(found)
 
     def remove(self, record):
         """Make the backup invisible in one rename, then delete it."""
         # Asked on disk, not from the listing: protection may have been set since.
-        if record.protected or os.path.exists(os.path.join(record.path, PROTECTED)):
+        if record.protected or os.path.exists(self._state_file(record, PROTECTED)):
             raise StorageError(f"backup {record.id} is protected and is not removed")
         self.inside(record.path)
+        if record.archive is not None:
+            self._remove_archive(record)
+            return
         hidden = os.path.join(os.path.dirname(record.path),
                               f".{os.path.basename(record.path)}.removing.tmp")
         os.rename(record.path, hidden)
         fsync_path(os.path.dirname(record.path))
         shutil.rmtree(hidden)
 
+    def _remove_archive(self, record):
+        """An archive goes in one unlink (as pve-storage's archive_remove), then its
+        companions: its log, notes and verify state (protection was refused above)."""
+        os.unlink(record.path)
+        fsync_path(self.path)
+        for path in (os.path.join(self.path, record.archive.log_name),
+                     self._state_file(record, NOTES), self._state_file(record, VERIFY)):
+            _set_or_remove(path, None)
+
     # -- the small mutable state of one backup ---------------------------------------------
     def set_protected(self, record, protected):
-        _set_or_remove(os.path.join(record.path, PROTECTED), '' if protected else None)
+        _set_or_remove(self._state_file(record, PROTECTED), '' if protected else None)
         record.protected = protected
 
     def read_notes(self, record):
-        return _read_text(os.path.join(record.path, NOTES))
+        return _read_text(self._state_file(record, NOTES))
 
     def set_notes(self, record, notes):
-        _set_or_remove(os.path.join(record.path, NOTES), notes or None)
+        _set_or_remove(self._state_file(record, NOTES), notes or None)
 
     def read_guest_config(self, record):
-        """The guest as the backup captured it ({} when unreadable)."""
+        """The guest as the backup captured it ({} when unreadable; an archive's configuration
+        is inside it, for its format to read)."""
+        if record.archive is not None:
+            return {}
         try:
             return json.loads(_read_text(os.path.join(record.path, GUEST_CONFIG)) or '{}')
         except ValueError:
             return {}
 
     def read_verify_state(self, record):
-        text = _read_text(os.path.join(record.path, VERIFY))
+        text = _read_text(self._state_file(record, VERIFY))
         try:
             return json.loads(text) if text else None
         except ValueError:
             return None
 
     def write_verify_state(self, record, state):
-        write_file_atomic(os.path.join(record.path, VERIFY),
+        write_file_atomic(self._state_file(record, VERIFY),
                           json.dumps(state, indent=2, sort_keys=True) + '\n')
 
     def backup_size(self, record):
+        if record.archive is not None:
+            return os.path.getsize(record.path)
         total = 0
         for name in os.listdir(record.path):
             try:
@@ -430,7 +485,12 @@ class DirStorage:
         return total
 
     def file(self, record, name):
-        """The path of one of a backup's files (formats read their images through this)."""
+        """The path of one of a backup's files (formats read their images through this); an
+        archive is its one file (``name`` None or its own name)."""
+        if record.archive is not None:
+            if name not in (None, record.archive.name):
+                raise StorageError(f"backup {record.id} is one archive file; it has no {name}")
+            return record.path
         return os.path.join(record.path, name)
 
     # -- replacing a manifest ----------------------------------------------------------------
@@ -440,6 +500,8 @@ class DirStorage:
         A crash in between leaves the pending manifest, which ``pending_manifests`` lists for
         the format to complete or drop (it alone can tell whether its files already match).
         """
+        if record.archive is not None:
+            raise self._no_manifest(record)
         pending = os.path.join(record.path, PENDING_INDEX)
         write_file_atomic(pending, json.dumps(as_manifest(manifest).to_dict(), indent=2,
                                               sort_keys=True) + '\n')
@@ -455,6 +517,8 @@ class DirStorage:
         """[(record, pending Manifest or None if unreadable, pending path)]."""
         found = []
         for record in self.backups(vmid):
+            if record.archive is not None:
+                continue
             pending = os.path.join(record.path, PENDING_INDEX)
             if not os.path.exists(pending):
                 continue
@@ -468,6 +532,8 @@ class DirStorage:
 
     def update_manifest(self, record, **changes):
         """Change keys of a committed backup's manifest, in the two steps above."""
+        if record.archive is not None:
+            raise self._no_manifest(record)
         changed = record.manifest.to_dict()
         changed.update(changes)
         self.commit_manifest(record, self.stage_manifest(record, changed))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, fields
 
-from ..times import parse_time
+from ..times import format_time, parse_time
 
 
 class _JsonRecord:
@@ -150,6 +150,8 @@ class BackupRecord:
     """A complete backup as found on a storage: its location, manifest and protection, and the
     storage it lives on (for its notes, verify state and manifest updates)."""
 
+    archive = None      # a vzdump archive's parsed name (ArchiveRecord); None: a backup directory
+
     def __init__(self, path, manifest, protected, storage=None):
         self.path = path
         self.manifest = as_manifest(manifest)
@@ -206,6 +208,33 @@ class BackupRecord:
 
     def __repr__(self):
         return f"BackupRecord({self.id!r}, level={self.manifest.level!r})"
+
+
+class ArchiveRecord(BackupRecord):
+    """A vzdump archive (``vzdump-lxc-<vmid>-<time>.tar.zst``) on a directory storage: one file,
+    always a full backup, with PVE's companions (``.notes``, ``.protected``, ``.log``) beside it.
+    Its manifest is made from its name (vmid, time, level ``full``, compression): there is no
+    manifest file to update. Its id is its file name, as PVE's volume ids name it."""
+
+    def __init__(self, path, archive, protected, storage=None):
+        super().__init__(path, Manifest.from_dict({
+            'vmid': archive.vmid, 'time': format_time(archive.time), 'level': 'full',
+            'compress': archive.compression, 'type': archive.type,
+            'archive_format': archive.format}), protected, storage)
+        self.archive = archive
+
+    @property
+    def id(self):
+        return self.archive.name
+
+    def as_result(self):
+        result = super().as_result()
+        result.update(type=self.archive.type, format='vzdump', archive=self.archive.name,
+                      compression=self.archive.compression)
+        return result
+
+    def __repr__(self):
+        return f"ArchiveRecord({self.id!r})"
 
 
 class DamagedBackup:
