@@ -175,7 +175,8 @@ def _write_error(exc):
 
 def _tool_error(name, code, stderr):
     tail = ' | '.join(line for line in stderr.strip().splitlines()[-5:] if line.strip())
-    if 'No space left on device' in stderr:
+    # tar says only 'Wrote only N of M bytes' when the archive's file system is full
+    if 'No space left on device' in stderr or 'Wrote only' in stderr:
         return StorageError(f"{name} failed: no space left on the device ({tail}); free space "
                             "there or choose another storage")
     return ArchiveError(f"{name} exited with status {code}: {tail or 'no message'}")
