@@ -123,12 +123,13 @@ def run_prune(request, log=None):
               'storage_path': storage.path}
     result['warnings'] = []
     result['damaged'] = []
-    if request.vmid is not None and storage.scan(request.vmid) == ([], []):
-        result['warnings'].append(f"guest {request.vmid} has no backups on {storage.label}; "
-                                  "is the vmid right?")
     for vmid in vmids:
         report, folds, freed, damaged = prune_guest(storage, vmid, policy, request.timezone,
                                                     request.check_mode, request.lockwait, log)
+        if request.vmid is not None and not report and not damaged:
+            # From prune_guest's own listing: a second one costs seconds for many backups.
+            result['warnings'].append(f"guest {request.vmid} has no backups on "
+                                      f"{storage.label}; is the vmid right?")
         result['warnings'] += [damaged_warning(broken) for broken in damaged]
         result['damaged'] += [broken.id for broken in damaged]
         result['backups'] += report

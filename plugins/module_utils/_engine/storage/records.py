@@ -30,13 +30,22 @@ class _JsonRecord:
             cls._known_set = frozenset(known)
         return known
 
+    _parsed = ()        # the keys whose JSON value ``_parse`` turns into something else
+
     @classmethod
     def from_dict(cls, data):
         cls._known()
         known = cls._known_set
-        record = cls(**{k: cls._parse(k, v) for k, v in data.items() if k in known})
+        if known.issuperset(data):  # the usual case, with no per-key work
+            record = cls(**data)
+            record._unknown = {}
+        else:
+            record = cls(**{k: v for k, v in data.items() if k in known})
+            record._unknown = {k: v for k, v in data.items() if k not in known}
+        for key in cls._parsed:
+            if key in data:
+                setattr(record, key, cls._parse(key, data[key]))
         record._order = tuple(data)
-        record._unknown = {k: v for k, v in data.items() if k not in known}
         return record
 
     @classmethod
@@ -123,10 +132,10 @@ class Manifest(_JsonRecord):
     _order: tuple = field(default=(), repr=False, compare=False)
     _unknown: dict = field(default_factory=dict, repr=False, compare=False)
 
+    _parsed = ('disks',)
+
     @classmethod
     def _parse(cls, key, value):
-        if key != 'disks':
-            return value
         return [d if isinstance(d, DiskEntry) else DiskEntry.from_dict(d) for d in value]
 
     def _dump(self, key, value):
