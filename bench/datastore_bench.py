@@ -98,7 +98,7 @@ class Lab:
 
     def datastore(self, storage_id, create_chunks=True, **options):
         """A fresh datastore section; returns (path, seconds to create its chunk store)."""
-        from guestvault_engine.datastore.chunk_store import ChunkStore
+        from guestvault_engine.datastore.chunk_store import FileChunkStore
         path = os.path.join(self.run, 'ds', storage_id)
         os.makedirs(path)
         lines = [f"datastore: {storage_id}", f"\tpath {path}"]
@@ -109,7 +109,7 @@ class Lab:
         seconds = 0.0
         if create_chunks:   # an empty datastore, as `proxmox-backup-manager datastore create`
             started = time.monotonic()
-            ChunkStore(path).create()
+            FileChunkStore(path).create()
             seconds = time.monotonic() - started
         return path, seconds
 

@@ -3,7 +3,7 @@
 a plain listing of the same ``.chunks`` directory, in one run.
 
 A benchmark, not a test: it prints times and ratios and asserts none. It builds a store (all
-65536 prefix directories, as PBS and ``ChunkStore.create`` make them) holding ``--chunks`` tiny
+65536 prefix directories, as PBS and ``FileChunkStore.create`` make them) holding ``--chunks`` tiny
 fake chunk files (a valid 12-byte-header blob each, random digest names, not the digests of their
 data: GC never reads chunks), one fixed index naming ``--referenced`` of them, and every chunk's
 atime set two days back. Then, timed:
@@ -39,7 +39,7 @@ def load_engine():
 
 def build_store(base, count, referenced):
     from guestvault_engine.datastore import blob, chunk_store, fixed_index
-    store = chunk_store.ChunkStore(base)
+    store = chunk_store.FileChunkStore(base)
     started = time.monotonic()
     store.create()
     created = time.monotonic() - started

@@ -118,7 +118,7 @@ def main():
         row('qemu-img convert -O qcow2 + fsync', convert_time)
 
         def fresh_store(name):
-            store = chunk_store.ChunkStore(os.path.join(work, name))
+            store = chunk_store.FileChunkStore(os.path.join(work, name))
             store.create()
             return store
 

@@ -50,8 +50,8 @@ def one_round(run, guest, cluster, storage_id, number):
     cache = os.path.join(run, f'cache-{number}')
     os.makedirs(local_path, exist_ok=True)
     # an empty datastore, as PBS creates one: its 65536 directories are not the backup's work
-    from guestvault_engine.datastore.chunk_store import ChunkStore
-    ChunkStore(local_path).create()
+    from guestvault_engine.datastore.chunk_store import FileChunkStore
+    FileChunkStore(local_path).create()
     bucket = f"bench-{uuid.uuid4().hex[:10]}"
     cluster.create_bucket(bucket)
     cluster.configure(config_dir, cache, bucket,

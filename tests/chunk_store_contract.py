@@ -1,5 +1,5 @@
 """The contract of a datastore's chunk store, as one suite every kind runs: the local store
-(chunk_store.ChunkStore, files under ``.chunks``) and the store over a Backend
+(chunk_store.FileChunkStore, files under ``.chunks``) and the store over a Backend
 (object_chunks.ObjectChunkStore) on the memory double and on a directory in
 tests/unit/test_chunk_store_contract.py, on S3 (SeaweedFS) in tests/integration/test_s3_backend.py.
 

@@ -12,7 +12,7 @@ import pytest
 
 from guestvault_engine.errors import (BackupDamaged, BackupFailed, CorruptData,
                                       EncryptionKeyError, GuestvaultError)
-from guestvault_engine.datastore.chunk_store import ChunkStore
+from guestvault_engine.datastore.chunk_store import FileChunkStore
 from guestvault_engine.datastore.file_formats import (ENCRYPTED_BLOB_MAGIC,
                                                       ENCRYPTED_COMPRESSED_BLOB_MAGIC)
 from guestvault_engine.datastore.fixed_index import read_fixed_index
@@ -67,7 +67,7 @@ def backups_in(datastore, vmid):
 
 
 def chunk_files(datastore):
-    return sorted(path for path, _name, bad in ChunkStore(datastore).chunk_files() if not bad)
+    return sorted(path for path, _name, bad in FileChunkStore(datastore).chunk_files() if not bad)
 
 
 def test_full_and_incrementals_restore_bit_exact_and_are_pbs_snapshots(
@@ -107,7 +107,7 @@ def test_full_and_incrementals_restore_bit_exact_and_are_pbs_snapshots(
     with open(os.path.join(snap, 'index.json.blob'), 'rb') as handle:
         manifest = BackupManifest.decode(handle.read())
     assert manifest.backup_type == 'vm' and manifest.backup_id == str(guest.vmid)
-    store = ChunkStore(datastore)
+    store = FileChunkStore(datastore)
     for info in manifest.files:
         if info.filename.endswith('.fidx'):
             index = read_fixed_index(os.path.join(snap, info.filename))
@@ -191,7 +191,7 @@ def test_verify_finds_a_corrupt_chunk_renames_it_and_the_next_backup_heals_it(
     second = backup(guest, config_dir, level='full')   # the same chunks, a second snapshot
     index = read_fixed_index(os.path.join(datastore, 'vm', str(guest.vmid), first['time'],
                                           'drive-vd0.img.fidx'))
-    store = ChunkStore(datastore)
+    store = FileChunkStore(datastore)
     victim = store.chunk_path(index.digest(2))
     with open(victim, 'r+b') as handle:
         handle.seek(40)
@@ -426,7 +426,7 @@ def test_verify_and_restore_name_the_snapshot_the_disk_and_the_offset(
     taken = backup(guest, config_dir)
     snap = os.path.join(datastore, 'vm', str(guest.vmid), taken['time'])
     index_path = os.path.join(snap, 'drive-vd0.img.fidx')
-    chunk = ChunkStore(datastore).chunk_path(read_fixed_index(index_path).digest(3))
+    chunk = FileChunkStore(datastore).chunk_path(read_fixed_index(index_path).digest(3))
     if damage == 'missing chunk':
         os.unlink(chunk)
     elif damage == 'unknown magic':

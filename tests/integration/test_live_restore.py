@@ -333,7 +333,7 @@ def test_a_linux_guest_answers_its_agent_before_its_disk_is_copied_and_ends_clea
 
 def test_a_damaged_chunk_met_during_a_datastore_live_restore_pauses_the_guest_and_says_why(
         make_guest, tmp_path, config_dir, datastore_path, monkeypatch):
-    from guestvault_engine.datastore.chunk_store import ChunkStore
+    from guestvault_engine.datastore.chunk_store import FileChunkStore
     from guestvault_engine.datastore.fixed_index import read_fixed_index
     monkeypatch.setenv('GUESTVAULT_FLEECING_DIR', str(tmp_path / 'fleecing'))
     with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
@@ -345,7 +345,7 @@ def test_a_damaged_chunk_met_during_a_datastore_live_restore_pauses_the_guest_an
                                                  config_dir=config_dir, storage='ds'))
     snapshot = os.path.join(datastore_path, 'vm', str(guest.vmid), result['time'])
     digest = read_fixed_index(os.path.join(snapshot, 'drive-vd0.img.fidx')).digest(10)
-    with open(ChunkStore(datastore_path).chunk_path(digest), 'r+b') as handle:
+    with open(FileChunkStore(datastore_path).chunk_path(digest), 'r+b') as handle:
         handle.seek(20)
         handle.write(b'damaged')
     workdir = str(tmp_path / 'restored')

@@ -52,7 +52,7 @@ def snapshot(tmp_path, monkeypatch):
     """A local datastore holding one snapshot of a raw image: (storage, format, record, image)."""
     image = make_image(str(tmp_path / 'disk.raw'))
     monkeypatch.setattr(chunk_store, 'SUBDIR_COUNT', 0)
-    chunks = chunk_store.ChunkStore(str(tmp_path / 'ds'))
+    chunks = chunk_store.FileChunkStore(str(tmp_path / 'ds'))
     chunks.create()
     monkeypatch.undo()
     storage = DatastoreStorage(str(tmp_path / 'ds'), 'ds', SnapshotCodec(None))

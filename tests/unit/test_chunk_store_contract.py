@@ -5,6 +5,8 @@ import pytest
 
 from chunk_store_contract import *  # noqa: F401,F403 pylint: disable=wildcard-import,unused-wildcard-import
 from chunk_store_contract import Harness
+from storage_contract import assert_conforms
+from guestvault_engine.datastore.chunks import ChunkStore
 from guestvault_engine.datastore import chunk_store
 from guestvault_engine.datastore.backends.local import LocalBackend
 from guestvault_engine.datastore.backends.memory import MemoryBackend
@@ -16,7 +18,7 @@ def chunks(request, tmp_path, monkeypatch):
     if request.param == 'local store':
         # a store without its 65536 prefix directories (made as chunks need them)
         monkeypatch.setattr(chunk_store, 'SUBDIR_COUNT', 0)
-        store = chunk_store.ChunkStore(tmp_path / 'datastore')
+        store = chunk_store.FileChunkStore(tmp_path / 'datastore')
         store.prepare()
 
         def damage(digest, raw):
@@ -30,3 +32,13 @@ def chunks(request, tmp_path, monkeypatch):
     store = ObjectChunkStore(backend, tmp_path / 'cache')
     store.prepare()
     return Harness(store, lambda digest, raw: backend.put(store.key(digest), raw), tmp_path)
+
+
+@pytest.mark.parametrize('implementation', [chunk_store.FileChunkStore, ObjectChunkStore])
+def test_each_chunk_store_has_the_protocols_members(implementation):
+    assert_conforms(implementation, ChunkStore)
+
+
+def test_the_stores_under_test_are_chunk_stores(chunks):
+    assert_conforms(type(chunks.store), ChunkStore, chunks.store)
+    assert isinstance(chunks.store, ChunkStore)

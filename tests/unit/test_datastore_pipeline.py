@@ -53,7 +53,7 @@ def overwrite(path, offset, data):
 def store(tmp_path, monkeypatch):
     """A store without the 65536 prefix directories (insert makes the ones it needs)."""
     monkeypatch.setattr(chunk_store, 'SUBDIR_COUNT', 0)
-    made = chunk_store.ChunkStore(tmp_path / 'store')
+    made = chunk_store.FileChunkStore(tmp_path / 'store')
     made.create()
     monkeypatch.undo()
     return made

@@ -20,7 +20,7 @@ OLD = 1_000_000
 def datastore(tmp_path, monkeypatch):
     """A datastore (storage and chunk store) whose chunks are all older than any cutoff."""
     monkeypatch.setattr(chunk_store, 'SUBDIR_COUNT', 0)
-    chunks = chunk_store.ChunkStore(tmp_path)
+    chunks = chunk_store.FileChunkStore(tmp_path)
     chunks.create()
     monkeypatch.undo()
     return DatastoreStorage(str(tmp_path), 'ds', SnapshotCodec()), chunks

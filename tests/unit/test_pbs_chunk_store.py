@@ -18,7 +18,7 @@ def test_chunk_path_is_chunks_first_two_bytes_in_hex_then_the_digest():
     digest = bytes([0xab, 0x0c]) + bytes(range(30))
     assert chunk_store.chunk_relpath(digest) == os.path.join('.chunks', 'ab0c', digest.hex())
     assert chunk_store.chunk_relpath(digest.hex().upper()) == chunk_store.chunk_relpath(digest)
-    store = chunk_store.ChunkStore('/srv/store')
+    store = chunk_store.FileChunkStore('/srv/store')
     assert store.chunk_path(digest) == f"/srv/store/.chunks/ab0c/{digest.hex()}"
     with pytest.raises(ValueError):
         chunk_store.chunk_relpath(b'short')
@@ -29,7 +29,7 @@ def test_chunk_path_is_chunks_first_two_bytes_in_hex_then_the_digest():
 def test_create_makes_every_prefix_directory_and_the_lock(tmp_path, monkeypatch):
     assert chunk_store.SUBDIR_COUNT == 65536            # 0000 .. ffff, as PBS creates them
     monkeypatch.setattr(chunk_store, 'SUBDIR_COUNT', 20)
-    store = chunk_store.ChunkStore(tmp_path)
+    store = chunk_store.FileChunkStore(tmp_path)
     assert not store.exists()
     with pytest.raises(StorageError, match='not a datastore'):
         store.check()
@@ -47,7 +47,7 @@ def test_create_makes_every_prefix_directory_and_the_lock(tmp_path, monkeypatch)
 def store(tmp_path, monkeypatch):
     """A store whose prefix directories are made when a test needs them (65536 take seconds)."""
     monkeypatch.setattr(chunk_store, 'SUBDIR_COUNT', 0)
-    made = chunk_store.ChunkStore(tmp_path)
+    made = chunk_store.FileChunkStore(tmp_path)
     made.create()
     monkeypatch.undo()
     return made

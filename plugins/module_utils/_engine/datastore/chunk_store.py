@@ -75,7 +75,7 @@ def zero_chunk(chunk_size=DEFAULT_CHUNK_SIZE, crypt=None):
     return encode_chunk(bytes(chunk_size), crypt)
 
 
-class ChunkStore:
+class FileChunkStore:
     """The ``.chunks`` directory of one datastore on a local (or mounted) file system."""
 
     def __init__(self, base):
@@ -85,7 +85,7 @@ class ChunkStore:
         self._files = DirectFiles()
 
     def __repr__(self):
-        return f"ChunkStore({self.base!r})"
+        return f"FileChunkStore({self.base!r})"
 
     @property
     def where(self):

@@ -24,7 +24,7 @@ from ..format.base import BlockExport, TargetImage
 from ..format.capture import BLOCK
 from ..storage.records import DiskEntry, Manifest
 from .backup_writer import write_disk_index
-from .chunk_store import ChunkStore
+from .chunk_store import FileChunkStore
 from .index import read_index
 from .gc import collect_garbage
 from .image_restore import restore_disk_image
@@ -88,7 +88,7 @@ class Datastore:
         self.crypt = crypt
         self.key_fingerprint = crypt.fingerprint_text if crypt is not None else None
         # chunks in files under the datastore, or objects in a bucket (object_chunks)
-        self.chunks = chunks or ChunkStore(storage.path)
+        self.chunks = chunks or FileChunkStore(storage.path)
         # a store in a bucket waits on requests more than it computes: more threads
         self.workers = workers or max(default_workers(),
                                       getattr(self.chunks, 'request_workers', 0))

@@ -9,7 +9,7 @@ and sweeps by upload time (object_chunks.py).
 - **sweep**: scan ``.chunks/XXXX`` one prefix directory at a time (``os.scandir``, one ``lstat``
   per entry) and remove every chunk, and every ``.bad`` copy, whose atime is older than the
   cutoff ``min(mark start, oldest_writer_start) - grace``. A backup refers to a chunk only after
-  it has written or touched it (``ChunkStore.touch_if_present``), so a backup that started before
+  it has written or touched it (``FileChunkStore.touch_if_present``), so a backup that started before
   the mark is covered by ``oldest_writer_start`` and one that starts later touches what it reuses
   after the mark started: neither loses a chunk. Hidden temporary files of crashed writers older
   than the cutoff go too.

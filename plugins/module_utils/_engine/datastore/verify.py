@@ -7,7 +7,7 @@ encrypted chunk gets the CRC only, as on a PBS server, which never holds keys.
 A verify run over many snapshots passes the same two sets to every call: ``verified`` (digests
 found good) and ``corrupt`` (digests found damaged or missing). A chunk is decoded once per run,
 and every snapshot that references a corrupt chunk has it named among its problems. A damaged
-chunk is renamed ``<digest>.<n>.bad`` (``ChunkStore.mark_bad``), so the next backup writes a
+chunk is renamed ``<digest>.<n>.bad`` (``FileChunkStore.mark_bad``), so the next backup writes a
 fresh copy; a chunk that cannot be decrypted with the key given is reported, not renamed (the key
 may be the wrong one).
 

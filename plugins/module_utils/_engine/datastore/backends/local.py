@@ -6,7 +6,7 @@ a crash leaves the old object or the new one, never half of one, and listings sk
 temporaries. ``modified`` is the file's mtime. It keeps the contract of ``datastore/backend.py``
 for a directory one node uses, or a shared file system that is strongly consistent.
 
-A local datastore keeps its chunks through ``chunk_store.ChunkStore`` (O_DIRECT, access-time
+A local datastore keeps its chunks through ``chunk_store.FileChunkStore`` (O_DIRECT, access-time
 marks, as PBS does) rather than through this class; it is here so that any datastore code
 written against a Backend runs on a directory, and as the reference the contract tests hold the
 other backends to.
