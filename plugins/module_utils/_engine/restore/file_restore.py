@@ -89,7 +89,7 @@ def normalize_path(path):
 def restore_files(request, storage, fmt, record, paths, max_bytes, result, log):
     """List or extract ``paths`` (checked, relative to the filesystem's root) of ``record`` as
     ``request`` says, into ``result``; under the guest's shared lock, which the caller holds."""
-    if request.extracting and _already_there(request, paths, result):
+    if request.extracting and already_extracted(request, paths, result):
         return result
     workdir = tempfile.mkdtemp(prefix=f"file-restore-{record.manifest.vmid}-", dir=work_dir())
     try:
@@ -209,7 +209,7 @@ def _kind(mode):
     return 'unknown'
 
 
-def _already_there(request, paths, result):
+def already_extracted(request, paths, result):
     """Whether the extraction is done already (``result`` then says so): the archive exists,
     or every path is in dest. Only some of them in dest is refused, in check mode too.
     Decided before anything boots; ``overwrite`` makes every extraction run."""
@@ -241,7 +241,7 @@ def _measure(request, result, built, workdir, sources, paths, max_bytes, log):
     files, size, entries = (int(v) for v in outcome.result[1:4])
     result.update(changed=True, files=files, bytes=size, entries_extracted=entries,
                   dest=request.dest, archive=request.archive)
-    result['diff'] = _diff(request, paths)
+    result['diff'] = extraction_diff(request, paths)
     return _described(outcome, result)
 
 
@@ -279,7 +279,7 @@ def _extract(request, result, built, workdir, sources, paths, max_bytes, log):
                         "extracted: " + ', '.join(counts['not_extracted'][:5]))
             result.update(changed=True, files=files, bytes=size, entries_extracted=entries,
                           seconds=round(time.monotonic() - started, 2))
-            result['diff'] = _diff(request, paths)
+            result['diff'] = extraction_diff(request, paths)
             log(f"extracted {files} file(s), {size} bytes, from {result['backup']}")
             return _described(outcome, result)
     finally:
@@ -290,7 +290,7 @@ def _extract(request, result, built, workdir, sources, paths, max_bytes, log):
                 os.unlink(path)
 
 
-def _diff(request, paths):
+def extraction_diff(request, paths):
     """--diff: the paths an extraction writes (or would)."""
     if request.archive:
         return {'before': '', 'after': ''.join(f"/{p}\n" for p in paths),

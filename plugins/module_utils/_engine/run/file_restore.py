@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..paths import CONFIG_DIR
+from ..restore.archive_files import restore_archive_files
 from ..restore.file_restore import DEFAULT_MAX_BYTES, normalize_path, parse_size, restore_files
 from .locate import format_of
 from .opener import open_backups
@@ -93,5 +94,8 @@ def run_file_restore(request, log=None):
         result = {'backup': record.id, 'time': record.manifest.time,
                   'level': record.manifest.level, 'paths': ['/' + p for p in paths],
                   'warnings': opened.warnings}
+        if record.archive is not None:  # a container's tar: read directly, no appliance
+            return restore_archive_files(request, storage, record, paths, max_bytes, result,
+                                         log)
         return restore_files(request, storage, format_of(storage), record, paths, max_bytes,
                              result, log)
