@@ -1,6 +1,7 @@
 """The guest-kind seam (guest/kind.py): the QEMU kind satisfies the GuestKind protocol, the kind
 comes from the registry entry's ``type``, and a format refuses a capture it cannot store."""
 import inspect
+from typing import Protocol
 
 import pytest
 
@@ -10,23 +11,27 @@ from guestvault_engine.format.base import accept_capture
 from guestvault_engine.format.capture import BLOCK, TREE, BlockCapture, TreeCapture
 from guestvault_engine.format.qcow2 import Qcow2Chain
 from guestvault_engine.guest.capture import PushCapture
-from guestvault_engine.guest.kind import KINDS, GuestKind, QemuKind, guest_kind
+from guestvault_engine.guest.kind import (KINDS, BlockKind, GuestKind, LxcKind, QemuKind, TreeKind,
+                                          guest_kind)
 from guestvault_engine.guest.pull import PullCapture
 from guestvault_engine.guest.registry import GuestEntry, load_guest, parse_guest, render_guest
 from guestvault_engine.vocabulary import GUEST_TYPES
 
 
 def protocol_methods(protocol):
-    return {name for name, value in vars(protocol).items()
+    return {name for klass in protocol.__mro__ if klass not in (object, Protocol)
+            for name, value in vars(klass).items()
             if callable(value) and not name.startswith('_')}
 
 
 @pytest.mark.parametrize('kind', [KINDS[name]() for name in GUEST_TYPES], ids=GUEST_TYPES)
-def test_every_kind_satisfies_the_protocol_with_its_signatures(kind):
-    assert isinstance(kind, GuestKind)
-    assert kind.name in GUEST_TYPES and kind.yields in (BLOCK, TREE)
-    for name in protocol_methods(GuestKind):
-        declared = inspect.signature(getattr(GuestKind, name))
+def test_every_kind_satisfies_the_protocol_of_its_shape_with_its_signatures(kind):
+    protocol = {BLOCK: BlockKind, TREE: TreeKind}[kind.yields]
+    assert isinstance(kind, GuestKind) and isinstance(kind, protocol)
+    assert kind.name in GUEST_TYPES
+    assert 'connect' in protocol_methods(protocol)
+    for name in protocol_methods(protocol):
+        declared = inspect.signature(getattr(protocol, name))
         actual = inspect.signature(getattr(type(kind), name))
         assert list(actual.parameters) == list(declared.parameters), name
 
