@@ -79,3 +79,25 @@ def test_a_format_refuses_a_file_tree_before_anything_changes(tmp_path):
                            r"images.*a tree capture cannot be backed up to it"):
             accept_capture(fmt, tree.kind, 'storage x')
     assert list(tmp_path.iterdir()) == []                     # nothing was written
+
+
+def test_a_container_entry_has_the_lxc_kind_and_its_pct_conf_names_its_volumes(tmp_path):
+    from guestvault_engine.guest.kind import LxcGuest
+    from guestvault_engine.guest.lxc.config import parse_lxc_config
+    from guestvault_engine.guest.lxc.container import Container
+    from guestvault_engine.guest.registry import MountPoint
+    entry = parse_guest("type: lxc\nlxc: web\nmp3: /srv/d,mp=/data,backup=1\n", 300,
+                        str(tmp_path / '300.conf'))
+    kind = guest_kind(entry)
+    assert isinstance(kind, LxcKind) and kind.yields == TREE and kind.name == 'lxc'
+    (tmp_path / 'root').mkdir()
+    (tmp_path / 'vol').mkdir()
+    text = "lxc.rootfs.path = dir:/x\nlxc.uts.name = web\n"
+    guest = LxcGuest(Container('web', '/var/lib/lxc'), parse_lxc_config(text, 'config'), text)
+    tree = TreeCapture(root=str(tmp_path / 'root'), volumes=[('/data', str(tmp_path / 'vol'))])
+    pct, warnings = kind.pct_conf_text(entry, guest, tree)
+    assert pct == ("hostname: web\n"
+                   "mp3: local:300/vm-300-disk-1.raw,mp=/data,backup=1,size=1G\n"
+                   "rootfs: local:300/vm-300-disk-0.raw,size=1G\n")
+    assert warnings == [] and kind.lxc_config_text(guest) == text
+    assert entry.mountpoints == (MountPoint('mp3', '/srv/d', '/data', True),)

@@ -152,7 +152,10 @@ def _container_path(value: str, what: str) -> str:
     return value
 
 
-def _parse_mountpoint(key: str, value: str, what: str) -> MountPoint:
+def parse_mountpoint(key: str, value: str, what: str) -> MountPoint:
+    """An ``mpN`` line's value (``<host directory>,mp=<path in the container>[,backup=1]``)."""
+    if not _MP_KEY_RE.match(key):
+        raise ConfigError(f"{what}: '{key}' is not a mount point key (mp0 to mp255)")
     volume, *options = value.split(",")
     settings: Dict[str, str] = {}
     for option in options:
@@ -175,7 +178,7 @@ def _parse_value(key: str, value: str, what: str) -> Any:
     if key in ("qmp", "agent", "lxcpath"):
         return _check_absolute(value, what)
     if _MP_KEY_RE.match(key):
-        return _parse_mountpoint(key, value, what)
+        return parse_mountpoint(key, value, what)
     if key == "lxc":
         if not _LXC_NAME_RE.match(value):
             raise ConfigError(f"{what}: '{value}' is not an LXC container name (letters, "
