@@ -67,8 +67,8 @@ options:
     type: path
   mountpoints:
     description:
-      - Volumes of the container, in Proxmox VE's syntax, by key C(mp0) to C(mp255):
-        C(<host directory>,mp=<path in the container>[,backup=1]).
+      - Volumes of the container, in Proxmox VE's syntax, by key C(mp0) to C(mp255); each value
+        is C(<host directory>,mp=<path in the container>[,backup=1]).
       - Only those with C(backup=1) are backed up with the rootfs. A volume is mounted into
         the container by its own C(lxc.mount.entry); other mount entries are never backed up.
       - Only with O(type=lxc).

@@ -12,7 +12,7 @@ import pytest
 from guestvault_engine.errors import ContainerError, GuestNotFound, StorageError
 from guestvault_engine.guest.kind import LxcKind, guest_kind
 from guestvault_engine.guest.lxc import leftovers
-from guestvault_engine.guest.lxc.container import FROZEN, RUNNING, STOPPED
+from guestvault_engine.guest.lxc.container import RUNNING, STOPPED
 from guestvault_engine.guest.registry import GuestEntry, MountPoint
 from lab_checks import small_tmpfs
 from lxc_lab import (attach, btrfs_mount, check_journal, create, ensure_running, host_ids,
@@ -160,22 +160,23 @@ def test_included_volumes_are_captured_and_mount_entries_are_not(lxcpath, tmp_pa
         MountPoint('mp0', str(volume), '/srv/data', backup=True),
         MountPoint('mp1', str(skipped), '/srv/skipped', backup=False)))
     assert attach(container, 'cat /srv/data/kept') == 'in the volume'
-    with capture(entry, 'suspend', {'temp_dir': str(tmp_path / 'c')}) as (tree, _):
+    with capture(entry, 'suspend', {'temp_dir': str(tmp_path / 'c')}) as (tree, report):
         copy = tree.volumes[0][1]
         assert tree.volumes == [('/srv/data', str(tmp_path / 'c' / 'volume0'))]
         assert open(os.path.join(copy, 'kept')).read() == 'in the volume'
         assert os.listdir(os.path.join(tree.root, 'srv/data')) == []
-    with capture(entry, 'stop', {'stopwait': 2}) as (tree, _):
-        assert tree.volumes == [('/srv/data', str(volume))]
+        assert report.mode == 'suspend'
+    with capture(entry, 'stop', {'stopwait': 2}) as (tree, report):
+        assert tree.volumes == [('/srv/data', str(volume))] and report.mode == 'stop'
 
 
 def test_an_unprivileged_tree_keeps_the_host_ids(unprivileged, tmp_path):
     with capture(entry_for(unprivileged), 'suspend',
-                 {'temp_dir': str(tmp_path / 'c')}) as (tree, _):
+                 {'temp_dir': str(tmp_path / 'c')}) as (tree, report):
         assert host_ids(tree.root, 'bin/busybox') == (100000, 100000)
         assert host_ids(tree.root, '.') == (100000, 100000)
         assert tree.id_map == [('u', 0, 100000, 65536), ('g', 0, 100000, 65536)]
-    assert unprivileged.state() == RUNNING
+    assert unprivileged.state() == RUNNING and report.mode == 'suspend'
 
 
 def test_a_stopped_container_is_backed_up_in_stop_mode_without_being_started(lxcpath):

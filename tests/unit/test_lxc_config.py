@@ -178,6 +178,11 @@ def test_the_pct_conf_of_an_unprivileged_container_with_networks_and_a_volume(tm
     assert len(warnings) == 1 and warnings[0].startswith(
         "network 2 (lxc.net.2.type = macvlan) cannot be written as a pct.conf netN")
     assert volume_size(0) == '1G' and volume_size(2 ** 30) == '2G'
+    odd = parse_lxc_config("lxc.rootfs.path = /srv\nlxc.uts.name = my_box\n", 'config')
+    text, warnings = pct_conf(odd, 300, 0)
+    assert 'hostname' not in text and warnings == [
+        "lxc.uts.name 'my_box' is not a DNS name, which pct.conf's hostname must be; left out "
+        "(PVE names the container CT<vmid>)"]
 
 
 def test_a_pct_conf_as_proxmox_writes_it():
@@ -189,7 +194,7 @@ def test_a_pct_conf_as_proxmox_writes_it():
     assert pct.description == 'Web server: production\nsecond line'
     assert pct.nets == (('net0', 'name=eth0,bridge=vmbr0,firewall=1,gw=192.168.1.1,'
                                  'hwaddr=BC:24:11:2A:3B:4C,ip=192.168.1.50/24,type=veth'),)
-    assert [key for key, _ in pct.mountpoints] == ['mp0', 'mp1']
+    assert [point[0] for point in pct.mountpoints] == ['mp0', 'mp1']
     assert ('ostype', 'debian') in pct.keys and ('snaptime', '1700000000') not in pct.keys
 
 
@@ -218,16 +223,16 @@ def test_the_lxc_config_of_a_restored_proxmox_container(tmp_path):
     assert any(w.startswith("network net0 (name=eth0,bridge=vmbr0,") and "not recreated" in w
                for w in warnings)
     assert sum('mount point' in w for w in warnings) == 2
-    text2, _ = lxc_config_for_restore(read_pct_conf(PVE_CONF), '600', '/x', cgroup2=True)
+    text2 = lxc_config_for_restore(read_pct_conf(PVE_CONF), '600', '/x', cgroup2=True)[0]
     assert "lxc.cgroup2.memory.max = 1073741824\n" in text2
 
 
 @pytest.mark.parametrize('text', [BUSYBOX, UNPRIVILEGED])
 def test_lxc_config_to_pct_conf_and_back_keeps_what_a_restore_needs(tmp_path, text):
     original = parse_lxc_config(text, str(tmp_path / 'config'))
-    pct, _ = pct_conf(original, 300, 2 ** 20)
-    restored_text, _ = lxc_config_for_restore(read_pct_conf(pct), 'copy', original.rootfs,
-                                              cgroup2=False)
+    pct = pct_conf(original, 300, 2 ** 20)[0]
+    restored_text = lxc_config_for_restore(read_pct_conf(pct), 'copy', original.rootfs,
+                                           cgroup2=False)[0]
     restored = parse_lxc_config(restored_text, str(tmp_path / 'config'))
     assert restored.rootfs == original.rootfs and restored.idmap == original.idmap
     assert restored.hostname == original.hostname

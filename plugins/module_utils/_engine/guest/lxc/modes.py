@@ -105,7 +105,7 @@ def tree_capture(container: Container, config: LxcConfig, volumes: Sequence[Tupl
     warnings = []
     if mode == 'snapshot':
         reason = '; '.join(filter(None, (not_snapshottable(path) for path in
-                                         [config.rootfs] + [host for _, host in volumes])))
+                                         [config.rootfs] + _hosts(volumes))))
         if reason:
             warnings.append(f"mode failure - {reason}; trying 'suspend' mode instead")
             log(f"mode failure - {reason}")
@@ -129,16 +129,22 @@ def _check_trees(container, config, volumes):
             f"({config.rootfs}), which guestvault cannot back up: it reads directory and btrfs "
             "root file systems (lxc.rootfs.path dir:... or btrfs:...); LVM-thin and ZFS volumes "
             "and their snapshots need device-mapper or the ZFS module, which it does not use")
-    for what, path in [('rootfs', config.rootfs)] + [(f"volume {mp}", host)
-                                                      for mp, host in volumes]:
+    trees = [('rootfs', config.rootfs)] + [(f"volume {mp}", host) for mp, host in volumes]
+    for what, path in trees:
         if not os.path.isdir(path):
             raise ConfigError(f"the {what} of container {container.name} is {path}, which is "
                               "not a directory; fix lxc.rootfs.path or the registry's mpN line")
 
 
-def _capture(root, volumes, config, hosts=None):
-    return TreeCapture(root=root, volumes=[(mp, host) for (mp, _), host in
-                                           zip(volumes, hosts or [h for _, h in volumes])],
+def _hosts(volumes):
+    return [host for mp, host in volumes]
+
+
+def _capture(root, volumes, config, copies=None):
+    """The tree of ``root`` and the volumes (read at ``copies`` when they were copied)."""
+    hosts = _hosts(volumes) if copies is None else copies
+    return TreeCapture(root=root, volumes=[(volume[0], host) for volume, host
+                                           in zip(volumes, hosts)],
                        id_map=list(config.idmap))
 
 
@@ -179,7 +185,7 @@ def _suspend(container, config, volumes, vmid, temp_dir, hook, log, bwlimit):
     report = TreeReport('suspend')
     copies = [os.path.join(temp_dir, 'rootfs')] + [os.path.join(temp_dir, f"volume{number}")
                                                    for number in range(len(volumes))]
-    trees = list(zip([config.rootfs] + [host for _, host in volumes], copies))
+    trees = list(zip([config.rootfs] + _hosts(volumes), copies))
     _journal(container, vmid, 'suspend', temp_dir=temp_dir)
     made = False
     try:
@@ -217,7 +223,7 @@ def _suspend(container, config, volumes, vmid, temp_dir, hook, log, bwlimit):
 @contextmanager
 def _snapshot(container, config, volumes, vmid, hook, log):
     report = TreeReport('snapshot')
-    sources = [config.rootfs] + [host for _, host in volumes]
+    sources = [config.rootfs] + _hosts(volumes)
     targets = [snapshot_path(source, vmid) for source in sources]
     for target in targets:
         if os.path.lexists(target):

@@ -34,6 +34,9 @@ _NET_KEYS = (('name', 'name'), ('link', 'bridge'), ('hwaddr', 'hwaddr'), ('mtu',
              ('ipv4.address', 'ip'), ('ipv4.gateway', 'gw'), ('ipv6.address', 'ip6'),
              ('ipv6.gateway', 'gw6'))
 _PROPERTY_VALUE = re.compile(r'^[^,=\s]+$')
+# pve-common's dns-name format, which pct.conf's hostname has
+_DNS_NAME = re.compile(r'^(?:[a-zA-Z0-9](?:[a-zA-Z0-9\-]*[a-zA-Z0-9])?\.)*'
+                       r'[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?$')
 _KEY_LINE = re.compile(r'^([a-z][a-z_]*\d*):\s*(.+?)\s*$')
 _LXC_LINE = re.compile(r'^(lxc\.[a-z0-9_\-.]+)(?::|\s*=)\s*(.*?)\s*$')
 # lxc-create's shared defaults (Debian's lxc package): capabilities, seccomp, /dev, cgroup
@@ -77,8 +80,11 @@ def pct_conf(config: LxcConfig, vmid: int, rootfs_bytes: int,
                             "says nothing about the architecture (PVE assumes amd64)")
         else:
             keys['arch'] = arch
-    if config.hostname:
+    if config.hostname and _DNS_NAME.match(config.hostname):
         keys['hostname'] = config.hostname
+    elif config.hostname:
+        warnings.append(f"lxc.uts.name '{config.hostname}' is not a DNS name, which pct.conf's "
+                        "hostname must be; left out (PVE names the container CT<vmid>)")
     if config.memory_bytes is not None:
         keys['memory'] = str(max(config.memory_bytes // MIB, 16))
     if config.swap_bytes is not None:
@@ -134,7 +140,7 @@ class PctConf:
     unprivileged: bool = False
     idmap: Tuple[Tuple[str, int, int, int], ...] = ()
     nets: Tuple[Tuple[str, str], ...] = ()        # ('net0', 'name=eth0,bridge=vmbr0,...')
-    mountpoints: Tuple[Tuple[str, str], ...] = () # ('mp0', 'local:...,mp=/data,backup=1')
+    mountpoints: Tuple[Tuple[str, str], ...] = ()  # ('mp0', 'local:...,mp=/data,backup=1')
     description: Optional[str] = None
     keys: Tuple[Tuple[str, str], ...] = ()        # every key: value of the current config
 
