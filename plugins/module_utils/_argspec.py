@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ansible_collections.guestvault.backup.plugins.module_utils._engine import paths
 from ansible_collections.guestvault.backup.plugins.module_utils._engine.vocabulary import (
-    CHAIN_PERIODS, COMPRESS, KEEP_OPTIONS, LEVELS, MODES, RESTORE_FORMATS)
+    CHAIN_PERIODS, COMPRESS, GUEST_TYPES, KEEP_OPTIONS, LEVELS, MODES, RESTORE_FORMATS)
 
 CONFIG_DIR = {'type': 'path', 'default': paths.CONFIG_DIR}
 LOCKWAIT = {'type': 'float', 'default': 180}
@@ -256,6 +256,12 @@ def guest_registry_argument_spec():
         'exclude': {'type': 'list', 'elements': 'str'},
         'start': {'type': 'str'},
         'description': {'type': 'str'},
+        'type': {'type': 'str', 'default': 'qemu', 'choices': list(GUEST_TYPES)},
+        'lxc': {'type': 'str'},
+        'lxcpath': {'type': 'path'},
+        'mountpoints': {'type': 'dict'},
         'config_dir': CONFIG_DIR,
-    }, mutually_exclusive=[('include', 'exclude')],
-        required_if=[('state', 'present', ('qmp',))])
+    }, mutually_exclusive=[('include', 'exclude'), ('qmp', 'lxc'), ('agent', 'lxc'),
+                           ('include', 'lxc'), ('exclude', 'lxc'), ('start', 'lxc')],
+        # qmp for a VM is checked by the engine (a qemu entry with state=absent needs none)
+        required_if=[('type', 'lxc', ('lxc',))])

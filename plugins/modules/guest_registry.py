@@ -8,13 +8,14 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: guest_registry
-short_description: Declare a guest in a node's registry (guests.d/<vmid>.conf)
+short_description: Declare a guest (VM or container) in a node's registry (guests.d/<vmid>.conf)
 version_added: 0.1.0
 description:
   - Writes one guest's registry entry C(<config_dir>/guests.d/<vmid>.conf), which tells the
-    other modules and the node command C(guestvault-dump) how to reach the guest (its QMP and
-    guest agent sockets) and what to back up (O(include) or O(exclude) disks), and which pool
-    and tags select it in jobs.
+    other modules and the node command C(guestvault-dump) how to reach the guest (a VM's QMP and
+    guest agent sockets, a container's LXC name and directory) and what to back up (a VM's
+    O(include) or O(exclude) disks, a container's O(mountpoints) with C(backup=1)), and which
+    pool and tags select it in jobs.
   - The entry is checked (socket paths absolute, pool and tag names, disk ids) and read back
     before it is written; the write is atomic. A file whose content already means the same is
     left alone, so a second run changes nothing.
@@ -43,11 +44,39 @@ options:
   name:
     description: The guest's name (C(guestname) in notes templates).
     type: str
+  type:
+    description:
+      - The guest's kind, as Proxmox VE names them. C(qemu) is a QEMU VM reached over O(qmp);
+        C(lxc) is an LXC container named by O(lxc).
+    type: str
+    default: qemu
+    choices: [qemu, lxc]
   qmp:
-    description: Absolute path of the guest's QMP unix socket. Required with O(state=present).
+    description:
+      - Absolute path of the guest's QMP unix socket. Required for O(type=qemu) with
+        O(state=present); not with O(type=lxc).
     type: path
+  lxc:
+    description:
+      - The LXC container's name (as C(lxc-ls) lists it). Required with O(type=lxc).
+    type: str
+  lxcpath:
+    description:
+      - The directory holding the container (C(lxc-* -P)). When not given, C(/var/lib/lxc).
+      - Only with O(type=lxc).
+    type: path
+  mountpoints:
+    description:
+      - Volumes of the container, in Proxmox VE's syntax, by key C(mp0) to C(mp255); each value
+        is C(<host directory>,mp=<path in the container>[,backup=1]).
+      - Only those with C(backup=1) are backed up with the rootfs. A volume is mounted into
+        the container by its own C(lxc.mount.entry); other mount entries are never backed up.
+      - Only with O(type=lxc).
+    type: dict
   agent:
-    description: Absolute path of the guest agent's unix socket (for C(snapshot) mode fsfreeze).
+    description:
+      - Absolute path of the guest agent's unix socket (for C(snapshot) mode fsfreeze).
+      - Only with O(type=qemu).
     type: path
   pool:
     description: The pool the guest belongs to (jobs select guests by pool).
@@ -57,15 +86,15 @@ options:
     type: list
     elements: str
   include:
-    description: Device ids of the only disks to back up (e.g. C(virtio0)).
+    description: Device ids of the only disks to back up (e.g. C(virtio0)). Only with O(type=qemu).
     type: list
     elements: str
   exclude:
-    description: Device ids of disks not to back up. Not together with O(include).
+    description: Device ids of disks not to back up. Not together with O(include). Only with O(type=qemu).
     type: list
     elements: str
   start:
-    description: Command that starts the guest again after a C(stop) mode backup.
+    description: Command that starts the guest again after a C(stop) mode backup. Only with O(type=qemu); a container is started with C(lxc-start).
     type: str
   description:
     description: A free text description; several lines are kept as several lines.
@@ -84,6 +113,15 @@ EXAMPLES = r"""
     exclude: [virtio2]
     start: systemctl start qemu@101
 
+- name: Register container 300 (an LXC container named web) with one volume backed up
+  guestvault.backup.guest_registry:
+    vmid: 300
+    type: lxc
+    lxc: web
+    lxcpath: /srv/lxc
+    mountpoints:
+      mp0: /srv/web-data,mp=/var/www,backup=1
+
 - name: Forget guest 102 (its backups stay)
   guestvault.backup.guest_registry:
     vmid: 102
@@ -101,7 +139,8 @@ entry:
   returned: always
   type: dict
   sample: {vmid: 101, name: web01, qmp: /run/qemu/101.qmp, agent: null, pool: production,
-           tags: [web], include: [], exclude: [virtio2], start: null, description: null}
+           tags: [web], include: [], exclude: [virtio2], start: null, description: null,
+           type: qemu, lxc: null, lxcpath: null, mountpoints: {}}
 """
 
 from ansible_collections.guestvault.backup.plugins.module_utils._ansible import run_module

@@ -27,6 +27,8 @@ GUESTS = [
      'pool': 'production', 'tags': ['web', 'critical'], 'exclude': ['virtio2']},
     {'vmid': 102, 'qmp': '/run/qemu/102.qmp', 'start': 'systemctl start qemu@102',
      'description': 'Mail server.\nIts scratch disk is not backed up.'},
+    {'vmid': 300, 'type': 'lxc', 'lxc': 'web', 'mountpoints': {
+        'mp0': '/srv/web-data,mp=/var/www,backup=1'}},
 ]
 JOBS = [
     {'id': 'weeknights', 'schedule': 'mon..fri 23:00', 'all': True, 'storage': 'backup',
@@ -242,12 +244,14 @@ def test_the_old_engine_directory_variable_is_refused_with_advice(node):
 
 def test_the_registry_holds_the_inventorys_guests(deployed):
     node = deployed[0]
-    web, mail = list_guests(node.config_dir)
+    web, mail, container = list_guests(node.config_dir)
     assert (web.vmid, web.name, web.qmp_socket, web.agent_socket, web.pool, web.tags,
             web.exclude) == (101, 'web01', '/run/qemu/101.qmp', '/run/qemu/101.qga',
                              'production', ('web', 'critical'), ('virtio2',))
     assert (mail.vmid, mail.start_command, mail.description) == (
         102, 'systemctl start qemu@102', 'Mail server.\nIts scratch disk is not backed up.')
+    assert (container.type, container.lxc, container.lxcpath, container.included_volumes) == (
+        'lxc', 'web', None, (('/var/www', '/srv/web-data'),))
 
 
 def test_exclusive_registry_removes_guests_not_in_the_inventory(node):
@@ -385,6 +389,22 @@ def test_guest_registry_writes_an_entry_that_loads_and_a_second_run_changes_noth
                           )['changed'] is False
 
 
+def test_guest_registry_registers_a_container(ansible, config_dir):
+    args = {'vmid': 300, 'type': 'lxc', 'lxc': 'web', 'lxcpath': '/srv/lxc',
+            'mountpoints': {'mp1': '/srv/logs,mp=/var/log/app',
+                            'mp0': '/srv/web-data,mp=/var/www,backup=1'},
+            'config_dir': config_dir}
+    first = ansible.module('guestvault.backup.guest_registry', args)
+    assert first['changed'] is True
+    assert first['entry']['mountpoints'] == {'mp0': '/srv/web-data,mp=/var/www,backup=1',
+                                             'mp1': '/srv/logs,mp=/var/log/app'}
+    entry = load_guest(config_dir, 300)
+    assert (entry.type, entry.lxc, entry.lxcpath, entry.qmp_socket) == (
+        'lxc', 'web', '/srv/lxc', '')
+    assert entry.included_volumes == (('/var/www', '/srv/web-data'),)
+    assert ansible.module('guestvault.backup.guest_registry', args)['changed'] is False
+
+
 def test_guest_registry_leaves_a_handwritten_entry_with_the_same_meaning_alone(
         ansible, config_dir):
     path = os.path.join(config_dir, 'guests.d', '106.conf')
@@ -402,6 +422,11 @@ def test_guest_registry_leaves_a_handwritten_entry_with_the_same_meaning_alone(
     ({'vmid': 107, 'qmp': '/run/q.qmp', 'tags': ['ok', 'no way']}, ('tags',)),
     ({'vmid': 99, 'qmp': '/run/q.qmp'}, ('not a valid vmid',)),
     ({'vmid': 107, 'qmp': '/run/q.qmp', 'name': 'two\nlines'}, ('one line',)),
+    ({'vmid': 107}, ("no 'qmp' line",)),
+    ({'vmid': 107, 'type': 'lxc'}, ('type is lxc', 'lxc')),
+    ({'vmid': 107, 'type': 'lxc', 'lxc': 'web', 'mountpoints': {'mp0': '/srv'}},
+     ('mountpoints mp0', 'no mp=<path in the container>')),
+    ({'vmid': 107, 'lxc': 'web'}, ("lxc only apply to LXC containers; add 'type: lxc'",)),
 ])
 def test_guest_registry_refuses_bad_entries_and_writes_nothing(ansible, config_dir, args, words):
     result = ansible.module('guestvault.backup.guest_registry', dict(args, config_dir=config_dir))

@@ -1,6 +1,7 @@
 """The guest-kind seam (guest/kind.py): the QEMU kind satisfies the GuestKind protocol, the kind
 comes from the registry entry's ``type``, and a format refuses a capture it cannot store."""
 import inspect
+from typing import Protocol
 
 import pytest
 
@@ -10,23 +11,27 @@ from guestvault_engine.format.base import accept_capture
 from guestvault_engine.format.capture import BLOCK, TREE, BlockCapture, TreeCapture
 from guestvault_engine.format.qcow2 import Qcow2Chain
 from guestvault_engine.guest.capture import PushCapture
-from guestvault_engine.guest.kind import KINDS, GuestKind, QemuKind, guest_kind
+from guestvault_engine.guest.kind import (KINDS, BlockKind, GuestKind, LxcKind, QemuKind, TreeKind,
+                                          guest_kind)
 from guestvault_engine.guest.pull import PullCapture
 from guestvault_engine.guest.registry import GuestEntry, load_guest, parse_guest, render_guest
 from guestvault_engine.vocabulary import GUEST_TYPES
 
 
 def protocol_methods(protocol):
-    return {name for name, value in vars(protocol).items()
+    return {name for klass in protocol.__mro__ if klass not in (object, Protocol)
+            for name, value in vars(klass).items()
             if callable(value) and not name.startswith('_')}
 
 
 @pytest.mark.parametrize('kind', [KINDS[name]() for name in GUEST_TYPES], ids=GUEST_TYPES)
-def test_every_kind_satisfies_the_protocol_with_its_signatures(kind):
-    assert isinstance(kind, GuestKind)
-    assert kind.name in GUEST_TYPES and kind.yields in (BLOCK, TREE)
-    for name in protocol_methods(GuestKind):
-        declared = inspect.signature(getattr(GuestKind, name))
+def test_every_kind_satisfies_the_protocol_of_its_shape_with_its_signatures(kind):
+    protocol = {BLOCK: BlockKind, TREE: TreeKind}[kind.yields]
+    assert isinstance(kind, GuestKind) and isinstance(kind, protocol)
+    assert kind.name in GUEST_TYPES
+    assert 'connect' in protocol_methods(protocol)
+    for name in protocol_methods(protocol):
+        declared = inspect.signature(getattr(protocol, name))
         actual = inspect.signature(getattr(type(kind), name))
         assert list(actual.parameters) == list(declared.parameters), name
 
@@ -74,3 +79,25 @@ def test_a_format_refuses_a_file_tree_before_anything_changes(tmp_path):
                            r"images.*a tree capture cannot be backed up to it"):
             accept_capture(fmt, tree.kind, 'storage x')
     assert list(tmp_path.iterdir()) == []                     # nothing was written
+
+
+def test_a_container_entry_has_the_lxc_kind_and_its_pct_conf_names_its_volumes(tmp_path):
+    from guestvault_engine.guest.kind import LxcGuest
+    from guestvault_engine.guest.lxc.config import parse_lxc_config
+    from guestvault_engine.guest.lxc.container import Container
+    from guestvault_engine.guest.registry import MountPoint
+    entry = parse_guest("type: lxc\nlxc: web\nmp3: /srv/d,mp=/data,backup=1\n", 300,
+                        str(tmp_path / '300.conf'))
+    kind = guest_kind(entry)
+    assert isinstance(kind, LxcKind) and kind.yields == TREE and kind.name == 'lxc'
+    (tmp_path / 'root').mkdir()
+    (tmp_path / 'vol').mkdir()
+    text = "lxc.rootfs.path = dir:/x\nlxc.uts.name = web\n"
+    guest = LxcGuest(Container('web', '/var/lib/lxc'), parse_lxc_config(text, 'config'), text)
+    tree = TreeCapture(root=str(tmp_path / 'root'), volumes=[('/data', str(tmp_path / 'vol'))])
+    pct, warnings = kind.pct_conf_text(entry, guest, tree)
+    assert pct == ("hostname: web\n"
+                   "mp3: local:300/vm-300-disk-1.raw,mp=/data,backup=1,size=1G\n"
+                   "rootfs: local:300/vm-300-disk-0.raw,size=1G\n")
+    assert warnings == [] and kind.lxc_config_text(guest) == text
+    assert entry.mountpoints == (MountPoint('mp3', '/srv/d', '/data', True),)

@@ -227,3 +227,61 @@ def test_source_is_not_part_of_equality():
     a = GuestEntry(vmid=100, qmp_socket="/a", source="/etc/one")
     b = GuestEntry(vmid=100, qmp_socket="/a", source="/etc/two")
     assert a == b
+
+
+LXC = """\
+name: web
+type: lxc
+lxc: web
+lxcpath: /srv/lxc
+pool: production
+mp1: /srv/logs,mp=/var/log/app
+mp0: /srv/web-data,mp=/var/www,backup=1
+"""
+
+
+def test_a_container_entry_reads_and_renders_back(tmp_path):
+    write_guest(tmp_path, 300, LXC)
+    entry = load_guest(str(tmp_path), 300)
+    assert (entry.type, entry.lxc, entry.lxcpath, entry.qmp_socket) == (
+        "lxc", "web", "/srv/lxc", "")
+    assert entry.mountpoints == (
+        registry.MountPoint("mp0", "/srv/web-data", "/var/www", backup=True),
+        registry.MountPoint("mp1", "/srv/logs", "/var/log/app", backup=False))
+    assert entry.included_volumes == (("/var/www", "/srv/web-data"),)
+    text = render_guest(entry)
+    assert text == ("name: web\npool: production\ntype: lxc\nlxc: web\nlxcpath: /srv/lxc\n"
+                    "mp0: /srv/web-data,mp=/var/www,backup=1\nmp1: /srv/logs,mp=/var/log/app\n")
+    assert registry.parse_guest(text, 300, "x") == entry
+    # lxcpath is optional (/var/lib/lxc)
+    assert registry.parse_guest("type: lxc\nlxc: web\n", 300, "x").lxcpath is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("type: lxc\nlxcpath: /srv/lxc\n",
+     r"300.conf: type lxc needs an 'lxc' line naming the container"),
+    ("type: lxc\nlxc: web\nqmp: /run/q.qmp\n", r"qmp only apply to QEMU guests"),
+    ("qmp: /run/q.qmp\nlxc: web\n", r"lxc only apply to LXC containers; add 'type: lxc'"),
+    ("qmp: /run/q.qmp\nmp0: /srv,mp=/srv\n", r"mp0 only apply to LXC containers"),
+    ("type: lxc\nlxc: web\nmp0: /srv\n", r"no mp=<path in the container>"),
+    ("type: lxc\nlxc: web\nmp0: /srv,mp=/srv,size=8G\n", r"'size=8G' is not understood"),
+    ("type: lxc\nlxc: web\nmp0: /srv,mp=/srv,backup=yes\n", r"backup=yes is not 0 or 1"),
+    ("type: lxc\nlxc: web\nmp0: /srv,mp=/a/../etc\n", r"not an absolute path without"),
+    ("type: lxc\nlxc: web\nmp0: srv,mp=/srv\n", r"not an absolute path without"),
+    ("type: lxc\nlxc: web\nmp256: /srv,mp=/srv\n", r"unknown key 'mp256'"),
+    ("type: lxc\nlxc: we/b\n", r"'we/b' is not an LXC container name"),
+    ("type: lxc\nlxc: web\nlxcpath: lxc\n", r"'lxc' is not an absolute path"),
+])
+def test_bad_container_entries_name_the_file(tmp_path, text, message):
+    write_guest(tmp_path, 300, text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_guest(str(tmp_path), 300)
+    assert "300.conf" in str(error.value)
+
+
+def test_render_refuses_a_container_entry_that_would_not_read_back():
+    with pytest.raises(ConfigError, match="needs an 'lxc' line"):
+        render_guest(GuestEntry(vmid=300, type="lxc"))
+    with pytest.raises(ConfigError, match="repeat one"):
+        render_guest(GuestEntry(vmid=300, type="lxc", lxc="web", mountpoints=(
+            registry.MountPoint("mp0", "/a", "/a"), registry.MountPoint("mp0", "/b", "/b"))))

@@ -76,6 +76,10 @@ class ConsistencyError(GuestvaultError):
     """The consistency mode could not be applied (e.g. the guest did not stop within stopwait)."""
 
 
+class ContainerError(GuestvaultError):
+    """An lxc-* command failed: a container could not be started, frozen, thawed or read."""
+
+
 class NotesTemplateError(ConfigError):
     """A notes template names an unknown variable or is malformed."""
 

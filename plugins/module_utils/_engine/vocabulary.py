@@ -5,8 +5,8 @@ engine's own checks all read these, so a word accepted in one place is accepted 
 """
 from __future__ import annotations
 
-# Guest kinds, as Proxmox names them (a registry entry's ``type``): a QEMU VM. LXC is next.
-GUEST_TYPES = ('qemu',)
+# Guest kinds, as Proxmox names them (a registry entry's ``type``): a QEMU VM, an LXC container.
+GUEST_TYPES = ('qemu', 'lxc')
 
 # Consistency modes, as vzdump names them.
 MODES = ('snapshot', 'suspend', 'stop')

@@ -8,32 +8,52 @@ yields is typed (format/capture.py): a ``BlockCapture`` for a VM, a ``TreeCaptur
 container; the format takes it, or refuses a shape it cannot store before anything changes.
 
 Kinds: ``qemu`` (``QemuKind``: a QEMU process over QMP; capture.py pushes, pull.py pulls,
-consistency.py's three modes). The next is ``lxc``: an LXC container, frozen or snapshotted,
-whose capture is its root file system and volumes with the id map (a ``TreeCapture``).
+consistency.py's three modes) and ``lxc`` (``LxcKind``: an LXC container, stopped, frozen
+around a copy or snapshotted, whose capture is its root file system and included volumes with
+the id map, a ``TreeCapture``; guest/lxc/).
+
+Every kind is a ``GuestKind`` (name, yields, connect). What the run layer asks next depends on
+the shape it yields: a ``BlockKind`` (yields BLOCK) gives a capture of disks and a consistency
+mode around its point in time; a ``TreeKind`` (yields TREE) gives one context manager that
+stops, freezes or snapshots the container and yields its tree, and the texts that describe
+the guest in an archive.
 """
 from __future__ import annotations
 
-from typing import Callable, ContextManager, Protocol, runtime_checkable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, ContextManager, List, Protocol, Tuple, runtime_checkable
 
 from ..errors import ConfigError
-from ..format.capture import BLOCK
+from ..config.files import read_text
+from ..format.capture import BLOCK, TREE, TreeCapture
 from ..vocabulary import GUEST_TYPES
 from .capture import PushCapture
 from .consistency import StopMode, snapshot_mode, suspend_mode
 from .disks import discover_disks
+from .lxc.config import DEFAULT_LXCPATH, LxcConfig, config_path, parse_lxc_config
+from .lxc.container import Container
+from .lxc.modes import temp_dir_for, tree_capture
+from .lxc.pct_conf import pct_conf, tree_bytes
 from .pull import PullCapture
 from .qmp import QmpSession
+from .registry import TYPE_HELP
 
 
 @runtime_checkable
 class GuestKind(Protocol):
-    """How one kind of guest is reached and captured."""
+    """How one kind of guest is reached; ``yields`` says which protocol it also follows."""
 
     name: str           # the registry's ``type``, and vzdump's VMTYPE for hook scripts
     yields: str         # the shape of its capture (format/capture.py): BLOCK or TREE
 
     def connect(self, entry) -> ContextManager:
-        """A session with the running guest of registry entry ``entry``."""
+        """A session with the guest of registry entry ``entry``."""
+
+
+@runtime_checkable
+class BlockKind(GuestKind, Protocol):
+    """A guest whose capture is its disks (a VM)."""
 
     def capture(self, session, vmid: int, jobs: list, how: str, log: Callable,
                 socket_path: str = None):
@@ -44,6 +64,22 @@ class GuestKind(Protocol):
                     hook: Callable, log: Callable, on_reconnect: Callable) -> ContextManager:
         """The context manager of consistency mode ``mode``, entered around the point in time;
         it yields the mode's report. ``on_reconnect()`` runs after the guest was restarted."""
+
+
+@runtime_checkable
+class TreeKind(GuestKind, Protocol):
+    """A guest whose capture is a file tree (a container)."""
+
+    def tree_capture(self, entry, guest, mode: str, options: dict, hook: Callable,
+                     log: Callable) -> ContextManager:
+        """The context manager of consistency mode ``mode`` for the guest ``connect`` gave: it
+        yields ``(TreeCapture, report)`` and undoes the mode on leaving (after archiving)."""
+
+    def pct_conf_text(self, entry, guest, capture) -> Tuple[str, List[str]]:
+        """The guest's pct.conf for an archive of ``capture``, and warnings."""
+
+    def lxc_config_text(self, guest) -> str:
+        """The guest's own config file, kept in an archive so a restore recreates it."""
 
 
 class QemuKind:
@@ -82,7 +118,56 @@ class QemuKind:
                         on_reconnect=reconnected).around_point_in_time()
 
 
-KINDS = {'qemu': QemuKind}
+@dataclass(frozen=True)
+class LxcGuest:
+    """A connected container: the lxc-* handle, its config as read, and the config's text."""
+
+    container: Container
+    config: LxcConfig
+    config_text: str
+
+
+class LxcKind:
+    """An LXC container; its capture is its rootfs and included volumes (a TreeCapture)."""
+
+    name = 'lxc'
+    yields = TREE
+
+    @contextmanager
+    def connect(self, entry):
+        """The container of ``entry`` (its config read, and known to lxc-info); nothing is
+        held open, so leaving changes nothing."""
+        lxcpath = entry.lxcpath or DEFAULT_LXCPATH
+        container = Container(entry.lxc, lxcpath)
+        path = config_path(lxcpath, entry.lxc)
+        text = read_text(path)
+        if text is None:
+            raise container.not_found()
+        config = parse_lxc_config(text, path)
+        container.state()            # GuestNotFound when LXC does not know it either
+        yield LxcGuest(container, config, text)
+
+    def tree_capture(self, entry, guest, mode, options, hook, log):
+        """``options``: vzdump's ``stopwait`` (minutes), ``tmpdir``, ``dumpdir``, ``bwlimit``
+        (KiB/s), and ``basename`` (the archive's name without extension) for the temporary
+        directory vzdump would pick; or ``temp_dir`` to name it outright."""
+        temp_dir = options.get('temp_dir') or temp_dir_for(
+            entry.vmid, options.get('tmpdir'), options.get('dumpdir'), options.get('basename'))
+        return tree_capture(guest.container, guest.config, entry.included_volumes, mode,
+                            vmid=entry.vmid, temp_dir=temp_dir,
+                            stopwait=float(options.get('stopwait', 10)) * 60, hook=hook,
+                            log=log, bwlimit=int(options.get('bwlimit') or 0))
+
+    def pct_conf_text(self, entry, guest, capture: TreeCapture):
+        keys = {m.path: m.key for m in entry.mountpoints}
+        volumes = [(keys[mp], mp, tree_bytes(host)) for mp, host in capture.volumes]
+        return pct_conf(guest.config, entry.vmid, tree_bytes(capture.root), volumes)
+
+    def lxc_config_text(self, guest):
+        return guest.config_text
+
+
+KINDS = {'qemu': QemuKind, 'lxc': LxcKind}
 
 
 def guest_kind(entry):
@@ -90,6 +175,6 @@ def guest_kind(entry):
     kind = KINDS.get(entry.type)
     if kind is None:
         raise ConfigError(f"guest {entry.vmid} has type {entry.type!r}, which guestvault does "
-                          f"not know; known types: {', '.join(GUEST_TYPES)} (a QEMU VM reached "
-                          "over QMP). Fix the 'type' line of its registry entry")
+                          f"not know; known types: {', '.join(GUEST_TYPES)}; {TYPE_HELP}. Fix the "
+                          "'type' line of its registry entry")
     return kind()

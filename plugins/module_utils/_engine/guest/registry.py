@@ -1,4 +1,5 @@
-"""The node's guest registry: which QEMU guests a node has and how to reach them.
+"""The node's guest registry: which guests (QEMU VMs, LXC containers) a node has and how to reach
+them.
 
 Plain QEMU has no inventory of its own, so each guest is declared in
 ``<config_dir>/guests.d/<vmid>.conf`` with ``key: value`` lines, like a Proxmox guest config::
@@ -13,9 +14,18 @@ Plain QEMU has no inventory of its own, so each guest is declared in
     description: Mail server.
     description: Its scratch disk virtio1 is not backed up.
 
-Only ``qmp`` is required. ``type`` names the guest's kind (guest/kind.py): ``qemu``, the
-default, is the only one yet. ``description`` may be given on several lines, which form the lines
-of a multi-line description. :func:`render_guest` writes what :func:`load_guest` reads back.
+``type`` names the guest's kind (guest/kind.py): ``qemu``, the default, needs ``qmp``. An LXC
+container is ``type: lxc`` with its container's name and, when it is not /var/lib/lxc, the
+directory holding it; volumes to back up with the rootfs are Proxmox VE's ``mpN`` lines (only
+those with ``backup=1`` are captured)::
+
+    type: lxc
+    lxc: web
+    lxcpath: /srv/lxc
+    mp0: /srv/web-data,mp=/var/www,backup=1
+
+``description`` may be given on several lines, which form the lines of a multi-line
+description. :func:`render_guest` writes what :func:`load_guest` reads back.
 """
 
 from __future__ import annotations
@@ -39,9 +49,30 @@ _LINE_RE = re.compile(r"^([^\s:]+):\s*(.*)$")
 _TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$", re.IGNORECASE)
 _POOL_RE = re.compile(r"^[A-Za-z0-9.\-_]+$")
 _DISK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
+# PVE's mount point keys (mp0..mp255); an LXC container name: one path component.
+_MP_KEY_RE = re.compile(r"^mp([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])$")
+_LXC_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 KEYS = ("name", "qmp", "agent", "pool", "tags", "include", "exclude", "start", "description",
-        "type")
+        "type", "lxc", "lxcpath")
+# Keys of one kind only (the other kind has no use for them, so they are refused there).
+_QEMU_KEYS = ("qmp", "agent", "include", "exclude", "start")
+_LXC_KEYS = ("lxc", "lxcpath")
+TYPE_HELP = "qemu (a QEMU VM reached over QMP), lxc (an LXC container)"
+
+
+@dataclass(frozen=True)
+class MountPoint:
+    """An ``mpN`` line, as Proxmox VE writes it: ``<host path>,mp=<path in the container>``,
+    ``backup=1`` to back it up with the rootfs."""
+
+    key: str            # mp0 ... mp255
+    volume: str         # the host directory
+    path: str           # where the container sees it
+    backup: bool = False
+
+    def render(self) -> str:
+        return f"{self.volume},mp={self.path}" + (",backup=1" if self.backup else "")
 
 
 @dataclass(frozen=True)
@@ -59,7 +90,15 @@ class GuestEntry:
     start_command: Optional[str] = None
     description: Optional[str] = None
     type: str = "qemu"             # the guest's kind (guest/kind.py)
+    lxc: Optional[str] = None      # lxc: the container's name
+    lxcpath: Optional[str] = None  # lxc: the directory holding it (None: /var/lib/lxc)
+    mountpoints: Tuple[MountPoint, ...] = ()   # lxc: mpN volumes, in key order
     source: Optional[str] = field(default=None, compare=False)
+
+    @property
+    def included_volumes(self) -> Tuple[Tuple[str, str], ...]:
+        """The volumes backed up with the rootfs: (path in the container, host path)."""
+        return tuple((m.path, m.volume) for m in self.mountpoints if m.backup)
 
 
 def validate_vmid(value: Any) -> int:
@@ -92,8 +131,7 @@ def _split(text: str, separators: str) -> Tuple[str, ...]:
 
 def _check_absolute(value: str, what: str) -> str:
     if not value.startswith("/"):
-        raise ConfigError(f"{what}: '{value}' is not an absolute path; give the full path of "
-                          f"the unix socket")
+        raise ConfigError(f"{what}: '{value}' is not an absolute path; give its full path")
     return value
 
 
@@ -105,13 +143,51 @@ def _check_items(items: Tuple[str, ...], pattern: "re.Pattern[str]", what: str,
     return items
 
 
+def _container_path(value: str, what: str) -> str:
+    # pve-container's verify_lxc_mp_string, and an absolute path
+    if (not value.startswith("/") or re.search(r"/\.\.?(/|$)", value) or "," in value
+            or "=" in value):
+        raise ConfigError(f"{what}: '{value}' is not an absolute path without '.', '..', ',' "
+                          f"or '='")
+    return value
+
+
+def parse_mountpoint(key: str, value: str, what: str) -> MountPoint:
+    """An ``mpN`` line's value (``<host directory>,mp=<path in the container>[,backup=1]``)."""
+    if not _MP_KEY_RE.match(key):
+        raise ConfigError(f"{what}: '{key}' is not a mount point key (mp0 to mp255)")
+    volume, *options = value.split(",")
+    settings: Dict[str, str] = {}
+    for option in options:
+        name, sep, setting = option.partition("=")
+        if not sep or name not in ("mp", "backup") or name in settings:
+            raise ConfigError(f"{what}: '{option}' is not understood; write "
+                              f"'<host directory>,mp=<path in the container>[,backup=1]'")
+        settings[name] = setting
+    if "mp" not in settings:
+        raise ConfigError(f"{what}: no mp=<path in the container>; write "
+                          f"'{volume},mp=/path/in/container,backup=1'")
+    if settings.get("backup", "0") not in ("0", "1"):
+        raise ConfigError(f"{what}: backup={settings['backup']} is not 0 or 1")
+    return MountPoint(key, _container_path(volume, f"{what} host directory"),
+                      _container_path(settings["mp"], f"{what} mp"),
+                      settings.get("backup") == "1")
+
+
 def _parse_value(key: str, value: str, what: str) -> Any:
-    if key in ("qmp", "agent"):
+    if key in ("qmp", "agent", "lxcpath"):
         return _check_absolute(value, what)
+    if _MP_KEY_RE.match(key):
+        return parse_mountpoint(key, value, what)
+    if key == "lxc":
+        if not _LXC_NAME_RE.match(value):
+            raise ConfigError(f"{what}: '{value}' is not an LXC container name (letters, "
+                              f"digits, '_', '.', '-'); list the containers with 'lxc-ls -f'")
+        return value
     if key == "type":
         if value not in GUEST_TYPES:
             raise ConfigError(f"{what}: '{value}' is not a guest type guestvault knows; known "
-                              f"types: {', '.join(GUEST_TYPES)} (a QEMU VM reached over QMP)")
+                              f"types: {', '.join(GUEST_TYPES)}; {TYPE_HELP}")
         return value
     if key == "pool":
         if not _POOL_RE.match(value):
@@ -129,6 +205,21 @@ def _parse_value(key: str, value: str, what: str) -> Any:
 
 
 def _check_entry(fields: Dict[str, Any], where: str) -> None:
+    if fields.get("type", "qemu") == "lxc":
+        wrong = [key for key in _QEMU_KEYS if fields.get(key)]
+        if wrong:
+            raise ConfigError(f"{where}: {', '.join(wrong)} only apply to QEMU guests (type "
+                              f"qemu), and this entry has type lxc; remove them")
+        if not fields.get("lxc"):
+            raise ConfigError(f"{where}: type lxc needs an 'lxc' line naming the container, "
+                              f"e.g. 'lxc: web' for the container of "
+                              f"'lxc-ls -f -P /var/lib/lxc'")
+        return
+    wrong = [key for key in fields if key in _LXC_KEYS or _MP_KEY_RE.match(key)]
+    wrong = [key for key in wrong if fields[key]]
+    if wrong:
+        raise ConfigError(f"{where}: {', '.join(wrong)} only apply to LXC containers; add "
+                          f"'type: lxc' or remove them")
     if not fields.get("qmp"):
         raise ConfigError(f"{where}: no 'qmp' line; add one naming the guest's QMP socket, "
                           f"e.g. 'qmp: /run/qemu/guest.qmp' for QEMU started with "
@@ -151,8 +242,9 @@ def parse_guest(text: str, vmid: int, path: str) -> GuestEntry:
         if not match:
             raise ConfigError(f"{where}: cannot parse '{stripped}'; expected 'key: value'")
         key, value = match.group(1), match.group(2).strip()
-        if key not in KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(KEYS)}")
+        if key not in KEYS and not _MP_KEY_RE.match(key):
+            raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(KEYS)}, "
+                              f"mp0 to mp255")
         if key == "description":
             description.append(value)
             continue
@@ -165,7 +257,7 @@ def parse_guest(text: str, vmid: int, path: str) -> GuestEntry:
     return GuestEntry(
         vmid=vmid,
         name=fields.get("name"),
-        qmp_socket=fields["qmp"],
+        qmp_socket=fields.get("qmp", ""),
         agent_socket=fields.get("agent"),
         pool=fields.get("pool"),
         tags=fields.get("tags", ()),
@@ -174,6 +266,10 @@ def parse_guest(text: str, vmid: int, path: str) -> GuestEntry:
         start_command=fields.get("start"),
         description="\n".join(description) if description else None,
         type=fields.get("type", "qemu"),
+        lxc=fields.get("lxc"),
+        lxcpath=fields.get("lxcpath"),
+        mountpoints=tuple(sorted((v for k, v in fields.items() if _MP_KEY_RE.match(k)),
+                                 key=lambda m: int(m.key[2:]))),
         source=path,
     )
 
@@ -210,7 +306,8 @@ def load_guest(config_dir: str, vmid: Any) -> GuestEntry:
         raise GuestNotFound(
             f"guest {vmid} is not registered on this node (no {path}); registered guests: "
             f"{known}. To register it, create {path} with at least a line "
-            f"'qmp: /path/to/its/qmp.sock'")
+            f"'qmp: /path/to/its/qmp.sock' (a VM), or 'type: lxc' and 'lxc: <container name>' "
+            f"(a container)")
     return parse_guest(text, vmid, path)
 
 
@@ -242,10 +339,12 @@ def render_guest(entry: GuestEntry) -> str:
                                   f"duplicates or empty items")
             add(key, text)
 
-    _check_entry({"qmp": entry.qmp_socket, "include": entry.include,
-                  "exclude": entry.exclude}, where)
+    _check_entry({"qmp": entry.qmp_socket, "agent": entry.agent_socket,
+                  "include": entry.include, "exclude": entry.exclude,
+                  "start": entry.start_command, "type": entry.type, "lxc": entry.lxc,
+                  "lxcpath": entry.lxcpath, **{m.key: m for m in entry.mountpoints}}, where)
     add("name", entry.name)
-    add("qmp", entry.qmp_socket)
+    add("qmp", entry.qmp_socket or None)
     add("agent", entry.agent_socket)
     add("pool", entry.pool)
     add_list("tags", entry.tags, ";")
@@ -254,6 +353,17 @@ def render_guest(entry: GuestEntry) -> str:
     add("start", entry.start_command)
     if entry.type != "qemu":
         add("type", entry.type)        # the default is not written: files read back the same
+    add("lxc", entry.lxc)
+    add("lxcpath", entry.lxcpath)
+    keys = [m.key for m in entry.mountpoints]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{where}: mount point keys {keys} repeat one; number them "
+                          f"mp0, mp1, ...")
+    for mountpoint in entry.mountpoints:
+        if not _MP_KEY_RE.match(mountpoint.key):
+            raise ConfigError(f"{where}: '{mountpoint.key}' is not a mount point key (mp0 to "
+                              f"mp255)")
+        add(mountpoint.key, mountpoint.render())
     if entry.description is not None:
         for line in entry.description.split("\n"):
             if "\r" in line or line != line.strip():

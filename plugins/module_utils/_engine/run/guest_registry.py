@@ -14,7 +14,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..config.files import declare_file, read_text
 from ..errors import ConfigError, GuestvaultError
-from ..guest.registry import GuestEntry, guest_path, parse_guest, render_guest, validate_vmid
+from ..guest.registry import (GuestEntry, guest_path, parse_guest, parse_mountpoint,
+                              render_guest, validate_vmid)
 from ..paths import CONFIG_DIR
 from .request import Request
 
@@ -22,7 +23,8 @@ from .request import Request
 ENTRY_FIELDS = {
     'name': 'name', 'qmp': 'qmp_socket', 'agent': 'agent_socket', 'pool': 'pool',
     'tags': 'tags', 'include': 'include', 'exclude': 'exclude', 'start': 'start_command',
-    'description': 'description',
+    'description': 'description', 'type': 'type', 'lxc': 'lxc', 'lxcpath': 'lxcpath',
+    'mountpoints': 'mountpoints',
 }
 
 
@@ -40,6 +42,10 @@ class GuestRegistryRequest(Request):
     exclude: Tuple[str, ...] = None
     start: str = None
     description: str = None
+    type: str = None
+    lxc: str = None
+    lxcpath: str = None
+    mountpoints: Dict[str, str] = None
     config_dir: str = CONFIG_DIR
     check_mode: bool = False
 
@@ -63,6 +69,10 @@ def entry_from_options(vmid: Any, options: Dict[str, Any]) -> GuestEntry:
         if option in ('tags', 'include', 'exclude'):
             items = [value] if isinstance(value, str) else list(value)
             values[ENTRY_FIELDS[option]] = tuple(str(item).strip() for item in items)
+        elif option == 'mountpoints':
+            points = [parse_mountpoint(str(key), str(text), f"guest {vmid}: mountpoints {key}")
+                      for key, text in dict(value).items()]
+            values['mountpoints'] = tuple(sorted(points, key=lambda m: int(m.key[2:])))
         else:
             values[ENTRY_FIELDS[option]] = str(value)
     if 'description' in values:
@@ -89,7 +99,9 @@ def entry_as_dict(entry: Optional[GuestEntry]) -> Dict[str, Any]:
     result: Dict[str, Any] = {'vmid': entry.vmid}
     for option, attribute in ENTRY_FIELDS.items():
         value = getattr(entry, attribute)
-        if isinstance(value, tuple):
+        if option == 'mountpoints':
+            value = {m.key: m.render() for m in value}
+        elif isinstance(value, tuple):
             value = list(value)
         result[option] = value
     return result
