@@ -148,3 +148,20 @@ def test_prune_protect_and_backup_info_treat_archives_like_vm_backups(store, tmp
     assert [(b['id'], b['protected'], b['notes']) for b in info['backups']] == [
         ('vzdump-lxc-777-2024_07_01-12_00_00.tar.zst', True, 'keep'),
         ('vzdump-lxc-777-2024_07_03-12_00_00.tar.zst', False, None)]
+
+
+def test_a_dir_storage_keeps_archives_in_its_dump_directory_and_a_dumpdir_in_itself(tmp_path):
+    from guestvault_engine.run.locate import open_storage
+    (tmp_path / 'etc').mkdir()
+    (tmp_path / 'etc' / 'storage.cfg').write_text(f"dir: local\n\tpath {tmp_path / 'st'}\n")
+    (tmp_path / 'st').mkdir()
+    (tmp_path / 'st' / NAME).write_bytes(b'not listed: vzdump writes into dump/')
+    storage = open_storage(str(tmp_path / 'etc'), 'local')
+    assert storage.archive_dir == str(tmp_path / 'st' / 'dump')
+    assert storage.backups(777) == [] and storage.guest_ids() == []   # no dump/ yet
+    (tmp_path / 'st' / 'dump').mkdir()
+    os.rename(tmp_path / 'st' / NAME, tmp_path / 'st' / 'dump' / NAME)
+    [record] = storage.backups(777)
+    assert record.path == str(tmp_path / 'st' / 'dump' / NAME)
+    dumpdir = open_storage(str(tmp_path / 'etc'), dumpdir=str(tmp_path / 'st' / 'dump'))
+    assert [b.path for b in dumpdir.backups(777)] == [record.path]

@@ -5,6 +5,7 @@ the verbs above never branch on the kind of storage.
 """
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import replace
 
@@ -52,7 +53,8 @@ def open_storage(config_dir, storage=None, dumpdir=None, node=None):
         cfg = load_storage(config_dir, storage, node=node or socket.gethostname())
         if cfg.type == 'datastore':
             return open_datastore(cfg, config_dir)
-        return DirStorage(cfg.path, cfg.id)
+        # vzdump writes a dir: storage's archives into <path>/dump, as Proxmox VE does
+        return DirStorage(cfg.path, cfg.id, archive_dir=os.path.join(cfg.path, 'dump'))
     if dumpdir:
         if not str(dumpdir).startswith('/'):
             raise ConfigError(f"dumpdir {dumpdir!r} is a relative path; give an absolute path")

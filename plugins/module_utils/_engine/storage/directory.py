@@ -4,8 +4,9 @@
 once every file in it is on disk, so a backup directory that exists is complete; anything a crash
 leaves behind is a hidden ``.tmp`` directory that the next run of that guest removes.
 
-vzdump archives (``<path>/vzdump-lxc-<vmid>-<time>.tar.zst``, storage/vzdump_names.py) in the
-same directory are backups of their guest too (``ArchiveRecord``), with PVE's companions
+vzdump archives (``<archive dir>/vzdump-lxc-<vmid>-<time>.tar.zst``, storage/vzdump_names.py: the
+archive directory is a dumpdir itself, or ``<path>/dump`` of a ``dir:`` storage, where vzdump
+writes them) are backups of their guest too (``ArchiveRecord``), with PVE's companions
 (``<archive>.notes``, ``<archive>.protected``, ``<stem>.log``) as their state; guestvault adds
 ``<archive>.verify.json`` for the last verify. A ``.dat`` (an archive being written) is never
 listed; one a killed run left is a stale path.
@@ -219,9 +220,12 @@ class DirStorage:
     kind = 'dir'
     staged_class = StagedBackup
 
-    def __init__(self, path, storage_id=None):
+    def __init__(self, path, storage_id=None, archive_dir=None):
         self.id = storage_id
         self.path = os.path.abspath(path)
+        # where vzdump writes archives: a dumpdir itself; a dir: storage's <path>/dump (made by
+        # the first archive written)
+        self.archive_dir = os.path.abspath(archive_dir) if archive_dir else self.path
         label = f"storage {storage_id} ({self.path})" if storage_id else f"dumpdir {self.path}"
         if not os.path.isdir(self.path):
             raise StorageError(f"{label} does not exist or is not a directory; create it or "
@@ -282,17 +286,27 @@ class DirStorage:
     def _archive_names(self):
         """The parsed vzdump archive names in the storage's directory (regular files only)."""
         found = []
-        with os.scandir(self.path) as entries:
-            for entry in entries:
-                parsed = vzdump_names.parse(entry.name)
-                if parsed is not None and entry.is_file(follow_symlinks=False):
-                    found.append(parsed)
+        try:
+            with os.scandir(self.archive_dir) as entries:
+                for entry in entries:
+                    parsed = vzdump_names.parse(entry.name)
+                    if parsed is not None and entry.is_file(follow_symlinks=False):
+                        found.append(parsed)
+        except FileNotFoundError:
+            pass     # a dir: storage's dump/ before its first archive
         return found
+
+    def _archive_dir_names(self):
+        try:
+            return sorted(os.listdir(self.archive_dir))
+        except FileNotFoundError:
+            return []
 
     def _archives(self, vmid):
         """Guest ``vmid``'s vzdump archives as records (complete: a ``.dat`` is not listed)."""
-        return [ArchiveRecord(os.path.join(self.path, a.name), a,
-                              os.path.exists(os.path.join(self.path, a.protected_name)), self)
+        return [ArchiveRecord(os.path.join(self.archive_dir, a.name), a,
+                              os.path.exists(os.path.join(self.archive_dir, a.protected_name)),
+                              self)
                 for a in self._archive_names() if a.vmid == int(vmid)]
 
     def _state_file(self, record, name):
@@ -335,7 +349,7 @@ class DirStorage:
     def stale_paths(self, vmid):
         """What killed runs left in the guest's directory: hidden ``.tmp`` entries."""
         gdir = self.guest_dir(vmid)
-        found = [os.path.join(self.path, name) for name in sorted(os.listdir(self.path))
+        found = [os.path.join(self.archive_dir, name) for name in self._archive_dir_names()
                  if vzdump_names.is_dat_of(name, vmid)]
         if not os.path.isdir(gdir):
             return found
@@ -436,8 +450,8 @@ class DirStorage:
         """An archive goes in one unlink (as pve-storage's archive_remove), then its
         companions: its log, notes and verify state (protection was refused above)."""
         os.unlink(record.path)
-        fsync_path(self.path)
-        for path in (os.path.join(self.path, record.archive.log_name),
+        fsync_path(self.archive_dir)
+        for path in (os.path.join(self.archive_dir, record.archive.log_name),
                      self._state_file(record, NOTES), self._state_file(record, VERIFY)):
             _set_or_remove(path, None)
 
