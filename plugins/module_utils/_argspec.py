@@ -80,6 +80,11 @@ def guest_backup_argument_spec():
         'cluster': {'type': 'str', 'default': ''},
         'node': {'type': 'str'},
         'max_age': {'type': 'str'},
+        'exclude_path': {'type': 'list', 'elements': 'str'},
+        'stdexcludes': {'type': 'bool'},
+        'tmpdir': {'type': 'path'},
+        'zstd': {'type': 'int'},
+        'pigz': {'type': 'int'},
     })
     return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR, ('include', 'exclude')])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: guest_backup
-short_description: Back up a running QEMU guest, full or incremental, over QMP
+short_description: Back up a QEMU VM (full or incremental, over QMP) or an LXC container
 version_added: 0.1.0
 description:
   - Takes a consistent, live backup of all (or selected) disks of one QEMU guest at one point in
@@ -25,6 +25,16 @@ description:
     disks.
   - Consistency modes, naming, notes templates, protection and hook scripts follow Proxmox
     vzdump. Defaults come from C(vzdump.conf) in O(config_dir), overridden by the options given.
+  - A container (a registry entry of type C(lxc)) is backed up as vzdump does it, into a
+    directory storage (its C(dump/) directory) or O(dumpdir), as
+    C(vzdump-lxc-<vmid>-<YYYY_MM_DD-HH_MM_SS>.tar[.zst|.gz|.lzo]), named in local time, which
+    Proxmox VE's C(pct restore) reads. Its rootfs and the volumes with C(backup=1) are archived
+    with GNU tar and PVE's flags (C(--one-file-system --sparse --numeric-owner --acls --xattrs));
+    bind mounts never are. C(./etc/vzdump/pct.conf) is the first member; the LXC config is kept as
+    C(./etc/vzdump/lxc.conf). An unprivileged container's archive holds the container's own ids.
+    The archive is written as C(.dat) and renamed when complete; notes, protection and the log
+    are the files PVE writes beside it. A container's backup is always full, and a datastore
+    does not take one yet.
 author:
   - guestvault developers (@guestvault)
 requirements:
@@ -99,6 +109,14 @@ options:
       - V(snapshot) keeps the guest running; with a guest agent, its filesystems are frozen for the
         instant of the point in time (thaw guaranteed). Without one the backup is crash-consistent
         and a warning says so.
+      - "For a container: V(snapshot) freezes it, takes a read-only btrfs snapshot of its rootfs
+        and thaws it; where the rootfs is not a btrfs subvolume it falls back to V(suspend), as
+        vzdump does, with C(mode failure) in the log and RV(warnings). V(suspend) copies the
+        running container with rsync into O(tmpdir), freezes it, copies what changed and thaws
+        it (RV(frozen_seconds)). V(stop) stops it with C(lxc-stop) within O(stopwait), archives
+        it and starts it again (RV(downtime_seconds)). A container that is not running is backed
+        up as it is, without being started. The container is thawed or started again also when
+        the backup fails."
       - V(suspend) pauses the guest's vCPUs around the point in time.
       - V(stop) shuts the guest down (guest agent, else ACPI) within O(stopwait), fixes the point
         in time while it is off and starts it again at once. A guest whose QEMU stays after
@@ -137,6 +155,8 @@ options:
       - Compress the backup's images (qcow2 compressed clusters), with vzdump's values. V(zstd) (or
         V(1)) is fast; V(gzip) (zlib clusters) is much slower. V(0) stores uncompressed.
       - V(lzo) is vzdump syntax with no qcow2 equivalent; it is refused with the advice to use V(zstd).
+      - "For a container, the archive's compression, as vzdump: V(zstd) (threads from O(zstd)),
+        V(gzip) (C(pigz) when O(pigz) > 0), V(lzo) or V(1) (C(lzop)), V(0) (a plain C(.tar))."
     type: str
     choices: ['0', '1', gzip, lzo, zstd]
   notes_template:
@@ -163,6 +183,37 @@ options:
   node:
     description: The node's name for notes and hooks; default the host name.
     type: str
+  exclude_path:
+    description:
+      - "Containers: files to leave out of the archive, vzdump's C(exclude-path): a pattern that
+        starts with C(/) is anchored at the container's root (C(/var/cache/*)), any other matches
+        in every directory (C(*.tmp)). A pattern that would leave nothing is refused; a trailing
+        slash warns, as vzdump warns. Default from C(vzdump.conf)."
+      - Has no effect on a VM's backup (a warning says so).
+    type: list
+    elements: str
+  stdexcludes:
+    description:
+      - "Containers: also leave out C(/tmp/?*), C(/var/tmp/?*) and C(/var/run/?*.pid), as
+        vzdump's C(stdexcludes). Default from C(vzdump.conf), else V(true)."
+    type: bool
+  tmpdir:
+    description:
+      - "Containers in V(suspend) mode (and V(snapshot) mode where it falls back): the directory
+        the running container is copied into. Default from C(vzdump.conf), else as vzdump picks
+        it: beside the archive when the storage's file system keeps every attribute, else
+        C(/var/tmp)."
+    type: path
+  zstd:
+    description:
+      - "Containers: zstd threads for O(compress=zstd); V(0) is half of the node's cores, as
+        vzdump. Default from C(vzdump.conf), else V(1)."
+    type: int
+  pigz:
+    description:
+      - "Containers: with O(compress=gzip), compress with C(pigz) on this many threads when it
+        is larger than V(0). Default from C(vzdump.conf), else V(0) (C(gzip))."
+    type: int
   max_age:
     description:
       - Take no backup when the guest's newest backup on the storage (of O(chain), if given) is
@@ -181,6 +232,15 @@ seealso:
 """
 
 EXAMPLES = r"""
+- name: Back up container 777 (registry type lxc) as vzdump does, leaving caches out
+  guestvault.backup.guest_backup:
+    vmid: 777
+    storage: local
+    mode: suspend
+    exclude_path:
+      - /var/cache/*
+      - "*.tmp"
+
 - name: Nightly backup of guest 101, incremental when possible
   guestvault.backup.guest_backup:
     vmid: 101
@@ -224,10 +284,38 @@ EXAMPLES = r"""
 
 RETURN = r"""
 backup:
-  description: Id of the new backup, C(vm/<vmid>/<time>) (with O(max_age), of the recent one).
+  description:
+    - Id of the new backup, C(vm/<vmid>/<time>) (with O(max_age), of the recent one).
+    - A container's is the archive's file name, as Proxmox VE's volume ids name it.
   returned: changed or skipped by O(max_age)
   type: str
   sample: vm/101/2026-11-22T01:00:00Z
+archive:
+  description: A container's archive (C(-) when written to standard output by the node command).
+  returned: changed, for a container
+  type: str
+  sample: /srv/backup/dump/vzdump-lxc-777-2026_11_22-02_00_00.tar.zst
+type:
+  description: The guest's kind, C(lxc) for a container (a VM's result has no RV(type)).
+  returned: for a container
+  type: str
+  sample: lxc
+frozen_seconds:
+  description: A container in V(suspend) or V(snapshot) mode, the seconds it was frozen.
+  returned: changed, for a container
+  type: float
+  sample: 0.21
+tar_bytes:
+  description: A container's archive, the bytes of its tar stream before compression.
+  returned: changed, for a container
+  type: int
+  sample: 104857600
+exclude_path:
+  description: A container's exclusion patterns as given to tar (O(exclude_path), then stdexcludes).
+  returned: for a container
+  type: list
+  elements: str
+  sample: ['/var/cache/*', '/tmp/?*']
 skipped_reason:
   description: Why no backup was taken (O(max_age)).
   returned: when skipped

@@ -235,7 +235,7 @@ def test_the_stream_form_writes_only_the_stream_and_reads_back_from_one(work):
     stream.seek(0)
     reader.extract_rootfs(stream, dest)
     restored = snapshot(dest)
-    assert restored == {k: v for k, v in expected(root).items()} | \
+    assert restored == dict(expected(root)) | \
         {'etc': restored['etc']} and 'etc/vzdump' not in restored
 
 

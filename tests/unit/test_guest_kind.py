@@ -96,8 +96,26 @@ def test_a_container_entry_has_the_lxc_kind_and_its_pct_conf_names_its_volumes(t
     guest = LxcGuest(Container('web', '/var/lib/lxc'), parse_lxc_config(text, 'config'), text)
     tree = TreeCapture(root=str(tmp_path / 'root'), volumes=[('/data', str(tmp_path / 'vol'))])
     pct, warnings = kind.pct_conf_text(entry, guest, tree)
-    assert pct == ("hostname: web\n"
+    # no lxc.arch: the host's (LXC's rule); no os-release: unmanaged, which pct restore takes
+    assert pct == ("arch: amd64\nhostname: web\n"
                    "mp3: local:300/vm-300-disk-1.raw,mp=/data,backup=1,size=1G\n"
+                   "ostype: unmanaged\n"
                    "rootfs: local:300/vm-300-disk-0.raw,size=1G\n")
     assert warnings == [] and kind.lxc_config_text(guest) == text
     assert entry.mountpoints == (MountPoint('mp3', '/srv/d', '/data', True),)
+
+
+def test_the_ostype_comes_from_the_trees_os_release_and_never_through_a_link(tmp_path):
+    from guestvault_engine.guest.lxc.pct_conf import detect_ostype
+    root = tmp_path / 'root'
+    (root / 'etc').mkdir(parents=True)
+    assert detect_ostype(str(root)) == 'unmanaged'
+    (root / 'etc' / 'os-release').write_text('NAME="Debian GNU/Linux"\nID=debian\n')
+    assert detect_ostype(str(root)) == 'debian'
+    (root / 'etc' / 'os-release').write_text('ID="rocky"\n')
+    assert detect_ostype(str(root)) == 'centos'
+    (root / 'etc' / 'os-release').unlink()
+    host = tmp_path / 'host-os-release'
+    host.write_text('ID=ubuntu\n')
+    (root / 'etc' / 'os-release').symlink_to(host)     # a guest's link to a host file
+    assert detect_ostype(str(root)) == 'unmanaged'

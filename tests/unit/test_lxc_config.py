@@ -155,7 +155,8 @@ def test_other_rootfs_backends_are_recognised(tmp_path):
 def test_the_pct_conf_of_a_busybox_container(tmp_path):
     config = parse_lxc_config(BUSYBOX, str(tmp_path / 'config'))
     text, warnings = pct_conf(config, 777, 3 * 2 ** 20)
-    assert text == ("hostname: p1\n"
+    # no lxc.arch: the host's, as LXC runs it; no ostype given: unmanaged
+    assert text == ("arch: amd64\nhostname: p1\nostype: unmanaged\n"
                     "rootfs: local:777/vm-777-disk-0.raw,size=2G\n")
     assert warnings == []
 
@@ -170,6 +171,7 @@ def test_the_pct_conf_of_an_unprivileged_container_with_networks_and_a_volume(tm
         "mp0: local:300/vm-300-disk-1.raw,mp=/srv/data,backup=1,size=3G\n"
         "net1: bridge=lxcbr0,gw=10.0.3.1,hwaddr=00:16:3e:aa:bb:cc,ip=10.0.3.5/24,name=eth1,"
         "type=veth\n"
+        "ostype: unmanaged\n"
         "rootfs: local:300/vm-300-disk-0.raw,size=6G\n"
         "swap: 256\n"
         "unprivileged: 1\n"

@@ -34,7 +34,7 @@ from .disks import discover_disks
 from .lxc.config import DEFAULT_LXCPATH, LxcConfig, config_path, parse_lxc_config
 from .lxc.container import Container
 from .lxc.modes import temp_dir_for, tree_capture
-from .lxc.pct_conf import pct_conf, tree_bytes
+from .lxc.pct_conf import detect_ostype, pct_conf, tree_bytes
 from .pull import PullCapture
 from .qmp import QmpSession
 from .registry import TYPE_HELP
@@ -161,7 +161,8 @@ class LxcKind:
     def pct_conf_text(self, entry, guest, capture: TreeCapture):
         keys = {m.path: m.key for m in entry.mountpoints}
         volumes = [(keys[mp], mp, tree_bytes(host)) for mp, host in capture.volumes]
-        return pct_conf(guest.config, entry.vmid, tree_bytes(capture.root), volumes)
+        return pct_conf(guest.config, entry.vmid, tree_bytes(capture.root), volumes,
+                        ostype=detect_ostype(capture.root))
 
     def lxc_config_text(self, guest):
         return guest.config_text

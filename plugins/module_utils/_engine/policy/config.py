@@ -246,20 +246,31 @@ VZDUMP_OPTIONS: Dict[str, Callable[[str, str], Any]] = {
 }
 # vzdump options that are read (so vzdump.conf files from Proxmox load) but do nothing yet; a
 # user who sets ``mailto`` must not believe mail will come, so each run names them once.
-INERT_OPTIONS = ("exclude-path", "fleecing", "ionice", "mailnotification", "mailto", "pigz",
-                 "remove", "stdexcludes", "tmpdir", "zstd")
+INERT_OPTIONS = ("fleecing", "ionice", "mailnotification", "mailto", "remove")
 INERT_PROPERTIES = {"performance": ("pbs-entries-max",)}
+# vzdump options of container backups only (a VM's backup has no file tree to exclude from,
+# tar to compress or copy to make); a VM's run names them, as vzdump ignores them there.
+CONTAINER_OPTIONS = ("exclude-path", "pigz", "stdexcludes", "tmpdir", "zstd")
 
 
-def inert_option_warning(options: Mapping[str, Any], source: str) -> Optional[str]:
-    """A warning naming the options in ``options`` that guestvault accepts but ignores, or None."""
+def inert_option_warning(options: Mapping[str, Any], source: str,
+                         guest_type: Optional[str] = None) -> Optional[str]:
+    """A warning naming the options in ``options`` that guestvault accepts but ignores, or None.
+    ``guest_type`` ``'qemu'`` also names the container-only options set; None (a run of
+    several guests) or ``'lxc'`` does not."""
     inert = [key for key in INERT_OPTIONS if key in options]
     for key, subkeys in INERT_PROPERTIES.items():
         inert += [f"{key} {sub}" for sub in subkeys if sub in (options.get(key) or {})]
-    if not inert:
-        return None
-    return (f"{source} sets {', '.join(inert)}, which guestvault reads but does not act on yet; "
-            "they have no effect (remove them to silence this warning)")
+    container_only = [key for key in CONTAINER_OPTIONS if key in options] \
+        if guest_type == 'qemu' else []
+    parts = []
+    if inert:
+        parts.append(f"{source} sets {', '.join(inert)}, which guestvault reads but does not "
+                     "act on yet; they have no effect (remove them to silence this warning)")
+    if container_only:
+        parts.append(f"{source} sets {', '.join(container_only)}, which apply to container "
+                     "backups only; they have no effect on this VM's backup")
+    return '; '.join(parts) or None
 
 
 # Keys that may appear on several lines; their values are concatenated into one list.

@@ -17,6 +17,7 @@ import stat
 import tarfile
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from ..errors import CorruptData, StorageError
@@ -132,29 +133,35 @@ def _present(source, path):
     return any(m['path'] == '/' + path for m in list_members(source, parent))
 
 
+@contextmanager
 def _chosen(source, paths):
-    """``(member, archive)`` for every member ``paths`` selects, each name checked."""
+    """The members ``paths`` selects, as ``(member, archive)``, each name checked."""
     select = _selector(paths)
-    with tar_stream(source) as stream:
+    # _chosen is itself a context manager: leaving its caller's with-block exits tar_stream's
+    with tar_stream(source) as stream:  # pylint: disable=contextmanager-generator-missing-cleanup
         try:
             with tarfile.open(fileobj=stream, mode='r|') as archive:
-                for member in archive:
-                    relative = untrusted_tar.member_path(member.name)
-                    if relative and (select is None or select(relative)):
-                        yield member, archive
+                yield ((member, archive) for member in archive
+                       if _selected(member, select))
         except tarfile.TarError as exc:
             raise CorruptData(f"the archive is damaged or truncated ({exc})") from None
+
+
+def _selected(member, select):
+    relative = untrusted_tar.member_path(member.name)      # UnsafeMember for '..' and the like
+    return bool(relative) and (select is None or select(relative))
 
 
 def _measure(source, paths, max_bytes):
     """Check mode: ``(files, bytes, entries)`` the paths hold; PathNotFound,
     SizeLimitExceeded."""
     files = size = entries = 0
-    for member, _archive in _chosen(source, paths):
-        entries += 1
-        if member.isreg():
-            files += 1
-            size += member.size
+    with _chosen(source, paths) as members:
+        for member, _archive in members:
+            entries += 1
+            if member.isreg():
+                files += 1
+                size += member.size
     _check_size(size, max_bytes)
     _require_found(paths, entries)
     return files, size, entries
@@ -179,16 +186,19 @@ def _copy_members(source, paths, max_bytes, hidden, final):
     files = size = entries = 0
     with open(hidden, 'xb') as raw:
         with tarfile.open(fileobj=raw, mode='w|', format=tarfile.PAX_FORMAT) as out:
-            for member, archive in _chosen(source, paths):
-                if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-                    continue
-                entries += 1
-                if member.isreg():
-                    files += 1
-                    size += member.size
-                    _check_size(size, max_bytes)
-                member.mode = stat.S_IMODE(member.mode) & ~0o7000
-                out.addfile(member, archive.extractfile(member) if member.isreg() else None)
+            with _chosen(source, paths) as members:
+                for member, archive in members:
+                    if not (member.isreg() or member.isdir() or member.issym()
+                            or member.islnk()):
+                        continue
+                    entries += 1
+                    if member.isreg():
+                        files += 1
+                        size += member.size
+                        _check_size(size, max_bytes)
+                    member.mode = stat.S_IMODE(member.mode) & ~0o7000
+                    out.addfile(member,
+                                archive.extractfile(member) if member.isreg() else None)
         _require_found(paths, entries)
         raw.flush()
         os.fsync(raw.fileno())

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 
 from ..errors import BackupFailed, ConfigError, GuestvaultError, HookFailed
 from ..format.base import accept_capture
+from ..format.capture import TREE
 from ..guest.capture import DiskJob
 from ..guest.disks import discover_disks, require_idle, select_disks
 from ..guest.kind import GuestKind, guest_kind
@@ -40,11 +41,13 @@ from ..storage.files import private_files
 from ..times import format_time, parse_age, parse_time
 from ..vocabulary import COMPRESS, LZO_ADVICE, MODES, QCOW2_COMPRESSION, normalize_compress
 from . import guest_runs, leftovers
+from .backup_log import BackupLog
 from .hooks import HookScript
 from .locate import format_of, require_storage, resolve_guest
 from .protect import check_protected_room
 from .opener import guest_lock
 from .request import Request
+from .tree_backup import run_tree_backup, tree_options
 
 # Built-in defaults, overridden by vzdump.conf, overridden by the caller (as vzdump does).
 DEFAULTS = {'mode': 'snapshot', 'bwlimit': 0, 'lockwait': 180, 'stopwait': 10,
@@ -78,6 +81,13 @@ class GuestBackupRequest(Request):
     cluster: str = ''
     node: str = None
     max_age: str = None          # skip when a backup younger than this exists ("12h", "1d")
+    # containers (run/tree_backup.py); None: vzdump.conf's, else vzdump's default
+    exclude_path: list = None
+    stdexcludes: bool = None
+    tmpdir: str = None
+    zstd: int = None             # zstd threads, 0: half of the cores
+    pigz: int = None             # gzip with pigz threads when > 0
+    stdout: object = None        # a binary stream: the archive goes there, nothing else is kept
     warn_inert: bool = True      # warn about vzdump.conf options that have no effect yet
     check_mode: bool = False
 
@@ -108,7 +118,7 @@ class Plan:
     expected_bytes: int = 0      # about what the backup will write
 
 
-def _resolve_options(request):
+def _resolve_options(request, kind_name='qemu'):
     defaults = load_vzdump_defaults(request.config_dir)
     options = dict(DEFAULTS)
     for key in DEFAULTS:
@@ -120,9 +130,7 @@ def _resolve_options(request):
         if value is not None:
             options[key] = value
     options['compress'] = normalize_compress(options['compress'])
-    if options['compress'] == 'lzo':
-        raise ConfigError(LZO_ADVICE)
-    if options['compress'] not in QCOW2_COMPRESSION:
+    if options['compress'] not in COMPRESS:
         raise ConfigError(f"compress {options['compress']!r} is not one of "
                           f"{', '.join(COMPRESS)}")
     if options['mode'] not in MODES:
@@ -143,8 +151,10 @@ def _resolve_options(request):
     if not request.storage and not request.dumpdir:
         options['storage'] = defaults.get('storage')
         options['dumpdir'] = defaults.get('dumpdir')
-    options['inert'] = inert_option_warning(defaults, 'vzdump.conf') if request.warn_inert \
-        else None
+    options['inert'] = inert_option_warning(defaults, 'vzdump.conf', kind_name) \
+        if request.warn_inert else None
+    options.update(tree_options(request, defaults))
+    options['node'] = request.node or socket.gethostname()
     return options
 
 
@@ -158,7 +168,9 @@ def prepare_backup(request, qmp, options=None, guest=None, kind=None):
     options = options or _resolve_options(request)
     guest = guest or _guest_entry(request)
     kind = kind or guest_kind(guest)
-    options['node'] = request.node or socket.gethostname()
+    if options['compress'] not in QCOW2_COMPRESSION:
+        raise ConfigError(LZO_ADVICE if options['compress'] == 'lzo' else
+                          f"compress {options['compress']!r} has no qcow2 equivalent")
     storage = require_storage(request.config_dir, options['storage'], options['dumpdir'],
                               options['node'])
     hook = HookScript(options['script']) if options['script'] else None
@@ -173,6 +185,11 @@ def prepare_backup(request, qmp, options=None, guest=None, kind=None):
         check_protected_room(request.config_dir, storage, guest.vmid)
     plan = Plan(request, options, guest, kind, storage, format=format_of(storage), disks=[],
                 notes=notes, hook=hook)
+    given = [name for name in ('exclude_path', 'stdexcludes', 'tmpdir', 'zstd', 'pigz')
+             if getattr(request, name) not in (None, [])]
+    if given:
+        plan.warnings.append(f"{', '.join(given)} apply to container backups only; they have "
+                             f"no effect on VM {guest.vmid}'s backup")
     accept_capture(plan.format, kind.yields, storage.label)
     if plan.format.capture == 'pull':
         require_libnbd(f"a backup into {storage.label}")  # before anything changes
@@ -219,24 +236,6 @@ def decide_backup(plan, qmp, now=None):
     return plan
 
 
-class _Log:
-    """client.log of the backup, mirrored to the caller's log function."""
-
-    def __init__(self, sink):
-        self.sink = sink
-        self.lines = []
-        self.started = time.monotonic()
-
-    def __call__(self, message):
-        line = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} INFO: {message}"
-        self.lines.append(line)
-        if self.sink:
-            self.sink(message)
-
-    def text(self):
-        return '\n'.join(self.lines) + '\n'
-
-
 @contextmanager
 def _terminate_as_error():
     """Turn SIGTERM (systemd stop, Ansible timeout) into an exception so cleanup runs."""
@@ -260,10 +259,17 @@ def run_guest_backup(request, log=None, progress=None, now=None):
     time), so a second run of the same guest waits for the first, up to ``lockwait``.
     """
     started = time.monotonic()
-    clog = _Log(log)
-    options = _resolve_options(request)
+    clog = BackupLog(log)
     guest = _guest_entry(request)
     kind = guest_kind(guest)
+    options = _resolve_options(request, kind.name)
+    if request.stdout is not None and kind.yields != TREE:
+        raise ConfigError(f"guest {guest.vmid} is a VM: stdout takes a container's archive "
+                          "only (vzdump writes a VM's as VMA, which guestvault does not); "
+                          "back it up to a storage instead")
+    if kind.yields == TREE:     # a container: vzdump's archive of its file tree
+        with _terminate_as_error():
+            return run_tree_backup(request, options, guest, kind, log, now)
     with ExitStack() as stack:
         stack.enter_context(_terminate_as_error())
         stack.enter_context(private_files())

@@ -34,7 +34,8 @@ from .prune import PruneRequest, damaged_warning, prune_guest, resolve_policy
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='guestvault-dump',
-        description="Back up QEMU guests of this node, as Proxmox's vzdump does.")
+        description="Back up the QEMU VMs and LXC containers of this node, as Proxmox's "
+                    "vzdump does.")
     parser.add_argument('vmid', nargs='*', type=int, help='guests to back up')
     parser.add_argument('--all', action='store_true', help='every guest in the registry')
     parser.add_argument('--exclude', default='', help='vmids to leave out (with --all/--pool)')
@@ -54,6 +55,18 @@ def build_parser():
     parser.add_argument('--bwlimit', type=int, help='KiB/s')
     parser.add_argument('--lockwait', type=float, help='minutes')
     parser.add_argument('--stopwait', type=float, help='minutes')
+    parser.add_argument('--exclude-path', action='append', default=None, metavar='PATTERN',
+                        help="containers: leave out files matching PATTERN (anchored at the "
+                             "container's root when it starts with /); repeatable")
+    parser.add_argument('--stdexcludes', type=int, choices=(0, 1),
+                        help='containers: leave out /tmp/?*, /var/tmp/?*, /var/run/?*.pid '
+                             '(default 1)')
+    parser.add_argument('--tmpdir', help="containers: where suspend mode copies the container")
+    parser.add_argument('--zstd', type=int, help='zstd threads (0: half of the cores)')
+    parser.add_argument('--pigz', type=int, help='gzip with pigz on N threads when N > 0')
+    parser.add_argument('--stdout', action='store_true',
+                        help="write one container's archive to standard output (no storage, "
+                             "no notes, no protection, no prune); messages go to stderr")
     parser.add_argument('--config-dir', default=default_config_dir())
     parser.add_argument('--node', default=socket.gethostname())
     parser.add_argument('--quiet', action='store_true', help='no progress, errors only')
@@ -82,9 +95,10 @@ def _job_settings(args):
         'job': declared,
     }
     for key in ('mode', 'storage', 'dumpdir', 'compress', 'level', 'chain', 'bwlimit',
-                'script', 'lockwait', 'stopwait'):
+                'script', 'lockwait', 'stopwait', 'stdexcludes', 'tmpdir', 'zstd', 'pigz'):
         value = getattr(args, key)
         settings[key] = value if value is not None else job.get(key)
+    settings['exclude_path'] = args.exclude_path or job.get('exclude-path')
     settings['notes_template'] = args.notes_template or job.get('notes-template')
     settings['prune_backups'] = args.prune_backups or job.get('prune-backups')
     settings['protected'] = bool(args.protected) if args.protected is not None \
@@ -98,6 +112,12 @@ def _say(message):
     sys.stdout.flush()
 
 
+def _say_on_stderr(message):
+    """With --stdout, standard output carries the archive alone."""
+    sys.stderr.write(message + '\n')
+    sys.stderr.flush()
+
+
 def _vmids(text):
     return [int(v) for v in str(text or '').replace(';', ',').split(',') if v.strip()]
 
@@ -105,7 +125,8 @@ def _vmids(text):
 def _plain_settings(args):
     settings = {key: getattr(args, key) for key in (
         'mode', 'storage', 'dumpdir', 'compress', 'level', 'chain', 'bwlimit', 'script',
-        'lockwait', 'stopwait', 'pool', 'all')}
+        'lockwait', 'stopwait', 'pool', 'all', 'exclude_path', 'stdexcludes', 'tmpdir', 'zstd',
+        'pigz')}
     settings.update(vmid=args.vmid, exclude=_vmids(args.exclude), job=None,
                     notes_template=args.notes_template, prune_backups=args.prune_backups,
                     protected=None if args.protected is None else bool(args.protected),
@@ -158,7 +179,7 @@ class Progress:
 
 def run(argv=None):
     args = build_parser().parse_args(argv)
-    say = (lambda message: None) if args.quiet else _say
+    say = (lambda message: None) if args.quiet else (_say_on_stderr if args.stdout else _say)
     if args.build_appliance:
         return _build_appliance(say)
     settings = _job_settings(args) if args.job else _plain_settings(args)
@@ -172,6 +193,8 @@ def run(argv=None):
         say(f"job {args.job} is disabled; nothing to do")
         return 0
     vmids = select_guests(args.config_dir, settings)
+    if args.stdout:
+        return _to_stdout(args, settings, vmids, say)
     # Once per run, not once per guest: options read but not acted on yet.
     for warning in (inert_option_warning(load_vzdump_defaults(args.config_dir), 'vzdump.conf'),
                     job and inert_option_warning(job.options, f"job {job.id} (jobs.cfg)")):
@@ -226,15 +249,43 @@ def _cleanup(args, settings, say):
     return 1 if failed else 0
 
 
-def _one_guest(args, settings, vmid, say, progress):
-    request = GuestBackupRequest(
+def _to_stdout(args, settings, vmids, say):
+    """--stdout: one container's archive on standard output, nothing else (as vzdump)."""
+    if len(vmids) != 1:
+        raise ConfigError(f"--stdout writes one guest's archive, and the selection names "
+                          f"{len(vmids)} ({', '.join(map(str, vmids))}); give one vmid")
+    if sys.stdout.isatty():
+        raise ConfigError("--stdout would write the archive to a terminal; redirect it to a "
+                          "file or a pipe (e.g. '| guestvault-pct restore 300 -')")
+    try:
+        result = run_guest_backup(_request(args, settings, vmids[0], sys.stdout.buffer),
+                                  log=lambda m: say(f"  {vmids[0]}: {m}"))
+    except GuestvaultError as exc:
+        say(f"ERROR: backup of guest {vmids[0]} failed: {exc}")
+        return 1
+    sys.stdout.buffer.flush()
+    for warning in result['warnings']:
+        say(f"WARNING: {vmids[0]}: {warning}")
+    say(f"{result['bytes_written']} bytes written to standard output ({result['mode']} mode)")
+    return 0
+
+
+def _request(args, settings, vmid, stdout=None):
+    return GuestBackupRequest(
         vmid=vmid, storage=settings['storage'], dumpdir=settings['dumpdir'],
         config_dir=args.config_dir, level=settings['level'] or 'auto', chain=settings['chain'],
         chain_period=settings['chain_period'], mode=settings['mode'],
         bwlimit=settings['bwlimit'], compress=settings['compress'],
         notes_template=settings['notes_template'], protected=settings['protected'],
         script=settings['script'], lockwait=settings['lockwait'],
-        stopwait=settings['stopwait'], node=args.node, warn_inert=False)
+        stopwait=settings['stopwait'], node=args.node, warn_inert=False,
+        exclude_path=settings['exclude_path'],
+        stdexcludes=None if settings['stdexcludes'] is None else bool(settings['stdexcludes']),
+        tmpdir=settings['tmpdir'], zstd=settings['zstd'], pigz=settings['pigz'], stdout=stdout)
+
+
+def _one_guest(args, settings, vmid, say, progress):
+    request = _request(args, settings, vmid)
     t0 = time.monotonic()
     try:
         result = run_guest_backup(request, log=lambda m: say(f"  {vmid}: {m}"), progress=progress)

@@ -74,7 +74,7 @@ def parse(name):
     match = _STD.match(name)
     if not match:
         return None
-    _, kind, vmid, stamp, ext, comp = match.groups()
+    _whole, kind, vmid, stamp, ext, comp = match.groups()
     try:
         local = datetime.strptime(stamp, TIME_FORMAT)
     except ValueError:

@@ -115,7 +115,7 @@ class Pipeline:
         return result
 
     def kill(self):
-        for _, proc, _ in self.steps:
+        for _name, proc, _copier in self.steps:
             if proc.poll() is None:
                 proc.kill()
 

@@ -60,7 +60,7 @@ def tar_stream(source, bwlimit_kib=0, whole=True):
         try:
             yield out
             if whole:   # a tar reader stops at its end marker; the rest is record padding
-                for _ in iter(lambda: out.read(1 << 20), b''):
+                for _block in iter(lambda: out.read(1 << 20), b''):
                     pass
         finally:
             out.close()
@@ -69,7 +69,8 @@ def tar_stream(source, bwlimit_kib=0, whole=True):
         pipeline.kill()
         try:
             pipeline.finish()
-        except Exception:       # pylint: disable=broad-except  (the first error is reported)
+        # the first error is the one reported
+        except Exception:       # pylint: disable=broad-except
             pass
         raise
 
@@ -189,7 +190,7 @@ def verify_archive(path):
         with tar_stream(path) as stream:
             try:
                 if parsed and parsed.format == 'vma':
-                    for _ in iter(lambda: stream.read(1 << 20), b''):
+                    for _block in iter(lambda: stream.read(1 << 20), b''):
                         pass
                     return []
                 with tarfile.open(fileobj=stream, mode='r|') as archive:
@@ -201,7 +202,7 @@ def verify_archive(path):
                                     "pct restore and pve-storage find no configuration in it")
             except tarfile.TarError as exc:
                 problems.append(f"{name}: the tar stream is damaged or truncated ({exc})")
-                for _ in iter(lambda: stream.read(1 << 20), b''):
+                for _block in iter(lambda: stream.read(1 << 20), b''):
                     pass     # to its end: the decompressor's own verdict comes first
     except (ArchiveError, CorruptData) as exc:
         problems.insert(0, f"{name}: {exc}")

@@ -116,7 +116,7 @@ def tar_command(capture, conf_dir, patterns):
     argv += [_transform(source, mp) for mp, source in volumes]
     argv.append('.')
     if volumes:
-        argv += ['--directory=/'] + [source for _, source in volumes]
+        argv += ['--directory=/'] + [source for _mount, source in volumes]
     return argv
 
 
@@ -133,7 +133,7 @@ def _write_conf_dir(conf_dir, pct_conf, lxc_config, id_map):
             handle.write(text)
     uid, gid = mapped_root(id_map)
     if uid is not None:
-        for folder, _, names in os.walk(conf_dir):
+        for folder, _dirs, names in os.walk(conf_dir):
             for path in [folder] + [os.path.join(folder, n) for n in names]:
                 os.chown(path, uid, gid if gid is not None else uid)
 
@@ -141,8 +141,8 @@ def _write_conf_dir(conf_dir, pct_conf, lxc_config, id_map):
 def _check_reachable(capture):
     """The tree exists, and under an id map its root's parents let the mapped root through
     (a host-only 0700 directory above it would fail tar half-way)."""
-    uid, _ = mapped_root(capture.id_map)
-    for path in [capture.root] + [host for _, host in capture.volumes]:
+    uid, _gid = mapped_root(capture.id_map)
+    for path in [capture.root] + [host for _mount, host in capture.volumes]:
         if not os.path.isdir(path):
             raise ArchiveError(f"the container's tree {path} is missing or not a directory; "
                                "nothing was written")
@@ -260,7 +260,8 @@ def _run(capture, conf_dir, patterns, compress_cmd, bwlimit_kib, out_fd, stream)
         pipeline.kill()
         try:
             pipeline.finish()
-        except Exception:       # pylint: disable=broad-except  (the first error is reported)
+        # the first error is the one reported
+        except Exception:       # pylint: disable=broad-except
             pass
         raise
     finally:

@@ -15,6 +15,7 @@ Included volumes become ``mpN`` the same way (``disk-1``, ``disk-2``...) with ``
 from __future__ import annotations
 
 import os
+import platform
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,6 +30,12 @@ _ARCH_FROM_LXC = {'x86_64': 'amd64', 'amd64': 'amd64', 'i686': 'i386', 'i386': '
                   'x86': 'i386', 'aarch64': 'arm64', 'arm64': 'arm64', 'armhf': 'armhf',
                   'armv7l': 'armhf', 'armel': 'armhf', 'riscv64': 'riscv64',
                   'riscv32': 'riscv32'}
+# os-release IDs and PVE's ostype for them (pve-container's LXC::Config ostype enum)
+_OSTYPES = {'debian': 'debian', 'devuan': 'devuan', 'ubuntu': 'ubuntu', 'centos': 'centos',
+            'rocky': 'centos', 'almalinux': 'centos', 'fedora': 'fedora',
+            'opensuse-leap': 'opensuse', 'opensuse-tumbleweed': 'opensuse',
+            'arch': 'archlinux', 'alpine': 'alpine', 'gentoo': 'gentoo', 'nixos': 'nixos',
+            'openeuler': 'openeuler'}
 # lxc.net.N.* keys and the netN property each becomes (pve-container's netconf_desc).
 _NET_KEYS = (('name', 'name'), ('link', 'bridge'), ('hwaddr', 'hwaddr'), ('mtu', 'mtu'),
              ('ipv4.address', 'ip'), ('ipv4.gateway', 'gw'), ('ipv6.address', 'ip6'),
@@ -65,21 +72,42 @@ def volume_size(data_bytes: int) -> str:
     return f"{-(-max(data_bytes, 0) // GIB) + 1}G"
 
 
+def detect_ostype(root: str) -> str:
+    """PVE's ``ostype`` of the tree at ``root`` from its os-release (``ID``), else
+    ``unmanaged``: pct restore sets up a container of a known type, and refuses one whose
+    distribution it cannot detect unless it is unmanaged (a busybox container is one). The file
+    belongs to the guest: a link is not followed and at most 64 KiB are read."""
+    for relative in ('etc/os-release', 'usr/lib/os-release'):
+        try:
+            fd = os.open(os.path.join(root, relative), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with os.fdopen(fd, 'rb') as handle:
+            text = handle.read(65536).decode('utf-8', 'replace')
+        found = re.search(r'^ID="?([a-z0-9._-]+)"?\s*$', text, re.MULTILINE)
+        if found:
+            return _OSTYPES.get(found.group(1), 'unmanaged')
+    return 'unmanaged'
+
+
 def pct_conf(config: LxcConfig, vmid: int, rootfs_bytes: int,
-             volumes: Sequence[Tuple[str, str, int]] = ()) -> Tuple[str, List[str]]:
+             volumes: Sequence[Tuple[str, str, int]] = (),
+             ostype: str = 'unmanaged') -> Tuple[str, List[str]]:
     """The pct.conf text of container ``config`` as guest ``vmid``, and warnings for what it
     cannot say. ``rootfs_bytes`` is the size of the rootfs's data; ``volumes`` are the included
     volumes as (registry key ``mpN``, path in the container, data bytes). Keys are in PVE's
     order (sorted, then the ``lxc.*`` lines)."""
     warnings: List[str] = []
     keys: Dict[str, str] = {}
-    if config.arch:
-        arch = _ARCH_FROM_LXC.get(config.arch)
-        if arch is None:
-            warnings.append(f"lxc.arch '{config.arch}' has no pct.conf equivalent; the archive "
-                            "says nothing about the architecture (PVE assumes amd64)")
-        else:
-            keys['arch'] = arch
+    # LXC runs a container without lxc.arch on the host's architecture; pct.conf always names it
+    lxc_arch = config.arch or platform.machine()
+    arch = _ARCH_FROM_LXC.get(lxc_arch)
+    if arch is None:
+        warnings.append(f"lxc.arch '{lxc_arch}' has no pct.conf equivalent; the archive "
+                        "says nothing about the architecture (PVE assumes amd64)")
+    else:
+        keys['arch'] = arch
+    keys['ostype'] = ostype
     if config.hostname and _DNS_NAME.match(config.hostname):
         keys['hostname'] = config.hostname
     elif config.hostname:
