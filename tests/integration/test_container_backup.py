@@ -232,7 +232,7 @@ def test_file_restore_reads_a_container_archive_without_the_appliance(lab, tmp_p
     assert written['changed'] and written['archive_bytes'] == tar_out.stat().st_size
     with tarfile.open(tar_out) as archive:
         assert sorted(n for n in archive.getnames() if n.endswith(('one', 'two'))) == \
-            ['data/sub/one', 'data/sub/two']
+            ['./data/sub/one', './data/sub/two']
     with pytest.raises(PathNotFound):
         files(paths=['/no/such'], dest=str(tmp_path / 'none'))
     with pytest.raises(SizeLimitExceeded):

@@ -51,7 +51,12 @@ def extract_paths(source, paths, dest, max_bytes, bwlimit_kib=0):
     ``untrusted_tar.merge``); at most ``max_bytes`` of file data. Returns untrusted_tar's
     counts; on any error ``dest`` is empty again."""
     with tar_stream(source, bwlimit_kib) as stream:
-        return untrusted_tar.extract(stream, dest, max_bytes, select=_selector(paths))
+        try:
+            return untrusted_tar.extract(stream, dest, max_bytes, select=_selector(paths))
+        except untrusted_tar.TooLarge as exc:
+            raise SizeLimitExceeded(f"{exc}: the paths asked for hold more than max_size "
+                                    f"({max_bytes} bytes); raise max_size or ask for less") \
+                from None
 
 
 def restore_archive_files(request, storage, record, paths, max_bytes, result, log):

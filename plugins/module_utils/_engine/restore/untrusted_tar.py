@@ -33,6 +33,10 @@ class UnsafeMember(StorageError):
     """A tar member would land outside its target directory, or is not what it claims."""
 
 
+class TooLarge(UnsafeMember):
+    """The stream holds more file data than the extraction's limit."""
+
+
 def member_path(name):
     """The member's path relative to the archive root ('' for the root itself), or raise."""
     parts = [part for part in name.split('/') if part not in ('', '.')]
@@ -128,7 +132,7 @@ class _Tree:
             self.counts['directories'] += 1
         elif member.isreg():
             if self.max_bytes is not None and self.counts['bytes'] + member.size > self.max_bytes:
-                raise UnsafeMember(f"the tar stream holds more than {self.max_bytes} bytes of "
+                raise TooLarge(f"the tar stream holds more than {self.max_bytes} bytes of "
                                    f"files (at {member.name!r}); nothing was extracted")
             self.files.add(_write_file(archive.extractfile(member), name, parent, member))
             self.counts['files'] += 1
