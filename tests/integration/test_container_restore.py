@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from guestvault_engine.errors import ConfigError
+from guestvault_engine.errors import ConfigError, GuestvaultError
 from guestvault_engine.format.vzdump_archive.writer import write_archive
 from guestvault_engine.format.capture import TreeCapture
 from guestvault_engine.guest.kind import LxcKind
@@ -79,7 +79,7 @@ def back_up(lab, name, vmid, unprivileged=False):
             entry, guest, 'stop', {'stopwait': 2}, lambda phase: None,
             lambda line: None) as (capture, _report):
         tree = snapshot(capture.root)
-        pct, _ = kind.pct_conf_text(entry, guest, capture)
+        pct = kind.pct_conf_text(entry, guest, capture)[0]
         write_archive(capture, archive, pct_conf=pct, lxc_config=kind.lxc_config_text(guest))
     return Backup(vmid, container, archive, tree)
 
@@ -196,6 +196,19 @@ def test_an_existing_container_is_replaced_only_with_force(lab, privileged):
     assert container.state() == RUNNING
     assert not os.path.exists(os.path.join(replaced['rootfs'], 'root/marker'))
     assert listing(lab) == before
+
+
+def test_a_damaged_archive_leaves_nothing(lab, privileged):
+    name = os.path.basename(privileged.archive).replace('-811-', '-813-')
+    damaged = os.path.join(lab.dumpdir, name)
+    with open(privileged.archive, 'rb') as source, open(damaged, 'wb') as out:
+        out.write(source.read(os.path.getsize(privileged.archive) // 2))
+    before = listing(lab)
+    with pytest.raises(GuestvaultError, match='Unexpected EOF|zstd'):
+        run_restore(RestoreRequest(vmid=813, dumpdir=lab.dumpdir, config_dir=lab.config_dir,
+                                   new_vmid=908, lxcpath=lab.lxcpath))
+    assert listing(lab) == before
+    os.unlink(damaged)
 
 
 def test_an_archive_made_by_proxmox_restores_with_a_warning(lab, privileged, tmp_path):
