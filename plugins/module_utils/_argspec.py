@@ -94,7 +94,7 @@ def restore_argument_spec():
     options.update({
         'backup': {'type': 'str'},
         'until': {'type': 'str'},
-        'target_dir': {'type': 'path', 'required': True},
+        'target_dir': {'type': 'path'},
         'disks': {'type': 'list', 'elements': 'str'},
         'format': {'type': 'str', 'default': 'qcow2', 'choices': list(RESTORE_FORMATS)},
         'snapshots': {'type': 'bool', 'default': False},
@@ -103,6 +103,9 @@ def restore_argument_spec():
         'new_vmid': {'type': 'int'},
         'new_qmp_socket': {'type': 'path'},
         'live': {'type': 'bool', 'default': False},
+        'lxc_name': {'type': 'str'},
+        'lxcpath': {'type': 'path'},
+        'start': {'type': 'bool', 'default': False},
     })
     return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR, ('backup', 'until')])
 

@@ -8,12 +8,22 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: restore
-short_description: Restore a guest's backup as new standalone disk images
+short_description: Restore a guest's backup as new standalone disk images, or a container
 version_added: 0.1.0
 description:
   - Writes new, standalone images (qcow2 or thin raw) of all or selected disks of one backup into
     a target directory, with the guest's captured configuration (C(guest.json)) beside them.
     Optionally registers them as a new guest in the node's registry.
+  - A container's vzdump archive (C(vzdump-lxc-<vmid>-<time>.tar.zst), named by O(backup) or the
+    latest) is restored as C(pct restore) does, into a new LXC container
+    C(<lxcpath>/<lxc_name>) registered as guest O(new_vmid) of type C(lxc). The archive's own
+    LXC config (kept by guestvault's backups) is recreated with only C(lxc.rootfs.path) changed
+    to C(dir:<lxcpath>/<lxc_name>/rootfs); an archive made by Proxmox VE gets a config written
+    from its C(pct.conf), with a warning for each network and mount point that could not be
+    recreated (the container gets no network). An unprivileged container stays unprivileged
+    (its id map kept, its files owned by the mapped ids). The rootfs appears under its name only
+    when it is complete, then the config and the registry entry; a failure leaves neither, and
+    an existing container untouched. A Proxmox VE VM archive (C(.vma)) is refused.
   - An incremental backup restores in one pass, reading through its chain. Every file the
     restore reads is checked against its backup's manifest (sha256); the new images appear
     under their final names only when the check and the copy both succeeded.
@@ -27,13 +37,14 @@ extends_documentation_fragment:
   - guestvault.backup.backups
 requirements:
   - qemu-img (Debian package qemu-utils) on the node
+  - for a container's archive, GNU tar, zstd (or gzip, lzop) and lxc on the node
 attributes:
   check_mode:
     description: Reports what would be written, where, and how big.
     support: full
   diff_mode:
-    description: Not applicable.
-    support: none
+    description: A container's archive - the new container's LXC config (before, if replaced, and after).
+    support: partial
 options:
   vmid:
     description: The guest whose backup to restore.
@@ -54,8 +65,8 @@ options:
       - Absolute directory for the new images (C(<disk>.qcow2) or C(<disk>.raw)); created if
         missing, and removed again (with the directories created for it) when the restore
         fails. It may not lie inside the storage or the configuration directory.
+      - Required for a VM's backup; refused for a container's archive (see O(lxcpath)).
     type: path
-    required: true
   disks:
     description: Device ids of the disks to restore; default all of the backup's. An empty list is refused.
     type: list
@@ -104,12 +115,34 @@ options:
     description:
       - Overwrite existing target images, and an existing registry entry of O(new_vmid). An
         image that a running QEMU holds open is never overwritten.
+      - For a container's archive, replace an existing container C(<lxcpath>/<lxc_name>) and
+        the registry entry of O(new_vmid). The old container is stopped (cleanly, never
+        killed) only once the new rootfs is complete, then its rootfs and config are replaced,
+        and a warning says so. Without O(force) either one existing is an error and nothing
+        changes.
     type: bool
     default: false
   new_vmid:
     description:
       - Register the restored images as this new guest (C(<config_dir>/guests.d/<new_vmid>.conf)).
+      - Required for a container's archive, whose container is registered as this guest.
     type: int
+  lxc_name:
+    description:
+      - A container's archive only - the new container's name; default O(new_vmid), as Proxmox
+        VE names its containers.
+    type: str
+  lxcpath:
+    description:
+      - A container's archive only - the directory that holds the new container; default the
+        backed-up guest's C(lxcpath) when O(vmid) is registered here, else C(/var/lib/lxc).
+    type: path
+  start:
+    description:
+      - A container's archive only - start the new container (C(lxc-start)) and wait until it
+        runs. If it does not start, the restore itself is complete and the error says so.
+    type: bool
+    default: false
   new_qmp_socket:
     description: The QMP socket path to record for the new guest; default C(<target_dir>/qmp.sock).
     type: path
@@ -142,6 +175,14 @@ EXAMPLES = r"""
     new_vmid: 9101
     target_dir: /var/lib/qemu/9101
 
+- name: Container 105's archive as a new container 305, started
+  guestvault.backup.restore:
+    vmid: 105
+    storage: backup
+    backup: vzdump-lxc-105-2026_11_22-01_00_00.tar.zst
+    new_vmid: 305
+    start: true
+
 - name: 3 a.m. - run guest 101 from its newest backup now, copy its disks back meanwhile
   guestvault.backup.restore:
     vmid: 101
@@ -162,19 +203,19 @@ time:
   type: str
 level:
   description: The backup's level.
-  returned: always
+  returned: a VM's backup
   type: str
 chain_length:
   description: How many backups the restore reads (1 for a full backup).
-  returned: always
+  returned: a VM's backup
   type: int
 target_dir:
   description: Where the images are (or would be) written.
-  returned: always
+  returned: a VM's backup
   type: str
 disks:
   description: The images written (or, in check mode, that would be).
-  returned: always
+  returned: a VM's backup
   type: list
   elements: dict
   contains:
@@ -203,7 +244,7 @@ verified:
   type: bool
 snapshots:
   description: Whether the images hold the chain as internal snapshots.
-  returned: always
+  returned: a VM's backup
   type: bool
 new_vmid:
   description: The new guest's id, if registered.
@@ -213,6 +254,38 @@ registry_entry:
   description: The new guest's registry file.
   returned: when O(new_vmid) is set
   type: str
+lxc_name:
+  description: The new container's name.
+  returned: a container's archive
+  type: str
+lxcpath:
+  description: The directory that holds the new container.
+  returned: a container's archive
+  type: str
+rootfs:
+  description: The new container's root file system (a directory).
+  returned: a container's archive
+  type: str
+config:
+  description: The new container's LXC config file (its text is the C(diff) with C(--diff)).
+  returned: a container's archive
+  type: str
+started:
+  description: Whether the new container was started (O(start)).
+  returned: a container's archive
+  type: bool
+unprivileged:
+  description: Whether the new container runs with the archive's id map.
+  returned: a container's archive
+  type: bool
+replaced:
+  description: Whether an existing container or registry entry was (or would be) replaced (O(force)).
+  returned: a container's archive
+  type: bool
+bytes:
+  description: Bytes of the archive's tar stream extracted (0 in check mode).
+  returned: a container's archive
+  type: int
 guest_config:
   description: Path of the captured guest configuration written beside the images.
   returned: success, not in check mode

@@ -193,6 +193,15 @@ def test_the_installed_command_runs_from_the_engine_archive(deployed):
     proc = subprocess.run([node.command, '--job', 'elsewhere', '--config-dir', node.config_dir],
                           cwd='/', env=env, capture_output=True, text=True, check=False)
     assert "no job 'elsewhere'" in proc.stderr
+    # guestvault-pct is the same launcher under its own name: pct's restore, from the archive.
+    pct = os.path.join(node.sbin_dir, 'guestvault-pct')
+    proc = subprocess.run([pct, 'restore', '--help'], cwd='/', env=env, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0 and 'usage: guestvault-pct restore' in proc.stdout, proc.stderr
+    proc = subprocess.run([pct, 'restore', '300', '/nonexistent.tar.zst', '--config-dir',
+                           node.config_dir], cwd='/', env=env, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 2 and 'there is no archive /nonexistent.tar.zst' in proc.stderr
     # The archive runs as a zipapp too, with any interpreter.
     proc = subprocess.run([sys.executable, node.engine_archive, '--help'], cwd='/', env=env,
                           capture_output=True, text=True, check=False)

@@ -266,13 +266,13 @@ def test_failures_leave_no_dat_and_no_archive(work):
         subprocess.run(['umount', small], check=True)
 
 
-def pve_archive(work, root, vmid=600):
+def pve_archive(work, root, vmid=600, pct=PCT):
     """An archive as PVE's LXC.pm builds one: its tar command, pct.conf (and no LXC config)
     from a temporary directory first, zstd."""
     conf = os.path.join(work, 'pve-tmp')
     os.makedirs(os.path.join(conf, 'etc/vzdump'))
     with open(os.path.join(conf, 'etc/vzdump/pct.conf'), 'w') as handle:
-        handle.write(PCT)
+        handle.write(pct)
     archive = os.path.join(work, f'vzdump-lxc-{vmid}-2024_07_01-12_30_05.tar.zst')
     tar = ['tar', 'cpf', '-', '--totals', *COMMON_TAR_FLAGS, '--one-file-system',
            '--warning=no-file-ignored', f'--directory={conf}', './etc/vzdump/pct.conf',

@@ -5,6 +5,10 @@ image, read through its backing chain, 4-5x faster than copying the full and com
 incremental). The files the restore reads are checked against their manifests while the images
 are written, and the images appear under their final names only once both have succeeded, so
 nothing unverified ever stands at a target path.
+
+A container's vzdump archive (``record.archive``) is restored into a new LXC container instead
+(restore/container.py); guestvault-pct (run/pct_command.py) restores one from a file or a stream
+through ``restore_archive``.
 """
 from __future__ import annotations
 
@@ -12,23 +16,34 @@ import json
 import os
 import time
 
-from ..errors import StorageError, VerifyFailed
+from ..errors import ConfigError, GuestNotFound, StorageError, VerifyFailed
 from ..format import qemu_img
-from ..guest.registry import GuestEntry, guest_path, render_guest
+from ..guest.registry import GuestEntry, guest_path, load_guest, render_guest
 from ..storage.files import fsync_path, new_directory, write_file_atomic
+from ..restore.container import ContainerTarget, restore_container
 from ..restore.live import run_live_restore
 from . import live_server
 from .opener import open_backups
 from .restore_plan import RestoreRequest, check_request, plan_restore
 
 # RestoreRequest, this verb's request, lives with the plan that live restore shares.
-__all__ = ['RestoreRequest', 'run_restore']
+__all__ = ['RestoreRequest', 'restore_archive', 'run_restore']
+# Options of one kind of backup only.
+_VM_ONLY = ('target_dir', 'disks', 'snapshots', 'new_qmp_socket', 'live')
+_CONTAINER_ONLY = ('lxc_name', 'lxcpath', 'start')
 
 
 def run_restore(request, log=None):
     """Restore as ``request`` says; holds the guest's storage lock shared (prune waits)."""
     check_request(request)
     with open_backups(request, 'restore', shared=True, resolve=False) as opened:
+        record = opened.resolve()
+        if record.archive is not None:
+            return _restore_archive_record(request, opened, log)
+        given = [key for key in _CONTAINER_ONLY if getattr(request, key)]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to a container's archive, and "
+                              f"{record.id} is a VM's backup; leave them out")
         if request.live:
             return run_live_restore(request, lambda req: plan_restore(req, opened),
                                     live_server.__name__, log)
@@ -126,3 +141,52 @@ def _write_guest_config(plan, request, result):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_file_atomic(path, render_guest(entry))
     result['registry_entry'] = path
+
+
+def _restore_archive_record(request, opened, log):
+    """A vzdump archive of the storage into a new container (under the shared lock)."""
+    record = opened.record
+    given = [key for key in _VM_ONLY if getattr(request, key)]
+    if request.format != 'qcow2':
+        given.append('format')
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} cannot be used with {record.id}: they are for a VM's backup, "
+            "and this is a container's archive, restored into a new LXC container (new_vmid, "
+            "lxc_name, lxcpath, start); leave them out")
+    if record.archive.type != 'lxc':
+        raise ConfigError(f"{record.id} is a Proxmox VE {record.archive.type} archive "
+                          f"({record.archive.format}); guestvault restores only container "
+                          "archives (vzdump-lxc-...): restore it on Proxmox VE with qmrestore")
+    result = {'backup': record.id, 'time': record.manifest.time}
+    result.update(restore_archive(request, opened.storage.file(record, None), record.id, log))
+    result['warnings'] = opened.warnings + result['warnings']
+    return result
+
+
+def restore_archive(request, source, backup_id, log=None):
+    """Restore the container archive ``source`` (a path or a binary stream) as ``request``
+    says (new_vmid, lxc_name, lxcpath, start, force, bwlimit, config_dir, check_mode), the
+    backed-up guest being ``request.vmid`` (None: unknown); restore/container's result."""
+    if request.new_vmid is None:
+        raise ConfigError(f"new_vmid is required to restore {backup_id}: a container archive "
+                          "is restored as a new guest (give the vmid itself, with force, to "
+                          "replace the backed-up container)")
+    target = ContainerTarget(new_vmid=request.new_vmid, lxc_name=request.lxc_name,
+                             lxcpath=request.lxcpath, start=request.start, force=request.force,
+                             bwlimit=request.bwlimit, config_dir=request.config_dir,
+                             check_mode=request.check_mode)
+    return restore_container(source, target, backup_id=backup_id,
+                             source_lxcpath=_registered_lxcpath(request.config_dir, request.vmid),
+                             log=log)
+
+
+def _registered_lxcpath(config_dir, vmid):
+    """The lxcpath of the backed-up container when it is registered here, else None."""
+    if vmid is None:
+        return None
+    try:
+        entry = load_guest(config_dir, vmid)
+    except GuestNotFound:
+        return None
+    return entry.lxcpath if entry.type == 'lxc' else None

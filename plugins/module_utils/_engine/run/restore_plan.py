@@ -20,7 +20,7 @@ from .request import Request
 @dataclass
 class RestoreRequest(Request):
     vmid: int
-    target_dir: str
+    target_dir: str = None       # a VM's images; a container goes to lxcpath
     backup: str = None           # None or 'latest': the newest
     until: object = None
     storage: str = None
@@ -36,6 +36,9 @@ class RestoreRequest(Request):
     lockwait: float = 180        # minutes to wait while a backup or prune of the guest runs
     check_mode: bool = False
     live: bool = False           # start the guest at once, copy its disks in the background
+    lxc_name: str = None         # a container archive: the new container's name
+    lxcpath: str = None          # a container archive: the directory of the new container
+    start: bool = False          # a container archive: start the new container
 
 
 @dataclass
@@ -68,7 +71,10 @@ class RestorePlan:
 
 def _check_target_dir(request, storage):
     target = request.target_dir
-    if not target or not os.path.isabs(target):
+    if target is None:
+        raise ConfigError("target_dir is required to restore a VM's backup: give the "
+                          "directory for its images")
+    if not os.path.isabs(target):
         raise ConfigError(f"target_dir {target!r} must be an absolute path")
     real = os.path.realpath(target)
     if os.path.exists(real) and not os.path.isdir(real):
@@ -109,7 +115,7 @@ def plan_restore(request, opened):
     storage = opened.storage
     target_dir = _check_target_dir(request, storage)
     fmt = format_of(storage)
-    record = opened.resolve()
+    record = opened.record or opened.resolve()
     chain = fmt.dependencies(storage, record)
     by_id = {d.id: d for d in record.manifest.disks}
     wanted = list(request.disks) if request.disks else list(by_id)

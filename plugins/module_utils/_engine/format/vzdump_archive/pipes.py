@@ -79,12 +79,13 @@ class Pipeline:
         self.steps = []           # (name, Popen, stderr file)
         self.pumps = []           # (thread, result dict)
 
-    def start(self, name, argv, stdin, stdout):
-        """Start ``argv``; its stderr is kept in a file (it may be long), for the message."""
+    def start(self, name, argv, stdin, stdout, umask=-1):
+        """Start ``argv`` (with ``umask`` when given); its stderr is kept in a file (it may be
+        long), for the message."""
         err = tempfile.TemporaryFile()
         try:
             proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=err,
-                                    close_fds=True)
+                                    close_fds=True, umask=umask)
         except FileNotFoundError:
             err.close()
             self.kill()

@@ -224,7 +224,11 @@ def extract_rootfs(source, dest, id_map=(), bwlimit_kib=0, log=None):
                                      '--exclude', './dev/*']
     with tar_stream(source, bwlimit_kib) as stream:
         pipeline = Pipeline()
-        pipeline.start('tar', argv, stream, subprocess.DEVNULL)
+        # The directories tar makes for members whose parents come later (./etc for the
+        # archive's first member, ./etc/vzdump/pct.conf) keep the mode the umask gives them,
+        # as --skip-old-files leaves an existing directory's mode: root's usual umask, under
+        # which pct restore runs, not the caller's (a private 077 made /etc 0700).
+        pipeline.start('tar', argv, stream, subprocess.DEVNULL, umask=0o022)
         pipeline.finish()
     _remove_conf_dir(dest, log)
     return totals(pipeline.tar_stderr) or 0
