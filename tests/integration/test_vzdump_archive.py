@@ -20,6 +20,7 @@ from guestvault_engine.format.vzdump_archive import reader
 from guestvault_engine.format.vzdump_archive.pipes import COMMON_TAR_FLAGS
 from guestvault_engine.format.vzdump_archive.writer import write_archive
 from guestvault_engine.restore import archive_files
+from guestvault_engine.restore.file_restore import SizeLimitExceeded
 from guestvault_engine.restore.untrusted_tar import UnsafeMember
 from guestvault_engine.run.verify import VerifyRequest, run_verify
 from guestvault_engine.storage.directory import DirStorage
@@ -351,7 +352,7 @@ def test_devices_are_left_out_setuid_dropped_and_sizes_limited(work):
         ({'name': './big'}, b'b' * 4096)])
     dest = os.path.join(work, 'dest')
     os.mkdir(dest)
-    with pytest.raises(StorageError, match='more than 1000 bytes'):
+    with pytest.raises(SizeLimitExceeded, match='more than 1000 bytes'):
         archive_files.extract_paths(archive, ['/'], dest, max_bytes=1000)
     assert os.listdir(dest) == []
     counts = archive_files.extract_paths(archive, ['/bin', '/dev'], dest, max_bytes=1000)

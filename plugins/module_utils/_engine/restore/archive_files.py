@@ -54,9 +54,8 @@ def extract_paths(source, paths, dest, max_bytes, bwlimit_kib=0):
         try:
             return untrusted_tar.extract(stream, dest, max_bytes, select=_selector(paths))
         except untrusted_tar.TooLarge as exc:
-            raise SizeLimitExceeded(f"{exc}: the paths asked for hold more than max_size "
-                                    f"({max_bytes} bytes); raise max_size or ask for less") \
-                from None
+            raise SizeLimitExceeded(f"{exc} (max_size {max_bytes}); raise max_size or ask "
+                                    "for less") from None
 
 
 def restore_archive_files(request, storage, record, paths, max_bytes, result, log):

@@ -133,7 +133,7 @@ class _Tree:
         elif member.isreg():
             if self.max_bytes is not None and self.counts['bytes'] + member.size > self.max_bytes:
                 raise TooLarge(f"the tar stream holds more than {self.max_bytes} bytes of "
-                                   f"files (at {member.name!r}); nothing was extracted")
+                               f"files (at {member.name!r}); nothing was extracted")
             self.files.add(_write_file(archive.extractfile(member), name, parent, member))
             self.counts['files'] += 1
             self.counts['bytes'] += member.size
