@@ -17,7 +17,7 @@ description:
   - With O(storage) or O(dumpdir), also lists the guest's backup chains on that storage and
     whether each can be continued by an incremental backup (its bitmap is present and
     consistent), like qmpbackup's C(info --show bitmaps).
-  - Of an LXC container (a registry entry with C(type: lxc)), shows instead its state, its root
+  - Of an LXC container (a registry entry whose C(type) is V(lxc)), shows instead its state, its root
     file system and what kind it is, the volumes backed up with it and the mounts left out,
     its archives on O(storage) or O(dumpdir), and what a killed backup of it left (a frozen
     container, a temporary copy, a snapshot), with a warning saying how to clear it.

@@ -208,8 +208,8 @@ def test_guest_registry_absent_forgets_a_container_and_leaves_it_and_its_archive
     assert not os.path.exists(guest_path(str(config_dir), COLD))
     assert not run_guest_registry(request)['changed']
     # the container and its archive stay: the registry only said how to reach it
-    assert lab.cold.state() == STOPPED and os.path.isfile(os.path.join(rootfs(lab.cold), 'bin',
-                                                                        'busybox'))
+    assert lab.cold.state() == STOPPED
+    assert os.path.isfile(os.path.join(rootfs(lab.cold), 'bin', 'busybox'))
     listed = run_backup_info(BackupInfoRequest(vmid=COLD, dumpdir=lab.dumpdir))['backups']
     assert [b['archive'] for b in listed] == [os.path.basename(lab.archive)]
     with pytest.raises(GuestNotFound, match=f"guest {COLD} is not registered"):

@@ -87,6 +87,10 @@ def _container_view(entry, guest):
         problem, snapshot = None, snapshot_problem(config, volumes) or None
     except ConfigError as exc:
         problem, snapshot = str(exc), None
+    excluded = ([{'path': target, 'source': source, 'by': 'lxc.mount.entry'}
+                 for source, target in config.mounts]
+                + [{'path': m.path, 'source': m.volume, 'by': m.key}
+                   for m in entry.mountpoints if not m.backup])
     view = {
         'name': guest.container.name, 'lxcpath': guest.container.lxcpath,
         'config': config.path, 'unprivileged': config.unprivileged, 'rootfs': config.rootfs,
@@ -96,10 +100,7 @@ def _container_view(entry, guest):
         'volumes': [{'key': m.key, 'volume': m.volume, 'path': m.path}
                     for m in entry.mountpoints if m.backup],
         # never in a backup: mounts from elsewhere, and volumes without backup=1
-        'excluded_mounts': [{'path': target, 'source': source, 'by': 'lxc.mount.entry'}
-                            for source, target in config.mounts]
-                           + [{'path': m.path, 'source': m.volume, 'by': m.key}
-                              for m in entry.mountpoints if not m.backup],
+        'excluded_mounts': excluded,
     }
     return view, problem
 

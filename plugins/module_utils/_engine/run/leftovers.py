@@ -17,8 +17,8 @@ import re
 import shutil
 
 from ..errors import LockTimeout
-from ..guest.capture import cancel_jobs, close_targets, our_jobs, our_targets
 from ..format.capture import TREE
+from ..guest.capture import cancel_jobs, close_targets, our_jobs, our_targets
 from ..guest.disks import discover_disks
 from ..guest.kind import guest_kind
 from ..guest.lxc import leftovers as lxc_leftovers
