@@ -23,6 +23,9 @@ description:
   - Every backup of the guest clears the same leftovers by itself first; O(cleanup) is for
     doing it now, for example after an engine was killed and the next backup is hours away.
   - To list bitmaps, use M(guestvault.backup.guest_info).
+  - A VM's only. Of an LXC container (registry C(type) V(lxc)), which has no disks and whose backups are
+    always full, it fails before doing anything; C(guestvault-dump --cleanup <vmid>) on the
+    node clears what a killed backup of a container left.
 author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:

@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: guest_info
-short_description: Show a QEMU guest's disks, dirty bitmaps and backup chains
+short_description: Show a guest's disks, dirty bitmaps and backup chains, or a container's trees and archives
 version_added: 0.1.0
 description:
   - Reads, over QMP, which disks a guest has, which of them can be backed up incrementally, and
@@ -17,6 +17,10 @@ description:
   - With O(storage) or O(dumpdir), also lists the guest's backup chains on that storage and
     whether each can be continued by an incremental backup (its bitmap is present and
     consistent), like qmpbackup's C(info --show bitmaps).
+  - Of an LXC container (a registry entry whose C(type) is V(lxc)), shows instead its state, its root
+    file system and what kind it is, the volumes backed up with it and the mounts left out,
+    its archives on O(storage) or O(dumpdir), and what a killed backup of it left (a frozen
+    container, a temporary copy, a snapshot), with a warning saying how to clear it.
   - Changes nothing.
 author:
   - guestvault developers (@guestvault)
@@ -68,6 +72,16 @@ EXAMPLES = r"""
 - name: Chains that need a full backup next
   ansible.builtin.debug:
     msg: "{{ info.chains | community.general.json_query('[?!can_continue].chain') }}"
+
+- name: A container (registered with type lxc) and its archives on the local storage
+  guestvault.backup.guest_info:
+    vmid: 120
+    storage: local
+  register: container
+
+- name: Is it running, and would snapshot mode fall back to suspend?
+  ansible.builtin.debug:
+    msg: "{{ container.status }}, {{ container.container.snapshot_problem or 'snapshot mode works' }}"
 """
 
 RETURN = r"""
@@ -76,23 +90,87 @@ vmid:
   returned: always
   type: int
   sample: 101
+type:
+  description: The guest's kind, its registry entry's C(type) (V(qemu) or V(lxc)).
+  returned: always
+  type: str
+  sample: qemu
 name:
-  description: The guest's name.
+  description: The guest's name (of a container without one in the registry, the container's).
   returned: always
   type: str
   sample: web01
 status:
-  description: QEMU's run state (C(running), C(paused), C(prelaunch), ...).
+  description:
+    - Of a VM, QEMU's run state (C(running), C(paused), C(prelaunch), ...).
+    - Of a container, LXC's state (C(RUNNING), C(STOPPED), C(FROZEN), ...).
   returned: always
   type: str
   sample: running
 qmp_socket:
   description: The QMP socket used.
-  returned: always
+  returned: of a VM
   type: str
+container:
+  description: The container, as a backup reads it.
+  returned: of a container
+  type: dict
+  contains:
+    name:
+      description: The LXC container's name.
+      type: str
+      sample: web
+    lxcpath:
+      description: The directory holding it.
+      type: str
+      sample: /var/lib/lxc
+    config:
+      description: Its LXC config file.
+      type: str
+    unprivileged:
+      description: Whether it has an id map (C(lxc.idmap)).
+      type: bool
+    rootfs:
+      description: The host directory of its root file system (C(lxc.rootfs.path)).
+      type: str
+    rootfs_kind:
+      description:
+        - V(dir), V(btrfs subvolume) (snapshot mode can snapshot it), the storage backend of a
+          root file system guestvault cannot read (V(zfs), V(lvm), ...), or null when the
+          directory does not exist.
+      type: str
+    snapshot_problem:
+      description: Why snapshot mode cannot snapshot the trees and falls back to suspend mode, as vzdump does; null when it can.
+      type: str
+    volumes:
+      description: The volumes backed up with the root file system (registry C(mpN) with C(backup=1)).
+      type: list
+      elements: dict
+      contains:
+        key:
+          description: The registry key (V(mp0) ...).
+          type: str
+        volume:
+          description: The host directory.
+          type: str
+        path:
+          description: Where the container sees it.
+          type: str
+    excluded_mounts:
+      description:
+        - What the container sees mounted that no backup holds - C(lxc.mount.entry) lines and
+          C(mpN) volumes without C(backup=1) - each with C(path) (in the container),
+          C(source) and C(by) (V(lxc.mount.entry) or the C(mpN) key).
+      type: list
+      elements: dict
+backups:
+  description: The container's archives on the storage, oldest first, as M(guestvault.backup.backup_info) returns them.
+  returned: of a container, when O(storage) or O(dumpdir) is given
+  type: list
+  elements: dict
 disks:
   description: The guest's disks with media.
-  returned: always
+  returned: of a VM
   type: list
   elements: dict
   contains:
@@ -169,7 +247,7 @@ disks:
           type: int
 chains:
   description: The guest's chains on the storage, oldest first.
-  returned: when O(storage) or O(dumpdir) is given
+  returned: of a VM, when O(storage) or O(dumpdir) is given
   type: list
   elements: dict
   contains:
@@ -203,7 +281,7 @@ live_restore:
     - The background copies of a live restore (M(guestvault.backup.restore) with
       O(guestvault.backup.restore#module:live)) still running in this guest, one per disk.
       Empty when none runs; a disk whose copy is done no longer reads from the backup.
-  returned: always
+  returned: of a VM
   type: list
   elements: dict
   contains:
@@ -241,7 +319,7 @@ live_restore_server:
       snapshot; a prune of it waits, a garbage collection keeps its chunks.
     - When the server ended before every disk was copied (killed, crashed), the guest was
       paused, C(error) says how much was copied and what to do, and a warning says so.
-  returned: always
+  returned: of a VM
   type: dict
   contains:
     backup:
@@ -277,9 +355,30 @@ leftovers:
     - What killed runs of guestvault left for this guest; all empty after a clean run. Every
       backup of the guest clears them first; M(guestvault.backup.guest_bitmaps) with
       O(guestvault.backup.guest_bitmaps#module:cleanup) clears them now.
+    - Of a container, the keys C(interrupted_run), C(frozen), C(stopped), C(temp_dir),
+      C(snapshots) and C(partial_backups) (the others are a VM's), and a warning when there is
+      any; C(guestvault-dump --cleanup <vmid>) on the node clears them, as the job service's
+      C(ExecStopPost) does after a killed job.
   returned: always
   type: dict
   contains:
+    frozen:
+      description: A container a killed suspend or snapshot backup left frozen.
+      type: bool
+    stopped:
+      description: A container a killed stop-mode backup stopped and did not start again.
+      type: bool
+    temp_dir:
+      description: The temporary copy a killed suspend-mode backup of a container left (null when none).
+      type: str
+    snapshots:
+      description: The btrfs snapshots a killed snapshot-mode backup of a container left.
+      type: list
+      elements: str
+    partial_backups:
+      description: The archives killed backups of a container were writing (C(.dat)) on O(storage)/O(dumpdir).
+      type: list
+      elements: str
     jobs:
       description: guestvault block jobs still known to QEMU (still copying into a hidden directory).
       type: list
@@ -289,7 +388,9 @@ leftovers:
       type: list
       elements: str
     interrupted_run:
-      description: The run that was killed, as it recorded itself (pid, since, backup_dir, storage_path); null when none was.
+      description:
+        - The run that was killed, as it recorded itself (pid, since, backup_dir, storage_path;
+          of a container's capture, container, lxcpath, mode and pid); null when none was.
       type: dict
     hidden_dirs:
       description: Staging directories of killed runs (the recorded one, and any on O(storage)/O(dumpdir)).

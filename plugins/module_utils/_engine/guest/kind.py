@@ -179,3 +179,12 @@ def guest_kind(entry):
                           f"not know; known types: {', '.join(GUEST_TYPES)}; {TYPE_HELP}. Fix the "
                           "'type' line of its registry entry")
     return kind()
+
+
+def require_vm(entry, what, instead):
+    """ConfigError, before anything is done, when ``what`` (something only a VM has: disks,
+    dirty bitmaps, a QMP socket) is asked of a guest whose capture is a file tree (a
+    container); ``instead`` says what to do for that guest."""
+    if guest_kind(entry).yields != BLOCK:
+        raise ConfigError(f"guest {entry.vmid} is a container (type {entry.type}), and {what}; "
+                          f"{instead}")

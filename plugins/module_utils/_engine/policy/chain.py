@@ -151,6 +151,16 @@ def check_level_options(requested, chain_name=None, chain_period='none'):
         validate_chain_name(chain_name)
 
 
+def check_container_level(vmid, requested, chain_name=None):
+    """A container's backup is a vzdump archive: always full and in no chain. ``inc`` and a
+    named chain are refused; ``auto``, ``full`` and ``copy`` all take a full archive."""
+    if requested == 'inc' or chain_name:
+        what = 'level inc' if requested == 'inc' else f"chain {chain_name}"
+        raise ConfigError(f"guest {vmid} is a container, whose backups are vzdump archives: "
+                          f"always full and in no chain, so {what} cannot apply to it; give "
+                          "level auto or full and no chain for it")
+
+
 def _key_name(fingerprint):
     """A key as messages name it: its short fingerprint (the first 8 bytes), as PBS does."""
     return f"key {fingerprint[:23]}" if fingerprint else "no key"

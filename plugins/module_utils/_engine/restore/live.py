@@ -28,6 +28,7 @@ from dataclasses import replace
 from ..errors import ConfigError, GuestNotFound, GuestUnreachable, GuestvaultError
 from ..format import qemu_img
 from ..guest import live
+from ..guest.kind import require_vm
 from ..guest.qmp import QmpSession
 from ..guest.registry import load_guest
 from ..paths import run_dir
@@ -47,6 +48,9 @@ def target_guest(request):
             f"live restore starts guest {vmid}, which is not registered; register it first "
             f"(guestvault.backup.guest_registry) with its qmp socket and a start command that "
             "starts QEMU with -S on the images named by $GUESTVAULT_DISK_<DISK>") from None
+    require_vm(entry, "live restore starts a VM on images that read the backup's disks",
+               "restore it without live: a container's archive is restored whole, into a "
+               "new container")
     if not entry.start_command:
         raise ConfigError(f"guest {vmid} has no start command (start:) in its registry entry; "
                           "live restore needs one that starts QEMU with -S on the images named "

@@ -15,9 +15,14 @@ from typing import List
 from ..config.files import declare_file, read_text
 from ..errors import ConfigError
 from ..paths import CONFIG_DIR, NODE_COMMAND, UNIT_DIR
+from ..format.capture import TREE
+from ..guest.kind import guest_kind
+from ..guest.registry import list_guests
 from ..policy.calendar import CalendarEvent, looks_like_hour_mistake, to_systemd_oncalendar
+from ..policy.chain import check_container_level
 from ..policy.config import find_storage
 from ..policy.jobs_cfg import Job, load_jobs, render_job, save_jobs, validate_job
+from .node_command import select_guests
 from .request import Request
 
 # The backup_job module's options and the jobs.cfg keys they are written as.
@@ -144,6 +149,7 @@ def apply_job(job_id, options=None, state='present', config_dir=CONFIG_DIR,
         raw = {k: v for k, v in (options or {}).items() if v is not None}
         job = Job(job_id, validate_job(job_id, _as_text(raw), f"job {job_id}"))
         _check_storage(job, config_dir, check_mode, warnings)
+        _check_containers(job, config_dir, check_mode, warnings)
         timer, service = render_units(job, command, config_dir)
         enabled = job.enabled
         after = {'job': render_job(job),
@@ -203,6 +209,32 @@ def _check_storage(job, config_dir, check_mode, warnings):
         if not check_mode:
             raise ConfigError(f"job {job.id}: {exc}") from None
         warnings.append(f"job {job.id}: {exc} (check mode: an earlier task may still add it)")
+
+
+def _check_containers(job, config_dir, check_mode, warnings):
+    """A job holds VMs and containers alike, but level inc and a chain apply to VMs only
+    (a container's backup is always full): a job that asks for either and selects a container
+    now would fail for it at every run. In check mode it is a warning, as for the storage."""
+    level, chain = job.options.get('level'), job.options.get('chain')
+    if level != 'inc' and not chain:
+        return
+    selection = {'vmid': job.options.get('vmid') or [], 'all': job.options.get('all', False),
+                 'pool': job.options.get('pool'), 'exclude': job.options.get('exclude') or []}
+    try:
+        vmids = select_guests(config_dir, selection)
+    except ConfigError:
+        return         # it selects nobody yet; each run checks the guests it finds
+    registered = {g.vmid: g for g in list_guests(config_dir)}
+    for vmid in vmids:
+        if vmid in registered and guest_kind(registered[vmid]).yields == TREE:
+            try:
+                check_container_level(vmid, level, chain)
+            except ConfigError as exc:
+                # level auto: the job's VMs go on with their chains, containers are full
+                message = f"job {job.id}: {exc}, or leave it out of the job (exclude {vmid})"
+                if not check_mode:
+                    raise ConfigError(message) from None
+                warnings.append(message)
 
 
 def _as_text(raw):

@@ -95,6 +95,11 @@ def run_file_restore(request, log=None):
                   'level': record.manifest.level, 'paths': ['/' + p for p in paths],
                   'warnings': opened.warnings}
         if record.archive is not None:  # a container's tar: read directly, no appliance
+            if request.filesystem:
+                raise ConfigError(f"filesystem {request.filesystem!r} names a file system on a "
+                                  f"VM's disk, and backup {record.id} is a container's archive: "
+                                  "one file tree, with no file systems to choose from; leave "
+                                  "filesystem out")
             return restore_archive_files(request, storage, record, paths, max_bytes, result,
                                          log)
         return restore_files(request, storage, format_of(storage), record, paths, max_bytes,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..guest.disks import discover_disks
+from ..guest.kind import require_vm
 from ..guest.qmp import QmpSession
 from ..paths import CONFIG_DIR
 from ..policy import chain as chains
@@ -41,6 +42,10 @@ def run_guest_bitmaps(request):
     chain, orphans, cleanup, check_mode = (request.chain, request.orphans, request.cleanup,
                                            request.check_mode)
     entry = resolve_guest(request.vmid, request.qmp_socket, None, request.config_dir)
+    require_vm(entry, "guest_bitmaps works on a VM's dirty bitmaps: a container has no disks "
+               "and no bitmaps, and each of its backups is full",
+               f"to clear what a killed backup of it left, run 'guestvault-dump --cleanup "
+               f"{entry.vmid}' on its node (guest_info shows what is left)")
     store = open_storage(request.config_dir, request.storage, request.dumpdir)
     with guest_runs.hold(entry.vmid, 'bitmaps', float(request.lockwait) * 60):
         with QmpSession(entry.qmp_socket) as qmp:

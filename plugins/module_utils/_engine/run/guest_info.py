@@ -1,4 +1,5 @@
-"""guest_info: a read-only view of a guest (disks, bitmaps, chains, what killed runs left).
+"""guest_info: a read-only view of a guest (disks, bitmaps, chains, what killed runs left; of a
+container, its trees, volumes, mounts and archives).
 
 The counterpart of qmpbackup's ``info --show bitmaps`` (guest_bitmaps.py removes them).
 """
@@ -7,9 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ..errors import DiskSelectionError
+from ..errors import ConfigError, DiskSelectionError
+from ..format.capture import TREE
 from ..guest import live
 from ..guest.disks import discover_disks, select_disks
+from ..guest.kind import guest_kind
+from ..guest.lxc.filesystems import tree_kind
+from ..guest.lxc.modes import READABLE_BACKENDS, check_trees, snapshot_problem
 from ..guest.qmp import QmpSession
 from ..paths import CONFIG_DIR
 from ..policy import chain as chains
@@ -72,11 +77,82 @@ def _chains_on_storage(storage, entry, disks, chain_period, now):
     return views
 
 
+def _container_view(entry, guest):
+    """A container as guest_info shows it (where it is, what a backup reads and leaves out),
+    and why a backup of it would fail (None when it would not)."""
+    config = guest.config
+    volumes = entry.included_volumes
+    try:
+        check_trees(guest.container, config, volumes)
+        problem, snapshot = None, snapshot_problem(config, volumes) or None
+    except ConfigError as exc:
+        problem, snapshot = str(exc), None
+    excluded = ([{'path': target, 'source': source, 'by': 'lxc.mount.entry'}
+                 for source, target in config.mounts]
+                + [{'path': m.path, 'source': m.volume, 'by': m.key}
+                   for m in entry.mountpoints if not m.backup])
+    view = {
+        'name': guest.container.name, 'lxcpath': guest.container.lxcpath,
+        'config': config.path, 'unprivileged': config.unprivileged, 'rootfs': config.rootfs,
+        'rootfs_kind': (tree_kind(config.rootfs) if config.rootfs_backend in READABLE_BACKENDS
+                        else config.rootfs_backend),
+        'snapshot_problem': snapshot,
+        'volumes': [{'key': m.key, 'volume': m.volume, 'path': m.path}
+                    for m in entry.mountpoints if m.backup],
+        # never in a backup: mounts from elsewhere, and volumes without backup=1
+        'excluded_mounts': excluded,
+    }
+    return view, problem
+
+
+def _leftovers_warning(vmid, name, left):
+    """What a killed capture left, in one line with the way to clear it (None: nothing)."""
+    if not leftovers.anything(left):
+        return None
+    what = [text for text, present in (
+        (f"container {name} frozen", left['frozen']),
+        (f"container {name} stopped", left['stopped']),
+        (f"the temporary copy {left['temp_dir']}", left['temp_dir']),
+        (f"the snapshot(s) {', '.join(left['snapshots'])}", left['snapshots']),
+        (f"the partial archive(s) {', '.join(left['partial_backups'])}",
+         left['partial_backups'])) if present]
+    return (f"a killed backup of guest {vmid} left {', '.join(what) or 'its journal'}; clear "
+            f"it with 'guestvault-dump --cleanup {vmid}' on this node")
+
+
+def _container_info(request, entry, store):
+    """guest_info of a container: its state, trees, volumes and mounts, its backups on the
+    storage, and what killed captures left."""
+    kind = guest_kind(entry)
+    with guest_runs.hold(entry.vmid, 'inspect', float(request.lockwait) * 60):
+        with kind.connect(entry) as guest:
+            status = guest.container.state()
+            left = leftovers.find_container(entry.vmid, store)
+    view, problem = _container_view(entry, guest)
+    result = {
+        'changed': False, 'vmid': entry.vmid, 'type': entry.type,
+        'name': entry.name or guest.container.name, 'status': status,
+        'container': view, 'leftovers': left,
+    }
+    warnings = [text for text in (
+        problem and f"a backup of guest {entry.vmid} would fail: {problem}",
+        _leftovers_warning(entry.vmid, guest.container.name, left)) if text]
+    if warnings:
+        result['warnings'] = warnings
+    if store is not None:
+        result['backups'] = [b.as_result() for b in store.backups(entry.vmid)]
+        result['storage_path'] = store.path
+    return result
+
+
 def run_guest_info(request):
     """A guest's disks, bitmaps (orphans flagged), chains on a storage, and what killed runs
-    left behind. Waits, up to ``lockwait`` minutes, while another run holds the guest."""
+    left behind; of a container, its trees and backups (``_container_info``). Waits, up to
+    ``lockwait`` minutes, while another run holds the guest."""
     entry = resolve_guest(request.vmid, request.qmp_socket, None, request.config_dir)
     store = open_storage(request.config_dir, request.storage, request.dumpdir)
+    if guest_kind(entry).yields == TREE:
+        return _container_info(request, entry, store)
     with guest_runs.hold(entry.vmid, 'inspect', float(request.lockwait) * 60):
         with QmpSession(entry.qmp_socket) as qmp:
             status = qmp.status()
@@ -86,7 +162,8 @@ def run_guest_info(request):
             copying = live.stream_progress(qmp, entry.vmid)
     orphans = {(o['disk'], o['name']): o['reason'] for o in left['orphan_bitmaps']}
     result = {
-        'changed': False, 'vmid': entry.vmid, 'name': name, 'status': status, 'qmp_socket': entry.qmp_socket,
+        'changed': False, 'vmid': entry.vmid, 'type': entry.type, 'name': name, 'status': status,
+        'qmp_socket': entry.qmp_socket,
         'disks': [dict(d.as_dict(), supports_bitmaps=d.supports_bitmaps, read_only=d.read_only,
                        in_job=d.in_job,
                        bitmaps=[_bitmap_view(b, orphans.get((d.id, b['name'])))

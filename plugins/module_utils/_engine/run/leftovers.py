@@ -1,6 +1,8 @@
 """What killed runs leave behind, found and cleared: block jobs still copying, target nodes
 still open, hidden directories growing on the storage, and bitmaps nobody needs; of a pull run
-(the datastore) also its NBD exports and NBD server, its frozen bitmaps and its fleecing images.
+(the datastore) also its NBD exports and NBD server, its frozen bitmaps and its fleecing images;
+of a container's capture the container frozen or stopped, its temporary copy, its snapshots
+(guest/lxc/leftovers.py) and the archive it was writing.
 
 A run killed with SIGKILL cannot clean up after itself; QEMU goes on copying into the hidden
 directory and counting writes in the run's new bitmap. Every run of the guest (and
@@ -15,8 +17,11 @@ import re
 import shutil
 
 from ..errors import LockTimeout
+from ..format.capture import TREE
 from ..guest.capture import cancel_jobs, close_targets, our_jobs, our_targets
 from ..guest.disks import discover_disks
+from ..guest.kind import guest_kind
+from ..guest.lxc import leftovers as lxc_leftovers
 from ..guest.pull import (delete_exports, our_exports, our_frozen_bitmaps,
                           stop_nbd_server)
 from ..guest.qmp import QmpSession
@@ -60,11 +65,30 @@ def find(qmp, vmid, disks, storage=None):
     }
 
 
+def find_container(vmid, storage=None):
+    """What a killed capture of container ``vmid`` left, for guest_info: guest/lxc's leftovers
+    (the container frozen or stopped, a temporary copy, snapshots) and, on the storage, the
+    archives it was writing (``partial_backups``). Nothing is changed."""
+    found = lxc_leftovers.find_leftovers(vmid)
+    found['partial_backups'] = storage.stale_paths(vmid) if storage is not None else []
+    return found
+
+
+def clear_container(vmid, storage, log, check_mode=False):
+    """Undo what killed captures of container ``vmid`` left (``find_container``'s list); call
+    with the guest held. Returns what was (or would be) cleared."""
+    found = find_container(vmid, storage)
+    if check_mode:
+        return found
+    lxc_leftovers.clear_leftovers(vmid, log)
+    for name in storage.remove_stale(vmid) if storage is not None else ():
+        log(f"removed {name}, left by an interrupted run")
+    return found
+
+
 def anything(found):
-    """Whether ``find``/``clear`` found anything a killed run left."""
-    return any(found.get(key) for key in ('jobs', 'targets', 'interrupted_run', 'hidden_dirs',
-                                          'orphan_bitmaps', 'exports', 'nbd_server',
-                                          'frozen_bitmaps', 'fleecing'))
+    """Whether ``find``/``clear`` (of a VM or a container) found anything a killed run left."""
+    return any(found.values())
 
 
 def clear(qmp, vmid, disks, storage, log, check_mode=False):
@@ -131,8 +155,11 @@ def clear_guest(vmid, config_dir, storage, log):
     ``guestvault-dump --cleanup`` does for each guest, e.g. as the job service's ExecStopPost.
     Returns whether anything was left over."""
     entry = resolve_guest(vmid, config_dir=config_dir)
+    container = guest_kind(entry).yields == TREE
     try:
         with guest_runs.hold(vmid, 'cleanup', 0):
+            if container:
+                return anything(clear_container(vmid, storage, log))
             with QmpSession(entry.qmp_socket) as qmp:
                 disks = discover_disks(qmp)
                 found = clear(qmp, vmid, disks, storage, log)

@@ -14,6 +14,7 @@ from ..datastore.build import build_datastore
 from ..errors import ConfigError, GuestNotFound
 from ..format.qcow2 import Qcow2Chain
 from ..format.vzdump_archive.archives import VzdumpArchives
+from ..guest.kind import require_vm
 from ..guest.registry import GuestEntry, load_guest, validate_vmid
 from ..paths import CONFIG_DIR
 from ..policy.config import load_s3_endpoint, load_storage
@@ -26,16 +27,21 @@ _FORMATS = {'dir': Qcow2Chain}
 
 
 def resolve_guest(vmid, qmp_socket=None, agent_socket=None, config_dir=CONFIG_DIR):
-    """The guest's registry entry, with sockets given by the caller taking precedence."""
+    """The guest's registry entry, with sockets given by the caller taking precedence (a
+    container's entry takes none)."""
     vmid = validate_vmid(vmid)
     if qmp_socket:
         try:
             entry = load_guest(config_dir, vmid)
         except GuestNotFound:
             entry = GuestEntry(vmid=vmid)
-        entry = replace(entry, qmp_socket=qmp_socket)
     else:
         entry = load_guest(config_dir, vmid)
+    if qmp_socket or agent_socket:
+        require_vm(entry, "qmp_socket and agent_socket name a VM's sockets",
+                   "leave them out: its registry entry says how to reach it")
+    if qmp_socket:
+        entry = replace(entry, qmp_socket=qmp_socket)
     if agent_socket:
         entry = replace(entry, agent_socket=agent_socket)
     return entry

@@ -65,15 +65,20 @@ class LxcConfig:
         return bool(self.idmap)
 
     @property
-    def mount_targets(self) -> Tuple[str, ...]:
-        """The container paths of ``lxc.mount.entry`` (``/usr/lib`` for ``/usr/lib usr/lib
-        none ro,bind 0 0``): what the container sees mounted from elsewhere."""
-        targets = []
+    def mounts(self) -> Tuple[Tuple[str, str], ...]:
+        """``lxc.mount.entry`` as (source, container path): ``('/usr/lib', '/usr/lib')`` for
+        ``/usr/lib usr/lib none ro,bind 0 0``; what the container sees mounted from elsewhere."""
+        found = []
         for entry in self.mount_entries:
             fields = entry.split()
             if len(fields) >= 2:
-                targets.append('/' + fields[1].strip('/'))
-        return tuple(targets)
+                found.append((fields[0], '/' + fields[1].strip('/')))
+        return tuple(found)
+
+    @property
+    def mount_targets(self) -> Tuple[str, ...]:
+        """The container paths of ``lxc.mount.entry`` (``mounts``' second items)."""
+        return tuple(target for _source, target in self.mounts)
 
     def host_id(self, kind: str, container_id: int) -> Optional[int]:
         """The host id of ``container_id`` (``kind`` 'u' or 'g'); the id itself without an id

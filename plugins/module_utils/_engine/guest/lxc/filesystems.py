@@ -38,12 +38,24 @@ def _btrfs(*args):
                              "btrfs-progs) for snapshot mode on btrfs") from None
 
 
+def _subvolume(path: str) -> bool:
+    return os.stat(path).st_ino == 256     # every btrfs subvolume's root directory is inode 256
+
+
+def tree_kind(path: str):
+    """What the tree at ``path`` is: 'btrfs subvolume', 'dir' (any other directory), or None
+    when it is no directory."""
+    if not os.path.isdir(path):
+        return None
+    return 'btrfs subvolume' if fs_type(path) == 'btrfs' and _subvolume(path) else 'dir'
+
+
 def not_snapshottable(path: str) -> str:
     """Why ``path`` cannot have a btrfs snapshot taken here (empty when it can): it must be a
     btrfs subvolume whose parent directory is on the same btrfs, where the snapshot goes."""
     if fs_type(path) != 'btrfs':
         return f"'{path}' is not on btrfs"
-    if os.stat(path).st_ino != 256:        # every btrfs subvolume's root directory is inode 256
+    if not _subvolume(path):
         return f"'{path}' is a directory on btrfs, not a subvolume"
     if fs_type(os.path.dirname(os.path.realpath(path))) != 'btrfs':
         return f"the directory holding '{path}' is not on btrfs, so no snapshot can go there"

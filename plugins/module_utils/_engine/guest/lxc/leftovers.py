@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 
+from ...errors import GuestNotFound
 from ...paths import run_dir
 from ...storage.files import write_file_atomic
 from .container import FROZEN, STOPPED, Container
@@ -47,6 +48,32 @@ def leftovers(vmid):
         return {}      # cut short while being written, before anything was changed
 
 
+def find_leftovers(vmid):
+    """What ``clear_leftovers`` would undo now, changing nothing: ``interrupted_run`` (the
+    killed capture's journal: container, lxcpath, mode, pid; None when none was killed),
+    ``frozen`` (its container is still frozen), ``stopped`` (stop mode stopped it and it is
+    still stopped), ``temp_dir`` and ``snapshots`` (those that still exist)."""
+    journal = leftovers(vmid)
+    found = {'interrupted_run': None, 'frozen': False, 'stopped': False, 'temp_dir': None,
+             'snapshots': []}
+    if journal is None:
+        return found
+    found['interrupted_run'] = {key: journal.get(key)
+                                for key in ('container', 'lxcpath', 'mode', 'pid')}
+    state = None
+    if journal.get('container'):
+        try:
+            state = Container(journal['container'], journal['lxcpath']).state()
+        except GuestNotFound:
+            pass        # destroyed since: nothing to thaw or start, the files still go
+    found['frozen'] = state == FROZEN and journal.get('mode') in ('suspend', 'snapshot')
+    found['stopped'] = state == STOPPED and bool(journal.get('restart'))
+    temp_dir = journal.get('temp_dir')
+    found['temp_dir'] = temp_dir if temp_dir and os.path.lexists(temp_dir) else None
+    found['snapshots'] = [s for s in journal.get('snapshots', []) if os.path.lexists(s)]
+    return found
+
+
 def clear_leftovers(vmid, log, check_mode=False):
     """Undo what a killed capture of ``vmid`` left: thaw the container it froze, start the one
     stop mode stopped, remove its temporary copy and snapshots. Returns the journal (None when
@@ -54,23 +81,21 @@ def clear_leftovers(vmid, log, check_mode=False):
     journal = leftovers(vmid)
     if journal is None or check_mode:
         return journal
-    if journal.get('container'):
-        container = Container(journal['container'], journal['lxcpath'])
-        state = container.state()
-        if state == FROZEN and journal.get('mode') in ('suspend', 'snapshot'):
-            log(f"container {container.name} was left frozen by a killed backup; thawing it")
-            container.thaw()
-        elif state == STOPPED and journal.get('restart'):
-            log(f"container {container.name} was stopped by a killed stop-mode backup; "
-                "starting it again")
-            container.start()
-    for snapshot in journal.get('snapshots', []):
-        if os.path.lexists(snapshot):
-            log(f"deleting the snapshot {snapshot} a killed backup left")
-            delete_snapshot(snapshot)
-    temp_dir = journal.get('temp_dir')
-    if temp_dir and os.path.lexists(temp_dir):
-        log(f"removing the temporary copy {temp_dir} a killed backup left")
-        shutil.rmtree(temp_dir)
+    found = find_leftovers(vmid)
+    run = found['interrupted_run']
+    container = Container(run['container'], run['lxcpath']) if run['container'] else None
+    if found['frozen']:
+        log(f"container {container.name} was left frozen by a killed backup; thawing it")
+        container.thaw()
+    elif found['stopped']:
+        log(f"container {container.name} was stopped by a killed stop-mode backup; "
+            "starting it again")
+        container.start()
+    for snapshot in found['snapshots']:
+        log(f"deleting the snapshot {snapshot} a killed backup left")
+        delete_snapshot(snapshot)
+    if found['temp_dir']:
+        log(f"removing the temporary copy {found['temp_dir']} a killed backup left")
+        shutil.rmtree(found['temp_dir'])
     forget(vmid)
     return journal

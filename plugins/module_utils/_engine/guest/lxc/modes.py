@@ -87,7 +87,7 @@ def tree_capture(container: Container, config: LxcConfig, volumes: Sequence[Tupl
     log = log or (lambda line: None)
     if mode not in MODES:
         raise ConfigError(f"mode '{mode}' is not one of {', '.join(MODES)}")
-    _check_trees(container, config, volumes)
+    check_trees(container, config, volumes)
     state = container.state()
     if state == FROZEN:
         raise BackupFailed(
@@ -104,8 +104,7 @@ def tree_capture(container: Container, config: LxcConfig, volumes: Sequence[Tupl
         return
     warnings = []
     if mode == 'snapshot':
-        reason = '; '.join(filter(None, (not_snapshottable(path) for path in
-                                         [config.rootfs] + _hosts(volumes))))
+        reason = snapshot_problem(config, volumes)
         if reason:
             warnings.append(f"mode failure - {reason}; trying 'suspend' mode instead")
             log(f"mode failure - {reason}")
@@ -122,7 +121,16 @@ def tree_capture(container: Container, config: LxcConfig, volumes: Sequence[Tupl
         yield capture, report
 
 
-def _check_trees(container, config, volumes):
+def snapshot_problem(config: LxcConfig, volumes: Sequence[Tuple[str, str]]) -> str:
+    """Why snapshot mode cannot snapshot the rootfs and the included volumes, and falls back
+    to suspend mode (empty when it can)."""
+    return '; '.join(filter(None, (not_snapshottable(path)
+                                   for path in [config.rootfs] + _hosts(volumes))))
+
+
+def check_trees(container, config, volumes):
+    """ConfigError when a tree to back up cannot be read: a rootfs on a backend guestvault does
+    not read, or a rootfs or volume that is not a directory."""
     if config.rootfs_backend not in READABLE_BACKENDS:
         raise ConfigError(
             f"the rootfs of container {container.name} is a {config.rootfs_backend} volume "
