@@ -179,7 +179,7 @@ def test_bad_input_changes_nothing_and_leaves_the_container_running(lab, tmp_pat
     dumpdir = base / 'dump-bad'
     with pytest.raises(ConfigError, match='matches every file'):
         backup(lab, dumpdir, exclude_path=['/*'])
-    with pytest.raises(ConfigError, match='containers are always backed up in full'):
+    with pytest.raises(ConfigError, match='always full and in no chain'):
         backup(lab, dumpdir, level='inc')
     assert os.listdir(dumpdir) in ([], ['vm'])
     # tmpdir on a full file system: a clear error, no .dat, the container running

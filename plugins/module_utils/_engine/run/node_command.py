@@ -72,7 +72,9 @@ def build_parser():
     parser.add_argument('--quiet', action='store_true', help='no progress, errors only')
     parser.add_argument('--cleanup', action='store_true',
                         help="clear what killed runs left (block jobs, target nodes, hidden "
-                             "directories, orphan bitmaps) instead of backing up")
+                             "directories, orphan bitmaps; of a container: frozen or stopped "
+                             "by the run, its temporary copy, snapshots and partial archive) "
+                             "instead of backing up")
     parser.add_argument('--build-appliance', action='store_true',
                         help="build the file-restore appliance now (from Debian's packages, "
                              "into $GUESTVAULT_APPLIANCE_CACHE), so that file_restore needs "

@@ -26,12 +26,12 @@ from datetime import datetime, timezone
 
 from ..errors import ConfigError, HookFailed
 from ..format.vzdump_archive.writer import exclusions, write_archive
-from ..guest.lxc.leftovers import clear_leftovers
+from ..policy.chain import check_container_level
 from ..policy.notes import render_notes
 from ..storage import vzdump_names
 from ..storage.files import private_files, write_file_atomic
 from ..times import format_time, parse_age
-from . import guest_runs
+from . import guest_runs, leftovers
 from .backup_log import BackupLog
 from .hooks import HookScript
 from .locate import require_storage
@@ -41,10 +41,7 @@ from .protect import check_protected_room
 # vzdump's defaults for the container keys of vzdump.conf
 TREE_DEFAULTS = {'stdexcludes': True, 'zstd': 1, 'pigz': 0, 'tmpdir': None, 'exclude_path': []}
 # what a container's backup cannot do, with what to do instead
-_VM_ONLY = {'level': "containers are always backed up in full (deduplicated in a datastore); "
-                     "leave level out or set it to 'auto' or 'full'",
-            'chain': "a chain is a VM's qcow2 chain of incrementals; leave chain out",
-            'include': "a container's volumes are chosen by its mpN lines with backup=1",
+_VM_ONLY = {'include': "a container's volumes are chosen by its mpN lines with backup=1",
             'exclude': "a container's volumes are chosen by its mpN lines with backup=1; "
                        "leave files out with exclude_path",
             'include_raw': "a container has no disk images",
@@ -67,8 +64,8 @@ def tree_options(request, defaults):
 
 def _check_request(request, options):
     """What a container's backup refuses, before anything is read or changed."""
-    given = {'level': request.level not in (None, 'auto', 'full'), 'chain': bool(request.chain),
-             'include': bool(request.include), 'exclude': bool(request.exclude),
+    check_container_level(request.vmid, request.level, request.chain)
+    given = {'include': bool(request.include), 'exclude': bool(request.exclude),
              'include_raw': bool(request.include_raw),
              'freeze_timeout': request.freeze_timeout is not None,
              'max_workers': request.max_workers is not None}
@@ -127,8 +124,7 @@ def run_tree_backup(request, options, guest, kind, log, now=None):
             return result
         stack.enter_context(guest_lock(storage, guest.vmid, 'backup', options['lockwait'],
                                        shared=False))
-        clear_leftovers(guest.vmid, clog)
-        storage.remove_stale(guest.vmid)
+        leftovers.clear_container(guest.vmid, storage, clog)
         os.makedirs(storage.archive_dir, mode=0o700, exist_ok=True)
         return _take(request, options, storage, guest, kind, handle, hook, path, result,
                      clog, started)
@@ -211,7 +207,7 @@ def _to_stream(request, options, guest, kind, clog, warnings):
                   + warnings}
         if request.check_mode:
             return result
-        clear_leftovers(guest.vmid, clog)
+        leftovers.clear_container(guest.vmid, None, clog)
         with kind.tree_capture(guest, handle, options['mode'],
                                _capture_options(options, None, None), lambda phase: None,
                                clog) as (tree, report):
