@@ -291,3 +291,20 @@ def test_thaw_undoes_a_freeze_cut_short_before_lxc_recorded_it(privileged):
     finally:
         subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
                         'freezer.state', 'THAWED'], check=False, timeout=60)
+
+
+def test_leftovers_of_a_run_killed_inside_the_freeze_are_cleared(privileged, tmp_path):
+    # killed between freeze's lxc-cgroup and its lxc-freeze: frozen, LXC's record RUNNING
+    subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
+                    'freezer.state', FROZEN], check=True, timeout=60)
+    try:
+        leftovers.record(801, container=privileged.name, lxcpath=privileged.lxcpath,
+                         mode='suspend', temp_dir=str(tmp_path / 'copy'))
+        lines = []
+        assert leftovers.clear_leftovers(801, lines.append)['mode'] == 'suspend'
+        assert freezer_state(privileged) == 'THAWED' and privileged.state() == RUNNING
+        assert lines == ['container gvpriv was left frozen by a killed backup; thawing it']
+        assert leftovers.leftovers(801) is None
+    finally:
+        subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
+                        'freezer.state', 'THAWED'], check=False, timeout=60)

@@ -117,14 +117,20 @@ class Container:
                 "was stopped or restarted while the backup froze it, and no backup was taken. "
                 "Check who stops it, start it again if needed, and run the backup again")
 
+    def frozen(self, state: str = '') -> bool:
+        """Whether it is frozen (or freezing): by LXC's record (``state`` when already read),
+        or by the v1 freezer alone, as a freeze cut short between lxc-cgroup and lxc-freeze (a
+        signal, a kill) leaves it while LXC's record still says RUNNING."""
+        state = state or self.state()
+        return state == FROZEN or (state == RUNNING and self._freezer() in (FROZEN, FREEZING))
+
     def thaw(self) -> None:
         """Let a frozen container run again; a container that is not frozen is left alone."""
-        if self.state() == FROZEN:
+        state = self.state()
+        if state == FROZEN:
             self._run('lxc-unfreeze')
-        elif self._freezer() in (FROZEN, FREEZING):
-            # a freeze cut short between lxc-cgroup and lxc-freeze (a signal) leaves the v1
-            # freezer frozen while LXC's record says RUNNING, and lxc-unfreeze goes by the
-            # record: the freezer is thawed where it was frozen
+        elif self.frozen(state):
+            # lxc-unfreeze goes by LXC's record: the freezer is thawed where it was frozen
             self._run('lxc-cgroup', 'freezer.state', 'THAWED')
 
     def _freezer(self) -> str:

@@ -14,7 +14,7 @@ import shutil
 
 from ...paths import run_dir
 from ...storage.files import write_file_atomic
-from .container import FROZEN, STOPPED, Container
+from .container import STOPPED, Container
 from .filesystems import delete_snapshot
 
 
@@ -57,7 +57,7 @@ def clear_leftovers(vmid, log, check_mode=False):
     if journal.get('container'):
         container = Container(journal['container'], journal['lxcpath'])
         state = container.state()
-        if state == FROZEN and journal.get('mode') in ('suspend', 'snapshot'):
+        if journal.get('mode') in ('suspend', 'snapshot') and container.frozen(state):
             log(f"container {container.name} was left frozen by a killed backup; thawing it")
             container.thaw()
         elif state == STOPPED and journal.get('restart'):
