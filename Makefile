@@ -31,6 +31,8 @@ deps:
 
 bench-deps:
 	@$(MAKE) --no-print-directory install-packages PACKAGES="$(SYSTEM_PACKAGES) $(BENCH_PACKAGES)"
+	@$(MAKE) --no-print-directory install-packages PACKAGES="$(CONTAINER_PACKAGES)" \
+	  APT_FLAGS=--no-install-recommends
 
 install-packages:
 	@missing=""; for p in $(PACKAGES); do \
@@ -86,6 +88,7 @@ bench: bench-deps venv
 	$(PY) bench/s3_bench.py
 	$(PY) bench/live_restore_bench.py
 	$(PY) bench/file_restore_bench.py
+	$(PY) bench/container_bench.py
 
 clean:
 	rm -rf $(BUILD) tests/output

@@ -12,7 +12,7 @@ import pytest
 from guestvault_engine.errors import ContainerError, GuestNotFound, StorageError
 from guestvault_engine.guest.kind import LxcKind, guest_kind
 from guestvault_engine.guest.lxc import leftovers
-from guestvault_engine.guest.lxc.container import RUNNING, STOPPED
+from guestvault_engine.guest.lxc.container import FROZEN, RUNNING, STOPPED
 from guestvault_engine.guest.registry import GuestEntry, MountPoint
 from lab_checks import small_tmpfs
 from lxc_lab import (attach, btrfs_mount, check_journal, create, ensure_running, host_ids,
@@ -251,3 +251,60 @@ def test_leftovers_of_a_killed_run_are_cleared(privileged, tmp_path):
         assert privileged.state() == RUNNING
     finally:
         ensure_running(privileged)
+
+
+def freezer_state(container):
+    return subprocess.run(['lxc-cgroup', '-P', container.lxcpath, '-n', container.name,
+                           'freezer.state'], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+def test_a_busy_container_is_frozen_whole_and_runs_on_after_the_thaw(privileged):
+    # the writer keeps a task busy, so the freezer passes through FREEZING (where lxc-freeze
+    # would sleep a second on a cgroup v1 freezer; freeze reads the state itself instead)
+    start_writer(privileged, '/data/busy')
+    try:
+        wait_for_journal(privileged, '/data/busy', 5)
+        privileged.freeze()
+        try:
+            assert privileged.state() == FROZEN and freezer_state(privileged) == FROZEN
+            journal = os.path.join(rootfs(privileged), 'data/busy.journal')
+            lines = len(open(journal).read().splitlines())
+        finally:
+            privileged.thaw()
+        assert privileged.state() == RUNNING and freezer_state(privileged) == 'THAWED'
+        wait_for_journal(privileged, '/data/busy', lines + 3)
+    finally:
+        stop_writer(privileged, '/data/busy')
+
+
+def test_thaw_undoes_a_freeze_cut_short_before_lxc_recorded_it(privileged):
+    # what a signal between freeze's lxc-cgroup and its lxc-freeze leaves: the freezer
+    # FROZEN, LXC's record (lxc-info, lxc-unfreeze) RUNNING
+    subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
+                    'freezer.state', FROZEN], check=True, timeout=60)
+    try:
+        assert privileged.state() == RUNNING and freezer_state(privileged) == FROZEN
+        privileged.thaw()
+        assert freezer_state(privileged) == 'THAWED'
+        assert attach(privileged, 'echo runs') == 'runs\n'
+    finally:
+        subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
+                        'freezer.state', 'THAWED'], check=False, timeout=60)
+
+
+def test_leftovers_of_a_run_killed_inside_the_freeze_are_cleared(privileged, tmp_path):
+    # killed between freeze's lxc-cgroup and its lxc-freeze: frozen, LXC's record RUNNING
+    subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
+                    'freezer.state', FROZEN], check=True, timeout=60)
+    try:
+        leftovers.record(801, container=privileged.name, lxcpath=privileged.lxcpath,
+                         mode='suspend', temp_dir=str(tmp_path / 'copy'))
+        lines = []
+        assert leftovers.clear_leftovers(801, lines.append)['mode'] == 'suspend'
+        assert freezer_state(privileged) == 'THAWED' and privileged.state() == RUNNING
+        assert lines == ['container gvpriv was left frozen by a killed backup; thawing it']
+        assert leftovers.leftovers(801) is None
+    finally:
+        subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
+                        'freezer.state', 'THAWED'], check=False, timeout=60)

@@ -11,10 +11,12 @@ from ...errors import ConsistencyError, ContainerError, GuestNotFound
 RUNNING = 'RUNNING'
 STOPPED = 'STOPPED'
 FROZEN = 'FROZEN'
+FREEZING = 'FREEZING'
 # How long one lxc-info/freeze/thaw may take. These answer in milliseconds; the margin is
 # for a machine busy with other guests' backups.
 COMMAND_TIMEOUT = 60.0
 START_TIMEOUT = 120.0
+FREEZE_POLL = 0.01         # seconds between reads of a freezing container's state
 
 
 class Container:
@@ -95,6 +97,17 @@ class Container:
 
     def freeze(self) -> None:
         """Freeze every process of the container (cgroup freezer)."""
+        # On a cgroup v1 freezer, lxc-freeze writes FROZEN and, when its first read still says
+        # FREEZING (any task of the container busy at that moment), sleeps a whole second
+        # before it reads again: a second more of frozen time in a suspend backup. So the
+        # freezer is set through lxc-cgroup and read every FREEZE_POLL seconds until it is
+        # frozen; lxc-freeze then finds it FROZEN at once and records the state with LXC
+        # (lxc-info goes by that record, not by the cgroup). Without a v1 freezer (cgroup v2)
+        # lxc-cgroup fails, and lxc-freeze, which there waits on the kernel's event, does it.
+        if self._run('lxc-cgroup', 'freezer.state', FROZEN, check=False).returncode == 0:
+            deadline = time.monotonic() + COMMAND_TIMEOUT
+            while self._freezer() == FREEZING and time.monotonic() < deadline:
+                time.sleep(FREEZE_POLL)
         proc = self._run('lxc-freeze', check=False)
         state = self.state()
         if state != FROZEN:
@@ -104,7 +117,24 @@ class Container:
                 "was stopped or restarted while the backup froze it, and no backup was taken. "
                 "Check who stops it, start it again if needed, and run the backup again")
 
+    def frozen(self, state: str = '') -> bool:
+        """Whether it is frozen (or freezing): by LXC's record (``state`` when already read),
+        or by the v1 freezer alone, as a freeze cut short between lxc-cgroup and lxc-freeze (a
+        signal, a kill) leaves it while LXC's record still says RUNNING."""
+        state = state or self.state()
+        return state == FROZEN or (state == RUNNING and self._freezer() in (FROZEN, FREEZING))
+
     def thaw(self) -> None:
         """Let a frozen container run again; a container that is not frozen is left alone."""
-        if self.state() == FROZEN:
+        state = self.state()
+        if state == FROZEN:
             self._run('lxc-unfreeze')
+        elif self.frozen(state):
+            # lxc-unfreeze goes by LXC's record: the freezer is thawed where it was frozen
+            self._run('lxc-cgroup', 'freezer.state', 'THAWED')
+
+    def _freezer(self) -> str:
+        """The v1 freezer cgroup's state (THAWED, FREEZING, FROZEN); '' where there is none
+        (cgroup v2) or the container does not run."""
+        proc = self._run('lxc-cgroup', 'freezer.state', check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else ''

@@ -15,7 +15,7 @@ import shutil
 from ...errors import GuestNotFound
 from ...paths import run_dir
 from ...storage.files import write_file_atomic
-from .container import FROZEN, STOPPED, Container
+from .container import STOPPED, Container
 from .filesystems import delete_snapshot
 
 
@@ -60,13 +60,16 @@ def find_leftovers(vmid):
         return found
     found['interrupted_run'] = {key: journal.get(key)
                                 for key in ('container', 'lxcpath', 'mode', 'pid')}
-    state = None
+    state = container = None
     if journal.get('container'):
+        container = Container(journal['container'], journal['lxcpath'])
         try:
-            state = Container(journal['container'], journal['lxcpath']).state()
+            state = container.state()
         except GuestNotFound:
-            pass        # destroyed since: nothing to thaw or start, the files still go
-    found['frozen'] = state == FROZEN and journal.get('mode') in ('suspend', 'snapshot')
+            container = None    # destroyed since: nothing to thaw or start, the files still go
+    # frozen() also sees a freezer cgroup set by a run killed before lxc-freeze recorded it
+    found['frozen'] = container is not None and container.frozen(state) \
+        and journal.get('mode') in ('suspend', 'snapshot')
     found['stopped'] = state == STOPPED and bool(journal.get('restart'))
     temp_dir = journal.get('temp_dir')
     found['temp_dir'] = temp_dir if temp_dir and os.path.lexists(temp_dir) else None
