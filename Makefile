@@ -16,6 +16,9 @@ BENCH_PACKAGES := borgbackup
 # LXC containers (issue 22): without lxc's recommends (apparmor, lxcfs, dnsmasq, uidmap), which
 # would change how containers start on the node and are not needed to back them up.
 CONTAINER_PACKAGES := lxc rsync btrfs-progs busybox-static pigz lzop
+# Notifications (issue 23): a real sendmail for the sendmail target's tests, relaying to the
+# tests' loopback SMTP server (msmtp reads its relay from the test's $HOME/.msmtprc).
+NOTIFY_PACKAGES := msmtp-mta
 
 .PHONY: demo test deps bench-deps install-packages venv collection unit integration sanity molecule bench clean
 
@@ -27,6 +30,8 @@ test: deps venv collection unit integration molecule sanity
 deps:
 	@$(MAKE) --no-print-directory install-packages PACKAGES="$(SYSTEM_PACKAGES)"
 	@$(MAKE) --no-print-directory install-packages PACKAGES="$(CONTAINER_PACKAGES)" \
+	  APT_FLAGS=--no-install-recommends
+	@$(MAKE) --no-print-directory install-packages PACKAGES="$(NOTIFY_PACKAGES)" \
 	  APT_FLAGS=--no-install-recommends
 
 bench-deps:

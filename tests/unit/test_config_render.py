@@ -29,6 +29,7 @@ VZDUMP_SAMPLES = {
     "mailto": "root@localhost, ops@example.com;x@y",
     "mode": "suspend",
     "notes-template": "{{guestname}} on {{node}}\\nsecond line",
+    "notification-mode": "legacy-sendmail",
     "performance": "max-workers=16,pbs-entries-max=1000",
     "pigz": "0",
     "protected": "yes",

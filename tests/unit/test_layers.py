@@ -1,4 +1,4 @@
-"""The engine's layers point down only (docs/architecture.md): run -> restore -> policy |
+"""The engine's layers point down only (docs/architecture.md): run -> restore | notify -> policy |
 guest -> datastore -> format | config -> storage | images, with errors, vocabulary, times,
 version and paths below everything. QMP command names live only in guest/, qemu-img only in
 format/, and nothing in the engine imports Ansible."""
@@ -9,7 +9,7 @@ import re
 import pytest
 
 ENGINE = pathlib.Path(__file__).resolve().parents[2] / 'plugins' / 'module_utils' / '_engine'
-RANK = {'run': 5, 'restore': 4, 'policy': 3, 'guest': 3, 'datastore': 2, 'format': 1,
+RANK = {'run': 5, 'restore': 4, 'notify': 4, 'policy': 3, 'guest': 3, 'datastore': 2, 'format': 1,
         'config': 1, 'storage': 0, 'images': 0}
 BASE = {'errors', 'vocabulary', 'times', 'version', 'paths'}
 FILES = sorted(p for p in ENGINE.rglob('*.py'))

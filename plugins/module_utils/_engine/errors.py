@@ -115,3 +115,9 @@ class BackupDamaged(CorruptData):
     def __init__(self, message, damaged=None):
         super().__init__(message)
         self.damaged = damaged
+
+
+class NotificationFailed(GuestvaultError):
+    """A notification target could not deliver: the message names the target and what its
+    server (or sendmail) answered, never a secret. It is a warning of the run, never its
+    failure."""

@@ -25,6 +25,8 @@ STATE_DIR = '/var/lib/guestvault/jobs'
 # Where backup_job writes a job's systemd timer and service, and the command they run.
 UNIT_DIR = '/etc/systemd/system'
 NODE_COMMAND = '/usr/local/sbin/guestvault-dump'
+# The MTA's sendmail interface that sendmail notification targets pipe mails to.
+SENDMAIL = '/usr/sbin/sendmail'
 
 
 def _overridden(variable, default):
@@ -58,6 +60,11 @@ def work_dir():
     directory = _overridden('GUESTVAULT_WORK_DIR', WORK_DIR)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     return directory
+
+
+def sendmail_binary():
+    """``GUESTVAULT_SENDMAIL``, else /usr/sbin/sendmail."""
+    return _overridden('GUESTVAULT_SENDMAIL', SENDMAIL)
 
 
 def state_dir():

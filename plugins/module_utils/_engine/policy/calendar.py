@@ -942,6 +942,72 @@ def _day_fix(event: CalendarEvent) -> str:
 
 # ------------------------------------------------------------------------------ helpers for users
 
+# ------------------------------------------------------------------------------ daily durations
+
+_HM_TIME = re.compile(r"([0-9]+)(?::([0-9]+))?")
+
+
+@dataclass(frozen=True)
+class DailyDuration:
+    """proxmox-time's daily duration, ``[WEEKDAYS] H[:MM]-H[:MM]`` (``mon..fri 8-17:30``): what a
+    notification matcher's ``match-calendar`` holds. Build it with :meth:`parse`.
+
+    It matches a moment on one of ``weekdays`` (0 Monday .. 6 Sunday; empty: every day) whose
+    local hour and minute are from ``start`` up to, not including, ``end``, as proxmox-time's
+    ``time_match`` does.
+    """
+
+    text: str
+    weekdays: FrozenSet[int]
+    start: Tuple[int, int]
+    end: Tuple[int, int]
+
+    @classmethod
+    def parse(cls, text: str) -> "DailyDuration":
+        """Parse ``text``; :class:`ConfigError` says what is wrong and shows the format."""
+        fail = ConfigError(f"invalid daily duration '{text}': write '[WEEKDAYS] H[:MM]-H[:MM]', "
+                           "e.g. 'mon..fri 8-17:30' or '22:00-23:59'")
+        parser = _Parser(text)
+        src, pos, weekdays = parser.src, 0, frozenset()
+        if src[:1].isascii() and src[:1].isalpha():
+            try:
+                weekdays, pos = parser._weekday_list(0)   # calendar events' weekday grammar
+            except _NoMatch:
+                raise fail from None
+            pos = parser._space(pos)
+        times = []
+        for index in (0, 1):
+            match = _HM_TIME.match(src, pos)
+            if not match:
+                raise fail
+            hour, minute = int(match.group(1)), int(match.group(2) or 0)
+            if hour > 23 or minute > 59:
+                raise ConfigError(f"invalid daily duration '{text}': {match.group()} is not a "
+                                  "time of day (hours 0..23, minutes 0..59)")
+            times.append((hour, minute))
+            pos = parser._space(match.end())
+            if index == 0:
+                if not src.startswith("-", pos):
+                    raise fail
+                pos = parser._space(pos + 1)
+        if pos != len(src):
+            raise fail
+        if times[0] > times[1]:
+            raise ConfigError(f"invalid daily duration '{text}': it ends before it starts")
+        return cls(text=text, weekdays=weekdays, start=times[0], end=times[1])
+
+    def matches(self, moment: TimeValue, tz: TimeZoneArg = None) -> bool:
+        """Whether ``moment`` falls in the duration, on the wall clock of ``tz`` (default: the
+        system's zone, as proxmox-notify matches in local time)."""
+        wall = to_instant(moment, "moment").astimezone(resolve_timezone(tz))
+        if self.weekdays and wall.weekday() not in self.weekdays:
+            return False
+        return self.start <= (wall.hour, wall.minute) < self.end
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def looks_like_hour_mistake(spec: str) -> Optional[str]:
     """A warning when the time part is a lone number 0..23, which Proxmox reads as a MINUTE.
 

@@ -187,7 +187,7 @@ def _absolute_path(text: str, what: str) -> str:
     return text
 
 
-def _split_list(text: str) -> List[str]:
+def split_list(text: str) -> List[str]:
     """Proxmox's split_list: items separated by commas, semicolons or whitespace."""
     return [item for item in re.split(r"[\s,;]+", text) if item]
 
@@ -228,10 +228,11 @@ VZDUMP_OPTIONS: Dict[str, Callable[[str, str], Any]] = {
     "fleecing": lambda text, what: parse_property_string(text, FLEECING_SCHEMA, what),
     "ionice": _int_option(0, 8),
     "lockwait": _int_option(0),
-    "mailto": lambda text, what: _split_list(text),
+    "mailto": lambda text, what: split_list(text),
     "mailnotification": _enum("always", "failure"),
     "mode": _enum(*MODES),
     "notes-template": _notes_template,
+    "notification-mode": _enum("auto", "legacy-sendmail", "notification-system"),
     "performance": lambda text, what: parse_property_string(text, PERFORMANCE_SCHEMA, what),
     "pigz": _int_option(0),
     "protected": parse_bool,
@@ -245,8 +246,8 @@ VZDUMP_OPTIONS: Dict[str, Callable[[str, str], Any]] = {
     "zstd": _int_option(0),
 }
 # vzdump options that are read (so vzdump.conf files from Proxmox load) but do nothing yet; a
-# user who sets ``mailto`` must not believe mail will come, so each run names them once.
-INERT_OPTIONS = ("fleecing", "ionice", "mailnotification", "mailto", "remove")
+# user who sets one must not believe it acts, so each run names them once.
+INERT_OPTIONS = ("fleecing", "ionice", "remove")
 INERT_PROPERTIES = {"performance": ("pbs-entries-max",)}
 # vzdump options of container backups only (a VM's backup has no file tree to exclude from,
 # tar to compress or copy to make); a VM's run names them, as vzdump ignores them there.
@@ -274,7 +275,7 @@ def inert_option_warning(options: Mapping[str, Any], source: str,
 
 
 # Keys that may appear on several lines; their values are concatenated into one list.
-_REPEATABLE = frozenset({"exclude-path"})
+_REPEATABLE = frozenset({"exclude-path", "mailto"})
 _KEY_VALUE_RE = re.compile(r"^([^\s:]+):\s*(.*)$")
 
 
@@ -513,7 +514,7 @@ def _storage_from_section(section: Section, path: str) -> StorageConfig:
         elif key == "disable":
             storage.disable = parse_bool(value, what)
         elif key == "nodes":
-            storage.nodes = _split_list(value)
+            storage.nodes = split_list(value)
         elif key == "encryption-key":
             storage.encryption_key = _file_path(value, what)
         elif key == "encryption-passphrase-file":

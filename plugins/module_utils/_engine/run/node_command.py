@@ -4,6 +4,9 @@ Guests are backed up one after another. Each successful backup is followed by a 
 guest on the storage; a failing guest does not stop the others, but the command exits non-zero.
 Job-level hook phases (``job-init``, ``job-start``, ``job-end``, ``job-abort``) run around the
 guests, and a job's state (last run, result, per-guest outcome) is written for ``--job`` runs.
+After the guests, one ``type=vzdump`` notification tells the run's outcome (notify/deliver.py):
+to ``mailto`` (legacy mail), or to the targets of notifications.cfg its matchers choose. A
+notification that cannot be delivered is a warning; it never changes the exit code.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from ..errors import ConfigError, GuestvaultError
 from ..restore import appliance
 from ..guest.registry import list_guests
 from ..paths import default_config_dir, state_dir
-from ..policy.config import inert_option_warning, load_vzdump_defaults
+from ..notify.deliver import MAIL_POLICIES, NOTIFICATION_MODES, notify_vzdump
+from ..policy.config import inert_option_warning, load_vzdump_defaults, split_list
 from ..policy.jobs_cfg import load_jobs
 from ..storage.files import write_file_atomic
 from ..times import format_time
@@ -67,6 +71,15 @@ def build_parser():
     parser.add_argument('--stdout', action='store_true',
                         help="write one container's archive to standard output (no storage, "
                              "no notes, no protection, no prune); messages go to stderr")
+    parser.add_argument('--mailto', action='append', default=None, metavar='ADDRESS',
+                        help='mail the outcome to ADDRESS (repeatable; a list is split at '
+                             'commas); with notification mode auto this means legacy mail')
+    parser.add_argument('--mailnotification', choices=MAIL_POLICIES,
+                        help="legacy mail: 'always' (default) or only on 'failure'")
+    parser.add_argument('--notification-mode', choices=NOTIFICATION_MODES,
+                        help="'auto' (default: legacy mail when mailto is set, else the "
+                             "targets of notifications.cfg), 'legacy-sendmail' or "
+                             "'notification-system'")
     parser.add_argument('--config-dir', default=default_config_dir())
     parser.add_argument('--node', default=socket.gethostname())
     parser.add_argument('--quiet', action='store_true', help='no progress, errors only')
@@ -106,7 +119,18 @@ def _job_settings(args):
     settings['protected'] = bool(args.protected) if args.protected is not None \
         else job.get('protected')
     settings['chain_period'] = args.chain_period or job.get('chain-period', 'none')
+    settings['notify'] = _notify_options(args, job)
     return settings
+
+
+def _notify_options(args, job):
+    """notification-mode, mailto and mailnotification: the command line's, else the job's, else
+    vzdump.conf's (PVE's order)."""
+    defaults = load_vzdump_defaults(args.config_dir)
+    given = {'notification-mode': args.notification_mode,
+             'mailto': [a for text in args.mailto or [] for a in split_list(text)],
+             'mailnotification': args.mailnotification}
+    return {key: given[key] or job.get(key) or defaults.get(key) for key in given}
 
 
 def _say(message):
@@ -132,7 +156,7 @@ def _plain_settings(args):
     settings.update(vmid=args.vmid, exclude=_vmids(args.exclude), job=None,
                     notes_template=args.notes_template, prune_backups=args.prune_backups,
                     protected=None if args.protected is None else bool(args.protected),
-                    chain_period=args.chain_period or 'none')
+                    chain_period=args.chain_period or 'none', notify=_notify_options(args, {}))
     return settings
 
 
@@ -181,7 +205,13 @@ class Progress:
 
 def run(argv=None):
     args = build_parser().parse_args(argv)
-    say = (lambda message: None) if args.quiet else (_say_on_stderr if args.stdout else _say)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # for the notification's log
+    show = (lambda message: None) if args.quiet else (_say_on_stderr if args.stdout else _say)
+    lines = []      # the run's log, for its notification
+
+    def say(message):
+        lines.append(message)
+        show(message)
     if args.build_appliance:
         return _build_appliance(say)
     settings = _job_settings(args) if args.job else _plain_settings(args)
@@ -202,11 +232,28 @@ def run(argv=None):
                     job and inert_option_warning(job.options, f"job {job.id} (jobs.cfg)")):
         if warning:
             say(f"WARNING: {warning}")
+    started = datetime.now(timezone.utc)
+    outcomes = {}
+    try:
+        _run_guests(args, settings, vmids, outcomes, say)
+    except GuestvaultError as exc:
+        # the run stopped outside a guest (a job hook, the storage): that is news too
+        _notify(args, settings, vmids, outcomes, started, lines, say, error=str(exc))
+        raise
+    failed = [v for v, o in outcomes.items() if o['result'] != 'ok']
+    say(f"{len(vmids) - len(failed)} of {len(vmids)} guest(s) backed up"
+        + (f"; failed: {', '.join(map(str, failed))}" if failed else ''))
+    notified = _notify(args, settings, vmids, outcomes, started, lines, say)
+    if args.job:
+        _write_state(args.job, started, outcomes, notified)
+    return 1 if failed else 0
+
+
+def _run_guests(args, settings, vmids, outcomes, say):
+    """Each guest in turn, inside the job's hook phases; ``outcomes`` filled as they end."""
     hook = HookScript(settings['script']) if settings['script'] else None
     store = open_storage(args.config_dir, settings['storage'], settings['dumpdir'], args.node)
     env = {'STOREID': settings['storage'] or '', 'DUMPDIR': store.path if store else ''}
-    started = datetime.now(timezone.utc)
-    outcomes = {}
     if hook:
         hook.run('job-init', env=env, log=say)
         hook.run('job-start', env=env, log=say)
@@ -218,14 +265,25 @@ def run(argv=None):
         if hook:
             hook.run('job-abort', env=env, log=say)
         raise
-    failed = [v for v, o in outcomes.items() if o['result'] != 'ok']
+    failed = any(o['result'] != 'ok' for o in outcomes.values())
     if hook:
         hook.run('job-abort' if failed else 'job-end', env=env, log=say)
-    if args.job:
-        _write_state(args.job, started, outcomes)
-    say(f"{len(vmids) - len(failed)} of {len(vmids)} guest(s) backed up"
-        + (f"; failed: {', '.join(map(str, failed))}" if failed else ''))
-    return 1 if failed else 0
+
+
+def _notify(args, settings, vmids, outcomes, started, lines, say, error=None):
+    """The run's one vzdump notification; what each target did (failures are warnings)."""
+    names = {guest.vmid: guest.name for guest in list_guests(args.config_dir)}
+    guests = [{'vmid': vmid, 'name': names.get(vmid) or f"VM {vmid}",
+               'status': 'ok' if outcomes.get(vmid, {}).get('result') == 'ok' else 'err',
+               'time': int(outcomes.get(vmid, {}).get('seconds', 0)),
+               'size': outcomes.get(vmid, {}).get('size', 0),
+               'filename': outcomes.get(vmid, {}).get('backup')}
+              for vmid in vmids]
+    command = ' '.join(['guestvault-dump'] + args.argv)
+    elapsed = (datetime.now(timezone.utc) - started).total_seconds()
+    return notify_vzdump(settings['notify'], guests, elapsed, command + '\n\n' + '\n'.join(lines),
+                         args.node, args.config_dir, args.job, error, say)
+
 
 
 def _build_appliance(say):
@@ -297,6 +355,7 @@ def _one_guest(args, settings, vmid, say, progress):
         return {'result': 'error', 'error': str(exc), 'seconds': round(time.monotonic() - t0, 3)}
     progress.end()
     outcome = {'result': 'ok', 'backup': result['backup'], 'level': result['level'],
+               'size': result.get('bytes_written', 0),
                'seconds': round(time.monotonic() - t0, 3), 'warnings': result['warnings']}
     try:
         storage = open_storage(args.config_dir, settings['storage'], settings['dumpdir'],
@@ -319,8 +378,8 @@ def _one_guest(args, settings, vmid, say, progress):
     return outcome
 
 
-def _write_state(job_id, started, outcomes):
-    state = {'job': job_id, 'started': format_time(started),
+def _write_state(job_id, started, outcomes, notifications=()):
+    state = {'job': job_id, 'started': format_time(started), 'notifications': list(notifications),
              'ended': format_time(datetime.now(timezone.utc)),
              'result': 'ok' if all(o['result'] == 'ok' for o in outcomes.values()) else 'error',
              'guests': {str(v): o for v, o in outcomes.items()}}
