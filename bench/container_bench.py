@@ -85,7 +85,7 @@ class Tree:
     """One container and the data in its rootfs."""
 
     def __init__(self, spec, index):
-        size, _, count = spec.partition(':')
+        size, _sep, count = spec.partition(':')
         self.size, self.count = parse_size(size), int(count or 5000)
         self.vmid = VMIDS + index
         self.name = f"gvbench{index}"
@@ -107,7 +107,7 @@ def fill_tree(directory, size, count, seed):
     backup_bench.fill_disk's extents), written from the host into the rootfs."""
     rng = random.Random(seed)
     mean = size // count
-    sizes = [rng.randint(mean // 8, 2 * mean - mean // 8) for _ in range(count)]
+    sizes = [rng.randint(mean // 8, 2 * mean - mean // 8) for _number in range(count)]
     sizes[-1] = max(0, sizes[-1] + size - sum(sizes))
     words = ('the container of a backup writes files journal kernel inode extent archive tar '
              'rsync freeze thaw snapshot log entry error warning info debug request').split()
@@ -150,7 +150,7 @@ class FreezeWatch:
     def _state_file(pid):
         with open(f"/proc/{pid}/cgroup") as handle:
             for line in handle:
-                _, controllers, path = line.rstrip('\n').split(':', 2)
+                _hierarchy, controllers, path = line.rstrip('\n').split(':', 2)
                 if 'freezer' in controllers.split(','):
                     candidate = f"/sys/fs/cgroup/freezer{path}/freezer.state"
                 elif controllers == '':
@@ -225,7 +225,7 @@ def suspend_once(tree, temp_dir, hook=None, check=None):
             checked = check(capture.root) if check else None
     if os.path.exists(temp_dir):
         raise RuntimeError(f"suspend mode left its copy {temp_dir}")
-    first, _ = sync_seconds(lines, 'first')
+    first, _bytes = sync_seconds(lines, 'first')
     final, moved = sync_seconds(lines, 'final')
     return {'frozen': report.frozen_seconds, 'outside': watch.window(), 'final_rsync': final,
             'final_moved': moved, 'first_rsync': first, 'capture': captured,
@@ -364,13 +364,13 @@ def report(trees, suspend, writer, writer_tree, archives, info, args):
         say(f"  {key:12s} {value}")
     say('\nSuspend mode: frozen time (engine = TreeReport.frozen_seconds; outside = freezer '
         'cgroup polled every 2 ms; final rsync = its own seconds inside the window)')
-    say(f"| tree | frozen (engine) | frozen (outside) | final rsync | first rsync |")
+    say("| tree | frozen (engine) | frozen (outside) | final rsync | first rsync |")
     say("| --- | --- | --- | --- | --- |")
     rows = [(tree.label, suspend[tree.label]) for tree in trees]
     rows.append((f"{writer_tree.label} + writer, {args.changed} files rewritten", writer))
     for label, samples in rows:
-        values = {k: [s[k] for s in samples] for k in ('frozen', 'outside', 'final_rsync',
-                                                      'first_rsync')}
+        keys = ('frozen', 'outside', 'final_rsync', 'first_rsync')
+        values = {k: [s[k] for s in samples] for k in keys}
         say(f"| {label} | {med(values['frozen']):.3f} s{span(values['frozen'])} | "
             f"{med(values['outside']):.3f} s{span(values['outside'])} | "
             f"{med(values['final_rsync']):.3f} s | {med(values['first_rsync']):.2f} s |")

@@ -238,3 +238,55 @@ def test_file_restore_reads_a_container_archive_without_the_appliance(lab, tmp_p
     with pytest.raises(SizeLimitExceeded):
         files(paths=['/data'], dest=str(tmp_path / 'small'), max_size=1)
     assert not (tmp_path / 'none').exists() and not (tmp_path / 'small').exists()
+
+
+def test_an_unprivileged_container_round_trips_through_guest_backup_and_restore(
+        lab, tmp_path, ansible):
+    """guest_backup (the Ansible module, stop mode, a hook script) -> an archive of container ids
+    -> restore to a new vmid -> the new container starts and holds the files, host ids again."""
+    from guestvault_engine.run.restore import RestoreRequest, run_restore
+    container, config_dir, base = lab
+    unpriv = create(container.lxcpath, 'gvctu', unprivileged=True)
+    attach(unpriv, 'mkdir -p /srv/app && echo data > /srv/app/f && chown 1000:1000 /srv/app/f '
+                   '&& ln /srv/app/f /srv/app/hard && ln -s f /srv/app/soft')
+    (base / 'etc' / 'guests.d' / '780.conf').write_text(
+        f"type: lxc\nlxc: gvctu\nlxcpath: {container.lxcpath}\n")
+    hook = tmp_path / 'hook.sh'
+    phases = tmp_path / 'phases'
+    hook.write_text(f"#!/bin/sh\necho \"$1 $2 $3 $VMTYPE ${{TARFILE##*/}}\" >> {phases}\n")
+    hook.chmod(0o755)
+    dumpdir = base / 'dump-unpriv'
+    dumpdir.mkdir()
+    result = ansible.module('guestvault.backup.guest_backup', {
+        'vmid': 780, 'dumpdir': str(dumpdir), 'config_dir': config_dir, 'mode': 'stop',
+        'compress': 'zstd', 'script': str(hook)})
+    assert result['changed'] and result['type'] == 'lxc', result
+    assert result['downtime_seconds'] > 0 and unpriv.state() == RUNNING
+    name = os.path.basename(result['archive'])
+    lines = phases.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ['backup-start', 'pre-stop', 'pre-restart',
+                                                   'post-restart', 'backup-end', 'log-end']
+    assert all(line.split()[1:4] == ['stop', '780', 'lxc'] for line in lines)
+    assert lines[0].split()[4] == name
+    plain = tmp_path / 'archive.tar'
+    subprocess.run(['zstd', '-q', '-d', result['archive'], '-o', str(plain)], check=True,
+                   timeout=600)
+    with tarfile.open(plain) as archive:        # the container's own ids
+        member = archive.getmember('./srv/app/f')
+        assert (member.uid, member.gid) == (1000, 1000)
+        assert archive.getmember('./etc/vzdump/pct.conf').uid == 0
+        pct = archive.extractfile('./etc/vzdump/pct.conf').read().decode()
+    assert 'unprivileged: 1' in pct and 'lxc.idmap: u 0 100000 65536' in pct
+    restored = run_restore(RestoreRequest(vmid=780, dumpdir=str(dumpdir), config_dir=config_dir,
+                                          new_vmid=781, lxcpath=container.lxcpath, start=True))
+    assert restored['started'] and restored['unprivileged']
+    root = restored['rootfs']
+    assert open(os.path.join(root, 'srv/app/f')).read() == 'data\n'
+    assert (os.stat(os.path.join(root, 'srv/app/f')).st_uid,
+            os.stat(os.path.join(root, 'srv/app/f')).st_gid) == (101000, 101000)
+    assert os.path.samefile(os.path.join(root, 'srv/app/f'), os.path.join(root, 'srv/app/hard'))
+    assert os.readlink(os.path.join(root, 'srv/app/soft')) == 'f'
+    from guestvault_engine.guest.lxc.container import Container
+    copy = Container(restored['lxc_name'], container.lxcpath)
+    assert copy.state() == RUNNING
+    assert attach(copy, 'cat /srv/app/f') == 'data\n'

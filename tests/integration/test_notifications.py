@@ -259,8 +259,8 @@ def test_a_target_whose_server_is_gone_raises_without_its_secret(name, env, smtp
     assert not any(secret in str(caught.value) for secret in target.secrets + ('hook-key-9',))
 
 
-def test_an_smtp_server_refusing_the_credentials_says_so_without_the_password(env, smtp, mails,
-                                                                               tmp_path):
+def test_an_smtp_server_refusing_the_credentials_says_so_without_the_password(
+        env, smtp, mails, tmp_path):
     public, private = config_text(smtp[1], 1, password='wrong-pw-31')
     config = parse_notifications_cfg(public, 'n.cfg', private, 'p.cfg')
     with pytest.raises(NotificationFailed) as caught:

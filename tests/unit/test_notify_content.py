@@ -34,8 +34,8 @@ def test_helpers_render_as_proxmox_notify_does():
     assert render('{{duration 3725}} {{duration 60}} {{duration 0}}', {}) == '1h 2m 5s 1m 0s'
     assert render('{{human-bytes 1024}} {{human-bytes 1572864}} {{human-bytes 10}}', {}) == \
         '1 KiB 1.5 MiB 10 B'
-    assert render('{{json x}}|{{escape s}}|{{url-encode s}}', {'x': {'a': [1, 'b']},
-                                                              's': 'a b\n"c"/?'}) == \
+    values = {'x': {'a': [1, 'b']}, 's': 'a b\n"c"/?'}
+    assert render('{{json x}}|{{escape s}}|{{url-encode s}}', values) == \
         '{"a":[1,"b"]}|a b\\n\\"c\\"/?|a%20b%0A"c"%2F%3F'
     assert render('{{relative-percentage 1 4}}', {}) == '25.00%'
     assert len(render('{{timestamp 0}}', {})) == len('1970-01-01 00:00:00')

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 from ..errors import GuestvaultError
 from ..policy.notifications_cfg import (Entry, NotificationConfig, decode_base64,
-                                         load_notifications)
+                                        load_notifications)
 from ..policy.notify_match import matched_targets
 from .event import Event, make_event
 from .targets import target_for

@@ -77,7 +77,7 @@ def parse(source: str, name: str = 'template') -> List[_Node]:
         elif text.startswith('!'):
             continue
         elif text.startswith('#'):
-            helper, _, arg = text[1:].partition(' ')
+            helper, _sep, arg = text[1:].partition(' ')
             if helper not in ('each', 'if', 'unless'):
                 raise TemplateError(f"template {name}: block '{{{{#{helper}}}}}' is not "
                                     "supported; use #each, #if or #unless")
@@ -176,7 +176,7 @@ class Renderer:
         if node.kind == 'text':
             return node.text
         if node.kind == 'block':
-            helper, _, arg = node.text.partition(' ')
+            helper, _sep, arg = node.text.partition(' ')
             value = _argument(arg, scope)
             if helper == 'each':
                 return self._each(node, value, scope, name)
@@ -272,8 +272,9 @@ def human_bytes(value) -> str:
 def timestamp(value) -> str:
     """A Unix time in local time, ``YYYY-MM-DD HH:MM:SS``."""
     seconds = _number(value)
-    return 'ERROR' if seconds is None else time.strftime('%Y-%m-%d %H:%M:%S',
-                                                          time.localtime(seconds))
+    if seconds is None:
+        return 'ERROR'
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(seconds))
 
 
 def relative_percentage(part, whole) -> str:

@@ -146,11 +146,16 @@ def _smtp_reply(exc):
     return f"{type(exc).__name__}: {exc}"
 
 
+# proxies from the environment, as any urllib client; redirects followed as urllib does
+_OPENER = urllib.request.build_opener()
+
+
 def _http(name, url, method, body, headers):
     """One HTTP request; the answer's status and the start of its body."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        # the engine imports no Ansible, so not ansible's open_url; an opener of our own
+        with _OPENER.open(request, timeout=TIMEOUT) as response:
             return f"HTTP {response.status}: {response.read(500).decode(errors='replace')}"
     except urllib.error.HTTPError as exc:
         detail = exc.read(500).decode(errors='replace')

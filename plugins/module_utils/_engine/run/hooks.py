@@ -7,8 +7,10 @@ phases, with the run's details in environment variables, as PVE::VZDump does:
 variable                  set in
 ========================  =================================================================
 ``STOREID``, ``DUMPDIR``  every phase (when the job writes to a storage / a directory)
-``VMTYPE``, ``HOSTNAME``  guest phases (``qemu``; the guest's name)
+``VMTYPE``, ``HOSTNAME``  guest phases (``qemu`` or ``lxc``; the node's name)
 ``TARGET``                ``backup-end``: the backup just written
+``TARFILE``               a container's phases: the archive, as ``TARGET`` (vzdump keeps
+                          this older name for container archives)
 ``LOGFILE``               ``log-end``: the backup's whole log, as text (a datastore's is
                           a copy: the store keeps it as a blob)
 ========================  =================================================================
@@ -37,7 +39,7 @@ JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
 GUEST_PHASES = ("backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end",
                 "backup-abort", "log-end")
 # Variables vzdump defines for hooks: with PATH, the whole environment a hook gets.
-HOOK_ENV_VARS = ("STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "LOGFILE")
+HOOK_ENV_VARS = ("STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "TARFILE", "LOGFILE")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # How many of the last output lines a HookFailed message quotes.
 TAIL_LINES = 5

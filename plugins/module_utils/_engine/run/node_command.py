@@ -285,7 +285,6 @@ def _notify(args, settings, vmids, outcomes, started, lines, say, error=None):
                          args.node, args.config_dir, args.job, error, say)
 
 
-
 def _build_appliance(say):
     """--build-appliance: the image file_restore boots, built unless it is there already."""
     built = appliance.image(say)
