@@ -218,7 +218,9 @@ def guest_bitmaps_argument_spec():
 
 def node_config_argument_spec():
     return module_spec({'config_dir': CONFIG_DIR, 'vzdump': {'type': 'dict'},
-                        'storages': {'type': 'dict'}})
+                        'storages': {'type': 'dict'}, 'notifications': {'type': 'dict'},
+                        # whole dict masked: every value in it is a password, token or secret
+                        'notification_secrets': {'type': 'dict', 'no_log': True}})
 
 
 def encryption_key_argument_spec():

@@ -8,11 +8,12 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: node_config
-short_description: Declare a node's backup defaults (vzdump.conf) and storages (storage.cfg)
+short_description: Declare a node's backup defaults, storages and notifications
 version_added: 0.1.0
 description:
-  - Writes the node's C(vzdump.conf) and C(storage.cfg) in Proxmox VE syntax from dictionaries,
-    so the backup modules and the node command find their defaults and storages there.
+  - Writes the node's C(vzdump.conf), C(storage.cfg) and C(notifications.cfg) (with its secrets
+    in C(priv/notifications.cfg)) in Proxmox VE syntax from dictionaries, so the backup modules
+    and the node command find their defaults, storages and notification targets there.
   - Every value is checked by the same parser the backup engine uses when it reads the files;
     a value it would refuse (an unknown key, a negative C(bwlimit), a storage without
     C(path), a malformed C(prune-backups)) fails the task with a message naming the key, and
@@ -23,7 +24,8 @@ description:
     does when it activates the storage (not when C(create-base-path) or C(mkdir) is false, or
     when the storage's C(nodes) does not name this host). A V(datastore) storage's directory is
     left to its first backup.
-  - Omitting O(vzdump) or O(storages) leaves that file alone; an empty dictionary empties it.
+  - Omitting O(vzdump), O(storages) or O(notifications) leaves that file alone; an empty
+    dictionary empties it.
   - O(storages) replaces the whole of C(storage.cfg) - a storage the file holds that is not
     declared (one written by hand, or by another task) is removed from it. Declare every
     storage of the node in one task. RV(removed_storages) names what was removed, and with
@@ -36,7 +38,8 @@ attributes:
     support: full
   diff_mode:
     description: Each changed file's text before and after (the header of C(storage.cfg) names
-      the storages it removes), and each directory to be created.
+      the storages it removes), and each directory to be created. Secrets (an inline
+      C(secret-key), and every value of C(priv/notifications.cfg)) are shown as C(********).
     support: full
 options:
   config_dir:
@@ -81,6 +84,47 @@ options:
         masked in the diff and makes C(storage.cfg) readable by root only. Mark such a task
         C(no_log).
       - Keys may be written with C(_) or C(-). Storages are written in the order given.
+    type: dict
+  notifications:
+    description:
+      - The whole of C(notifications.cfg), Proxmox VE 8's notification targets and matchers, as
+        a dictionary of name to its options. Each entry has a C(type) - a target, V(sendmail),
+        V(smtp), V(gotify) or V(webhook), or a V(matcher) - and the keys of that section in
+        Proxmox's C(notifications.cfg), with C(_) or C(-).
+      - V(sendmail) - C(mailto) (a list), C(mailto_user), C(from_address), C(author),
+        C(comment), C(disable). The node's C(/usr/sbin/sendmail) delivers.
+      - V(smtp) - C(server), C(port), C(mode) (V(insecure), V(starttls) or V(tls)),
+        C(username), C(mailto), C(mailto_user), C(from_address), C(author), C(comment),
+        C(disable). Its password goes in O(notification_secrets).
+      - V(gotify) - C(server), C(comment), C(disable). Its token goes in
+        O(notification_secrets).
+      - V(webhook) - C(url), C(method) (V(post), V(put) or V(get)), C(header) (a dictionary of
+        header name to value), C(body), C(comment), C(disable). C(url), the header values and
+        C(body) are Handlebars templates (C({{ title }}), C({{ secrets.NAME }}), ...): mark them
+        C(!unsafe) so Jinja leaves them alone. Header values and the body are stored base64, as
+        Proxmox stores them. Secret values go in O(notification_secrets).
+      - V(matcher) - C(target) (a list of target names), C(mode) (V(all) or V(any)),
+        C(invert_match), C(match_severity), C(match_field) (a list of V(exact:FIELD=VALUE) or
+        V(regex:FIELD=PATTERN)), C(match_calendar), C(comment), C(disable).
+      - Proxmox's built-ins, the V(mail-to-root) target and the V(default-matcher) matcher
+        (every notification to root's mail), stay unless an entry of the same name replaces
+        them - for instance C(default-matcher) with C(disable=true).
+      - Everything is checked by the parser the backup engine reads the file with; an entry it
+        would refuse (an unknown type or key, a matcher naming a missing target, a malformed
+        regular expression or calendar, a port out of range) fails the task with a message
+        naming the entry and the key, and nothing is written.
+      - A secret given here (C(password), C(token), a C(secret) with a value) is refused - it
+        belongs in O(notification_secrets).
+    type: dict
+  notification_secrets:
+    description:
+      - The secrets of the targets in O(notifications), by target name - C(password) of an
+        V(smtp) target, C(token) of a V(gotify) target, C(secret) of a V(webhook) target (a
+        dictionary of secret name to value, used in its templates as C({{ secrets.NAME }})).
+      - Written only to C(priv/notifications.cfg) in O(config_dir) (mode C(0600), in a
+        directory of mode C(0700)), which holds exactly these; never returned, logged or
+        shown in a diff.
+      - Only together with O(notifications). Omitted, the node keeps no notification secrets.
     type: dict
 """
 
@@ -134,6 +178,37 @@ EXAMPLES = r"""
         encryption_key: /etc/guestvault/keys/pbs.json
         prune_backups: keep-daily=7,keep-weekly=4
 
+- name: Failed backups mailed through a relay, everything to a chat webhook
+  guestvault.backup.node_config:
+    notifications:
+      relay:
+        type: smtp
+        server: mail.example.com
+        mode: starttls
+        username: backup
+        mailto: [ops@example.com]
+        from_address: backup@example.com
+      chat:
+        type: webhook
+        method: post
+        url: !unsafe 'https://chat.example.com/hooks/{{ secrets.token }}'
+        header:
+          Content-Type: application/json
+        body: !unsafe '{"text": "{{ escape title }}"}'
+      failures:
+        type: matcher
+        target: [relay]
+        match_severity: error
+      default-matcher:
+        type: matcher
+        target: [chat]
+    notification_secrets:
+      relay:
+        password: "{{ vault_smtp_password }}"
+      chat:
+        secret:
+          token: "{{ vault_chat_token }}"
+
 - name: Only the storages; vzdump.conf stays as it is
   # storage.cfg is replaced as a whole: after this task it holds only "local", and any other
   # storage in it (backup-nfs above, or one written by hand) is gone. Run with --diff to see.
@@ -151,6 +226,8 @@ files:
   sample:
     vzdump.conf: {path: /etc/guestvault/vzdump.conf, changed: true}
     storage.cfg: {path: /etc/guestvault/storage.cfg, changed: false}
+    notifications.cfg: {path: /etc/guestvault/notifications.cfg, changed: true}
+    priv/notifications.cfg: {path: /etc/guestvault/priv/notifications.cfg, changed: false}
 created_dirs:
   description: Directories created (or, in check mode, that would be) - storage paths, and the
     configuration directory when it was missing.
@@ -164,6 +241,13 @@ storages:
   type: list
   elements: str
   sample: [backup-nfs]
+notifications:
+  description: The names of the declared notification targets and matchers (empty without
+    O(notifications)).
+  returned: always
+  type: list
+  elements: str
+  sample: [relay, chat, failures]
 removed_storages:
   description:
     - The ids of the storages C(storage.cfg) held before that O(storages) leaves out, and that

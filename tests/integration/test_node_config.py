@@ -8,6 +8,7 @@ import pytest
 
 from ansible_runner import BIN, PYTHON, Unsafe, assert_failed_with, documented_return, tree
 from guestvault_engine.policy.config import parse_storage_cfg, parse_vzdump_conf
+from guestvault_engine.policy.notifications_cfg import decode_base64, load_notifications
 
 MiB = 1 << 20
 NODE_CONFIG = 'guestvault.backup.node_config'
@@ -110,6 +111,100 @@ def test_leaving_out_vzdump_keeps_the_hand_written_file(ansible, etc, tmp_path):
                                           'storages': declared(tmp_path)['storages']})
     assert result['changed'] and list(result['files']) == ['storage.cfg']
     assert read(os.path.join(etc, 'vzdump.conf')) == '# by hand\nmode: stop\n'
+
+
+# ----------------------------------------------------------------------------- notifications
+
+PASSWORD, TOKEN, HOOK_KEY = 'smtp-pw-5150', 'gotify-tok-2112', 'hook-key-1984'
+
+
+def notifications(port=587):
+    return {
+        'relay': {'type': 'smtp', 'server': 'mail.example.com', 'port': port, 'mode': 'starttls',
+                  'username': 'backup', 'mailto': ['ops@example.com'],
+                  'from_address': 'backup@example.com'},
+        'phone': {'type': 'gotify', 'server': 'https://gotify.example.com'},
+        'chat': {'type': 'webhook', 'method': 'post',
+                 'url': Unsafe('https://chat.example.com/hook?key={{ secrets.key }}'),
+                 'header': {'Content-Type': 'application/json'},
+                 'body': Unsafe('{"title": "{{ escape title }}"}')},
+        'failures': {'type': 'matcher', 'target': ['relay', 'phone'], 'match_severity': 'error'},
+        'default-matcher': {'type': 'matcher', 'target': ['chat']},
+    }
+
+
+SECRETS = {'relay': {'password': PASSWORD}, 'phone': {'token': TOKEN},
+           'chat': {'secret': {'key': HOOK_KEY}}}
+
+
+def test_notifications_declared_idempotent_honest_in_check_and_diff_and_secrets_hidden(
+        ansible, etc):
+    task = {NODE_CONFIG: {'config_dir': etc, 'notifications': notifications(),
+                          'notification_secrets': SECRETS}}
+    priv = os.path.join(etc, 'priv', 'notifications.cfg')
+
+    def run(check=False, diff=False, port=587):
+        path = os.path.join(ansible.workdir, f'notify-{ansible.calls + 1}.yml')
+        task[NODE_CONFIG]['notifications'] = notifications(port)
+        import yaml
+        from ansible_runner import _PlaybookDumper
+        with open(path, 'w') as handle:
+            yaml.dump([{'hosts': 'localhost', 'gather_facts': False, 'tasks': [task]}], handle,
+                      Dumper=_PlaybookDumper, sort_keys=False)
+        argv = [str(BIN / 'ansible-playbook'), '-i', 'localhost,', '-c', 'local',
+                '-e', f'ansible_python_interpreter={PYTHON}', path]
+        (result,) = ansible._run(argv + (['--check'] if check else [])
+                                 + (['--diff'] if diff else []))
+        text = str(result)
+        assert not any(s in text for s in (PASSWORD, TOKEN, HOOK_KEY)), result
+        return result
+
+    checked = run(check=True, diff=True)
+    assert checked['_status'] == 'ok' and checked['changed'], checked
+    assert not os.path.exists(etc)                                       # check mode
+    diffs = {d['after_header']: d for d in checked['diff']}
+    assert 'smtp: relay' in diffs[os.path.join(etc, 'notifications.cfg')]['after']
+    masked = diffs[priv + ' (secrets masked)']['after']
+    assert '\tpassword ********' in masked and '\ttoken ********' in masked
+    assert 'secret name=key,value=********' in masked
+
+    first = run()
+    assert first['_status'] == 'ok' and first['changed'], first
+    assert first['notifications'] == ['relay', 'phone', 'chat', 'failures', 'default-matcher']
+    assert set(first) >= set(documented_return('node_config'))
+    config = load_notifications(etc)                    # what a backup run reads
+    assert config.targets['relay'].secrets == {'password': PASSWORD}
+    assert config.targets['phone'].secrets == {'token': TOKEN}
+    chat = config.targets['chat']
+    assert chat.get('url') == 'https://chat.example.com/hook?key={{ secrets.key }}'
+    assert decode_base64(chat.get('body'), 'body') == '{"title": "{{ escape title }}"}'
+    assert decode_base64(chat.secrets['secret'][0]['value'], 'secret') == HOOK_KEY
+    assert config.matchers['failures'].get('target') == ['relay', 'phone']
+    assert PASSWORD not in read(os.path.join(etc, 'notifications.cfg'))
+    assert stat.S_IMODE(os.stat(priv).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(priv)).st_mode) == 0o700
+
+    second = run(diff=True)
+    assert second['_status'] == 'ok' and not second['changed'] and not second['diff'], second
+
+    third = run(diff=True, port=2525)
+    assert third['changed'] and third['files']['notifications.cfg']['changed']
+    assert not third['files']['priv/notifications.cfg']['changed']
+    (diff,) = third['diff']
+    assert '\tport 587' in diff['before'] and '\tport 2525' in diff['after']
+
+
+def test_a_malformed_notification_is_refused_naming_the_entry_and_key(ansible, etc):
+    os.makedirs(etc)
+    before = tree(etc)
+    result = ansible.module(NODE_CONFIG, {
+        'config_dir': etc, 'notification_secrets': {'relay': {'password': PASSWORD}},
+        'notifications': {'relay': notifications()['relay'], 'failures': {
+            'type': 'matcher', 'target': ['relay'], 'match_field': 'regex:hostname=(node'}}})
+    assert_failed_with(result, "notifications 'failures': match-field:",
+                       'not a valid regular expression')
+    assert PASSWORD not in str(result)
+    assert tree(etc) == before
 
 
 # Bad input: (vzdump, storages, words the message must contain).

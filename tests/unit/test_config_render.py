@@ -1,5 +1,6 @@
 """Writing vzdump.conf and storage.cfg: render is the parsers' inverse, output is stable, and
 the node_config engine validates with the parsers before it writes anything."""
+import base64
 import os
 import stat
 
@@ -14,6 +15,7 @@ from guestvault_engine.policy.config import (
     render_vzdump_conf,
 )
 from guestvault_engine.errors import ConfigError
+from guestvault_engine.policy.notifications_cfg import decode_base64, load_notifications
 from guestvault_engine.run.node_config import apply_node_config
 
 # One text per vzdump.conf option (every key the parser knows), in Proxmox's own spellings.
@@ -372,3 +374,118 @@ def test_an_s3_endpoint_is_declared_its_inline_secret_masked_and_kept_private(tm
     assert 'backend type=s3,client=aws,bucket=acme-backups' in shown
     assert result['created_dirs'] == []           # a cache is made by the first backup
     assert apply_node_config(str(tmp_path), storages=storages)['changed'] is False
+
+
+# ------------------------------------------------------------------ notifications declared
+
+NOTIFICATIONS = {
+    "ops": {"type": "sendmail", "mailto": ["ops@example.com", "sre@example.com"],
+            "from_address": "backup@example.com"},
+    "relay": {"type": "smtp", "server": "mail.example.com", "port": 2525, "mode": "starttls",
+              "username": "backup", "mailto": "admin@example.com",
+              "from-address": "backup@example.com"},
+    "phone": {"type": "gotify", "server": "https://gotify.example.com", "disable": True},
+    "chat": {"type": "webhook", "method": "post", "url": "https://chat/{{ secrets.key }}",
+             "header": {"Content-Type": "application/json"}, "body": '{"t": "{{ title }}"}'},
+    "failures": {"type": "matcher", "target": ["ops", "relay"], "match_severity": "error",
+                 "match_field": ["exact:type=vzdump,gc", "regex:hostname=^node"],
+                 "match_calendar": "mon..fri 8-17", "mode": "any", "invert_match": False},
+    "default-matcher": {"type": "matcher", "target": "mail-to-root", "disable": True},
+}
+SECRETS = {"relay": {"password": "pw-4711"}, "phone": {"token": "tok-0815"},
+           "chat": {"secret": {"key": "hook-key-9"}}}
+
+
+def test_notifications_are_written_as_pve_writes_them_with_secrets_only_in_priv(tmp_path):
+    etc = tmp_path / "etc"
+    result = apply_node_config(str(etc), notifications=NOTIFICATIONS,
+                               notification_secrets=SECRETS)
+    assert result["changed"] and result["notifications"] == list(NOTIFICATIONS)
+    public = (etc / "notifications.cfg").read_text()
+    private = (etc / "priv" / "notifications.cfg").read_text()
+    config = load_notifications(str(etc))          # what a backup run reads
+    assert config.targets["relay"].secrets == {"password": "pw-4711"}
+    assert config.targets["phone"].secrets == {"token": "tok-0815"} and \
+        config.targets["phone"].disabled
+    assert config.targets["ops"].get("mailto") == ["ops@example.com", "sre@example.com"]
+    chat = config.targets["chat"]
+    assert decode_base64(chat.get("body"), "body") == '{"t": "{{ title }}"}'
+    assert decode_base64(chat.get("header")[0]["value"], "h") == "application/json"
+    assert decode_base64(chat.secrets["secret"][0]["value"], "s") == "hook-key-9"
+    assert "\tsecret name=key\n" in public
+    assert config.matchers["failures"].get("target") == ["ops", "relay"]
+    assert config.matchers["default-matcher"].disabled
+    for secret in ("pw-4711", "tok-0815", base64.b64encode(b"hook-key-9").decode()):
+        assert secret not in public and secret not in str(result)
+        assert secret in private
+    assert stat.S_IMODE(os.stat(etc / "priv").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(etc / "priv" / "notifications.cfg").st_mode) == 0o600
+    again = apply_node_config(str(etc), notifications=NOTIFICATIONS, notification_secrets=SECRETS)
+    assert not again["changed"] and again["diff"] == []
+
+
+def test_a_changed_secret_is_a_change_whose_diff_shows_it_masked(tmp_path):
+    apply_node_config(str(tmp_path), notifications=NOTIFICATIONS, notification_secrets=SECRETS)
+    (tmp_path / "priv").chmod(0o755)        # loosened by hand: made root-only again
+    changed = apply_node_config(str(tmp_path), notifications=NOTIFICATIONS,
+                                notification_secrets=dict(SECRETS, relay={"password": "pw-new"}),
+                                check_mode=True)
+    assert changed["changed"] and not changed["files"]["notifications.cfg"]["changed"]
+    (diff,) = changed["diff"]
+    assert diff["after_header"].endswith("priv/notifications.cfg (secrets masked)")
+    assert "\tpassword ********\n" in diff["before"] and "\tpassword ********\n" in diff["after"]
+    assert "value=********" in diff["after"]
+    assert not any(s in str(changed) for s in ("pw-4711", "pw-new", "tok-0815"))
+    assert "pw-4711" in (tmp_path / "priv" / "notifications.cfg").read_text()   # check mode
+    apply_node_config(str(tmp_path), notifications=NOTIFICATIONS,
+                      notification_secrets=dict(SECRETS, relay={"password": "pw-new"}))
+    assert stat.S_IMODE(os.stat(tmp_path / "priv").st_mode) == 0o700
+
+
+def test_no_secrets_leave_no_private_file_and_an_empty_dict_keeps_only_the_builtins(tmp_path):
+    apply_node_config(str(tmp_path), notifications=NOTIFICATIONS, notification_secrets=SECRETS)
+    result = apply_node_config(str(tmp_path), notifications={})
+    assert result["files"]["priv/notifications.cfg"]["changed"]
+    assert not (tmp_path / "priv" / "notifications.cfg").exists()
+    assert (tmp_path / "notifications.cfg").read_text() == ""
+    assert list(load_notifications(str(tmp_path)).targets) == ["mail-to-root"]
+
+
+@pytest.mark.parametrize("notifications,secrets,words", [
+    ({"x": {"type": "pushover", "server": "s"}}, None,
+     ["notifications 'x': type 'pushover' is not one of sendmail, smtp, gotify, webhook"]),
+    ({"m": {"type": "matcher", "target": ["ops", "nowhere"]},
+      "ops": {"type": "sendmail", "mailto": "a@b"}}, None,
+     ["notifications 'm': target: matcher 'm' names the target 'nowhere'"]),
+    ({"m": {"type": "matcher", "match_field": "regex:hostname=(node"}}, None,
+     ["notifications 'm': match-field:", "not a valid regular expression"]),
+    ({"m": {"type": "matcher", "match_calendar": "someday"}}, None,
+     ["notifications 'm': match-calendar:"]),
+    ({"m": {"type": "matcher", "mode": "some"}}, None,
+     ["notifications 'm': mode: 'some' is not allowed; use one of all, any"]),
+    ({"r": {"type": "smtp", "server": "s", "from_address": "a@b", "port": 70000}}, None,
+     ["notifications 'r': port: 70000 is too large"]),
+    ({"r": {"type": "smtp", "server": "s", "from_address": "a@b", "colour": "red"}}, None,
+     ["notifications 'r': unknown key 'colour' in smtp 'r'"]),
+    ({"r": {"type": "smtp", "server": "s", "from_address": "a@b", "password": "pw-4711"}}, None,
+     ["notifications 'r': password is a secret; give it in notification_secrets"]),
+    ({"w": {"type": "webhook", "url": "u", "secret": {"k": "pw-4711"}}}, None,
+     ["notifications 'w': secret is a secret"]),
+    ({"g": {"type": "gotify", "server": "s"}}, None, ["'g'", "needs 'token'"]),
+    ({"g": {"type": "gotify", "server": "s"}}, {"g": {"password": "pw-4711"}},
+     ["notification_secrets 'g': unknown key 'password' in gotify 'g'"]),
+    ({"s": {"type": "sendmail", "mailto": "a@b"}}, {"other": {"token": "pw-4711"}},
+     ["notification_secrets 'other': no target of that name is declared"]),
+    ({"s": {"type": "sendmail", "comment": "two\nlines"}}, None,
+     ["notifications 's': comment: the value has a line break"]),
+    (None, {"s": {"token": "pw-4711"}}, ["give them together with notifications"]),
+])
+def test_a_malformed_notification_is_refused_naming_the_entry_and_nothing_is_written(
+        tmp_path, notifications, secrets, words):
+    with pytest.raises(ConfigError) as caught:
+        apply_node_config(str(tmp_path / "etc"), vzdump=POLICY, notifications=notifications,
+                          notification_secrets=secrets)
+    for word in words:
+        assert word in str(caught.value)
+    assert "pw-4711" not in str(caught.value)
+    assert not (tmp_path / "etc").exists()
