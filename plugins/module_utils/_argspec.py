@@ -223,6 +223,10 @@ def node_config_argument_spec():
                         'notification_secrets': {'type': 'dict', 'no_log': True}})
 
 
+def notification_test_argument_spec():
+    return module_spec({'target': {'type': 'str', 'required': True}, 'config_dir': CONFIG_DIR})
+
+
 def encryption_key_argument_spec():
     """A Proxmox Backup Server key file to create (or describe, when it exists)."""
     return module_spec({

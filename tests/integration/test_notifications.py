@@ -19,6 +19,7 @@ from guestvault_engine.errors import NotificationFailed
 from guestvault_engine.notify.deliver import vzdump_event
 from guestvault_engine.notify.targets import Target, target_for
 from guestvault_engine.policy.notifications_cfg import parse_notifications_cfg
+from ansible_runner import assert_failed_with
 from procs import run_bounded
 
 aiosmtpd_controller = pytest.importorskip('aiosmtpd.controller')
@@ -379,3 +380,50 @@ def test_without_notifications_cfg_pves_builtin_mails_root(env, smtp, mails, con
     assert proc.returncode == 1
     [(recipients, message, _auth)] = mails
     assert recipients == ['root'] and message['Subject'].endswith('): backup failed')
+
+
+# --------------------------------------------------------------------------- notification_test
+
+NOTIFICATION_TEST = 'guestvault.backup.notification_test'
+
+
+def test_notification_test_sends_to_one_target_and_reports_the_answer(
+        ansible, env, smtp, mails, http_receiver, config_dir):
+    public, private = config_text(smtp[1], http_receiver.server_port)
+    # the matchers send nothing anywhere: the test goes to the named target all the same
+    write_config(config_dir, public + "\nmatcher: nothing\n\ttarget chat\n\tinvert-match 1\n"
+                 + NO_DEFAULT, private)
+    checked = ansible.module(NOTIFICATION_TEST, {'target': 'relay', 'config_dir': config_dir},
+                             check=True)
+    assert checked['_status'] == 'ok' and not checked['changed'], checked
+    assert (checked['target'], checked['type'], checked['sent']) == ('relay', 'smtp', False)
+    assert mails == [] and 'answer' not in checked
+
+    sent = ansible.module(NOTIFICATION_TEST, {'target': 'relay', 'config_dir': config_dir})
+    assert sent['_status'] == 'ok' and sent['sent'] and not sent['changed'], sent
+    assert sent['answer'] == '127.0.0.1 accepted the mail for relay@example.com'
+    [(recipients, message, authenticated)] = mails
+    assert recipients == ['relay@example.com'] and authenticated
+    assert message['Subject'] == f'Test notification from {socket.gethostname()}'
+    assert "notification target 'relay'" in message.get_body(('plain',)).get_content()
+
+    http_receiver.requests.clear()
+    hook = ansible.module(NOTIFICATION_TEST, {'target': 'chat', 'config_dir': config_dir})
+    assert hook['_status'] == 'ok' and hook['answer'] == 'HTTP 200: {"id": 1}', hook
+    [(method, path, headers, body)] = http_receiver.requests
+    assert (method, path) == ('POST', f'/hook/{socket.gethostname()}?key=hook-key-9')
+    assert json.loads(body)['fields'] == {'type': 'test', 'hostname': socket.gethostname()}
+    assert 'hook-key-9' not in str(hook)
+
+
+def test_notification_test_fails_on_an_unknown_target_or_a_refused_login_without_secrets(
+        ansible, env, smtp, mails, config_dir):
+    public, private = config_text(smtp[1], 1, password='wrong-pw-31')
+    write_config(config_dir, public, private)
+    unknown = ansible.module(NOTIFICATION_TEST, {'target': 'pager', 'config_dir': config_dir})
+    assert_failed_with(unknown, "no notification target 'pager'",
+                       'targets: mail-to-root, ops, relay, relay-tls, phone, chat')
+    refused = ansible.module(NOTIFICATION_TEST, {'target': 'relay', 'config_dir': config_dir})
+    assert_failed_with(refused, "test notification failed: target 'relay'",
+                       'refused the credentials')
+    assert 'wrong-pw-31' not in str(refused) and mails == []

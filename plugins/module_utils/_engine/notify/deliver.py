@@ -72,6 +72,13 @@ def _entry_secrets(entry):
     return [v for v in values if v]
 
 
+def test_event(target: str, hostname: str, config_dir: str,
+               log: Callable[[str], None] = lambda m: None) -> Event:
+    """The event of PVE's "Test" button for one target (its ``test-*`` templates)."""
+    return make_event('test', 'info', {'type': 'test', 'hostname': hostname},
+                      {'hostname': hostname, 'fqdn': fqdn(), 'target': target}, config_dir, log)
+
+
 # --------------------------------------------------------------------------- vzdump
 
 def legacy_config(mailto: List[str]) -> NotificationConfig:
