@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from ansible_collections.guestvault.backup.plugins.module_utils._engine import paths
 from ansible_collections.guestvault.backup.plugins.module_utils._engine.vocabulary import (
-    CHAIN_PERIODS, COMPRESS, GUEST_TYPES, KEEP_OPTIONS, LEVELS, MODES, RESTORE_FORMATS)
+    CHAIN_PERIODS, COMPRESS, GUEST_TYPES, KEEP_OPTIONS, LEVELS, MAIL_POLICIES, MODES,
+    NOTIFICATION_MODES, NOTIFY_POLICIES, RESTORE_FORMATS)
 
 CONFIG_DIR = {'type': 'path', 'default': paths.CONFIG_DIR}
 LOCKWAIT = {'type': 'float', 'default': 180}
+# gc, verify and prune: their type=gc|verify|prune notification, as PBS's datastore 'notify'
+NOTIFY = {'type': 'str', 'default': 'error', 'choices': list(NOTIFY_POLICIES)}
 # A storage is named by its id or by a directory, never both.
 STORAGE_OR_DUMPDIR = ('storage', 'dumpdir')
 
@@ -85,6 +88,10 @@ def guest_backup_argument_spec():
         'tmpdir': {'type': 'path'},
         'zstd': {'type': 'int'},
         'pigz': {'type': 'int'},
+        # None: vzdump.conf's, as the node command's --notification-mode, --mailto, ...
+        'notification_mode': {'type': 'str', 'choices': list(NOTIFICATION_MODES)},
+        'mailto': {'type': 'list', 'elements': 'str'},
+        'mailnotification': {'type': 'str', 'choices': list(MAIL_POLICIES)},
     })
     return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR, ('include', 'exclude')])
 
@@ -134,6 +141,7 @@ def prune_argument_spec():
         'timezone': {'type': 'str'},
         'lockwait': LOCKWAIT,
         'simulate': {'type': 'list', 'elements': 'dict'},
+        'notify': NOTIFY,
     })
     for key in KEEP_OPTIONS:
         options[key] = {'type': 'bool' if key == 'keep_all' else 'int'}
@@ -185,6 +193,7 @@ def backup_info_argument_spec():
 def verify_argument_spec():
     options = _stored_backup_options()
     options['backup'] = {'type': 'str', 'default': 'latest'}
+    options['notify'] = NOTIFY
     return module_spec(options, mutually_exclusive=[STORAGE_OR_DUMPDIR])
 
 
@@ -244,6 +253,7 @@ def garbage_collect_argument_spec():
         'storage': {'type': 'str', 'required': True},
         'grace': {'type': 'str', 'default': '24h5m'},
         'config_dir': CONFIG_DIR,
+        'notify': NOTIFY,
     })
 
 

@@ -221,6 +221,32 @@ options:
         a playbook that takes backups idempotent.
       - Seconds, or a number with C(s), C(m), C(h), C(d) or C(w), e.g. C(12h).
     type: str
+  notification_mode:
+    description:
+      - Where the call's one C(type=vzdump) notification goes, as vzdump decides -
+        V(legacy-sendmail) (a mail to O(mailto)), V(notification-system) (the targets that the
+        matchers of C(<config_dir>/notifications.cfg) choose; Proxmox VE's built-in
+        C(default-matcher) mails root), or V(auto) (legacy mail when O(mailto) is given, else the
+        notification system).
+      - Default from C(vzdump.conf), else V(auto).
+      - The event's severity is V(error) when the backup failed, else V(info); its fields are
+        C(type) (V(vzdump)) and C(hostname). A notification that cannot be delivered is a
+        warning, never a failure of the task; check mode and a task refused for bad input
+        notify nobody.
+    type: str
+    choices: [auto, legacy-sendmail, notification-system]
+  mailto:
+    description:
+      - Addresses of vzdump's legacy mail (see O(notification_mode)). Default from
+        C(vzdump.conf).
+    type: list
+    elements: str
+  mailnotification:
+    description:
+      - With legacy mail, V(always) mail, or only on V(failure). Default from C(vzdump.conf),
+        else V(always).
+    type: str
+    choices: [always, failure]
 notes:
   - Only disks in qcow2 v3 images can be backed up incrementally. Persistent bitmaps are written
     to the image when QEMU closes it; after a QEMU crash they are inconsistent and V(auto) takes a
@@ -283,6 +309,15 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+notifications:
+  description:
+    - What each notification target did with the call's notification - C(target), C(type),
+      C(ok), and C(answer) (what its server answered) or C(error) (why it failed; also a
+      warning). Empty when nothing was sent. Never holds a secret.
+  returned: when a notification was due (not in check mode)
+  type: list
+  elements: dict
+  sample: [{target: ops, type: sendmail, ok: true, answer: /usr/sbin/sendmail accepted the mail for ops@example.com}]
 backup:
   description:
     - Id of the new backup, C(vm/<vmid>/<time>) (with O(max_age), of the recent one).

@@ -28,6 +28,7 @@ description:
 author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
+  - guestvault.backup.notify
   - guestvault.backup.storage
   - guestvault.backup.backups
 requirements:
@@ -109,6 +110,15 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+notifications:
+  description:
+    - What each notification target did with the call's notification - C(target), C(type),
+      C(ok), and C(answer) (what its server answered) or C(error) (why it failed; also a
+      warning). Empty when nothing was sent. Never holds a secret.
+  returned: when a notification was due (not in check mode)
+  type: list
+  elements: dict
+  sample: [{target: ops, type: sendmail, ok: true, answer: /usr/sbin/sendmail accepted the mail for ops@example.com}]
 backups:
   description: Every backup considered, newest first per guest, with its mark.
   returned: always

@@ -25,6 +25,7 @@ description:
 author:
   - guestvault developers (@guestvault)
 extends_documentation_fragment:
+  - guestvault.backup.notify
   - guestvault.backup.storage
   - guestvault.backup.backups
   - guestvault.backup.backups.selection
@@ -53,6 +54,15 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+notifications:
+  description:
+    - What each notification target did with the call's notification - C(target), C(type),
+      C(ok), and C(answer) (what its server answered) or C(error) (why it failed; also a
+      warning). Empty when nothing was sent. Never holds a secret.
+  returned: when a notification was due (not in check mode)
+  type: list
+  elements: dict
+  sample: [{target: ops, type: sendmail, ok: true, answer: /usr/sbin/sendmail accepted the mail for ops@example.com}]
 backup:
   description: Id of the verified backup.
   returned: always

@@ -46,3 +46,10 @@ def normalize_compress(value):
 # The prune module's keep_* options: Proxmox's keep-* retention keys, with underscores.
 KEEP_OPTIONS = ('keep_all', 'keep_last', 'keep_hourly', 'keep_daily', 'keep_weekly',
                 'keep_monthly', 'keep_yearly')
+
+
+# Notifications: vzdump's notification-mode and mailnotification, and PBS's datastore 'notify'
+# values, which the garbage_collect, verify and prune modules take for their events.
+NOTIFICATION_MODES = ('auto', 'legacy-sendmail', 'notification-system')
+MAIL_POLICIES = ('always', 'failure')
+NOTIFY_POLICIES = ('always', 'error', 'never')

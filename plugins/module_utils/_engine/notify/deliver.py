@@ -13,13 +13,12 @@ from ..errors import GuestvaultError
 from ..policy.notifications_cfg import (Entry, NotificationConfig, decode_base64,
                                         load_notifications)
 from ..policy.notify_match import matched_targets
+from ..vocabulary import MAIL_POLICIES, NOTIFICATION_MODES  # noqa: F401 - the node command's
 from .event import Event, make_event
 from .targets import target_for
 
 # PVE cuts the logs of a vzdump mail at 1 MiB.
 MAX_LOG_SIZE = 1 << 20
-NOTIFICATION_MODES = ('auto', 'legacy-sendmail', 'notification-system')
-MAIL_POLICIES = ('always', 'failure')
 
 
 def mask(text: str, secrets) -> str:
@@ -147,15 +146,46 @@ def notify_vzdump(options: Dict, guests: List[Dict], total_seconds: float, logs:
     ``mailto``, ``mailnotification``); what deliver() returns. Nothing here raises: a
     notifications.cfg that does not parse is logged, and the run's result stays its own."""
     failed = bool(error) or any(g['status'] != 'ok' for g in guests)
+    return _send(lambda: vzdump_config(options.get('notification-mode') or 'auto',
+                                       options.get('mailto') or [],
+                                       options.get('mailnotification') or 'always', failed,
+                                       config_dir),
+                 lambda: vzdump_event(guests, total_seconds, logs, hostname, config_dir, job_id,
+                                      error, log), log)
+
+
+def _send(config_of, event_of, log) -> List[Dict]:
+    """deliver(event_of(), config_of()); a config or template error is a logged failure."""
     try:
-        config = vzdump_config(options.get('notification-mode') or 'auto',
-                               options.get('mailto') or [],
-                               options.get('mailnotification') or 'always', failed, config_dir)
+        config = config_of()
         if config is None:
             return []
-        event = vzdump_event(guests, total_seconds, logs, hostname, config_dir, job_id, error,
-                             log)
+        event = event_of()
     except GuestvaultError as exc:
         log(f"WARNING: no notification sent: {exc}")
         return [{'target': None, 'ok': False, 'error': str(exc)}]
     return deliver(event, config, log)
+
+
+# --------------------------------------------------------------------------- gc, verify, prune
+
+def notify_operation(kind: str, policy: str, fields: Dict[str, str], summary: str,
+                     config_dir: str, error: Optional[str] = None,
+                     log: Callable[[str], None] = lambda m: None) -> List[Dict]:
+    """The ``type=<kind>`` event (gc, verify, prune) of one operation, to the targets of
+    notifications.cfg, as ``policy`` says: ``always``, only on ``error``, or ``never``.
+    ``fields`` name the storage (``datastore`` for a datastore, as PBS, and ``storage``)."""
+    if policy == 'never' or (policy == 'error' and not error):
+        return []
+    data = {'datastore': fields.get('datastore') or fields.get('storage'), 'error': error,
+            'summary': summary, 'fqdn': fqdn(), 'hostname': fields.get('hostname'),
+            'status-text': 'failed' if error else 'successful'}
+    return _send(lambda: load_notifications(config_dir),
+                 lambda: make_event(kind, 'error' if error else 'info', dict(fields, type=kind),
+                                    data, config_dir, log), log)
+
+
+def failure_warnings(outcomes: List[Dict]) -> List[str]:
+    """A module's warnings of what deliver() returned: each target that failed, and why."""
+    return [f"notification to target '{o['target']}' failed: {o['error']}" if o['target']
+            else f"no notification sent: {o['error']}" for o in outcomes if not o['ok']]

@@ -37,6 +37,13 @@ TEMPLATES: Dict[str, str] = {
         'Total size: {{human-bytes total-size}}</p>\n'
         '<h2 style="font-size: 1.2em">Log</h2>\n<pre>{{logs}}</pre>\n</body></html>\n'),
     'test-subject.txt.hbs': 'Test notification from {{hostname}}\n',
+    # gc, verify and prune: PBS's subjects; the body is the operation's summary
+    'gc-subject.txt.hbs': "Garbage Collect Datastore '{{datastore}}' {{status-text}}\n",
+    'verify-subject.txt.hbs': "Verify Datastore '{{datastore}}' {{status-text}}\n",
+    'prune-subject.txt.hbs': "Pruning datastore '{{datastore}}' {{status-text}}\n",
+    'gc-body.txt.hbs': '{{#if error}}{{error}}\n\n{{/if}}{{summary}}\n',
+    'verify-body.txt.hbs': '{{#if error}}{{error}}\n\n{{/if}}{{summary}}\n',
+    'prune-body.txt.hbs': '{{#if error}}{{error}}\n\n{{/if}}{{summary}}\n',
     'test-body.txt.hbs': "This is a test of the notification target '{{target}}' "
                          "from guestvault on {{fqdn}}.\n",
 }

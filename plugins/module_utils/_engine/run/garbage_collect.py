@@ -15,6 +15,7 @@ from ..paths import CONFIG_DIR
 from ..storage.files import private_files
 from ..times import parse_age
 from .locate import format_of, require_storage
+from .notices import notified_operation
 from .request import Request
 
 DEFAULT_GRACE = '24h5m'
@@ -25,11 +26,24 @@ class GarbageCollectRequest(Request):
     storage: str = None
     grace: str = DEFAULT_GRACE
     config_dir: str = CONFIG_DIR
+    notify: str = 'never'        # always, error or never: the type=gc notification
     check_mode: bool = False
 
 
 def run_garbage_collect(request, log=None, progress=None):
-    """Collect the garbage of one datastore; the counts (see garbage_collect's RETURN)."""
+    """Collect the garbage of one datastore; the counts (see garbage_collect's RETURN), and
+    its notification as ``request.notify`` says."""
+    return notified_operation('gc', request, lambda: _collect(request, log, progress),
+                              _gc_summary, log=log)
+
+
+def _gc_summary(result):
+    return (f"Removed {result['removed_chunks']} chunks ({result['removed_bytes']} bytes), kept "
+            f"{result['kept_chunks']} ({result['kept_bytes']} bytes), dedup factor "
+            f"{result['dedup_factor']:.2f}; {result['missing_chunks']} chunks missing.")
+
+
+def _collect(request, log, progress):
     log = log or (lambda message: None)
     if not request.storage:
         raise ConfigError("storage is required: the id of a datastore in storage.cfg")

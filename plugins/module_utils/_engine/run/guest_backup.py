@@ -44,6 +44,7 @@ from . import guest_runs, leftovers
 from .backup_log import BackupLog
 from .hooks import HookScript
 from .locate import format_of, require_storage, resolve_guest
+from .notices import notified_backup
 from .protect import check_protected_room
 from .opener import guest_lock
 from .request import Request
@@ -89,13 +90,21 @@ class GuestBackupRequest(Request):
     pigz: int = None             # gzip with pigz threads when > 0
     stdout: object = None        # a binary stream: the archive goes there, nothing else is kept
     warn_inert: bool = True      # warn about vzdump.conf options that have no effect yet
+    # The call's type=vzdump notification (run/notices.py): the module's, not each guest's of
+    # a node command run, which sends one for the whole run.
+    notify: bool = False
+    notification_mode: str = None   # None: vzdump.conf's, else auto
+    mailto: list = None
+    mailnotification: str = None
     check_mode: bool = False
 
     @classmethod
     def from_params(cls, params, check_mode=False):
-        """The module nests max_workers in ``performance``, as vzdump.conf does."""
+        """The module nests max_workers in ``performance``, as vzdump.conf does, and sends its
+        call's notification."""
         request = super().from_params(params, check_mode)
         request.max_workers = (params.get('performance') or {}).get('max_workers')
+        request.notify = True
         return request
 
 
@@ -254,10 +263,17 @@ def _terminate_as_error():
 
 def run_guest_backup(request, log=None, progress=None, now=None):
     """Take one backup as ``request`` says; returns a result dict (see guest_backup RETURN).
+    With ``request.notify`` (the module), the call's vzdump notification goes out too.
 
     The guest is held on this node before its QMP socket is opened (QEMU serves one client at a
     time), so a second run of the same guest waits for the first, up to ``lockwait``.
     """
+    if request.notify and not request.check_mode:
+        return notified_backup(request, lambda say: _backup(request, say, progress, now), log)
+    return _backup(request, log, progress, now)
+
+
+def _backup(request, log, progress, now):
     started = time.monotonic()
     clog = BackupLog(log)
     guest = _guest_entry(request)

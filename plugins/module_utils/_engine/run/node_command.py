@@ -32,6 +32,7 @@ from .guest_backup import GuestBackupRequest, run_guest_backup
 from . import leftovers
 from .hooks import HookScript
 from .locate import open_storage
+from .notices import notify_options
 from .prune import PruneRequest, damaged_warning, prune_guest, resolve_policy
 
 
@@ -124,13 +125,11 @@ def _job_settings(args):
 
 
 def _notify_options(args, job):
-    """notification-mode, mailto and mailnotification: the command line's, else the job's, else
-    vzdump.conf's (PVE's order)."""
-    defaults = load_vzdump_defaults(args.config_dir)
-    given = {'notification-mode': args.notification_mode,
-             'mailto': [a for text in args.mailto or [] for a in split_list(text)],
-             'mailnotification': args.mailnotification}
-    return {key: given[key] or job.get(key) or defaults.get(key) for key in given}
+    """notification-mode, mailto and mailnotification of the command line, the job, vzdump.conf."""
+    return notify_options(args.config_dir, {
+        'notification-mode': args.notification_mode,
+        'mailto': [a for text in args.mailto or [] for a in split_list(text)],
+        'mailnotification': args.mailnotification}, job)
 
 
 def _say(message):

@@ -14,6 +14,7 @@ from ..policy.config import load_storage, load_vzdump_defaults
 from ..policy.retention import RetentionPolicy, as_policy, select_for_prune, simulate
 from ..vocabulary import KEEP_OPTIONS
 from .locate import format_of, require_storage
+from .notices import notified_operation
 from .opener import guest_lock
 from .request import Request
 
@@ -28,6 +29,7 @@ class PruneRequest(Request):
     timezone: str = None
     lockwait: float = 180        # minutes
     simulate: list = None        # backups (dicts with a time): run the simulator on them instead
+    notify: str = 'never'        # always, error or never: the type=prune notification
     check_mode: bool = False
 
     @classmethod
@@ -38,7 +40,8 @@ class PruneRequest(Request):
                    config_dir=params['config_dir'],
                    prune_backups=params.get('prune_backups') or given or None,
                    timezone=params['timezone'], lockwait=params['lockwait'],
-                   simulate=params['simulate'], check_mode=check_mode)
+                   simulate=params['simulate'], notify=params.get('notify') or 'never',
+                   check_mode=check_mode)
 
 
 def resolve_policy(request, storage):
@@ -114,6 +117,17 @@ def run_prune(request, log=None):
     storage is read)."""
     if request.simulate is not None:
         return simulate_prune(request.simulate, request.prune_backups, request.timezone)
+    return notified_operation('prune', request, lambda: _prune(request, log), _prune_summary,
+                              log=log)
+
+
+def _prune_summary(result):
+    return (f"Policy {result['policy']} ({result['policy_source']}): removed "
+            f"{len(result['removed'])} backup(s), freed {result['bytes_freed']} bytes"
+            + ''.join(f"\n- removed {backup_id}" for backup_id in result['removed']))
+
+
+def _prune(request, log):
     log = log or (lambda message: None)
     storage = require_storage(request.config_dir, request.storage, request.dumpdir)
     policy, source = resolve_policy(request, storage)

@@ -13,6 +13,7 @@ from ..errors import BackupDamaged, VerifyFailed
 from ..paths import CONFIG_DIR
 from ..times import format_time
 from .locate import format_of
+from .notices import notified_operation
 from .opener import open_backups
 from .request import Request
 
@@ -26,6 +27,7 @@ class VerifyRequest(Request):
     config_dir: str = CONFIG_DIR
     lockwait: float = 180        # minutes
     fail: bool = False           # a damaged backup raises VerifyFailed
+    notify: str = 'never'        # always, error or never: the type=verify notification
     check_mode: bool = False
 
     @classmethod
@@ -36,9 +38,26 @@ class VerifyRequest(Request):
         return request
 
 
-def run_verify(request):
+def run_verify(request, log=None):
     """Returns the state written (``ok`` or ``failed``) with the problems found; with ``fail``,
-    a damaged backup raises VerifyFailed (carrying that result), so a playbook stops."""
+    a damaged backup raises VerifyFailed (carrying that result), so a playbook stops. Its
+    notification goes out as ``request.notify`` says."""
+    return notified_operation('verify', request, lambda: _run(request), _verify_summary,
+                              _verify_failure, log)
+
+
+def _verify_summary(result):
+    return (f"Backup {result['backup']}: {result['verify_state']}"
+            + ''.join(f"\n- {problem}" for problem in result['problems']))
+
+
+def _verify_failure(result):
+    if result['verify_state'] != 'ok':
+        return f"backup {result['backup']} failed verification"
+    return None
+
+
+def _run(request):
     with open_backups(request, 'verify', shared=True, resolve=False) as opened:
         result = _verify(opened, request.check_mode)
     if request.fail and result['verify_state'] != 'ok':
