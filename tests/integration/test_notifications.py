@@ -427,3 +427,42 @@ def test_notification_test_fails_on_an_unknown_target_or_a_refused_login_without
     assert_failed_with(refused, "test notification failed: target 'relay'",
                        'refused the credentials')
     assert 'wrong-pw-31' not in str(refused) and mails == []
+
+
+# --------------------------------------------------------------------------- events of modules
+
+def test_modules_mail_their_events_backup_verify_prune_gc(
+        ansible, env, smtp, mails, config_dir, datastore_path, make_guest):
+    guest = make_guest(disks=[('qcow2', 8 * MiB)], vmid=302)
+    with open(os.path.join(config_dir, 'guests.d', '302.conf'), 'w') as handle:
+        handle.write(f"name: web302\nqmp: {guest.qmp_socket}\n")
+    with open(os.path.join(config_dir, 'storage.cfg'), 'w') as handle:
+        handle.write(f"datastore: ds1\n\tpath {datastore_path}\n")
+    # ops (msmtp, the node's sendmail) gets everything of this node
+    write_config(config_dir, "sendmail: ops\n\tmailto ops@example.com\n\n"
+                 "matcher: all\n\ttarget ops\n\tmatch-field exact:storage=ds1\n\n"
+                 "matcher: backups\n\ttarget ops\n\tmatch-field exact:type=vzdump\n" + NO_DEFAULT,
+                 '')
+    common = {'config_dir': config_dir, 'storage': 'ds1'}
+    backup = ansible.module('guestvault.backup.guest_backup', dict(common, vmid=302))
+    assert backup['_status'] == 'ok' and backup['changed'], backup
+    assert [n['target'] for n in backup['notifications'] if n['ok']] == ['ops'], backup
+    [(recipients, message, _auth)] = mails
+    assert recipients == ['ops@example.com']
+    assert message['Subject'].endswith('): backup successful')
+    assert 'web302' in message.get_body(('plain',)).get_content()
+
+    mails.clear()
+    verified = ansible.module('guestvault.backup.verify', dict(common, vmid=302, notify='always'))
+    assert verified['_status'] == 'ok' and verified['verify_state'] == 'ok', verified
+    pruned = ansible.module('guestvault.backup.prune', dict(common, vmid=302, keep_last=1,
+                                                             notify='always'))
+    assert pruned['_status'] == 'ok', pruned
+    quiet = ansible.module('guestvault.backup.garbage_collect', common)     # notify: error
+    assert quiet['_status'] == 'ok' and quiet['notifications'] == [], quiet
+    collected = ansible.module('guestvault.backup.garbage_collect', dict(common, notify='always'))
+    assert collected['_status'] == 'ok', collected
+    assert [m['Subject'] for _r, m, _a in mails] == [
+        "Verify Datastore 'ds1' successful", "Pruning datastore 'ds1' successful",
+        "Garbage Collect Datastore 'ds1' successful"]
+    assert f"Backup {backup['backup']}: ok" in mails[0][1].get_body(('plain',)).get_content()
