@@ -26,4 +26,3 @@ options:
     choices: [always, error, never]
     default: error
 """
-

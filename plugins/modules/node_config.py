@@ -100,7 +100,7 @@ options:
         O(notification_secrets).
       - V(webhook) - C(url), C(method) (V(post), V(put) or V(get)), C(header) (a dictionary of
         header name to value), C(body), C(comment), C(disable). C(url), the header values and
-        C(body) are Handlebars templates (C({{ title }}), C({{ secrets.NAME }}), ...): mark them
+        C(body) are Handlebars templates (C({{ title }}), C({{ secrets.NAME }}), ...) - mark them
         C(!unsafe) so Jinja leaves them alone. Header values and the body are stored base64, as
         Proxmox stores them. Secret values go in O(notification_secrets).
       - V(matcher) - C(target) (a list of target names), C(mode) (V(all) or V(any)),

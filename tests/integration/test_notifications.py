@@ -455,8 +455,8 @@ def test_modules_mail_their_events_backup_verify_prune_gc(
     mails.clear()
     verified = ansible.module('guestvault.backup.verify', dict(common, vmid=302, notify='always'))
     assert verified['_status'] == 'ok' and verified['verify_state'] == 'ok', verified
-    pruned = ansible.module('guestvault.backup.prune', dict(common, vmid=302, keep_last=1,
-                                                             notify='always'))
+    pruned = ansible.module('guestvault.backup.prune',
+                            dict(common, vmid=302, keep_last=1, notify='always'))
     assert pruned['_status'] == 'ok', pruned
     quiet = ansible.module('guestvault.backup.garbage_collect', common)     # notify: error
     assert quiet['_status'] == 'ok' and quiet['notifications'] == [], quiet

@@ -13,7 +13,6 @@ from ..errors import GuestvaultError
 from ..policy.notifications_cfg import (Entry, NotificationConfig, decode_base64,
                                         load_notifications)
 from ..policy.notify_match import matched_targets
-from ..vocabulary import MAIL_POLICIES, NOTIFICATION_MODES  # noqa: F401 - the node command's
 from .event import Event, make_event
 from .targets import target_for
 

@@ -22,12 +22,12 @@ from ..errors import ConfigError, GuestvaultError
 from ..restore import appliance
 from ..guest.registry import list_guests
 from ..paths import default_config_dir, state_dir
-from ..notify.deliver import MAIL_POLICIES, NOTIFICATION_MODES, notify_vzdump
+from ..notify.deliver import notify_vzdump
 from ..policy.config import inert_option_warning, load_vzdump_defaults, split_list
 from ..policy.jobs_cfg import load_jobs
 from ..storage.files import write_file_atomic
 from ..times import format_time
-from ..vocabulary import CHAIN_PERIODS, COMPRESS, LEVELS, MODES
+from ..vocabulary import CHAIN_PERIODS, COMPRESS, LEVELS, MAIL_POLICIES, MODES, NOTIFICATION_MODES
 from .guest_backup import GuestBackupRequest, run_guest_backup
 from . import leftovers
 from .hooks import HookScript
