@@ -71,9 +71,10 @@ PYTEST = run_pytest() { $(PY) -m pytest -q "$$@" || { rc=$$?; if [ $$rc -eq 5 ];
 unit: venv
 	$(PYTEST) tests/unit
 
-# Integration tests mostly wait on QEMU, ssh and systemd: two workers, each module on one worker
-# (a module's guests, nodes and fixtures stay together), about halve the time on 2 cores.
-INTEGRATION_WORKERS ?= 2
+# Integration tests mostly wait on QEMU, ssh, systemd and downloads: each module on one worker
+# (a module's guests, nodes and fixtures stay together). On 2 cores the CPU was a third idle with
+# two workers; three took 11m47s where two took 12m50s, in one fresh clone under the same load.
+INTEGRATION_WORKERS ?= 3
 integration: venv collection
 	$(PYTEST) -n $(INTEGRATION_WORKERS) --dist loadfile --durations=15 tests/integration
 
