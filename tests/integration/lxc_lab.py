@@ -81,7 +81,7 @@ def destroy(lxcpath, name):
     run(['lxc-destroy', '-f', '-P', lxcpath, '-n', name], check=False)
 
 
-def attach(container, script, timeout=60):
+def attach(container, script, timeout=300):
     return run(['lxc-attach', '-P', container.lxcpath, '-n', container.name, '--',
                 '/bin/sh', '-c', script], timeout=timeout).stdout
 
@@ -102,7 +102,7 @@ def stop_writer(container, directory):
     attach(container, f"touch {directory}.stop")
 
 
-def wait_for_journal(container, directory, lines, timeout=120):
+def wait_for_journal(container, directory, lines, timeout=600):
     """Wait until the writer's journal (read on the host, through the rootfs) has ``lines``."""
     path = os.path.join(rootfs(container), directory.lstrip('/') + '.journal')
     deadline = time.monotonic() + timeout

@@ -206,7 +206,7 @@ def test_a_container_stopped_while_being_frozen_fails_with_no_half_state(privile
     def hook(phase):
         if phase == 'pre-stop':          # right before the freeze
             subprocess.run(['lxc-stop', '-k', '-P', privileged.lxcpath, '-n', privileged.name],
-                           check=True, timeout=120)
+                           check=True, timeout=600)
     try:
         with pytest.raises(ContainerError, match=r"container gvpriv could not be frozen: it is "
                            r"STOPPED .*no backup was taken"):
@@ -244,7 +244,7 @@ def test_leftovers_of_a_killed_run_are_cleared(privileged, tmp_path):
         assert leftovers.leftovers(801) is None and len(lines) == 2
         # and in stop mode: the container stopped and not started again
         subprocess.run(['lxc-stop', '-P', privileged.lxcpath, '-n', privileged.name],
-                       check=True, timeout=120)
+                       check=True, timeout=600)
         leftovers.record(801, container=privileged.name, lxcpath=privileged.lxcpath,
                          mode='stop', restart=True)
         leftovers.clear_leftovers(801, lines.append)
@@ -256,7 +256,7 @@ def test_leftovers_of_a_killed_run_are_cleared(privileged, tmp_path):
 def freezer_state(container):
     return subprocess.run(['lxc-cgroup', '-P', container.lxcpath, '-n', container.name,
                            'freezer.state'], capture_output=True, text=True, check=True,
-                          timeout=60).stdout.strip()
+                          timeout=300).stdout.strip()
 
 
 def test_a_busy_container_is_frozen_whole_and_runs_on_after_the_thaw(privileged):
@@ -282,7 +282,7 @@ def test_thaw_undoes_a_freeze_cut_short_before_lxc_recorded_it(privileged):
     # what a signal between freeze's lxc-cgroup and its lxc-freeze leaves: the freezer
     # FROZEN, LXC's record (lxc-info, lxc-unfreeze) RUNNING
     subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
-                    'freezer.state', FROZEN], check=True, timeout=60)
+                    'freezer.state', FROZEN], check=True, timeout=300)
     try:
         assert privileged.state() == RUNNING and freezer_state(privileged) == FROZEN
         privileged.thaw()
@@ -290,13 +290,13 @@ def test_thaw_undoes_a_freeze_cut_short_before_lxc_recorded_it(privileged):
         assert attach(privileged, 'echo runs') == 'runs\n'
     finally:
         subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
-                        'freezer.state', 'THAWED'], check=False, timeout=60)
+                        'freezer.state', 'THAWED'], check=False, timeout=300)
 
 
 def test_leftovers_of_a_run_killed_inside_the_freeze_are_cleared(privileged, tmp_path):
     # killed between freeze's lxc-cgroup and its lxc-freeze: frozen, LXC's record RUNNING
     subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
-                    'freezer.state', FROZEN], check=True, timeout=60)
+                    'freezer.state', FROZEN], check=True, timeout=300)
     try:
         leftovers.record(801, container=privileged.name, lxcpath=privileged.lxcpath,
                          mode='suspend', temp_dir=str(tmp_path / 'copy'))
@@ -307,4 +307,4 @@ def test_leftovers_of_a_run_killed_inside_the_freeze_are_cleared(privileged, tmp
         assert leftovers.leftovers(801) is None
     finally:
         subprocess.run(['lxc-cgroup', '-P', privileged.lxcpath, '-n', privileged.name,
-                        'freezer.state', 'THAWED'], check=False, timeout=60)
+                        'freezer.state', 'THAWED'], check=False, timeout=300)
