@@ -160,11 +160,15 @@ def _take(request, options, storage, guest, kind, handle, hook, path, result, cl
                 clog(f"backup-abort hook failed too: {hook_exc}")
         raise
     # The archive is complete and in place: from here on, problems are warnings.
-    record = next(b for b in storage.backups(guest.vmid) if b.path == path)
-    if result['notes']:
-        storage.set_notes(record, result['notes'])
-    if options['protected']:
-        storage.set_protected(record, True)
+    record = next((b for b in storage.backups(guest.vmid) if b.path == path), None)
+    if record is None:      # renamed, yet not listed: say so rather than fail a kept backup
+        result['warnings'].append(f"the archive {path} is written but its storage does not "
+                                  "list it; its notes and protection were not set")
+    else:
+        if result['notes']:
+            storage.set_notes(record, result['notes'])
+        if options['protected']:
+            storage.set_protected(record, True)
     seconds = time.monotonic() - started
     clog(f"archive {os.path.basename(path)}: {written.bytes_written} bytes "
          f"({written.tar_bytes} bytes of tar) in {seconds:.2f} s")
