@@ -127,8 +127,12 @@ class Smtp(_Mail):
                     client.starttls(context=context)
                 if self.username:
                     client.login(self.username, self.password or '')
+                # what the server said to the mail itself (its queue id, most often), which
+                # send_message does not return: the test button shows it
+                data_replies = []
+                send_data = client.data
+                client.data = lambda msg: data_replies.append(send_data(msg)) or data_replies[-1]
                 refused = client.send_message(self.message(event))
-                code, answer = client.noop()
         except smtplib.SMTPAuthenticationError as exc:
             raise NotificationFailed(f"{where}: the server refused the credentials of "
                                      f"'{self.username}' ({_smtp_reply(exc)}); check username "
@@ -137,7 +141,11 @@ class Smtp(_Mail):
             raise NotificationFailed(f"{where}: {_smtp_reply(exc)}") from None
         if refused:
             raise NotificationFailed(f"{where}: the server refused {', '.join(refused)}")
-        return f"{self.server} accepted the mail for {', '.join(self.recipients)}"
+        reply = ''
+        if data_replies:
+            code, text = data_replies[-1]
+            reply = f": {code} {text.decode(errors='replace')}"
+        return f"{self.server} accepted the mail for {', '.join(self.recipients)}{reply}"
 
 
 def _smtp_reply(exc):
