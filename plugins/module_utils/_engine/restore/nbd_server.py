@@ -169,7 +169,7 @@ class NbdServer:
                 _reply(conn, option, REP_ACK)
                 continue
             if option == OPT_STRUCTURED_REPLY:
-                structured = not data
+                structured = structured or not data     # (no data is the valid form)
                 _reply(conn, option, REP_ERR_INVALID if data else REP_ACK)
                 continue
             if option in (OPT_INFO, OPT_GO, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
