@@ -3,7 +3,8 @@
 Every read is served from the chunks the index names (datastore/index.py), each checked (CRC, decryption,
 digest) before a byte of it is returned; the zero chunk is never read. An export offers what
 the NBD server asks of any export (``name``, ``size``, ``read``, ``keep_chunks``,
-``first_data_offset``); the Datastore Format makes them in ``open_block_exports``.
+``first_data_offset``) and ``extents`` (where its zero chunks are); the Datastore Format
+makes them in ``open_block_exports``.
 """
 from __future__ import annotations
 
@@ -59,6 +60,20 @@ class SnapshotExport:
             offset += len(piece)
             length -= len(piece)
         return b''.join(parts)
+
+    def extents(self, offset, length):
+        """``(length, zero)`` runs covering ``length`` bytes from ``offset``, one per chunk:
+        zero where the index names the zero chunk (a hole or zeroes when backed up), which the
+        NBD server reports as a hole and never reads."""
+        runs = []
+        while length > 0:
+            position, inside = self.index.chunk_at(offset)
+            start, end = self.index.chunk_range(position)
+            size = min(end - start - inside, length)
+            runs.append((size, self._zeros.get(self.index.digest(position)) == end - start))
+            offset += size
+            length -= size
+        return runs
 
     def keep_chunks(self):
         """Touch every chunk the export reads, as garbage collection's mark does. Call it once

@@ -5,9 +5,14 @@ QEMU cannot open as a file (a datastore snapshot: datastore/snapshot_export.py).
 any object with ``name``, ``size`` and ``read(offset, length) -> bytes`` (raising a
 GuestvaultError when it cannot read); a server that ``holds`` its exports also calls
 ``keep_chunks()`` (spare what it reads from a garbage collection) and reads one byte at
-``first_data_offset()`` (None: no data) before it listens. It speaks the NBD protocol's fixed
-newstyle handshake (``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``, simple replies; structured replies
-and meta contexts are refused, which QEMU accepts) on a unix socket, one thread per connection.
+``first_data_offset()`` (None: no data) before it listens. An export that has
+``extents(offset, length)`` (``(length, zero)`` runs from ``offset``) tells where its holes are;
+any other export is all data. It speaks the NBD protocol's fixed newstyle handshake
+(``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``) on a unix socket, one thread per connection, with
+simple replies or, when the client asks, structured replies and the ``base:allocation`` meta
+context: ``NBD_CMD_BLOCK_STATUS`` reports the holes and reads answer them with
+``OFFSET_HOLE``, so QEMU copying an export (a live restore's stream) neither moves nor decodes
+them.
 
 Its life follows the copies: it stops once every client that connected has gone (QEMU drops
 the backing when a stream completes), or when nobody connected within ``idle_timeout``. A read
@@ -31,15 +36,25 @@ IHAVEOPT = 0x49484156454F5054
 OPTION_REPLY_MAGIC = 0x3e889045565a9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668e33ef
 
 FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO = 1, 2, 3, 6, 7
-REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
-REP_ERR_UNSUP, REP_ERR_UNKNOWN = (1 << 31) + 1, (1 << 31) + 6
+OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
+REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
+REP_ERR_UNSUP, REP_ERR_INVALID, REP_ERR_UNKNOWN = (1 << 31) + 1, (1 << 31) + 3, (1 << 31) + 6
 INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
 # has flags, read only, can serve several connections at once
 TRANSMISSION_FLAGS = 1 | 2 | (1 << 8)
-CMD_READ, CMD_DISC, CMD_FLUSH, CMD_CACHE = 0, 2, 3, 5
+CMD_READ, CMD_DISC, CMD_FLUSH, CMD_CACHE, CMD_BLOCK_STATUS = 0, 2, 3, 5, 7
+CMD_FLAG_REQ_ONE = 1 << 3
+REPLY_FLAG_DONE = 1
+REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE = 0, 1, 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+ALLOCATION = b'base:allocation'     # the one meta context, with the id below
+ALLOCATION_ID = 1
+STATE_HOLE_ZERO = 1 | 2             # NBD_STATE_HOLE | NBD_STATE_ZERO; data is 0
 MAX_REQUEST = 32 << 20
 READERS = 4          # threads serving one connection's reads (decoding releases the GIL)
 
@@ -110,9 +125,9 @@ class NbdServer:
     def _client(self, conn):
         try:
             with conn:
-                export = self._handshake(conn)
-                if export is not None:
-                    self._transmit(conn, export)
+                chosen = self._handshake(conn)
+                if chosen is not None:
+                    self._transmit(conn, *chosen)
         except (_Closed, OSError):
             pass
         finally:
@@ -123,22 +138,27 @@ class NbdServer:
 
     # -- handshake -----------------------------------------------------------------------------
     def _handshake(self, conn):
+        """``(export, structured, allocation)`` once the client chose an export: whether it
+        negotiated structured replies, and ``base:allocation`` for that export."""
         conn.sendall(struct.pack('>QQH', NBDMAGIC, IHAVEOPT,
                                  FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         client_flags, = struct.unpack('>I', _recv(conn, 4))
         no_zeroes = bool(client_flags & FLAG_NO_ZEROES)
+        structured = False
+        allocation_for = None       # the export name base:allocation was set for
         while True:
             magic, option, length = struct.unpack('>QII', _recv(conn, 16))
             if magic != IHAVEOPT:
                 raise _Closed()
             data = _recv(conn, length) if length else b''
             if option == OPT_EXPORT_NAME:
-                export = self.exports.get(data.decode('utf-8', 'replace'))
+                name = data.decode('utf-8', 'replace')
+                export = self.exports.get(name)
                 if export is None:
                     raise _Closed()
                 conn.sendall(struct.pack('>QH', export.size, TRANSMISSION_FLAGS)
                              + (b'' if no_zeroes else bytes(124)))
-                return export
+                return export, structured, structured and allocation_for == name
             if option == OPT_ABORT:
                 _reply(conn, option, REP_ACK)
                 raise _Closed()
@@ -148,38 +168,80 @@ class NbdServer:
                     _reply(conn, option, REP_SERVER, struct.pack('>I', len(encoded)) + encoded)
                 _reply(conn, option, REP_ACK)
                 continue
-            if option in (OPT_INFO, OPT_GO):
-                name_length, = struct.unpack('>I', data[:4])
-                export = self.exports.get(data[4:4 + name_length].decode('utf-8', 'replace'))
+            if option == OPT_STRUCTURED_REPLY:
+                structured = structured or not data     # (no data is the valid form)
+                _reply(conn, option, REP_ERR_INVALID if data else REP_ACK)
+                continue
+            if option in (OPT_INFO, OPT_GO, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+                try:
+                    name, queries = _parse_option(data, option)
+                except (struct.error, ValueError):
+                    _reply(conn, option, REP_ERR_INVALID)
+                    continue
+                export = self.exports.get(name)
                 if export is None:
                     _reply(conn, option, REP_ERR_UNKNOWN)
                     continue
-                _reply(conn, option, REP_INFO,
-                       struct.pack('>HQH', INFO_EXPORT, export.size, TRANSMISSION_FLAGS))
-                _reply(conn, option, REP_INFO,
-                       struct.pack('>HIII', INFO_BLOCK_SIZE, 1, 4096, MAX_REQUEST))
+                if option in (OPT_INFO, OPT_GO):
+                    _reply(conn, option, REP_INFO,
+                           struct.pack('>HQH', INFO_EXPORT, export.size, TRANSMISSION_FLAGS))
+                    _reply(conn, option, REP_INFO,
+                           struct.pack('>HIII', INFO_BLOCK_SIZE, 1, 4096, MAX_REQUEST))
+                    _reply(conn, option, REP_ACK)
+                    if option == OPT_GO:
+                        return export, structured, structured and allocation_for == name
+                    continue
+                if not structured:      # meta contexts need structured replies (the spec)
+                    _reply(conn, option, REP_ERR_INVALID)
+                    continue
+                listing = option == OPT_LIST_META_CONTEXT
+                # LIST with no query, or with the namespace, names it too; SET only by name
+                wanted = ((listing and not queries)
+                          or any(query == ALLOCATION or (listing and query == b'base:')
+                                 for query in queries))
+                if not listing:
+                    allocation_for = name if wanted else None
+                if wanted:
+                    _reply(conn, option, REP_META_CONTEXT,
+                           struct.pack('>I', 0 if listing else ALLOCATION_ID) + ALLOCATION)
                 _reply(conn, option, REP_ACK)
-                if option == OPT_GO:
-                    return export
                 continue
-            _reply(conn, option, REP_ERR_UNSUP)   # structured replies, meta contexts, TLS, ...
+            _reply(conn, option, REP_ERR_UNSUP)   # TLS, extended headers, ...
 
     # -- transmission --------------------------------------------------------------------------
-    def _transmit(self, conn, export):
+    def _transmit(self, conn, export, structured, allocation):
         """Requests are read in order and served on ``READERS`` threads: QEMU keeps several in
         flight (the guest's reads beside the stream's), and NBD lets replies come in any order,
-        each naming its request's handle."""
+        each naming its request's handle. With structured replies every answer to a read is
+        structured (the spec), and errors are structured error chunks."""
         sending = threading.Lock()
+        extents = getattr(export, 'extents', None) or (lambda offset, length: [(length, False)])
 
-        def reply(handle, error=0, data=b''):
+        def send(message):
             with sending:
-                conn.sendall(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, error, handle) + data)
+                conn.sendall(message)
+
+        def reply(handle, error=0, message=''):
+            """A reply without data: success, or an errno (with ``message`` for the client's
+            log when structured)."""
+            if not structured:
+                send(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, error, handle))
+            elif error:
+                text = message.encode('utf-8', 'replace')[:4096]
+                send(_chunk(handle, REPLY_TYPE_ERROR,
+                            struct.pack('>IH', error, len(text)) + text))
+            else:
+                send(struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, 0, handle))   # allowed: no data
 
         def read(handle, offset, length):
             try:
-                data = export.read(offset, length)
+                if structured:
+                    message = _structured_read(handle, export, extents, offset, length)
+                else:
+                    message = (struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, 0, handle)
+                               + export.read(offset, length))
             except GuestvaultError as exc:
-                reply(handle, errno.EIO)
+                reply(handle, errno.EIO, str(exc))
                 # Reported on a thread of its own, after the reply: pausing the guest drains
                 # its I/O, which waits for this very request.
                 reporter = threading.Thread(target=self._report, args=(exc, export, offset),
@@ -187,11 +249,21 @@ class NbdServer:
                 reporter.start()
                 self._reporters.append(reporter)
                 return
-            reply(handle, 0, data)
+            send(message)
+
+        def block_status(handle, flags, offset, length):
+            runs = _merged(extents(offset, length))
+            if flags & CMD_FLAG_REQ_ONE:
+                runs = runs[:1]
+            send(_chunk(handle, REPLY_TYPE_BLOCK_STATUS,
+                        struct.pack('>I', ALLOCATION_ID)
+                        + b''.join(struct.pack('>II', size, STATE_HOLE_ZERO if zero else 0)
+                                   for size, zero in runs),
+                        REPLY_FLAG_DONE))
 
         with ThreadPoolExecutor(READERS, 'nbd-read') as pool:
             while True:
-                magic, _flags, kind, handle, offset, length = struct.unpack(
+                magic, flags, kind, handle, offset, length = struct.unpack(
                     '>IHHQQI', _recv(conn, 28))
                 if magic != REQUEST_MAGIC or kind == CMD_DISC:
                     return                          # the pool finishes what is in flight
@@ -200,6 +272,11 @@ class NbdServer:
                         reply(handle, errno.EINVAL)
                         continue
                     pool.submit(read, handle, offset, length)
+                elif kind == CMD_BLOCK_STATUS:
+                    if not allocation or not length or offset + length > export.size:
+                        reply(handle, errno.EINVAL)
+                        continue
+                    block_status(handle, flags, offset, length)
                 elif kind in (CMD_FLUSH, CMD_CACHE):
                     reply(handle)
                 else:                               # writes, trims: a read-only export
@@ -265,3 +342,58 @@ def _recv(conn, size):
 
 def _reply(conn, option, kind, data=b''):
     conn.sendall(struct.pack('>QIII', OPTION_REPLY_MAGIC, option, kind, len(data)) + data)
+
+
+def _parse_option(data, option):
+    """``(export name, [queries])`` of NBD_OPT_INFO/GO (queries: none; their information
+    requests are optional and ignored) or NBD_OPT_{LIST,SET}_META_CONTEXT."""
+    name_length, = struct.unpack_from('>I', data, 0)
+    end = 4 + name_length
+    if end > len(data):
+        raise ValueError('short option')
+    name = data[4:end].decode('utf-8', 'replace')
+    if option in (OPT_INFO, OPT_GO):
+        return name, []
+    count, = struct.unpack_from('>I', data, end)
+    position, queries = end + 4, []
+    for _ in range(count):
+        size, = struct.unpack_from('>I', data, position)
+        queries.append(data[position + 4:position + 4 + size])
+        position += 4 + size
+    if position != len(data):
+        raise ValueError('option length does not match its queries')
+    return name, queries
+
+
+def _merged(runs):
+    """``[(length, zero)]`` with neighbours of the same kind joined (one descriptor each)."""
+    merged = []
+    for size, zero in runs:
+        if merged and merged[-1][1] == zero:
+            merged[-1] = (merged[-1][0] + size, zero)
+        elif size:
+            merged.append((size, zero))
+    return merged
+
+
+def _chunk(handle, kind, payload, flags=REPLY_FLAG_DONE):
+    return struct.pack('>IHHQI', STRUCTURED_REPLY_MAGIC, flags, kind, handle,
+                       len(payload)) + payload
+
+
+def _structured_read(handle, export, extents, offset, length):
+    """The whole structured reply to a read: ``OFFSET_HOLE`` for each zero run (nothing read
+    or sent), ``OFFSET_DATA`` for each data run; the last chunk flagged done. Every run is
+    read before anything is sent, so a failed read is answered by one error chunk alone."""
+    runs = _merged(extents(offset, length))
+    chunks = []
+    for number, (size, zero) in enumerate(runs):
+        flags = REPLY_FLAG_DONE if number == len(runs) - 1 else 0
+        if zero:
+            chunks.append(_chunk(handle, REPLY_TYPE_OFFSET_HOLE,
+                                 struct.pack('>QI', offset, size), flags))
+        else:
+            chunks.append(_chunk(handle, REPLY_TYPE_OFFSET_DATA,
+                                 struct.pack('>Q', offset) + export.read(offset, size), flags))
+        offset += size
+    return b''.join(chunks) or _chunk(handle, REPLY_TYPE_NONE, b'')    # a read of 0 bytes
