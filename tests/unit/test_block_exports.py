@@ -183,10 +183,10 @@ def test_meta_contexts_are_listed_and_refused_without_structured_replies(served)
         handle.connect_uri(uri)
         names = []
         if structured:
-            handle.opt_list_meta_context(lambda name: names.append(name))
+            handle.opt_list_meta_context(names.append)
         else:
             with pytest.raises(nbd.Error):
-                handle.opt_list_meta_context(lambda name: names.append(name))
+                handle.opt_list_meta_context(names.append)
         assert names == listed
         handle.opt_abort()
 

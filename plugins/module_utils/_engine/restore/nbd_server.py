@@ -356,7 +356,7 @@ def _parse_option(data, option):
         return name, []
     count, = struct.unpack_from('>I', data, end)
     position, queries = end + 4, []
-    for _ in range(count):
+    for _query in range(count):
         size, = struct.unpack_from('>I', data, position)
         queries.append(data[position + 4:position + 4 + size])
         position += 4 + size
