@@ -20,12 +20,12 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from ..errors import CorruptData, StorageError
+from ..errors import CorruptData
 from ..format.vzdump_archive.reader import list_members, tar_stream
 from ..storage.files import fsync_path, new_directory
 from . import untrusted_tar
 from .file_restore import (PathNotFound, SizeLimitExceeded, already_extracted,
-                           extraction_diff)
+                           extraction_diff, merge_extracted)
 
 __all__ = ['extract_paths', 'list_members', 'restore_archive_files']
 
@@ -88,18 +88,9 @@ def restore_archive_files(request, storage, record, paths, max_bytes, result, lo
                 entries = files + counts['directories'] + counts['links'] \
                     + len(counts['not_extracted'])
                 _require_found(paths, entries)
-                clashes = untrusted_tar.conflicts(hidden, request.dest)
-                if clashes and not request.overwrite:
-                    raise StorageError(f"{', '.join(clashes[:5])} exist(s) already; set "
-                                       "overwrite to replace them (nothing was extracted)")
-                written = untrusted_tar.merge(hidden, request.dest)
-                # not 'skipped': Ansible would report the whole task as skipped
-                result.update(dest=request.dest, written=written,
-                              not_extracted=counts['not_extracted'], replaced=clashes)
-                if counts['not_extracted']:
-                    result['warnings'].append(
-                        f"{len(counts['not_extracted'])} device node(s) or FIFO(s) were not "
-                        "extracted: " + ', '.join(counts['not_extracted'][:5]))
+                warning = merge_extracted(hidden, request, counts, result)
+                if warning:
+                    result['warnings'].append(warning)
     finally:
         for path in (hidden + '.tar', hidden):
             if os.path.isdir(path):

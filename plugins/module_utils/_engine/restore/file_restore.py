@@ -265,18 +265,9 @@ def _extract(request, result, built, workdir, sources, paths, max_bytes, log):
                     counts = untrusted_tar.extract(untrusted_tar.Bounded(raw, tar_bytes),
                                                    hidden, max_bytes=max_bytes)
                 os.unlink(payload)
-                clashes = untrusted_tar.conflicts(hidden, request.dest)
-                if clashes and not request.overwrite:
-                    raise StorageError(f"{', '.join(clashes[:5])} exist(s) already; set "
-                                       "overwrite to replace them (nothing was extracted)")
-                written = untrusted_tar.merge(hidden, request.dest)
-                # not 'skipped': Ansible would report the whole task as skipped
-                result.update(dest=request.dest, written=written,
-                              not_extracted=counts['not_extracted'], replaced=clashes)
-                if counts['not_extracted']:
-                    outcome.warnings.append(
-                        f"{len(counts['not_extracted'])} device node(s) or FIFO(s) were not "
-                        "extracted: " + ', '.join(counts['not_extracted'][:5]))
+                warning = merge_extracted(hidden, request, counts, result)
+                if warning:
+                    outcome.warnings.append(warning)
             result.update(changed=True, files=files, bytes=size, entries_extracted=entries,
                           seconds=round(time.monotonic() - started, 2))
             result['diff'] = extraction_diff(request, paths)
@@ -288,6 +279,24 @@ def _extract(request, result, built, workdir, sources, paths, max_bytes, log):
                 shutil.rmtree(path, ignore_errors=True)
             elif os.path.lexists(path):
                 os.unlink(path)
+
+
+def merge_extracted(hidden, request, counts, result):
+    """Move the extraction staged in ``hidden`` (untrusted_tar's ``counts``) into dest, refused
+    where it would replace a file unless overwrite; ``result`` says what was written. Returns
+    the warning for the members that were not extracted, or None."""
+    clashes = untrusted_tar.conflicts(hidden, request.dest)
+    if clashes and not request.overwrite:
+        raise StorageError(f"{', '.join(clashes[:5])} exist(s) already; set overwrite to "
+                           "replace them (nothing was extracted)")
+    written = untrusted_tar.merge(hidden, request.dest)
+    # not 'skipped': Ansible would report the whole task as skipped
+    result.update(dest=request.dest, written=written, not_extracted=counts['not_extracted'],
+                  replaced=clashes)
+    if not counts['not_extracted']:
+        return None
+    return (f"{len(counts['not_extracted'])} device node(s) or FIFO(s) were not extracted: "
+            + ', '.join(counts['not_extracted'][:5]))
 
 
 def extraction_diff(request, paths):
