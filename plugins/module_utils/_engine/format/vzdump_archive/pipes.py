@@ -120,6 +120,15 @@ class Pipeline:
             if proc.poll() is None:
                 proc.kill()
 
+    def abort(self):
+        """After a failure elsewhere: kill every part and reap it; that first failure is the
+        one reported, so what the parts say about being killed is not."""
+        self.kill()
+        try:
+            self.finish()
+        except Exception:       # pylint: disable=broad-except
+            pass
+
     def finish(self, ignore=()):
         """Wait for every part; raise the first failure (``ignore``: names of steps whose exit
         status does not matter, as when a reader stopped early; ``'pump'`` for the pumps)."""

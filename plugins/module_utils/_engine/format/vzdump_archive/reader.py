@@ -66,12 +66,7 @@ def tar_stream(source, bwlimit_kib=0, whole=True):
             out.close()
         pipeline.finish(ignore=() if whole else {'pump', command[0] if command else ''})
     except BaseException:
-        pipeline.kill()
-        try:
-            pipeline.finish()
-        # the first error is the one reported
-        except Exception:       # pylint: disable=broad-except
-            pass
+        pipeline.abort()
         raise
 
 

@@ -257,12 +257,7 @@ def _run(capture, conf_dir, patterns, compress_cmd, bwlimit_kib, out_fd, stream)
         pipeline.finish()
         return written, totals(pipeline.tar_stderr) or 0
     except BaseException:
-        pipeline.kill()
-        try:
-            pipeline.finish()
-        # the first error is the one reported
-        except Exception:       # pylint: disable=broad-except
-            pass
+        pipeline.abort()
         raise
     finally:
         for fd in (final_read, sink if out_fd is None else None):

@@ -210,15 +210,9 @@ def _suspend(container, config, volumes, vmid, temp_dir, hook, log, bwlimit):
             _rsync(source, copy, 'first', bwlimit, log, live=True)
         hook('pre-stop')
         log(f"freezing container {container.name}")
-        frozen = time.monotonic()
-        try:
-            container.freeze()
+        with _frozen(container, report, log):
             for source, copy in trees:
                 _rsync(source, copy, 'final', bwlimit, log, live=False)
-        finally:
-            container.thaw()
-            report.frozen_seconds = round(time.monotonic() - frozen, 3)
-            log(f"container was frozen for {report.frozen_seconds:.3f} s")
         hook('pre-restart')
         hook('post-restart')
         yield _capture(copies[0], volumes, config, copies[1:]), report
@@ -226,6 +220,20 @@ def _suspend(container, config, volumes, vmid, temp_dir, hook, log, bwlimit):
         if made:
             shutil.rmtree(temp_dir)
         forget(vmid)
+
+
+@contextmanager
+def _frozen(container, report, log):
+    """The container frozen for the with-block, thawed whatever happens in it; the time it was
+    frozen goes into ``report``."""
+    frozen = time.monotonic()
+    try:
+        container.freeze()
+        yield
+    finally:
+        container.thaw()
+        report.frozen_seconds = round(time.monotonic() - frozen, 3)
+        log(f"container was frozen for {report.frozen_seconds:.3f} s")
 
 
 @contextmanager
@@ -242,19 +250,13 @@ def _snapshot(container, config, volumes, vmid, hook, log):
     try:
         hook('pre-stop')
         log(f"freezing container {container.name} for its snapshot")
-        frozen = time.monotonic()
-        try:
-            container.freeze()
+        with _frozen(container, report, log):
             for source, target in zip(sources, targets):
                 # the container's writes that are still in the page cache reach the disk, so
                 # the snapshot holds every write made before the freeze
                 sync_filesystem(source)
                 create_snapshot(source, target)
                 made.append(target)
-        finally:
-            container.thaw()
-            report.frozen_seconds = round(time.monotonic() - frozen, 3)
-            log(f"container was frozen for {report.frozen_seconds:.3f} s")
         hook('pre-restart')
         hook('post-restart')
         yield _capture(targets[0], volumes, config, targets[1:]), report
