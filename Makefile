@@ -11,8 +11,9 @@ TARBALL := $(BUILD)/guestvault-backup-$(VERSION).tar.gz
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_NOCOLOR := 1
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils python3-venv git shellcheck zstd ovmf systemd openssh-server e2fsprogs python3-libnbd
-# Only the benchmarks need these (bench/datastore_bench.py compares with borg).
-BENCH_PACKAGES := borgbackup
+# Only the benchmarks need these: the peers of bench/datastore_bench.py (borg, restic) and the
+# plain uploader of bench/s3_bench.py (rclone).
+BENCH_PACKAGES := borgbackup restic rclone
 # LXC containers (issue 22): without lxc's recommends (apparmor, lxcfs, dnsmasq, uidmap), which
 # would change how containers start on the node and are not needed to back them up.
 CONTAINER_PACKAGES := lxc rsync btrfs-progs busybox-static pigz lzop
@@ -87,14 +88,24 @@ molecule: venv collection
 sanity: venv
 	VENV=$(VENV) tests/sanity/run-sanity.sh
 
+# Each bench's output also goes to $(BENCH_OUT)/NAME.log, between the load averages before and
+# after it, and its figures to NAME.json where it has --json: bench/summary.py then prints every
+# goal of issue 24 with its verdict and those loads, in one place.
+BENCH_OUT := $(BUILD)/bench
+BENCH_RUN = run_bench() { name=$$1; shift; { \
+	  echo "load average before: $$(cut -d' ' -f1-3 /proc/loadavg)"; $(PY) bench/$$name.py "$$@"; \
+	  echo "load average after: $$(cut -d' ' -f1-3 /proc/loadavg)"; } | tee $(BENCH_OUT)/$$name.log; }; run_bench
+
 bench: bench-deps venv
-	$(PY) bench/prune_bench.py
-	$(PY) bench/backup_bench.py
-	$(PY) bench/datastore_bench.py
-	$(PY) bench/s3_bench.py
-	$(PY) bench/live_restore_bench.py
-	$(PY) bench/file_restore_bench.py
-	$(PY) bench/container_bench.py
+	rm -rf $(BENCH_OUT) && mkdir -p $(BENCH_OUT)
+	$(BENCH_RUN) prune_bench --json $(BENCH_OUT)/prune_bench.json
+	$(BENCH_RUN) backup_bench --json $(BENCH_OUT)/backup_bench.json
+	$(BENCH_RUN) datastore_bench --json $(BENCH_OUT)/datastore_bench.json
+	$(BENCH_RUN) s3_bench
+	$(BENCH_RUN) live_restore_bench
+	$(BENCH_RUN) file_restore_bench
+	$(BENCH_RUN) container_bench --json $(BENCH_OUT)/container_bench.json
+	$(PY) bench/summary.py $(BENCH_OUT)
 
 clean:
 	rm -rf $(BUILD) tests/output

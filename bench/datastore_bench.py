@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, 'tools'))
 from backup_bench import (MiB, Warmer, allocated, fill_disk, fmt_bytes, fsync_file,  # noqa: E402
                           loadavg, machine_info, parse_size, say, scatter_changes, settle,
                           timed_tool)
+import peers  # noqa: E402
 
 VMID = 9911
 CLONES = (9912, 9913)
@@ -244,13 +245,17 @@ class LoopFs:
 # ----------------------------------------------------------------------------------- sections
 def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
     """Per round: convert, a full into an empty datastore, an unchanged second full, restores,
-    an encrypted full into an empty encrypted datastore."""
+    an encrypted full, unchanged full and raw restore in an empty encrypted datastore; and the
+    peers (bench/peers.py) on the same disk, before guestvault in odd rounds, after in even."""
     from guestvault_engine.run.encryption_key import create_key
     keydir = os.path.join(lab.run, 'keys')
     os.makedirs(keydir, mode=0o700)
     key = create_key(os.path.join(keydir, 'bench.key'), kdf='none')
     image = guest.disk_path(0)
+    peer_run = None if 'peers' in args.skip.split(',') else peers.PeerRun(lab.run, image, warm)
     for rnd in range(args.repeat):
+        if peer_run and rnd % 2:
+            peer_run.round(rnd)
         out = os.path.join(outdir, 'convert.qcow2')
         warm(image_size)
         samples['convert'].append(timed_tool(['qemu-img', 'convert', '-U', '-O', 'qcow2', image,
@@ -268,7 +273,12 @@ def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
         lab.drop(plain)
         enc = f'enc{rnd}'
         lab.datastore(enc, **{'encryption-key': key['path']})
-        samples['full_enc'].append(backup(lab, guest, enc, 'full', warm, image_size))
+        enc_full = backup(lab, guest, enc, 'full', warm, image_size)
+        samples['full_enc'].append(enc_full)
+        samples['full2_enc'].append(backup(lab, guest, enc, 'full', warm, 0))
+        samples['restore_raw_enc'].append(
+            restore_and_compare(lab, guest, enc, enc_full['time'], 'raw', outdir, warm,
+                                image_size))
         lab.drop(enc)
         say(f"round {rnd + 1}: convert {samples['convert'][-1]['seconds_sync']:.2f} s, full "
             f"{first['wall']:.2f} s, unchanged full {samples['full2'][-1]['wall']:.2f} s "
@@ -276,6 +286,11 @@ def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
             f"{samples['restore_qcow2'][-1]['seconds']:.2f} s / raw "
             f"{samples['restore_raw'][-1]['seconds']:.2f} s, encrypted full "
             f"{samples['full_enc'][-1]['wall']:.2f} s")
+        if peer_run and not rnd % 2:
+            peer_run.round(rnd)
+    if peer_run:
+        samples['peers'] = peer_run.result()
+        peer_run.close()
 
 
 def read_changed(image, offset, repeat, amount):
@@ -382,8 +397,7 @@ def run_borg(run, raws, warm, size):
     if borg is None:
         return None
     repo = os.path.join(run, 'borg-repo')
-    env = dict(os.environ, BORG_BASE_DIR=os.path.join(run, 'borg-home'),
-               BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK='yes', BORG_PASSPHRASE='')
+    env = peers.borg_env(run)
     subprocess.run([borg, 'init', '-e', 'none', repo], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     warm(size)
@@ -646,7 +660,28 @@ def report(args, setup, samples):
     else:
         dedup_report(args, samples, sec, ded)
     scale_report(args, samples)
+    if samples.get('peers'):
+        record('peers', 'issue 24 goal 6: borg 1.2 (fixed 4 MiB: lz4, zstd,1, repokey-blake2) '
+               'and restic 0.14 in the table below, same disk, restores compared',
+               ', '.join(samples['peers']['versions'].values()),
+               len(samples['peers']['missing']), 'every peer measured', 0, unit='tools missing')
     print_results(args, setup)
+    if samples.get('peers'):
+        print_peers(args, samples)
+
+
+def print_peers(args, samples):
+    """The peers' table (bench/peers.py) beside guestvault's figures of the same rounds."""
+    guestvault = {name: {'full': [s['wall'] for s in samples[full]],
+                         'full2': [s['wall'] for s in samples[full2]],
+                         'restore': [s['seconds'] for s in samples[restore]]}
+                  for name, (full, full2, restore) in (
+                      ('guestvault datastore', ('full', 'full2', 'restore_raw')),
+                      ('guestvault encrypted', ('full_enc', 'full2_enc', 'restore_raw_enc')))}
+    say(f"[peers] full into an empty repository, unchanged full, raw restore of the same disk "
+        f"(medians of {args.repeat} round(s), alternating with guestvault's)")
+    for line in peers.table(guestvault, samples['peers']):
+        say(f"  {line}")
 
 
 def dedup_report(args, samples, sec, ded):
@@ -745,7 +780,8 @@ def main(argv=None):
     parser.add_argument('--dedup-unit', default='4M', help='size of each of a clone\'s writes')
     parser.add_argument('--gc-chunks', type=int, default=100_000)
     parser.add_argument('--snapshots', type=int, default=10_000)
-    parser.add_argument('--skip', default='', help='comma-separated sections to skip: dedup')
+    parser.add_argument('--skip', default='',
+                        help='comma-separated sections to skip: dedup, peers')
     parser.add_argument('--profile', action='store_true',
                         help='cProfile of GC check mode and backup_info (main thread)')
     parser.add_argument('--loop-fs', choices=('auto', 'on', 'off'), default='auto',
@@ -786,7 +822,8 @@ def bench(args, loop, discard):
     started = time.monotonic()
     load_start = loadavg()
     samples = {k: [] for k in ('convert', 'create_chunk_store', 'full', 'full2', 'full_enc',
-                               'restore_qcow2', 'restore_raw', 'inc_scattered', 'inc_aligned')}
+                               'restore_qcow2', 'restore_raw', 'inc_scattered', 'inc_aligned',
+                               'full2_enc', 'restore_raw_enc')}
     guest = None
     try:
         info = machine_info(run, shutil.which('zstd'))
