@@ -11,7 +11,8 @@ What one run does (see bench/README.md, "Datastore benchmark"):
 1. a lab guest with a 4 GiB qcow2 disk and 2 GiB of mixed data (as bench/backup_bench.py);
 2. per --repeat round: ``qemu-img convert -O qcow2`` + fsync; a full into an empty datastore; an
    unchanged second full into it; restores of it as qcow2 and raw (each compared with
-   ``qemu-img compare``); an encrypted full into an empty encrypted datastore;
+   ``qemu-img compare``); an encrypted full, unchanged full and raw restore; and borg (lz4,
+   zstd,1, encrypted) and restic on the same disk (bench/peers.py), in one table;
 3. incrementals with 256 MiB changed: scattered 256 KiB random writes (as backup_bench), and the
    same amount as 4 MiB chunk-aligned extents, against 0.3 s + reading 256 MiB with ``dd``;
 4. dedup: two guests cloned from the first guest's image, each with 5 % of the data rewritten,

@@ -166,7 +166,7 @@ def table(guestvault, peers):
     guestvault datastore."""
     lines = ['| tool | ' + ' | '.join(COLUMNS[s] for s in STEPS) + ' |',
              '| --- |' + ' --- |' * len(STEPS)]
-    rows = list(guestvault.items()) + [(name, times) for name, times in peers['times'].items()]
+    rows = list(guestvault.items()) + list(peers['times'].items())
     for name, times in rows:
         encrypted = 'encrypted' in name or name == 'restic'
         reference = ('guestvault encrypted' if encrypted and not name.startswith('guestvault')
