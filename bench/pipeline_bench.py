@@ -145,6 +145,15 @@ def main():
             return store
 
         rounds = {name: [] for name in ('floor', 'full', 'read_floor', 'full2', 'encrypted')}
+        cpu = {name: [] for name in rounds}
+
+        def run_timed(name, run):
+            # CPU seconds of this process (every thread) beside the wall time: on a loaded
+            # machine the engine's 5 threads get a larger share of the cores than the floor's 2
+            begun = time.process_time()
+            rounds[name].append(run())
+            cpu[name].append(time.process_time() - begun)
+
         config, _created = key_file.KeyFile.create(kdf='none')
         store = None
         for number in range(options.repeat):
@@ -157,15 +166,15 @@ def main():
                                            os.path.join(work, 'full2.fidx'), store,
                                            workers=options.workers)[0])]
             for name, run in pair[::-1] if number % 2 else pair:
-                rounds[name].append(run())
+                run_timed(name, run)
             pair = [('read_floor', lambda: floor.read_sha256(image)),
                     ('full2', lambda: timed(write_disk_index, RawFileSource(image),
                                             os.path.join(work, 'second.fidx'), store,
                                             workers=options.workers)[0])]
             for name, run in pair[::-1] if number % 2 else pair:
-                rounds[name].append(run())
+                run_timed(name, run)
             crypt_store = fresh_store('crypt')
-            rounds['encrypted'].append(timed(
+            run_timed('encrypted', lambda: timed(
                 write_disk_index, RawFileSource(image), os.path.join(work, 'crypt.fidx'),
                 crypt_store, workers=options.workers, crypt=config)[0])
             shutil.rmtree(crypt_store.base)
@@ -178,7 +187,8 @@ def main():
                            ('read_floor', 'read + sha256 floor, 2 threads'),
                            ('full2', f'unchanged second full, {options.workers} workers'),
                            ('encrypted', f'encrypted full, {options.workers} workers')):
-            row(what, median[name], f"[{min(rounds[name]):.2f}-{max(rounds[name]):.2f} s]")
+            row(what, median[name], f"[{min(rounds[name]):.2f}-{max(rounds[name]):.2f} s], "
+                f"CPU {statistics.median(cpu[name]):.2f} s")
         for what, ratio, limit in (
                 ('full / floor with writes', median['full'] / median['floor'], 1.15),
                 ('unchanged full / read+sha256 floor', median['full2'] / median['read_floor'],

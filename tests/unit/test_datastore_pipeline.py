@@ -517,7 +517,7 @@ def test_the_reader_keeps_chunks_in_flight_and_buffers_are_reused(data_image, st
     assert source.most_in_flight == backup_writer.READ_AHEAD
     assert sorted(source.started) == [n * CHUNK for n in range(16)]
     # bounded memory: a fixed set of chunk buffers, reused
-    assert len(source.buffers) <= backup_writer.READ_AHEAD + 1 + 1
+    assert len(source.buffers) <= backup_writer.buffer_count(1)
     _path, plain = backup(data_image, store, tmp_path, name='b')
     assert index_digests(tmp_path / 'a.fidx') == index_digests(tmp_path / 'b.fidx')
     assert plain['new_chunks'] == 0 and plain['reused_chunks'] == 0
@@ -526,7 +526,7 @@ def test_the_reader_keeps_chunks_in_flight_and_buffers_are_reused(data_image, st
 def test_reading_goes_on_while_a_chunk_is_written(data_image, store, tmp_path, monkeypatch):
     """A slow write (the disk, an object store) does not hold the reads back: while the first
     chunks' inserts wait, the reader reads further (before, each worker read, computed and wrote
-    in turn, so two slow inserts stopped all reading)."""
+    in turn, so two slow inserts stopped all reading after two chunks)."""
     source = RecordingSource(data_image)
     real_insert = store.insert
     read_on = threading.Event()
@@ -545,7 +545,7 @@ def test_reading_goes_on_while_a_chunk_is_written(data_image, store, tmp_path, m
     def finish_read(self, token):
         original_finish(self, token)
         with self.source.lock:
-            if len(self.source.started) >= 8:
+            if len(self.source.started) >= 6:
                 read_on.set()
 
     monkeypatch.setattr(RecordingReader, 'finish_read', finish_read)

@@ -30,9 +30,9 @@ import threading
 import time
 
 from ..errors import BackupFailed
-from .blob import encode_blob, new_compressor
+from .blob import encode_blob, encode_blob_in_place, new_compressor
 from .crypt import chunk_digest
-from .file_formats import DEFAULT_CHUNK_SIZE
+from .file_formats import BLOB_HEADER_SIZE, DEFAULT_CHUNK_SIZE
 from .fixed_index import FixedIndexWriter
 from .workers import RateLimiter, Stages
 
@@ -104,16 +104,20 @@ def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, 
     keeps ``READ_AHEAD`` chunks in flight where the source can (``start_read``); ``workers``
     compute threads detect zero chunks, hash, dedupe and encode; ``workers`` writers insert
     (one would do for local files, an object store wants its requests in parallel). At most
-    ``READ_AHEAD + workers + 1`` chunk buffers exist, reused; ``stats`` and ``report`` are
-    updated under ``lock``. The first error stops all threads and is raised.
+    ``buffer_count(workers)`` chunk buffers exist, reused; ``stats`` and ``report`` are updated
+    under ``lock``. The first error stops all threads and is raised.
+
+    A chunk is read into its buffer after ``BLOB_HEADER_SIZE`` bytes of room, so a chunk stored
+    as it is (it does not compress, no key) gets its header in front of it and goes to the store
+    from where it was read (``encode_blob_in_place``); its buffer is free once it is written.
     """
     workers = max(1, int(workers or 1))
     stages = Stages()
     free = queue.Queue()
-    for _number in range(READ_AHEAD + workers + 1):
-        free.put(bytearray(chunk_size))
-    computing = queue.Queue(READ_AHEAD + workers + 1)    # (position, data, buffer)
-    writing = queue.Queue(2 * workers)                   # (digest, blob, length) or None
+    for _number in range(buffer_count(workers)):
+        free.put(bytearray(BLOB_HEADER_SIZE + chunk_size))
+    computing = queue.Queue(buffer_count(workers))       # (position, length, buffer)
+    writing = queue.Queue(workers)         # (digest, blob, length, its buffer or None) or None
     known = set()
     running = [workers]
 
@@ -135,18 +139,16 @@ def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, 
 
             def hand_on():
                 position, buffer, token = pending.popleft()
-                length = length_of(position)
                 if start is not None:
                     reader.finish_read(token)
-                data = buffer if length == chunk_size else bytes(memoryview(buffer)[:length])
-                stages.put(computing, (position, data, buffer))
+                stages.put(computing, (position, length_of(position), buffer))
 
             for position in positions:
                 buffer = stages.get(free)
                 length = length_of(position)
                 offset = position * chunk_size
                 limiter.take(length)
-                view = memoryview(buffer)[:length]
+                view = memoryview(buffer)[BLOB_HEADER_SIZE:BLOB_HEADER_SIZE + length]
                 if start is not None:
                     pending.append((position, buffer, start(view, offset)))
                     if len(pending) >= READ_AHEAD:
@@ -167,24 +169,27 @@ def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, 
                 item = stages.get(computing)
                 if item is None:
                     return
-                position, data, buffer = item
-                length = len(data)
-                blob = None
-                if data == zero.zeros(length):
+                position, length, buffer = item
+                blob, in_place = None, False
+                # startswith: a memcmp, without the copy a slice would make
+                if buffer.startswith(zero.zeros(length), BLOB_HEADER_SIZE):
                     digest, kind = zero.use(length), 'zero_chunks'
                 else:
+                    data = memoryview(buffer)[BLOB_HEADER_SIZE:BLOB_HEADER_SIZE + length]
                     digest, kind = chunk_digest(data, crypt), None
                     with lock:                       # one thread stores a chunk that repeats
                         claimed = digest in known
                         known.add(digest)
                     if not claimed and not chunks.touch_if_present(digest):
-                        blob = encode_blob(data, crypt, compress, compressor)
-                free.put(buffer)
+                        blob, in_place = encode_blob_in_place(buffer, length, crypt, compress,
+                                                              compressor)
+                if not in_place:
+                    free.put(buffer)
                 writer.add_digest(position, digest)
                 if blob is None:
                     done(length, kind)
                 else:
-                    stages.put(writing, (digest, blob, length))
+                    stages.put(writing, (digest, blob, length, buffer if in_place else None))
         finally:
             with lock:
                 running[0] -= 1
@@ -198,8 +203,10 @@ def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, 
             item = stages.get(writing)
             if item is None:
                 return
-            digest, blob, length = item
+            digest, blob, length, buffer = item
             duplicate, stored = chunks.insert(digest, blob, durable=False)
+            if buffer is not None:
+                free.put(buffer)
             done(length, stored=None if duplicate else stored)
 
     stages.start('chunk-reader', read_all)
@@ -207,6 +214,13 @@ def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, 
         stages.start(f'chunk-compute-{number}', compute)
         stages.start(f'chunk-writer-{number}', write_all)
     stages.join()
+
+
+def buffer_count(workers):
+    """Chunk buffers of a backup: the reader's in flight, one per compute thread, and as many as
+    the writers can hold (one each being written, one each queued) with one to spare, so the
+    reader goes on while every writer waits on the disk."""
+    return READ_AHEAD + 3 * workers + 1
 
 
 def _read_now(reader, view, offset, what):
