@@ -627,7 +627,8 @@ def report(args, setup, samples):
     new2 = max(s['new_bytes'] for s in samples['full2'])
     record(sec, 'unchanged second full', f"{full2:.2f} s{rng_text(walls['full2'])}",
            full2 / conv, '<= 0.5x convert', 0.5)
-    floor.record_rows(record, full, full2, samples['floor'], samples['read_floor'], sec)
+    floor.record_rows(record, walls['full'], walls['full2'], samples['floor'],
+                      samples['read_floor'], sec)
     record(sec, 'unchanged second full: new chunk bytes', f"{new2} B "
            f"({max(s['new_chunks'] for s in samples['full2'])} chunks)",
            new2 / MiB, '<= 1 MiB', 1.0, unit='MiB')
