@@ -284,7 +284,8 @@ def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
         # them back, or the rounds fill the host's disk
         subprocess.run(['fstrim', lab.run], check=False, stderr=subprocess.DEVNULL)
         say(f"round {rnd + 1}: convert {samples['convert'][-1]['seconds_sync']:.2f} s, full "
-            f"{first['wall']:.2f} s (floor {samples['floor'][-1]:.2f} s), unchanged full {samples['full2'][-1]['wall']:.2f} s "
+            f"{first['wall']:.2f} s (floor {samples['floor'][-1]:.2f} s), unchanged full "
+            f"{samples['full2'][-1]['wall']:.2f} s "
             f"({samples['full2'][-1]['new_bytes']} new bytes; floor "
             f"{samples['read_floor'][-1]:.2f} s), restore qcow2 "
             f"{samples['restore_qcow2'][-1]['seconds']:.2f} s / raw "

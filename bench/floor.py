@@ -7,8 +7,8 @@ and reused 4 MiB buffer, chunks handed out in order:
 - ``with_writes``: skip all-zero chunks (a memcmp), sha256, dedupe (a set), zstd level 1 kept when
   smaller, crc32, write the blob (a 12-byte header and the payload) to a new file in a store-like
   directory (256 prefix directories, made beforehand) on the same file system with ``O_DIRECT``
-  (as the engine: cheaper than the page cache here), then one ``syncfs``. What a backup into an empty datastore has to do, and nothing else: no NBD, no
-  hidden name and rename, no index.
+  (as the engine: cheaper than the page cache here), then one ``syncfs``. What a backup into an
+  empty datastore has to do, and nothing else: no NBD, no hidden name and rename, no index.
 - ``read_sha256``: read, skip all-zero chunks, sha256. What an unchanged second full has to do.
 
 Used by ``datastore_bench.py`` (on a raw copy of the guest's disk) and ``pipeline_bench.py`` (on

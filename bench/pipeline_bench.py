@@ -13,7 +13,8 @@ floor and the unchanged second full (each pair alternating which goes first), an
 the ratios of the medians, with issue 24's goals as MET/MISSED; then restores to raw and to qcow2
 (each compared with ``qemu-img compare``).
 
-Usage: ``.venv/bin/python bench/pipeline_bench.py [--size 2G] [--data 1G] [--repeat 3] [--workers 2] [--workdir DIR]``
+Usage: ``.venv/bin/python bench/pipeline_bench.py [--size 2G] [--data 1G] [--repeat 3]
+[--workers 2] [--workdir DIR]``
 """
 from __future__ import annotations
 
