@@ -1,15 +1,17 @@
 """The datastore pipeline on real files: back up a raw image into a chunk store, restore it, verify
 it, collect garbage (datastore/: sources, backup_writer, image_restore, verify, gc)."""
+import contextlib
 import filecmp
 import hashlib
 import os
 import shutil
+import threading
 
 import pytest
 
 from guestvault_engine.errors import BackupFailed, CorruptData, EncryptionKeyError, StorageError
 from guestvault_engine.format import qemu_img
-from guestvault_engine.datastore import chunk_store, fixed_index, gc, key_file
+from guestvault_engine.datastore import backup_writer, chunk_store, fixed_index, gc, key_file
 from guestvault_engine.datastore.backup_writer import write_disk_index
 from guestvault_engine.datastore.file_formats import (
     ENCRYPTED_BLOB_MAGIC, ENCRYPTED_COMPRESSED_BLOB_MAGIC)
@@ -450,3 +452,118 @@ def test_verify_sums_up_many_problems_of_one_kind_in_one_line(image, store, tmp_
     [line] = problems
     assert line.startswith(f"s/d: {index_path}: 4 chunks are missing from the chunk store")
     assert line.endswith(f"(the first at offsets 0, {CHUNK}, {3 * CHUNK})"), line
+
+
+class RecordingSource(RawFileSource):
+    """A raw file whose readers start reads and finish them later, as ``NbdReader`` does (the
+    read itself happens at ``finish_read``): it records the reads in flight and the buffers."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.started = []
+        self.buffers = set()
+
+    @contextlib.contextmanager
+    def reader(self):
+        with super().reader() as raw:
+            yield RecordingReader(self, raw)
+
+
+class RecordingReader:
+    def __init__(self, source, raw):
+        self.source = source
+        self.raw = raw
+
+    def start_read(self, buffer, offset):
+        source = self.source
+        with source.lock:
+            source.in_flight += 1
+            source.most_in_flight = max(source.most_in_flight, source.in_flight)
+            source.started.append(offset)
+            source.buffers.add(id(memoryview(buffer).obj))
+        return buffer, offset
+
+    def finish_read(self, token):
+        buffer, offset = token
+        self.raw.pread_into(buffer, offset)
+        with self.source.lock:
+            self.source.in_flight -= 1
+
+    def pread_into(self, buffer, offset):
+        self.finish_read(self.start_read(buffer, offset))
+
+
+def index_digests(path):
+    index = fixed_index.read_fixed_index(str(path))
+    return [index.digest(position) for position in range(index.count)]
+
+
+@pytest.fixture
+def data_image(tmp_path):
+    """16 chunks of random data: every one is read, hashed and written."""
+    path = tmp_path / 'data.raw'
+    path.write_bytes(os.urandom(16 * CHUNK))
+    return str(path)
+
+
+def test_the_reader_keeps_chunks_in_flight_and_buffers_are_reused(data_image, store, tmp_path):
+    source = RecordingSource(data_image)
+    write_disk_index(source, str(tmp_path / 'a.fidx'), store, workers=1)
+    # even with one compute thread, the connection has the next chunk requested while one is
+    # waited for (before, a worker's read was its only one)
+    assert source.most_in_flight == backup_writer.READ_AHEAD
+    assert sorted(source.started) == [n * CHUNK for n in range(16)]
+    # bounded memory: a fixed set of chunk buffers, reused
+    assert len(source.buffers) <= backup_writer.buffer_count(1)
+    _path, plain = backup(data_image, store, tmp_path, name='b')
+    assert index_digests(tmp_path / 'a.fidx') == index_digests(tmp_path / 'b.fidx')
+    assert plain['new_chunks'] == 0 and plain['reused_chunks'] == 0
+
+
+def test_reading_goes_on_while_a_chunk_is_written(data_image, store, tmp_path, monkeypatch):
+    """A slow write (the disk, an object store) does not hold the reads back: while the first
+    chunks' inserts wait, the reader reads further (before, each worker read, computed and wrote
+    in turn, so two slow inserts stopped all reading after two chunks)."""
+    source = RecordingSource(data_image)
+    real_insert = store.insert
+    read_on = threading.Event()
+    stalled = []
+
+    def slow_insert(digest, blob, durable=True):
+        # generous: the machine may be busy; this only ever waits this long when reading stalled
+        if not read_on.wait(60):
+            stalled.append(digest)
+            read_on.set()
+        return real_insert(digest, blob, durable)
+
+    monkeypatch.setattr(store, 'insert', slow_insert)
+    original_finish = RecordingReader.finish_read
+
+    def finish_read(self, token):
+        original_finish(self, token)
+        with self.source.lock:
+            if len(self.source.started) >= 6:
+                read_on.set()
+
+    monkeypatch.setattr(RecordingReader, 'finish_read', finish_read)
+    result = write_disk_index(source, str(tmp_path / 'a.fidx'), store, workers=2)
+    assert stalled == []
+    assert result['new_chunks'] == 16
+
+
+def test_a_read_error_stops_the_backup_and_is_raised(data_image, store, tmp_path, monkeypatch):
+    def finish_read(self, token):
+        if token[1] == 5 * CHUNK:
+            raise BackupFailed("reading 4194304 bytes at offset 20971520 failed: gone")
+        self.raw.pread_into(*token)
+
+    monkeypatch.setattr(RecordingReader, 'finish_read', finish_read)
+    source = RecordingSource(data_image)
+    with pytest.raises(BackupFailed, match='offset 20971520 failed'):
+        write_disk_index(source, str(tmp_path / 'a.fidx'), store, workers=2)
+    assert not os.path.exists(tmp_path / 'a.fidx')
+    # the reader stopped at the error: nothing after the chunks already in the pipeline
+    assert max(source.started) < 5 * CHUNK + (backup_writer.READ_AHEAD + 1) * CHUNK

@@ -193,6 +193,26 @@ def test_compressed_blob_bytes_and_compression_only_when_smaller():
     assert blob.encode_blob(os.urandom(4096))[:8] == ff.UNCOMPRESSED_BLOB_MAGIC
 
 
+@pytest.mark.parametrize('data', [os.urandom(4096), bytes(range(256)) * 64, b'x' * 100000],
+                         ids=['incompressible', 'compressible', 'repeated'])
+@pytest.mark.parametrize('compress', [True, False])
+def test_a_blob_encoded_in_place_is_the_same_blob_and_a_plain_one_is_not_copied(data, compress):
+    """The backup's chunk buffers hold the data after room for the header: a blob stored as it is
+    is written from there (the bytes encode_blob makes, without copying 4 MiB twice)."""
+    header = ff.BLOB_HEADER_SIZE
+    buffer = bytearray(header) + bytearray(data) + bytearray(b'\xff' * 7)   # room after it too
+    made, in_place = blob.encode_blob_in_place(buffer, len(data), compress=compress)
+    assert bytes(made) == blob.encode_blob(data, compress=compress)
+    assert blob.decode_blob(made) == data
+    plain = made[:8] == ff.UNCOMPRESSED_BLOB_MAGIC
+    assert in_place == plain
+    if plain:
+        assert isinstance(made, memoryview) and made.obj is buffer
+    config = FixedIv(PBS_TEST_KEY)
+    sealed, in_place = blob.encode_blob_in_place(buffer, len(data), config, compress=compress)
+    assert not in_place and sealed == blob.encode_blob(data, config, compress=compress)
+
+
 def test_encrypted_blob_bytes_crc_covers_only_the_ciphertext():
     config = FixedIv(PBS_TEST_KEY)
     data = b'not compressible!'

@@ -9,10 +9,12 @@
    digest once ``touch_if_present`` proves that chunk is in the store and not renamed ``.bad``
    (the touch also keeps it through a garbage collection running meanwhile) - a chunk that is
    not there is read from the source instead, which is the whole point in time.
-2. On ``workers`` threads, each with its own ``source.reader()`` and compressor: read (under the
-   ``bwlimit`` token bucket), detect all-zero data (a memcmp), hash, and store the chunk unless the
-   store has it (``touch_if_present``, again a touch): encode (zstd 1 when smaller, AES-256-GCM
-   with a key) and ``insert(durable=False)``.
+2. A reader thread (its own ``source.reader()``) reads under the ``bwlimit`` token bucket and
+   keeps ``READ_AHEAD`` chunks in flight; ``workers`` compute threads, each with its own
+   compressor, detect all-zero data (a memcmp), hash, and encode the chunk unless the store has it
+   (``touch_if_present``, again a touch): zstd 1 when smaller, AES-256-GCM with a key;
+   ``workers`` writer threads ``insert(durable=False)`` it. Before, each worker read, computed and
+   wrote in turn, and its core idled while it waited on QEMU or the disk (issue 24).
 3. One ``syncfs`` of the store makes every new chunk durable, *then* the index is written under
    a hidden name, fsynced and renamed: an index never names a chunk a power cut could lose.
 
@@ -22,16 +24,20 @@ failure leaves at most orphan chunks, which garbage collection removes after its
 """
 from __future__ import annotations
 
+import collections
+import queue
 import threading
 import time
-from contextlib import contextmanager
 
 from ..errors import BackupFailed
-from .blob import encode_blob, new_compressor
+from .blob import encode_blob, encode_blob_in_place, new_compressor
 from .crypt import chunk_digest
-from .file_formats import DEFAULT_CHUNK_SIZE
+from .file_formats import BLOB_HEADER_SIZE, DEFAULT_CHUNK_SIZE
 from .fixed_index import FixedIndexWriter
-from .workers import RateLimiter, run_parallel
+from .workers import RateLimiter, Stages
+
+# Chunks a backup's reader keeps in flight on its connection while the compute threads work.
+READ_AHEAD = 2
 
 
 def chunk_flags(extents, count, chunk_size):
@@ -88,6 +94,146 @@ class ZeroChunks:
                         self.new_bytes += stored
                 self._stored.add(length)
         return digest
+
+
+def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, *, what,
+                  length_of, crypt, compress, workers, limiter, chunk_size):
+    """Read, hash and store the chunks at ``positions`` and name them in ``writer``.
+
+    Three kinds of threads, so no core waits on another's I/O: one reader (its own connection)
+    keeps ``READ_AHEAD`` chunks in flight where the source can (``start_read``); ``workers``
+    compute threads detect zero chunks, hash, dedupe and encode; ``workers`` writers insert
+    (one would do for local files, an object store wants its requests in parallel). At most
+    ``buffer_count(workers)`` chunk buffers exist, reused; ``stats`` and ``report`` are updated
+    under ``lock``. The first error stops all threads and is raised.
+
+    A chunk is read into its buffer after ``BLOB_HEADER_SIZE`` bytes of room, so a chunk stored
+    as it is (it does not compress, no key) gets its header in front of it and goes to the store
+    from where it was read (``encode_blob_in_place``); its buffer is free once it is written.
+    """
+    workers = max(1, int(workers or 1))
+    stages = Stages()
+    free = queue.Queue()
+    for _number in range(buffer_count(workers)):
+        free.put(bytearray(BLOB_HEADER_SIZE + chunk_size))
+    computing = queue.Queue(buffer_count(workers))       # (position, length, buffer)
+    writing = queue.Queue(workers)         # (digest, blob, length, its buffer or None) or None
+    known = set()
+    running = [workers]
+
+    def done(length, kind=None, stored=None):
+        with lock:
+            stats['read_chunks'] += 1
+            stats['read_bytes'] += length
+            if kind:
+                stats[kind] += 1
+            if stored is not None:
+                stats['new_chunks'] += 1
+                stats['new_bytes'] += stored
+            report(length)
+
+    def read_all():
+        with source.reader() as reader:
+            start = getattr(reader, 'start_read', None)
+            pending = collections.deque()
+
+            def hand_on():
+                position, buffer, token = pending.popleft()
+                if start is not None:
+                    reader.finish_read(token)
+                stages.put(computing, (position, length_of(position), buffer))
+
+            for position in positions:
+                buffer = stages.get(free)
+                length = length_of(position)
+                offset = position * chunk_size
+                limiter.take(length)
+                view = memoryview(buffer)[BLOB_HEADER_SIZE:BLOB_HEADER_SIZE + length]
+                if start is not None:
+                    pending.append((position, buffer, start(view, offset)))
+                    if len(pending) >= READ_AHEAD:
+                        hand_on()
+                    continue
+                _read_now(reader, view, offset, what)
+                pending.append((position, buffer, None))
+                hand_on()
+            while pending:
+                hand_on()
+        for _number in range(workers):
+            stages.put(computing, None)
+
+    def compute():
+        compressor = new_compressor() if compress else None
+        try:
+            while True:
+                item = stages.get(computing)
+                if item is None:
+                    return
+                position, length, buffer = item
+                blob, in_place = None, False
+                # startswith: a memcmp, without the copy a slice would make
+                if buffer.startswith(zero.zeros(length), BLOB_HEADER_SIZE):
+                    digest, kind = zero.use(length), 'zero_chunks'
+                else:
+                    data = memoryview(buffer)[BLOB_HEADER_SIZE:BLOB_HEADER_SIZE + length]
+                    digest, kind = chunk_digest(data, crypt), None
+                    with lock:                       # one thread stores a chunk that repeats
+                        claimed = digest in known
+                        known.add(digest)
+                    if not claimed and not chunks.touch_if_present(digest):
+                        blob, in_place = encode_blob_in_place(buffer, length, crypt, compress,
+                                                              compressor)
+                if not in_place:
+                    free.put(buffer)
+                writer.add_digest(position, digest)
+                if blob is None:
+                    done(length, kind)
+                else:
+                    stages.put(writing, (digest, blob, length, buffer if in_place else None))
+        finally:
+            with lock:
+                running[0] -= 1
+                last = running[0] == 0
+            if last:                                 # the writers end after the last chunk
+                for _number in range(workers):
+                    stages.put(writing, None)
+
+    def write_all():
+        while True:
+            item = stages.get(writing)
+            if item is None:
+                return
+            digest, blob, length, buffer = item
+            duplicate, stored = chunks.insert(digest, blob, durable=False)
+            if buffer is not None:
+                free.put(buffer)
+            done(length, stored=None if duplicate else stored)
+
+    stages.start('chunk-reader', read_all)
+    for number in range(workers):
+        stages.start(f'chunk-compute-{number}', compute)
+        stages.start(f'chunk-writer-{number}', write_all)
+    stages.join()
+
+
+def buffer_count(workers):
+    """Chunk buffers of a backup: the reader's in flight, one per compute thread, and as many as
+    the writers can hold (one each being written, one each queued) with one to spare, so the
+    reader goes on while every writer waits on the disk."""
+    return READ_AHEAD + 3 * workers + 1
+
+
+def _read_now(reader, view, offset, what):
+    """Fill ``view`` from ``offset`` with a reader that has no ``start_read``."""
+    into = getattr(reader, 'pread_into', None)
+    if into is not None:
+        into(view, offset)
+        return
+    data = reader.pread(len(view), offset)
+    if len(data) != len(view):
+        raise BackupFailed(f"{what}: {len(data)} bytes read at offset {offset}, not "
+                           f"{len(view)}")
+    view[:] = data
 
 
 def write_disk_index(source, index_path, chunks, *, crypt=None, previous=None, workers=2,
@@ -151,57 +297,9 @@ def write_disk_index(source, index_path, chunks, *, crypt=None, previous=None, w
         progress(done[0], size)
 
     # 2. read, hash, store
-    limiter = RateLimiter(bwlimit)
-    known = set()
-
-    @contextmanager
-    def setup():
-        with source.reader() as reader:
-            into = getattr(reader, 'pread_into', None)
-            yield (reader, into, bytearray(chunk_size) if into else None,
-                   new_compressor() if compress else None)
-
-    def work(state, position):
-        reader, into, buffer, compressor = state
-        offset = position * chunk_size
-        length = length_of(position)
-        limiter.take(length)
-        if into is not None:
-            view = memoryview(buffer)[:length] if length != chunk_size else buffer
-            into(view, offset)
-            data_read = buffer if length == chunk_size else bytes(view)
-        else:
-            data_read = reader.pread(length, offset)
-            if len(data_read) != length:
-                raise BackupFailed(f"{what}: {len(data_read)} bytes read at offset {offset}, "
-                                   f"not {length}")
-        new = 0
-        stored = 0
-        if data_read == zero.zeros(length):
-            digest = zero.use(length)
-            kind = 'zero_chunks'
-        else:
-            kind = None
-            digest = chunk_digest(data_read, crypt)
-            with lock:                       # one worker stores a chunk that repeats
-                claimed = digest in known
-                known.add(digest)
-            if not claimed and not chunks.touch_if_present(digest):
-                blob = encode_blob(data_read, crypt, compress, compressor)
-                duplicate, stored = chunks.insert(digest, blob, durable=False)
-                new = 0 if duplicate else 1
-        writer.add_digest(position, digest)
-        with lock:
-            stats['read_chunks'] += 1
-            stats['read_bytes'] += length
-            if kind:
-                stats[kind] += 1
-            if new:
-                stats['new_chunks'] += 1
-                stats['new_bytes'] += stored
-            report(length)
-
-    run_parallel(to_read, workers, work, setup)
+    _store_chunks(source, to_read, chunks, writer, zero, stats, report, lock, what=what,
+                  length_of=length_of, crypt=crypt, compress=compress, workers=workers,
+                  limiter=RateLimiter(bwlimit), chunk_size=chunk_size)
     stats['new_chunks'] += zero.new_chunks
     stats['new_bytes'] += zero.new_bytes
 

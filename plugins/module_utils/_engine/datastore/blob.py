@@ -88,21 +88,42 @@ def encode_blob(data, crypt=None, compress=True, compressor=None):
 
     ``compressor`` is a ``zstandard.ZstdCompressor`` at ``ZSTD_LEVEL`` to reuse (one per thread:
     they are not thread-safe); by default one is made for the call."""
-    if len(data) > MAX_BLOB_SIZE:
-        raise ValueError(f"a data blob holds at most {MAX_BLOB_SIZE} bytes, not {len(data)}")
-    payload, compressed = data, False
-    if compress:
-        if compressor is None:
-            compressor = new_compressor()
-        packed = compressor.compress(data)
-        if len(packed) < len(data):
-            payload, compressed = packed, True
+    payload, compressed = _payload(data, compress, compressor)
     if crypt is None:
         magic = COMPRESSED_BLOB_MAGIC if compressed else UNCOMPRESSED_BLOB_MAGIC
         return b''.join((magic, _CRC.pack(zlib.crc32(payload)), payload))
     magic = ENCRYPTED_COMPRESSED_BLOB_MAGIC if compressed else ENCRYPTED_BLOB_MAGIC
     iv, tag, ciphertext = crypt.encrypt(payload)
     return b''.join((magic, _CRC.pack(zlib.crc32(ciphertext)), iv, tag, ciphertext))
+
+
+def encode_blob_in_place(buffer, length, crypt=None, compress=True, compressor=None):
+    """``encode_blob`` of the ``length`` bytes of data at ``buffer[BLOB_HEADER_SIZE:]`` (a
+    bytearray), as ``(blob, in_place)``.
+
+    A blob stored as it is (not compressed: the data does not shrink; not encrypted) is not
+    copied: its header is written into ``buffer[:BLOB_HEADER_SIZE]`` and the blob is a view of
+    ``buffer`` (``in_place``), valid while the buffer is not reused. Every other blob is new
+    bytes, as ``encode_blob`` makes them."""
+    data = memoryview(buffer)[BLOB_HEADER_SIZE:BLOB_HEADER_SIZE + length]
+    if crypt is not None:
+        return encode_blob(data, crypt, compress, compressor), False
+    payload, compressed = _payload(data, compress, compressor)
+    if compressed:
+        return b''.join((COMPRESSED_BLOB_MAGIC, _CRC.pack(zlib.crc32(payload)), payload)), False
+    buffer[:BLOB_HEADER_SIZE] = UNCOMPRESSED_BLOB_MAGIC + _CRC.pack(zlib.crc32(data))
+    return memoryview(buffer)[:BLOB_HEADER_SIZE + length], True
+
+
+def _payload(data, compress, compressor):
+    """``(payload, compressed)``: zstd's output when it is strictly shorter, else ``data``."""
+    if len(data) > MAX_BLOB_SIZE:
+        raise ValueError(f"a data blob holds at most {MAX_BLOB_SIZE} bytes, not {len(data)}")
+    if compress:
+        packed = (compressor or new_compressor()).compress(data)
+        if len(packed) < len(data):
+            return packed, True
+    return data, False
 
 
 def new_compressor():

@@ -1,13 +1,16 @@
 """Threads for the chunk pipelines (backup, restore, verify), and the bandwidth limit they share.
 
 The work per chunk (pread/pwrite, SHA-256, CRC32, zstd, AES-GCM) runs in C with the GIL released,
-so plain threads use every core. Each thread gets its own state (a reader on the source, a zstd
-compressor) from ``setup``; items are handed out in order from one shared iterator, so a slow
-chunk never holds the others back. The first error stops every thread and is raised.
+so plain threads use every core. ``run_parallel``: each thread gets its own state (a reader on the
+source, a zstd compressor) from ``setup``; items are handed out in order from one shared
+iterator, so a slow chunk never holds the others back. ``Stages``: threads of different kinds
+(read, compute, write) joined by bounded queues, so no core waits for another's I/O. Either way
+the first error stops every thread and is raised.
 """
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 
@@ -34,6 +37,59 @@ class RateLimiter:
 
 class _Stop(Exception):
     """Raised in a worker when another one failed."""
+
+
+class Stages:
+    """Threads joined by bounded queues: ``start(name, function)`` each, then ``join()``.
+
+    ``get``/``put`` block on a queue until it has an item/room, or raise ``_Stop`` once any
+    thread failed (they look every ``POLL`` seconds), so one error ends every stage; ``join``
+    raises the first error. A stage that ends by ``_Stop`` is no error of its own."""
+
+    POLL = 0.1
+
+    def __init__(self):
+        self._errors = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._threads = []
+
+    def get(self, source):
+        while True:
+            try:
+                return source.get(timeout=self.POLL)
+            except queue.Empty:
+                if self._stopped.is_set():
+                    raise _Stop() from None
+
+    def put(self, target, item):
+        while not self._stopped.is_set():
+            try:
+                target.put(item, timeout=self.POLL)
+                return
+            except queue.Full:
+                continue
+        raise _Stop()
+
+    def start(self, name, function):
+        def main():
+            try:
+                function()
+            except _Stop:
+                pass
+            except BaseException as exc:  # pylint: disable=broad-except
+                with self._lock:
+                    self._errors.append(exc)
+                self._stopped.set()
+        thread = threading.Thread(target=main, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def join(self):
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
 
 
 def run_parallel(items, workers, work, setup=None):

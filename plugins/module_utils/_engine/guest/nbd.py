@@ -132,18 +132,37 @@ class NbdReader:
     def pread_into(self, buffer, offset):
         """Fill ``buffer`` (writable, e.g. a worker's reused chunk buffer) from ``offset``: its
         pieces are requested at once, so QEMU serves one while the next is on its way."""
+        self.finish_read(self.start_read(buffer, offset))
+
+    def start_read(self, buffer, offset):
+        """Request ``buffer``'s bytes from ``offset`` and return at once: a token for
+        ``finish_read``. A backup's reader keeps the next chunk in flight on the same connection
+        while it waits for one, so QEMU never waits for the next request. ``buffer`` must stay
+        alive and untouched until ``finish_read``."""
         view = memoryview(buffer).cast('B')
         handle = self._handle
         try:
             cookies = [handle.aio_pread(nbd.Buffer.from_buffer(view[start:start + READ_PIECE]),
                                         offset + start)
                        for start in range(0, len(view), READ_PIECE)]
+        except nbd.Error as exc:
+            raise self._failed(len(view), offset, exc) from exc
+        return len(view), offset, cookies
+
+    def finish_read(self, token):
+        """Wait until the read ``start_read`` gave ``token`` for is complete (or raise)."""
+        length, offset, cookies = token
+        handle = self._handle
+        try:
             for cookie in cookies:
                 while not handle.aio_command_completed(cookie):
                     handle.poll(-1)
         except nbd.Error as exc:
-            raise BackupFailed(f"reading {len(view)} bytes at offset {offset} of NBD export "
-                               f"{self._export_name} failed: {exc}") from exc
+            raise self._failed(length, offset, exc) from exc
+
+    def _failed(self, length, offset, exc):
+        return BackupFailed(f"reading {length} bytes at offset {offset} of NBD export "
+                            f"{self._export_name} failed: {exc}")
 
 
 class NbdSource:
