@@ -7,8 +7,8 @@ disk (bench/backup_bench.fill_disk). Then, ``--repeat`` rounds, the order of the
 every other round so that no step always runs on a colder machine:
 - a full backup into a fresh local datastore, and into a fresh bucket on a real SeaweedFS cluster
   over loopback (tests/integration/seaweed.py: a master, two volume servers with replication 001,
-  a filer and the S3 gateway, all on this machine); each restored (raw) and compared with the
-  guest's disk (qemu-img compare) untimed;
+  a filer and the S3 gateway, all on this machine); each restored raw (timed too) and compared
+  with the guest's disk (qemu-img compare, untimed);
 - the plain uploaders, each into a fresh bucket, of the same objects: the chunk files of the
   first local full (the same blobs the S3 full stores, checked: same keys, same sizes), under the
   same keys ``.chunks/XXXX/<digest>``: boto3 ``put_object`` on 8 threads, and ``rclone copy``
@@ -16,9 +16,9 @@ every other round so that no step always runs on a colder machine:
   file written).
 
 It prints the medians, the goal's ratio (S3 full / the faster plain uploader, limit 1.3: MET or
-MISSED), S3 / local, the load averages, and where the time goes: CPU seconds of guestvault's
-process, QEMU, SeaweedFS and the uploader per step, and the requests the full made (count and
-summed seconds, per kind). Nothing is asserted about speed: loopback S3 measures guestvault's
+MISSED), S3 / local for the full and the restore, the load averages, and where the time goes:
+CPU seconds of guestvault's process, QEMU, SeaweedFS and the uploader per step, and the requests
+the full made (count, summed seconds and the calling threads' CPU seconds, per kind). Nothing is asserted about speed: loopback S3 measures guestvault's
 request handling and SeaweedFS's own cost (its replication writes every chunk twice, on the same
 2 cores), not a network.
 
@@ -124,7 +124,7 @@ class RequestMeter:
 
 
 def full_backup(run, guest, cluster, storage_id, number, meter, requests):
-    """A full backup into a fresh store (timed) and a compared raw restore (not timed)."""
+    """A full backup into a fresh store and a raw restore of it (each timed), compared."""
     from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
     from guestvault_engine.run.restore import RestoreRequest, run_restore
     config_dir = os.path.join(run, f'etc-{storage_id}-{number}')
@@ -145,8 +145,11 @@ def full_backup(run, guest, cluster, storage_id, number, meter, requests):
     made = requests.take()
     disk = result['disks'][0]
     target = os.path.join(run, f'restore-{storage_id}-{number}')
+    started = time.monotonic()
     out = run_restore(RestoreRequest(vmid=guest.vmid, storage=storage_id, backup=result['time'],
                                      config_dir=config_dir, target_dir=target, format='raw'))
+    restore_seconds = time.monotonic() - started
+    requests.take()                     # the restore's GETs are not the full's requests
     guest.qemu_io('vd0', 'flush')
     proc = subprocess.run(['qemu-img', 'compare', '-U', '-f', 'qcow2', '-F', 'raw',
                            guest.disk_path(0), out['disks'][0]['target']],
@@ -156,9 +159,8 @@ def full_backup(run, guest, cluster, storage_id, number, meter, requests):
     shutil.rmtree(target)
     shutil.rmtree(cache, ignore_errors=True)
     wait_next_second(local_path, guest.vmid)
-    return {'seconds': seconds, 'cpu': cpu, 'bytes': disk['bytes_processed'],
-            'chunks': disk['new_chunks'], 'read_chunks': disk['read_chunks'],
-            'stored': disk['bytes_written'], 'bucket': bucket, 'datastore': local_path,
+    return {'seconds': seconds, 'restore': restore_seconds, 'cpu': cpu,
+            'read_chunks': disk['read_chunks'], 'bucket': bucket, 'datastore': local_path,
             'requests': made}
 
 
@@ -305,7 +307,9 @@ def report(rounds, objects):
     say(f"\nS3 full / plain uploader (the faster of boto3 {median('boto3'):.2f} s and rclone "
         f"{median('rclone'):.2f} s): {ratio:.2f}x (limit {LIMIT}) {verdict(ratio, LIMIT)}")
     say(f"S3 full / boto3 on {UPLOAD_THREADS} threads: {median('s3') / median('boto3'):.2f}x; "
-        f"S3 full / local full: {median('s3') / median('local'):.2f}x")
+        f"S3 full / local full: {median('s3') / median('local'):.2f}x; raw restore: S3 "
+        f"{median('s3', 'restore'):.2f} s, local {median('local', 'restore'):.2f} s, "
+        f"{median('s3', 'restore') / median('local', 'restore'):.2f}x")
     totals = {}
     for figures in rounds['s3']:
         for name, values in figures['requests'].items():
