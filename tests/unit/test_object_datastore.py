@@ -1,6 +1,7 @@
 """A datastore on an object store runs over any Backend: the storage, its chunk store and its
 format that datastore/build.py assembles for S3, here on the in-memory backend (the S3 cases on
 SeaweedFS are tests/integration/test_s3_datastore.py)."""
+import os
 import shutil
 from datetime import datetime, timezone
 
@@ -53,3 +54,31 @@ def test_snapshots_live_in_the_backend_and_a_dropped_cache_is_rebuilt(tmp_path):
     [record] = again.backups(100)
     again.remove(record)
     assert list(backend.objects('vm/100/2')) == [] and again.backups(100) == []
+
+
+def test_an_upload_pools_first_error_comes_at_sync_and_nothing_is_marked(tmp_path):
+    # The in-memory double of tests/integration/test_s3_backend.py's refused-upload test.
+    from guestvault_engine.datastore import blob
+
+    class Refusing(MemoryBackend):
+        def put_new(self, key, data):
+            raise StorageError(f"{self.label}: cannot upload {key}: refused")
+
+    store = ObjectChunkStore(Refusing(), tmp_path / 'cache')
+    store.create()
+    chunks = [blob.encode_chunk(f'chunk {n}'.encode() * 100) for n in range(3)]
+    for raw, digest in chunks:
+        try:
+            store.insert(digest, raw, durable=False)
+        except StorageError:
+            break                       # a later insert may see the first failure already
+    with pytest.raises(StorageError, match='cannot upload'):
+        store.sync()
+    assert not any(os.path.exists(store.chunk_path(digest)) for _raw, digest in chunks)
+    store.sync()                        # raised once; the pool takes uploads again
+    good = ObjectChunkStore(MemoryBackend(), tmp_path / 'good')
+    good.create()
+    for raw, digest in chunks:
+        good.insert(digest, raw, durable=False)
+    good.sync()
+    assert all(good.backend.get(good.key(digest)) == raw for raw, digest in chunks)

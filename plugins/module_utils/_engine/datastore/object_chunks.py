@@ -4,13 +4,18 @@ the unit tests): each chunk an object ``.chunks/XXXX/<digest hex>``.
 The objects are the same DataBlobs a local store keeps in files. What differs:
 - **inserting** is a conditional put (``put_new``, S3's ``If-None-Match: *``): the first writer
   of a chunk creates it, any other (another worker, another node) learns it exists; nothing is
-  overwritten, so two nodes backing up clones of one image store the shared chunks once;
+  overwritten, so two nodes backing up clones of one image store the shared chunks once. A
+  backup's inserts (``durable=False``) go to an upload pool of their own (``UPLOAD_WORKERS``
+  requests in flight, a bounded queue), so uploads overlap however few threads the pipeline
+  runs; ``sync()``, which comes before any index is written, waits for every upload and raises
+  the first error, and a chunk's marker is made only once its upload has answered;
 - **what this node knows is stored** is kept in the local cache as an empty marker file per
   chunk (``<cache>/.chunks/XXXX/<digest>``), so an unchanged chunk costs no request at all. The
   markers are a cache: a GC on any node writes a new ``.gc-generation``, and a node that sees a
   generation its markers were not made under drops them before it backs up; a backup checks
   every chunk its index names with one HEAD each before it keeps the snapshot, and drops the
-  markers of any that is gone;
+  markers of any that is gone, except of the chunks this store created itself during the backup
+  (a GC cannot have swept those: see ``missing``);
 - **garbage collection** cannot touch an object's time without copying it, so it marks in
   memory: the digests every index names. The sweep lists ``.chunks/`` and deletes, with
   multi-object deletes, each chunk no index names whose upload is older than the cutoff; it runs
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +44,10 @@ CHECKED_FILE = '.conditional-puts-checked'
 PARALLEL_REQUESTS = 16
 # Backup and restore workers: each waits on a request about as long as it computes.
 REQUEST_WORKERS = 8
+# A backup's uploads in flight at once, and how many more may wait in the queue: the queue holds
+# their blobs (up to 4 MiB each), so a full pool bounds the memory a backup's uploads take.
+UPLOAD_WORKERS = 16
+UPLOAD_QUEUE = 16
 
 
 def read_gc_generation(backend):
@@ -55,6 +65,9 @@ class ObjectChunkStore:
         self.base = os.fspath(cache_dir)
         self.chunk_dir = os.path.join(self.base, CHUNK_DIR)
         self.backend = backend
+        self._uploads = _UploadPool(self._upload)
+        # the chunks (hex) this store created since prepare(): uploaded after any GC's cutoff
+        self._created = set()
 
     def __repr__(self):
         return f"ObjectChunkStore({self.backend.label!r})"
@@ -89,6 +102,7 @@ class ObjectChunkStore:
         if not os.path.exists(checked):
             self._check_conditional_puts()
             open(checked, 'w').close()
+        self._created = set()
         generation = read_gc_generation(self.backend) or ''
         path = os.path.join(self.chunk_dir, GENERATION_FILE)
         try:
@@ -122,7 +136,9 @@ class ObjectChunkStore:
                 "conditional writes (AWS S3, a recent MinIO, Ceph RGW or SeaweedFS)")
 
     def sync(self):
-        pass  # an object is durable when its put has answered
+        """Wait for every upload ``insert(durable=False)`` queued (an object is durable when its
+        put has answered); the first upload error is raised here, before an index names it."""
+        self._uploads.wait()
 
     def touch(self, digest, must_exist=True):
         """Touch a chunk's marker (a live restore's ``keep_chunks``: a GC on S3 does not sweep
@@ -143,6 +159,7 @@ class ObjectChunkStore:
             open(path, 'a').close()
 
     def _unmark(self, digest):
+        self._created.discard(digest_hex(digest))    # moved aside or swept: missing() must look again
         try:
             os.unlink(self.chunk_path(digest))
         except FileNotFoundError:
@@ -163,8 +180,10 @@ class ObjectChunkStore:
 
     def missing(self, digests):
         """One HEAD per digest, in parallel; a missing chunk's marker is dropped, so the next
-        backup uploads it again."""
-        digests = list(digests)
+        backup uploads it again. A chunk this store created since ``prepare`` needs none: its
+        upload is newer than the cutoff of any GC running now, and no GC starts while the
+        backup holds its lease, so none can have swept it."""
+        digests = [digest for digest in digests if digest_hex(digest) not in self._created]
         with ThreadPoolExecutor(PARALLEL_REQUESTS, 's3-head') as pool:
             found = list(pool.map(self.contains, digests))
         gone = [digest for digest, present in zip(digests, found) if not present]
@@ -174,9 +193,22 @@ class ObjectChunkStore:
 
     # -- one chunk -----------------------------------------------------------------------------
     def insert(self, digest, blob, durable=True):
+        """``durable=False`` queues the upload and returns at once (``sync`` waits for it): the
+        chunk counts as new, since whether another writer stored it in the same instant is known
+        only when its put answers."""
+        if durable:
+            return not self._upload(digest, blob), len(blob)
+        # a copy: the caller may reuse its buffer while the upload waits in the queue
+        self._uploads.submit(digest, bytes(blob))
+        return False, len(blob)
+
+    def _upload(self, digest, blob):
+        """Put one chunk (conditionally); marked stored once the put has answered."""
         created = self.backend.put_new(self.key(digest), blob)
+        if created:
+            self._created.add(digest_hex(digest))
         self._mark(digest)
-        return not created, len(blob)
+        return created
 
     def read(self, digest):
         data = self.backend.get(self.key(digest))
@@ -248,3 +280,51 @@ class ObjectChunkStore:
         if progress is not None:
             progress('sweep', 1, 1)     # one listing, no prefix directories to count
         return present
+
+
+class _UploadPool:
+    """``upload(digest, blob)`` on UPLOAD_WORKERS threads, at most UPLOAD_QUEUE more waiting
+    (``submit`` blocks until one is free). The first error is kept: every later ``submit`` and
+    the next ``wait`` raise it (uploads already running finish; the orphans they leave are a
+    GC's to sweep)."""
+
+    def __init__(self, upload):
+        self._upload = upload
+        self._free = threading.BoundedSemaphore(UPLOAD_WORKERS + UPLOAD_QUEUE)
+        self._lock = threading.Lock()
+        self._pool = None
+        self._futures = []
+        self._error = None
+
+    def submit(self, digest, blob):
+        self._free.acquire()
+        with self._lock:
+            if self._error is not None:
+                self._free.release()
+                raise self._error
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(UPLOAD_WORKERS, 's3-upload')
+            future = self._pool.submit(self._upload, digest, blob)
+            self._futures.append(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future):
+        error = future.exception()
+        with self._lock:
+            if error is not None and self._error is None:
+                self._error = error
+        self._free.release()
+
+    def wait(self):
+        """Return when every upload submitted so far has answered; raise the first error (once:
+        the pool is usable again afterwards)."""
+        with self._lock:
+            pool, futures, self._pool, self._futures = self._pool, self._futures, None, []
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for future in futures:
+            future.exception()          # every callback has run: the first error is recorded
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
