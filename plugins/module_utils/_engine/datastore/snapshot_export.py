@@ -3,8 +3,8 @@
 Every read is served from the chunks the index names (datastore/index.py), each checked (CRC, decryption,
 digest) before a byte of it is returned; the zero chunk is never read. An export offers what
 the NBD server asks of any export (``name``, ``size``, ``read``, ``keep_chunks``,
-``first_data_offset``) and ``extents`` (where its zero chunks are); the Datastore Format
-makes them in ``open_block_exports``.
+``first_data_offset``), ``extents`` (where its zero chunks are) and ``cached`` (whether a read
+returns at once); the Datastore Format makes them in ``open_block_exports``.
 """
 from __future__ import annotations
 
