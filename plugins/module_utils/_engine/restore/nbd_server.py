@@ -9,12 +9,12 @@ any object with ``name``, ``size`` and ``read(offset, length)`` -> bytes or a bu
 ``extents(offset, length)`` (``(length, zero)`` runs from ``offset``) tells where its holes are;
 any other export is all data. An export that has ``cached(offset, length)`` (True: the read
 returns at once) has such reads served on the connection's own thread, with no thread handoff
-in a sequential client's way (QEMU's stream asks for one piece at a time). It speaks the NBD protocol's fixed newstyle handshake
-(``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``) on a unix socket, one thread per connection, with
-simple replies or, when the client asks, structured replies and the ``base:allocation`` meta
-context: ``NBD_CMD_BLOCK_STATUS`` reports the holes and reads answer them with
-``OFFSET_HOLE``, so QEMU copying an export (a live restore's stream) neither moves nor decodes
-them.
+in a sequential client's way (QEMU's stream asks for one piece at a time). It speaks the NBD
+protocol's fixed newstyle handshake (``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``) on a unix socket,
+one thread per connection, with simple replies or, when the client asks, structured replies and
+the ``base:allocation`` meta context: ``NBD_CMD_BLOCK_STATUS`` reports the holes and reads
+answer them with ``OFFSET_HOLE``, so QEMU copying an export (a live restore's stream) neither
+moves nor decodes them.
 
 Its life follows the copies: it stops once every client that connected has gone (QEMU drops
 the backing when a stream completes), or when nobody connected within ``idle_timeout``. A read
