@@ -55,26 +55,33 @@ def socket_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def snapshot(tmp_path, monkeypatch):
-    """A local datastore holding one snapshot of a raw image: (storage, format, record, image)."""
-    image = make_image(str(tmp_path / 'disk.raw'))
+def store_snapshot(folder, monkeypatch, image):
+    """A local datastore in ``folder`` holding one snapshot of the raw ``image``:
+    (storage, format, record)."""
+    size = os.path.getsize(image)
     monkeypatch.setattr(chunk_store, 'SUBDIR_COUNT', 0)
-    chunks = chunk_store.FileChunkStore(str(tmp_path / 'ds'))
+    chunks = chunk_store.FileChunkStore(os.path.join(folder, 'ds'))
     chunks.create()
     monkeypatch.undo()
-    storage = DatastoreStorage(str(tmp_path / 'ds'), 'ds', SnapshotCodec(None))
+    storage = DatastoreStorage(os.path.join(folder, 'ds'), 'ds', SnapshotCodec(None))
     staged = storage.stage(100, datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc))
     stats = write_disk_index(RawFileSource(image), staged.file(index_name('virtio0')), chunks)
     staged.write_guest_config({'vmid': 100, 'name': 'g'})
     staged.write_manifest({'vmid': 100, 'time': WHEN, 'level': 'full', 'parent': None,
                            'chain': 'c', 'guest_name': 'g', 'mode': 'snapshot',
                            'disks': [{'id': 'virtio0', 'file': index_name('virtio0'),
-                                      'virtual_size': SIZE, 'size': SIZE, 'level': 'full',
+                                      'virtual_size': size, 'size': size, 'level': 'full',
                                       'csum': stats['csum'], 'bitmap': None}]})
     staged.commit()
     record, = storage.backups(100)
-    return storage, Datastore(storage, chunks=chunks), record, image
+    return storage, Datastore(storage, chunks=chunks), record
+
+
+@pytest.fixture
+def snapshot(tmp_path, monkeypatch):
+    """A local datastore holding one snapshot of a raw image: (storage, format, record, image)."""
+    image = make_image(str(tmp_path / 'disk.raw'))
+    return store_snapshot(str(tmp_path), monkeypatch, image) + (image,)
 
 
 def test_a_datastore_snapshot_reads_back_identical_through_the_nbd_server(snapshot, socket_dir):

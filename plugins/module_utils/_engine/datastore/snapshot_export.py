@@ -3,21 +3,32 @@
 Every read is served from the chunks the index names (datastore/index.py), each checked (CRC, decryption,
 digest) before a byte of it is returned; the zero chunk is never read. An export offers what
 the NBD server asks of any export (``name``, ``size``, ``read``, ``keep_chunks``,
-``first_data_offset``) and ``extents`` (where its zero chunks are); the Datastore Format
-makes them in ``open_block_exports``.
+``first_data_offset``), ``extents`` (where its zero chunks are) and ``cached`` (whether a read
+returns at once); the Datastore Format makes them in ``open_block_exports``.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 
+from ..errors import GuestvaultError
 from .image_restore import chunk_name, load_chunk, zero_digests
 
+# Decoded chunks kept (the reads of one chunk come as several requests: QEMU's stream asks for
+# 512 KiB at a time), and chunks decoded ahead of a sequential reader: at most
+# (CACHED_CHUNKS + READ_AHEAD + one per concurrent reader) decoded chunks in memory per export.
 CACHED_CHUNKS = 8
+READ_AHEAD = 2
 
 
 class SnapshotExport:
-    """One disk of a snapshot, readable at any offset, chunk by checked chunk."""
+    """One disk of a snapshot, readable at any offset, chunk by checked chunk.
+
+    A read that goes on where the previous chunk was read (a copy, e.g. QEMU's block-stream,
+    which asks for one piece at a time) starts decoding the next ``READ_AHEAD`` chunks on
+    threads of their own, so their reads, checks and decompression overlap with the reader's
+    work on this one instead of waiting in front of it. A chunk that fails while decoded ahead
+    is dropped: the read that needs it decodes it again and gets that error itself."""
 
     def __init__(self, name, index, chunks, crypt, what):
         self.name = name
@@ -27,15 +38,17 @@ class SnapshotExport:
         self.what = what
         self.size = index.size
         self._zeros = zero_digests(index, crypt)
-        self._cache = OrderedDict()
+        self._cache = OrderedDict()     # position -> decoded data, least recently used first
+        self._loading = {}              # position -> Event set when its decoding ended
+        self._ahead = 0                 # decodings ahead running
         self._lock = threading.Lock()
 
-    def _chunk(self, position):
-        with self._lock:
-            data = self._cache.get(position)
-            if data is not None:
-                self._cache.move_to_end(position)
-                return data
+    def _is_zero(self, position):
+        start, end = self.index.chunk_range(position)
+        return self._zeros.get(self.index.digest(position)) == end - start
+
+    def _load(self, position):
+        """The checked data of one chunk, into the cache."""
         digest = self.index.digest(position)
         offset, end = self.index.chunk_range(position)
         length = end - offset
@@ -50,16 +63,82 @@ class SnapshotExport:
                 self._cache.popitem(last=False)
         return data
 
+    def _chunk(self, position):
+        while True:
+            with self._lock:
+                data = self._cache.get(position)
+                if data is not None:
+                    self._cache.move_to_end(position)
+                    return data
+                loading = self._loading.get(position)
+                if loading is None:     # nobody decodes it: this read does
+                    loading = self._loading[position] = threading.Event()
+                    break
+            # Decoded by another read or ahead: look again once done (when that failed or the
+            # chunk already left the cache, this read decodes it itself)
+            loading.wait()
+        try:
+            return self._load(position)
+        finally:
+            self._loaded(position, loading)
+
+    def _loaded(self, position, loading):
+        with self._lock:
+            del self._loading[position]
+        loading.set()
+
+    def _read_ahead(self, position):
+        """Start decoding the chunks after ``position`` that are neither cached nor being
+        decoded, when the reader looks sequential: the chunk before ``position`` is cached, or
+        is a zero chunk (which a copy skips)."""
+        with self._lock:
+            sequential = position - 1 in self._cache
+        if not sequential and not (position > 0 and self._is_zero(position - 1)):
+            return
+        for ahead in range(position + 1, min(position + 1 + READ_AHEAD, self.index.count)):
+            if self._is_zero(ahead):
+                continue
+            with self._lock:
+                if ahead in self._cache or ahead in self._loading or self._ahead >= READ_AHEAD:
+                    continue
+                loading = self._loading[ahead] = threading.Event()
+                self._ahead += 1
+            threading.Thread(target=self._decode_ahead, args=(ahead, loading),
+                             name=f'read-ahead-{self.name}', daemon=True).start()
+
+    def _decode_ahead(self, position, loading):
+        try:
+            self._load(position)
+        except GuestvaultError:
+            pass        # dropped: the read that needs this chunk decodes it and reports it
+        finally:
+            with self._lock:
+                self._ahead -= 1
+            self._loaded(position, loading)
+
     def read(self, offset, length):
+        """The bytes at ``offset``: within one chunk a view of its decoded data (not copied)."""
         parts = []
         while length > 0:
             position, inside = self.index.chunk_at(offset)
-            data = self._chunk(position)
-            piece = data[inside:inside + length]
+            self._read_ahead(position)
+            piece = memoryview(self._chunk(position))[inside:inside + length]
             parts.append(piece)
             offset += len(piece)
             length -= len(piece)
-        return b''.join(parts)
+        return parts[0] if len(parts) == 1 else b''.join(parts)
+
+    def cached(self, offset, length):
+        """Whether every chunk of ``length`` bytes from ``offset`` is decoded (or a zero
+        chunk), so that a read of them returns at once."""
+        end = offset + length
+        while offset < end:
+            position, _inside = self.index.chunk_at(offset)
+            with self._lock:
+                if position not in self._cache and not self._is_zero(position):
+                    return False
+            offset = self.index.chunk_range(position)[1]
+        return True
 
     def extents(self, offset, length):
         """``(length, zero)`` runs covering ``length`` bytes from ``offset``, one per chunk:
@@ -70,7 +149,7 @@ class SnapshotExport:
             position, inside = self.index.chunk_at(offset)
             start, end = self.index.chunk_range(position)
             size = min(end - start - inside, length)
-            runs.append((size, self._zeros.get(self.index.digest(position)) == end - start))
+            runs.append((size, self._is_zero(position)))
             offset += size
             length -= size
         return runs

@@ -2,17 +2,19 @@
 
 Live restore's images and file restore's appliance read through it the disks of a backup that
 QEMU cannot open as a file (a datastore snapshot: datastore/snapshot_export.py). An export is
-any object with ``name``, ``size`` and ``read(offset, length) -> bytes`` (raising a
-GuestvaultError when it cannot read); a server that ``holds`` its exports also calls
+any object with ``name``, ``size`` and ``read(offset, length)`` -> bytes or a buffer of them
+(raising a GuestvaultError when it cannot read); a server that ``holds`` its exports also calls
 ``keep_chunks()`` (spare what it reads from a garbage collection) and reads one byte at
 ``first_data_offset()`` (None: no data) before it listens. An export that has
 ``extents(offset, length)`` (``(length, zero)`` runs from ``offset``) tells where its holes are;
-any other export is all data. It speaks the NBD protocol's fixed newstyle handshake
-(``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``) on a unix socket, one thread per connection, with
-simple replies or, when the client asks, structured replies and the ``base:allocation`` meta
-context: ``NBD_CMD_BLOCK_STATUS`` reports the holes and reads answer them with
-``OFFSET_HOLE``, so QEMU copying an export (a live restore's stream) neither moves nor decodes
-them.
+any other export is all data. An export that has ``cached(offset, length)`` (True: the read
+returns at once) has such reads served on the connection's own thread, with no thread handoff
+in a sequential client's way (QEMU's stream asks for one piece at a time). It speaks the NBD
+protocol's fixed newstyle handshake (``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``) on a unix socket,
+one thread per connection, with simple replies or, when the client asks, structured replies and
+the ``base:allocation`` meta context: ``NBD_CMD_BLOCK_STATUS`` reports the holes and reads
+answer them with ``OFFSET_HOLE``, so QEMU copying an export (a live restore's stream) neither
+moves nor decodes them.
 
 Its life follows the copies: it stops once every client that connected has gone (QEMU drops
 the backing when a stream completes), or when nobody connected within ``idle_timeout``. A read
@@ -216,10 +218,11 @@ class NbdServer:
         structured (the spec), and errors are structured error chunks."""
         sending = threading.Lock()
         extents = getattr(export, 'extents', None) or (lambda offset, length: [(length, False)])
+        cached = getattr(export, 'cached', None) or (lambda offset, length: False)
 
-        def send(message):
+        def send(*parts):
             with sending:
-                conn.sendall(message)
+                _send_parts(conn, parts)
 
         def reply(handle, error=0, message=''):
             """A reply without data: success, or an errno (with ``message`` for the client's
@@ -236,10 +239,10 @@ class NbdServer:
         def read(handle, offset, length):
             try:
                 if structured:
-                    message = _structured_read(handle, export, extents, offset, length)
+                    parts = _structured_read(handle, export, extents, offset, length)
                 else:
-                    message = (struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, 0, handle)
-                               + export.read(offset, length))
+                    parts = (struct.pack('>IIQ', SIMPLE_REPLY_MAGIC, 0, handle),
+                             export.read(offset, length))
             except GuestvaultError as exc:
                 reply(handle, errno.EIO, str(exc))
                 # Reported on a thread of its own, after the reply: pausing the guest drains
@@ -249,7 +252,7 @@ class NbdServer:
                 reporter.start()
                 self._reporters.append(reporter)
                 return
-            send(message)
+            send(*parts)
 
         def block_status(handle, flags, offset, length):
             runs = _merged(extents(offset, length))
@@ -271,7 +274,10 @@ class NbdServer:
                     if length > MAX_REQUEST or offset + length > export.size:
                         reply(handle, errno.EINVAL)
                         continue
-                    pool.submit(read, handle, offset, length)
+                    if cached(offset, length):
+                        read(handle, offset, length)    # at once: no thread to wake
+                    else:
+                        pool.submit(read, handle, offset, length)
                 elif kind == CMD_BLOCK_STATUS:
                     if not allocation or not length or offset + length > export.size:
                         reply(handle, errno.EINVAL)
@@ -377,23 +383,40 @@ def _merged(runs):
 
 
 def _chunk(handle, kind, payload, flags=REPLY_FLAG_DONE):
-    return struct.pack('>IHHQI', STRUCTURED_REPLY_MAGIC, flags, kind, handle,
-                       len(payload)) + payload
+    return _chunk_header(handle, kind, len(payload), flags) + payload
+
+
+def _chunk_header(handle, kind, length, flags):
+    return struct.pack('>IHHQI', STRUCTURED_REPLY_MAGIC, flags, kind, handle, length)
+
+
+def _send_parts(conn, parts):
+    """Send the buffers ``parts`` in order, as one message where the socket takes it: a read's
+    data goes out as the export returned it, never copied into a reply first."""
+    views = [memoryview(part).cast('B') for part in parts if len(part)]
+    while views:
+        sent = conn.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def _structured_read(handle, export, extents, offset, length):
-    """The whole structured reply to a read: ``OFFSET_HOLE`` for each zero run (nothing read
-    or sent), ``OFFSET_DATA`` for each data run; the last chunk flagged done. Every run is
-    read before anything is sent, so a failed read is answered by one error chunk alone."""
+    """The parts of the whole structured reply to a read: ``OFFSET_HOLE`` for each zero run
+    (nothing read or sent), ``OFFSET_DATA`` for each data run; the last chunk flagged done.
+    Every run is read before anything is sent, so a failed read is answered by one error chunk
+    alone."""
     runs = _merged(extents(offset, length))
-    chunks = []
+    parts = []
     for number, (size, zero) in enumerate(runs):
         flags = REPLY_FLAG_DONE if number == len(runs) - 1 else 0
         if zero:
-            chunks.append(_chunk(handle, REPLY_TYPE_OFFSET_HOLE,
-                                 struct.pack('>QI', offset, size), flags))
+            parts.append(_chunk(handle, REPLY_TYPE_OFFSET_HOLE,
+                                struct.pack('>QI', offset, size), flags))
         else:
-            chunks.append(_chunk(handle, REPLY_TYPE_OFFSET_DATA,
-                                 struct.pack('>Q', offset) + export.read(offset, size), flags))
+            data = export.read(offset, size)
+            parts += (_chunk_header(handle, REPLY_TYPE_OFFSET_DATA, 8 + size, flags)
+                      + struct.pack('>Q', offset), data)
         offset += size
-    return b''.join(chunks) or _chunk(handle, REPLY_TYPE_NONE, b'')    # a read of 0 bytes
+    return parts or [_chunk(handle, REPLY_TYPE_NONE, b'')]    # a read of 0 bytes
