@@ -102,6 +102,7 @@ bench: bench-deps venv
 	$(BENCH_RUN) backup_bench --json $(BENCH_OUT)/backup_bench.json
 	$(BENCH_RUN) datastore_bench --json $(BENCH_OUT)/datastore_bench.json
 	$(BENCH_RUN) s3_bench
+	$(BENCH_RUN) restore_bench
 	$(BENCH_RUN) live_restore_bench
 	$(BENCH_RUN) file_restore_bench
 	$(BENCH_RUN) container_bench --json $(BENCH_OUT)/container_bench.json
