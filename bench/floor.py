@@ -196,8 +196,10 @@ def record_rows(record, fulls, full2s, floors, read_floors, section='backup'):
     and the unchanged full's wall times (one per round) against the floors of the same rounds."""
     import statistics
     median = statistics.median
-    spread = (lambda values: f" [{min(values):.2f}-{max(values):.2f} s]"
-              if len(values) > 1 else '')
+
+    def spread(values):
+        return f" [{min(values):.2f}-{max(values):.2f} s]" if len(values) > 1 else ''
+
     record(section, 'floor with writes (bench/floor.py: the same chunks of a raw copy, 2 threads, '
            'zstd-1, crc32, one file each with O_DIRECT, one syncfs)',
            f"{median(floors):.2f} s{spread(floors)}")

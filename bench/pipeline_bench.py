@@ -179,9 +179,8 @@ def main():
                 write_disk_index, RawFileSource(image), os.path.join(work, 'crypt.fidx'),
                 crypt_store, workers=options.workers, crypt=config)[0])
             shutil.rmtree(crypt_store.base)
-            print(f"round {number + 1}: " + ', '.join(f"{name} {times[-1]:.2f} s"
-                                                     for name, times in rounds.items()),
-                  flush=True)
+            line = ', '.join(f"{name} {times[-1]:.2f} s" for name, times in rounds.items())
+            print(f"round {number + 1}: {line}", flush=True)
         median = {name: statistics.median(times) for name, times in rounds.items()}
         for name, what in (('floor', 'floor with writes, 2 threads'),
                            ('full', f'full backup, {options.workers} workers'),

@@ -174,8 +174,8 @@ def main(argv=None):
         say(f"run {run}; disk {fmt_bytes(disk_size)}, {fmt_bytes(size)} allocated; chain of 1 "
             f"full + {args.incs} incs ({fmt_bytes(parse_size(args.change))} each)")
         warm = Warmer(run, enabled=not args.no_warm_up)
-        samples, cpu, checks = rounds(guest, config_dir, dumpdir, newest, outdir, args.repeat, warm,
-                                 size)
+        samples, cpu, checks = rounds(guest, config_dir, dumpdir, newest, outdir, args.repeat,
+                                      warm, size)
         for key, value in info.items():
             say(f"{key}: {value}")
         say(f"load (1/5/15 min): {load_start} at start, {loadavg()} at end")

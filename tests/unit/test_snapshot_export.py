@@ -187,7 +187,7 @@ def test_decoded_chunks_in_memory_stay_bounded(stored, monkeypatch):
     def reader():
         results.append(b''.join(bytes(export.read(offset, min(PIECE, SIZE - offset)))
                                 for offset in range(0, SIZE, PIECE)))
-    threads = [threading.Thread(target=reader) for _ in range(readers)]
+    threads = [threading.Thread(target=reader) for _number in range(readers)]
     for thread in threads:
         thread.start()
     for thread in threads:
