@@ -2,6 +2,7 @@
 format that datastore/build.py assembles for S3, here on the in-memory backend (the S3 cases on
 SeaweedFS are tests/integration/test_s3_datastore.py)."""
 import os
+import threading
 import shutil
 from datetime import datetime, timezone
 
@@ -82,3 +83,44 @@ def test_an_upload_pools_first_error_comes_at_sync_and_nothing_is_marked(tmp_pat
         good.insert(digest, raw, durable=False)
     good.sync()
     assert all(good.backend.get(good.key(digest)) == raw for raw, digest in chunks)
+
+
+def test_a_failed_upload_cancels_the_queued_ones_and_the_next_backup_starts_clean(tmp_path):
+    # Against a dead endpoint every queued upload would wait out its retries after the first
+    # failed, and a backup that failed before its sync() would hand its error to the next one.
+    from guestvault_engine.datastore import blob, object_chunks
+
+    gate = threading.Event()
+    calls = []
+
+    class Dead(MemoryBackend):
+        def put_new(self, key, data):
+            calls.append(key)
+            gate.wait(60)
+            raise StorageError(f"{self.label}: cannot upload {key}: connection refused")
+
+    store = ObjectChunkStore(Dead(), tmp_path / 'cache')
+    store.create()
+    queued = object_chunks.UPLOAD_WORKERS + object_chunks.UPLOAD_QUEUE
+    chunks = [blob.encode_chunk(f'chunk {n}'.encode() * 100) for n in range(queued)]
+    for raw, digest in chunks:
+        store.insert(digest, raw, durable=False)
+    gate.set()
+    with pytest.raises(StorageError, match='connection refused'):
+        store.sync()
+    # the running ones finished; none of the queued ones was ever sent
+    assert len(calls) == object_chunks.UPLOAD_WORKERS
+
+    failed = ObjectChunkStore(Dead(), tmp_path / 'cache2')
+    failed.create()
+    gate.clear()
+    raw, digest = chunks[0]
+    failed.insert(digest, raw, durable=False)
+    gate.set()
+    failed._uploads._pool.shutdown(wait=True)     # pylint: disable=protected-access
+    failed.backend = MemoryBackend()               # the endpoint is back for the next backup
+    failed._check_conditional_puts = lambda: None  # pylint: disable=protected-access
+    failed.prepare()
+    failed.insert(digest, raw, durable=False)
+    failed.sync()                                  # no error inherited from the failed backup
+    assert failed.backend.get(failed.key(digest)) == raw

@@ -103,6 +103,9 @@ class ObjectChunkStore:
             self._check_conditional_puts()
             open(checked, 'w').close()
         self._created = set()
+        # a backup that failed before its sync() leaves its uploads' outcome behind: this
+        # backup must neither wait for them at its own sync() nor inherit their error
+        self._uploads.forget()
         generation = read_gc_generation(self.backend) or ''
         path = os.path.join(self.chunk_dir, GENERATION_FILE)
         try:
@@ -285,8 +288,9 @@ class ObjectChunkStore:
 class _UploadPool:
     """``upload(digest, blob)`` on UPLOAD_WORKERS threads, at most UPLOAD_QUEUE more waiting
     (``submit`` blocks until one is free). The first error is kept: every later ``submit`` and
-    the next ``wait`` raise it (uploads already running finish; the orphans they leave are a
-    GC's to sweep)."""
+    the next ``wait`` raise it, and the uploads still queued are cancelled (against a dead
+    endpoint each would wait out its retries; a backup that is failing has no use for them).
+    Uploads already running finish; the orphans they leave are a GC's to sweep."""
 
     def __init__(self, upload):
         self._upload = upload
@@ -309,22 +313,41 @@ class _UploadPool:
         future.add_done_callback(self._done)
 
     def _done(self, future):
-        error = future.exception()
+        error = None if future.cancelled() else future.exception()
+        queued = []
         with self._lock:
             if error is not None and self._error is None:
                 self._error = error
+            if self._error is not None:
+                # every callback after the first error cancels: it runs on its worker thread
+                # before that thread takes the next queued upload
+                queued = list(self._futures)
+        for other in queued:
+            other.cancel()              # only those not started yet
         self._free.release()
+
+    def forget(self):
+        """Drop what earlier uploads left: queued ones are cancelled, running ones finish on
+        their own (their pool's threads end with them), and their error is not kept."""
+        with self._lock:
+            pool, futures, self._pool, self._futures = self._pool, self._futures, None, []
+            self._error = None
+        for future in futures:
+            future.cancel()
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def wait(self):
         """Return when every upload submitted so far has answered; raise the first error (once:
         the pool is usable again afterwards)."""
         with self._lock:
-            pool, futures, self._pool, self._futures = self._pool, self._futures, None, []
+            pool = self._pool
         if pool is not None:
+            # the futures stay listed meanwhile: a failing upload's callback cancels the rest
             pool.shutdown(wait=True)
-        for future in futures:
-            future.exception()          # every callback has run: the first error is recorded
         with self._lock:
+            if self._pool is pool:
+                self._pool, self._futures = None, []
             error, self._error = self._error, None
         if error is not None:
             raise error
