@@ -11,7 +11,8 @@ import pytest
 
 from guestvault_engine.errors import BackupFailed, CorruptData, EncryptionKeyError, StorageError
 from guestvault_engine.format import qemu_img
-from guestvault_engine.datastore import backup_writer, chunk_store, fixed_index, gc, key_file
+from guestvault_engine.datastore import (backup_writer, chunk_store, fixed_index, gc,
+                                          image_restore, key_file)
 from guestvault_engine.datastore.backup_writer import write_disk_index
 from guestvault_engine.datastore.file_formats import (
     ENCRYPTED_BLOB_MAGIC, ENCRYPTED_COMPRESSED_BLOB_MAGIC)
@@ -567,3 +568,104 @@ def test_a_read_error_stops_the_backup_and_is_raised(data_image, store, tmp_path
     assert not os.path.exists(tmp_path / 'a.fidx')
     # the reader stopped at the error: nothing after the chunks already in the pipeline
     assert max(source.started) < 5 * CHUNK + (backup_writer.READ_AHEAD + 1) * CHUNK
+
+
+# -- the restore's pipeline (issue 24, goal 4) --------------------------------------------------
+
+class ReadRecorder:
+    """Wraps a store's reads (``read_into`` where it has one, else ``read_view``): records the
+    chunks read and the buffers they were read into."""
+
+    def __init__(self, store, monkeypatch):
+        self.lock = threading.Lock()
+        self.count = 0
+        self.buffers = set()
+        self.on_read = None
+        for method in ('read_into', 'read_view'):
+            real = getattr(store, method, None)
+            if real is not None:
+                monkeypatch.setattr(store, method, self._wrap(real))
+
+    def _wrap(self, real):
+        def read(digest, *buffer):
+            found = real(digest, *buffer)
+            with self.lock:
+                self.count += 1
+                self.buffers.update(id(b) for b in buffer)
+            if self.on_read is not None:
+                self.on_read(self.count)
+            return found
+        return read
+
+
+def test_restore_reads_on_while_a_chunk_is_written(data_image, store, tmp_path, monkeypatch):
+    """A slow target disk does not hold the reads back: while the first chunks' writes wait, the
+    readers read further (before, each thread read, decoded and wrote in turn, so two slow writes
+    stopped all reading after two chunks)."""
+    index_path, _result = backup(data_image, store, tmp_path)
+    index = fixed_index.read_fixed_index(index_path)
+    reads = ReadRecorder(store, monkeypatch)
+    read_on = threading.Event()
+    stalled = []
+    reads.on_read = lambda count: read_on.set() if count >= 6 else None
+    real_pwrite = files.DirectFiles.pwrite
+
+    def slow_pwrite(self, fd, data, offset, direct=True):
+        # generous: the machine may be busy; this only ever waits this long when reading stalled
+        if not read_on.wait(60):
+            stalled.append(offset)
+            read_on.set()
+        return real_pwrite(self, fd, data, offset, direct)
+
+    monkeypatch.setattr(files.DirectFiles, 'pwrite', slow_pwrite)
+    target = tmp_path / 'r.raw'
+    result = restore_disk_image(index, store, str(target), workers=2)
+    assert stalled == []
+    assert result['read_chunks'] == 16
+    assert filecmp.cmp(data_image, target, shallow=False)
+
+
+def test_restore_reuses_a_fixed_set_of_buffers(data_image, store, tmp_path, monkeypatch):
+    index_path, _result = backup(data_image, store, tmp_path)
+    reads = ReadRecorder(store, monkeypatch)
+    target = tmp_path / 'r.raw'
+    restore_disk_image(fixed_index.read_fixed_index(index_path), store, str(target), workers=2)
+    assert reads.count == 16
+    # bounded memory: the 16 chunks were read into a few buffers, each reused
+    assert 0 < len(reads.buffers) <= image_restore.buffer_count(2)
+    assert filecmp.cmp(data_image, target, shallow=False)
+
+
+def test_a_damaged_chunk_stops_the_restore_and_is_named(data_image, store, tmp_path,
+                                                        monkeypatch):
+    """A chunk damaged on disk (a bit flipped in its payload; no CRC is computed unless a check
+    fails) is named with its offset and as damaged (CRC32), the readers stop, and no target is
+    left that could look complete."""
+    index_path, _result = backup(data_image, store, tmp_path, compress=False)
+    index = fixed_index.read_fixed_index(index_path)
+    digest = index.digest(3)
+    path = store.chunk_path(digest)
+    raw = bytearray(open(path, 'rb').read())
+    raw[100000] ^= 0x01
+    open(path, 'wb').write(raw)
+    reads = ReadRecorder(store, monkeypatch)
+    target = tmp_path / 'r.raw'
+    with pytest.raises(CorruptData, match=f"snap/disk: the chunk at offset {3 * CHUNK} "
+                                          f"\\({digest.hex()}\\).*CRC32 mismatch.*damaged"):
+        restore_disk_image(index, store, str(target), what='snap/disk', workers=2)
+    assert not target.exists()
+    assert sorted(os.listdir(tmp_path)) == ['a.fidx', 'data.raw', 'store']
+    # the first error stopped the readers: not every chunk after it was read
+    assert reads.count < 16
+
+
+def test_a_chunk_file_too_large_for_its_chunk_is_named(image, store, tmp_path):
+    index_path, _result = backup(image, store, tmp_path)
+    index = fixed_index.read_fixed_index(index_path)
+    digest = index.digest(0)
+    with open(store.chunk_path(digest), 'ab') as handle:
+        handle.write(bytes(CHUNK))
+    with pytest.raises(CorruptData, match=f"s/d: the chunk at offset 0 \\({digest.hex()}\\): "
+                                          f"chunk {digest.hex()}: 83886.. bytes, more than"):
+        restore_disk_image(index, store, str(tmp_path / 'r.raw'), what='s/d')
+    assert not os.path.exists(tmp_path / 'r.raw')

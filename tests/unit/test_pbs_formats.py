@@ -405,3 +405,24 @@ def test_fixed_index_writer_any_order_complete_atomic(tmp_path):
     assert fixed_index.read_fixed_index(path).index_csum == csum
     with pytest.raises(StorageError, match='missing'):
         fixed_index.read_fixed_index(tmp_path / 'absent.fidx')
+
+
+def test_decode_into_a_reused_buffer_checks_the_length():
+    """A restore decompresses (or copies) each chunk into a buffer it reuses (issue 24)."""
+    streaming = zstandard.ZstdCompressor(level=1, write_content_size=False)
+    payload = streaming.compress(PBS_TEST_DATA) + streaming.compress(b'tail')
+    raw = ff.COMPRESSED_BLOB_MAGIC + le32(zlib.crc32(payload)) + payload
+    size = len(PBS_TEST_DATA) + 4
+    buffer = bytearray(b'x' * (size + 10))
+    data = blob.decode_blob(raw, into=buffer, size=size)
+    assert bytes(data) == PBS_TEST_DATA + b'tail' and data.obj is buffer
+    for wrong in (size - 1, size + 1):      # more data than the index says, and less
+        with pytest.raises(CorruptData, match=f'chunk 1: {size} bytes of data where {wrong}'):
+            blob.decode_blob(raw, into=buffer, size=wrong, name='chunk 1')
+    cut = payload[:-20]
+    with pytest.raises(CorruptData, match='bytes of data where'):
+        blob.decode_blob(ff.COMPRESSED_BLOB_MAGIC + le32(zlib.crc32(cut)) + cut, into=buffer,
+                         size=size)
+    plain = blob.encode_blob(b'abc', compress=False)
+    assert bytes(blob.decode_blob(plain, into=buffer, size=3)) == b'abc'
+    assert buffer[:3] == b'abc'

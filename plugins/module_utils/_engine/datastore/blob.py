@@ -136,9 +136,14 @@ def encode_chunk(data, crypt=None, compress=True, compressor=None):
     return encode_blob(data, crypt, compress, compressor), chunk_digest(data, crypt)
 
 
-def decode_blob(raw, crypt=None, digest=None, name='blob', check_crc=True, size=None):
+def decode_blob(raw, crypt=None, digest=None, name='blob', check_crc=True, size=None,
+                into=None):
     """The data of a blob, checked; ``digest`` (32 bytes) and ``size`` (the chunk's length in its
     index), when given, are checked too.
+
+    ``into`` (with ``size``): a writable buffer of at least ``size`` bytes, reused by the caller;
+    the data is decompressed (or copied) into it and returned as a view of its first ``size``
+    bytes, instead of as new bytes.
 
     Raises ``CorruptData`` (too small, unknown magic, CRC, zstd, digest) or
     ``EncryptionKeyError`` (encrypted and no key, or another key).
@@ -156,9 +161,19 @@ def decode_blob(raw, crypt=None, digest=None, name='blob', check_crc=True, size=
         payload = crypt.decrypt(iv, tag, view[ENCRYPTED_BLOB_HEADER_SIZE:], name)
     else:
         payload = view[BLOB_HEADER_SIZE:]
-    data = _decompress(payload, name) if compressed else bytes(payload)
-    if size is not None and len(data) != size:
-        raise CorruptData(f"{name}: {len(data)} bytes of data where {size} are expected")
+    if into is not None:
+        data = memoryview(into)[:size]
+        if compressed:
+            length = _decompress_into(payload, data, name)
+        else:
+            length = len(payload)
+            if length == size:
+                data[:] = payload
+    else:
+        data = _decompress(payload, name) if compressed else bytes(payload)
+        length = len(data)
+    if size is not None and length != size:
+        raise CorruptData(f"{name}: {length} bytes of data where {size} are expected")
     if digest is not None:
         # an encrypted chunk's digest is keyed; a plain one's is SHA-256 even with a key at hand
         actual = chunk_digest(data, crypt if encrypted else None)
@@ -185,3 +200,20 @@ def _decompress(payload, name):
     except zstandard.ZstdError as exc:
         raise CorruptData(f"{name}: the zstd data cannot be decompressed ({exc})") from None
     return parts[0] if len(parts) == 1 else b''.join(parts)
+
+
+def _decompress_into(payload, view, name):
+    """The length of the data ``payload`` decompresses to, written into ``view`` (every frame, as
+    ``_decompress``); ``len(view) + 1`` when there is more than ``view`` holds. A frame cut short
+    yields only what it completes, so the caller's length check finds it."""
+    reader = _zstd().ZstdDecompressor().stream_reader(payload, read_across_frames=True)
+    done = 0
+    try:
+        while done < len(view):
+            got = reader.readinto(view[done:])
+            if not got:
+                return done
+            done += got
+        return done + len(reader.read(1))
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"{name}: the zstd data cannot be decompressed ({exc})") from None

@@ -20,6 +20,7 @@ run in an image maps to it without reading or hashing anything.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -195,6 +196,36 @@ class FileChunkStore:
         except FileNotFoundError:
             raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.where}") \
                 from None
+
+    def read_into(self, digest, buffer):
+        """The raw blob of a chunk read into ``buffer`` (page-aligned and writable, such as an
+        ``mmap``), as a view of it: a restore's reader fills buffers that outlive the call
+        without a copy. ``CorruptData`` when it is missing, or larger than ``buffer``: no chunk
+        blob is larger than its data and a header."""
+        path = self.chunk_path(digest)
+        view = memoryview(buffer)
+        try:
+            # DirectFiles has no read into a caller's buffer (storage/files.py is another part's);
+            # its open with the O_DIRECT fallback is what read_view uses
+            fd, _direct = self._files._open(path, os.O_RDONLY)  # pylint: disable=protected-access
+        except FileNotFoundError:
+            raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.where}") \
+                from None
+        try:
+            length = os.fstat(fd).st_size
+            if length > len(view):
+                raise CorruptData(f"chunk {digest_hex(digest)}: {length} bytes, more than a "
+                                  f"blob of its chunk can have ({len(view)})")
+            done = 0
+            while done < length:
+                # O_DIRECT reads whole aligned blocks; the last one comes back short at the end
+                got = os.preadv(fd, [view[done:]], done)
+                if got <= 0:
+                    raise OSError(errno.EIO, f"{path} ended after {done} of {length} bytes")
+                done += got
+            return view[:length]
+        finally:
+            os.close(fd)
 
     def insert(self, digest, blob, durable=True):
         """Store a chunk unless it is there already: ``(duplicate, size on disk)``.

@@ -6,6 +6,9 @@ system: O_DIRECT, access-time marks, PBS's rules) and ``object_chunks.ObjectChun
 objects of a ``backend.Backend``, with empty local markers as a cache). Both pass
 tests/chunk_store_contract.py; tests/unit/test_chunk_store_contract.py checks each has every
 member with a compatible signature. Digests are the 32 raw bytes (or their hex, where noted).
+A store may also offer ``read_into(digest, buffer)`` (``FileChunkStore``: an ``O_DIRECT`` read
+into a caller's page-aligned buffer); a restore reads through it when it is there, else through
+``read`` (image_restore.read_blob).
 """
 from __future__ import annotations
 

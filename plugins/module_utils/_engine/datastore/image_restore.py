@@ -1,12 +1,14 @@
 """Restore one disk of a datastore snapshot into an image file: raw (sparse) or qcow2.
 
-Every chunk the index names is read from the store, its CRC checked, decrypted, decompressed and
-its digest compared before a byte of it reaches the target; a chunk whose digest is the zero
-chunk's (of its length, keyed when encrypted) is not read at all and stays a hole.
+Every chunk the index names is read from the store, decrypted, decompressed and its digest
+compared before a byte of it reaches the target (its CRC32 only when a check fails, to say whether
+the file is damaged); a chunk whose digest is the zero chunk's (of its length, keyed when
+encrypted) is not read at all and stays a hole.
 
 - raw: the target is created (replacing what is there, as ``qemu-img convert`` does),
-  ``ftruncate``d to the image size, filled with ``pwrite`` of the non-zero chunks on ``workers``
-  threads, then fsynced: a thin raw image.
+  ``ftruncate``d to the image size, filled with ``O_DIRECT`` ``pwrite`` of the non-zero 4 KiB
+  blocks of the chunks by reader, decoder and writer threads (``_restore_chunks``), then
+  fsynced: a thin raw image.
 - qcow2: the raw restore above into a hidden sparse file beside the target, then ``qemu-img
   convert -W`` of it into the new qcow2 (holes stay unallocated), which is fsynced; the raw file
   is removed. Writing the qcow2 through ``qemu-nbd`` and libnbd instead is not offered yet:
@@ -18,16 +20,19 @@ the chunk's offset and its digest; a failed restore removes its partial target.
 """
 from __future__ import annotations
 
+import mmap
 import os
+import queue
 import threading
 import time
 
-from ..errors import CorruptData, StorageError
-from ..storage.files import DirectFiles
+from ..errors import CorruptData, EncryptionKeyError, StorageError
+from ..storage.files import DIRECT_ALIGNMENT, DirectFiles
 from ..format import qemu_img
-from .blob import decode_blob
+from .blob import decode_blob, verify_crc
 from .crypt import chunk_digest
-from .workers import RateLimiter, run_parallel
+from .file_formats import ENCRYPTED_BLOB_HEADER_SIZE
+from .workers import RateLimiter, Stages
 
 TARGET_FORMATS = ('raw', 'qcow2')
 
@@ -43,41 +48,63 @@ def chunk_name(what, offset, digest):
     return f"{what}: the chunk at offset {offset} ({bytes(digest).hex()})"
 
 
-def load_chunk(chunks, digest, crypt, name, size):
-    """The checked data of one chunk; ``CorruptData`` naming ``name`` when it is missing or
-    damaged, ``EncryptionKeyError`` when it cannot be decrypted."""
+def decode_chunk(raw, crypt, digest, name, size, into=None):
+    """``decode_blob`` of a chunk with its digest checked but not its CRC32: the digest proves
+    every byte, as in PBS's restore, which skips the CRC too. When a check fails, the CRC tells
+    whether the file is damaged (``CorruptData`` saying so) or the data was wrong as written."""
     try:
-        raw = chunks.read_view(digest)
-    except CorruptData:
+        return decode_blob(raw, crypt, digest, name=name, size=size, check_crc=False, into=into)
+    except (CorruptData, EncryptionKeyError):
+        verify_crc(raw, name)
+        raise
+
+
+def read_blob(chunks, digest, name, buffer=None):
+    """The raw blob of a chunk: a view of ``buffer`` where the store reads into one
+    (``read_into``), else its own bytes (an object store's answer); ``CorruptData`` naming
+    ``name`` when it is missing, ``StorageError`` when it cannot be read. Without ``buffer``, a
+    ``read_view`` valid until this thread's next read."""
+    try:
+        if buffer is None:
+            return chunks.read_view(digest)
+        into = getattr(chunks, 'read_into', None)
+        return into(digest, buffer) if into is not None else chunks.read(digest)
+    except CorruptData as exc:
+        if buffer is not None and chunks.contains(digest):     # there, but too large
+            raise CorruptData(f"{name}: {exc}") from None
         raise CorruptData(f"{name} is missing from {chunks.where}") from None
     except OSError as exc:
         raise StorageError(f"{name} cannot be read: {exc.strerror or exc}") from None
-    return decode_blob(raw, crypt, digest, name=name, size=size)
 
 
-SPARSE_BLOCK = 4096
+def load_chunk(chunks, digest, crypt, name, size):
+    """The checked data of one chunk; ``CorruptData`` naming ``name`` when it is missing or
+    damaged, ``EncryptionKeyError`` when it cannot be decrypted."""
+    return decode_chunk(read_blob(chunks, digest, name), crypt, digest, name, size)
+
+
+SPARSE_BLOCK = DIRECT_ALIGNMENT
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 
 
-def write_sparse(fd, data, offset, write):
-    """``write(fd, run, offset)`` the runs of ``data`` (bytes) that are not all-zero 4 KiB
-    blocks, so a restored image stays thin inside a chunk too (as ``qemu-img convert -S 4k``);
-    the target must read as zeroes where nothing is written. Runs start on a 4 KiB boundary of
-    ``offset``."""
-    length = len(data)
-    view = memoryview(data)
+def data_runs(data, length):
+    """``(start, end)`` of the runs of ``data[:length]`` that are not all-zero 4 KiB blocks, so a
+    restored image stays thin inside a chunk too (as ``qemu-img convert -S 4k``); the target must
+    read as zeroes where nothing is written. Runs start on a 4 KiB boundary."""
     start = None
     for block in range(0, length, SPARSE_BLOCK):
-        zero = (data.startswith(_ZERO_BLOCK, block) if block + SPARSE_BLOCK <= length
-                else not data[block:].strip(b'\0'))
+        end = min(block + SPARSE_BLOCK, length)
+        # find over exactly one block: a memcmp without the copy a slice would make
+        zero = (data.find(_ZERO_BLOCK, block, end) == block if end - block == SPARSE_BLOCK
+                else not data[block:end].strip(b'\0'))
         if zero:
             if start is not None:
-                write(fd, view[start:block], offset + start)
+                yield start, block
                 start = None
         elif start is None:
             start = block
     if start is not None:
-        write(fd, view[start:], offset + start)
+        yield start, length
 
 
 def _remove(path):
@@ -85,6 +112,78 @@ def _remove(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def buffer_count(workers):
+    """Buffers of each kind (blobs read, chunk data decoded) a restore has: one per thread that
+    holds one (``workers`` readers and decoders, or decoders and writers), and one queued."""
+    return 2 * workers + 1
+
+
+def _aligned(length):
+    return -(-length // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+
+
+def _restore_chunks(todo, chunks, crypt, what, workers, limiter, write, report):
+    """Read, decode and write the chunks ``todo`` (``(position, offset, length, digest)``).
+
+    Three kinds of threads, so no core waits on another's I/O (as the backup, issue 24):
+    ``workers`` readers (an object store wants its requests in parallel) read each blob into a
+    buffer under the ``limiter``; ``workers`` decoders decrypt, decompress into a data buffer and
+    check the digest; ``workers`` writers ``write(buffer, offset, length)`` it, then
+    ``report(length)``. Before, each thread read, decoded and wrote in turn. Buffers are
+    page-aligned ``mmap``s, ``buffer_count(workers)`` of each kind, reused: a chunk is read into
+    one (no copy where the store reads into it) and decompressed into another that is written
+    with ``O_DIRECT`` as it is. The first error stops all threads and is raised."""
+    workers = max(1, int(workers or 1))
+    largest = max(length for _position, _offset, length, _digest in todo)
+    blobs, datas = queue.Queue(), queue.Queue()
+    for _number in range(buffer_count(workers)):
+        blobs.put(mmap.mmap(-1, _aligned(largest + ENCRYPTED_BLOB_HEADER_SIZE)))
+        datas.put(mmap.mmap(-1, _aligned(largest)))
+    decoding, writing = queue.Queue(), queue.Queue()    # bounded by the buffers
+    items = iter(todo)
+    lock = threading.Lock()
+    stages = Stages()
+
+    def read_all():
+        while True:
+            with lock:
+                item = next(items, None)
+            if item is None:
+                return
+            buffer = stages.get(blobs)
+            _position, offset, length, digest = item
+            limiter.take(length)
+            raw = read_blob(chunks, digest, chunk_name(what, offset, digest), buffer)
+            stages.put(decoding, (offset, length, digest, raw, buffer))
+
+    def decode_all():
+        while True:
+            item = stages.get(decoding)
+            if item is None:
+                return
+            offset, length, digest, raw, blob_buffer = item
+            buffer = stages.get(datas)
+            decode_chunk(raw, crypt, digest, chunk_name(what, offset, digest), length,
+                         into=buffer)
+            blobs.put(blob_buffer)
+            stages.put(writing, (offset, length, buffer))
+
+    def write_all():
+        while True:
+            item = stages.get(writing)
+            if item is None:
+                return
+            offset, length, buffer = item
+            write(buffer, offset, length)
+            datas.put(buffer)
+            report(length)
+
+    stages.start_many('restore-reader', workers, read_all, then=(decoding, workers))
+    stages.start_many('restore-decoder', workers, decode_all, then=(writing, workers))
+    stages.start_many('restore-writer', workers, write_all)
+    stages.join()
 
 
 def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0, progress=None,
@@ -97,7 +196,6 @@ def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0,
     stats = {'read_chunks': 0, 'read_bytes': 0, 'zero_chunks': 0}
     lock = threading.Lock()
     done = [0]
-    limiter = RateLimiter(bwlimit)
     todo = []
     for position, offset, length, digest in index:
         if zeros.get(digest) == length:
@@ -110,30 +208,32 @@ def restore_raw(index, chunks, target_path, *, crypt=None, workers=2, bwlimit=0,
     files = DirectFiles()
     fd, direct = files.open_for_writing(target_path, os.O_CREAT | os.O_TRUNC)
 
-    def write(fd, data, offset):
-        files.pwrite(fd, data, offset, direct)
+    def write(buffer, offset, length):
+        view = memoryview(buffer)
+        for start, end in ([(0, length)] if staging else data_runs(buffer, length)):
+            if direct and end % DIRECT_ALIGNMENT:       # the last chunk's end: pad it
+                padded = _aligned(end)
+                view[end:padded] = bytes(padded - end)
+                end = padded
+            # the buffer is page-aligned and every run starts on a block: written as it is,
+            # not through DirectFiles' scratch copy
+            files.pwrite(fd, view[start:end], offset + start, direct=False)
+
+    def report(length):
+        with lock:
+            stats['read_chunks'] += 1
+            stats['read_bytes'] += length
+            done[0] += length
+            if progress is not None:
+                progress(done[0], index.size)
 
     try:
         os.ftruncate(fd, index.size)
         if progress is not None:
             progress(done[0], index.size)
-
-        def work(_state, item):
-            _position, offset, length, digest = item
-            data = load_chunk(chunks, digest, crypt, chunk_name(what, offset, digest), length)
-            limiter.take(length)
-            if staging:
-                write(fd, data, offset)
-            else:
-                write_sparse(fd, data, offset, write)
-            with lock:
-                stats['read_chunks'] += 1
-                stats['read_bytes'] += length
-                done[0] += length
-                if progress is not None:
-                    progress(done[0], index.size)
-
-        run_parallel(todo, workers, work)
+        if todo:
+            _restore_chunks(todo, chunks, crypt, what, workers, RateLimiter(bwlimit), write,
+                            report)
         if direct:
             os.ftruncate(fd, index.size)     # the last chunk's padding
         if not staging:

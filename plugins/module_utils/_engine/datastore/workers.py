@@ -85,6 +85,26 @@ class Stages:
         self._threads.append(thread)
         thread.start()
 
+    def start_many(self, name, count, function, then=None):
+        """``start`` ``count`` threads ``<name>-<n>`` of ``function``. ``then``: ``(queue,
+        ends)``, the next stage's queue and its number of threads; once the last of these
+        ``count`` has returned (not failed: then every stage stops anyway), ``queue`` gets
+        ``ends`` Nones, so each thread of the next stage ends after the last item."""
+        left = [count]
+
+        def run():
+            function()
+            with self._lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and then is not None:
+                target, ends = then
+                for _number in range(ends):
+                    self.put(target, None)
+
+        for number in range(count):
+            self.start(f'{name}-{number}', run)
+
     def join(self):
         for thread in self._threads:
             thread.join()
