@@ -172,7 +172,10 @@ def test_each_backup_of_a_chain_restores_the_content_it_had(make_guest, store, c
     assert info['backing-filename'] == f"../{results[1]['time']}/vd0.qcow2"
     import hashlib
     with open(os.path.join(results[2]['backup_dir'], 'vd0.qcow2'), 'rb') as handle:
-        assert hashlib.sha256(handle.read()).hexdigest() == index['disks'][0]['sha256']
+        data = handle.read()
+    size = index['disks'][0]['segment_size']
+    assert index['disks'][0]['segment_sha256'] == [
+        hashlib.sha256(data[at:at + size]).hexdigest() for at in range(0, len(data), size)]
     for name in ('guest.json', 'client.log'):
         assert os.path.exists(os.path.join(results[2]['backup_dir'], name))
     # Only the newest backup's bitmap is left on the guest.
