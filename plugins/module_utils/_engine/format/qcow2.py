@@ -13,16 +13,16 @@ kept backup's manifest is swapped in through a pending file that ``recover`` com
 after a crash, depending on whether the images already match it.
 
 Each image is protected by a sha256 per segment of the file as written (``segment_sha256``, the
-segments ``segment_size`` bytes long: 64 MiB, doubled until there are at most 1024), so any
+segments ``segment_size`` bytes long: 8 MiB, doubled until there are at most 1024), so any
 changed byte, guest data or qcow2 metadata, fails a verify, which names the damaged segment.
 Older backups record one sha256 of the whole file (``sha256``); it is still verified, as is every
 digest an entry records. Why segments: one sha256 is one core's work (1.4 s of a 3.3 s full on
-the bench's 2 GiB image), segments hash on every core, at the backup and at every verify. The
-hash runs after QEMU's job, not during it: QEMU writes each data cluster once but rewrites its
-L1/L2 tables and refcount blocks in place, with many writes in flight, and nothing outside QEMU
-says which ranges of the file are final before the job ends; a digest taken earlier could
-describe bytes that changed later. The images stay plain qcow2, so ``qemu-img convert`` alone
-still restores any backup.
+the bench's 2 GiB image), segments hash on every core, at the backup and at every verify. At
+the backup they are hashed while QEMU's job writes the image, behind its write front, and those
+QEMU wrote again after they were read (dirty bitmaps on the image's file node say which) are
+hashed again after the job: format/overlap.py says why no write is missed. The images stay plain
+qcow2 (the bitmaps are QEMU's, in memory, never in the file), so ``qemu-img convert`` alone still
+restores any backup.
 """
 from __future__ import annotations
 
@@ -39,9 +39,13 @@ from ..version import TOOL_VERSION
 from . import qemu_img
 from .base import BlockExport, TargetImage
 from .capture import BLOCK
+from .overlap import OverlappedDigests
 
 MANIFEST_FORMAT = 1
-SEGMENT_SIZE = 64 << 20     # the smallest segment: enough segments to keep every core busy
+# The smallest segment: small, because a segment hashed during the copy whose bytes QEMU writes
+# again (qcow2 rewrites its L2 tables and refcount blocks in place, among the data) is hashed
+# again whole after the job (format/overlap.py); many, so every core hashes at a verify.
+SEGMENT_SIZE = 8 << 20
 MAX_SEGMENTS = 1024         # ... and a manifest of at most ~70 KiB of digests per disk
 
 
@@ -139,6 +143,7 @@ class Qcow2Chain:
     captures = (BLOCK,)         # a VM's disks; a container's file tree is not stored as qcow2
     capture = 'push'
     key_fingerprint = None      # qcow2 backups are not encrypted
+    hash_during_copy = True     # False: hash after QEMU's job (bench/backup_bench.py compares)
 
     # -- backup ---------------------------------------------------------------------------------
     def create_targets(self, staged, disks, decision, compression):
@@ -156,8 +161,23 @@ class Qcow2Chain:
 
     def copy(self, staged, capture, targets, progress, bwlimit_kib=0, max_workers=None,
              log=None):
-        """QEMU writes the targets itself (push): wait for its jobs; bytes each processed."""
-        return capture.run_jobs(progress)
+        """QEMU writes the targets itself (push): wait for its jobs, hashing the images'
+        segments behind QEMU's writes (format/overlap.py says why that is sound); bytes each
+        processed. An image that outgrew the smallest segment size is hashed again whole by
+        ``finish_disks``."""
+        if not self.hash_during_copy:
+            return capture.run_jobs(progress)
+        with OverlappedDigests([t.path for t in targets.values()], SEGMENT_SIZE) as watcher:
+            processed = capture.run_jobs(progress, watcher)
+            digests = watcher.digests()
+        for target in targets.values():
+            size, hashes = digests[target.path]
+            if size == segment_size(os.path.getsize(target.path)):
+                target.digests = {'segment_size': size, 'segment_sha256': hashes}
+        if log:
+            log(f"hashed {watcher.hashed_early()} of {sum(len(h) for _s, h in digests.values())}"
+                f" segments while QEMU wrote, {watcher.hashed_again} again after its job")
+        return processed
 
     def discard_targets(self, targets):
         """Nothing outside the staged backup, which is discarded as a whole."""
@@ -167,7 +187,8 @@ class Qcow2Chain:
         """Each disk's manifest entry; its image fsynced, then hashed (segments on every core)."""
         paths = [targets[d.id].path for d in disks]
         _parallel(fsync_path, paths)
-        digests = image_digests(paths)
+        digests = image_digests([targets[d.id].path for d in disks
+                                 if targets[d.id].digests is None])
         entries = []
         for disk in disks:
             target = targets[disk.id]
@@ -176,7 +197,8 @@ class Qcow2Chain:
                 'virtual_size': disk.virtual_size, 'file': os.path.basename(target.path),
                 'level': target.level, 'bytes_written': qemu_img.allocated_bytes(target.path),
                 'bytes_processed': processed[disk.id],
-                'size': os.path.getsize(target.path), **digests[target.path],
+                'size': os.path.getsize(target.path),
+                **(target.digests or digests[target.path]),
                 'bitmap': bitmaps.get(disk.id), 'backing': target.backing,
             }))
         return entries
