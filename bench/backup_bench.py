@@ -391,6 +391,23 @@ def spread(samples, key):
     return f"{values[0]:.2f}-{values[-1]:.2f}" if len(values) > 1 else ""
 
 
+def cpu_seconds(qemu_pid):
+    """(this process's CPU seconds, all threads; QEMU's), for the CPU profile of a step."""
+    with open(f'/proc/{qemu_pid}/stat') as handle:
+        fields = handle.read().rsplit(')', 1)[1].split()
+    own = os.times()
+    return own.user + own.system, (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def with_cpu(guest, step, *args):
+    """Run ``step(*args)``; its result with the CPU seconds it took here and in QEMU."""
+    own0, qemu0 = cpu_seconds(guest.pid())
+    result = step(*args)
+    own1, qemu1 = cpu_seconds(guest.pid())
+    result.update(cpu_engine=own1 - own0, cpu_qemu=qemu1 - qemu0)
+    return result
+
+
 def loadavg():
     with open('/proc/loadavg') as handle:
         return ' '.join(handle.read().split()[:3])
@@ -480,6 +497,12 @@ def print_report(info, setup, base, fulls, fullz, fulla, base_full, incs, args, 
     fa_d = med(fulla, 'duration')
     say(f"  full hashed after the job / bare copy    {fa_d / bare:5.2f}x   (the hash not "
         f"overlapped with QEMU's copy, as before; full / it {full_d / fa_d:.2f}x)")
+    say("  CPU seconds (medians; this process's threads + QEMU's; the warm-up's read is in "
+        "this process's)")
+    for name, samples in (('bare QEMU copy', base['bare QEMU copy']), ('full', fulls),
+                          ('full, hashed after the job', fulla)):
+        say(f"    {name:28s} {med(samples, 'cpu_engine'):5.2f} + {med(samples, 'cpu_qemu'):5.2f}"
+            f" = {med(samples, 'cpu_engine') + med(samples, 'cpu_qemu'):5.2f}")
     say(f"  full wall     / bare QEMU copy+fsync     {full_w / bare:5.2f}x   (bare copy / "
         f"convert+fsync {bare / conv:.2f}x)")
     say(f"  full duration / cp+fsync                 {full_d / med(base['cp'], 'seconds_sync'):5.2f}x")
@@ -601,15 +624,16 @@ def main(argv=None):
                 steps[:3] = steps[2::-1]
             for compress, bucket in steps:
                 if compress == 'bare':
-                    base.setdefault('bare QEMU copy', []).append(bare_copy(
-                        guest, outdir, disk_size, warm, setup['image_allocated']))
+                    base.setdefault('bare QEMU copy', []).append(with_cpu(
+                        guest, bare_copy, guest, outdir, disk_size, warm,
+                        setup['image_allocated']))
                     continue
                 store = fresh_store()
                 qcow2.Qcow2Chain.hash_during_copy = compress != 'after'
                 try:
-                    sample = engine_backup(backup_run, inst, guest, store, config_dir, 'full',
-                                           '0' if compress == 'after' else compress, warm,
-                                           setup['image_allocated'])
+                    sample = with_cpu(guest, engine_backup, backup_run, inst, guest, store,
+                                      config_dir, 'full', '0' if compress == 'after' else compress,
+                                      warm, setup['image_allocated'])
                 finally:
                     qcow2.Qcow2Chain.hash_during_copy = True
                 bucket.append(sample)

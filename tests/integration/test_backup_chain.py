@@ -653,7 +653,8 @@ def test_performance_max_workers_reaches_qemu_and_the_backup_is_exact(make_guest
     guest.write('vd0', 0x6D, 0, 4 * MiB)
     result = backup(guest, store, config_dir, max_workers=4)
     # The job QEMU accepted (QEMU validates x-perf) is the one that carried the setting.
-    (transaction,) = [args for command, args in sent if command == 'transaction']
+    (transaction,) = [args for command, args in sent if command == 'transaction'
+                      and any(a['type'] == 'blockdev-backup' for a in args['actions'])]
     jobs = [a['data'] for a in transaction['actions'] if a['type'] == 'blockdev-backup']
     assert [job['x-perf'] for job in jobs] == [{'max-workers': 4}]
     assert result['disks'][0]['bytes_processed'] == 16 * MiB

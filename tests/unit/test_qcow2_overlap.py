@@ -55,16 +55,22 @@ def test_digests_are_the_final_files_also_when_hashed_segments_are_rewritten(tmp
     data = bytearray(b'a' * (3 * SEG + 10))
     with open(path, 'wb') as handle:
         handle.write(data)
-    with OverlappedDigests([path], SEG, margin=SEG, workers=2) as watcher:
-        watcher.schedule(0)         # segments 0 and 1 lie a margin below the end
-        assert watcher.hashed_early() == 2
-        data[5:8] = b'xyz'          # qcow2 rewriting its metadata, after bitmap 0
-        data += b'b' * (2 * SEG)    # the copy goes on
+    with OverlappedDigests([path], SEG, workers=2) as watcher:
+        watcher.schedule(0)         # nothing yet: a batch reads what lay below the end before it
+        assert watcher.hashed_early() == 0
+        data += b'b' * SEG          # the copy goes on
         with open(path, 'wb') as handle:
             handle.write(data)
-        watcher.schedule(1)
+        watcher.schedule(1)         # segments 0-2 lay below the end at batch 0
+        assert watcher.hashed_early() == 3
+        data[5:8] = b'xyz'          # qcow2 rewriting its metadata, after bitmap 1
+        data += b'c' * SEG
+        with open(path, 'wb') as handle:
+            handle.write(data)
+        watcher.schedule(2)         # segment 3 (the tail of batch 0's end is not whole)
         assert watcher.hashed_early() == 4
-        watcher.written({path: {0: [(0, 512)], 1: []}} if report_dirty else None)
+        watcher.written({path: {0: [(0, 512)], 1: [(0, 512)], 2: []}} if report_dirty
+                        else None)
         size, digests = watcher.digests()[path]
     assert size == SEG and digests == sha_segments(bytes(data))
     # reported: segment 0 (dirty) and the two never hashed (4, the tail); unknown: all six

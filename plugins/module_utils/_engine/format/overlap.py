@@ -12,9 +12,11 @@ unless bitmap ``k`` marks a byte of it dirty; after the job, once QEMU has close
 dirty in its batch's bitmap, never hashed, or no longer of the final file's layout. No write is
 missed, some segments are hashed twice: the cost of soundness is only time.
 
-The segments hashed early are those already well below the file's end (``margin``): QEMU's
-writes in flight are near the end, so they are rarely dirtied again. What qcow2 rewrites (L2
-tables, refcount blocks) is hashed again at the end.
+The segments hashed early are those that already lay below the file's end at the previous
+batch: QEMU's writes in flight land in clusters it allocated last, near the end (a backup job
+has up to 64 workers of up to 1 MiB each; on a busy machine one can wait long), so a batch's
+segments are rarely written again. What qcow2 rewrites in place (L2 tables, refcount blocks) is
+hashed again after the job.
 """
 from __future__ import annotations
 
@@ -23,10 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..storage.files import sha256_range
 
-# How far below a file's end a segment must lie to be hashed during the copy: QEMU's writes in
-# flight land near the end, in clusters allocated below it (a backup job has up to 64 workers of
-# up to 1 MiB each); a segment hashed too early is only hashed again, never wrong.
-MARGIN = 64 << 20
 
 
 def overlaps(ranges, offset, length):
@@ -57,10 +55,10 @@ class OverlappedDigests:
     ``written({path: {batch: dirty ranges}})`` once QEMU has closed the images; then
     ``digests()``."""
 
-    def __init__(self, paths, size, margin=MARGIN, workers=None):
+    def __init__(self, paths, size, workers=None):
         self.paths = list(paths)
         self.size = size
-        self.margin = margin
+        self._ends = {path: 0 for path in self.paths}        # each file's size at the last batch
         self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
         self._hashed = {path: {} for path in self.paths}    # offset -> (length, batch, future)
         self._dirty = None
@@ -73,12 +71,12 @@ class OverlappedDigests:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def schedule(self, batch):
-        """Start hashing, as batch ``batch``, each segment that now lies ``margin`` below its
-        file's end and was not started yet."""
+        """Start hashing, as batch ``batch``, each segment not started yet that lay below its
+        file's end at the previous batch."""
         for path in self.paths:
             hashed = self._hashed[path]
             start = max(hashed, default=-self.size) + self.size
-            end = os.path.getsize(path) - self.margin
+            end, self._ends[path] = self._ends[path], os.path.getsize(path)
             for offset in range(start, end - self.size + 1, self.size):
                 hashed[offset] = (self.size, batch,
                                   self._pool.submit(sha256_range, path, offset, self.size))

@@ -21,8 +21,11 @@ TARGET_PREFIX = 'gvt-'
 EXPORT_PREFIX = 'gvx-'
 FILE_SUFFIX = '-file'       # a target's file (protocol) node, under its qcow2 node
 WATCH_PREFIX = 'gvwatch-'   # the watcher's bitmaps, on the target's file node (not persistent)
-WATCH_BATCHES = 16          # a new watch bitmap per 1/16 of the jobs' length ...
-WATCH_BATCH = 32 << 20      # ... and at least this much progress
+# A new watch bitmap per 1/32 of the jobs' length, and at least 16 MiB of progress: a batch
+# reads what lay below the file's end at the one before, so the last two batches' worth of the
+# image is hashed after the job; each bitmap costs QEMU a bit set per write.
+WATCH_BATCHES = 32
+WATCH_BATCH = 16 << 20
 WATCH_GRANULARITY = 1 << 20
 WATCH_POLL = 0.1            # seconds between looks at the jobs' progress while a watcher hashes
 
@@ -183,7 +186,9 @@ class PushCapture:
             if progress is not None:
                 progress(done, total)
             step = max(WATCH_BATCH, total // WATCH_BATCHES)
-            if can_watch and done - seen >= step and len(batches) < WATCH_BATCHES:
+            # (none once the jobs are through: what they still write is hashed after them)
+            if can_watch and done - seen >= step and done < total \
+                    and len(batches) < WATCH_BATCHES:
                 seen = done
                 self._add_watch_bitmap(len(batches))
                 batches.append(len(batches))
