@@ -10,8 +10,11 @@ What one run does (see bench/README.md):
    into it through the guest's block device (qemu-io): random, pseudo-text, constant bytes and
    repeated 4 KiB blocks, in 4 MiB extents scattered over the disk, holes for the rest;
 2. in each of --repeat rounds: baselines on the disk image (``qemu-img convert -U -O qcow2``,
-   ``cp``, ``zstd -1 -T2``), each timed without and with an fsync of its output, then a full
-   guestvault backup and a full zstd-compressed one, each into a fresh store;
+   ``cp``, ``zstd -1 -T2``), each timed without and with an fsync of its output, then, in
+   alternating order, a bare QEMU copy (what qmpbackup's full is), a full guestvault backup and
+   the same full with its hash after QEMU's job instead of during it (as before issue 24), then
+   a full zstd-compressed one, each backup into a fresh store, with the CPU seconds of this
+   process and of QEMU;
 3. an incremental chain: a base full, then --repeat times (change 64 MiB, inc; change 256 MiB, inc),
    the changes being 256 KiB writes at distinct random places across the whole disk;
 4. checks the newest incremental restores bit-exact (``qemu-img compare`` against the disk), then
