@@ -48,6 +48,14 @@ def sha_segments(data):
     return [hashlib.sha256(data[o:o + SEG]).hexdigest() for o in range(0, len(data), SEG)]
 
 
+def write(path, data, offset, new):
+    """Write ``new`` at ``offset`` in place, as QEMU does (no truncation), and into ``data``."""
+    data[offset:offset + len(new)] = new
+    with open(path, 'r+b') as handle:
+        handle.seek(offset)
+        handle.write(new)
+
+
 @pytest.mark.parametrize('report_dirty', [True, False])
 def test_digests_are_the_final_files_also_when_hashed_segments_are_rewritten(tmp_path,
                                                                              report_dirty):
@@ -55,18 +63,14 @@ def test_digests_are_the_final_files_also_when_hashed_segments_are_rewritten(tmp
     data = bytearray(b'a' * (3 * SEG + 10))
     with open(path, 'wb') as handle:
         handle.write(data)
-    with OverlappedDigests([path], SEG, workers=2) as watcher:
+    with OverlappedDigests({path: SEG}, workers=2) as watcher:
         watcher.schedule(0)         # nothing yet: a batch reads what lay below the end before it
         assert watcher.hashed_early() == 0
-        data += b'b' * SEG          # the copy goes on
-        with open(path, 'wb') as handle:
-            handle.write(data)
+        write(path, data, len(data), b'b' * SEG)     # the copy goes on
         watcher.schedule(1)         # segments 0-2 lay below the end at batch 0
         assert watcher.hashed_early() == 3
-        data[5:8] = b'xyz'          # qcow2 rewriting its metadata, after bitmap 1
-        data += b'c' * SEG
-        with open(path, 'wb') as handle:
-            handle.write(data)
+        write(path, data, 5, b'xyz')                 # qcow2 rewriting its metadata, after bitmap 1
+        write(path, data, len(data), b'c' * SEG)
         watcher.schedule(2)         # segment 3 (the tail of batch 0's end is not whole)
         assert watcher.hashed_early() == 4
         watcher.written({path: {0: [(0, 512)], 1: [(0, 512)], 2: []}} if report_dirty

@@ -49,15 +49,15 @@ def to_hash_again(hashed, dirty, final):
 
 
 class OverlappedDigests:
-    """The segment digests of the images at ``paths``, hashed on ``workers`` threads while QEMU
-    writes them. Use as a context manager (it ends its threads); the capture calls
-    ``schedule(batch)`` after adding bitmap ``batch`` to every image's file node, and
-    ``written({path: {batch: dirty ranges}})`` once QEMU has closed the images; then
+    """The segment digests of the images ``sizes`` names ({path: its segment size}), hashed on
+    ``workers`` threads while QEMU writes them. Use as a context manager (it ends its threads);
+    the capture calls ``schedule(batch)`` after adding bitmap ``batch`` to every image's file
+    node, and ``written({path: {batch: dirty ranges}})`` once QEMU has closed the images; then
     ``digests()``."""
 
-    def __init__(self, paths, size, workers=None):
-        self.paths = list(paths)
-        self.size = size
+    def __init__(self, sizes, workers=None):
+        self.sizes = dict(sizes)
+        self.paths = list(self.sizes)
         self._ends = {path: 0 for path in self.paths}        # each file's size at the last batch
         self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
         self._hashed = {path: {} for path in self.paths}    # offset -> (length, batch, future)
@@ -74,12 +74,11 @@ class OverlappedDigests:
         """Start hashing, as batch ``batch``, each segment not started yet that lay below its
         file's end at the previous batch."""
         for path in self.paths:
-            hashed = self._hashed[path]
-            start = max(hashed, default=-self.size) + self.size
+            hashed, size = self._hashed[path], self.sizes[path]
+            start = max(hashed, default=-size) + size
             end, self._ends[path] = self._ends[path], os.path.getsize(path)
-            for offset in range(start, end - self.size + 1, self.size):
-                hashed[offset] = (self.size, batch,
-                                  self._pool.submit(sha256_range, path, offset, self.size))
+            for offset in range(start, end - size + 1, size):
+                hashed[offset] = (size, batch, self._pool.submit(sha256_range, path, offset, size))
 
     def written(self, dirty):
         """{path: {batch: [(offset, length)]}}: what each batch's bitmap saw written; None when
@@ -94,15 +93,15 @@ class OverlappedDigests:
         """{path: (segment size, [sha256 of each segment of the final file])}."""
         result = {}
         for path in self.paths:
-            file_size = os.path.getsize(path)
-            final = [(offset, min(self.size, file_size - offset))
-                     for offset in range(0, file_size, self.size)]
+            file_size, size = os.path.getsize(path), self.sizes[path]
+            final = [(offset, min(size, file_size - offset))
+                     for offset in range(0, file_size, size)]
             hashed = self._hashed[path]
             dirty = None if self._dirty is None else self._dirty.get(path)
             again = {offset: self._pool.submit(sha256_range, path, offset, length)
                      for offset, length in to_hash_again(
                          {o: (n, b) for o, (n, b, _f) in hashed.items()}, dirty, final)}
             self.hashed_again += len(again)
-            result[path] = (self.size, [(again.get(offset) or hashed[offset][2]).result()
+            result[path] = (size, [(again.get(offset) or hashed[offset][2]).result()
                                         for offset, _length in final])
         return result

@@ -13,7 +13,8 @@ kept backup's manifest is swapped in through a pending file that ``recover`` com
 after a crash, depending on whether the images already match it.
 
 Each image is protected by a sha256 per segment of the file as written (``segment_sha256``, the
-segments ``segment_size`` bytes long: 8 MiB, doubled until there are at most 1024), so any
+segments ``segment_size`` bytes long: 8 MiB, doubled until there are at most 1024 in the disk's
+size at a backup, in the image's size when a fold rewrites it; a verify takes any), so any
 changed byte, guest data or qcow2 metadata, fails a verify, which names the damaged segment.
 Older backups record one sha256 of the whole file (``sha256``); it is still verified, as is every
 digest an entry records. Why segments: one sha256 is one core's work (1.4 s of a 3.3 s full on
@@ -66,10 +67,10 @@ def _parallel(function, items, workers=None):
         return list(pool.map(function, items))
 
 
-def segment_size(file_size):
-    """The segment length of an image of ``file_size`` bytes."""
+def segment_size(length):
+    """The segment length of an image of (about) ``length`` bytes."""
     size = SEGMENT_SIZE
-    while file_size > size * MAX_SEGMENTS:
+    while length > size * MAX_SEGMENTS:
         size *= 2
     return size
 
@@ -163,17 +164,18 @@ class Qcow2Chain:
              log=None):
         """QEMU writes the targets itself (push): wait for its jobs, hashing the images'
         segments behind QEMU's writes (format/overlap.py says why that is sound); bytes each
-        processed. An image that outgrew the smallest segment size is hashed again whole by
-        ``finish_disks``."""
+        processed. The segment size is chosen before the image exists, from the disk's size
+        (an image is at most that, and its metadata, long)."""
         if not self.hash_during_copy:
             return capture.run_jobs(progress)
-        with OverlappedDigests([t.path for t in targets.values()], SEGMENT_SIZE) as watcher:
+        sizes = {targets[job.disk.id].path: segment_size(int(job.disk.virtual_size))
+                 for job in capture.disk_jobs}
+        with OverlappedDigests(sizes) as watcher:
             processed = capture.run_jobs(progress, watcher)
             digests = watcher.digests()
         for target in targets.values():
             size, hashes = digests[target.path]
-            if size == segment_size(os.path.getsize(target.path)):
-                target.digests = {'segment_size': size, 'segment_sha256': hashes}
+            target.digests = {'segment_size': size, 'segment_sha256': hashes}
         if log:
             log(f"hashed {watcher.hashed_early()} of {sum(len(h) for _s, h in digests.values())}"
                 f" segments while QEMU wrote, {watcher.hashed_again} again after its job")
