@@ -10,8 +10,11 @@ What one run does (see bench/README.md):
    into it through the guest's block device (qemu-io): random, pseudo-text, constant bytes and
    repeated 4 KiB blocks, in 4 MiB extents scattered over the disk, holes for the rest;
 2. in each of --repeat rounds: baselines on the disk image (``qemu-img convert -U -O qcow2``,
-   ``cp``, ``zstd -1 -T2``), each timed without and with an fsync of its output, then a full
-   guestvault backup and a full zstd-compressed one, each into a fresh store;
+   ``cp``, ``zstd -1 -T2``), each timed without and with an fsync of its output, then, in
+   alternating order, a bare QEMU copy (what qmpbackup's full is), a full guestvault backup and
+   the same full with its hash after QEMU's job instead of during it (as before issue 24), then
+   a full zstd-compressed one, each backup into a fresh store, with the CPU seconds of this
+   process and of QEMU;
 3. an incremental chain: a base full, then --repeat times (change 64 MiB, inc; change 256 MiB, inc),
    the changes being 256 KiB writes at distinct random places across the whole disk;
 4. checks the newest incremental restores bit-exact (``qemu-img compare`` against the disk), then
@@ -224,14 +227,14 @@ class Instrument:
     """Time stamps for the engine's phases, without touching the engine's files.
 
     The log callback stamps each log line; wrappers around the qcow2 format's ``finish_disks``
-    (fsync + hash of the images) and ``sha256_file`` (module globals, looked up at call time)
+    (fsync + hash of the images) and ``image_digests`` (a module global, looked up at call time)
     split the finishing step into fsync and hashing.
     """
 
     def __init__(self, qcow2):
         self.reset()
         original_finish = qcow2.Qcow2Chain.finish_disks
-        original_sha = qcow2.sha256_file
+        original_sha = qcow2.image_digests
 
         def finish_disks(*args, **kwargs):
             t0 = time.monotonic()
@@ -240,14 +243,14 @@ class Instrument:
             finally:
                 self.marks['hash_and_sync'] = time.monotonic() - t0
 
-        def sha256(path):
+        def sha256(*args, **kwargs):
             t0 = time.monotonic()
             try:
-                return original_sha(path)
+                return original_sha(*args, **kwargs)
             finally:
                 self.marks['sha256'] = self.marks.get('sha256', 0.0) + time.monotonic() - t0
         qcow2.Qcow2Chain.finish_disks = finish_disks
-        qcow2.sha256_file = sha256
+        qcow2.image_digests = sha256
 
     def reset(self):
         self.t0 = time.monotonic()
@@ -293,12 +296,13 @@ def engine_backup(backup_run, inst, guest, store, config_dir, level, compress, w
     pit = inst.at('point in time') or started
     finished = inst.at('backup finished') or pit
     hs = inst.marks.get('hash_and_sync', 0.0)
+    overlap = [m for _t, m in inst.lines if m.startswith('hashed ')]
     sha = inst.marks.get('sha256', 0.0)
     return {
         'wall': wall, 'duration': result['duration'], 'copy_seconds': result['copy_seconds'],
         'bytes_written': result['bytes_written'], 'size': disk['size'],
         'allocated': allocated(os.path.join(backup_dir, disk['file'])),
-        'path': backup_dir,
+        'path': backup_dir, 'overlap': overlap[0] if overlap else '',
         'phases': {
             'plan+locks': started,
             'targets+transaction': pit - started,
@@ -309,6 +313,38 @@ def engine_backup(backup_run, inst, guest, store, config_dir, level, compress, w
             'metadata+commit+bitmaps': wall - finished,
         },
     }
+
+
+def bare_copy(guest, outdir, disk_size, warm, size):
+    """What qmpbackup's full is: QEMU's ``blockdev-backup sync=full`` of the same disk into a
+    new qcow2 created as the engine creates its target, waited for, closed and fsynced; no hash.
+    Timed from creating the target to the fsync (the engine's duration covers both too)."""
+    from guestvault_engine.format import qemu_img
+    target = os.path.join(outdir, 'bare.qcow2')
+    warm(size)
+    t0 = time.monotonic()
+    qemu_img.create_qcow2(target, disk_size)
+    guest.execute('blockdev-add', driver='qcow2', **{'node-name': 'bare-target'},
+                  file={'driver': 'file', 'filename': target})
+    guest.execute('blockdev-backup', **{'job-id': 'bare-copy', 'device': 'disk0',
+                                        'target': 'bare-target', 'sync': 'full'})
+    while True:     # the job's end, from QMP events as the engine waits for it
+        event = guest.qmp().pull_event(wait=600)
+        if event is None:
+            raise RuntimeError("the bare copy's job did not end within 600 s")
+        data = event.get('data', {})
+        if event['event'] in ('BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED') \
+                and data.get('device') == 'bare-copy':
+            break
+    guest.execute('blockdev-del', **{'node-name': 'bare-target'})
+    if event['event'] != 'BLOCK_JOB_COMPLETED' or data.get('error'):
+        raise RuntimeError(f"the bare copy failed: {event}")
+    t1 = time.monotonic()
+    fsync_file(target)
+    result = {'seconds': t1 - t0, 'seconds_sync': time.monotonic() - t0,
+              'size': allocated(target)}
+    os.unlink(target)
+    return result
 
 
 # ------------------------------------------------------------------------------------- report
@@ -358,6 +394,23 @@ def spread(samples, key):
     return f"{values[0]:.2f}-{values[-1]:.2f}" if len(values) > 1 else ""
 
 
+def cpu_seconds(qemu_pid):
+    """(this process's CPU seconds, all threads; QEMU's), for the CPU profile of a step."""
+    with open(f'/proc/{qemu_pid}/stat') as handle:
+        fields = handle.read().rsplit(')', 1)[1].split()
+    own = os.times()
+    return own.user + own.system, (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def with_cpu(guest, step, *args):
+    """Run ``step(*args)``; its result with the CPU seconds it took here and in QEMU."""
+    own0, qemu0 = cpu_seconds(guest.pid())
+    result = step(*args)
+    own1, qemu1 = cpu_seconds(guest.pid())
+    result.update(cpu_engine=own1 - own0, cpu_qemu=qemu1 - qemu0)
+    return result
+
+
 def loadavg():
     with open('/proc/loadavg') as handle:
         return ' '.join(handle.read().split()[:3])
@@ -391,7 +444,7 @@ def machine_info(workdir, zstd_cli):
     }
 
 
-def print_report(info, setup, base, fulls, fullz, base_full, incs, args, check):
+def print_report(info, setup, base, fulls, fullz, fulla, base_full, incs, args, check):
     line = '-' * 100
     say('\n' + '=' * 100)
     say("guestvault backup benchmark — medians of %d runs (min-max in brackets)" % args.repeat)
@@ -414,7 +467,8 @@ def print_report(info, setup, base, fulls, fullz, base_full, incs, args, check):
         t, ts = med(samples, 'seconds'), med(samples, 'seconds_sync')
         say(f"{name:34s} {t:8.2f} {ts:8.2f} {spread(samples, 'seconds_sync'):>14s} "
             f"{fmt_bytes(med(samples, 'size')):>11s} {data / MiB / ts:10.0f}")
-    for name, samples in (('guestvault full', fulls), ('guestvault full zstd', fullz)):
+    for name, samples in (('guestvault full', fulls), ('guestvault full zstd', fullz),
+                          ('full, hashed after the job', fulla)):
         d = med(samples, 'duration')
         say(f"{name + ' (duration)':34s} {'':8s} {d:8.2f} {spread(samples, 'duration'):>14s} "
             f"{fmt_bytes(med(samples, 'allocated')):>11s} {data / MiB / d:10.0f}")
@@ -439,6 +493,21 @@ def print_report(info, setup, base, fulls, fullz, base_full, incs, args, check):
     say(f"  full copy_seconds / qemu-img convert+fsync {full_c / conv:5.2f}x   (the QEMU job "
         f"alone; it flushes its target before it ends; vs convert without fsync "
         f"{full_c / conv_ns:.2f}x)")
+    bare = med(base['bare QEMU copy'], 'seconds_sync')
+    say(f"  full duration / bare QEMU copy+fsync     {full_d / bare:5.2f}x   (target <= 1.15x) "
+        f"{'MET' if full_d / bare <= 1.15 else 'MISSED'}   (issue 24, goal 3; load "
+        f"{loadavg()})")
+    fa_d = med(fulla, 'duration')
+    say(f"  full hashed after the job / bare copy    {fa_d / bare:5.2f}x   (the hash not "
+        f"overlapped with QEMU's copy, as before; full / it {full_d / fa_d:.2f}x)")
+    say("  CPU seconds (medians; this process's threads + QEMU's; the warm-up's read is in "
+        "this process's)")
+    for name, samples in (('bare QEMU copy', base['bare QEMU copy']), ('full', fulls),
+                          ('full, hashed after the job', fulla)):
+        say(f"    {name:28s} {med(samples, 'cpu_engine'):5.2f} + {med(samples, 'cpu_qemu'):5.2f}"
+            f" = {med(samples, 'cpu_engine') + med(samples, 'cpu_qemu'):5.2f}")
+    say(f"  full wall     / bare QEMU copy+fsync     {full_w / bare:5.2f}x   (bare copy / "
+        f"convert+fsync {bare / conv:.2f}x)")
     say(f"  full duration / cp+fsync                 {full_d / med(base['cp'], 'seconds_sync'):5.2f}x")
     say(f"  zstd full duration / full duration       {fz_d / full_d:5.2f}x   (target <= 2x) "
         f"{'MET' if fz_d / full_d <= 2 else 'MISSED'}")
@@ -461,17 +530,19 @@ def print_report(info, setup, base, fulls, fullz, base_full, incs, args, check):
             f"{d / full_d:7.0%}")
     small, large = sorted(incs)[0], sorted(incs)[-1]
     d_small, d_large = med(incs[small], 'duration'), med(incs[large], 'duration')
-    slope = (d_large - d_small) / ((large - small) / GiB)
-    fixed = d_small - slope * small / GiB
-    say(f"  linear fit: {fixed:.2f} s fixed + {slope:.2f} s per changed GiB "
-        f"(full: {full_d / (data / GiB):.2f} s per GiB of guest data, "
-        f"{full_d / (setup['virtual'] / GiB):.2f} s per GiB of disk)")
+    if large > small:   # a fit needs two change sizes
+        slope = (d_large - d_small) / ((large - small) / GiB)
+        fixed = d_small - slope * small / GiB
+        say(f"  linear fit: {fixed:.2f} s fixed + {slope:.2f} s per changed GiB "
+            f"(full: {full_d / (data / GiB):.2f} s per GiB of guest data, "
+            f"{full_d / (setup['virtual'] / GiB):.2f} s per GiB of disk)")
     say(f"  a {fmt_bytes(large)} inc costs {d_large / full_d:.0%} of the full's time for "
         f"{large / data:.0%} of its data and {large / setup['virtual']:.0%} of the disk")
     say(line)
 
     say("where the engine's time goes (medians, seconds; from log-line time stamps and wrappers)")
-    rows = [('full', med_phases(fulls)), ('full zstd', med_phases(fullz))]
+    rows = [('full', med_phases(fulls)), ('full zstd', med_phases(fullz)),
+            ('hash after', med_phases(fulla))]
     rows += [(f"inc {fmt_bytes(a)}", med_phases(incs[a])) for a in sorted(incs)]
     keys = list(rows[0][1])
     say(f"{'phase':28s}" + ''.join(f"{name:>14s}" for name, phases in rows))
@@ -479,7 +550,9 @@ def print_report(info, setup, base, fulls, fullz, base_full, incs, args, check):
         say(f"{key:28s}" + ''.join(f"{phases[key]:14.2f}" for name, phases in rows))
     say(f"{'= wall':28s}" + ''.join(f"{sum(phases.values()):14.2f}" for name, phases in rows))
     say("  (fsync image ~0: the job's target is already durable when the job ends; sha256 image is "
-        "the engine's single-threaded hash of the finished image, read back from page cache)")
+        "the engine's hash of the finished image's segments on every core, read back from page "
+        "cache: in full and full zstd the segments are hashed during the copy, behind QEMU's "
+        "writes, and those written again after the job: that time is in copy (job))")
     say(line)
     say(f"restore check: {check}")
 
@@ -542,21 +615,39 @@ def main(argv=None):
         say(f"filled {fmt_bytes(data_size)} in {fill_seconds:.1f} s; image "
             f"{fmt_bytes(setup['image_allocated'])}")
 
-        base, fulls, fullz = {}, [], []
+        base, fulls, fullz, fulla = {}, [], [], []
         for rnd in range(args.repeat):
             measured = baselines(image, outdir, zstd_cli, args.zstd_b8m, warm)
             for name, sample in measured.items():
                 base.setdefault(name, []).append(sample)
-            for compress, bucket in (('0', fulls), ('zstd', fullz)):
+            # the bare copy and the full alternate: first one, then the other, round by round
+            # (and the full hashed after the job, as before the overlap, between them)
+            steps = [('bare', None), ('0', fulls), ('after', fulla), ('zstd', fullz)]
+            if rnd % 2:
+                steps[:3] = steps[2::-1]
+            for compress, bucket in steps:
+                if compress == 'bare':
+                    base.setdefault('bare QEMU copy', []).append(with_cpu(
+                        guest, bare_copy, guest, outdir, disk_size, warm,
+                        setup['image_allocated']))
+                    continue
                 store = fresh_store()
-                sample = engine_backup(backup_run, inst, guest, store, config_dir, 'full',
-                                       compress, warm, setup['image_allocated'])
+                qcow2.Qcow2Chain.hash_during_copy = compress != 'after'
+                try:
+                    sample = with_cpu(guest, engine_backup, backup_run, inst, guest, store,
+                                      config_dir, 'full', '0' if compress == 'after' else compress,
+                                      warm, setup['image_allocated'])
+                finally:
+                    qcow2.Qcow2Chain.hash_during_copy = True
                 bucket.append(sample)
                 shutil.rmtree(store)
             say(f"round {rnd + 1}: convert {base['qemu-img convert'][-1]['seconds_sync']:.2f} s, "
-                f"cp {base['cp'][-1]['seconds_sync']:.2f} s, full {fulls[-1]['duration']:.2f} s "
-                f"(copy {fulls[-1]['copy_seconds']:.2f}), zstd full {fullz[-1]['duration']:.2f} s"
-                f" [{time.monotonic() - started:.0f} s elapsed]")
+                f"cp {base['cp'][-1]['seconds_sync']:.2f} s, bare QEMU copy "
+                f"{base['bare QEMU copy'][-1]['seconds_sync']:.2f} s, full "
+                f"{fulls[-1]['duration']:.2f} s (copy {fulls[-1]['copy_seconds']:.2f}), hashed "
+                f"after the job {fulla[-1]['duration']:.2f} s, zstd full "
+                f"{fullz[-1]['duration']:.2f} s [{time.monotonic() - started:.0f} s elapsed, "
+                f"load {loadavg()}]; full: {fulls[-1]['overlap']}")
 
         store = fresh_store()
         base_full = engine_backup(backup_run, inst, guest, store, config_dir, 'full', '0', warm,
@@ -597,7 +688,7 @@ def main(argv=None):
                                f"{max(warm.seconds):.2f} s (untimed; see Warmer)")
         else:
             info['warm-up'] = "off (--no-warm-up)"
-        print_report(info, setup, base, fulls, fullz, base_full, incs, args, check)
+        print_report(info, setup, base, fulls, fullz, fulla, base_full, incs, args, check)
         print_restores(restores, args.repeat * len(changes))
         if args.json:
             with open(args.json, 'w') as handle:

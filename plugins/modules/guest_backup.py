@@ -452,9 +452,17 @@ disks:
       description: Size of the backup's image file in bytes.
       type: int
       sample: 67305472
-    sha256:
-      description: sha256 of the backup's image file, as recorded in C(index.json).
-      type: str
+    segment_size:
+      description: The image file's digests cover segments of this many bytes (qcow2 chain).
+      type: int
+      sample: 67108864
+    segment_sha256:
+      description:
+        - sha256 of each segment of the backup's image file, in file order, as recorded in
+          C(index.json) (qcow2 chain). Backups of older versions record one C(sha256) of the
+          whole file instead; verify checks either.
+      type: list
+      elements: str
 bytes_written:
   description: Sum of RV(disks[].bytes_written).
   returned: changed

@@ -12,7 +12,8 @@ short_description: Re-read a backup and check it against its manifest
 version_added: 0.1.0
 description:
   - Reads every image a restore of the backup would read (its whole chain) and compares each
-    with the sha256 in its backup's C(index.json), runs C(qemu-img check) on the backup's own
+    with the sha256 digests in its backup's C(index.json) (one per segment of the file; one of
+    the whole file for backups of older versions), runs C(qemu-img check) on the backup's own
     images, and checks that each incremental image reads through the parent image its manifest
     names.
   - Records the outcome as the backup's verify state (C(verify.json)), shown by

@@ -1,5 +1,6 @@
 """Live full and incremental backups on real QEMU: every backup is one point in time, and no
 guest write is ever lost, also when a backup fails or is killed."""
+import hashlib
 import json
 import os
 import random
@@ -14,16 +15,29 @@ import pytest
 
 from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.errors import BackupFailed, ChainError, GuestUnreachable, HookFailed
+from guestvault_engine.format import qcow2
+from guestvault_engine.guest import capture
 from lab_checks import backups_in, hidden_in, same_content, small_tmpfs
 from labguest import LabGuest
 
 MiB = 1 << 20
 
 
-def backup(guest, store, config_dir, **options):
+def backup(guest, store, config_dir, log=None, **options):
     request = GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket, dumpdir=store,
                                  config_dir=config_dir, **options)
-    return run_guest_backup(request)
+    return run_guest_backup(request, log=log)
+
+
+def segment_digests(path, size):
+    """hashlib's sha256 of each ``size``-byte segment of a file, as a manifest records them."""
+    digests = []
+    with open(path, 'rb') as handle:
+        while True:
+            data = handle.read(size)
+            if not data:
+                return digests
+            digests.append(hashlib.sha256(data).hexdigest())
 
 
 def raw_content(image, workdir):
@@ -100,7 +114,11 @@ class Model:
 
 
 def test_every_backup_is_one_point_in_time_for_all_disks_while_the_guest_writes(
-        make_guest, store, config_dir, tmp_path):
+        make_guest, store, config_dir, tmp_path, monkeypatch):
+    # Small segments and watch batches, so the images are hashed while QEMU writes them (its
+    # copy-before-write of the racing writes lands out of order), under many dirty bitmaps.
+    monkeypatch.setattr(qcow2, 'SEGMENT_SIZE', 1 * MiB)
+    monkeypatch.setattr(capture, 'WATCH_BATCH', 2 * MiB)
     size = 32 * MiB
     guest = make_guest(disks=[('qcow2', size), ('qcow2', size)])
     model = Model([size, size])
@@ -115,18 +133,30 @@ def test_every_backup_is_one_point_in_time_for_all_disks_while_the_guest_writes(
     # bwlimit makes each copy span many guest writes, which must land in this backup or the next.
     plan = [dict(level='full', bwlimit=32 * 1024)] + [dict(level='auto', bwlimit=8 * 1024)] * 3
     results = []
+    lines = []
     for options in plan:
         lowest = writer.completed
-        result = backup(guest, store, config_dir, **options)
+        result = backup(guest, store, config_dir, log=lines.append, **options)
         highest = len(writer.writes)
         results.append(result)
+        # The manifest's digests are those of the final files, though hashed during the copy.
+        with open(os.path.join(result['backup_dir'], 'index.json')) as handle:
+            for disk in json.load(handle)['disks']:
+                assert disk['segment_size'] == 1 * MiB
+                assert disk['segment_sha256'] == segment_digests(
+                    os.path.join(result['backup_dir'], disk['file']), 1 * MiB), disk['file']
         contents = [raw_content(os.path.join(result['backup_dir'], f"{d}.qcow2"), str(tmp_path))
                     for d in guest.disk_ids]
         k = model.find_point_in_time(contents, writer.writes, lowest, highest)
         assert k is not None, f"{result['backup']} is no single point in time of the guest"
         found.append((result['level'], k, lowest, highest))
-    # Writes really raced the copies (otherwise this test proves nothing).
+    # Writes really raced the copies (otherwise this test proves nothing), and the full's
+    # segments were hashed while QEMU wrote them, some of them again after its job.
     assert sum(high - low for _level, _k, low, high in found) > 50, found
+    overlapped = [re.match(r'hashed (\d+) of (\d+) segments while QEMU wrote, (\d+) again', line)
+                  for line in lines]
+    early, _total, again = (int(n) for n in next(m for m in overlapped if m).groups())
+    assert early > 0 and again > 0, lines
     writer.finish()
     guest.pause()
     last = backup(guest, store, config_dir, level='inc')
@@ -172,7 +202,10 @@ def test_each_backup_of_a_chain_restores_the_content_it_had(make_guest, store, c
     assert info['backing-filename'] == f"../{results[1]['time']}/vd0.qcow2"
     import hashlib
     with open(os.path.join(results[2]['backup_dir'], 'vd0.qcow2'), 'rb') as handle:
-        assert hashlib.sha256(handle.read()).hexdigest() == index['disks'][0]['sha256']
+        data = handle.read()
+    size = index['disks'][0]['segment_size']
+    assert index['disks'][0]['segment_sha256'] == [
+        hashlib.sha256(data[at:at + size]).hexdigest() for at in range(0, len(data), size)]
     for name in ('guest.json', 'client.log'):
         assert os.path.exists(os.path.join(results[2]['backup_dir'], name))
     # Only the newest backup's bitmap is left on the guest.
@@ -620,7 +653,8 @@ def test_performance_max_workers_reaches_qemu_and_the_backup_is_exact(make_guest
     guest.write('vd0', 0x6D, 0, 4 * MiB)
     result = backup(guest, store, config_dir, max_workers=4)
     # The job QEMU accepted (QEMU validates x-perf) is the one that carried the setting.
-    (transaction,) = [args for command, args in sent if command == 'transaction']
+    (transaction,) = [args for command, args in sent if command == 'transaction'
+                      and any(a['type'] == 'blockdev-backup' for a in args['actions'])]
     jobs = [a['data'] for a in transaction['actions'] if a['type'] == 'blockdev-backup']
     assert [job['x-perf'] for job in jobs] == [{'max-workers': 4}]
     assert result['disks'][0]['bytes_processed'] == 16 * MiB

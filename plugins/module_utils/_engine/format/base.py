@@ -26,6 +26,7 @@ class TargetImage:
         self.path = path
         self.level = level          # 'full' or 'inc'
         self.backing = backing      # inc: what the image reads through
+        self.digests = None         # manifest digest fields the copy already took, if any
 
     def __repr__(self):
         return f"TargetImage({self.disk_id!r}, {self.level})"

@@ -8,13 +8,26 @@ it. Callers give names and levels; this module knows nothing of chains or files'
 """
 from __future__ import annotations
 
+import os
+import time
 import uuid
 
 from ..errors import BackupFailed, GuestvaultError, QmpCommandFailed
 from ..format.capture import BLOCK
+from .nbd import HAS_LIBNBD, bitmap_dirty_extents
 
 JOB_PREFIX = 'guestvault-'
 TARGET_PREFIX = 'gvt-'
+EXPORT_PREFIX = 'gvx-'
+FILE_SUFFIX = '-file'       # a target's file (protocol) node, under its qcow2 node
+WATCH_PREFIX = 'gvwatch-'   # the watcher's bitmaps, on the target's file node (not persistent)
+# A new watch bitmap per 1/32 of the jobs' length, and at least 16 MiB of progress: a batch
+# reads what lay below the file's end at the one before, so the last two batches' worth of the
+# image is hashed after the job; each bitmap costs QEMU a bit set per write.
+WATCH_BATCHES = 32
+WATCH_BATCH = 16 << 20
+WATCH_GRANULARITY = 1 << 20
+WATCH_POLL = 0.1            # seconds between looks at the jobs' progress while a watcher hashes
 
 
 class DiskJob:
@@ -40,8 +53,11 @@ def our_jobs(qmp, vmid):
 def our_targets(qmp, vmid):
     """Target nodes of guestvault runs of this guest still open in QEMU."""
     prefix = f"{TARGET_PREFIX}{vmid}-"
-    return [n['node-name'] for n in qmp.execute('query-named-block-nodes', {'flat': True})
-            if n['node-name'].startswith(prefix)]
+    names = [n['node-name'] for n in qmp.execute('query-named-block-nodes', {'flat': True})
+             if n['node-name'].startswith(prefix)]
+    # a file node is its target's (close_targets closes both), also one left alone
+    return sorted({name[:-len(FILE_SUFFIX)] if name.endswith(FILE_SUFFIX) else name
+                   for name in names})
 
 
 def cancel_jobs(qmp, jobs):
@@ -51,12 +67,45 @@ def cancel_jobs(qmp, jobs):
         qmp.wait_for_jobs(jobs, timeout=60)
 
 
-def close_targets(qmp, nodes):
-    for node in nodes:
+def close_targets(qmp, nodes, files=True):
+    """Delete target nodes, and (``files``) then their file nodes, which they held."""
+    for name in [*nodes, *(node + FILE_SUFFIX for node in nodes if files)]:
         try:
-            qmp.execute('blockdev-del', {'node-name': node})
+            qmp.execute('blockdev-del', {'node-name': name})
         except QmpCommandFailed:
             pass  # never added, or already closed
+
+
+def delete_exports(qmp, exports, timeout=30.0):
+    """Remove NBD exports (dropping their clients) and wait until QEMU has let go of them."""
+    for export in exports:
+        try:
+            qmp.execute('block-export-del', {'id': export, 'mode': 'hard'})
+        except QmpCommandFailed:
+            pass  # never added, or already gone
+    deadline = time.monotonic() + timeout
+    wanted = set(exports)
+    while wanted:
+        left = {e['id'] for e in qmp.execute('query-block-exports')} & wanted
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise BackupFailed(f"NBD exports {sorted(left)} were still shutting down after "
+                               f"{timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def stop_nbd_server(qmp, socket_path=None):
+    """Stop QEMU's NBD server (there is one per QEMU) and remove its socket file."""
+    try:
+        qmp.execute('nbd-server-stop')
+    except QmpCommandFailed:
+        pass  # not running
+    if socket_path:
+        try:
+            os.unlink(socket_path)
+        except FileNotFoundError:
+            pass
 
 
 class PushCapture:
@@ -64,24 +113,30 @@ class PushCapture:
 
     kind = BLOCK
 
-    def __init__(self, qmp, vmid, jobs, log):
+    def __init__(self, qmp, vmid, jobs, log, socket_path=None):
         self.qmp = qmp
         self.log = log
         self.disk_jobs = list(jobs)
+        self.socket_path = socket_path  # where a watcher's dirty bitmaps are read over NBD
         run = uuid.uuid4().hex[:6]
         self.targets = {}      # disk id -> target node name
         self.jobs = {}         # disk id -> block job id
         self.new_bitmaps = []  # (node, name) added by the transaction
+        self.export = f"{EXPORT_PREFIX}{vmid}-{run}-watch"
+        self._watch = f"{WATCH_PREFIX}{run}-"
         for index, job in enumerate(self.disk_jobs):
             self.targets[job.disk.id] = f"{TARGET_PREFIX}{vmid}-{run}-{index}"
             self.jobs[job.disk.id] = f"{JOB_PREFIX}{vmid}-{run}-{job.disk.id}"
 
     def open_targets(self):
-        """Open the target images in QEMU (again, after QEMU was restarted by stop mode)."""
+        """Open the target images in QEMU (again, after QEMU was restarted by stop mode): each
+        on a file node of its own, where a watcher's bitmaps see every write to the file."""
         for job in self.disk_jobs:
-            self.qmp.execute('blockdev-add', {
-                'driver': 'qcow2', 'node-name': self.targets[job.disk.id],
-                'file': {'driver': 'file', 'filename': job.target_path}})
+            node = self.targets[job.disk.id]
+            self.qmp.execute('blockdev-add', {'driver': 'file', 'node-name': node + FILE_SUFFIX,
+                                              'filename': job.target_path})
+            self.qmp.execute('blockdev-add', {'driver': 'qcow2', 'node-name': node,
+                                              'file': node + FILE_SUFFIX})
 
     def actions(self, speed_per_disk=0, max_workers=None, compress=False):
         actions = []
@@ -111,18 +166,88 @@ class PushCapture:
         """Fix the point in time: one transaction for every disk."""
         self.qmp.transaction(self.actions(**job_options))
 
-    def run_jobs(self, progress=None):
-        """Wait for every job; {disk id: bytes it went through}. BackupFailed on any failure."""
-        outcomes = self.qmp.wait_for_jobs(list(self.jobs.values()), progress=progress)
+    def run_jobs(self, progress=None, watcher=None):
+        """Wait for every job; {disk id: bytes it went through}. BackupFailed on any failure.
+
+        ``watcher`` (format/overlap.py's OverlappedDigests) reads the targets while QEMU writes
+        them: every 1/``WATCH_BATCHES`` of the jobs' length (at least ``WATCH_BATCH`` bytes) of
+        progress a new bitmap ``k`` goes on every target's file node, then
+        ``watcher.schedule(k)``; after the jobs the qcow2 nodes are closed (flushing qcow2's
+        caches through the file nodes), and ``watcher.written`` gets each bitmap's dirty ranges
+        per target path (None if they could not be read)."""
+        batches = []
+        seen = 0
+        # without libnbd (or a socket path) the bitmaps cannot be read: the watcher then hashes
+        # every segment after the job, as before
+        can_watch = HAS_LIBNBD and self.socket_path is not None
+
+        def watch(done, total):
+            nonlocal seen
+            if progress is not None:
+                progress(done, total)
+            step = max(WATCH_BATCH, total // WATCH_BATCHES)
+            # (none once the jobs are through: what they still write is hashed after them)
+            if can_watch and done - seen >= step and done < total \
+                    and len(batches) < WATCH_BATCHES:
+                seen = done
+                self._add_watch_bitmap(len(batches))
+                batches.append(len(batches))
+                watcher.schedule(batches[-1])
+
+        outcomes = self.qmp.wait_for_jobs(
+            list(self.jobs.values()), progress=progress if watcher is None else watch,
+            interval=WATCH_POLL if watcher is not None and can_watch else 1.0)
         failed = [o for o in outcomes.values() if not o.ok]
         if failed or len(outcomes) < len(self.jobs):
             real = [o for o in failed if o.error != 'cancelled'] or failed
             raise BackupFailed("backup job failed: " + '; '.join(
                 f"{o.job_id}: {o.error}" for o in real))
+        if watcher is not None:
+            close_targets(self.qmp, list(self.targets.values()), files=False)
+            watcher.written(self._written(batches) if batches else {})
         return {disk: outcomes[job].offset for disk, job in self.jobs.items()}
 
+    def _add_watch_bitmap(self, batch):
+        self.qmp.transaction([('block-dirty-bitmap-add', {
+            'node': node + FILE_SUFFIX, 'name': f"{self._watch}{batch}",
+            'granularity': WATCH_GRANULARITY, 'persistent': False})
+            for node in self.targets.values()])
+
+    def _written(self, batches):
+        """{target path: {batch: dirty ranges}} of the closed targets' file nodes, read over an
+        NBD export of each (a read-only export carries only disabled bitmaps); None when QEMU's
+        NBD server is taken (another tool's)."""
+        names = [f"{self._watch}{batch}" for batch in batches]
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)  # a killed run's; QEMU cannot bind over it
+        try:
+            self.qmp.execute('nbd-server-start', {
+                'addr': {'type': 'unix', 'data': {'path': self.socket_path}}})
+        except QmpCommandFailed as exc:
+            self.log(f"cannot read which parts of the images QEMU wrote last ({exc}): every "
+                     "segment is hashed again")
+            return None
+        written = {}
+        try:
+            for job in self.disk_jobs:
+                node = self.targets[job.disk.id] + FILE_SUFFIX
+                self.qmp.transaction([('block-dirty-bitmap-disable', {'node': node, 'name': n})
+                                      for n in names])
+                self.qmp.execute('block-export-add', {
+                    'type': 'nbd', 'id': self.export, 'node-name': node, 'name': self.export,
+                    'writable': False, 'bitmaps': names})
+                try:
+                    extents = bitmap_dirty_extents(self.socket_path, self.export, names)
+                finally:
+                    delete_exports(self.qmp, [self.export])
+                written[job.target_path] = {batch: extents[name]
+                                            for batch, name in zip(batches, names)}
+        finally:
+            stop_nbd_server(self.qmp, self.socket_path)
+        return written
+
     def close_targets(self):
-        close_targets(self.qmp, self.targets.values())
+        close_targets(self.qmp, list(self.targets.values()))
 
     def journal_entries(self):
         """What a kill from the start on would leave, for ``guest_runs.record(**entries)``."""
@@ -131,6 +256,8 @@ class PushCapture:
             'targets': sorted(self.targets.values()),
             'new_bitmaps': [[job.disk.node, job.new_bitmap] for job in self.disk_jobs
                             if job.new_bitmap],
+            'exports': [self.export],
+            'nbd_socket': self.socket_path,
         }
 
     def abort(self):

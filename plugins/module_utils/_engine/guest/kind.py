@@ -96,7 +96,7 @@ class QemuKind:
         ``socket_path`` for the engine to read (pull)."""
         if how == 'pull':
             return PullCapture(session, vmid, jobs, log, socket_path=socket_path)
-        return PushCapture(session, vmid, jobs, log)
+        return PushCapture(session, vmid, jobs, log, socket_path=socket_path)
 
     def consistency(self, mode, capture, entry, options, disks, hook, log, on_reconnect):
         if mode == 'snapshot':

@@ -224,3 +224,23 @@ class NbdSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def bitmap_dirty_extents(socket_path, export_name, bitmap_names):
+    """{bitmap name: [(offset, length)] it marks dirty} of an export carrying those bitmaps
+    (guest/capture.py: which parts of a backup's image QEMU wrote after each bitmap was added)."""
+    contexts = [DIRTY_BITMAP + name for name in bitmap_names]
+    handle = _connect(socket_path, export_name, contexts)
+    try:
+        size = handle.get_size()
+        result = {}
+        for name, context in zip(bitmap_names, contexts):
+            if not handle.can_meta_context(context):
+                raise BackupFailed(f"the NBD export {export_name} does not offer {context}")
+            pieces = block_status_walk(handle.block_status, size, context,
+                                       f"export {export_name}")
+            result[name] = [(offset, length) for offset, length, dirty in merge_extents(
+                ((o, n, bool(f & STATE_DIRTY)) for o, n, f in pieces), size) if dirty]
+        return result
+    finally:
+        _close(handle)

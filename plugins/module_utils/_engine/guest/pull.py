@@ -30,10 +30,10 @@ import uuid
 
 from ..errors import BackupFailed, GuestvaultError, QmpCommandFailed
 from ..format.capture import BLOCK
-from .capture import JOB_PREFIX, TARGET_PREFIX, cancel_jobs, close_targets
+from .capture import (EXPORT_PREFIX, JOB_PREFIX, TARGET_PREFIX, cancel_jobs, close_targets,
+                      delete_exports, stop_nbd_server)
 from .nbd import NbdSource
 
-EXPORT_PREFIX = 'gvx-'
 FROZEN_PREFIX = 'gvfrozen-'
 # A unix socket's path must fit sockaddr_un.sun_path (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
@@ -50,38 +50,6 @@ def our_frozen_bitmaps(disks, vmid):
     prefix = f"{FROZEN_PREFIX}{vmid}-"
     return [(d.node, b['name']) for d in disks for b in d.bitmaps
             if b['name'].startswith(prefix)]
-
-
-def delete_exports(qmp, exports, timeout=30.0):
-    """Remove NBD exports (dropping their clients) and wait until QEMU has let go of them."""
-    for export in exports:
-        try:
-            qmp.execute('block-export-del', {'id': export, 'mode': 'hard'})
-        except QmpCommandFailed:
-            pass  # never added, or already gone
-    deadline = time.monotonic() + timeout
-    wanted = set(exports)
-    while wanted:
-        left = {e['id'] for e in qmp.execute('query-block-exports')} & wanted
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            raise BackupFailed(f"NBD exports {sorted(left)} were still shutting down after "
-                               f"{timeout:.0f} s")
-        time.sleep(0.02)
-
-
-def stop_nbd_server(qmp, socket_path=None):
-    """Stop QEMU's NBD server (there is one per QEMU) and remove its socket file."""
-    try:
-        qmp.execute('nbd-server-stop')
-    except QmpCommandFailed:
-        pass  # not running
-    if socket_path:
-        try:
-            os.unlink(socket_path)
-        except FileNotFoundError:
-            pass
 
 
 def fleecing_space_warnings(disk_jobs):
@@ -247,7 +215,7 @@ class PullCapture:
         if self._server_started:
             stop_nbd_server(self.qmp, self.socket_path)
             self._server_started = False
-        close_targets(self.qmp, self.targets.values())
+        close_targets(self.qmp, list(self.targets.values()), files=False)
         for disk_id, name in self.frozen.items():
             self.qmp.remove_bitmap(self._job(disk_id).disk.node, name)
 

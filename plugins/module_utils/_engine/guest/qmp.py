@@ -176,13 +176,13 @@ class QmpSession:
                                  data.get('offset', 0))
         self._finished[job_id] = outcome
 
-    def wait_for_jobs(self, job_ids, timeout=None, progress=None):
+    def wait_for_jobs(self, job_ids, timeout=None, progress=None, interval=1.0):
         """Wait until every job in ``job_ids`` has ended, or one has failed.
 
         Returns {job_id: JobOutcome} for the jobs that ended.
 
-        QEMU's liveness is checked every second with ``query-block-jobs`` (which also feeds
-        ``progress(done_bytes, total_bytes)``), so a QEMU that dies mid-backup is noticed at once
+        QEMU's liveness is checked every ``interval`` seconds with ``query-block-jobs`` (which
+        also feeds ``progress(done_bytes, total_bytes)``), so a QEMU that dies mid-backup is noticed at once
         instead of waiting forever for an event that will never come.
         """
         pending = set(job_ids)
@@ -204,7 +204,7 @@ class QmpSession:
                 done = sum(running[j]['offset'] if j in running else sizes.get(j, 0)
                            for j in job_ids)
                 progress(done, sum(sizes.values()))
-            self._drain_job_events(1.0)
+            self._drain_job_events(interval)
 
     def cancel_job(self, job_id):
         try:

@@ -82,7 +82,8 @@ class _JsonRecord:
 @dataclass
 class DiskEntry(_JsonRecord):
     """One disk of a backup's manifest. Both formats write the fields below; each keeps its own
-    too (the chain's ``sha256``; the datastore's ``csum``, ``data_bytes`` and chunk counts)."""
+    too (the chain's ``segment_sha256``, older backups' ``sha256``; the datastore's ``csum``,
+    ``data_bytes`` and chunk counts)."""
 
     id: str = None
     node: str = None             # QEMU's node name at the backup (informational)
@@ -95,7 +96,9 @@ class DiskEntry(_JsonRecord):
     bytes_processed: int = None
     size: int = None             # the file's size
     bitmap: str = None           # the chain's bitmap the next incremental counts from
-    sha256: str = None           # qcow2: the image's digest
+    sha256: str = None           # qcow2, older backups: the whole image's digest
+    segment_size: int = None     # qcow2: the image's digest per segment of this many bytes
+    segment_sha256: list = None  # qcow2: sha256 of each segment, in file order
     csum: str = None             # datastore: the index's checksum
     data_bytes: int = None       # datastore: the guest data a restore writes
     _order: tuple = field(default=(), repr=False, compare=False)
