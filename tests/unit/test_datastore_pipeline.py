@@ -12,7 +12,7 @@ import pytest
 from guestvault_engine.errors import BackupFailed, CorruptData, EncryptionKeyError, StorageError
 from guestvault_engine.format import qemu_img
 from guestvault_engine.datastore import (backup_writer, chunk_store, fixed_index, gc,
-                                          image_restore, key_file)
+                                         image_restore, key_file)
 from guestvault_engine.datastore.backup_writer import write_disk_index
 from guestvault_engine.datastore.file_formats import (
     ENCRYPTED_BLOB_MAGIC, ENCRYPTED_COMPRESSED_BLOB_MAGIC)
@@ -665,7 +665,8 @@ def test_a_chunk_file_too_large_for_its_chunk_is_named(image, store, tmp_path):
     digest = index.digest(0)
     with open(store.chunk_path(digest), 'ab') as handle:
         handle.write(bytes(CHUNK))
-    with pytest.raises(CorruptData, match=f"s/d: the chunk at offset 0 \\({digest.hex()}\\): "
+    # the image may hold this chunk at more than one offset: any reader can meet it first
+    with pytest.raises(CorruptData, match=f"s/d: the chunk at offset [0-9]+ \\({digest.hex()}\\): "
                                           f"chunk {digest.hex()}: 83886.. bytes, more than"):
         restore_disk_image(index, store, str(tmp_path / 'r.raw'), what='s/d')
     assert not os.path.exists(tmp_path / 'r.raw')

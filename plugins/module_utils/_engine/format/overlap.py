@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from ..storage.files import sha256_range
 
 
-
 def overlaps(ranges, offset, length):
     """Whether any (offset, length) of ``ranges`` shares a byte with [offset, offset+length)."""
     return any(start < offset + length and offset < start + size for start, size in ranges)
@@ -103,5 +102,5 @@ class OverlappedDigests:
                          {o: (n, b) for o, (n, b, _f) in hashed.items()}, dirty, final)}
             self.hashed_again += len(again)
             result[path] = (size, [(again.get(offset) or hashed[offset][2]).result()
-                                        for offset, _length in final])
+                                   for offset, _length in final])
         return result
