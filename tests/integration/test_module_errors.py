@@ -248,7 +248,11 @@ def test_a_backup_returns_what_the_module_documents(ansible, make_guest, store, 
     assert disk['bytes_processed'] == disk['virtual_size']
     assert disk['bytes_written'] == 0 == result['bytes_written']
     image = os.path.join(result['backup_dir'], 'vd0.qcow2')
-    assert hashlib.sha256(open(image, 'rb').read()).hexdigest() == disk['sha256']
+    with open(image, 'rb') as handle:
+        data = handle.read()
+    step = disk['segment_size']
+    assert disk['segment_sha256'] == [hashlib.sha256(data[offset:offset + step]).hexdigest()
+                                      for offset in range(0, len(data), step)]
     assert disk['size'] == os.path.getsize(image)
 
     assert backup_dirs(store) == ['.lock', result['time']]
