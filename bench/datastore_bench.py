@@ -673,16 +673,14 @@ def report(args, setup, samples):
     record(sec, 'encrypted full (AES-256-GCM, key kdf none)', f"{enc:.2f} s{rng_text(walls['full_enc'])}",
            enc / full, '<= 1.1x unencrypted full', 1.1)
 
-    if args.only == 'full':
-        print_results(args, setup)
-        return
-    sec = 'dedup'
-    ded = samples['dedup']
-    if ded is None:
-        record(sec, 'skipped (--skip dedup)', 'not measured')
-    else:
-        dedup_report(args, samples, sec, ded)
-    scale_report(args, samples)
+    if args.only != 'full':
+        sec = 'dedup'
+        ded = samples['dedup']
+        if ded is None:
+            record(sec, 'skipped (--skip dedup)', 'not measured')
+        else:
+            dedup_report(args, samples, sec, ded)
+        scale_report(args, samples)
     if samples.get('peers'):
         record('peers', 'issue 24 goal 6: borg 1.2 (fixed 4 MiB: lz4, zstd,1, repokey-blake2) '
                'and restic 0.14 in the table below, same disk, restores compared',
@@ -754,6 +752,13 @@ def scale_report(args, samples):
            f"{snaps['prune_mass']:.2f} s "
            f"({1000 * snaps['prune_mass'] / max(1, snaps['prune_mass_removed']):.2f} ms per "
            "removed snapshot)", snaps['prune_mass'], '<= 2 s', 2, unit='s')
+
+
+def write_json(args, info, samples):
+    if args.json:
+        with open(args.json, 'w') as handle:
+            json.dump({'info': info, 'samples': samples, 'results': RESULTS}, handle, indent=2,
+                      default=str)
 
 
 def print_results(args, setup):
@@ -875,6 +880,7 @@ def bench(args, loop, discard):
         if args.only == 'full':
             info['load'] = f"{load_start} at start, {loadavg()} at end (1/5/15 min)"
             report(args, {'info': info, 'image_allocated': image_size}, samples)
+            write_json(args, info, samples)
             return 0
         # one snapshot's index and fixed index, for the 10k-snapshot store
         lab.datastore('tmpl')
@@ -909,10 +915,7 @@ def bench(args, loop, discard):
                                 "cache (median of 3)")
         setup = {'info': info, 'image_allocated': image_size}
         report(args, setup, samples)
-        if args.json:
-            with open(args.json, 'w') as handle:
-                json.dump({'info': info, 'samples': samples, 'results': RESULTS}, handle,
-                          indent=2, default=str)
+        write_json(args, info, samples)
         return 0
     finally:
         if guest is not None:
