@@ -4,6 +4,7 @@ import contextlib
 import filecmp
 import hashlib
 import os
+import random
 import shutil
 import threading
 
@@ -670,3 +671,36 @@ def test_a_chunk_file_too_large_for_its_chunk_is_named(image, store, tmp_path):
                                           f"chunk {digest.hex()}: 83886.. bytes, more than"):
         restore_disk_image(index, store, str(tmp_path / 'r.raw'), what='s/d')
     assert not os.path.exists(tmp_path / 'r.raw')
+
+
+def reference_data_runs(data, length, block=image_restore.SPARSE_BLOCK):
+    """data_runs as a plain loop over every block: the definition the fast search must match."""
+    runs, start = [], None
+    for offset in range(0, length, block):
+        if not bytes(data[offset:min(offset + block, length)]).strip(b'\0'):
+            if start is not None:
+                runs.append((start, offset))
+                start = None
+        elif start is None:
+            start = offset
+    if start is not None:
+        runs.append((start, length))
+    return runs
+
+
+@pytest.mark.parametrize('seed', range(40))
+def test_data_runs_match_a_block_by_block_scan(seed):
+    # zero runs of random lengths at random (mostly unaligned) places, a short last block, and
+    # chunks that are all data or all zeroes
+    rng = random.Random(seed)
+    block = image_restore.SPARSE_BLOCK
+    length = rng.choice([16 * block, 16 * block - rng.randrange(1, block), 3 * block + 17])
+    data = bytearray(os.urandom(length)) if seed % 5 else bytearray(length)
+    for _run in range(rng.randrange(0, 8)):
+        start = rng.randrange(0, length)
+        end = min(length, start + rng.randrange(1, 3 * block))
+        data[start:end] = bytes(end - start)
+    if seed % 7 == 0:               # the last (maybe short) block all zero
+        tail = length - (length % block or block)
+        data[tail:] = bytes(length - tail)
+    assert list(image_restore.data_runs(data, length)) == reference_data_runs(data, length)

@@ -85,25 +85,40 @@ def load_chunk(chunks, digest, crypt, name, size):
 
 SPARSE_BLOCK = DIRECT_ALIGNMENT
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
+_ZERO_PROBE = bytes(64)
+
+
+def zero_blocks(data, length):
+    """Offsets of the all-zero ``SPARSE_BLOCK``s of ``data[:length]`` (a short last block
+    included). One C-level search for 64 zero bytes skips data without any (most chunks that
+    are stored hold none: a Python step per block cost 0.5 ms per 4 MiB); where it finds some,
+    the blocks from the next boundary on are compared one by one while they are zero."""
+    whole = length - length % SPARSE_BLOCK
+    position = 0
+    while position < whole:
+        found = data.find(_ZERO_PROBE, position, whole)
+        if found < 0:
+            break
+        # an all-zero block at or after ``position`` starts at or after this boundary
+        block = -(-found // SPARSE_BLOCK) * SPARSE_BLOCK
+        while block < whole and data.find(_ZERO_BLOCK, block, block + SPARSE_BLOCK) == block:
+            yield block
+            block += SPARSE_BLOCK
+        position = block + 1            # ``block`` holds data (or is the end)
+    if whole < length and not data[whole:length].strip(b'\0'):
+        yield whole
 
 
 def data_runs(data, length):
     """``(start, end)`` of the runs of ``data[:length]`` that are not all-zero 4 KiB blocks, so a
     restored image stays thin inside a chunk too (as ``qemu-img convert -S 4k``); the target must
     read as zeroes where nothing is written. Runs start on a 4 KiB boundary."""
-    start = None
-    for block in range(0, length, SPARSE_BLOCK):
-        end = min(block + SPARSE_BLOCK, length)
-        # find over exactly one block: a memcmp without the copy a slice would make
-        zero = (data.find(_ZERO_BLOCK, block, end) == block if end - block == SPARSE_BLOCK
-                else not data[block:end].strip(b'\0'))
-        if zero:
-            if start is not None:
-                yield start, block
-                start = None
-        elif start is None:
-            start = block
-    if start is not None:
+    start = 0
+    for block in zero_blocks(data, length):
+        if block > start:
+            yield start, block
+        start = min(length, block + SPARSE_BLOCK)
+    if start < length:
         yield start, length
 
 
