@@ -119,7 +119,6 @@ def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, 
     computing = queue.Queue(buffer_count(workers))       # (position, length, buffer)
     writing = queue.Queue(workers)         # (digest, blob, length, its buffer or None) or None
     known = set()
-    running = [workers]
 
     def done(length, kind=None, stored=None):
         with lock:
@@ -159,44 +158,34 @@ def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, 
                 hand_on()
             while pending:
                 hand_on()
-        for _number in range(workers):
-            stages.put(computing, None)
 
     def compute():
         compressor = new_compressor() if compress else None
-        try:
-            while True:
-                item = stages.get(computing)
-                if item is None:
-                    return
-                position, length, buffer = item
-                blob, in_place = None, False
-                # startswith: a memcmp, without the copy a slice would make
-                if buffer.startswith(zero.zeros(length), BLOB_HEADER_SIZE):
-                    digest, kind = zero.use(length), 'zero_chunks'
-                else:
-                    data = memoryview(buffer)[BLOB_HEADER_SIZE:BLOB_HEADER_SIZE + length]
-                    digest, kind = chunk_digest(data, crypt), None
-                    with lock:                       # one thread stores a chunk that repeats
-                        claimed = digest in known
-                        known.add(digest)
-                    if not claimed and not chunks.touch_if_present(digest):
-                        blob, in_place = encode_blob_in_place(buffer, length, crypt, compress,
-                                                              compressor)
-                if not in_place:
-                    free.put(buffer)
-                writer.add_digest(position, digest)
-                if blob is None:
-                    done(length, kind)
-                else:
-                    stages.put(writing, (digest, blob, length, buffer if in_place else None))
-        finally:
-            with lock:
-                running[0] -= 1
-                last = running[0] == 0
-            if last:                                 # the writers end after the last chunk
-                for _number in range(workers):
-                    stages.put(writing, None)
+        while True:
+            item = stages.get(computing)
+            if item is None:
+                return
+            position, length, buffer = item
+            blob, in_place = None, False
+            # startswith: a memcmp, without the copy a slice would make
+            if buffer.startswith(zero.zeros(length), BLOB_HEADER_SIZE):
+                digest, kind = zero.use(length), 'zero_chunks'
+            else:
+                data = memoryview(buffer)[BLOB_HEADER_SIZE:BLOB_HEADER_SIZE + length]
+                digest, kind = chunk_digest(data, crypt), None
+                with lock:                       # one thread stores a chunk that repeats
+                    claimed = digest in known
+                    known.add(digest)
+                if not claimed and not chunks.touch_if_present(digest):
+                    blob, in_place = encode_blob_in_place(buffer, length, crypt, compress,
+                                                          compressor)
+            if not in_place:
+                free.put(buffer)
+            writer.add_digest(position, digest)
+            if blob is None:
+                done(length, kind)
+            else:
+                stages.put(writing, (digest, blob, length, buffer if in_place else None))
 
     def write_all():
         while True:
@@ -209,10 +198,10 @@ def _store_chunks(source, positions, chunks, writer, zero, stats, report, lock, 
                 free.put(buffer)
             done(length, stored=None if duplicate else stored)
 
-    stages.start('chunk-reader', read_all)
-    for number in range(workers):
-        stages.start(f'chunk-compute-{number}', compute)
-        stages.start(f'chunk-writer-{number}', write_all)
+    # each stage's threads end after the last item: start_many hands the next stage its ends
+    stages.start_many('chunk-reader', 1, read_all, then=(computing, workers))
+    stages.start_many('chunk-compute', workers, compute, then=(writing, workers))
+    stages.start_many('chunk-writer', workers, write_all)
     stages.join()
 
 
