@@ -164,14 +164,21 @@ def restore_and_compare(lab, guest, storage_id, when, fmt, outdir, warm, size):
     seconds = time.monotonic() - started
     path = result['disks'][0]['target']
     guest.qemu_io('vd0', 'flush')
+    compared = compare_with_disk(guest, path, fmt, f"the {fmt} restore of {storage_id} {when}")
+    shutil.rmtree(target)
+    return {'seconds': seconds, 'compare': compared}
+
+
+def compare_with_disk(guest, path, fmt, what):
+    """``qemu-img compare`` of a restored image with the guest's disk; its message, or
+    RuntimeError naming ``what`` when they differ."""
     proc = subprocess.run(['qemu-img', 'compare', '-U', '-f', 'qcow2', '-F', fmt,
                            guest.disk_path(0), path], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"the {fmt} restore of {storage_id} {when} differs from the disk: "
+        raise RuntimeError(f"{what} differs from the disk: "
                            f"{proc.stdout.strip()} {proc.stderr.strip()}")
-    shutil.rmtree(target)
-    return {'seconds': seconds, 'compare': proc.stdout.strip()}
+    return proc.stdout.strip()
 
 
 def chunk_bytes(path):

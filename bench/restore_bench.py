@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +41,8 @@ sys.path.insert(0, os.path.join(ROOT, 'tools'))
 
 from backup_bench import (Warmer, allocated, fill_disk, fmt_bytes, loadavg,  # noqa: E402
                           machine_info, parse_size, say, scatter_changes, settle, timed_tool)
-from datastore_bench import (LoopFs, load_engine, med, mount_options, rng_text,  # noqa: E402
-                             verdict, wait_next_second)
+from datastore_bench import (LoopFs, compare_with_disk, load_engine, med,  # noqa: E402
+                             mount_options, rng_text, verdict, wait_next_second)
 
 VMID = 9961
 GOALS = {'raw': 1.1, 'chain': 1.2}
@@ -77,16 +76,6 @@ def timed_restore(config_dir, target, fmt, **where):
     result = run_restore(RestoreRequest(vmid=VMID, config_dir=config_dir, target_dir=target,
                                         format=fmt, **where))
     return time.monotonic() - started, result
-
-
-def compare(guest, path, fmt):
-    proc = subprocess.run(['qemu-img', 'compare', '-U', '-f', 'qcow2', '-F', fmt,
-                           guest.disk_path(0), path], capture_output=True, text=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the restore {path} differs from the guest's disk: "
-                           f"{proc.stdout.strip()} {proc.stderr.strip()}")
-    return proc.stdout.strip()
 
 
 def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
@@ -123,7 +112,7 @@ def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
             # this process's threads (the engine) and its children (qemu-img)
             cpu[step].append(sum(after[:4]) - sum(before[:4]))
             for fmt, path in restored.items():     # untimed
-                checks[fmt] = compare(guest, path, fmt)
+                checks[fmt] = compare_with_disk(guest, path, fmt, f"the restore {path}")
             restored.clear()
             shutil.rmtree(target, ignore_errors=True)
             if os.path.exists(out):
