@@ -263,6 +263,12 @@ def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
     image = guest.disk_path(0)
     peer_run = None if 'peers' in args.skip.split(',') else peers.PeerRun(lab.run, image, warm)
     raw = floor.raw_copy(image, os.path.join(lab.run, 'floor.raw'))   # untimed, the floors' input
+    positions, disk_size = floor.data_chunks(raw)
+
+    def read_floors():
+        samples['read_floor'].append(floor.read_sha256(raw))
+        samples['read_floor_qemu'].append(floor.read_sha256_qemu(
+            guest.execute, 'disk0', positions, disk_size, os.path.join(lab.run, 'floor.sock')))
     for rnd in range(args.repeat):
         if peer_run and rnd % 2:
             peer_run.round(rnd)
@@ -283,7 +289,7 @@ def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
         samples['full'].append(first)
         floor.in_turn(rnd, lambda: samples['full2'].append(backup(lab, guest, plain, 'full',
                                                                   warm, 0)),
-                      lambda: samples['read_floor'].append(floor.read_sha256(raw)))
+                      read_floors)
         for fmt in ('qcow2', 'raw'):
             samples[f'restore_{fmt}'].append(
                 restore_and_compare(lab, guest, plain, first['time'], fmt, outdir, warm,
@@ -305,7 +311,8 @@ def full_rounds(lab, guest, args, warm, outdir, image_size, samples):
             f"{first['wall']:.2f} s (floor {samples['floor'][-1]:.2f} s), unchanged full "
             f"{samples['full2'][-1]['wall']:.2f} s "
             f"({samples['full2'][-1]['new_bytes']} new bytes; floor "
-            f"{samples['read_floor'][-1]:.2f} s), restore qcow2 "
+            f"{samples['read_floor'][-1]:.2f} s, through QEMU "
+            f"{samples['read_floor_qemu'][-1]:.2f} s), restore qcow2 "
             f"{samples['restore_qcow2'][-1]['seconds']:.2f} s / raw "
             f"{samples['restore_raw'][-1]['seconds']:.2f} s, encrypted full "
             f"{samples['full_enc'][-1]['wall']:.2f} s")
@@ -651,7 +658,7 @@ def report(args, setup, samples):
     record(sec, 'unchanged second full', f"{full2:.2f} s{rng_text(walls['full2'])}",
            full2 / conv, '<= 0.5x convert', 0.5)
     floor.record_rows(record, walls['full'], walls['full2'], samples['floor'],
-                      samples['read_floor'], sec)
+                      samples['read_floor'], sec, samples['read_floor_qemu'])
     record(sec, 'unchanged second full: new chunk bytes', f"{new2} B "
            f"({max(s['new_chunks'] for s in samples['full2'])} chunks)",
            new2 / MiB, '<= 1 MiB', 1.0, unit='MiB')
@@ -861,7 +868,8 @@ def bench(args, loop, discard):
     load_start = loadavg()
     samples = {k: [] for k in ('convert', 'create_chunk_store', 'full', 'full2', 'full_enc',
                                'restore_qcow2', 'restore_raw', 'inc_scattered', 'inc_aligned',
-                               'full2_enc', 'restore_raw_enc', 'floor', 'read_floor')}
+                               'full2_enc', 'restore_raw_enc', 'floor', 'read_floor',
+                               'read_floor_qemu')}
     guest = None
     try:
         info = machine_info(run, shutil.which('zstd'))

@@ -10,6 +10,9 @@ and reused 4 MiB buffer, chunks handed out in order:
   (as the engine: cheaper than the page cache here), then one ``syncfs``. What a backup into an
   empty datastore has to do, and nothing else: no NBD, no hidden name and rename, no index.
 - ``read_sha256``: read, skip all-zero chunks, sha256. What an unchanged second full has to do.
+- ``read_sha256_qemu``: the same, but each chunk read over NBD from the running guest's QEMU (an
+  export of its disk node), as the engine reads it: what an unchanged second full has to do when
+  its point in time lives inside QEMU, with QEMU's serving on the same cores.
 
 Used by ``datastore_bench.py`` (on a raw copy of the guest's disk) and ``pipeline_bench.py`` (on
 its raw image), each timing these in the same run as the engine's backups.
@@ -168,6 +171,60 @@ def read_sha256(path, threads=THREADS):
     return time.monotonic() - started
 
 
+def read_sha256_qemu(execute, node, positions, size, socket_path, threads=THREADS,
+                     chunk=CHUNK):
+    """Seconds of the read + sha256 floor over QEMU's NBD export of ``node`` (see the module):
+    ``execute(command, **arguments)`` is a QMP command of the guest; ``positions`` and ``size``
+    are ``data_chunks`` of a raw copy of the disk. The NBD server is started before the clock and
+    stopped after it (a backup starts its own; QEMU runs one at a time)."""
+    import nbd
+    zeros = bytes(chunk)
+    execute('nbd-server-start', addr={'type': 'unix', 'data': {'path': socket_path}})
+    try:
+        execute('block-export-add', type='nbd', id='floor', name='floor', **{'node-name': node})
+        items = iter(positions)
+        lock = threading.Lock()
+        errors = []
+
+        def main():
+            handle = nbd.NBD()
+            handle.set_export_name('floor')
+            handle.set_pread_initialize(False)
+            handle.connect_unix(socket_path)
+            buffer = mmap.mmap(-1, chunk)
+            try:
+                while not errors:
+                    with lock:
+                        position = next(items, None)
+                    if position is None:
+                        return
+                    length = min(chunk, size - position * chunk)
+                    view = memoryview(buffer)[:length]
+                    cookie = handle.aio_pread(nbd.Buffer.from_buffer(view), position * chunk)
+                    while not handle.aio_command_completed(cookie):
+                        handle.poll(-1)
+                    if view != (zeros if length == chunk else bytes(length)):
+                        hashlib.sha256(view).digest()
+            except BaseException as exc:  # pylint: disable=broad-except
+                errors.append(exc)
+            finally:
+                handle.shutdown()
+
+        started = time.monotonic()
+        workers = [threading.Thread(target=main) for _number in range(threads)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        seconds = time.monotonic() - started
+        if errors:
+            raise errors[0]
+        execute('block-export-del', id='floor', mode='hard')
+    finally:
+        execute('nbd-server-stop')
+    return seconds
+
+
 def raw_copy(image, target):
     """A sparse raw copy of a (qcow2) disk image, made once, untimed: the floors' input."""
     subprocess.run(['qemu-img', 'convert', '-U', '-O', 'raw', image, target], check=True)
@@ -191,9 +248,11 @@ def paired_ratio(times, floors):
     return statistics.median(time / floor for time, floor in zip(times, floors))
 
 
-def record_rows(record, fulls, full2s, floors, read_floors, section='backup'):
+def record_rows(record, fulls, full2s, floors, read_floors, section='backup', qemu_floors=None):
     """The floors' rows and goals 1 and 2 of issue 24 in a bench's ``record`` table: the full's
-    and the unchanged full's wall times (one per round) against the floors of the same rounds."""
+    and the unchanged full's wall times (one per round) against the floors of the same rounds;
+    with ``qemu_floors`` (``read_sha256_qemu``, same rounds) also the unchanged full against the
+    floor through QEMU's NBD export (no goal: it shows what QEMU's serving adds)."""
     import statistics
     median = statistics.median
 
@@ -211,3 +270,9 @@ def record_rows(record, fulls, full2s, floors, read_floors, section='backup'):
     record(section, 'unchanged second full / read + sha256 floor (median of the rounds\' ratios)',
            f"{median(full2s):.2f} s / {median(read_floors):.2f} s",
            paired_ratio(full2s, read_floors), '<= 1.3x the read + sha256 floor', 1.3)
+    if qemu_floors:
+        record(section, 'read + sha256 floor over QEMU\'s NBD export of the disk (same chunks, '
+               '2 threads)', f"{median(qemu_floors):.2f} s{spread(qemu_floors)}")
+        record(section, 'unchanged second full / that floor (median of the rounds\' ratios)',
+               f"{median(full2s):.2f} s / {median(qemu_floors):.2f} s",
+               paired_ratio(full2s, qemu_floors))
