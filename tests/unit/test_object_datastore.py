@@ -124,3 +124,48 @@ def test_a_failed_upload_cancels_the_queued_ones_and_the_next_backup_starts_clea
     failed.insert(digest, raw, durable=False)
     failed.sync()                                  # no error inherited from the failed backup
     assert failed.backend.get(failed.key(digest)) == raw
+
+
+def test_an_empty_cache_is_filled_from_one_listing_and_sends_no_head_per_chunk(tmp_path):
+    # A new node's (or a just-dropped) cache used to send a HEAD for every chunk a backup read,
+    # one at a time on the backup's critical path.
+    from guestvault_engine.datastore import blob
+
+    class Counting(MemoryBackend):
+        heads = 0
+
+        def head(self, key):
+            Counting.heads += 1
+            return super().head(key)
+
+    backend = Counting()
+    first = ObjectChunkStore(backend, tmp_path / 'node1')
+    first.prepare()
+    stored = [blob.encode_chunk(f'stored {n}'.encode() * 100) for n in range(3)]
+    for raw, digest in stored:
+        first.insert(digest, raw, durable=False)
+    first.sync()
+    bad_raw, bad_digest = blob.encode_chunk(b'moved aside' * 100)
+    first.insert(bad_digest, bad_raw)
+    first.mark_bad(bad_digest)
+    new_raw, new_digest = blob.encode_chunk(b'never stored' * 100)
+
+    second = ObjectChunkStore(backend, tmp_path / 'node2')     # another node, an empty cache
+    Counting.heads = 0
+    second.prepare()
+    assert all(second.touch_if_present(digest) for _raw, digest in stored)
+    assert not second.touch_if_present(new_digest)
+    assert not second.touch_if_present(bad_digest)          # a chunk moved aside is no chunk
+    assert Counting.heads == 0
+    # a stored chunk with no marker yet after the listing (another node, meanwhile): the
+    # conditional put refuses it, and nothing is overwritten
+    late_raw, late_digest = blob.encode_chunk(b'stored meanwhile' * 100)
+    first.insert(late_digest, late_raw)
+    assert second.insert(late_digest, late_raw) == (True, len(late_raw))
+
+    # a cache kept from an earlier backup (same GC generation) is not listed again: a chunk it
+    # has no marker of may have been stored by another node since, so it asks
+    second.prepare()
+    assert second.touch_if_present(new_digest) is False and Counting.heads == 1
+    first.insert(new_digest, new_raw)
+    assert second.touch_if_present(new_digest) is True and Counting.heads == 2

@@ -12,7 +12,12 @@ The objects are the same DataBlobs a local store keeps in files. What differs:
 - **what this node knows is stored** is kept in the local cache as an empty marker file per
   chunk (``<cache>/.chunks/XXXX/<digest>``), so an unchanged chunk costs no request at all. The
   markers are a cache: a GC on any node writes a new ``.gc-generation``, and a node that sees a
-  generation its markers were not made under drops them before it backs up; a backup checks
+  generation its markers were not made under drops them before it backs up. A cache that starts
+  empty (new, or just dropped) is filled from one listing of ``.chunks/`` (a request per 1000
+  chunks), and for that backup a chunk with no marker is taken as new without a HEAD (the
+  conditional put still refuses one another node stored since the listing); a cache kept from
+  earlier backups asks with one HEAD before it uploads a chunk it has no marker of, which another
+  node may have stored since. A backup checks
   every chunk its index names with one HEAD each before it keeps the snapshot, and drops the
   markers of any that is gone, except of the chunks this store created itself during the backup
   (a GC cannot have swept those: see ``missing``);
@@ -68,6 +73,9 @@ class ObjectChunkStore:
         self._uploads = _UploadPool(self._upload)
         # the chunks (hex) this store created since prepare(): uploaded after any GC's cutoff
         self._created = set()
+        # whether prepare() filled the markers from a listing of the bucket: then a chunk with
+        # no marker was not stored when this backup began, and needs no HEAD
+        self._listed = False
 
     def __repr__(self):
         return f"ObjectChunkStore({self.backend.label!r})"
@@ -113,14 +121,27 @@ class ObjectChunkStore:
                 known = handle.read().strip()
         except FileNotFoundError:
             known = None
+        self._listed = False
         if known == generation:
             return
         if known is not None:
             for name in os.listdir(self.chunk_dir):
                 if name not in (GENERATION_FILE, CHECKED_FILE):
                     shutil.rmtree(os.path.join(self.chunk_dir, name), ignore_errors=True)
+        self._mark_listed()
         with open(path, 'w') as handle:
             handle.write(generation + '\n')
+        self._listed = True
+
+    def _mark_listed(self):
+        """A marker for every chunk the bucket lists (one request per 1000 keys): an empty
+        cache would otherwise send a HEAD for each chunk a backup reads, on its critical path.
+        Chunks moved aside (``.bad``) are no chunks."""
+        prefix = CHUNK_DIR + '/'
+        for key, _size, _etag, _modified in self.backend.objects(prefix):
+            name = key.rsplit('/', 1)[-1]
+            if is_chunk_name(name) and '.' not in name:
+                self._mark(bytes.fromhex(name))
 
     def _check_conditional_puts(self):
         """Without ``If-None-Match: *`` two nodes storing one chunk would overwrite each other
@@ -169,10 +190,13 @@ class ObjectChunkStore:
             pass
 
     def touch_if_present(self, digest):
-        """Whether the bucket holds the chunk: known here (a marker), else one HEAD, which is
-        cheaper than uploading 4 MiB that another node (or a dropped cache) already stored."""
+        """Whether the bucket holds the chunk: known here (a marker); else, unless the markers
+        were listed at ``prepare``, one HEAD, which is cheaper than uploading 4 MiB that another
+        node already stored."""
         if os.path.exists(self.chunk_path(digest)):
             return True
+        if self._listed:
+            return False
         if self.contains(digest):
             self._mark(digest)
             return True
