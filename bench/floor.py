@@ -187,24 +187,35 @@ def read_sha256_qemu(execute, node, positions, size, socket_path, threads=THREAD
         errors = []
 
         def main():
+            # two chunks in flight per connection, as the engine's reader keeps them: QEMU
+            # serves the next while this thread hashes the one before
             handle = nbd.NBD()
             handle.set_export_name('floor')
             handle.set_pread_initialize(False)
             handle.connect_unix(socket_path)
-            buffer = mmap.mmap(-1, chunk)
+            buffers = [mmap.mmap(-1, chunk) for _number in range(2)]
+            pending = []
+
+            def start(buffer):
+                with lock:
+                    position = next(items, None)
+                if position is None:
+                    return
+                length = min(chunk, size - position * chunk)
+                view = memoryview(buffer)[:length]
+                pending.append((handle.aio_pread(nbd.Buffer.from_buffer(view), position * chunk),
+                                view, buffer))
+
             try:
-                while not errors:
-                    with lock:
-                        position = next(items, None)
-                    if position is None:
-                        return
-                    length = min(chunk, size - position * chunk)
-                    view = memoryview(buffer)[:length]
-                    cookie = handle.aio_pread(nbd.Buffer.from_buffer(view), position * chunk)
+                for buffer in buffers:
+                    start(buffer)
+                while pending and not errors:
+                    cookie, view, buffer = pending.pop(0)
                     while not handle.aio_command_completed(cookie):
                         handle.poll(-1)
-                    if view != (zeros if length == chunk else bytes(length)):
+                    if view != (zeros if len(view) == chunk else bytes(len(view))):
                         hashlib.sha256(view).digest()
+                    start(buffer)
             except BaseException as exc:  # pylint: disable=broad-except
                 errors.append(exc)
             finally:
