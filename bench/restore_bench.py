@@ -18,6 +18,9 @@ finds different from the guest's disk).
      every image of the chain checked against its manifest's sha256): goal <= 1.2x.
    Beside the seconds, the CPU seconds of each step (this process and its children): on a
    machine loaded by others, a restore that must check every byte (sha256) is bound by them.
+   For the chain row, a breakdown: the convert's fsync apart, and (untimed by the ratio) the
+   engine's verify of the chain alone (``Qcow2Chain.verify_files``: every image's segments
+   against its manifest, one hash thread per core), after the same warm-up.
 3. Each restore of the last round is compared with the guest's disk (``qemu-img compare``).
 
 Everything is on one file system: an ext4 loop file system without discard when the workdir's
@@ -78,19 +81,40 @@ def timed_restore(config_dir, target, fmt, **where):
     return time.monotonic() - started, result
 
 
+def verify_chain(dumpdir):
+    """The engine's verify of the newest backup's chain alone, as the restore runs it."""
+    from guestvault_engine.format.qcow2 import Qcow2Chain
+    from guestvault_engine.storage.directory import DirStorage
+    storage, fmt = DirStorage(dumpdir), Qcow2Chain()
+    problems = fmt.verify_files(storage, fmt.dependencies(storage, storage.backups(VMID)[-1]))
+    if problems:
+        raise RuntimeError(f"the chain does not verify: {problems}")
+
+
 def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
-    """Per round, alternating the order: each pair (baseline, restore) of both goals."""
-    samples = {k: [] for k in ('convert', 'raw', 'convert_chain', 'chain')}
+    """Per round, alternating the order: each pair (baseline, restore) of both goals, then the
+    chain's verify alone; ``fsyncs``: the chain convert's fsync of its output."""
+    samples = {k: [] for k in ('convert', 'raw', 'convert_chain', 'chain', 'verify_chain')}
     cpu = {k: [] for k in samples}
-    checks = {}
+    checks, fsyncs = {}, []
     out = os.path.join(outdir, 'convert.qcow2')
+
+    def convert_chain():
+        timed = timed_tool(['qemu-img', 'convert', '-U', '-O', 'qcow2', newest, out], out)
+        fsyncs.append(timed['seconds_sync'] - timed['seconds'])
+        return timed['seconds_sync']
+
+    def verify():
+        started = time.monotonic()
+        verify_chain(dumpdir)
+        return time.monotonic() - started
     steps = {
         'convert': lambda: timed_tool(['qemu-img', 'convert', '-U', '-O', 'qcow2',
                                        guest.disk_path(0), out], out)['seconds_sync'],
-        'convert_chain': lambda: timed_tool(['qemu-img', 'convert', '-U', '-O', 'qcow2',
-                                             newest, out], out)['seconds_sync'],
+        'convert_chain': convert_chain,
         'raw': lambda: restore('raw', storage='ds'),
         'chain': lambda: restore('qcow2', dumpdir=dumpdir),
+        'verify_chain': verify,
     }
     target = os.path.join(outdir, 'restored')
     restored = {}
@@ -101,9 +125,9 @@ def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
         return seconds
 
     for number in range(repeat):
-        order = ('convert', 'raw', 'convert_chain', 'chain')
+        order = ('convert', 'raw', 'convert_chain', 'chain', 'verify_chain')
         if number % 2:
-            order = ('raw', 'convert', 'chain', 'convert_chain')
+            order = ('raw', 'convert', 'chain', 'convert_chain', 'verify_chain')
         for step in order:
             warm(size)
             before = os.times()
@@ -119,7 +143,7 @@ def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
                 os.unlink(out)
         say(f"round {number + 1}: " + ', '.join(f"{k} {v[-1]:.2f} s" for k, v in samples.items())
             + f" (load {loadavg()})")
-    return samples, cpu, checks
+    return samples, cpu, checks, fsyncs
 
 
 def main(argv=None):
@@ -163,8 +187,8 @@ def main(argv=None):
         say(f"run {run}; disk {fmt_bytes(disk_size)}, {fmt_bytes(size)} allocated; chain of 1 "
             f"full + {args.incs} incs ({fmt_bytes(parse_size(args.change))} each)")
         warm = Warmer(run, enabled=not args.no_warm_up)
-        samples, cpu, checks = rounds(guest, config_dir, dumpdir, newest, outdir, args.repeat,
-                                      warm, size)
+        samples, cpu, checks, fsyncs = rounds(guest, config_dir, dumpdir, newest, outdir,
+                                              args.repeat, warm, size)
         for key, value in info.items():
             say(f"{key}: {value}")
         say(f"load (1/5/15 min): {load_start} at start, {loadavg()} at end")
@@ -180,6 +204,10 @@ def main(argv=None):
                 f"{med(samples[base]):.2f} s{rng_text(samples[base])} | {ratio:.2f}x | "
                 f"<= {GOALS[key]}x: {verdict(ratio, GOALS[key])} | {med(cpu[key]):.2f} / "
                 f"{med(cpu[base]):.2f} |")
+        say(f"chain breakdown (medians): the convert {med(samples['convert_chain']):.2f} s of "
+            f"which its fsync {med(fsyncs):.2f} s{rng_text(fsyncs)}; the chain's verify alone "
+            f"{med(samples['verify_chain']):.2f} s{rng_text(samples['verify_chain'])}, "
+            f"{med(cpu['verify_chain']):.2f} CPU s on {os.cpu_count()} hash threads")
         say(f"qemu-img compare with the guest's disk: raw {checks['raw']!r}, chain "
             f"{checks['qcow2']!r}")
         return 0

@@ -1,12 +1,15 @@
 """Restore on real QEMU backups: every point of a chain comes back bit-exact, verified first."""
 import hashlib
+import itertools
 import os
 import subprocess
+import threading
 
 import pytest
 
 from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.errors import ConfigError, StorageError
+from guestvault_engine.format import qcow2
 from guestvault_engine.run.restore import RestoreRequest, VerifyFailed, run_restore
 from lab_checks import same_content, small_tmpfs
 from labguest import LabGuest
@@ -180,3 +183,46 @@ def test_a_full_target_disk_fails_cleanly(chain, store, config_dir, tmp_path):
         with pytest.raises(StorageError, match='No space left|space'):
             restore(guest, store, config_dir, target)
         assert os.listdir(target) == []
+
+
+def test_a_chain_restore_hashes_on_every_core_while_the_copies_run(
+        chain, store, config_dir, tmp_path, monkeypatch):
+    """The copies (qemu-img convert) are partly I/O-bound and end first: a verify that kept a
+    core free for each of them hashed the rest of the chain on one core, the other idle."""
+    guest, points = chain
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    # The first two hashes wait for each other: on one hashing thread, the first one waits in
+    # vain, the barrier breaks and the restore fails.
+    together = threading.Barrier(2, timeout=60)
+    calls = itertools.count()
+    hash_segment = qcow2._hash
+
+    def first_two_together(job):
+        if next(calls) < 2:
+            together.wait()
+        return hash_segment(job)
+    monkeypatch.setattr(qcow2, '_hash', first_two_together)
+    result = restore(guest, store, config_dir, tmp_path / 'out')
+    assert result['verified'] and next(calls) > 2
+    for disk, ref in zip(result['disks'], points[-1][1]):
+        ok, text = same_content(ref, disk['target'])
+        assert ok, text
+
+
+def test_a_chain_restore_writes_its_images_back_while_the_copies_run(
+        chain, store, config_dir, tmp_path, monkeypatch):
+    """What a copy wrote goes to writeback while it runs, so the fsync after the copy and the
+    verify finds little left to write (the baseline convert + fsync waits for all of it)."""
+    guest, points = chain
+    written_back = []
+
+    def spy(path):
+        written_back.append(os.path.basename(path))
+    monkeypatch.setattr(qcow2, 'start_writeback', spy, raising=False)
+    target = tmp_path / 'out'
+    # A read rate limit keeps each copy running for many writeback intervals.
+    result = restore(guest, store, config_dir, target, bwlimit=1024)
+    assert {'.vd0.qcow2.restoring', '.vd1.qcow2.restoring'} <= set(written_back)
+    for disk, ref in zip(result['disks'], points[-1][1]):
+        ok, text = same_content(ref, disk['target'])
+        assert ok, text

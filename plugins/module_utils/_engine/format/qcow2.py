@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from ..errors import ConfigError, StorageError
-from ..storage.files import fsync_path, sha256_file, sha256_range
+from ..storage.files import fsync_path, sha256_file, sha256_range, start_writeback
 from ..storage.records import DiskEntry, Manifest
 from ..times import format_time
 from ..version import TOOL_VERSION
@@ -48,6 +50,8 @@ MANIFEST_FORMAT = 1
 # again whole after the job (format/overlap.py); many, so every core hashes at a verify.
 SEGMENT_SIZE = 8 << 20
 MAX_SEGMENTS = 1024         # ... and a manifest of at most ~70 KiB of digests per disk
+# How often a restore's running convert has what it wrote so far handed to writeback.
+WRITEBACK_INTERVAL = 0.25
 
 
 def image_name(disk_id):
@@ -135,6 +139,16 @@ def image_problems(images, workers=None):
             problems.append(f"{label} has sha256 {digest[:16]}... in {what}, its manifest "
                             f"says {expected[:16]}...: the file changed or is damaged")
     return problems
+
+
+def _write_back(proc, path):
+    """Hand the pages ``proc`` wrote to ``path`` to writeback, until it exits."""
+    while True:
+        try:
+            proc.wait(timeout=WRITEBACK_INTERVAL)
+            return
+        except subprocess.TimeoutExpired:
+            start_writeback(path)
 
 
 class Qcow2Chain:
@@ -276,9 +290,16 @@ class Qcow2Chain:
                for disk_id in disk_ids}
 
     def start_restore(self, storage, record, disk_id, target, target_format, bwlimit_kib):
-        """A running copy of one disk into ``target``; ``.communicate()`` ends it."""
-        return qemu_img.start_convert(self.source(storage, record, disk_id), target,
+        """A running copy of one disk into ``target``; ``.communicate()`` ends it.
+
+        While it runs, what it wrote so far goes to writeback: the restore's fsync of the image
+        then finds little left to write, where it would otherwise wait for the whole image (2
+        GiB on the bench, 0.1-1 s) after the copy and the verify."""
+        proc = qemu_img.start_convert(self.source(storage, record, disk_id), target,
                                       target_format, bwlimit_kib)
+        threading.Thread(target=_write_back, args=(proc, target), daemon=True,
+                         name=f"writeback of {os.path.basename(target)}").start()
+        return proc
 
     def restore_with_snapshots(self, storage, chain, disk_id, target, log):
         """One qcow2 holding every backup of the chain as an internal snapshot, newest active.
