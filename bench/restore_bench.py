@@ -22,6 +22,10 @@ finds different from the guest's disk).
    engine's verify of the chain alone (``Qcow2Chain.verify_files``: every image's segments
    against its manifest, one hash thread per core), after the same warm-up.
 3. Each restore of the last round is compared with the guest's disk (``qemu-img compare``).
+4. The raw row's breakdown: the CPU seconds of its pipeline threads by kind (readers, decoders,
+   writers: each thread's own CPU time as it ends) and the rest (planning, checks, fsync); and
+   what it must hash, the chunks that are not the zero chunk, with the CPU seconds of sha256
+   alone over that many bytes at this machine's rate: the restore's floor, beside convert's.
 
 Everything is on one file system: an ext4 loop file system without discard when the workdir's
 has online discard and this runs as root (datastore_bench.LoopFs), else the workdir itself.
@@ -31,10 +35,14 @@ has online discard and this runs as root (datastore_bench.LoopFs), else the work
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,6 +81,55 @@ def backups(guest, config_dir, dumpdir, incs, change, disk_size, scratch):
     return os.path.join(newest['backup_dir'], newest['disks'][0]['file'])
 
 
+class ThreadCpu:
+    """The CPU seconds of the engine's pipeline threads (``Stages``: restore-reader,
+    restore-decoder, restore-writer), by kind: each thread's ``thread_time`` as it ends."""
+
+    def __init__(self):
+        from guestvault_engine.datastore import workers
+        self.seconds = collections.Counter()
+        lock = threading.Lock()
+        real = workers.Stages.start
+
+        def start(stages, name, function):
+            def timed():
+                try:
+                    function()
+                finally:
+                    with lock:
+                        self.seconds[name.rsplit('-', 1)[0]] += time.thread_time()
+            real(stages, name, timed)
+        workers.Stages.start = start
+
+    def take(self):
+        taken = dict(self.seconds)
+        self.seconds.clear()
+        return taken
+
+
+def hashed_bytes(datastore):
+    """The bytes a restore of the datastore's (one) snapshot decodes and hashes: its chunks that
+    are not the zero chunk."""
+    from guestvault_engine.datastore.image_restore import zero_digests
+    from guestvault_engine.datastore.index import read_index
+    total = 0
+    for path in glob.glob(os.path.join(datastore, 'vm', str(VMID), '*', '*.fidx')):
+        index = read_index(path)
+        zeros = zero_digests(index, None)
+        total += sum(length for _position, _offset, length, digest in index
+                     if zeros.get(digest) != length)
+    return total
+
+
+def sha256_seconds(size):
+    """CPU seconds of sha256 over ``size`` bytes on one thread, at the rate measured here."""
+    data = os.urandom(64 << 20)
+    started = time.thread_time()
+    for _round in range(4):
+        hashlib.sha256(data).digest()
+    return (time.thread_time() - started) / (4 * len(data)) * size
+
+
 def timed_restore(config_dir, target, fmt, **where):
     from guestvault_engine.run.restore import RestoreRequest, run_restore
     started = time.monotonic()
@@ -96,6 +153,8 @@ def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
     chain's verify alone; ``fsyncs``: the chain convert's fsync of its output."""
     samples = {k: [] for k in ('convert', 'raw', 'convert_chain', 'chain', 'verify_chain')}
     cpu = {k: [] for k in samples}
+    threads = ThreadCpu()
+    breakdown = []                  # the raw row's: {thread kind: CPU s, 'rest': CPU s}
     checks, fsyncs = {}, []
     out = os.path.join(outdir, 'convert.qcow2')
 
@@ -135,6 +194,9 @@ def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
             after = os.times()
             # this process's threads (the engine) and its children (qemu-img)
             cpu[step].append(sum(after[:4]) - sum(before[:4]))
+            kinds = threads.take()
+            if step == 'raw':
+                breakdown.append(dict(kinds, rest=cpu[step][-1] - sum(kinds.values())))
             for fmt, path in restored.items():     # untimed
                 checks[fmt] = compare_with_disk(guest, path, fmt, f"the restore {path}")
             restored.clear()
@@ -143,7 +205,7 @@ def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
                 os.unlink(out)
         say(f"round {number + 1}: " + ', '.join(f"{k} {v[-1]:.2f} s" for k, v in samples.items())
             + f" (load {loadavg()})")
-    return samples, cpu, checks, fsyncs
+    return samples, cpu, checks, fsyncs, breakdown
 
 
 def main(argv=None):
@@ -187,8 +249,9 @@ def main(argv=None):
         say(f"run {run}; disk {fmt_bytes(disk_size)}, {fmt_bytes(size)} allocated; chain of 1 "
             f"full + {args.incs} incs ({fmt_bytes(parse_size(args.change))} each)")
         warm = Warmer(run, enabled=not args.no_warm_up)
-        samples, cpu, checks, fsyncs = rounds(guest, config_dir, dumpdir, newest, outdir,
-                                              args.repeat, warm, size)
+        samples, cpu, checks, fsyncs, breakdown = rounds(guest, config_dir, dumpdir, newest,
+                                                         outdir, args.repeat, warm, size)
+        hashed = hashed_bytes(os.path.join(run, 'ds'))
         for key, value in info.items():
             say(f"{key}: {value}")
         say(f"load (1/5/15 min): {load_start} at start, {loadavg()} at end")
@@ -210,6 +273,13 @@ def main(argv=None):
             f"{med(cpu['verify_chain']):.2f} CPU s on {os.cpu_count()} hash threads")
         say(f"qemu-img compare with the guest's disk: raw {checks['raw']!r}, chain "
             f"{checks['qcow2']!r}")
+        say("\nraw restore, CPU s by thread kind (median): " + ', '.join(
+            f"{kind} {med([b.get(kind, 0) for b in breakdown]):.2f}"
+            for kind in sorted({k for b in breakdown for k in b})))
+        sha = sha256_seconds(hashed)
+        say(f"it checks {fmt_bytes(hashed)} of chunk data (the chunks that are not the zero "
+            f"chunk); sha256 alone of that is {sha:.2f} CPU s here, {sha / 2:.2f} s on both "
+            f"cores, against convert's {med(samples['convert']):.2f} s")
         return 0
     finally:
         if guest is not None:
