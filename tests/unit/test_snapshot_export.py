@@ -196,3 +196,40 @@ def test_decoded_chunks_in_memory_stay_bounded(stored, monkeypatch):
     # the cache, plus one decoding per reader, plus the decodings ahead
     assert max(held) <= 1 + readers + 1
     assert len(export._cache) <= 1
+
+
+HOLE_FIRST, HOLE_END = 1, 5         # a long hole: chunks 1-4 are zero chunks, more than READ_AHEAD
+
+
+@pytest.fixture(scope='module')
+def holed(tmp_path_factory):
+    """As ``stored``, of an image with data, a hole of zero chunks, then data again."""
+    folder = str(tmp_path_factory.mktemp('snapshot-export-hole'))
+    image = os.path.join(folder, 'disk.raw')
+    with open(image, 'wb') as handle:
+        handle.write(os.urandom(CHUNK))
+        handle.seek(HOLE_END * CHUNK)
+        handle.write(os.urandom(2 * CHUNK))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        storage, fmt, record = store_snapshot(folder, monkeypatch, image)
+    path = storage.file(record, record.manifest.disks[0].file)
+    with open(image, 'rb') as handle:
+        return handle.read(), path, fmt.chunks, {}
+
+
+def test_a_copy_that_skips_a_long_hole_finds_the_data_after_it_decoded_ahead(holed):
+    """QEMU's stream asks where the data is (extents, as NBD block status) piece by piece and
+    reads nothing of a hole: the chunks after the hole start decoding while it skips it, not
+    when its first read comes."""
+    assert snapshot_export.READ_AHEAD < HOLE_END - HOLE_FIRST
+    data = holed[0]
+    export, watched = export_of(holed)
+    assert export.first_data_offset() == 0
+    assert bytes(export.read(0, PIECE)) == data[:PIECE]
+    for offset in range(HOLE_FIRST * CHUNK, HOLE_END * CHUNK, PIECE):
+        assert export.extents(offset, PIECE) == [(PIECE, True)]
+    assert watched.seen[HOLE_END].wait(WAIT)
+    assert watched.seen[HOLE_END + 1].wait(WAIT)
+    assert bytes(export.read(HOLE_END * CHUNK, 2 * CHUNK)) == data[HOLE_END * CHUNK:]
+    assert sorted(watched.reads) == [0, HOLE_END, HOLE_END + 1]      # each once, no zero chunk
+

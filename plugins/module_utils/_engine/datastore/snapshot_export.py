@@ -8,6 +8,7 @@ returns at once); the Datastore Format makes them in ``open_block_exports``.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
 
@@ -24,11 +25,13 @@ READ_AHEAD = 2
 class SnapshotExport:
     """One disk of a snapshot, readable at any offset, chunk by checked chunk.
 
-    A read that goes on where the previous chunk was read (a copy, e.g. QEMU's block-stream,
-    which asks for one piece at a time) starts decoding the next ``READ_AHEAD`` chunks on
-    threads of their own, so their reads, checks and decompression overlap with the reader's
-    work on this one instead of waiting in front of it. A chunk that fails while decoded ahead
-    is dropped: the read that needs it decodes it again and gets that error itself."""
+    A read or an ``extents`` query that goes on where the previous chunk was read or skipped (a
+    copy, e.g. QEMU's block-stream, which asks where the data is, then reads it, one piece at a
+    time) starts decoding the next ``READ_AHEAD`` chunks of data from there, however many zero
+    chunks lie between, on threads of their own: their reads, checks and decompression overlap
+    with the copy's work instead of waiting in front of it, also right after a long hole, which
+    a copy skips without reading. A chunk that fails while decoded ahead is dropped: the read
+    that needs it decodes it again and gets that error itself."""
 
     def __init__(self, name, index, chunks, crypt, what):
         self.name = name
@@ -38,6 +41,8 @@ class SnapshotExport:
         self.what = what
         self.size = index.size
         self._zeros = zero_digests(index, crypt)
+        # the positions of the chunks with data, in order: where a read ahead looks
+        self._data = [position for position in range(index.count) if not self._is_zero(position)]
         self._cache = OrderedDict()     # position -> decoded data, least recently used first
         self._loading = {}              # position -> Event set when its decoding ended
         self._ahead = 0                 # decodings ahead running
@@ -88,16 +93,17 @@ class SnapshotExport:
         loading.set()
 
     def _read_ahead(self, position):
-        """Start decoding the chunks after ``position`` that are neither cached nor being
-        decoded, when the reader looks sequential: the chunk before ``position`` is cached, or
-        is a zero chunk (which a copy skips)."""
+        """Start decoding the next ``READ_AHEAD`` chunks of data from ``position`` on (zero
+        chunks skipped) that are neither cached nor being decoded, when the reader looks
+        sequential: the chunk before ``position`` is cached, or is a zero chunk (which a copy
+        skips)."""
         with self._lock:
             sequential = position - 1 in self._cache
         if not sequential and not (position > 0 and self._is_zero(position - 1)):
             return
-        for ahead in range(position + 1, min(position + 1 + READ_AHEAD, self.index.count)):
-            if self._is_zero(ahead):
-                continue
+        first = bisect.bisect_left(self._data, position)
+        # (``position`` itself first, when it has data: a copy that asked where it is reads it next)
+        for ahead in self._data[first:first + 1 + READ_AHEAD]:
             with self._lock:
                 if ahead in self._cache or ahead in self._loading or self._ahead >= READ_AHEAD:
                     continue
@@ -143,7 +149,10 @@ class SnapshotExport:
     def extents(self, offset, length):
         """``(length, zero)`` runs covering ``length`` bytes from ``offset``, one per chunk:
         zero where the index names the zero chunk (a hole or zeroes when backed up), which the
-        NBD server reports as a hole and never reads."""
+        NBD server reports as a hole and never reads. A copy asks this before it reads (or skips)
+        each piece: the chunks of data it will read next start decoding (``_read_ahead``)."""
+        if length > 0:
+            self._read_ahead(self.index.chunk_at(offset)[0])
         runs = []
         while length > 0:
             position, inside = self.index.chunk_at(offset)
@@ -166,7 +175,4 @@ class SnapshotExport:
 
     def first_data_offset(self):
         """The offset of the first chunk that is not zero, or None."""
-        for _position, offset, length, digest in self.index:
-            if self._zeros.get(digest) != length:
-                return offset
-        return None
+        return self.index.chunk_range(self._data[0])[0] if self._data else None
