@@ -3,14 +3,15 @@
 Every read is served from the chunks the index names (datastore/index.py), each checked (CRC, decryption,
 digest) before a byte of it is returned; the zero chunk is never read. An export offers what
 the NBD server asks of any export (``name``, ``size``, ``read``, ``keep_chunks``,
-``first_data_offset``), ``extents`` (where its zero chunks are) and ``cached`` (whether a read
-returns at once); the Datastore Format makes them in ``open_block_exports``.
+``first_data_offset``, ``close``), ``extents`` (where its zero chunks are) and ``cached``
+(whether a read returns at once); the Datastore Format makes them in ``open_block_exports``.
 """
 from __future__ import annotations
 
 import bisect
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import GuestvaultError
 from .image_restore import chunk_name, load_chunk, zero_digests
@@ -46,6 +47,9 @@ class SnapshotExport:
         self._cache = OrderedDict()     # position -> decoded data, least recently used first
         self._loading = {}              # position -> Event set when its decoding ended
         self._ahead = 0                 # decodings ahead running
+        # on threads that stay, each reusing its read buffer (a new thread allocated and
+        # faulted in one per chunk)
+        self._decoders = ThreadPoolExecutor(READ_AHEAD, f'read-ahead-{name}')
         self._lock = threading.Lock()
 
     def _is_zero(self, position):
@@ -109,8 +113,13 @@ class SnapshotExport:
                     continue
                 loading = self._loading[ahead] = threading.Event()
                 self._ahead += 1
-            threading.Thread(target=self._decode_ahead, args=(ahead, loading),
-                             name=f'read-ahead-{self.name}', daemon=True).start()
+            try:
+                self._decoders.submit(self._decode_ahead, ahead, loading)
+            except RuntimeError:        # closed (its server ended): the read decodes it
+                with self._lock:
+                    self._ahead -= 1
+                self._loaded(ahead, loading)
+                return
 
     def _decode_ahead(self, position, loading):
         try:
@@ -162,6 +171,11 @@ class SnapshotExport:
             offset += size
             length -= size
         return runs
+
+    def close(self):
+        """Let the read-ahead threads go (a decoding under way ends by itself); a read after
+        this decodes what it needs itself."""
+        self._decoders.shutdown(wait=False, cancel_futures=True)
 
     def keep_chunks(self):
         """Touch every chunk the export reads, as garbage collection's mark does. Call it once

@@ -5,7 +5,8 @@ QEMU cannot open as a file (a datastore snapshot: datastore/snapshot_export.py).
 any object with ``name``, ``size`` and ``read(offset, length)`` -> bytes or a buffer of them
 (raising a GuestvaultError when it cannot read); a server that ``holds`` its exports also calls
 ``keep_chunks()`` (spare what it reads from a garbage collection) and reads one byte at
-``first_data_offset()`` (None: no data) before it listens. An export that has
+``first_data_offset()`` (None: no data) before it listens; ``ThreadServer`` calls an export's
+``close()``, where it has one, once it stopped serving. An export that has
 ``extents(offset, length)`` (``(length, zero)`` runs from ``offset``) tells where its holes are;
 any other export is all data. An export that has ``cached(offset, length)`` (True: the read
 returns at once) has such reads served on the connection's own thread, with no thread handoff
@@ -334,6 +335,9 @@ class ThreadServer:
         finally:
             server.shutdown()
             self._thread.join(timeout=30)
+            for export in exports.values():
+                if hasattr(export, 'close'):
+                    export.close()
 
     def wait(self):
         """Until the server ends by itself: every client gone, or none within the idle timeout."""
