@@ -29,7 +29,7 @@ class SnapshotExport:
     A read or an ``extents`` query that goes on where the previous chunk was read or skipped (a
     copy, e.g. QEMU's block-stream, which asks where the data is, then reads it, one piece at a
     time) starts decoding the next ``READ_AHEAD`` chunks of data from there, however many zero
-    chunks lie between, on threads of their own: their reads, checks and decompression overlap
+    chunks lie between, on ``READ_AHEAD`` threads: their reads, checks and decompression overlap
     with the copy's work instead of waiting in front of it, also right after a long hole, which
     a copy skips without reading. A chunk that fails while decoded ahead is dropped: the read
     that needs it decodes it again and gets that error itself."""
@@ -173,9 +173,9 @@ class SnapshotExport:
         return runs
 
     def close(self):
-        """Let the read-ahead threads go (a decoding under way ends by itself); a read after
-        this decodes what it needs itself."""
-        self._decoders.shutdown(wait=False, cancel_futures=True)
+        """Let the read-ahead threads go once the decodings started end (not cancelled: a read
+        may wait for one); a read after this decodes what it needs itself."""
+        self._decoders.shutdown(wait=False)
 
     def keep_chunks(self):
         """Touch every chunk the export reads, as garbage collection's mark does. Call it once
