@@ -13,7 +13,8 @@ server over the snapshot). Then,
 The targets: time until the guest runs <= 5 s, and about the same for both sizes (issue 13);
 from a datastore, the background copy done <= 1.3x the plain restore of the same backup, same
 run (issue 24; the ratio of the medians, the copy counted from the call's start). It prints the
-figures, the load averages and MET/MISSED; it asserts nothing.
+figures, the CPU seconds QEMU and the NBD server spent until the copy was done, the load
+averages and MET/MISSED; it asserts nothing.
 
     .venv/bin/python bench/live_restore_bench.py [--sizes 256M,4G] [--repeat 3]
 """
@@ -76,7 +77,7 @@ def one_size(run, size, repeat, kind):
                                             config_dir=config_dir, **where))
     finally:
         source.stop()
-    figures = {'running': [], 'copied': [], 'restore': []}
+    figures = {'running': [], 'copied': [], 'restore': [], 'cpu_qemu': [], 'cpu_server': []}
     for number in range(repeat):
         order = ('live', 'plain') if number % 2 == 0 else ('plain', 'live')
         for kind in order:
@@ -87,9 +88,11 @@ def one_size(run, size, repeat, kind):
                                            target_dir=target, **where))
                 figures['restore'].append(time.monotonic() - started)
             else:
-                running, copied = live_once(base, config_dir, where, target, number)
+                running, copied, cpu = live_once(base, config_dir, where, target, number)
                 figures['running'].append(running)
                 figures['copied'].append(copied)
+                figures['cpu_qemu'].append(cpu['qemu'])
+                figures['cpu_server'].append(cpu['server'])
             shutil.rmtree(target, ignore_errors=True)
     return figures
 
@@ -112,14 +115,32 @@ def live_once(base, config_dir, where, target, number):
                                         **where))
     running = time.monotonic() - started
     handle = LabGuest(workdir, disks=[('qcow2', 0)], vmid=NEW_VMID)
+    cpu = {'qemu': 0.0, 'server': 0.0}
     try:
         while any(j['device'] in result['jobs'] for j in handle.execute('query-block-jobs')):
+            # the last reading before each process ends (the server exits once QEMU let go)
+            for name, pid in (('qemu', handle.pid()), ('server', result.get('server_pid'))):
+                cpu[name] = cpu_seconds(pid, cpu[name]) if pid else 0.0
             time.sleep(0.02)
         copied = time.monotonic() - started
     finally:
         handle.execute('quit')
         handle.wait_exit(timeout=300)
-    return running, copied
+    return running, copied, cpu
+
+
+def cpu_seconds(pid, last):
+    """User + system CPU seconds of process ``pid`` so far; ``last`` once it has ended."""
+    try:
+        with open(f'/proc/{pid}/stat') as handle:
+            fields = handle.read().rsplit(')', 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return last
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def rounded(values):
+    return '[' + ', '.join(f'{value:.2f}' for value in values) + ']'
 
 
 def main(argv=None):
@@ -140,8 +161,10 @@ def main(argv=None):
                 size = parse_size(text)
                 figures = one_size(run, size, args.repeat, kind)
                 rows.append((kind, size, figures))
-                say(f"{kind} {fmt_bytes(size)}: running after {figures['running']}, copied after "
-                    f"{figures['copied']}, plain restore {figures['restore']}")
+                say(f"{kind} {fmt_bytes(size)}: running after {rounded(figures['running'])}, "
+                    f"copied after {rounded(figures['copied'])}, plain restore "
+                    f"{rounded(figures['restore'])}; CPU seconds of the copy: QEMU "
+                    f"{rounded(figures['cpu_qemu'])}, NBD server {rounded(figures['cpu_server'])}")
     finally:
         shutil.rmtree(run, ignore_errors=True)
     say("\n| backups | disk (half full) | guest runs after | copy done after | plain restore | "

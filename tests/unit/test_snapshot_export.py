@@ -56,10 +56,12 @@ class Watched:
         self.gates = {}
         self.seen = {p: threading.Event() for p in range(index.count)}
         self.on_read = None
+        self.threads = set()        # the kernel's ids of the threads that read chunks
 
     def read_view(self, digest):
         position = self.positions[bytes(digest)]
         self.reads.append(position)
+        self.threads.add(threading.get_native_id())
         self.seen[position].set()
         if self.on_read is not None:
             self.on_read()
@@ -69,11 +71,11 @@ class Watched:
         return self.real.read_view(digest)
 
 
-def export_of(stored):
+def export_of(stored, name='e'):
     _data, path, chunks, _files = stored
     index = read_index(path)
     watched = Watched(chunks, index)
-    return SnapshotExport('e', index, watched, None, 'vm/100/t virtio0'), watched
+    return SnapshotExport(name, index, watched, None, 'vm/100/t virtio0'), watched
 
 
 def test_reads_at_and_across_chunk_boundaries_are_the_image(stored):
@@ -196,3 +198,59 @@ def test_decoded_chunks_in_memory_stay_bounded(stored, monkeypatch):
     # the cache, plus one decoding per reader, plus the decodings ahead
     assert max(held) <= 1 + readers + 1
     assert len(export._cache) <= 1
+
+
+HOLE_FIRST, HOLE_END = 1, 5         # a long hole: chunks 1-4 are zero chunks, more than READ_AHEAD
+
+
+@pytest.fixture(scope='module')
+def holed(tmp_path_factory):
+    """As ``stored``, of an image with data, a hole of zero chunks, then data again."""
+    folder = str(tmp_path_factory.mktemp('snapshot-export-hole'))
+    image = os.path.join(folder, 'disk.raw')
+    with open(image, 'wb') as handle:
+        handle.write(os.urandom(CHUNK))
+        handle.seek(HOLE_END * CHUNK)
+        handle.write(os.urandom(2 * CHUNK))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        storage, fmt, record = store_snapshot(folder, monkeypatch, image)
+    path = storage.file(record, record.manifest.disks[0].file)
+    with open(image, 'rb') as handle:
+        return handle.read(), path, fmt.chunks, {}
+
+
+def test_a_copy_that_skips_a_long_hole_finds_the_data_after_it_decoded_ahead(holed):
+    """QEMU's stream asks where the data is (extents, as NBD block status) piece by piece and
+    reads nothing of a hole: the chunks after the hole start decoding while it skips it, not
+    when its first read comes."""
+    assert snapshot_export.READ_AHEAD < HOLE_END - HOLE_FIRST
+    data = holed[0]
+    export, watched = export_of(holed)
+    assert export.first_data_offset() == 0
+    assert bytes(export.read(0, PIECE)) == data[:PIECE]
+    for offset in range(HOLE_FIRST * CHUNK, HOLE_END * CHUNK, PIECE):
+        assert export.extents(offset, PIECE) == [(PIECE, True)]
+    assert watched.seen[HOLE_END].wait(WAIT)
+    assert watched.seen[HOLE_END + 1].wait(WAIT)
+    assert bytes(export.read(HOLE_END * CHUNK, 2 * CHUNK)) == data[HOLE_END * CHUNK:]
+    assert sorted(watched.reads) == [0, HOLE_END, HOLE_END + 1]      # each once, no zero chunk
+
+
+
+def test_the_read_ahead_runs_on_threads_that_stay_until_the_export_is_closed(stored):
+    """Each read-ahead thread reuses its read buffer: a new thread per chunk allocated and
+    faulted in 4 MiB each time (0.5 of 1.3 CPU seconds of the server per 512 MiB)."""
+    data = stored[0]
+    export, watched = export_of(stored, 'closed')
+    got = b''.join(bytes(export.read(offset, min(PIECE, SIZE - offset)))
+                   for offset in range(0, SIZE, PIECE))
+    assert got == data
+    assert sorted(watched.reads) == [0, 1, 3, 4, 5, 6]
+    # this thread, and the same READ_AHEAD threads for every chunk decoded ahead
+    assert len(watched.threads - {threading.get_native_id()}) <= snapshot_export.READ_AHEAD
+    export.close()
+    for thread in threading.enumerate():
+        if thread.name.startswith('read-ahead-closed'):
+            thread.join(WAIT)
+            assert not thread.is_alive()
+    assert bytes(export.read(CHUNK, PIECE)) == data[CHUNK:CHUNK + PIECE]    # decoded by the read

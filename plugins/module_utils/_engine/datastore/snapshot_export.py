@@ -3,13 +3,15 @@
 Every read is served from the chunks the index names (datastore/index.py), each checked (CRC, decryption,
 digest) before a byte of it is returned; the zero chunk is never read. An export offers what
 the NBD server asks of any export (``name``, ``size``, ``read``, ``keep_chunks``,
-``first_data_offset``), ``extents`` (where its zero chunks are) and ``cached`` (whether a read
-returns at once); the Datastore Format makes them in ``open_block_exports``.
+``first_data_offset``, ``close``), ``extents`` (where its zero chunks are) and ``cached``
+(whether a read returns at once); the Datastore Format makes them in ``open_block_exports``.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import GuestvaultError
 from .image_restore import chunk_name, load_chunk, zero_digests
@@ -24,11 +26,13 @@ READ_AHEAD = 2
 class SnapshotExport:
     """One disk of a snapshot, readable at any offset, chunk by checked chunk.
 
-    A read that goes on where the previous chunk was read (a copy, e.g. QEMU's block-stream,
-    which asks for one piece at a time) starts decoding the next ``READ_AHEAD`` chunks on
-    threads of their own, so their reads, checks and decompression overlap with the reader's
-    work on this one instead of waiting in front of it. A chunk that fails while decoded ahead
-    is dropped: the read that needs it decodes it again and gets that error itself."""
+    A read or an ``extents`` query that goes on where the previous chunk was read or skipped (a
+    copy, e.g. QEMU's block-stream, which asks where the data is, then reads it, one piece at a
+    time) starts decoding the next ``READ_AHEAD`` chunks of data from there, however many zero
+    chunks lie between, on ``READ_AHEAD`` threads: their reads, checks and decompression overlap
+    with the copy's work instead of waiting in front of it, also right after a long hole, which
+    a copy skips without reading. A chunk that fails while decoded ahead is dropped: the read
+    that needs it decodes it again and gets that error itself."""
 
     def __init__(self, name, index, chunks, crypt, what):
         self.name = name
@@ -38,9 +42,14 @@ class SnapshotExport:
         self.what = what
         self.size = index.size
         self._zeros = zero_digests(index, crypt)
+        # the positions of the chunks with data, in order: where a read ahead looks
+        self._data = [position for position in range(index.count) if not self._is_zero(position)]
         self._cache = OrderedDict()     # position -> decoded data, least recently used first
         self._loading = {}              # position -> Event set when its decoding ended
         self._ahead = 0                 # decodings ahead running
+        # on threads that stay, each reusing its read buffer (a new thread allocated and
+        # faulted in one per chunk)
+        self._decoders = ThreadPoolExecutor(READ_AHEAD, f'read-ahead-{name}')
         self._lock = threading.Lock()
 
     def _is_zero(self, position):
@@ -88,23 +97,29 @@ class SnapshotExport:
         loading.set()
 
     def _read_ahead(self, position):
-        """Start decoding the chunks after ``position`` that are neither cached nor being
-        decoded, when the reader looks sequential: the chunk before ``position`` is cached, or
-        is a zero chunk (which a copy skips)."""
+        """Start decoding the next ``READ_AHEAD`` chunks of data from ``position`` on (zero
+        chunks skipped) that are neither cached nor being decoded, when the reader looks
+        sequential: the chunk before ``position`` is cached, or is a zero chunk (which a copy
+        skips)."""
         with self._lock:
             sequential = position - 1 in self._cache
         if not sequential and not (position > 0 and self._is_zero(position - 1)):
             return
-        for ahead in range(position + 1, min(position + 1 + READ_AHEAD, self.index.count)):
-            if self._is_zero(ahead):
-                continue
+        first = bisect.bisect_left(self._data, position)
+        # (``position`` itself first, when it has data: a copy that asked where it is reads it next)
+        for ahead in self._data[first:first + 1 + READ_AHEAD]:
             with self._lock:
                 if ahead in self._cache or ahead in self._loading or self._ahead >= READ_AHEAD:
                     continue
                 loading = self._loading[ahead] = threading.Event()
                 self._ahead += 1
-            threading.Thread(target=self._decode_ahead, args=(ahead, loading),
-                             name=f'read-ahead-{self.name}', daemon=True).start()
+            try:
+                self._decoders.submit(self._decode_ahead, ahead, loading)
+            except RuntimeError:        # closed (its server ended): the read decodes it
+                with self._lock:
+                    self._ahead -= 1
+                self._loaded(ahead, loading)
+                return
 
     def _decode_ahead(self, position, loading):
         try:
@@ -143,7 +158,10 @@ class SnapshotExport:
     def extents(self, offset, length):
         """``(length, zero)`` runs covering ``length`` bytes from ``offset``, one per chunk:
         zero where the index names the zero chunk (a hole or zeroes when backed up), which the
-        NBD server reports as a hole and never reads."""
+        NBD server reports as a hole and never reads. A copy asks this before it reads (or skips)
+        each piece: the chunks of data it will read next start decoding (``_read_ahead``)."""
+        if length > 0:
+            self._read_ahead(self.index.chunk_at(offset)[0])
         runs = []
         while length > 0:
             position, inside = self.index.chunk_at(offset)
@@ -153,6 +171,11 @@ class SnapshotExport:
             offset += size
             length -= size
         return runs
+
+    def close(self):
+        """Let the read-ahead threads go once the decodings started end (not cancelled: a read
+        may wait for one); a read after this decodes what it needs itself."""
+        self._decoders.shutdown(wait=False)
 
     def keep_chunks(self):
         """Touch every chunk the export reads, as garbage collection's mark does. Call it once
@@ -166,7 +189,4 @@ class SnapshotExport:
 
     def first_data_offset(self):
         """The offset of the first chunk that is not zero, or None."""
-        for _position, offset, length, digest in self.index:
-            if self._zeros.get(digest) != length:
-                return offset
-        return None
+        return self.index.chunk_range(self._data[0])[0] if self._data else None

@@ -5,16 +5,17 @@ QEMU cannot open as a file (a datastore snapshot: datastore/snapshot_export.py).
 any object with ``name``, ``size`` and ``read(offset, length)`` -> bytes or a buffer of them
 (raising a GuestvaultError when it cannot read); a server that ``holds`` its exports also calls
 ``keep_chunks()`` (spare what it reads from a garbage collection) and reads one byte at
-``first_data_offset()`` (None: no data) before it listens. An export that has
+``first_data_offset()`` (None: no data) before it listens; ``ThreadServer`` calls an export's
+``close()``, where it has one, once it stopped serving. An export that has
 ``extents(offset, length)`` (``(length, zero)`` runs from ``offset``) tells where its holes are;
 any other export is all data. An export that has ``cached(offset, length)`` (True: the read
 returns at once) has such reads served on the connection's own thread, with no thread handoff
 in a sequential client's way (QEMU's stream asks for one piece at a time). It speaks the NBD
 protocol's fixed newstyle handshake (``NBD_OPT_GO``/``NBD_OPT_EXPORT_NAME``) on a unix socket,
 one thread per connection, with simple replies or, when the client asks, structured replies and
-the ``base:allocation`` meta context: ``NBD_CMD_BLOCK_STATUS`` reports the holes and reads
-answer them with ``OFFSET_HOLE``, so QEMU copying an export (a live restore's stream) neither
-moves nor decodes them.
+the ``base:allocation`` meta context: ``NBD_CMD_BLOCK_STATUS`` reports the holes (as holes QEMU
+counts unallocated, see ``STATE_HOLE``) and reads answer them with ``OFFSET_HOLE``, so QEMU
+copying an export (a live restore's stream) neither asks for them, moves nor decodes them.
 
 Its life follows the copies: it stops once every client that connected has gone (QEMU drops
 the backing when a stream completes), or when nobody connected within ``idle_timeout``. A read
@@ -56,7 +57,12 @@ REPLY_TYPE_BLOCK_STATUS = 5
 REPLY_TYPE_ERROR = (1 << 15) + 1
 ALLOCATION = b'base:allocation'     # the one meta context, with the id below
 ALLOCATION_ID = 1
-STATE_HOLE_ZERO = 1 | 2             # NBD_STATE_HOLE | NBD_STATE_ZERO; data is 0
+# A zero run is reported as NBD_STATE_HOLE alone, without NBD_STATE_ZERO (which the spec lets a
+# server leave out): QEMU counts an extent flagged zero as allocated, so its block-stream would
+# read every hole and write it into the new image as zeroes, a round trip per 512 KiB; a bare
+# hole at the bottom of the chain is unallocated, and the stream skips it: the new image, standing
+# alone once the copy is done, reads it as zeroes, what the backup holds there. Data is 0.
+STATE_HOLE = 1
 MAX_REQUEST = 32 << 20
 READERS = 4          # threads serving one connection's reads (decoding releases the GIL)
 
@@ -260,7 +266,7 @@ class NbdServer:
                 runs = runs[:1]
             send(_chunk(handle, REPLY_TYPE_BLOCK_STATUS,
                         struct.pack('>I', ALLOCATION_ID)
-                        + b''.join(struct.pack('>II', size, STATE_HOLE_ZERO if zero else 0)
+                        + b''.join(struct.pack('>II', size, STATE_HOLE if zero else 0)
                                    for size, zero in runs),
                         REPLY_FLAG_DONE))
 
@@ -329,6 +335,9 @@ class ThreadServer:
         finally:
             server.shutdown()
             self._thread.join(timeout=30)
+            for export in exports.values():
+                if hasattr(export, 'close'):
+                    export.close()
 
     def wait(self):
         """Until the server ends by itself: every client gone, or none within the idle timeout."""
