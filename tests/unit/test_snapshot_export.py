@@ -236,7 +236,6 @@ def test_a_copy_that_skips_a_long_hole_finds_the_data_after_it_decoded_ahead(hol
     assert sorted(watched.reads) == [0, HOLE_END, HOLE_END + 1]      # each once, no zero chunk
 
 
-
 def test_the_read_ahead_runs_on_threads_that_stay_until_the_export_is_closed(stored):
     """Each read-ahead thread reuses its read buffer: a new thread per chunk allocated and
     faulted in 4 MiB each time (0.5 of 1.3 CPU seconds of the server per 512 MiB)."""
