@@ -25,7 +25,8 @@ finds different from the guest's disk).
 4. The raw row's breakdown: the CPU seconds of its pipeline threads by kind (readers, decoders,
    writers: each thread's own CPU time as it ends) and the rest (planning, checks, fsync); and
    what it must hash, the chunks that are not the zero chunk, with the CPU seconds of sha256
-   alone over that many bytes at this machine's rate: the restore's floor, beside convert's.
+   alone over that many bytes at this machine's rate; and, timed in every round, the measured
+   floor: those chunks read, decompressed and checked on 2 threads, nothing written.
 
 Everything is on one file system: an ext4 loop file system without discard when the workdir's
 has online discard and this runs as root (datastore_bench.LoopFs), else the workdir itself.
@@ -130,6 +131,31 @@ def sha256_seconds(size):
     return (time.thread_time() - started) / (4 * len(data)) * size
 
 
+def decode_floor(datastore, threads=2):
+    """Seconds of the raw restore's floor: every chunk of the snapshot that is not the zero chunk
+    read from its file, decompressed and its sha256 checked (the engine's ``load_chunk``: the
+    work every checked restore has to do, whatever writes it), on ``threads`` threads, with
+    nothing written. Beside convert, which checks nothing, it shows whether <= 1.1x is in
+    reach at all."""
+    from concurrent.futures import ThreadPoolExecutor
+    from guestvault_engine.datastore.chunk_store import FileChunkStore
+    from guestvault_engine.datastore.image_restore import load_chunk, zero_digests
+    from guestvault_engine.datastore.index import read_index
+    chunks = FileChunkStore(datastore)
+    todo = []
+    for path in glob.glob(os.path.join(datastore, 'vm', str(VMID), '*', '*.fidx')):
+        index = read_index(path)
+        zeros = zero_digests(index, None)
+        todo += [(digest, length) for _position, _offset, length, digest in index
+                 if zeros.get(digest) != length]
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        for _data in pool.map(lambda item: load_chunk(chunks, item[0], None, 'floor', item[1]),
+                              todo):
+            pass
+    return time.monotonic() - started
+
+
 def timed_restore(config_dir, target, fmt, **where):
     from guestvault_engine.run.restore import RestoreRequest, run_restore
     started = time.monotonic()
@@ -151,7 +177,8 @@ def verify_chain(dumpdir):
 def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
     """Per round, alternating the order: each pair (baseline, restore) of both goals, then the
     chain's verify alone; ``fsyncs``: the chain convert's fsync of its output."""
-    samples = {k: [] for k in ('convert', 'raw', 'convert_chain', 'chain', 'verify_chain')}
+    samples = {k: [] for k in ('convert', 'raw', 'convert_chain', 'chain', 'verify_chain',
+                               'decode_floor')}
     cpu = {k: [] for k in samples}
     threads = ThreadCpu()
     breakdown = []                  # the raw row's: {thread kind: CPU s, 'rest': CPU s}
@@ -174,6 +201,7 @@ def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
         'raw': lambda: restore('raw', storage='ds'),
         'chain': lambda: restore('qcow2', dumpdir=dumpdir),
         'verify_chain': verify,
+        'decode_floor': lambda: decode_floor(os.path.join(os.path.dirname(outdir), 'ds')),
     }
     target = os.path.join(outdir, 'restored')
     restored = {}
@@ -184,9 +212,9 @@ def rounds(guest, config_dir, dumpdir, newest, outdir, repeat, warm, size):
         return seconds
 
     for number in range(repeat):
-        order = ('convert', 'raw', 'convert_chain', 'chain', 'verify_chain')
+        order = ('convert', 'raw', 'decode_floor', 'convert_chain', 'chain', 'verify_chain')
         if number % 2:
-            order = ('raw', 'convert', 'chain', 'convert_chain', 'verify_chain')
+            order = ('decode_floor', 'raw', 'convert', 'chain', 'convert_chain', 'verify_chain')
         for step in order:
             warm(size)
             before = os.times()
@@ -280,6 +308,11 @@ def main(argv=None):
         say(f"it checks {fmt_bytes(hashed)} of chunk data (the chunks that are not the zero "
             f"chunk); sha256 alone of that is {sha:.2f} CPU s here, {sha / 2:.2f} s on both "
             f"cores, against convert's {med(samples['convert']):.2f} s")
+        say(f"raw restore floor, measured (every such chunk read, decompressed and checked on 2 "
+            f"threads, nothing written): {med(samples['decode_floor']):.2f} s"
+            f"{rng_text(samples['decode_floor'])} = "
+            f"{med(samples['decode_floor']) / med(samples['convert']):.2f}x convert; the raw "
+            f"restore is {med(samples['raw']) / med(samples['decode_floor']):.2f}x this floor")
         return 0
     finally:
         if guest is not None:
