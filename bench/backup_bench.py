@@ -142,12 +142,13 @@ class Warmer:
         self.path = os.path.join(directory, 'warm-up.scratch')
         self.enabled = enabled
         self.seconds = []
+        self.cpu = 0.0      # this process's CPU seconds in warm-ups, not the timed steps'
 
     def __call__(self, size):
         settle()
         if not self.enabled:
             return
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), sum(os.times()[:2])
         chunk = bytes(8 * MiB)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -158,6 +159,7 @@ class Warmer:
             os.close(fd)
             os.unlink(self.path)
         self.seconds.append(time.monotonic() - t0)
+        self.cpu += sum(os.times()[:2]) - cpu0
 
 
 def fsync_file(path):
@@ -341,7 +343,7 @@ class OverlapProfile:
 
 
 def thread_cpu(pid):
-    """{thread name: CPU seconds} of a process's live threads (exited ones are not listed)."""
+    """{thread id: (name, CPU seconds)} of a process's live threads (not the exited ones)."""
     result = {}
     tick = os.sysconf('SC_CLK_TCK')
     for tid in os.listdir(f'/proc/{pid}/task'):
@@ -352,7 +354,7 @@ def thread_cpu(pid):
             continue
         name = raw[raw.index('(') + 1:raw.rindex(')')]
         fields = raw.rsplit(')', 1)[1].split()
-        result[name] = result.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        result[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return result
 
 
@@ -495,16 +497,22 @@ def cpu_seconds(qemu_pid):
     return own.user + own.system, (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
-def with_cpu(guest, step, *args):
-    """Run ``step(*args)``; its result with the CPU seconds it took here and in QEMU."""
+def with_cpu(guest, step, *args, warm=None):
+    """Run ``step(*args)``; its result with the CPU seconds it took here (without ``warm``'s
+    page-cache warm-up, when given) and in QEMU, and QEMU's by thread name (the lab guest of
+    --only full names its threads)."""
+    warm_cpu0 = warm.cpu if warm else 0.0
     own0, qemu0 = cpu_seconds(guest.pid())
     threads0 = thread_cpu(guest.pid())
     result = step(*args)
     own1, qemu1 = cpu_seconds(guest.pid())
     threads1 = thread_cpu(guest.pid())
-    by_thread = {name: cpu - threads0.get(name, 0.0) for name, cpu in threads1.items()}
-    by_thread['(exited threads)'] = qemu1 - qemu0 - sum(by_thread.values())
-    result.update(cpu_engine=own1 - own0, cpu_qemu=qemu1 - qemu0, qemu_threads=by_thread)
+    by_thread = {}
+    for tid, (name, cpu) in threads1.items():
+        by_thread[name] = by_thread.get(name, 0.0) + cpu - threads0.get(tid, (name, 0.0))[1]
+    by_thread['(threads that ended)'] = qemu1 - qemu0 - sum(by_thread.values())
+    result.update(cpu_engine=own1 - own0 - ((warm.cpu - warm_cpu0) if warm else 0.0),
+                  cpu_qemu=qemu1 - qemu0, qemu_threads=by_thread)
     return result
 
 
@@ -654,11 +662,16 @@ def print_report(info, setup, base, fulls, fullz, fulla, base_full, incs, args, 
     say(f"restore check: {check}")
 
 
-def full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, warm, setup,
-              config_dir, fresh_store):
+SAME_PRIORITY = 'full, hash at QEMU\'s priority'
+
+
+def full_only(args, guest, backup_run, inst, profile, qcow2, overlap, outdir, disk_size, warm,
+              setup, config_dir, fresh_store):
     """--only full: rounds of (bare copy, full, full hashed after the job), the order reversed
     every other round; then goal 3's ratio, the CPU by thread and the overlap's profile."""
     samples = {'bare QEMU copy': [], 'full': [], 'full, hashed after the job': []}
+    if args.same_priority:
+        samples[SAME_PRIORITY] = []
     size = setup['image_allocated']
     for rnd in range(args.repeat):
         steps = list(samples)
@@ -666,16 +679,20 @@ def full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, 
             steps.reverse()
         for name in steps:
             if name == 'bare QEMU copy':
-                sample = with_cpu(guest, bare_copy, guest, outdir, disk_size, warm, size)
+                sample = with_cpu(guest, bare_copy, guest, outdir, disk_size, warm, size,
+                                  warm=warm)
                 sample['duration'] = sample['seconds_sync']
             else:
                 store = fresh_store()
-                qcow2.Qcow2Chain.hash_during_copy = name == 'full'
+                qcow2.Qcow2Chain.hash_during_copy = name != 'full, hashed after the job'
+                nice, overlap.EARLY_NICE = overlap.EARLY_NICE, \
+                    0 if name == SAME_PRIORITY else overlap.EARLY_NICE
                 try:
                     sample = with_cpu(guest, engine_backup, backup_run, inst, guest, store,
-                                      config_dir, 'full', '0', warm, size, profile)
+                                      config_dir, 'full', '0', warm, size, profile, warm=warm)
                 finally:
                     qcow2.Qcow2Chain.hash_during_copy = True
+                    overlap.EARLY_NICE = nice
                 sample['timeline'] = profile.timeline
                 shutil.rmtree(store)
             samples[name].append(sample)
@@ -689,7 +706,7 @@ def full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, 
     say('-' * 100)
     for name, bucket in samples.items():
         rounds = ', '.join(f"{sample['duration']:.2f}" for sample in bucket)
-        say(f"{name:28s} {med(bucket, 'duration'):6.2f} s ({rounds})  CPU "
+        say(f"{name:28s} {med(bucket, 'duration'):6.2f} s ({rounds})  CPU (no warm-up) "
             f"{med(bucket, 'cpu_engine'):5.2f} + QEMU {med(bucket, 'cpu_qemu'):5.2f}")
     say(f"full / bare QEMU copy+fsync {full / bare:5.2f}x   (target <= 1.15x) "
         f"{'MET' if full / bare <= 1.15 else 'MISSED'}   (issue 24, goal 3; per round "
@@ -705,11 +722,14 @@ def full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, 
             for bucket in samples.values()))
     say("the engine's runs: phases and the overlapped hash (medians; times from the point in time)")
     rows = [(name, bucket) for name, bucket in samples.items() if name != 'bare QEMU copy']
+    say(f"  {'':28s}" + ''.join(f"{name[:30]:>32s}" for name, _bucket in rows))
     for key in rows[0][1][0]['phases']:
         say(f"  {key:28s}" + ''.join(
-            f"{statistics.median(s['phases'][key] for s in bucket):12.2f}" for _n, bucket in rows))
+            f"{statistics.median(s['phases'][key] for s in bucket):32.2f}" for _n, bucket in rows))
     for key in samples['full'][0]['profile']:
-        say(f"  {key:28s}{statistics.median(s['profile'][key] for s in samples['full']):12.2f}")
+        say(f"  {key:28s}" + ''.join(
+            f"{statistics.median(s['profile'][key] for s in bucket):32.2f}" if bucket[0]['profile']
+            and 'after' not in name else f"{'':32s}" for name, bucket in rows))
     if args.json:
         with open(args.json, 'w') as handle:
             json.dump(samples, handle, indent=2, default=str)
@@ -734,6 +754,9 @@ def main(argv=None):
                         help="full: only goal 3, the bare QEMU copy against the full (and the "
                              "full hashed after the job), alternating, with the overlapped "
                              "hash's profile; no baselines, incrementals or restores")
+    parser.add_argument('--same-priority', action='store_true',
+                        help="with --only full: also the full whose hash runs at QEMU's "
+                             "priority while QEMU writes (format/overlap.py EARLY_NICE 0)")
     args = parser.parse_args(argv)
 
     disk_size, data_size = parse_size(args.disk_size), parse_size(args.data)
@@ -763,7 +786,9 @@ def main(argv=None):
     try:
         info = machine_info(run, zstd_cli)
         say(f"run directory {run}")
+        # (QEMU names its threads for --only full's CPU by thread: main, worker, CPU, ...)
         guest = LabGuest(os.path.join(run, 'guest'), disks=[('qcow2', str(disk_size))],
+                         extra_args=['-name', 'debug-threads=on'] if args.only else [],
                          vmid=VMID, name='bench').start()
         image = guest.disk_path(0)
         if os.stat(image).st_dev != os.stat(outdir).st_dev:
@@ -780,8 +805,8 @@ def main(argv=None):
 
         if args.only == 'full':
             profile = OverlapProfile(overlap, capture)
-            full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, warm,
-                      setup, config_dir, fresh_store)
+            full_only(args, guest, backup_run, inst, profile, qcow2, overlap, outdir,
+                      disk_size, warm, setup, config_dir, fresh_store)
             return 0
         base, fulls, fullz, fulla = {}, [], [], []
         for rnd in range(args.repeat):

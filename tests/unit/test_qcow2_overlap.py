@@ -1,6 +1,8 @@
 """format/overlap.py: which segments hashed while QEMU wrote are hashed again, and the digests
 of the final file that come out (whatever was written where, after which bitmap)."""
 import hashlib
+import os
+import threading
 
 import pytest
 
@@ -64,6 +66,14 @@ def write(path, data, offset, new):
         handle.write(new)
 
 
+def batches_done(watcher):
+    """Wait until the batches' segments are hashed (the job's end may come first, then
+    ``closed`` takes over what is still queued: tests that count want it to come after)."""
+    for hashed in watcher._hashed.values():
+        for _length, _batch, future in hashed.values():
+            future.result()
+
+
 @pytest.mark.parametrize('report_dirty', [True, False])
 def test_digests_are_the_final_files_also_when_hashed_segments_are_rewritten(tmp_path,
                                                                              report_dirty):
@@ -79,6 +89,7 @@ def test_digests_are_the_final_files_also_when_hashed_segments_are_rewritten(tmp
         watcher.schedule(1, watcher.ends())  # segment 2; 3 is not whole below the margin
         assert watcher.hashed_early() == 3
         write(path, data, len(data), b'c' * SEG)
+        batches_done(watcher)
         watcher.closed()            # segments 3-5 (5, the tail, not whole), final
         assert watcher.hashed_early() == 3
         watcher.written({path: {0: [(0, 512)], 1: [(0, 512)]}} if report_dirty else None)
@@ -126,8 +137,62 @@ def test_segments_never_hashed_are_hashed_once_the_image_is_closed_and_not_again
     with OverlappedDigests({path: SEG}, workers=2, behind=SEG) as watcher:
         watcher.schedule(0, watcher.ends())         # segment 0
         write(path, data, SEG, b'z' * (SEG + 10))   # the end of the job
+        batches_done(watcher)
         watcher.closed()                            # segments 1 and the tail: final
         # bitmap 0 saw every write after it: only segment 0 is hashed again
         watcher.written({path: {0: [(0, len(data))]}})
         size, digests = watcher.digests()[path]
     assert digests == sha_segments(bytes(data)) and watcher.hashed_again == 1
+
+
+def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(tmp_path,
+                                                                           monkeypatch):
+    # the one hashing thread is held on segment 0 until the job's end: segments 1-2 wait in
+    # their batch, then read the final file, and no bitmap can send them to be hashed again
+    started, release = threading.Event(), threading.Event()
+    hash_range = overlap.sha256_range
+
+    def held(path, offset, length):
+        if offset == 0:
+            started.set()
+            assert release.wait(60)
+        return hash_range(path, offset, length)
+    monkeypatch.setattr(overlap, 'sha256_range', held)
+    path = str(tmp_path / 'image')
+    data = bytearray(b'a' * (4 * SEG))
+    with open(path, 'wb') as handle:
+        handle.write(data)
+    with OverlappedDigests({path: SEG}, workers=1, behind=SEG) as watcher:
+        watcher.schedule(0, watcher.ends())         # segments 0-2
+        write(path, data, 0, b'x' * (4 * SEG))      # QEMU writes them all again
+        assert started.wait(60)
+        watcher.closed()
+        release.set()
+        watcher.written({path: {0: [(0, len(data))]}})
+        size, digests = watcher.digests()[path]
+    assert digests == sha_segments(bytes(data))
+    # segment 0 was (being) hashed while QEMU wrote, and is hashed again, the others once
+    assert watcher.hashed_early() == 1 and watcher.hashed_again == 1
+
+
+def test_segments_are_hashed_below_the_callers_priority_while_qemu_writes_then_at_it(tmp_path,
+                                                                                     monkeypatch):
+    nice = {}
+    hash_range = overlap.sha256_range
+
+    def recorded(path, offset, length):
+        nice[offset] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return hash_range(path, offset, length)
+    monkeypatch.setattr(overlap, 'sha256_range', recorded)
+    path = str(tmp_path / 'image')
+    with open(path, 'wb') as handle:
+        handle.write(b'a' * (3 * SEG))
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with OverlappedDigests({path: SEG}, workers=1, behind=SEG) as watcher:
+        watcher.schedule(0, watcher.ends())         # segments 0-1
+        batches_done(watcher)
+        watcher.closed()                            # segment 2
+        watcher.written({path: {0: []}})
+        watcher.digests()
+    assert nice == {0: min(19, mine + overlap.EARLY_NICE), SEG: min(19, mine + overlap.EARLY_NICE),
+                    2 * SEG: mine}
