@@ -662,16 +662,11 @@ def print_report(info, setup, base, fulls, fullz, fulla, base_full, incs, args, 
     say(f"restore check: {check}")
 
 
-SAME_PRIORITY = 'full, hash at QEMU\'s priority'
-
-
-def full_only(args, guest, backup_run, inst, profile, qcow2, overlap, outdir, disk_size, warm,
-              setup, config_dir, fresh_store):
+def full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, warm, setup,
+              config_dir, fresh_store):
     """--only full: rounds of (bare copy, full, full hashed after the job), the order reversed
     every other round; then goal 3's ratio, the CPU by thread and the overlap's profile."""
     samples = {'bare QEMU copy': [], 'full': [], 'full, hashed after the job': []}
-    if args.same_priority:
-        samples[SAME_PRIORITY] = []
     size = setup['image_allocated']
     for rnd in range(args.repeat):
         steps = list(samples)
@@ -684,15 +679,12 @@ def full_only(args, guest, backup_run, inst, profile, qcow2, overlap, outdir, di
                 sample['duration'] = sample['seconds_sync']
             else:
                 store = fresh_store()
-                qcow2.Qcow2Chain.hash_during_copy = name != 'full, hashed after the job'
-                nice, overlap.EARLY_NICE = overlap.EARLY_NICE, \
-                    0 if name == SAME_PRIORITY else overlap.EARLY_NICE
+                qcow2.Qcow2Chain.hash_during_copy = name == 'full'
                 try:
                     sample = with_cpu(guest, engine_backup, backup_run, inst, guest, store,
                                       config_dir, 'full', '0', warm, size, profile, warm=warm)
                 finally:
                     qcow2.Qcow2Chain.hash_during_copy = True
-                    overlap.EARLY_NICE = nice
                 sample['timeline'] = profile.timeline
                 shutil.rmtree(store)
             samples[name].append(sample)
@@ -754,9 +746,6 @@ def main(argv=None):
                         help="full: only goal 3, the bare QEMU copy against the full (and the "
                              "full hashed after the job), alternating, with the overlapped "
                              "hash's profile; no baselines, incrementals or restores")
-    parser.add_argument('--same-priority', action='store_true',
-                        help="with --only full: also the full whose hash runs at QEMU's "
-                             "priority while QEMU writes (format/overlap.py EARLY_NICE 0)")
     args = parser.parse_args(argv)
 
     disk_size, data_size = parse_size(args.disk_size), parse_size(args.data)
@@ -805,8 +794,8 @@ def main(argv=None):
 
         if args.only == 'full':
             profile = OverlapProfile(overlap, capture)
-            full_only(args, guest, backup_run, inst, profile, qcow2, overlap, outdir,
-                      disk_size, warm, setup, config_dir, fresh_store)
+            full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, warm,
+                      setup, config_dir, fresh_store)
             return 0
         base, fulls, fullz, fulla = {}, [], [], []
         for rnd in range(args.repeat):

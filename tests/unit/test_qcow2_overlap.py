@@ -1,7 +1,6 @@
 """format/overlap.py: which segments hashed while QEMU wrote are hashed again, and the digests
 of the final file that come out (whatever was written where, after which bitmap)."""
 import hashlib
-import os
 import threading
 
 import pytest
@@ -174,25 +173,3 @@ def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(tmp_
     # segment 0 was (being) hashed while QEMU wrote, and is hashed again, the others once
     assert watcher.hashed_early() == 1 and watcher.hashed_again == 1
 
-
-def test_segments_are_hashed_below_the_callers_priority_while_qemu_writes_then_at_it(tmp_path,
-                                                                                     monkeypatch):
-    nice = {}
-    hash_range = overlap.sha256_range
-
-    def recorded(path, offset, length):
-        nice[offset] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        return hash_range(path, offset, length)
-    monkeypatch.setattr(overlap, 'sha256_range', recorded)
-    path = str(tmp_path / 'image')
-    with open(path, 'wb') as handle:
-        handle.write(b'a' * (3 * SEG))
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    with OverlappedDigests({path: SEG}, workers=1, behind=SEG) as watcher:
-        watcher.schedule(0, watcher.ends())         # segments 0-1
-        batches_done(watcher)
-        watcher.closed()                            # segment 2
-        watcher.written({path: {0: []}})
-        watcher.digests()
-    assert nice == {0: min(19, mine + overlap.EARLY_NICE), SEG: min(19, mine + overlap.EARLY_NICE),
-                    2 * SEG: mine}

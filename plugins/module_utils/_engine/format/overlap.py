@@ -25,7 +25,6 @@ soundness rests on the bitmaps alone.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from ..storage.files import sha256_range
@@ -40,19 +39,6 @@ def overlaps(ranges, offset, length):
 # file's end than that is rarely written again (qcow2 allocates clusters in the order of writes)
 IN_FLIGHT = 64 << 20
 CLOSED = 'closed'   # the batch of segments hashed once QEMU had closed the image: final
-EARLY_NICE = 10     # how much lower the threads hashing while QEMU writes run than QEMU
-
-
-def yield_to_qemu():
-    """Lower this thread's priority (Linux keeps a nice value per thread): hashing while QEMU
-    copies then takes the cores QEMU leaves idle, not QEMU's, so its job runs as fast as a bare
-    copy; what is left when the job ends is hashed at the usual priority."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid,
-                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + EARLY_NICE))
-    except (AttributeError, OSError):
-        pass    # not Linux, or not allowed: the usual priority
 
 
 def to_hash_again(hashed, dirty, final):
@@ -84,9 +70,7 @@ class OverlappedDigests:
         self.sizes = dict(sizes)
         self.paths = list(self.sizes)
         self.behind = IN_FLIGHT if behind is None else behind
-        workers = workers or os.cpu_count() or 1
-        self._early = ThreadPoolExecutor(max_workers=workers, initializer=yield_to_qemu)
-        self._pool = ThreadPoolExecutor(max_workers=workers)    # once QEMU closed the images
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
         self._hashed = {path: {} for path in self.paths}    # offset -> (length, batch, future)
         self._dirty = None
         self.hashed_again = 0
@@ -95,8 +79,7 @@ class OverlappedDigests:
         return self
 
     def __exit__(self, *exc):
-        for pool in (self._early, self._pool):
-            pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def ends(self):
         """{path: the file's size now}, for ``schedule``."""
@@ -107,25 +90,25 @@ class OverlappedDigests:
         ``behind`` bytes below its file's end in ``ends``: taken before bitmap ``batch`` was
         added, since QEMU may write much more before a busy machine lets this thread go on."""
         for path in self.paths:
-            self._submit(self._early, path, batch, ends[path] - self.behind)
+            self._submit(path, batch, ends[path] - self.behind)
 
     def closed(self):
         """QEMU has closed the images: every segment not started yet, also one still queued in
-        a batch, is hashed as final, at the usual priority."""
+        a batch (behind on a busy machine), is hashed as final, whatever the bitmaps say."""
         for path in self.paths:
             hashed = self._hashed[path]
             for offset, (length, _batch, future) in list(hashed.items()):
                 if future.cancel():
                     hashed[offset] = (length, CLOSED,
                                       self._pool.submit(sha256_range, path, offset, length))
-            self._submit(self._pool, path, CLOSED, os.path.getsize(path), whole=False)
+            self._submit(path, CLOSED, os.path.getsize(path), whole=False)
 
-    def _submit(self, pool, path, batch, end, whole=True):
+    def _submit(self, path, batch, end, whole=True):
         hashed, size = self._hashed[path], self.sizes[path]
         start = max(hashed, default=-size) + size
         for offset in range(start, end - size + 1 if whole else end, size):
             length = min(size, end - offset)
-            hashed[offset] = (length, batch, pool.submit(sha256_range, path, offset, length))
+            hashed[offset] = (length, batch, self._pool.submit(sha256_range, path, offset, length))
 
     def written(self, dirty):
         """{path: {batch: [(offset, length)]}}: what each batch's bitmap saw written; None when
