@@ -142,12 +142,13 @@ class Warmer:
         self.path = os.path.join(directory, 'warm-up.scratch')
         self.enabled = enabled
         self.seconds = []
+        self.cpu = 0.0      # this process's CPU seconds in warm-ups, not the timed steps'
 
     def __call__(self, size):
         settle()
         if not self.enabled:
             return
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), sum(os.times()[:2])
         chunk = bytes(8 * MiB)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -158,6 +159,7 @@ class Warmer:
             os.close(fd)
             os.unlink(self.path)
         self.seconds.append(time.monotonic() - t0)
+        self.cpu += sum(os.times()[:2]) - cpu0
 
 
 def fsync_file(path):
@@ -267,6 +269,95 @@ class Instrument:
         return None
 
 
+class OverlapProfile:
+    """The overlapped hash's timeline (issue 24, goal 3), without touching the engine's files:
+    wrappers time-stamp each watch batch (``OverlappedDigests.schedule``), each segment hashed
+    (``sha256_range`` as format/overlap.py calls it: wall span and its thread's CPU), the
+    bitmaps' read after the job (``PushCapture._written``) and ``digests``."""
+
+    def __init__(self, overlap, capture):
+        self.t0 = time.monotonic()
+        self.events = []
+        original_hash = overlap.sha256_range
+        profile = self
+
+        def sha256_range(path, offset, length):
+            t0, c0 = time.monotonic(), time.thread_time()
+            try:
+                return original_hash(path, offset, length)
+            finally:
+                profile.events.append(('hash', t0 - profile.t0, time.monotonic() - profile.t0,
+                                       time.thread_time() - c0, length))
+        overlap.sha256_range = sha256_range
+        for cls, name in ((overlap.OverlappedDigests, 'schedule'),
+                          (overlap.OverlappedDigests, 'digests'),
+                          (capture.PushCapture, '_written')):
+            setattr(cls, name, self._stamped(name, getattr(cls, name)))
+
+    def _stamped(self, name, method):
+        profile = self
+
+        def wrapper(*args, **kwargs):
+            t0 = time.monotonic()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                # a batch: the images' sizes then (how far QEMU had written)
+                grown = sum(os.path.getsize(p) for p in args[0].paths) \
+                    if name == 'schedule' else 0
+                profile.events.append((name, t0 - profile.t0, time.monotonic() - profile.t0,
+                                       0.0, grown))
+        return wrapper
+
+    def reset(self, t0):
+        self.t0 = t0
+        self.timeline = ''
+
+        self.events = []
+
+    def summary(self, copy_start, copy_end):
+        """The figures of one backup: times relative to the copy's start (the point in time)."""
+        hashes = [e for e in self.events if e[0] == 'hash']
+        first = {name: next((e for e in self.events if e[0] == name), None)
+                 for name in ('_written', 'digests')}
+        batches = [e for e in self.events if e[0] == 'schedule']
+        written = first['_written']
+        job_end = written[1] if written else copy_end     # the bitmaps are read right after it
+        after = [h for h in hashes if h[1] >= job_end]
+        self.timeline = ' '.join(f"{b[1] - copy_start:.2f}s:{b[4] / MiB:.0f}M" for b in batches)
+        return {
+            'batches': len(batches),
+            'segments hashed': len(hashes),
+            'hashed after the job': len(after),
+            'hash CPU s': sum(h[3] for h in hashes),
+            'hash CPU s after job': sum(h[3] for h in after),
+            'hash GiB': sum(h[4] for h in hashes) / GiB,
+            'job end': job_end - copy_start,
+            'bitmap read s': (written[2] - written[1]) if written else 0.0,
+            'digests wait s': (first['digests'][2] - first['digests'][1])
+            if first['digests'] else 0.0,
+            'copy end': copy_end - copy_start,
+            'first hash': (hashes[0][1] - copy_start) if hashes else 0.0,
+            'last hash end': (max(h[2] for h in hashes) - copy_start) if hashes else 0.0,
+        }
+
+
+def thread_cpu(pid):
+    """{thread id: (name, CPU seconds)} of a process's live threads (not the exited ones)."""
+    result = {}
+    tick = os.sysconf('SC_CLK_TCK')
+    for tid in os.listdir(f'/proc/{pid}/task'):
+        try:
+            with open(f'/proc/{pid}/task/{tid}/stat') as handle:
+                raw = handle.read()
+        except FileNotFoundError:
+            continue
+        name = raw[raw.index('(') + 1:raw.rindex(')')]
+        fields = raw.rsplit(')', 1)[1].split()
+        result[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return result
+
+
 def wait_next_second(store, vmid):
     """Backups are named by the second; the engine waits (inside ``duration``) when the previous
     backup has the same name. Start after that second, so only backup work is timed."""
@@ -280,12 +371,15 @@ def wait_next_second(store, vmid):
         time.sleep(0.05)
 
 
-def engine_backup(backup_run, inst, guest, store, config_dir, level, compress, warm, size):
+def engine_backup(backup_run, inst, guest, store, config_dir, level, compress, warm, size,
+                  profile=None):
     wait_next_second(store, VMID)
     warm(size)
     request = backup_run.GuestBackupRequest(vmid=VMID, qmp_socket=guest.qmp_socket, dumpdir=store,
                                             config_dir=config_dir, level=level, compress=compress)
     inst.reset()
+    if profile is not None:
+        profile.reset(inst.t0)
     result = backup_run.run_guest_backup(request, log=inst.log)
     wall = time.monotonic() - inst.t0
     if result['level'] != ('inc' if level == 'inc' else 'full'):
@@ -299,6 +393,7 @@ def engine_backup(backup_run, inst, guest, store, config_dir, level, compress, w
     overlap = [m for _t, m in inst.lines if m.startswith('hashed ')]
     sha = inst.marks.get('sha256', 0.0)
     return {
+        'profile': profile.summary(pit, pit + result['copy_seconds']) if profile else {},
         'wall': wall, 'duration': result['duration'], 'copy_seconds': result['copy_seconds'],
         'bytes_written': result['bytes_written'], 'size': disk['size'],
         'allocated': allocated(os.path.join(backup_dir, disk['file'])),
@@ -402,12 +497,22 @@ def cpu_seconds(qemu_pid):
     return own.user + own.system, (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
-def with_cpu(guest, step, *args):
-    """Run ``step(*args)``; its result with the CPU seconds it took here and in QEMU."""
+def with_cpu(guest, step, *args, warm=None):
+    """Run ``step(*args)``; its result with the CPU seconds it took here (without ``warm``'s
+    page-cache warm-up, when given) and in QEMU, and QEMU's by thread name (the lab guest of
+    --only full names its threads)."""
+    warm_cpu0 = warm.cpu if warm else 0.0
     own0, qemu0 = cpu_seconds(guest.pid())
+    threads0 = thread_cpu(guest.pid())
     result = step(*args)
     own1, qemu1 = cpu_seconds(guest.pid())
-    result.update(cpu_engine=own1 - own0, cpu_qemu=qemu1 - qemu0)
+    threads1 = thread_cpu(guest.pid())
+    by_thread = {}
+    for tid, (name, cpu) in threads1.items():
+        by_thread[name] = by_thread.get(name, 0.0) + cpu - threads0.get(tid, (name, 0.0))[1]
+    by_thread['(threads that ended)'] = qemu1 - qemu0 - sum(by_thread.values())
+    result.update(cpu_engine=own1 - own0 - ((warm.cpu - warm_cpu0) if warm else 0.0),
+                  cpu_qemu=qemu1 - qemu0, qemu_threads=by_thread)
     return result
 
 
@@ -557,6 +662,71 @@ def print_report(info, setup, base, fulls, fullz, fulla, base_full, incs, args, 
     say(f"restore check: {check}")
 
 
+def full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, warm, setup,
+              config_dir, fresh_store):
+    """--only full: rounds of (bare copy, full, full hashed after the job), the order reversed
+    every other round; then goal 3's ratio, the CPU by thread and the overlap's profile."""
+    samples = {'bare QEMU copy': [], 'full': [], 'full, hashed after the job': []}
+    size = setup['image_allocated']
+    for rnd in range(args.repeat):
+        steps = list(samples)
+        if rnd % 2:
+            steps.reverse()
+        for name in steps:
+            if name == 'bare QEMU copy':
+                sample = with_cpu(guest, bare_copy, guest, outdir, disk_size, warm, size,
+                                  warm=warm)
+                sample['duration'] = sample['seconds_sync']
+            else:
+                store = fresh_store()
+                qcow2.Qcow2Chain.hash_during_copy = name == 'full'
+                try:
+                    sample = with_cpu(guest, engine_backup, backup_run, inst, guest, store,
+                                      config_dir, 'full', '0', warm, size, profile, warm=warm)
+                finally:
+                    qcow2.Qcow2Chain.hash_during_copy = True
+                sample['timeline'] = profile.timeline
+                shutil.rmtree(store)
+            samples[name].append(sample)
+        say(f"round {rnd + 1}: " + ', '.join(f"{name} {samples[name][-1]['duration']:.2f} s"
+                                             for name in samples)
+            + f" [load {loadavg()}]; full: {samples['full'][-1]['overlap']}")
+        say("  full's batches (seconds from the point in time: the images' size then): "
+            + samples['full'][-1]['timeline'])
+    bare = med(samples['bare QEMU copy'], 'duration')
+    full = med(samples['full'], 'duration')
+    say('-' * 100)
+    for name, bucket in samples.items():
+        rounds = ', '.join(f"{sample['duration']:.2f}" for sample in bucket)
+        say(f"{name:28s} {med(bucket, 'duration'):6.2f} s ({rounds})  CPU (no warm-up) "
+            f"{med(bucket, 'cpu_engine'):5.2f} + QEMU {med(bucket, 'cpu_qemu'):5.2f}")
+    say(f"full / bare QEMU copy+fsync {full / bare:5.2f}x   (target <= 1.15x) "
+        f"{'MET' if full / bare <= 1.15 else 'MISSED'}   (issue 24, goal 3; per round "
+        + ', '.join(f"{f['duration'] / b['duration']:.2f}"
+                    for f, b in zip(samples['full'], samples['bare QEMU copy']))
+        + f"; load {loadavg()})")
+    say("QEMU's CPU seconds by thread (medians)")
+    names = sorted({n for bucket in samples.values() for s in bucket for n in s['qemu_threads']})
+    say(f"  {'thread':24s}" + ''.join(f"{name[:26]:>28s}" for name in samples))
+    for thread in names:
+        say(f"  {thread:24s}" + ''.join(
+            f"{statistics.median(s['qemu_threads'].get(thread, 0.0) for s in bucket):28.2f}"
+            for bucket in samples.values()))
+    say("the engine's runs: phases and the overlapped hash (medians; times from the point in time)")
+    rows = [(name, bucket) for name, bucket in samples.items() if name != 'bare QEMU copy']
+    say(f"  {'':28s}" + ''.join(f"{name[:30]:>32s}" for name, _bucket in rows))
+    for key in rows[0][1][0]['phases']:
+        say(f"  {key:28s}" + ''.join(
+            f"{statistics.median(s['phases'][key] for s in bucket):32.2f}" for _n, bucket in rows))
+    for key in samples['full'][0]['profile']:
+        say(f"  {key:28s}" + ''.join(
+            f"{statistics.median(s['profile'][key] for s in bucket):32.2f}" if bucket[0]['profile']
+            and 'after' not in name else f"{'':32s}" for name, bucket in rows))
+    if args.json:
+        with open(args.json, 'w') as handle:
+            json.dump(samples, handle, indent=2, default=str)
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n', maxsplit=1)[0])
@@ -572,6 +742,10 @@ def main(argv=None):
                         help='skip the page-cache warm-up before each timed step')
     parser.add_argument('--json', help='also write the raw figures to this file')
     parser.add_argument('--keep', action='store_true', help='keep the run directory')
+    parser.add_argument('--only', choices=('full',),
+                        help="full: only goal 3, the bare QEMU copy against the full (and the "
+                             "full hashed after the job), alternating, with the overlapped "
+                             "hash's profile; no baselines, incrementals or restores")
     args = parser.parse_args(argv)
 
     disk_size, data_size = parse_size(args.disk_size), parse_size(args.data)
@@ -583,7 +757,8 @@ def main(argv=None):
         os.makedirs(path)
     backup_run = load_engine(run_dir)
     from labguest import LabGuest
-    from guestvault_engine.format import qcow2
+    from guestvault_engine.format import overlap, qcow2
+    from guestvault_engine.guest import capture
     inst = Instrument(qcow2)
     warm = Warmer(run, enabled=not args.no_warm_up)
     zstd_cli = shutil.which('zstd')
@@ -600,7 +775,9 @@ def main(argv=None):
     try:
         info = machine_info(run, zstd_cli)
         say(f"run directory {run}")
+        # (QEMU names its threads for --only full's CPU by thread: main, worker, CPU, ...)
         guest = LabGuest(os.path.join(run, 'guest'), disks=[('qcow2', str(disk_size))],
+                         extra_args=['-name', 'debug-threads=on'] if args.only else [],
                          vmid=VMID, name='bench').start()
         image = guest.disk_path(0)
         if os.stat(image).st_dev != os.stat(outdir).st_dev:
@@ -615,6 +792,11 @@ def main(argv=None):
         say(f"filled {fmt_bytes(data_size)} in {fill_seconds:.1f} s; image "
             f"{fmt_bytes(setup['image_allocated'])}")
 
+        if args.only == 'full':
+            profile = OverlapProfile(overlap, capture)
+            full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, warm,
+                      setup, config_dir, fresh_store)
+            return 0
         base, fulls, fullz, fulla = {}, [], [], []
         for rnd in range(args.repeat):
             measured = baselines(image, outdir, zstd_cli, args.zstd_b8m, warm)

@@ -15,7 +15,7 @@ import pytest
 
 from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_backup
 from guestvault_engine.errors import BackupFailed, ChainError, GuestUnreachable, HookFailed
-from guestvault_engine.format import qcow2
+from guestvault_engine.format import overlap, qcow2
 from guestvault_engine.guest import capture
 from lab_checks import backups_in, hidden_in, same_content, small_tmpfs
 from labguest import LabGuest
@@ -119,6 +119,7 @@ def test_every_backup_is_one_point_in_time_for_all_disks_while_the_guest_writes(
     # copy-before-write of the racing writes lands out of order), under many dirty bitmaps.
     monkeypatch.setattr(qcow2, 'SEGMENT_SIZE', 1 * MiB)
     monkeypatch.setattr(capture, 'WATCH_BATCH', 2 * MiB)
+    monkeypatch.setattr(overlap, 'IN_FLIGHT', 2 * MiB)   # hash close behind QEMU's writes
     size = 32 * MiB
     guest = make_guest(disks=[('qcow2', size), ('qcow2', size)])
     model = Model([size, size])

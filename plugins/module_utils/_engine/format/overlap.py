@@ -12,11 +12,15 @@ unless bitmap ``k`` marks a byte of it dirty; after the job, once QEMU has close
 dirty in its batch's bitmap, never hashed, or no longer of the final file's layout. No write is
 missed, some segments are hashed twice: the cost of soundness is only time.
 
-The segments hashed early are those that already lay below the file's end at the previous
-batch: QEMU's writes in flight land in clusters it allocated last, near the end (a backup job
-has up to 64 workers of up to 1 MiB each; on a busy machine one can wait long), so a batch's
-segments are rarely written again. What qcow2 rewrites in place (L2 tables, refcount blocks) is
-hashed again after the job.
+The segments hashed early are those that lay ``behind`` (64 MiB) below the file's end just
+before their batch's bitmap was added (``ends``: QEMU's reply to the bitmap may come hundreds of
+MiB of writes later on a busy machine): QEMU's writes in flight land in clusters it allocated
+last, near the end (a backup job has up to 64 workers of up to 1 MiB each; on a busy machine one
+can wait long), so a batch's segments are rarely written again. What qcow2 rewrites in place
+(L2 tables, refcount blocks) is hashed again after the job. Once QEMU has closed the qcow2 node
+(``closed``), the segments never hashed are final: they are hashed at once, while the capture
+reads the bitmaps, and never again. The margin is only a guess about where QEMU writes next;
+soundness rests on the bitmaps alone.
 """
 from __future__ import annotations
 
@@ -31,18 +35,25 @@ def overlaps(ranges, offset, length):
     return any(start < offset + length and offset < start + size for start, size in ranges)
 
 
+# A backup job has up to 64 workers writing up to 1 MiB each: what lies further below the
+# file's end than that is rarely written again (qcow2 allocates clusters in the order of writes)
+IN_FLIGHT = 64 << 20
+CLOSED = 'closed'   # the batch of segments hashed once QEMU had closed the image: final
+
+
 def to_hash_again(hashed, dirty, final):
     """The segments of ``final`` (the final file's [(offset, length)]) whose early digest cannot
     be used: never hashed (``hashed``: {offset: (length, batch)}), hashed with another length,
     or written after their batch's bitmap was added (``dirty``: {batch: [(offset, length)]}; a
-    batch missing from it, or ``dirty`` None, is unknown: its segments are hashed again)."""
-    if dirty is None:
-        return list(final)
+    batch missing from it, or ``dirty`` None, is unknown: its segments are hashed again). A
+    segment of batch ``CLOSED`` was hashed from the final file."""
     again = []
     for offset, length in final:
         early = hashed.get(offset)
-        if early is None or early[0] != length or early[1] not in dirty \
-                or overlaps(dirty[early[1]], offset, length):
+        if early is None or early[0] != length:
+            again.append((offset, length))
+        elif early[1] != CLOSED and (dirty is None or early[1] not in dirty
+                                     or overlaps(dirty[early[1]], offset, length)):
             again.append((offset, length))
     return again
 
@@ -50,14 +61,15 @@ def to_hash_again(hashed, dirty, final):
 class OverlappedDigests:
     """The segment digests of the images ``sizes`` names ({path: its segment size}), hashed on
     ``workers`` threads while QEMU writes them. Use as a context manager (it ends its threads);
-    the capture calls ``schedule(batch)`` after adding bitmap ``batch`` to every image's file
-    node, and ``written({path: {batch: dirty ranges}})`` once QEMU has closed the images; then
-    ``digests()``."""
+    the capture takes ``ends()``, adds bitmap ``batch`` to every image's file node, then calls
+    ``schedule(batch, ends)``; ``closed()`` once QEMU has closed the images, then
+    ``written({path: {batch: dirty ranges}})``; then ``digests()``. ``behind``: how far below
+    a file's end a batch stops (default ``IN_FLIGHT``)."""
 
-    def __init__(self, sizes, workers=None):
+    def __init__(self, sizes, workers=None, behind=None):
         self.sizes = dict(sizes)
         self.paths = list(self.sizes)
-        self._ends = {path: 0 for path in self.paths}        # each file's size at the last batch
+        self.behind = IN_FLIGHT if behind is None else behind
         self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
         self._hashed = {path: {} for path in self.paths}    # offset -> (length, batch, future)
         self._dirty = None
@@ -69,15 +81,34 @@ class OverlappedDigests:
     def __exit__(self, *exc):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def schedule(self, batch):
-        """Start hashing, as batch ``batch``, each segment not started yet that lay below its
-        file's end at the previous batch."""
+    def ends(self):
+        """{path: the file's size now}, for ``schedule``."""
+        return {path: os.path.getsize(path) for path in self.paths}
+
+    def schedule(self, batch, ends):
+        """Start hashing, as batch ``batch``, each whole segment not started yet that lies
+        ``behind`` bytes below its file's end in ``ends``: taken before bitmap ``batch`` was
+        added, since QEMU may write much more before a busy machine lets this thread go on."""
         for path in self.paths:
-            hashed, size = self._hashed[path], self.sizes[path]
-            start = max(hashed, default=-size) + size
-            end, self._ends[path] = self._ends[path], os.path.getsize(path)
-            for offset in range(start, end - size + 1, size):
-                hashed[offset] = (size, batch, self._pool.submit(sha256_range, path, offset, size))
+            self._submit(path, batch, ends[path] - self.behind)
+
+    def closed(self):
+        """QEMU has closed the images: every segment not started yet, also one still queued in
+        a batch (behind on a busy machine), is hashed as final, whatever the bitmaps say."""
+        for path in self.paths:
+            hashed = self._hashed[path]
+            for offset, (length, _batch, future) in list(hashed.items()):
+                if future.cancel():
+                    hashed[offset] = (length, CLOSED,
+                                      self._pool.submit(sha256_range, path, offset, length))
+            self._submit(path, CLOSED, os.path.getsize(path), whole=False)
+
+    def _submit(self, path, batch, end, whole=True):
+        hashed, size = self._hashed[path], self.sizes[path]
+        start = max(hashed, default=-size) + size
+        for offset in range(start, end - size + 1 if whole else end, size):
+            length = min(size, end - offset)
+            hashed[offset] = (length, batch, self._pool.submit(sha256_range, path, offset, length))
 
     def written(self, dirty):
         """{path: {batch: [(offset, length)]}}: what each batch's bitmap saw written; None when
@@ -86,7 +117,8 @@ class OverlappedDigests:
 
     def hashed_early(self):
         """How many segments were hashed while QEMU wrote (for the log)."""
-        return sum(len(hashed) for hashed in self._hashed.values())
+        return sum(batch != CLOSED for hashed in self._hashed.values()
+                   for _length, batch, _future in hashed.values())
 
     def digests(self):
         """{path: (segment size, [sha256 of each segment of the final file])}."""

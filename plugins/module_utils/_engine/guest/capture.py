@@ -171,10 +171,11 @@ class PushCapture:
 
         ``watcher`` (format/overlap.py's OverlappedDigests) reads the targets while QEMU writes
         them: every 1/``WATCH_BATCHES`` of the jobs' length (at least ``WATCH_BATCH`` bytes) of
-        progress a new bitmap ``k`` goes on every target's file node, then
-        ``watcher.schedule(k)``; after the jobs the qcow2 nodes are closed (flushing qcow2's
-        caches through the file nodes), and ``watcher.written`` gets each bitmap's dirty ranges
-        per target path (None if they could not be read)."""
+        progress a new bitmap ``k`` goes on every target's file node, between
+        ``watcher.ends()`` and ``watcher.schedule(k, ends)``; after the jobs the qcow2 nodes
+        are closed (flushing qcow2's caches through the file nodes), ``watcher.closed()``
+        hashes the rest of the final files while ``watcher.written`` gets each bitmap's dirty
+        ranges per target path (None if they could not be read)."""
         batches = []
         seen = 0
         # without libnbd (or a socket path) the bitmaps cannot be read: the watcher then hashes
@@ -190,9 +191,10 @@ class PushCapture:
             if can_watch and done - seen >= step and done < total \
                     and len(batches) < WATCH_BATCHES:
                 seen = done
+                ends = watcher.ends()   # before the bitmap: below them, QEMU wrote before it
                 self._add_watch_bitmap(len(batches))
                 batches.append(len(batches))
-                watcher.schedule(batches[-1])
+                watcher.schedule(batches[-1], ends)
 
         outcomes = self.qmp.wait_for_jobs(
             list(self.jobs.values()), progress=progress if watcher is None else watch,
@@ -204,6 +206,7 @@ class PushCapture:
                 f"{o.job_id}: {o.error}" for o in real))
         if watcher is not None:
             close_targets(self.qmp, list(self.targets.values()), files=False)
+            watcher.closed()
             watcher.written(self._written(batches) if batches else {})
         return {disk: outcomes[job].offset for disk, job in self.jobs.items()}
 
