@@ -144,8 +144,8 @@ def test_segments_never_hashed_are_hashed_once_the_image_is_closed_and_not_again
     assert digests == sha_segments(bytes(data)) and watcher.hashed_again == 1
 
 
-def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(tmp_path,
-                                                                           monkeypatch):
+def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(
+        tmp_path, monkeypatch):
     # the one hashing thread is held on segment 0 until the job's end: segments 1-2 wait in
     # their batch, then read the final file, and no bitmap can send them to be hashed again
     started, release = threading.Event(), threading.Event()
@@ -172,4 +172,3 @@ def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(tmp_
     assert digests == sha_segments(bytes(data))
     # segment 0 was (being) hashed while QEMU wrote, and is hashed again, the others once
     assert watcher.hashed_early() == 1 and watcher.hashed_again == 1
-
