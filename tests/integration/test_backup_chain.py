@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -17,6 +18,7 @@ from guestvault_engine.run.guest_backup import GuestBackupRequest, run_guest_bac
 from guestvault_engine.errors import BackupFailed, ChainError, GuestUnreachable, HookFailed
 from guestvault_engine.format import overlap, qcow2
 from guestvault_engine.guest import capture
+from guestvault_engine.times import parse_time
 from lab_checks import backups_in, hidden_in, same_content, small_tmpfs
 from labguest import LabGuest
 
@@ -666,3 +668,22 @@ def test_performance_max_workers_reaches_qemu_and_the_backup_is_exact(make_guest
     with pytest.raises(ConfigError, match='max_workers'):
         backup(guest, store, config_dir, max_workers=0)
     assert hidden_in(store, guest.vmid) == []
+
+
+def test_fulls_into_two_storages_within_one_second_are_named_a_second_apart(
+        make_guest, store, config_dir, tmp_path):
+    # Each storage names its backups apart, but a bitmap's name (its chain, a new generated
+    # chain being the full's time) is the disk's: QEMU refused the second full's bitmap.
+    guest = make_guest(disks=[('qcow2', 16 * MiB)])
+    other = str(tmp_path / 'other-store')
+    os.makedirs(other)
+    now = datetime.now(timezone.utc)
+    first = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                dumpdir=store, config_dir=config_dir,
+                                                level='full'), now=now)
+    second = run_guest_backup(GuestBackupRequest(vmid=guest.vmid, qmp_socket=guest.qmp_socket,
+                                                 dumpdir=other, config_dir=config_dir,
+                                                 level='full'), now=now)
+    assert parse_time(second['time']) - parse_time(first['time']) == timedelta(seconds=1)
+    assert first['chain'] != second['chain']
+    assert {name.split('.')[1] for name in bitmap_names(guest)} == {second['chain']}

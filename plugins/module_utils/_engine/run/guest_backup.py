@@ -22,7 +22,7 @@ import socket
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from ..errors import BackupFailed, ConfigError, GuestvaultError, HookFailed
 from ..format.base import accept_capture
@@ -228,7 +228,8 @@ def decide_backup(plan, qmp, now=None):
     require_idle(plan.disks)
     # The name first: a new generated chain is named after its full backup, so two backups
     # within one second (named a second apart) never share a chain name.
-    plan.when = plan.storage.next_backup_time(guest.vmid, now or datetime.now(timezone.utc))
+    plan.when = _free_of_bitmaps(plan.storage.next_backup_time(
+        guest.vmid, now or datetime.now(timezone.utc)), plan.all_disks)
     backups, damaged = plan.storage.scan(guest.vmid)
     tip = chains.chain_tip(backups, request.chain)
     plan.decision = chains.decide_level(request.level, plan.when, plan.disks, tip,
@@ -243,6 +244,19 @@ def decide_backup(plan, qmp, now=None):
             newer, f"This backup is {plan.decision.level} ({plan.decision.reason}), decided "
             f"{after}"))
     return plan
+
+
+def _free_of_bitmaps(when, disks):
+    """``when``, or the first second after it that names none of our bitmaps on ``disks``. A
+    bitmap's name holds its chain (a new generated chain is the full's time) and the time it
+    counts from, and the names are per disk, not per storage: a full into another storage
+    within the same second would otherwise add a bitmap that exists already, which QEMU
+    refuses."""
+    used = {part for disk in disks for bitmap in disk.bitmaps
+            for part in chains.parse_bitmap_name(bitmap['name']) or ()}
+    while chains.stamp(when) in used:
+        when += timedelta(seconds=1)
+    return when
 
 
 @contextmanager
