@@ -170,3 +170,20 @@ def test_write_file_hidden(tmp_path):
     with pytest.raises(TypeError):
         write_file_hidden(path, Unwritable())
     assert sorted(os.listdir(tmp_path)) == ['file', 'new']          # the temporary is removed
+
+
+def test_a_chunk_read_into_a_buffer_is_the_blob_and_one_too_large_is_corrupt(
+        tmp_path, monkeypatch):
+    import mmap
+    monkeypatch.setattr(chunk_store, 'SUBDIR_COUNT', 1)
+    store = chunk_store.FileChunkStore(tmp_path)
+    store.create()
+    raw, digest = blob.encode_chunk(os.urandom(3 * 4096 + 100))
+    store.insert(digest, raw)
+    buffer = mmap.mmap(-1, 8 * 4096)
+    assert bytes(store.read_into(digest, buffer)) == raw
+    with pytest.raises(CorruptData, match=f"chunk {digest.hex()}: .*more than a blob of its"):
+        store.read_into(digest, mmap.mmap(-1, 4096))
+    os.unlink(store.chunk_path(digest))
+    with pytest.raises(CorruptData, match='missing'):
+        store.read_into(digest, buffer)

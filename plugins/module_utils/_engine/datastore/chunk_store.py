@@ -202,30 +202,16 @@ class FileChunkStore:
         ``mmap``), as a view of it: a restore's reader fills buffers that outlive the call
         without a copy. ``CorruptData`` when it is missing, or larger than ``buffer``: no chunk
         blob is larger than its data and a header."""
-        path = self.chunk_path(digest)
-        view = memoryview(buffer)
         try:
-            # DirectFiles has no read into a caller's buffer (storage/files.py is another part's);
-            # its open with the O_DIRECT fallback is what read_view uses
-            fd, _direct = self._files._open(path, os.O_RDONLY)  # pylint: disable=protected-access
+            return self._files.read_into(self.chunk_path(digest), buffer)
         except FileNotFoundError:
             raise CorruptData(f"chunk {digest_hex(digest)} is missing from {self.where}") \
                 from None
-        try:
-            length = os.fstat(fd).st_size
-            if length > len(view):
-                raise CorruptData(f"chunk {digest_hex(digest)}: {length} bytes, more than a "
-                                  f"blob of its chunk can have ({len(view)})")
-            done = 0
-            while done < length:
-                # O_DIRECT reads whole aligned blocks; the last one comes back short at the end
-                got = os.preadv(fd, [view[done:]], done)
-                if got <= 0:
-                    raise OSError(errno.EIO, f"{path} ended after {done} of {length} bytes")
-                done += got
-            return view[:length]
-        finally:
-            os.close(fd)
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            raise CorruptData(f"chunk {digest_hex(digest)}: {exc.strerror}, more than a blob of "
+                              "its chunk can have") from None
 
     def insert(self, digest, blob, durable=True):
         """Store a chunk unless it is there already: ``(duplicate, size on disk)``.

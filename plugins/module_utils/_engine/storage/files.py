@@ -117,6 +117,19 @@ def _hidden_name(path):
 DIRECT_ALIGNMENT = mmap.PAGESIZE
 
 
+def _read_whole(fd, view, length, path):
+    """``view[:length]`` filled from the start of ``fd`` (``view`` long enough for the aligned
+    blocks an ``O_DIRECT`` read takes)."""
+    done = 0
+    while done < length:
+        # O_DIRECT reads whole aligned blocks; the last one comes back short at the end
+        got = os.preadv(fd, [view[done:]], done)
+        if got <= 0:
+            raise OSError(errno.EIO, f"{path} ended after {done} of {length} bytes")
+        done += got
+    return view[:length]
+
+
 class DirectFiles:
     """Writes whole new files with ``O_DIRECT``, as ``write_file_hidden`` does otherwise, and
     reads whole files back the same way.
@@ -163,15 +176,23 @@ class DirectFiles:
         try:
             length = os.fstat(fd).st_size
             padded = -(-length // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-            view = memoryview(self._scratch(max(padded, DIRECT_ALIGNMENT)))
-            done = 0
-            while done < length:
-                # O_DIRECT reads whole aligned blocks; the last one comes back short at the end
-                got = os.preadv(fd, [view[done:padded]], done)
-                if got <= 0:
-                    raise OSError(errno.EIO, f"{path} ended after {done} of {length} bytes")
-                done += got
-            return view[:length]
+            view = memoryview(self._scratch(max(padded, DIRECT_ALIGNMENT)))[:padded]
+            return _read_whole(fd, view, length, path)
+        finally:
+            os.close(fd)
+
+    def read_into(self, path, buffer):
+        """The whole content of ``path`` read into ``buffer`` (page-aligned and writable, such
+        as an ``mmap``), as a view of it: for a reader whose buffers outlive the call, with no
+        copy. ``OSError(EFBIG)`` when the file is longer than ``buffer``."""
+        fd, _direct = self._open(path, os.O_RDONLY)
+        try:
+            length = os.fstat(fd).st_size
+            view = memoryview(buffer)
+            if length > len(view):
+                raise OSError(errno.EFBIG, f"{length} bytes, more than the {len(view)} it is "
+                                           "read into", path)
+            return _read_whole(fd, view, length, path)
         finally:
             os.close(fd)
 
