@@ -178,6 +178,7 @@ def read_sha256_qemu(execute, node, positions, size, socket_path, threads=THREAD
     are ``data_chunks`` of a raw copy of the disk. The NBD server is started before the clock and
     stopped after it (a backup starts its own; QEMU runs one at a time)."""
     import nbd
+    from guestvault_engine.guest.nbd import READ_PIECE as piece
     zeros = bytes(chunk)
     execute('nbd-server-start', addr={'type': 'unix', 'data': {'path': socket_path}})
     try:
@@ -203,16 +204,21 @@ def read_sha256_qemu(execute, node, positions, size, socket_path, threads=THREAD
                     return
                 length = min(chunk, size - position * chunk)
                 view = memoryview(buffer)[:length]
-                pending.append((handle.aio_pread(nbd.Buffer.from_buffer(view), position * chunk),
-                                view, buffer))
+                # in the engine's pieces: QEMU serves 2 MiB requests for a third of the CPU of
+                # 4 MiB ones
+                cookies = [handle.aio_pread(nbd.Buffer.from_buffer(view[start:start + piece]),
+                                            position * chunk + start)
+                           for start in range(0, length, piece)]
+                pending.append((cookies, view, buffer))
 
             try:
                 for buffer in buffers:
                     start(buffer)
                 while pending and not errors:
-                    cookie, view, buffer = pending.pop(0)
-                    while not handle.aio_command_completed(cookie):
-                        handle.poll(-1)
+                    cookies, view, buffer = pending.pop(0)
+                    for cookie in cookies:
+                        while not handle.aio_command_completed(cookie):
+                            handle.poll(-1)
                     if view != (zeros if len(view) == chunk else bytes(len(view))):
                         hashlib.sha256(view).digest()
                     start(buffer)
