@@ -221,11 +221,8 @@ class PushCapture:
         NBD export of each (a read-only export carries only disabled bitmaps); None when QEMU's
         NBD server is taken (another tool's)."""
         names = [f"{self._watch}{batch}" for batch in batches]
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)  # a killed run's; QEMU cannot bind over it
         try:
-            self.qmp.execute('nbd-server-start', {
-                'addr': {'type': 'unix', 'data': {'path': self.socket_path}}})
+            self.qmp.start_nbd_server(self.socket_path)
         except QmpCommandFailed as exc:
             self.log(f"cannot read which parts of the images QEMU wrote last ({exc}): every "
                      "segment is hashed again")

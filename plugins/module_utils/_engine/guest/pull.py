@@ -153,11 +153,8 @@ class PullCapture:
         started = time.monotonic()
         self.qmp.transaction(self.actions())
         self.transaction_seconds = time.monotonic() - started
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)  # a killed run's; QEMU cannot bind over it
         try:
-            self.qmp.execute('nbd-server-start', {
-                'addr': {'type': 'unix', 'data': {'path': self.socket_path}}})
+            self.qmp.start_nbd_server(self.socket_path)
         except QmpCommandFailed as exc:
             raise BackupFailed(
                 f"cannot start QEMU's NBD server on {self.socket_path}: {exc}. QEMU runs one NBD "

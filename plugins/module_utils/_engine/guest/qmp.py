@@ -146,6 +146,13 @@ class QmpSession:
             if not missing_ok:
                 raise
 
+    def start_nbd_server(self, socket_path):
+        """Start QEMU's NBD server on the unix socket ``socket_path``; QmpCommandFailed when it
+        cannot (QEMU runs one NBD server at a time: another tool may hold it)."""
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)  # a killed run's; QEMU cannot bind over it
+        self.execute('nbd-server-start', {'addr': {'type': 'unix', 'data': {'path': socket_path}}})
+
     # -- jobs ---------------------------------------------------------------------------------
     def _drain_job_events(self, wait):
         """Record job events; wait up to ``wait`` seconds for the first one."""
