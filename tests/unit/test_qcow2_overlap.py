@@ -1,12 +1,17 @@
 """format/overlap.py: which segments hashed while QEMU wrote are hashed again, and the digests
 of the final file that come out (whatever was written where, after which bitmap)."""
 import hashlib
+import os
 import threading
 
 import pytest
 
+from guestvault_engine.errors import QmpCommandFailed
 from guestvault_engine.format import overlap
 from guestvault_engine.format.overlap import OverlappedDigests, to_hash_again
+from guestvault_engine.guest import capture
+from guestvault_engine.guest.capture import DiskJob, PushCapture
+from guestvault_engine.guest.qmp import JobOutcome
 
 SEG = 1024
 FINAL = [(0, SEG), (SEG, SEG), (2 * SEG, SEG), (3 * SEG, 100)]
@@ -69,7 +74,7 @@ def batches_done(watcher):
     """Wait until the batches' segments are hashed (the job's end may come first, then
     ``closed`` takes over what is still queued: tests that count want it to come after)."""
     for hashed in watcher._hashed.values():
-        for _length, _batch, future in hashed.values():
+        for _length, future in hashed.values():
             future.result()
 
 
@@ -172,3 +177,115 @@ def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(
     assert digests == sha_segments(bytes(data))
     # segment 0 was (being) hashed while QEMU wrote, and is hashed again, the others once
     assert watcher.hashed_early() == 1 and watcher.hashed_again == 1
+
+
+def test_a_segment_read_after_a_later_bitmap_is_judged_by_that_bitmap(tmp_path, monkeypatch):
+    # one hashing thread, held on segment 0: segments 1-2 of batch 0 start their reads only
+    # after bitmap 1 was added, so a write seen by bitmap 0 alone (it landed before bitmap 1,
+    # so before those reads) does not send them to be hashed again
+    started, release = threading.Event(), threading.Event()
+    hash_range = overlap.sha256_range
+
+    def held(path, offset, length):
+        if offset == 0:
+            started.set()
+            assert release.wait(60)
+        return hash_range(path, offset, length)
+    monkeypatch.setattr(overlap, 'sha256_range', held)
+    path = str(tmp_path / 'image')
+    data = bytearray(b'a' * (5 * SEG))
+    with open(path, 'wb') as handle:
+        handle.write(data)
+    with OverlappedDigests({path: SEG}, workers=1, behind=SEG) as watcher:
+        watcher.schedule(0, watcher.ends())         # segments 0-3
+        assert started.wait(60)
+        write(path, data, SEG, b'q' * (3 * SEG))    # after bitmap 0, before bitmap 1
+        watcher.schedule(1, watcher.ends())         # nothing new below the margin
+        release.set()
+        batches_done(watcher)
+        watcher.closed()
+        watcher.written({path: {0: [(0, 5 * SEG)], 1: []}})
+        size, digests = watcher.digests()[path]
+    assert digests == sha_segments(bytes(data))
+    assert watcher.hashed_early() == 4 and watcher.hashed_again == 1   # segment 0 alone
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a thread's priority again needs root")
+def test_the_early_hash_runs_at_idle_priority_and_what_is_left_at_the_end_does_not(
+        tmp_path, monkeypatch):
+    policies = {}
+    hash_range = overlap.sha256_range
+
+    def noted(path, offset, length):
+        policies[offset] = os.sched_getscheduler(0)
+        return hash_range(path, offset, length)
+    monkeypatch.setattr(overlap, 'sha256_range', noted)
+    path = str(tmp_path / 'image')
+    with open(path, 'wb') as handle:
+        handle.write(b'a' * (3 * SEG))
+    with OverlappedDigests({path: SEG}, workers=2, behind=SEG) as watcher:
+        watcher.schedule(0, watcher.ends())         # segments 0-1, while QEMU writes
+        batches_done(watcher)
+        watcher.closed()                            # segment 2, once QEMU is done
+        watcher.written({path: {0: []}})
+        watcher.digests()
+        early_threads = list(watcher._early_threads)
+    assert policies == {0: os.SCHED_IDLE, SEG: os.SCHED_IDLE, 2 * SEG: os.SCHED_OTHER}
+    # and the early threads are back to normal priority for what they still had running
+    assert early_threads and all(os.sched_getscheduler(t) == os.SCHED_OTHER
+                                 for t in early_threads if os.path.exists(f'/proc/self/task/{t}'))
+
+
+class Disk:
+    def __init__(self, disk_id):
+        self.id = disk_id
+        self.node = f'drive-{disk_id}'
+
+
+class GrowingJobQmp:
+    """QEMU as the capture sees it: each look at the jobs finds the target grown to the next
+    of ``sizes``; then the jobs end. Records the commands."""
+
+    def __init__(self, target, sizes):
+        self.target, self.sizes, self.commands = target, sizes, []
+
+    def execute(self, command, arguments=None, timeout=None):
+        self.commands.append(command)
+        return {}
+
+    def transaction(self, actions):
+        self.commands.append('transaction')
+
+    def wait_for_jobs(self, job_ids, progress=None, interval=1.0):
+        total = 16 * SEG
+        for number, size in enumerate(self.sizes):
+            with open(self.target, 'ab') as handle:
+                handle.truncate(size)
+            progress(number + 1, total)
+        return {job: JobOutcome(job, True, None, total, total) for job in job_ids}
+
+    def start_nbd_server(self, socket_path):
+        raise QmpCommandFailed('nbd-server-start', 'GenericError', 'taken by another tool')
+
+
+def test_watch_bitmaps_follow_the_images_growth_and_are_added_without_a_transaction(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(capture, 'WATCH_BATCH', 4 * SEG)
+    monkeypatch.setattr(capture, 'WATCH_BATCHES', 4)    # 1/4 of the jobs' 16 segments: no more
+    monkeypatch.setattr(capture, 'HAS_LIBNBD', True)
+    target = str(tmp_path / 'vd0.qcow2')
+    open(target, 'wb').close()
+    # looks at the jobs find 1, 3, 5, 5, 9 and 13 segments written: bitmaps at 5, 9 and 13
+    qmp = GrowingJobQmp(target, [n * SEG for n in (1, 3, 5, 5, 9, 13)])
+    push = PushCapture(qmp, 101, [DiskJob(Disk('vd0'), target)], log=lambda _m: None,
+                       socket_path=str(tmp_path / 'nbd.sock'))
+    scheduled = []
+    with OverlappedDigests({target: SEG}, workers=2, behind=SEG) as watcher:
+        monkeypatch.setattr(watcher, 'schedule', lambda batch, ends: scheduled.append(
+            (batch, ends[target] // SEG)))
+        push.run_jobs(watcher=watcher)
+    assert scheduled == [(0, 5), (1, 9), (2, 13)]
+    # one command per image: a QMP transaction would first drain every node's I/O, holding
+    # QEMU's backup jobs on each batch
+    assert qmp.commands.count('block-dirty-bitmap-add') == 3
+    assert 'transaction' not in qmp.commands

@@ -60,7 +60,9 @@ def sha256_range(path, offset, length):
     Reading and hashing both release the GIL, so threads hashing ranges of one file at once use
     as many cores."""
     digest = hashlib.sha256()
-    buffer = bytearray(min(length, 8 << 20) or 1)
+    # a 1 MiB buffer stays in the core's cache, where the hash reads it back (with 8 MiB the
+    # overlapped hash of a qcow2 full took about 7 % more CPU)
+    buffer = bytearray(min(length, 1 << 20) or 1)
     view = memoryview(buffer)
     fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
     try:
