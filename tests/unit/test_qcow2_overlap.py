@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from guestvault_engine.errors import QmpCommandFailed
+from guestvault_engine.errors import BackupFailed, QmpCommandFailed
 from guestvault_engine.format import overlap
 from guestvault_engine.format.overlap import OverlappedDigests, to_hash_again
 from guestvault_engine.guest import capture
@@ -246,11 +246,20 @@ class GrowingJobQmp:
     """QEMU as the capture sees it: each look at the jobs finds the target grown to the next
     of ``sizes``; then the jobs end. Records the commands."""
 
-    def __init__(self, target, sizes):
+    def __init__(self, target, sizes, refuse_to_close=()):
         self.target, self.sizes, self.commands = target, sizes, []
+        self.nodes, self.refuse_to_close = set(), set(refuse_to_close)
 
     def execute(self, command, arguments=None, timeout=None):
         self.commands.append(command)
+        if command == 'blockdev-add':
+            self.nodes.add(arguments['node-name'])
+        if command == 'blockdev-del':
+            if arguments['node-name'] in self.refuse_to_close:
+                raise QmpCommandFailed(command, 'GenericError', 'Node is in use')
+            self.nodes.discard(arguments['node-name'])
+        if command == 'query-named-block-nodes':
+            return [{'node-name': name} for name in sorted(self.nodes)]
         return {}
 
     def transaction(self, actions):
@@ -261,7 +270,8 @@ class GrowingJobQmp:
         for number, size in enumerate(self.sizes):
             with open(self.target, 'ab') as handle:
                 handle.truncate(size)
-            progress(number + 1, total)
+            if progress is not None:
+                progress(number + 1, total)
         return {job: JobOutcome(job, True, None, total, total) for job in job_ids}
 
     def start_nbd_server(self, socket_path):
@@ -289,3 +299,31 @@ def test_watch_bitmaps_follow_the_images_growth_and_are_added_without_a_transact
     # QEMU's backup jobs on each batch
     assert qmp.commands.count('block-dirty-bitmap-add') == 3
     assert 'transaction' not in qmp.commands
+
+
+@pytest.mark.parametrize('hash_during_copy', [True, False])
+def test_a_target_qemu_keeps_open_fails_the_backup_before_its_image_is_hashed(
+        tmp_path, monkeypatch, hash_during_copy):
+    # QEMU could still flush a node it kept open into the image: no digest of it is final
+    monkeypatch.setattr(capture, 'HAS_LIBNBD', True)
+    target = str(tmp_path / 'vd0.qcow2')
+    open(target, 'wb').close()
+    qmp = GrowingJobQmp(target, [SEG])
+    push = PushCapture(qmp, 101, [DiskJob(Disk('vd0'), target)], log=lambda _m: None,
+                       socket_path=str(tmp_path / 'nbd.sock'))
+    push.open_targets()
+    qmp.refuse_to_close = {push.targets['vd0']}
+    with OverlappedDigests({target: SEG}, workers=2, behind=SEG) as watcher:
+        closed = []
+        monkeypatch.setattr(watcher, 'closed', lambda: closed.append(True))
+        with pytest.raises(BackupFailed, match='did not close'):
+            if hash_during_copy:
+                push.run_jobs(watcher=watcher)
+            else:
+                push.run_jobs()
+                push.close_targets()
+    assert not closed
+    # the same capture whose QEMU let go of its targets goes on
+    qmp.refuse_to_close = set()
+    push.close_targets()
+    assert qmp.nodes == set()

@@ -207,7 +207,7 @@ class PushCapture:
             raise BackupFailed("backup job failed: " + '; '.join(
                 f"{o.job_id}: {o.error}" for o in real))
         if watcher is not None:
-            close_targets(self.qmp, list(self.targets.values()), files=False)
+            self._close(files=False)
             watcher.closed()
             watcher.written(self._written(batches) if batches else {})
         return {disk: outcomes[job].offset for disk, job in self.jobs.items()}
@@ -252,7 +252,23 @@ class PushCapture:
         return written
 
     def close_targets(self):
-        close_targets(self.qmp, list(self.targets.values()))
+        """After the copy: close the targets; BackupFailed if QEMU kept one open."""
+        self._close(files=True)
+
+    def _close(self, files):
+        """Close the target nodes and make sure QEMU let go of them: their images are hashed
+        next as final, and a node QEMU kept open could still flush its caches into them."""
+        nodes = list(self.targets.values())
+        close_targets(self.qmp, nodes, files=files)
+        still = {n['node-name'] for n in self.qmp.execute('query-named-block-nodes',
+                                                          {'flat': True})}
+        kept = [n for n in nodes if n in still]
+        if kept:
+            raise BackupFailed(
+                f"QEMU did not close the backup's target images ({', '.join(kept)}) after its "
+                "jobs, so they could still change after being hashed: this backup is discarded. "
+                "QEMU refused `blockdev-del` (its log says why); the next run tries again to "
+                "remove the nodes.")
 
     def journal_entries(self):
         """What a kill from the start on would leave, for ``guest_runs.record(**entries)``."""
@@ -270,7 +286,7 @@ class PushCapture:
         try:
             running = {j['device'] for j in self.qmp.execute('query-block-jobs')}
             cancel_jobs(self.qmp, [j for j in self.jobs.values() if j in running])
-            self.close_targets()
+            close_targets(self.qmp, list(self.targets.values()))
             for node, name in self.new_bitmaps:
                 self.qmp.remove_bitmap(node, name)
         except GuestvaultError as exc:  # QEMU gone: its bitmaps went with it
