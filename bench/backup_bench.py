@@ -57,6 +57,19 @@ def load_engine(run_dir):
     return backup_run
 
 
+def set_constant(setting):
+    """``--set MODULE.NAME=VALUE``: an engine constant (a number) changed for this run."""
+    import importlib
+    target, _sep, value = setting.partition('=')
+    module_name, _dot, name = target.rpartition('.')
+    module = importlib.import_module(f'guestvault_engine.{module_name}')
+    if not hasattr(module, name):
+        raise SystemExit(f"--set {setting}: guestvault_engine.{module_name} has no {name}")
+    old, number = getattr(module, name), float(value)
+    setattr(module, name, int(number) if number.is_integer() else number)
+    say(f"set {target} = {getattr(module, name)} (was {old})")
+
+
 def parse_size(text):
     units = {'K': 1 << 10, 'M': MiB, 'G': GiB}
     text = str(text).upper().rstrip('B')
@@ -278,6 +291,7 @@ class OverlapProfile:
     def __init__(self, overlap, capture):
         self.t0 = time.monotonic()
         self.events = []
+        self.again = []     # offsets of the segments hashed again after the job
         original_hash = overlap.sha256_range
         profile = self
 
@@ -289,6 +303,13 @@ class OverlapProfile:
                 profile.events.append(('hash', t0 - profile.t0, time.monotonic() - profile.t0,
                                        time.thread_time() - c0, length))
         overlap.sha256_range = sha256_range
+        original_again = overlap.to_hash_again
+
+        def to_hash_again(hashed, dirty, final):
+            again = original_again(hashed, dirty, final)
+            profile.again.extend(offset for offset, _length in again)
+            return again
+        overlap.to_hash_again = to_hash_again
         for cls, name in ((overlap.OverlappedDigests, 'schedule'),
                           (overlap.OverlappedDigests, 'digests'),
                           (capture.PushCapture, '_written')):
@@ -312,6 +333,7 @@ class OverlapProfile:
     def reset(self, t0):
         self.t0 = t0
         self.timeline = ''
+        self.again = []
 
         self.events = []
 
@@ -686,6 +708,7 @@ def full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, 
                 finally:
                     qcow2.Qcow2Chain.hash_during_copy = True
                 sample['timeline'] = profile.timeline
+                sample['again'] = list(profile.again)
                 shutil.rmtree(store)
             samples[name].append(sample)
         say(f"round {rnd + 1}: " + ', '.join(f"{name} {samples[name][-1]['duration']:.2f} s"
@@ -693,6 +716,8 @@ def full_only(args, guest, backup_run, inst, profile, qcow2, outdir, disk_size, 
             + f" [load {loadavg()}]; full: {samples['full'][-1]['overlap']}")
         say("  full's batches (seconds from the point in time: the images' size then): "
             + samples['full'][-1]['timeline'])
+        say("  full's segments hashed again (MiB from the image's start): "
+            + ' '.join(str(offset >> 20) for offset in sorted(samples['full'][-1]['again'])))
     bare = med(samples['bare QEMU copy'], 'duration')
     full = med(samples['full'], 'duration')
     say('-' * 100)
@@ -746,6 +771,9 @@ def main(argv=None):
                         help="full: only goal 3, the bare QEMU copy against the full (and the "
                              "full hashed after the job), alternating, with the overlapped "
                              "hash's profile; no baselines, incrementals or restores")
+    parser.add_argument('--set', action='append', default=[], metavar='MODULE.NAME=VALUE',
+                        help="set an engine constant for this run (an experiment), e.g. "
+                             "format.qcow2.SEGMENT_SIZE=4194304; printed with the results")
     args = parser.parse_args(argv)
 
     disk_size, data_size = parse_size(args.disk_size), parse_size(args.data)
@@ -759,6 +787,8 @@ def main(argv=None):
     from labguest import LabGuest
     from guestvault_engine.format import overlap, qcow2
     from guestvault_engine.guest import capture
+    for setting in args.set:
+        set_constant(setting)
     inst = Instrument(qcow2)
     warm = Warmer(run, enabled=not args.no_warm_up)
     zstd_cli = shutil.which('zstd')

@@ -455,7 +455,7 @@ disks:
     segment_size:
       description: The image file's digests cover segments of this many bytes (qcow2 chain).
       type: int
-      sample: 8388608
+      sample: 4194304
     segment_sha256:
       description:
         - sha256 of each segment of the backup's image file, in file order, as recorded in

@@ -18,7 +18,7 @@ for every image), not the batch that queued the segment: a read that waited in t
 QEMU wrote on is judged by a later bitmap, so fewer segments are hashed again for writes that
 landed before the read.
 
-The segments hashed early are those that lay ``behind`` (64 MiB) below the file's end just
+The segments hashed early are those that lay ``behind`` (128 MiB) below the file's end just
 before their batch's bitmap was added (``ends``): QEMU's writes in flight land in clusters it
 allocated last, near the end (a backup job has up to 64 workers of up to 1 MiB each), so a
 batch's segments are rarely written again. What qcow2 rewrites in place (L2 tables, refcount
@@ -47,9 +47,11 @@ def overlaps(ranges, offset, length):
     return any(start < offset + length and offset < start + size for start, size in ranges)
 
 
-# A backup job has up to 64 workers writing up to 1 MiB each: what lies further below the
-# file's end than that is rarely written again (qcow2 allocates clusters in the order of writes)
-IN_FLIGHT = 64 << 20
+# A backup job has up to 64 workers writing up to 1 MiB each, some of them late: with 64 MiB,
+# runs of 32-40 MiB below it were seen written again after they were hashed. What lies further
+# below the file's end is rarely written again (qcow2 allocates clusters in the order of writes)
+IN_FLIGHT = 128 << 20
+EARLY_WORKERS = None    # threads hashing while QEMU writes (None: one per core)
 CLOSED = 'closed'   # the batch of segments hashed once QEMU had closed the image: final
 
 
@@ -103,7 +105,8 @@ class OverlappedDigests:
         self.behind = IN_FLIGHT if behind is None else behind
         workers = workers or os.cpu_count() or 1
         self._early_threads = []
-        self._early = ThreadPoolExecutor(max_workers=workers, initializer=_idle_priority,
+        self._early = ThreadPoolExecutor(max_workers=EARLY_WORKERS or workers,
+                                         initializer=_idle_priority,
                                          initargs=(self._early_threads,))
         self._pool = ThreadPoolExecutor(max_workers=workers)
         self._latest = None     # the newest bitmap QEMU has added to every image

@@ -47,8 +47,10 @@ from .overlap import OverlappedDigests
 MANIFEST_FORMAT = 1
 # The smallest segment: small, because a segment hashed during the copy whose bytes QEMU writes
 # again (qcow2 rewrites its L2 tables and refcount blocks in place, among the data) is hashed
-# again whole after the job (format/overlap.py); many, so every core hashes at a verify.
-SEGMENT_SIZE = 8 << 20
+# again whole after the job (format/overlap.py: each L2 table and refcount block, written at
+# close, and runs of late data writes; 4 MiB left about a third less to hash after the job than
+# 8 MiB); many, so every core hashes at a verify.
+SEGMENT_SIZE = 4 << 20
 MAX_SEGMENTS = 1024         # ... and a manifest of at most ~70 KiB of digests per disk
 # How often a restore's running convert has what it wrote so far handed to writeback.
 WRITEBACK_INTERVAL = 0.25
