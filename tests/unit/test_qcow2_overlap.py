@@ -149,10 +149,8 @@ def test_segments_never_hashed_are_hashed_once_the_image_is_closed_and_not_again
     assert digests == sha_segments(bytes(data)) and watcher.hashed_again == 1
 
 
-def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(
-        tmp_path, monkeypatch):
-    # the one hashing thread is held on segment 0 until the job's end: segments 1-2 wait in
-    # their batch, then read the final file, and no bitmap can send them to be hashed again
+def hold_segment_zero(monkeypatch):
+    """(started, release): the hash of segment 0 sets ``started``, then waits for ``release``."""
     started, release = threading.Event(), threading.Event()
     hash_range = overlap.sha256_range
 
@@ -162,6 +160,14 @@ def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(
             assert release.wait(60)
         return hash_range(path, offset, length)
     monkeypatch.setattr(overlap, 'sha256_range', held)
+    return started, release
+
+
+def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(
+        tmp_path, monkeypatch):
+    # the one hashing thread is held on segment 0 until the job's end: segments 1-2 wait in
+    # their batch, then read the final file, and no bitmap can send them to be hashed again
+    started, release = hold_segment_zero(monkeypatch)
     path = str(tmp_path / 'image')
     data = bytearray(b'a' * (4 * SEG))
     with open(path, 'wb') as handle:
@@ -180,18 +186,10 @@ def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(
 
 
 def test_a_segment_read_after_a_later_bitmap_is_judged_by_that_bitmap(tmp_path, monkeypatch):
-    # one hashing thread, held on segment 0: segments 1-2 of batch 0 start their reads only
+    # one hashing thread, held on segment 0: segments 1-3 of batch 0 start their reads only
     # after bitmap 1 was added, so a write seen by bitmap 0 alone (it landed before bitmap 1,
     # so before those reads) does not send them to be hashed again
-    started, release = threading.Event(), threading.Event()
-    hash_range = overlap.sha256_range
-
-    def held(path, offset, length):
-        if offset == 0:
-            started.set()
-            assert release.wait(60)
-        return hash_range(path, offset, length)
-    monkeypatch.setattr(overlap, 'sha256_range', held)
+    started, release = hold_segment_zero(monkeypatch)
     path = str(tmp_path / 'image')
     data = bytearray(b'a' * (5 * SEG))
     with open(path, 'wb') as handle:
