@@ -70,6 +70,14 @@ def write(path, data, offset, new):
         handle.write(new)
 
 
+def image(tmp_path, size):
+    """A file of ``size`` bytes of b'a' as QEMU's target image: (its path, its bytes)."""
+    path, data = str(tmp_path / 'image'), bytearray(b'a' * size)
+    with open(path, 'wb') as handle:
+        handle.write(data)
+    return path, data
+
+
 def batches_done(watcher):
     """Wait until the batches' segments are hashed (the job's end may come first, then
     ``closed`` takes over what is still queued: tests that count want it to come after)."""
@@ -81,10 +89,7 @@ def batches_done(watcher):
 @pytest.mark.parametrize('report_dirty', [True, False])
 def test_digests_are_the_final_files_also_when_hashed_segments_are_rewritten(tmp_path,
                                                                              report_dirty):
-    path = str(tmp_path / 'image')
-    data = bytearray(b'a' * (3 * SEG + 10))
-    with open(path, 'wb') as handle:
-        handle.write(data)
+    path, data = image(tmp_path, 3 * SEG + 10)
     with OverlappedDigests({path: SEG}, workers=2, behind=SEG) as watcher:
         watcher.schedule(0, watcher.ends())  # segments 0-1: 2 is not ``behind`` below the end
         assert watcher.hashed_early() == 2
@@ -108,9 +113,7 @@ def test_a_batch_hashes_up_to_the_margin_below_the_files_end_as_it_is_now(tmp_pa
     # (not up to the end at the batch before: that left the last batches' worth for after
     # the job, hashed while nothing else ran)
     monkeypatch.setattr(overlap, 'IN_FLIGHT', SEG, raising=False)
-    path = str(tmp_path / 'image')
-    with open(path, 'wb') as handle:
-        handle.write(b'a' * (4 * SEG))
+    path, _data = image(tmp_path, 4 * SEG)
     with OverlappedDigests({path: SEG}, workers=2) as watcher:
         watcher.schedule(0, watcher.ends())
         assert watcher.hashed_early() == 3
@@ -122,9 +125,7 @@ def test_a_batch_hashes_below_the_ends_taken_before_its_bitmap_not_where_the_fil
         tmp_path):
     # QEMU writes on while the bitmap is added: what it wrote after ``ends`` is dirty in the
     # batch's bitmap, so a segment of it hashed now would be hashed again after the job
-    path = str(tmp_path / 'image')
-    with open(path, 'wb') as handle:
-        handle.write(b'a' * (2 * SEG))
+    path, _data = image(tmp_path, 2 * SEG)
     with OverlappedDigests({path: SEG}, workers=2, behind=SEG) as watcher:
         ends = watcher.ends()
         with open(path, 'ab') as handle:        # written after ends, before the bitmap's reply
@@ -134,10 +135,7 @@ def test_a_batch_hashes_below_the_ends_taken_before_its_bitmap_not_where_the_fil
 
 
 def test_segments_never_hashed_are_hashed_once_the_image_is_closed_and_not_again(tmp_path):
-    path = str(tmp_path / 'image')
-    data = bytearray(b'a' * (2 * SEG + 10))
-    with open(path, 'wb') as handle:
-        handle.write(data)
+    path, data = image(tmp_path, 2 * SEG + 10)
     with OverlappedDigests({path: SEG}, workers=2, behind=SEG) as watcher:
         watcher.schedule(0, watcher.ends())         # segment 0
         write(path, data, SEG, b'z' * (SEG + 10))   # the end of the job
@@ -168,10 +166,7 @@ def test_segments_still_queued_when_the_image_is_closed_are_hashed_as_final(
     # the one hashing thread is held on segment 0 until the job's end: segments 1-2 wait in
     # their batch, then read the final file, and no bitmap can send them to be hashed again
     started, release = hold_segment_zero(monkeypatch)
-    path = str(tmp_path / 'image')
-    data = bytearray(b'a' * (4 * SEG))
-    with open(path, 'wb') as handle:
-        handle.write(data)
+    path, data = image(tmp_path, 4 * SEG)
     with OverlappedDigests({path: SEG}, workers=1, behind=SEG) as watcher:
         watcher.schedule(0, watcher.ends())         # segments 0-2
         write(path, data, 0, b'x' * (4 * SEG))      # QEMU writes them all again
@@ -190,10 +185,7 @@ def test_a_segment_read_after_a_later_bitmap_is_judged_by_that_bitmap(tmp_path, 
     # after bitmap 1 was added, so a write seen by bitmap 0 alone (it landed before bitmap 1,
     # so before those reads) does not send them to be hashed again
     started, release = hold_segment_zero(monkeypatch)
-    path = str(tmp_path / 'image')
-    data = bytearray(b'a' * (5 * SEG))
-    with open(path, 'wb') as handle:
-        handle.write(data)
+    path, data = image(tmp_path, 5 * SEG)
     with OverlappedDigests({path: SEG}, workers=1, behind=SEG) as watcher:
         watcher.schedule(0, watcher.ends())         # segments 0-3
         assert started.wait(60)
@@ -218,9 +210,7 @@ def test_the_early_hash_runs_at_idle_priority_and_what_is_left_at_the_end_does_n
         policies[offset] = os.sched_getscheduler(0)
         return hash_range(path, offset, length)
     monkeypatch.setattr(overlap, 'sha256_range', noted)
-    path = str(tmp_path / 'image')
-    with open(path, 'wb') as handle:
-        handle.write(b'a' * (3 * SEG))
+    path, _data = image(tmp_path, 3 * SEG)
     with OverlappedDigests({path: SEG}, workers=2, behind=SEG) as watcher:
         watcher.schedule(0, watcher.ends())         # segments 0-1, while QEMU writes
         batches_done(watcher)
